@@ -1,0 +1,319 @@
+"""Physical space: the one module that reads origin, spacing and direction.
+
+Coordinate frames, named as in the code below:
+
+``WORLD``
+    ITK physical space: LPS millimetres, components in ITK order (x, y, z).
+``INDEX``
+    An image's continuous ITK index (i, j, k): ``world = origin + direction @ diag(spacing) @ index``.
+``ARRAY``
+    numpy/ITK array order, which reverses the index: ``array[k, j, i]``.
+``CUBE``
+    The network's coordinates: a point of ``[0, 1]^d`` whose component ``c`` runs along spatial axis
+    ``c`` of the network tensor ``[batch, channel, n_0, ..., n_{d-1}]``; grid node ``m`` of that axis
+    sits at ``m / (n_c - 1)`` (the convention of the published GradICON models).
+
+How an image reaches the network (:class:`NetworkFrame`): each network axis ``c`` is one axis of the
+image's index, possibly reversed, and the image is resized to the network shape with linear
+interpolation and ``align_corners=False`` (voxel *edges* of the image meet the cube's outer voxel
+edges). The convention chosen here:
+
+* the FIXED image keeps the reference implementation's layout, network axis ``c`` = index axis
+  ``d-1-c`` (the array's axis ``c``), so that with identical direction matrices our network input
+  equals the reference's;
+* the MOVING image is reordered and flipped (exactly, without interpolation) so that its network
+  axes point, in physical space, along the fixed image's network axes as closely as possible. Two
+  files that store the same anatomy with different axis orders or flips therefore reach the network
+  as the same tensor, and give the same physical transform.
+
+Every transform this package writes is assembled from these frames: a fixed voxel's world point goes
+to CUBE through the fixed frame, through the network's map, and back to WORLD through the moving frame.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class ImageGrid:
+    """The sampling grid of an ITK image: size, spacing and origin in ITK order, direction matrix.
+
+    Args:
+        size: number of voxels along each index axis (i, j, k).
+        spacing: voxel size in mm along each index axis.
+        origin: WORLD position of voxel (0, 0, 0).
+        direction: ``d x d`` matrix whose column ``a`` is the WORLD direction of index axis ``a``.
+    """
+
+    size: Tuple[int, ...]
+    spacing: Tuple[float, ...]
+    origin: Tuple[float, ...]
+    direction: Tuple[Tuple[float, ...], ...]
+
+    @classmethod
+    def from_image(cls, image) -> "ImageGrid":
+        import itk
+
+        d = int(image.GetImageDimension())
+        direction = itk.array_from_matrix(image.GetDirection()).astype(np.float64)
+        grid = cls(
+            size=tuple(int(s) for s in image.GetLargestPossibleRegion().GetSize()),
+            spacing=tuple(float(s) for s in image.GetSpacing()),
+            origin=tuple(float(s) for s in image.GetOrigin()),
+            direction=tuple(tuple(float(v) for v in row) for row in direction.reshape(d, d)),
+        )
+        grid.validate()
+        return grid
+
+    def validate(self) -> None:
+        if any(s <= 0 for s in self.spacing):
+            raise InputError(f"spacing must be strictly positive, not {self.spacing}")
+        det = float(np.linalg.det(self.direction_matrix))
+        if not np.isfinite(det) or abs(abs(det) - 1.0) > 1e-3:
+            raise InputError(f"direction matrix {self.direction_matrix.tolist()} is not orthonormal "
+                             f"(determinant {det:g})")
+
+    @property
+    def dimension(self) -> int:
+        return len(self.size)
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=np.float64)
+
+    @property
+    def array_shape(self) -> Tuple[int, ...]:
+        """Shape of the voxel array in ARRAY (reversed) order."""
+        return tuple(reversed(self.size))
+
+    @property
+    def num_voxels(self) -> int:
+        return int(np.prod(self.size))
+
+    def index_to_world(self) -> np.ndarray:
+        """Homogeneous ``(d+1) x (d+1)`` matrix taking INDEX to WORLD."""
+        d = self.dimension
+        m = np.eye(d + 1)
+        m[:d, :d] = self.direction_matrix @ np.diag(self.spacing)
+        m[:d, d] = self.origin
+        return m
+
+    def world_to_index(self) -> np.ndarray:
+        return np.linalg.inv(self.index_to_world())
+
+    def apply_to(self, image) -> None:
+        """Give an ITK image of this grid's size this grid's origin, spacing and direction."""
+        import itk
+
+        image.SetOrigin([float(v) for v in self.origin])
+        image.SetSpacing([float(v) for v in self.spacing])
+        image.SetDirection(itk.matrix_from_array(self.direction_matrix.copy()))
+
+    def world_points(self, array_slice: slice = slice(None)) -> np.ndarray:
+        """WORLD coordinates of the voxel centres, shape ``array_shape + (d,)``.
+
+        ``array_slice`` restricts the first ARRAY axis (the slowest index axis), for chunked work.
+        """
+        return apply_affine(self.index_to_world(), self.index_points(array_slice))
+
+    def index_points(self, array_slice: slice = slice(None)) -> np.ndarray:
+        """INDEX coordinates of the voxel centres, shape ``(rows,) + array_shape[1:] + (d,)``."""
+        d = self.dimension
+        ranges = [np.arange(n, dtype=np.float64) for n in self.array_shape]
+        ranges[0] = ranges[0][array_slice]
+        mesh = np.meshgrid(*ranges, indexing="ij")  # ARRAY order: k, j, i
+        return np.stack(mesh[::-1], axis=-1) if d > 1 else mesh[0][..., None]
+
+
+def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Apply a homogeneous ``(d+1) x (d+1)`` matrix to points of shape ``(..., d)``."""
+    d = matrix.shape[0] - 1
+    return points @ matrix[:d, :d].T + matrix[:d, d]
+
+
+def best_axis_alignment(axes: np.ndarray, targets: np.ndarray) -> Tuple[Tuple[int, ...], Tuple[bool, ...]]:
+    """Match image axes to target directions by permutation and sign.
+
+    Args:
+        axes: ``d x d`` matrix whose column ``a`` is the WORLD direction of image index axis ``a``.
+        targets: ``d x d`` matrix whose column ``c`` is the WORLD direction wanted for network axis ``c``.
+
+    Returns:
+        ``(perm, flips)``: network axis ``c`` runs along index axis ``perm[c]``, reversed when
+        ``flips[c]``. The permutation maximises the sum of ``|cos|`` between matched axes; ties go to the
+        first permutation in lexicographic order (so equal directions give the identity).
+    """
+    d = axes.shape[0]
+    cos = targets.T @ axes  # cos[c, a] = <target_c, axis_a>
+    best, best_score = None, -np.inf
+    for perm in itertools.permutations(range(d)):
+        score = sum(abs(cos[c, perm[c]]) for c in range(d))
+        if score > best_score + 1e-9:
+            best, best_score = perm, score
+    flips = tuple(bool(cos[c, best[c]] < 0) for c in range(d))
+    return tuple(best), flips
+
+
+@dataclass(frozen=True)
+class NetworkFrame:
+    """How one image is laid out on the network grid, and the affine maps between CUBE and WORLD.
+
+    Args:
+        grid: the image grid.
+        shape: network spatial shape ``(n_0, ..., n_{d-1})`` in tensor order.
+        axes: ``axes[c]`` is the image INDEX axis that network axis ``c`` runs along.
+        flips: ``flips[c]`` reverses that axis.
+    """
+
+    grid: ImageGrid
+    shape: Tuple[int, ...]
+    axes: Tuple[int, ...]
+    flips: Tuple[bool, ...]
+
+    @classmethod
+    def reference_layout(cls, grid: ImageGrid, shape: Sequence[int]) -> "NetworkFrame":
+        """The layout of the reference implementation: the ARRAY axes, unchanged."""
+        d = grid.dimension
+        return cls(grid, tuple(int(s) for s in shape), tuple(range(d - 1, -1, -1)), (False,) * d)
+
+    @classmethod
+    def aligned_to(cls, grid: ImageGrid, shape: Sequence[int], world_axes: np.ndarray) -> "NetworkFrame":
+        """The layout whose network axes best follow ``world_axes`` (column ``c`` for network axis ``c``)."""
+        perm, flips = best_axis_alignment(grid.direction_matrix, np.asarray(world_axes, np.float64))
+        return cls(grid, tuple(int(s) for s in shape), perm, flips)
+
+    @property
+    def dimension(self) -> int:
+        return self.grid.dimension
+
+    def world_axes(self) -> np.ndarray:
+        """``d x d`` matrix: column ``c`` is the WORLD direction of increasing network axis ``c``."""
+        cols = [self.grid.direction_matrix[:, a] * (-1.0 if f else 1.0) for a, f in zip(self.axes, self.flips)]
+        return np.stack(cols, axis=1)
+
+    def cube_to_index(self) -> np.ndarray:
+        """Homogeneous matrix taking CUBE to the image's INDEX (``align_corners=False`` resizing)."""
+        d = self.dimension
+        m = np.zeros((d + 1, d + 1))
+        m[d, d] = 1.0
+        for c, (a, flip) in enumerate(zip(self.axes, self.flips)):
+            n_img, n_net = self.grid.size[a], self.shape[c]
+            ratio = n_img / n_net
+            scale = (n_net - 1) * ratio  # CUBE -> network voxel -> image voxel
+            offset = 0.5 * ratio - 0.5
+            if flip:
+                m[a, c], m[a, d] = -scale, (n_img - 1) - offset
+            else:
+                m[a, c], m[a, d] = scale, offset
+        return m
+
+    def cube_to_world(self) -> np.ndarray:
+        return self.grid.index_to_world() @ self.cube_to_index()
+
+    def world_to_cube(self) -> np.ndarray:
+        return np.linalg.inv(self.cube_to_world())
+
+    def index_to_cube(self) -> np.ndarray:
+        return np.linalg.inv(self.cube_to_index())
+
+    # ---- arrays -------------------------------------------------------------------------------
+    def to_network_layout(self, array: np.ndarray) -> np.ndarray:
+        """Reorder an ARRAY-ordered voxel array into network axis order (no resizing, no copy)."""
+        d = self.dimension
+        index_order = np.transpose(array, tuple(range(d - 1, -1, -1)))  # axis a <-> index axis a
+        out = np.transpose(index_order, self.axes)
+        flip_axes = tuple(c for c, f in enumerate(self.flips) if f)
+        return np.flip(out, flip_axes) if flip_axes else out
+
+    def tensor(self, array: np.ndarray, *, mode: str = "linear", device=None) -> torch.Tensor:
+        """An ARRAY-ordered image as a ``[1, 1, *shape]`` float32 tensor on the network grid.
+
+        ``mode`` is ``"linear"`` (trilinear/bilinear, ``align_corners=False``, the reference's
+        resizing) or ``"nearest"`` (for masks and label maps).
+        """
+        laid_out = np.ascontiguousarray(self.to_network_layout(array), dtype=np.float32)
+        t = torch.from_numpy(laid_out)[None, None]
+        if device is not None:
+            t = t.to(device)
+        if tuple(t.shape[2:]) == self.shape:
+            return t
+        if mode == "nearest":
+            return F.interpolate(t, size=self.shape, mode="nearest")
+        interp = {1: "linear", 2: "bilinear", 3: "trilinear"}[self.dimension]
+        return F.interpolate(t, size=self.shape, mode=interp, align_corners=False)
+
+
+def cube_identity(shape: Sequence[int], *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Identity map on a network grid: ``[1, d, *shape]``, node ``m`` of axis ``c`` at ``m/(n_c-1)``."""
+    axes = [torch.arange(n, device=device, dtype=torch.float64) / (n - 1) for n in shape]
+    mesh = torch.meshgrid(*axes, indexing="ij")
+    return torch.stack(mesh, dim=0)[None].to(dtype)
+
+
+def sample_cube_field(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation of a CUBE-grid field at CUBE points; border values outside.
+
+    Args:
+        field: ``[B, C, *shape]`` values on the network grid.
+        points: ``[B, d, *out]`` CUBE coordinates (component ``c`` along network axis ``c``).
+
+    Returns:
+        ``[B, C, *out]``. Points outside ``[0, 1]^d`` take the value of the nearest border node,
+        which is what ITK's displacement field transforms do beyond their grid.
+    """
+    d = points.shape[1]
+    # grid_sample wants normalised coordinates in [-1, 1], last spatial axis first.
+    grid = (points * 2.0 - 1.0).flip(1)
+    grid = grid.permute(0, *range(2, d + 2), 1)
+    if grid.shape[0] != field.shape[0]:
+        grid = grid.expand(field.shape[0], *grid.shape[1:])
+    return F.grid_sample(field, grid.to(field.dtype), mode="bilinear", padding_mode="border",
+                         align_corners=True)
+
+
+def displacement_on_grid(cube_displacement: torch.Tensor, points_frame: NetworkFrame,
+                         target_frame: NetworkFrame, *, max_voxels_per_chunk: int = 2_000_000,
+                         preaffine: Optional[np.ndarray] = None) -> np.ndarray:
+    """WORLD displacement of a network map, sampled at every voxel of ``points_frame.grid``.
+
+    The network map sends CUBE points of ``points_frame`` to CUBE points of ``target_frame``:
+    ``y = x + u(x)`` with ``u`` = ``cube_displacement`` (``[1, d, *shape]``, linearly interpolated,
+    border values outside the cube). For each voxel centre ``p`` of the points grid the result is
+    ``T(p) - p`` with ``T(p) = world_of_target(y(cube_of_points(q)))`` and ``q = p``, or
+    ``q = preaffine(p)`` when a homogeneous WORLD->WORLD matrix ``preaffine`` is given (a
+    pre-alignment applied to points first).
+
+    Returns:
+        float64 array of shape ``points_frame.grid.array_shape + (d,)``, WORLD components (LPS mm).
+    """
+    grid = points_frame.grid
+    d = grid.dimension
+    index_to_world = grid.index_to_world()
+    q_from_index = index_to_world if preaffine is None else preaffine @ index_to_world
+    index_to_cube = points_frame.world_to_cube() @ q_from_index
+    cube_to_world_t = torch.from_numpy(target_frame.cube_to_world()).to(torch.float64)
+    index_to_cube_t = torch.from_numpy(index_to_cube).to(torch.float64)
+    out = np.empty(grid.array_shape + (d,), dtype=np.float64)
+    rows_per_chunk = max(1, max_voxels_per_chunk // max(1, int(np.prod(grid.array_shape[1:]))))
+    disp = cube_displacement.detach()
+    for start in range(0, grid.array_shape[0], rows_per_chunk):
+        rows = slice(start, min(start + rows_per_chunk, grid.array_shape[0]))
+        idx = torch.from_numpy(grid.index_points(rows))  # (..., d) float64
+        cube = idx @ index_to_cube_t[:d, :d].T + index_to_cube_t[:d, d]
+        cube_t = cube.permute(-1, *range(cube.dim() - 1))[None]  # [1, d, *chunk]
+        u = sample_cube_field(disp.to(torch.float32), cube_t.to(torch.float32).to(disp.device))
+        y = cube_t + u.to(torch.float64).cpu()
+        y = y[0].permute(*range(1, d + 1), 0)
+        world_target = y @ cube_to_world_t[:d, :d].T + cube_to_world_t[:d, d]
+        world_points = idx @ torch.from_numpy(index_to_world[:d, :d].T) + torch.from_numpy(index_to_world[:d, d])
+        out[rows] = (world_target - world_points).numpy()
+    return out

@@ -1,0 +1,323 @@
+"""Reading and validating images; writing every output atomically.
+
+Reading: :func:`read_image` returns an ``itk.Image`` of float32 pixels after checking everything a
+registration needs (the file exists and is an image, the dimension is the one asked for, one
+component per pixel, finite, not constant). Label maps and masks keep an integer pixel type.
+
+Writing: every file this package writes goes through :class:`OutputTransaction`. Files are first
+written into a hidden folder beside their destination and moved into place together by
+:meth:`OutputTransaction.commit`; when anything fails before that, nothing is left behind. Formats
+that write a header and a data file (``.mhd``/``.raw``, ``.nhdr``, ``.hdr``/``.img``) work too,
+because every file produced in the hidden folder is moved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from .errors import InputError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: File name endings that ITK's image IO factories recognise for writing.
+IMAGE_SUFFIXES = (
+    ".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".hdr", ".img", ".img.gz", ".vtk", ".tif",
+    ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".gipl", ".gipl.gz",
+)
+#: File name endings that ITK's transform IO factories recognise.
+TRANSFORM_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt", ".mat", ".xfm")
+
+
+def compound_suffix(path: PathLike) -> str:
+    """The file name ending that decides the format: ``.nii.gz`` rather than ``.gz``."""
+    name = Path(path).name.lower()
+    for ending in (".nii.gz", ".img.gz", ".gipl.gz"):
+        if name.endswith(ending):
+            return ending
+    return Path(name).suffix
+
+
+def check_output_path(path: PathLike, *, what: str = "output",
+                      suffixes: Optional[Sequence[str]] = None) -> Path:
+    """Check, before any work starts, that ``path`` can be written.
+
+    Args:
+        path: destination file.
+        what: how the path is named in error messages (e.g. ``"--out-transform"``).
+        suffixes: allowed file name endings; ``None`` accepts any.
+
+    Returns:
+        The path as an absolute :class:`~pathlib.Path`.
+
+    Raises:
+        InputError: the folder does not exist or is not writable, the path is a folder, or the
+            file name ending is not one of ``suffixes``.
+    """
+    path = Path(path).expanduser().absolute()
+    if suffixes is not None and compound_suffix(path) not in suffixes:
+        raise InputError(
+            f"{what} '{path}' has the ending '{compound_suffix(path) or '(none)'}'; "
+            f"allowed: {', '.join(suffixes)}")
+    if path.is_dir():
+        raise InputError(f"{what} '{path}' is a folder; give a file name")
+    parent = path.parent
+    if not parent.is_dir():
+        raise InputError(f"{what}: folder '{parent}' does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{what}: folder '{parent}' is not writable")
+    return path
+
+
+def check_output_dir(path: PathLike, *, what: str = "output folder", create: bool = True) -> Path:
+    """Check that a folder can receive outputs; create it (one level) when ``create`` is true."""
+    path = Path(path).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} '{path}' exists and is not a folder")
+    if not path.exists():
+        if not create or not path.parent.is_dir():
+            raise InputError(f"{what}: folder '{path.parent if create else path}' does not exist")
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise InputError(f"{what}: folder '{path.parent}' is not writable")
+        return path
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(f"{what}: folder '{path}' is not writable")
+    return path
+
+
+class OutputTransaction:
+    """All-or-nothing writing of one or several files.
+
+    Example:
+        >>> with OutputTransaction() as out:                      # doctest: +SKIP
+        ...     itk.imwrite(image, str(out.path("warped.nii.gz")))
+        ...     itk.transformwrite([t], str(out.path("t.h5")))
+        ... # both files appear here, or neither does
+    """
+
+    def __init__(self) -> None:
+        self._staging: dict[Path, Path] = {}
+        self._created_dirs: list[Path] = []
+        self._planned: list[Path] = []
+        self._done = False
+
+    def _staging_dir(self, parent: Path) -> Path:
+        if parent not in self._staging:
+            if not parent.exists():
+                parent.mkdir()
+                self._created_dirs.append(parent)
+            self._staging[parent] = Path(tempfile.mkdtemp(prefix=".gradicon-partial-", dir=parent))
+        return self._staging[parent]
+
+    def path(self, final: PathLike) -> Path:
+        """Where to write the file that will become ``final`` on :meth:`commit`."""
+        final = Path(final).expanduser().absolute()
+        self._planned.append(final)
+        return self._staging_dir(final.parent) / final.name
+
+    def commit(self) -> None:
+        """Move every staged file into place, then remove the staging folders."""
+        for parent, staging in self._staging.items():
+            for produced in sorted(staging.iterdir()):
+                os.replace(produced, parent / produced.name)
+            staging.rmdir()
+        self._done = True
+
+    def rollback(self) -> None:
+        """Remove everything staged (and folders this transaction created)."""
+        for staging in self._staging.values():
+            shutil.rmtree(staging, ignore_errors=True)
+        for created in reversed(self._created_dirs):
+            with contextlib.suppress(OSError):
+                created.rmdir()
+        self._done = True
+
+    def __enter__(self) -> "OutputTransaction":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._done:
+            return
+        if exc_type is None:
+            self.commit()
+        else:
+            self.rollback()
+
+
+@contextlib.contextmanager
+def atomic_output(final: PathLike) -> Iterator[Path]:
+    """Context manager for a single output file: yields the temporary path to write."""
+    with OutputTransaction() as out:
+        yield out.path(final)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+def _itk():
+    import itk  # imported lazily: importing itk costs seconds
+
+    return itk
+
+
+def _read_itk(path: PathLike, what: str):
+    itk = _itk()
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(f"{what} '{path}' does not exist")
+    if p.is_dir():
+        raise InputError(f"{what} '{path}' is a folder, not an image file")
+    if not os.access(p, os.R_OK):
+        raise InputError(f"{what} '{path}' is not readable (permission denied)")
+    try:
+        return itk.imread(str(p))
+    except (RuntimeError, OSError, KeyError, ValueError, TypeError) as err:
+        reason = _short_itk_message(err)
+        raise InputError(f"{what} '{path}' could not be read as an image: {reason}") from err
+
+
+def _short_itk_message(err: BaseException) -> str:
+    text = str(err).strip()
+    for line in text.splitlines():
+        line = line.strip()
+        if line.lower().startswith(("description:", "itk::error")) or "Could not create IO" in line:
+            return line.split(":", 1)[-1].strip() if line.lower().startswith("description") else line
+    return text.splitlines()[-1] if text else type(err).__name__
+
+
+def pixel_components(image) -> int:
+    """Number of components per pixel (1 for scalar images)."""
+    return int(image.GetNumberOfComponentsPerPixel())
+
+
+def image_dimension(image) -> int:
+    return int(image.GetImageDimension())
+
+
+def read_image(path: PathLike, *, what: str = "image", dimension: Optional[int] = None,
+               check_constant: bool = True):
+    """Read a scalar image as float32 and check that it can be registered.
+
+    Args:
+        path: any format ITK reads (NIfTI, NRRD, MetaImage, ...; DICOM series are not read here).
+        what: how the image is named in error messages (``"--fixed"``).
+        dimension: required spatial dimension, or ``None`` to accept 2 or 3.
+        check_constant: refuse images whose voxels all have one value.
+
+    Returns:
+        ``itk.Image[itk.F, d]`` with the file's origin, spacing and direction.
+
+    Raises:
+        InputError: with a one-line reason naming the file and what was expected.
+    """
+    itk = _itk()
+    image = _read_itk(path, what)
+    _check_scalar_and_dimension(image, path, what, dimension)
+    array = itk.array_view_from_image(image)
+    if not np.all(np.isfinite(array)):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise InputError(f"{what} '{path}' has {bad} NaN or infinite voxels; "
+                         "registration needs finite intensities")
+    if check_constant and array.size and float(array.min()) == float(array.max()):
+        raise InputError(f"{what} '{path}' is constant (every voxel is {float(array.min()):g}); "
+                         "there is nothing to register")
+    return cast_image(image, itk.F)
+
+
+def read_label_image(path: PathLike, *, what: str = "label map", dimension: Optional[int] = None):
+    """Read a label map or mask, keeping its integer pixel type.
+
+    Floating-point label files are accepted when every value is integral (files written by
+    tools that store labels as float); otherwise an :class:`InputError` names the first
+    non-integer value.
+    """
+    itk = _itk()
+    image = _read_itk(path, what)
+    _check_scalar_and_dimension(image, path, what, dimension)
+    array = itk.array_view_from_image(image)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)):
+            raise InputError(f"{what} '{path}' has NaN or infinite values")
+        frac = array[array != np.round(array)]
+        if frac.size:
+            raise InputError(f"{what} '{path}' is not a label map: it holds non-integer values "
+                             f"such as {float(frac.flat[0]):g}")
+        lo, hi = float(array.min()), float(array.max())
+        target = itk.SS if -32768 <= lo and hi <= 32767 else itk.SI
+        image = cast_image(image, target)
+    return image
+
+
+def _check_scalar_and_dimension(image, path, what, dimension):
+    components = pixel_components(image)
+    if components != 1:
+        raise InputError(f"{what} '{path}' is a vector/multi-component image ({components} "
+                         "components per voxel); a scalar image is required")
+    dim = image_dimension(image)
+    allowed = (dimension,) if dimension is not None else (2, 3)
+    if dim not in allowed:
+        size = tuple(int(s) for s in image.GetLargestPossibleRegion().GetSize())
+        raise InputError(f"{what} '{path}' is a {dim}-D image of size {size}; "
+                         f"this needs a {' or '.join(f'{d}-D' for d in allowed)} image")
+
+
+def cast_image(image, pixel_type):
+    """Cast an ITK image to another scalar pixel type, keeping its geometry."""
+    itk = _itk()
+    dim = image_dimension(image)
+    target = itk.Image[pixel_type, dim]
+    if type(image) is target:
+        return image
+    return itk.cast_image_filter(image, ttype=(type(image), target))
+
+
+def same_grid(a, b, *, tolerance: float = 1e-4) -> bool:
+    """Whether two images share size, origin, spacing and direction (within ``tolerance``)."""
+    if image_dimension(a) != image_dimension(b):
+        return False
+    if tuple(a.GetLargestPossibleRegion().GetSize()) != tuple(b.GetLargestPossibleRegion().GetSize()):
+        return False
+    itk = _itk()
+    scale = max(1.0, float(np.max(np.abs(np.asarray(a.GetSpacing())))))
+    return (np.allclose(np.asarray(a.GetOrigin()), np.asarray(b.GetOrigin()), atol=tolerance * scale * 10)
+            and np.allclose(np.asarray(a.GetSpacing()), np.asarray(b.GetSpacing()), atol=tolerance * scale)
+            and np.allclose(itk.array_from_matrix(a.GetDirection()),
+                            itk.array_from_matrix(b.GetDirection()), atol=tolerance))
+
+
+def describe_grid(image) -> str:
+    """A one-line description of an image grid for error messages."""
+    size = tuple(int(s) for s in image.GetLargestPossibleRegion().GetSize())
+    spacing = tuple(round(float(s), 4) for s in image.GetSpacing())
+    origin = tuple(round(float(s), 3) for s in image.GetOrigin())
+    return f"size {size}, spacing {spacing}, origin {origin}"
+
+
+def read_mask_on_grid(path: PathLike, reference, *, what: str = "mask"):
+    """Read a mask and check that it lies on ``reference``'s grid; returns a uint8 0/1 image."""
+    itk = _itk()
+    mask = read_label_image(path, what=what, dimension=image_dimension(reference))
+    if not same_grid(mask, reference):
+        raise InputError(f"{what} '{path}' is not on its image's grid: mask has "
+                         f"{describe_grid(mask)}, image has {describe_grid(reference)} "
+                         "(resample it with 'gradicon apply-transform --interpolation nearest')")
+    array = (itk.array_view_from_image(mask) != 0).astype(np.uint8)
+    if not array.any():
+        raise InputError(f"{what} '{path}' is empty (no non-zero voxel)")
+    out = itk.image_from_array(array)
+    out.CopyInformation(reference)
+    return out
+
+
+def write_image(image, path: PathLike, *, compress: bool = True) -> None:
+    """Write an ITK image atomically (see :class:`OutputTransaction`)."""
+    itk = _itk()
+    with atomic_output(path) as tmp:
+        itk.imwrite(image, str(tmp), compression=compress)

@@ -1,0 +1,354 @@
+"""Similarity measures, regularisers and the symmetric GradICON objective.
+
+All functions take network-grid tensors ``[B, C, *spatial]`` (2-D or 3-D) and return scalar tensors
+that can be back-propagated. Masks, where accepted, are ``[B, 1, *spatial]`` tensors; a voxel takes
+part in a masked average when its mask value is non-zero, each pair is averaged over its own voxels and
+the pairs are then averaged with equal weight.
+
+Definitions follow the papers in ``shared/papers`` (GradICON, uniGradICON, multiGradICON, M2M-Reg):
+
+* LNCC: local normalised cross-correlation with a Gaussian window (sigma 5 voxels, kernel ``4 sigma + 1``,
+  zero padding); loss ``1 - mean(LNCC)``; squared variant ``1 - mean(LNCC^2)`` (multiGradICON).
+* MIND-SSC: self-similarity context descriptors (Heinrich et al., MICCAI 2013), radius 2, dilation 2;
+  loss = mean squared descriptor difference.
+* GradICON: ``mean || d/dx (phi_AB(phi_BA(x)) - x) ||^2`` by finite differences at jittered points on
+  every second voxel; GradCyCon (M2M-Reg) is the same penalty for a longer cycle of maps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .geometry import sample_cube_field
+from .network.operators import CubeMap, identity_on
+
+Tensor = torch.Tensor
+MapFn = Callable[[Tensor], Tensor]
+
+LNCC_SIGMA = 5
+LNCC_EPS = 1e-5
+GRADICON_DELTA = 1e-3
+GRADICON_LAMBDA = 1.5
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+def masked_mean(values: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """Mean of ``values``; with ``mask``, the mean over each pair's masked voxels, averaged over pairs."""
+    if mask is None:
+        return values.mean()
+    included = (mask != 0).expand_as(values)
+    dims = tuple(range(1, values.dim()))
+    counts = included.sum(dims).clamp_min(1)
+    totals = (values * included).sum(dims, dtype=torch.float32)
+    return (totals / counts).mean().to(values.dtype)
+
+
+def gaussian_kernel1d(sigma: float, size: Optional[int] = None, *, device=None,
+                      dtype=torch.float32) -> Tensor:
+    """Normalised 1-D Gaussian of ``size`` taps (default ``4 sigma + 1``)."""
+    size = int(4 * sigma + 1) if size is None else int(size)
+    half = (size - 1) / 2.0
+    x = torch.linspace(-half, half, size, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).to(device=device, dtype=dtype)
+
+
+def gaussian_blur(x: Tensor, sigma: float, size: Optional[int] = None) -> Tensor:
+    """Separable Gaussian blur of every channel, zero padding, output the size of the input."""
+    d = x.dim() - 2
+    kernel = gaussian_kernel1d(sigma, size, device=x.device, dtype=x.dtype)
+    channels = x.shape[1]
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[d]
+    for axis in range(d):
+        shape = [channels, 1] + [1] * d
+        shape[2 + axis] = kernel.numel()
+        x = conv(x, kernel.reshape(shape).expand(*shape), padding="same", groups=channels)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# similarity
+# ----------------------------------------------------------------------------------------------
+
+def lncc_map(image_I: Tensor, image_J: Tensor, sigma: float = LNCC_SIGMA) -> Tensor:
+    """Voxelwise local normalised cross-correlation of two images of equal shape."""
+    blur = lambda t: gaussian_blur(t, sigma)  # noqa: E731
+    mu_i, mu_j = blur(image_I), blur(image_J)
+    cov = blur(image_I * image_J) - mu_i * mu_j
+    var_i = torch.relu(blur(image_I * image_I) - mu_i ** 2) + LNCC_EPS
+    var_j = torch.relu(blur(image_J * image_J) - mu_j ** 2) + LNCC_EPS
+    return cov / torch.sqrt(var_i * var_j)
+
+
+def lncc_loss(warped: Tensor, target: Tensor, mask: Optional[Tensor] = None,
+              sigma: float = LNCC_SIGMA) -> Tensor:
+    """``1 - mean(LNCC)`` over the (masked) voxels of ``target``'s grid."""
+    _check_same_shape(warped, target, mask)
+    return 1 - masked_mean(lncc_map(warped, target, sigma), mask)
+
+
+def squared_lncc_loss(warped: Tensor, target: Tensor, mask: Optional[Tensor] = None,
+                      sigma: float = LNCC_SIGMA) -> Tensor:
+    """``1 - mean(LNCC^2)``: insensitive to the sign of the correlation (multiGradICON)."""
+    _check_same_shape(warped, target, mask)
+    return 1 - masked_mean(lncc_map(warped, target, sigma) ** 2, mask)
+
+
+def _neighbour_pairs(d: int):
+    """Pairs of the 2d face neighbours that are not opposite (12 in 3-D, 4 in 2-D)."""
+    offsets = []
+    for axis in range(d):
+        for sign in (-1, 1):
+            o = [0] * d
+            o[axis] = sign
+            offsets.append(tuple(o))
+    return [(a, b) for i, a in enumerate(offsets) for b in offsets[:i]
+            if sum((x - y) ** 2 for x, y in zip(a, b)) == 2]
+
+
+def mind_ssc(image: Tensor, radius: int = 2, dilation: int = 2) -> Tensor:
+    """MIND-SSC descriptors ``[B, P, *spatial]`` of a single-channel image (P = 12 in 3-D, 4 in 2-D).
+
+    For every pair ``(a, b)`` of non-opposite face neighbours at distance ``dilation``, the patch
+    distance is the box mean (side ``2 radius + 1``, replicate padding) of
+    ``(I(x + dilation a) - I(x + dilation b))^2``; distances are shifted by their minimum over pairs,
+    divided by their mean over pairs (clamped to [0.001, 1000] times its global mean) and mapped
+    through ``exp(-.)``.
+    """
+    d = image.dim() - 2
+    if image.shape[1] != 1:
+        raise ValueError(f"mind_ssc needs single-channel images, got {image.shape[1]} channels")
+    pad = [dilation] * (2 * d)
+    padded = F.pad(image, pad, mode="replicate")
+    spatial = image.shape[2:]
+
+    def shifted(offset):
+        index = [slice(None), slice(None)]
+        index += [slice(dilation + dilation * o, dilation + dilation * o + n) for o, n in zip(offset, spatial)]
+        return padded[tuple(index)]
+
+    diffs = torch.cat([(shifted(a) - shifted(b)) ** 2 for a, b in _neighbour_pairs(d)], dim=1)
+    pool = {2: F.avg_pool2d, 3: F.avg_pool3d}[d]
+    ssd = pool(F.pad(diffs, [radius] * (2 * d), mode="replicate"), 2 * radius + 1, stride=1)
+    mind = ssd - ssd.min(dim=1, keepdim=True).values
+    variance = mind.mean(dim=1, keepdim=True)
+    level = variance.mean().item()
+    variance = variance.clamp(level * 0.001, level * 1000)
+    return torch.exp(-mind / variance)
+
+
+def mind_loss(warped: Tensor, target: Tensor, mask: Optional[Tensor] = None,
+              radius: int = 2, dilation: int = 2) -> Tensor:
+    """Mean squared difference of MIND-SSC descriptors (modality independent)."""
+    _check_same_shape(warped, target, mask)
+    diff = mind_ssc(warped, radius, dilation) - mind_ssc(target, radius, dilation)
+    return masked_mean(diff ** 2, mask)
+
+
+def _check_same_shape(a: Tensor, b: Tensor, mask: Optional[Tensor]) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"images must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if mask is not None and mask.shape[2:] != b.shape[2:]:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match image shape {tuple(b.shape)}")
+
+
+SIMILARITIES = {"lncc": lncc_loss, "lncc2": squared_lncc_loss, "mind": mind_loss}
+
+
+def similarity_function(name: str) -> Callable[..., Tensor]:
+    """The similarity loss called ``name`` (one of ``lncc``, ``lncc2``, ``mind``)."""
+    try:
+        return SIMILARITIES[name]
+    except KeyError:
+        raise ValueError(f"unknown similarity {name!r}; allowed: {', '.join(SIMILARITIES)}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# regularisers
+# ----------------------------------------------------------------------------------------------
+
+def gradicon_sample_points(shape: Sequence[int], *, like: Tensor,
+                           generator: Optional[torch.Generator] = None) -> Tensor:
+    """Jittered sample points for GradICON: identity ``+ 2 N(0,1) / n_last`` on every 2nd node."""
+    ident = identity_on(shape, like)
+    noise = torch.randn(ident.shape, generator=generator, dtype=ident.dtype,
+                        device="cpu" if generator is not None else ident.device).to(ident.device)
+    points = ident + 2 * noise / ident.shape[-1]
+    return points[(slice(None), slice(None), *([slice(None, None, 2)] * len(shape)))]
+
+
+def cycle_gradient_penalty(maps: Sequence[MapFn], points: Tensor, delta: float = GRADICON_DELTA) -> Tensor:
+    """``sum_i mean(((e(x) - e(x + delta u_i)) / delta)^2)`` with ``e(x) = x - m_1(m_2(...m_n(x)))``.
+
+    With ``maps = (phi_AB, phi_BA)`` this is the GradICON regulariser; with the four maps of an
+    M2M-Reg cycle it is GradCyCon.
+    """
+
+    def cycle(x: Tensor) -> Tensor:
+        for m in reversed(maps):
+            x = m(x)
+        return x
+
+    d = points.shape[1]
+    error = points - cycle(points)
+    total = 0.0
+    for axis in range(d):
+        step = torch.zeros((1, d) + (1,) * d, dtype=points.dtype, device=points.device)
+        step[0, axis] = delta
+        moved = points + step
+        error_d = moved - cycle(moved)
+        total = total + torch.mean(((error - error_d) / delta) ** 2)
+    return total
+
+
+def gradicon_regularizer(phi_AB: MapFn, phi_BA: MapFn, points: Tensor,
+                         delta: float = GRADICON_DELTA) -> Tensor:
+    """GradICON: squared Frobenius norm of the Jacobian of ``phi_AB o phi_BA - id`` at ``points``."""
+    return cycle_gradient_penalty((phi_AB, phi_BA), points, delta)
+
+
+def soft_dice_loss(warped: Tensor, target: Tensor, valid: Optional[Tensor] = None,
+                   eps: float = 1e-6) -> Tensor:
+    """``1 - Dice`` of soft one-hot label maps ``[B, K, *spatial]``; ``valid`` ``[B, K]`` picks classes."""
+    dims = tuple(range(2, warped.dim()))
+    inter = (warped * target).sum(dims)
+    dice = (2 * inter + eps) / (warped.sum(dims) + target.sum(dims) + eps)
+    if valid is None:
+        return 1 - dice.mean()
+    valid = valid.to(dice.dtype)
+    return ((1 - dice) * valid).sum(1).div(valid.sum(1).clamp_min(1)).mean()
+
+
+def shared_one_hot(seg_A: Tensor, seg_B: Tensor):
+    """One-hot maps of the non-zero labels present in both label tensors ``[B, 1, *spatial]``.
+
+    Returns ``(one_hot_A, one_hot_B, valid)`` with ``valid[b, k]`` true when class ``k`` appears in
+    both images of pair ``b``.
+    """
+    a, b = seg_A.long(), seg_B.long()
+    labels = torch.unique(a)
+    labels = labels[torch.isin(labels, torch.unique(b)) & (labels != 0)]
+    if labels.numel() == 0:
+        raise ValueError("the two label maps share no non-zero label")
+    one_hot_A = torch.cat([(a == lab) for lab in labels], dim=1).to(torch.float32)
+    one_hot_B = torch.cat([(b == lab) for lab in labels], dim=1).to(torch.float32)
+    dims = tuple(range(2, a.dim()))
+    valid = (one_hot_A.sum(dims) > 0) & (one_hot_B.sum(dims) > 0)
+    return one_hot_A, one_hot_B, valid
+
+
+# ----------------------------------------------------------------------------------------------
+# the symmetric GradICON objective
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class LossTerms:
+    """The terms of one evaluation of the objective (tensors, batch-averaged)."""
+
+    total: Tensor
+    similarity: Tensor
+    regularizer: Tensor
+    dice: Tensor
+    phi_AB: CubeMap
+    phi_BA: CubeMap
+
+    def as_floats(self) -> dict:
+        return {"total": float(self.total), "similarity": float(self.similarity),
+                "regularizer": float(self.regularizer), "dice": float(self.dice)}
+
+
+def warp(image: Tensor, points: Tensor, *, zero_outside: bool) -> Tensor:
+    """Sample ``image`` at CUBE ``points`` (linear), zero or border value outside the cube."""
+    if not zero_outside:
+        return sample_cube_field(image, points)
+    d = points.shape[1]
+    grid = (points * 2.0 - 1.0).flip(1).permute(0, *range(2, d + 2), 1)
+    if grid.shape[0] != image.shape[0]:
+        grid = grid.expand(image.shape[0], *grid.shape[1:])
+    return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def gradicon_objective(net: torch.nn.Module, image_A: Tensor, image_B: Tensor, *,
+                       similarity: Callable[..., Tensor] = lncc_loss,
+                       lmbda: float = GRADICON_LAMBDA,
+                       mask_A: Optional[Tensor] = None, mask_B: Optional[Tensor] = None,
+                       seg_A: Optional[Tensor] = None, seg_B: Optional[Tensor] = None,
+                       dice_weight: float = 0.0,
+                       loss_A: Optional[Tensor] = None, loss_B: Optional[Tensor] = None,
+                       points: Optional[Tensor] = None,
+                       generator: Optional[torch.Generator] = None) -> LossTerms:
+    """Symmetric GradICON objective for a batch of pairs.
+
+    ``sim(A o phi_AB, B; mask_B) + sim(B o phi_BA, A; mask_A) + lmbda * GradICON + dice_weight * Dice``.
+
+    Args:
+        net: network ``(A, B) -> CubeMap``.
+        image_A, image_B: network inputs ``[B, C, *shape]``.
+        similarity: loss ``(warped, target, mask) -> scalar`` (:func:`lncc_loss`, ...).
+        mask_A, mask_B: loss masks on each image's grid (loss masking).
+        seg_A, seg_B: label maps; with ``dice_weight > 0`` a soft Dice term on shared labels.
+        loss_A, loss_B: images the similarity is computed on, when they differ from the network
+            inputs (multiGradICON's loss randomisation); default the inputs.
+        points: GradICON sample points (default: drawn with :func:`gradicon_sample_points`).
+    """
+    shape = image_A.shape[2:]
+    phi_AB = net(image_A, image_B)
+    phi_BA = net(image_B, image_A)
+    grid_AB = phi_AB.on_grid(shape)
+    grid_BA = phi_BA.on_grid(shape)
+    target_A = image_A if loss_A is None else loss_A
+    target_B = image_B if loss_B is None else loss_B
+    sim = (similarity(warp(target_A, grid_AB, zero_outside=True), target_B, mask_B)
+           + similarity(warp(target_B, grid_BA, zero_outside=True), target_A, mask_A))
+    if points is None:
+        points = gradicon_sample_points(shape, like=image_A, generator=generator)
+    reg = gradicon_regularizer(phi_AB, phi_BA, points)
+    dice = image_A.new_zeros(())
+    if dice_weight > 0:
+        if seg_A is None or seg_B is None:
+            raise ValueError("a Dice term needs label maps of both images")
+        one_A, one_B, valid = shared_one_hot(seg_A, seg_B)
+        dice = (soft_dice_loss(warp(one_A, grid_AB, zero_outside=False), one_B, valid)
+                + soft_dice_loss(warp(one_B, grid_BA, zero_outside=False), one_A, valid))
+    total = sim + lmbda * reg + dice_weight * dice
+    return LossTerms(total, sim, reg, dice, phi_AB, phi_BA)
+
+
+def jacobian_determinant_cube(grid_map: Tensor) -> Tensor:
+    """Forward-difference Jacobian determinant of a map sampled on a network grid, in grid units.
+
+    ``grid_map``: ``[B, d, *shape]`` CUBE positions; returns ``[B, 1, *(shape - 1)]``. Both the
+    positions and the steps are measured in network voxels, so the identity gives 1.
+    """
+    d = grid_map.shape[1]
+    shape = grid_map.shape[2:]
+    to_voxels = torch.tensor([n - 1 for n in shape], dtype=grid_map.dtype, device=grid_map.device)
+    positions = grid_map * to_voxels.reshape(1, d, *([1] * d))
+    base = positions[(slice(None), slice(None), *([slice(0, -1)] * d))]
+    columns = []
+    for axis in range(d):
+        ahead = [slice(0, -1)] * d
+        ahead[axis] = slice(1, None)
+        columns.append(positions[(slice(None), slice(None), *ahead)] - base)
+    jac = torch.stack(columns, dim=-1)  # [B, d(component), ..., d(axis)]
+    return torch.linalg.det(jac.movedim(1, -2))[:, None]
+
+
+def fraction_folded(grid_map: Tensor) -> float:
+    """Fraction of grid cells whose forward-difference Jacobian determinant is negative."""
+    return float((jacobian_determinant_cube(grid_map) < 0).float().mean())
+
+
+__all__ = [
+    "masked_mean", "gaussian_blur", "lncc_map", "lncc_loss", "squared_lncc_loss", "mind_ssc", "mind_loss",
+    "similarity_function", "SIMILARITIES", "gradicon_sample_points", "cycle_gradient_penalty",
+    "gradicon_regularizer", "soft_dice_loss", "shared_one_hot", "LossTerms", "gradicon_objective",
+    "warp", "jacobian_determinant_cube", "fraction_folded",
+]
