@@ -280,40 +280,46 @@ def sample_cube_field(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor
                          align_corners=True)
 
 
-def displacement_on_grid(cube_displacement: torch.Tensor, points_frame: NetworkFrame,
-                         target_frame: NetworkFrame, *, max_voxels_per_chunk: int = 2_000_000,
-                         preaffine: Optional[np.ndarray] = None) -> np.ndarray:
-    """WORLD displacement of a network map, sampled at every voxel of ``points_frame.grid``.
+def displacement_on_grid(cube_displacement: torch.Tensor, points_grid: ImageGrid,
+                         source_frame: NetworkFrame, target_frame: NetworkFrame, *,
+                         preaffine: Optional[np.ndarray] = None, postaffine: Optional[np.ndarray] = None,
+                         max_voxels_per_chunk: int = 1_000_000) -> np.ndarray:
+    """WORLD displacement of a network map at every voxel centre of ``points_grid``.
 
-    The network map sends CUBE points of ``points_frame`` to CUBE points of ``target_frame``:
-    ``y = x + u(x)`` with ``u`` = ``cube_displacement`` (``[1, d, *shape]``, linearly interpolated,
-    border values outside the cube). For each voxel centre ``p`` of the points grid the result is
-    ``T(p) - p`` with ``T(p) = world_of_target(y(cube_of_points(q)))`` and ``q = p``, or
-    ``q = preaffine(p)`` when a homogeneous WORLD->WORLD matrix ``preaffine`` is given (a
-    pre-alignment applied to points first).
+    The network map sends CUBE points of ``source_frame`` to CUBE points of ``target_frame``:
+    ``y = x + u(x)`` with ``u`` = ``cube_displacement`` (``[1, d, *shape]``, linear interpolation,
+    border values outside the cube). For a voxel centre ``p`` the transform is
+
+        ``T(p) = post(world_target(y(cube_source(pre(p)))))``
+
+    where ``pre`` and ``post`` are optional homogeneous WORLD->WORLD matrices (an affine
+    pre-alignment composed into the result). The work is done in slabs of the slowest axis, so the
+    memory used beyond the output is bounded by ``max_voxels_per_chunk``.
 
     Returns:
-        float64 array of shape ``points_frame.grid.array_shape + (d,)``, WORLD components (LPS mm).
+        float32 array ``points_grid.array_shape + (d,)`` of ``T(p) - p`` (LPS mm).
     """
-    grid = points_frame.grid
-    d = grid.dimension
-    index_to_world = grid.index_to_world()
-    q_from_index = index_to_world if preaffine is None else preaffine @ index_to_world
-    index_to_cube = points_frame.world_to_cube() @ q_from_index
-    cube_to_world_t = torch.from_numpy(target_frame.cube_to_world()).to(torch.float64)
-    index_to_cube_t = torch.from_numpy(index_to_cube).to(torch.float64)
-    out = np.empty(grid.array_shape + (d,), dtype=np.float64)
-    rows_per_chunk = max(1, max_voxels_per_chunk // max(1, int(np.prod(grid.array_shape[1:]))))
+    d = points_grid.dimension
+    eye = np.eye(d + 1)
+    index_to_world = points_grid.index_to_world()
+    index_to_cube = source_frame.world_to_cube() @ (eye if preaffine is None else preaffine) @ index_to_world
+    cube_to_out = (eye if postaffine is None else postaffine) @ target_frame.cube_to_world()
+    as_t = lambda m: torch.from_numpy(np.ascontiguousarray(m, dtype=np.float64))  # noqa: E731
+    index_to_cube_t, cube_to_out_t, index_to_world_t = as_t(index_to_cube), as_t(cube_to_out), as_t(index_to_world)
+    out = np.empty(points_grid.array_shape + (d,), dtype=np.float32)
+    slab = int(np.prod(points_grid.array_shape[1:])) if d > 1 else 1
+    rows_per_chunk = max(1, max_voxels_per_chunk // max(1, slab))
     disp = cube_displacement.detach()
-    for start in range(0, grid.array_shape[0], rows_per_chunk):
-        rows = slice(start, min(start + rows_per_chunk, grid.array_shape[0]))
-        idx = torch.from_numpy(grid.index_points(rows))  # (..., d) float64
+    if disp.dtype != torch.float32:
+        disp = disp.float()
+    for start in range(0, points_grid.array_shape[0], rows_per_chunk):
+        rows = slice(start, min(start + rows_per_chunk, points_grid.array_shape[0]))
+        idx = torch.from_numpy(points_grid.index_points(rows))  # (..., d) float64, INDEX order
         cube = idx @ index_to_cube_t[:d, :d].T + index_to_cube_t[:d, d]
-        cube_t = cube.permute(-1, *range(cube.dim() - 1))[None]  # [1, d, *chunk]
-        u = sample_cube_field(disp.to(torch.float32), cube_t.to(torch.float32).to(disp.device))
-        y = cube_t + u.to(torch.float64).cpu()
-        y = y[0].permute(*range(1, d + 1), 0)
-        world_target = y @ cube_to_world_t[:d, :d].T + cube_to_world_t[:d, d]
-        world_points = idx @ torch.from_numpy(index_to_world[:d, :d].T) + torch.from_numpy(index_to_world[:d, d])
-        out[rows] = (world_target - world_points).numpy()
+        cube_t = cube.movedim(-1, 0)[None]  # [1, d, *chunk]
+        u = sample_cube_field(disp, cube_t.to(device=disp.device, dtype=torch.float32))
+        y = (cube_t + u.to(device="cpu", dtype=torch.float64))[0].movedim(0, -1)
+        moved = y @ cube_to_out_t[:d, :d].T + cube_to_out_t[:d, d]
+        points = idx @ index_to_world_t[:d, :d].T + index_to_world_t[:d, d]
+        out[rows] = (moved - points).numpy()
     return out

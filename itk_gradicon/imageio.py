@@ -217,16 +217,27 @@ def read_image(path: PathLike, *, what: str = "image", dimension: Optional[int] 
     Raises:
         InputError: with a one-line reason naming the file and what was expected.
     """
-    itk = _itk()
     image = _read_itk(path, what)
-    _check_scalar_and_dimension(image, path, what, dimension)
+    return check_image(image, what=f"{what} '{path}'", dimension=dimension, check_constant=check_constant)
+
+
+def check_image(image, *, what: str = "image", dimension: Optional[int] = None,
+                check_constant: bool = True):
+    """Check an in-memory ITK image as :func:`read_image` checks files; returns it as float32.
+
+    ``what`` names the image in error messages.
+    """
+    itk = _itk()
+    if not hasattr(image, "GetImageDimension"):
+        raise InputError(f"{what} must be an itk.Image, not {type(image).__name__}")
+    _check_scalar_and_dimension(image, what, dimension)
+    _check_grid(image, what)
     array = itk.array_view_from_image(image)
     if not np.all(np.isfinite(array)):
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-        raise InputError(f"{what} '{path}' has {bad} NaN or infinite voxels; "
-                         "registration needs finite intensities")
+        raise InputError(f"{what} has {bad} NaN or infinite voxels; registration needs finite intensities")
     if check_constant and array.size and float(array.min()) == float(array.max()):
-        raise InputError(f"{what} '{path}' is constant (every voxel is {float(array.min()):g}); "
+        raise InputError(f"{what} is constant (every voxel is {float(array.min()):g}); "
                          "there is nothing to register")
     return cast_image(image, itk.F)
 
@@ -240,7 +251,7 @@ def read_label_image(path: PathLike, *, what: str = "label map", dimension: Opti
     """
     itk = _itk()
     image = _read_itk(path, what)
-    _check_scalar_and_dimension(image, path, what, dimension)
+    _check_scalar_and_dimension(image, f"{what} '{path}'", dimension)
     array = itk.array_view_from_image(image)
     if np.issubdtype(array.dtype, np.floating):
         if not np.all(np.isfinite(array)):
@@ -255,16 +266,26 @@ def read_label_image(path: PathLike, *, what: str = "label map", dimension: Opti
     return image
 
 
-def _check_scalar_and_dimension(image, path, what, dimension):
+def _check_grid(image, what: str) -> None:
+    """Refuse grids ITK can hold but no registration can use (zero spacing, singular direction)."""
+    from .geometry import ImageGrid
+
+    try:
+        ImageGrid.from_image(image)
+    except InputError as err:
+        raise InputError(f"{what}: {err}") from None
+
+
+def _check_scalar_and_dimension(image, what, dimension):
     components = pixel_components(image)
     if components != 1:
-        raise InputError(f"{what} '{path}' is a vector/multi-component image ({components} "
+        raise InputError(f"{what} is a vector/multi-component image ({components} "
                          "components per voxel); a scalar image is required")
     dim = image_dimension(image)
     allowed = (dimension,) if dimension is not None else (2, 3)
     if dim not in allowed:
         size = tuple(int(s) for s in image.GetLargestPossibleRegion().GetSize())
-        raise InputError(f"{what} '{path}' is a {dim}-D image of size {size}; "
+        raise InputError(f"{what} is a {dim}-D image of size {size}; "
                          f"this needs a {' or '.join(f'{d}-D' for d in allowed)} image")
 
 
@@ -308,9 +329,9 @@ def read_mask_on_grid(path: PathLike, reference, *, what: str = "mask"):
         raise InputError(f"{what} '{path}' is not on its image's grid: mask has "
                          f"{describe_grid(mask)}, image has {describe_grid(reference)} "
                          "(resample it with 'gradicon apply-transform --interpolation nearest')")
-    array = (itk.array_view_from_image(mask) != 0).astype(np.uint8)
+    array = (itk.array_view_from_image(mask) > 0).astype(np.uint8)
     if not array.any():
-        raise InputError(f"{what} '{path}' is empty (no non-zero voxel)")
+        raise InputError(f"{what} '{path}' is empty (no voxel > 0)")
     out = itk.image_from_array(array)
     out.CopyInformation(reference)
     return out

@@ -1,0 +1,126 @@
+"""``gradicon register``: register a moving image to a fixed image and write the transforms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Tuple
+
+import click
+
+from .common import ProgressLine, device_option, format_seconds, info, model_option, quiet_option
+
+_MODALITY = click.Choice(["auto", "ct", "mri"])
+
+
+@click.command("register")
+@click.option("--fixed", required=True, type=click.Path(path_type=Path),
+              help="Fixed (reference) image: its grid is the grid of the forward transform.")
+@click.option("--moving", required=True, type=click.Path(path_type=Path),
+              help="Moving image, to be warped onto the fixed image.")
+@click.option("--out-transform", type=click.Path(path_type=Path),
+              help="Forward transform, fixed -> moving physical points, on the fixed grid: an ITK "
+                   "transform file (.h5) or a displacement-field image (.nii.gz, .nrrd, .mha; LPS mm, "
+                   "readable by antsApplyTransforms).")
+@click.option("--out-inverse-transform", type=click.Path(path_type=Path),
+              help="Inverse transform, moving -> fixed points, on the moving grid (the network's "
+                   "phi_BA); same formats as --out-transform.")
+@click.option("--out-warped", type=click.Path(path_type=Path),
+              help="The moving image warped onto the fixed grid (linear interpolation, moving pixel type).")
+@click.option("--out-ants-prefix", metavar="PREFIX",
+              help="Write PREFIX1Warp.nii.gz and PREFIX1InverseWarp.nii.gz (and PREFIX0GenericAffine.mat "
+                   "with --affine/--initial-transform) as antsRegistration names them; use "
+                   "'-t PREFIX1Warp.nii.gz -t PREFIX0GenericAffine.mat' in antsApplyTransforms.")
+@click.option("--out-elastix", type=click.Path(path_type=Path), metavar="DIR",
+              help="Folder for TransformParameters.0.txt and its deformation field, runnable by "
+                   "transformix as is (created if missing).")
+@click.option("--out-qc", type=click.Path(path_type=Path), metavar="PNG",
+              help="Quality-control picture: fixed image with the moving image before and after "
+                   "registration, and the log-Jacobian, on three orthogonal slices.")
+@model_option()
+@click.option("--fixed-modality", type=_MODALITY, default="auto", show_default=True,
+              help="ct: clip to --ct-window; mri (any non-CT image): clip to the quantile range; auto: "
+                   "guess from intensities and print the choice.")
+@click.option("--moving-modality", type=_MODALITY, default="auto", show_default=True,
+              help="As --fixed-modality, for the moving image.")
+@click.option("--ct-window", nargs=2, type=float, metavar="MIN MAX",
+              help="CT window in Hounsfield units.  [default: -1000 1000]")
+@click.option("--quantile-range", nargs=2, type=float, metavar="LOWER UPPER",
+              help="Intensity quantiles (0-1) mapped to 0 and 1 for non-CT images.  "
+                   "[default: minimum and 0.99]")
+@click.option("--fixed-mask", type=click.Path(path_type=Path),
+              help="Binary mask on the fixed image's grid (voxels > 0 inside).")
+@click.option("--moving-mask", type=click.Path(path_type=Path),
+              help="Binary mask on the moving image's grid.")
+@click.option("--mask-mode", type=click.Choice(["input", "loss", "both"]), default="input",
+              show_default=True,
+              help="input: zero each image outside its mask before the network sees it; loss: restrict "
+                   "the instance-optimisation similarity to the masks; both.")
+@click.option("--io-iterations", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Instance-optimisation steps (Adam on a copy of the network for this pair); "
+                   "0 = prediction only. The papers use 50.")
+@click.option("--io-similarity", type=click.Choice(["lncc", "lncc2", "mind"]), default=None,
+              help="Similarity for instance optimisation: lncc, lncc2 (squared LNCC, multimodal), mind "
+                   "(MIND-SSC, multimodal).  [default: the model's training loss]")
+@click.option("--io-lr", type=click.FloatRange(min=0, min_open=True), default=2e-5, show_default=True,
+              help="Adam learning rate of instance optimisation.")
+@click.option("--fixed-labels", type=click.Path(path_type=Path),
+              help="Label map on the fixed grid; with --moving-labels adds a Dice term to instance "
+                   "optimisation.")
+@click.option("--moving-labels", type=click.Path(path_type=Path), help="Label map on the moving grid.")
+@click.option("--io-dice-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Weight of the Dice term when labels are given.")
+@click.option("--affine", type=click.Choice(["none", "elastix"]), default="none", show_default=True,
+              help="Affine pre-alignment computed with elastix (itk-elastix), composed into every "
+                   "transform written.")
+@click.option("--initial-transform", type=click.Path(path_type=Path), metavar="FILE",
+              help="An existing affine pre-alignment, fixed -> moving (ITK .tfm/.txt/.h5, ANTs .mat), "
+                   "composed into every transform written.")
+@click.option("--orientation", type=click.Choice(["fixed", "storage"]), default="fixed", show_default=True,
+              help="fixed: lay the moving image out along the fixed image's axes before the network "
+                   "sees it (physically consistent); storage: feed both as stored in their files "
+                   "(the reference implementation's behaviour).")
+@click.option("--seed", type=int, default=None, help="Seed for instance optimisation's random sample points.")
+@device_option()
+@quiet_option()
+def register(fixed: Path, moving: Path, out_transform: Optional[Path], out_inverse_transform: Optional[Path],
+             out_warped: Optional[Path], out_ants_prefix: Optional[str], out_elastix: Optional[Path],
+             out_qc: Optional[Path], model: str, fixed_modality: str, moving_modality: str,
+             ct_window: Optional[Tuple[float, float]], quantile_range: Optional[Tuple[float, float]],
+             fixed_mask: Optional[Path], moving_mask: Optional[Path], mask_mode: str, io_iterations: int,
+             io_similarity: Optional[str], io_lr: float, fixed_labels: Optional[Path],
+             moving_labels: Optional[Path], io_dice_weight: float, affine: str,
+             initial_transform: Optional[Path], orientation: str, seed: Optional[int], device: str,
+             quiet: bool) -> None:
+    """Register MOVING to FIXED with a GradICON-family network.
+
+    The forward transform maps fixed physical points to moving physical points on the fixed
+    image's grid: resampling the moving image with it (ITK, antsApplyTransforms, transformix)
+    gives the moving image aligned to the fixed one. Every output is written only when all of them
+    are ready, so a failed run leaves no partial files.
+
+    \b
+    Example:
+      gradicon register --fixed t1.nii.gz --moving t2.nii.gz --out-transform t2_to_t1.h5 \\
+          --out-warped t2_on_t1.nii.gz --io-iterations 50
+    """
+    from ..registration_io import RegisterOutputs, run_register
+
+    line = ProgressLine(quiet)
+
+    def progress(p) -> None:
+        terms = "  ".join(f"{k} {v:.4f}" for k, v in p.losses.items() if k != "dice" or v)
+        line.update(f"instance optimisation {p.step}/{p.total}  {terms}  "
+                    f"elapsed {format_seconds(p.elapsed_s)}  ETA {format_seconds(p.eta_s)}",
+                    final=p.step == p.total)
+
+    outputs = RegisterOutputs(transform=out_transform, inverse_transform=out_inverse_transform,
+                              warped=out_warped, ants_prefix=out_ants_prefix, elastix_dir=out_elastix,
+                              qc=out_qc)
+    run_register(
+        fixed=fixed, moving=moving, outputs=outputs, model=model, fixed_modality=fixed_modality,
+        moving_modality=moving_modality, ct_window=ct_window, quantile_range=quantile_range,
+        fixed_mask=fixed_mask, moving_mask=moving_mask, mask_mode=mask_mode, io_iterations=io_iterations,
+        io_similarity=io_similarity, io_lr=io_lr, fixed_labels=fixed_labels, moving_labels=moving_labels,
+        io_dice_weight=io_dice_weight, affine=affine, initial_transform=initial_transform,
+        orientation=orientation, seed=seed, device=device, log=lambda m: info(m, quiet=quiet),
+        progress=progress)

@@ -1,0 +1,514 @@
+"""Registration of one image pair: ITK images in, ITK displacement-field transforms out.
+
+Data path: intensity normalisation (:mod:`.preprocess`) -> optional affine pre-alignment -> layout on
+the network grid (:mod:`.geometry`) -> network prediction, optionally after instance optimisation
+(IO) -> fields on the fixed grid (forward) and the moving grid (inverse) (:mod:`.transforms`).
+
+Conventions:
+
+* the forward transform maps FIXED physical points to MOVING physical points, on the fixed grid;
+  resampling the moving image with it gives the moving image warped onto the fixed image;
+* the inverse transform maps MOVING points to FIXED points, on the moving grid; it comes from the
+  network's ``phi_BA`` (GradICON predicts both directions), not from a numerical inversion;
+* with an affine pre-alignment ``A`` (fixed -> moving), the network registers the fixed image to the
+  moving image resampled through ``A``, and the written transforms are ``A o phi`` and
+  ``phi^-1 o A^-1``;
+* instance optimisation works on a copy of the network: the loaded model is never changed.
+
+Example:
+    >>> import itk
+    >>> from itk_gradicon import register
+    >>> result = register(itk.imread("fixed.nii.gz"), itk.imread("moving.nii.gz"),
+    ...                   model="unigradicon", io_iterations=50)            # doctest: +SKIP
+    >>> warped = itk.resample_image_filter(moving, transform=result.forward_transform,
+    ...     use_reference_image=True, reference_image=fixed)                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from . import losses
+from .errors import DeviceError, InputError, ResourceError
+from .geometry import ImageGrid, NetworkFrame, displacement_on_grid
+from .imageio import check_image, describe_grid, same_grid
+from .models import DEFAULT_MODEL, Model, load_model
+from .preprocess import IntensityNormalization, apply_input_mask, resolve_modality
+from .transforms import DisplacementField
+
+MASK_MODES = ("input", "loss", "both")
+ORIENTATIONS = ("fixed", "storage")
+IO_SIMILARITIES = tuple(losses.SIMILARITIES)
+DEFAULT_IO_LR = 2e-5
+DEFAULT_IO_ITERATIONS_WHEN_ENABLED = 50
+
+# Measured peaks of the published network per voxel of the network grid (175^3 on CPU, float32):
+# prediction of one direction about 1.8 GB, one IO step (both directions + backward) about 9.6 GB.
+_BYTES_PER_NETWORK_VOXEL_PREDICT = 360
+_BYTES_PER_NETWORK_VOXEL_IO = 1900
+
+
+@dataclass
+class IOProgress:
+    """Reported after every instance-optimisation step."""
+
+    step: int
+    total: int
+    losses: Dict[str, float]
+    elapsed_s: float
+
+    @property
+    def eta_s(self) -> float:
+        return self.elapsed_s / max(self.step, 1) * (self.total - self.step)
+
+
+@dataclass
+class RegistrationResult:
+    """Fields and transforms of one registration.
+
+    Attributes:
+        forward_field: fixed -> moving, on the fixed grid (affine pre-alignment included).
+        inverse_field: moving -> fixed, on the moving grid (``None`` when not computed).
+        affine: homogeneous WORLD matrix of the pre-alignment (fixed -> moving), or ``None``.
+        deformable_forward_field, deformable_inverse_field: with an affine, the deformable part
+            alone (both on the fixed grid), as ANTs writes ``1Warp``/``1InverseWarp`` next to
+            ``0GenericAffine.mat``.
+        fixed_modality, moving_modality: the modalities used.
+        messages: what was decided on the user's behalf (modality guesses, reorientation).
+        io_history: losses after each instance-optimisation step.
+        timings: seconds spent per stage.
+    """
+
+    forward_field: DisplacementField
+    inverse_field: Optional[DisplacementField]
+    affine: Optional[np.ndarray]
+    deformable_forward_field: Optional[DisplacementField]
+    deformable_inverse_field: Optional[DisplacementField]
+    fixed_modality: str
+    moving_modality: str
+    messages: List[str] = field(default_factory=list)
+    io_history: List[Dict[str, float]] = field(default_factory=list)
+    timings: Dict[str, float] = field(default_factory=dict)
+    _cache: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def forward_transform(self):
+        """``itk.DisplacementFieldTransform`` fixed -> moving on the fixed grid."""
+        if "forward" not in self._cache:
+            self._cache["forward"] = self.forward_field.to_transform()
+        return self._cache["forward"]
+
+    @property
+    def inverse_transform(self):
+        """``itk.DisplacementFieldTransform`` moving -> fixed on the moving grid."""
+        if self.inverse_field is None:
+            raise ValueError("the inverse was not computed (compute_inverse=False)")
+        if "inverse" not in self._cache:
+            self._cache["inverse"] = self.inverse_field.to_transform()
+        return self._cache["inverse"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"cannot use --device {name!r}: torch.cuda.is_available() is False "
+                              "(no GPU, or a CPU-only PyTorch); use --device cpu or auto")
+        device = torch.device(name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"cannot use --device {name!r}: only {torch.cuda.device_count()} GPU(s)")
+        return device
+    raise DeviceError(f"unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N")
+
+
+def available_memory_bytes(device: torch.device) -> Tuple[int, str]:
+    """Free memory on ``device`` and where it was read."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), f"GPU {device}"
+    try:
+        with open("/proc/meminfo") as fh:
+            info = dict(line.split(":", 1) for line in fh)
+        return int(info["MemAvailable"].split()[0]) * 1024, "RAM (MemAvailable)"
+    except (OSError, KeyError, ValueError):
+        return 1 << 62, "RAM (unknown)"
+
+
+def estimate_memory(fixed_grid: ImageGrid, moving_grid: ImageGrid, network_shape: Sequence[int], *,
+                    io: bool, inverse: bool) -> Dict[str, int]:
+    """Peak bytes needed: network work on the device, images and fields in host memory."""
+    net_voxels = int(np.prod(network_shape))
+    network = net_voxels * (_BYTES_PER_NETWORK_VOXEL_IO if io else _BYTES_PER_NETWORK_VOXEL_PREDICT)
+    d = fixed_grid.dimension
+    images = 4 * (fixed_grid.num_voxels + moving_grid.num_voxels) * 3  # read, normalised, masks/labels
+    fields = 4 * d * fixed_grid.num_voxels * (2 if inverse else 1)
+    fields += 4 * d * moving_grid.num_voxels * (1 if inverse else 0)
+    fields += 8 * d * 1_000_000 * 4  # one float64 chunk of points in flight
+    return {"network": network, "host": images + fields}
+
+
+def check_memory(estimate: Dict[str, int], device: torch.device) -> None:
+    """Refuse work that would not fit, before it starts."""
+    gib = 1024 ** 3
+    if device.type == "cuda":
+        free, where = available_memory_bytes(device)
+        if estimate["network"] > free:
+            raise ResourceError(f"not enough GPU memory: this registration needs about "
+                                f"{estimate['network'] / gib:.1f} GiB on {where}, {free / gib:.1f} GiB free")
+        needed_host = estimate["host"]
+    else:
+        needed_host = estimate["host"] + estimate["network"]
+    free, where = available_memory_bytes(torch.device("cpu"))
+    if needed_host > free:
+        raise ResourceError(f"image too large for the available memory: this registration needs about "
+                            f"{needed_host / gib:.1f} GiB, {where} reports {free / gib:.1f} GiB")
+
+
+def _as_affine(initial_transform, dimension: int) -> Optional[np.ndarray]:
+    if initial_transform is None:
+        return None
+    if isinstance(initial_transform, np.ndarray):
+        matrix = np.asarray(initial_transform, dtype=np.float64)
+        if matrix.shape != (dimension + 1, dimension + 1):
+            raise InputError(f"an affine pre-alignment must be a {dimension + 1}x{dimension + 1} "
+                             f"homogeneous matrix, not {matrix.shape}")
+        return matrix
+    from .transforms import affine_from_itk
+
+    try:
+        return affine_from_itk(initial_transform)
+    except (AttributeError, TypeError) as err:
+        raise InputError(f"the affine pre-alignment must be a matrix-offset ITK transform, not "
+                         f"{type(initial_transform).__name__}") from err
+
+
+def _resample_on(image, reference, affine: np.ndarray, *, nearest: bool, default: float = 0.0):
+    """``image`` sampled at ``affine(p)`` for every voxel ``p`` of ``reference``'s grid."""
+    import itk
+
+    from .transforms import affine_to_itk
+
+    interpolator = (itk.NearestNeighborInterpolateImageFunction if nearest
+                    else itk.LinearInterpolateImageFunction).New(image)
+    return itk.resample_image_filter(image, transform=affine_to_itk(affine), interpolator=interpolator,
+                                     use_reference_image=True, reference_image=reference,
+                                     default_pixel_value=default)
+
+
+def _image_from(array: np.ndarray, like):
+    import itk
+
+    out = itk.image_from_array(np.ascontiguousarray(array))
+    out.CopyInformation(like)
+    return out
+
+
+def _check_on_grid(mask, image, what: str, image_what: str) -> None:
+    if mask is not None and not same_grid(mask, image):
+        raise InputError(f"{what} is not on the grid of {image_what}: {describe_grid(mask)} vs "
+                         f"{describe_grid(image)}")
+
+
+def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
+             fixed_modality: str = "auto", moving_modality: str = "auto",
+             ct_window: Optional[Tuple[float, float]] = None,
+             quantile_range: Optional[Tuple[float, float]] = None,
+             fixed_mask=None, moving_mask=None, mask_mode: str = "input",
+             io_iterations: int = 0, io_similarity: Optional[str] = None, io_lr: float = DEFAULT_IO_LR,
+             fixed_labels=None, moving_labels=None, io_dice_weight: float = 1.0,
+             initial_transform=None, orientation: str = "fixed", compute_inverse: bool = True,
+             device: Union[str, torch.device] = "auto",
+             progress: Optional[Callable[[IOProgress], None]] = None,
+             generator: Optional[torch.Generator] = None) -> RegistrationResult:
+    """Register ``moving`` to ``fixed`` with a GradICON-family network.
+
+    Args:
+        fixed, moving: scalar ``itk.Image`` of the model's dimension.
+        model: a published name, a weight/model file, or a loaded :class:`~itk_gradicon.models.Model`.
+        fixed_modality, moving_modality: ``"ct"``, ``"mri"`` or ``"auto"`` (guessed from intensities;
+            the guess is reported in ``result.messages``).
+        ct_window: HU window for CT images (default ``(-1000, 1000)``).
+        quantile_range: quantiles for non-CT images (default: minimum and 99th percentile).
+        fixed_mask, moving_mask: binary masks on their image's grid (voxels ``> 0`` are inside).
+        mask_mode: ``"input"`` (zero the image outside the mask before the network sees it),
+            ``"loss"`` (restrict the IO similarity to the mask) or ``"both"``.
+        io_iterations: instance-optimisation steps (0: prediction only).
+        io_similarity: ``"lncc"``, ``"lncc2"`` or ``"mind"`` (default: the model's training loss).
+        io_lr: Adam learning rate of the IO steps.
+        fixed_labels, moving_labels: label maps on their image's grid; with IO they add a soft Dice
+            term over the labels present in both, weighted by ``io_dice_weight``.
+        initial_transform: affine pre-alignment fixed -> moving (ITK matrix-offset transform or a
+            homogeneous matrix in WORLD coordinates), composed into the result.
+        orientation: ``"fixed"`` (the moving image is laid out along the fixed image's axes; see
+            :mod:`.geometry`) or ``"storage"`` (both as stored in their files, as the reference does).
+        compute_inverse: also compute the inverse (moving -> fixed) transform.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        progress: called after each IO step with an :class:`IOProgress`.
+        generator: random generator for the IO's GradICON sample points (reproducible runs).
+
+    Returns:
+        :class:`RegistrationResult`; ``result.forward_transform`` is the ITK transform.
+
+    Raises:
+        InputError, ModelError, DeviceError, ResourceError: problems the caller can fix.
+    """
+    import itk
+
+    timings: Dict[str, float] = {}
+    messages: List[str] = []
+    t0 = time.perf_counter()
+    if isinstance(device, str):
+        device = resolve_device(device)
+    if mask_mode not in MASK_MODES:
+        raise InputError(f"unknown mask mode {mask_mode!r}; allowed: {', '.join(MASK_MODES)}")
+    if orientation not in ORIENTATIONS:
+        raise InputError(f"unknown orientation {orientation!r}; allowed: {', '.join(ORIENTATIONS)}")
+    if isinstance(io_iterations, bool) or not isinstance(io_iterations, (int, np.integer)) or io_iterations < 0:
+        raise InputError(f"io_iterations must be a whole number >= 0, not {io_iterations!r}")
+    if not io_lr > 0:
+        raise InputError(f"io_lr must be > 0, not {io_lr!r}")
+    if (fixed_labels is None) != (moving_labels is None):
+        raise InputError("labels for the Dice term must be given for both images or neither")
+    if (fixed_mask is None) != (moving_mask is None) and mask_mode in ("loss", "both"):
+        raise InputError("loss masking needs masks for both images")
+
+    if not isinstance(model, Model):
+        model = load_model(model)
+        timings["load_model"] = time.perf_counter() - t0
+    arch = model.architecture
+    d = arch.dimension
+    io_similarity = io_similarity or model.similarity
+    if io_similarity not in IO_SIMILARITIES:
+        raise InputError(f"unknown IO similarity {io_similarity!r}; allowed: {', '.join(IO_SIMILARITIES)}")
+    if io_similarity == "mind" and d != 3 and io_iterations:
+        messages.append("MIND-SSC in 2-D uses the 4 in-plane neighbour pairs")
+
+    fixed = check_image(fixed, what="fixed image", dimension=d)
+    moving = check_image(moving, what="moving image", dimension=d)
+    _check_on_grid(fixed_mask, fixed, "fixed mask", "the fixed image")
+    _check_on_grid(moving_mask, moving, "moving mask", "the moving image")
+    _check_on_grid(fixed_labels, fixed, "fixed label map", "the fixed image")
+    _check_on_grid(moving_labels, moving, "moving label map", "the moving image")
+    fixed_grid, moving_grid = ImageGrid.from_image(fixed), ImageGrid.from_image(moving)
+    affine = _as_affine(initial_transform, d)
+    check_memory(estimate_memory(fixed_grid, moving_grid, arch.input_shape, io=io_iterations > 0,
+                                 inverse=compute_inverse), device)
+
+    # ---- intensities --------------------------------------------------------------------------
+    t = time.perf_counter()
+    fixed_array = itk.array_view_from_image(fixed)
+    moving_array = itk.array_view_from_image(moving)
+    defaults = model.preprocessing or {}
+    window = tuple(ct_window) if ct_window is not None else tuple(defaults.get("ct_window") or (-1000.0, 1000.0))
+    quantiles = quantile_range if quantile_range is not None else defaults.get("quantile_range")
+    quantiles = tuple(quantiles) if quantiles is not None else None
+    modalities = {}
+    normalized = {}
+    for role, choice, array in (("fixed", fixed_modality, fixed_array), ("moving", moving_modality, moving_array)):
+        modality, reason = resolve_modality(choice, array)
+        if reason:
+            messages.append(f"{role} modality: {modality} ({reason})")
+        modalities[role] = modality
+        norm = IntensityNormalization(modality, window, quantiles)
+        normalized[role] = norm(array, what=f"{role} image")
+    if fixed_mask is not None and mask_mode in ("input", "both"):
+        normalized["fixed"] = apply_input_mask(normalized["fixed"], itk.array_view_from_image(fixed_mask))
+    if moving_mask is not None and mask_mode in ("input", "both"):
+        normalized["moving"] = apply_input_mask(normalized["moving"], itk.array_view_from_image(moving_mask))
+
+    # ---- affine pre-alignment: the network then sees the moving image on the fixed grid -------
+    moving_net_image = moving
+    moving_net_mask, moving_net_labels = moving_mask, moving_labels
+    moving_net_array = normalized["moving"]
+    if affine is not None:
+        resampled = _resample_on(_image_from(moving_net_array, moving), fixed, affine, nearest=False)
+        moving_net_array = np.asarray(itk.array_view_from_image(resampled), dtype=np.float32)
+        moving_net_image = resampled
+        if moving_mask is not None:
+            moving_net_mask = _resample_on(moving_mask, fixed, affine, nearest=True)
+        if moving_labels is not None:
+            moving_net_labels = _resample_on(moving_labels, fixed, affine, nearest=True)
+    timings["preprocess"] = time.perf_counter() - t
+
+    # ---- layout on the network grid ---------------------------------------------------------
+    shape = arch.input_shape
+    fixed_frame = NetworkFrame.reference_layout(fixed_grid, shape)
+    moving_net_grid = ImageGrid.from_image(moving_net_image)
+    if orientation == "fixed":
+        moving_frame = NetworkFrame.aligned_to(moving_net_grid, shape, fixed_frame.world_axes())
+        if moving_frame.axes != fixed_frame.axes or any(moving_frame.flips):
+            messages.append(f"moving image reordered to the fixed image's axes (index axes "
+                            f"{moving_frame.axes}, flips {moving_frame.flips})")
+    else:
+        moving_frame = NetworkFrame.reference_layout(moving_net_grid, shape)
+    image_B = fixed_frame.tensor(normalized["fixed"], device=device)
+    image_A = moving_frame.tensor(moving_net_array, device=device)
+
+    def on_network(frame, image):
+        return None if image is None else frame.tensor(itk.array_view_from_image(image), mode="nearest",
+                                                       device=device)
+
+    net = model.network.to(device)
+    history: List[Dict[str, float]] = []
+    if io_iterations > 0:
+        t = time.perf_counter()
+        loss_masks = mask_mode in ("loss", "both") and fixed_mask is not None
+        net = _instance_optimise(
+            net, image_A, image_B, steps=int(io_iterations), lr=io_lr,
+            similarity=losses.similarity_function(io_similarity),
+            mask_A=on_network(moving_frame, moving_net_mask) if loss_masks else None,
+            mask_B=on_network(fixed_frame, fixed_mask) if loss_masks else None,
+            seg_A=on_network(moving_frame, moving_net_labels),
+            seg_B=on_network(fixed_frame, fixed_labels),
+            dice_weight=io_dice_weight if fixed_labels is not None else 0.0,
+            progress=progress, history=history, generator=generator)
+        timings["instance_optimisation"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    with torch.inference_mode():
+        disp_AB = net(image_A, image_B).displacement_on_grid(shape)
+        disp_BA = net(image_B, image_A).displacement_on_grid(shape) if compute_inverse else None
+    timings["network"] = time.perf_counter() - t
+
+    # ---- fields in physical space --------------------------------------------------------------
+    t = time.perf_counter()
+    forward = DisplacementField(fixed_grid, displacement_on_grid(
+        disp_AB, fixed_grid, fixed_frame, moving_frame, postaffine=affine))
+    inverse = deformable_forward = deformable_inverse = None
+    if compute_inverse:
+        inverse_affine = None if affine is None else np.linalg.inv(affine)
+        inverse = DisplacementField(moving_grid, displacement_on_grid(
+            disp_BA, moving_grid, moving_frame, fixed_frame, preaffine=inverse_affine))
+    if affine is not None:
+        deformable_forward = DisplacementField(fixed_grid, displacement_on_grid(
+            disp_AB, fixed_grid, fixed_frame, moving_frame))
+        if compute_inverse:
+            deformable_inverse = DisplacementField(fixed_grid, displacement_on_grid(
+                disp_BA, fixed_grid, moving_frame, fixed_frame))
+    timings["fields"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    return RegistrationResult(forward, inverse, affine, deformable_forward, deformable_inverse,
+                              modalities["fixed"], modalities["moving"], messages, history, timings)
+
+
+def _instance_optimise(net: torch.nn.Module, image_A, image_B, *, steps: int, lr: float, similarity,
+                       mask_A, mask_B, seg_A, seg_B, dice_weight: float, progress, history,
+                       generator) -> torch.nn.Module:
+    """Adam steps of the full symmetric objective on a copy of ``net``; returns the tuned copy.
+
+    BatchNorm layers stay in evaluation mode (running statistics), as in the reference.
+    """
+    tuned = copy.deepcopy(net)
+    tuned.eval()
+    for p in tuned.parameters():
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(tuned.parameters(), lr=lr)
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        optimizer.zero_grad(set_to_none=True)
+        terms = losses.gradicon_objective(tuned, image_A, image_B, similarity=similarity,
+                                          mask_A=mask_A, mask_B=mask_B, seg_A=seg_A, seg_B=seg_B,
+                                          dice_weight=dice_weight, generator=generator)
+        terms.total.backward()
+        optimizer.step()
+        record = terms.as_floats()
+        history.append(record)
+        if progress is not None:
+            progress(IOProgress(step, steps, record, time.perf_counter() - start))
+    for p in tuned.parameters():
+        p.requires_grad_(False)
+    return tuned
+
+
+class GradICONRegistrationMethod:
+    """ITK-style registration method: set the inputs, ``Update()``, get the transforms.
+
+    Example:
+        >>> method = GradICONRegistrationMethod(model="unigradicon")   # doctest: +SKIP
+        >>> method.SetFixedImage(fixed); method.SetMovingImage(moving)  # doctest: +SKIP
+        >>> method.SetNumberOfIterations(50)                            # doctest: +SKIP
+        >>> method.Update()                                             # doctest: +SKIP
+        >>> transform = method.GetTransform()   # fixed -> moving       # doctest: +SKIP
+    """
+
+    def __init__(self, model: Union[str, Model] = DEFAULT_MODEL, **options: Any) -> None:
+        self._model = model
+        self._options: Dict[str, Any] = dict(options)
+        self._fixed = self._moving = None
+        self._result: Optional[RegistrationResult] = None
+
+    def _set(self, key: str, value: Any) -> None:
+        self._options[key] = value
+        self._result = None
+
+    def SetFixedImage(self, image) -> None:
+        self._fixed, self._result = image, None
+
+    def SetMovingImage(self, image) -> None:
+        self._moving, self._result = image, None
+
+    def SetModel(self, model: Union[str, Model]) -> None:
+        self._model, self._result = model, None
+
+    def SetFixedMask(self, mask) -> None:
+        self._set("fixed_mask", mask)
+
+    def SetMovingMask(self, mask) -> None:
+        self._set("moving_mask", mask)
+
+    def SetFixedLabels(self, labels) -> None:
+        self._set("fixed_labels", labels)
+
+    def SetMovingLabels(self, labels) -> None:
+        self._set("moving_labels", labels)
+
+    def SetNumberOfIterations(self, iterations: int) -> None:
+        """Instance-optimisation steps (0: prediction only)."""
+        self._set("io_iterations", iterations)
+
+    def SetLearningRate(self, lr: float) -> None:
+        self._set("io_lr", lr)
+
+    def SetSimilarity(self, name: str) -> None:
+        self._set("io_similarity", name)
+
+    def SetInitialTransform(self, transform) -> None:
+        """Affine pre-alignment, fixed -> moving."""
+        self._set("initial_transform", transform)
+
+    def SetDevice(self, device: str) -> None:
+        self._set("device", device)
+
+    def Update(self) -> None:
+        if self._fixed is None or self._moving is None:
+            raise InputError("set both the fixed and the moving image before Update()")
+        if not isinstance(self._model, Model):
+            self._model = load_model(self._model)
+        self._result = register(self._fixed, self._moving, model=self._model, **self._options)
+
+    def _done(self) -> RegistrationResult:
+        if self._result is None:
+            self.Update()
+        assert self._result is not None
+        return self._result
+
+    def GetTransform(self):
+        """Forward ``itk.DisplacementFieldTransform`` (fixed -> moving, fixed grid)."""
+        return self._done().forward_transform
+
+    def GetInverseTransform(self):
+        """Inverse ``itk.DisplacementFieldTransform`` (moving -> fixed, moving grid)."""
+        return self._done().inverse_transform
+
+    def GetResult(self) -> RegistrationResult:
+        return self._done()
