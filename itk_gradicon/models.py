@@ -27,6 +27,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,14 +249,18 @@ def _torch_load(path: Path) -> Any:
     if not path.is_file():
         raise ModelError(f"model file '{path}' is not a file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols are not for our users
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        if "weights_only" in str(err) or "Unsupported global" in str(err) or "GLOBAL" in str(err):
+        text = str(err)
+        if "Unsupported global" in text or "GLOBAL" in text:
             raise ModelError(f"model file '{path}' contains Python objects other than tensors; it was "
                              "refused without running any of its code (weights_only loading)") from err
+        detail = next((line.strip() for line in reversed(text.splitlines())
+                       if line.strip() and not line.startswith("Check the documentation")), "")
         raise ModelError(f"model file '{path}' is not a PyTorch weight file or is corrupted "
-                         f"({first})") from err
+                         f"({detail[:120]})") from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError,
             AttributeError, TypeError, IndexError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -291,7 +296,9 @@ def _infer_architecture(state: Mapping[str, torch.Tensor], input_shape=None) -> 
                                     down_channels=tuple(down), up_channels=tuple(up))
             except ModelError:
                 continue
-            if set(build_network(arch).state_dict()) == keys:
+            with torch.device("meta"):  # parameter names only: no memory, no initialisation cost
+                names = set(build_network(arch).state_dict())
+            if names == keys:
                 return arch
     raise ModelError(f"the {len(state)} tensors of this state dict do not form a GradICON network "
                      "(unknown layout of steps)")
