@@ -8,8 +8,9 @@ vector ``T(p) - p`` of a transform ``T``. Registration produces two of them:
 * inverse, on the MOVING grid: moving points to fixed points (to carry landmarks or label points
   from the moving to the fixed image).
 
-Between grid nodes ITK interpolates the vectors linearly; beyond the grid it uses the nearest border
-vector.
+Between grid nodes ITK interpolates the vectors linearly. Beyond the grid (continuous index outside
+``[-0.5, n - 0.5)``) ITK's ``DisplacementFieldTransform``, and so ANTs, applies no displacement at all:
+the point is returned unchanged.
 
 Files written here:
 
@@ -17,13 +18,26 @@ Files written here:
 * displacement-field images (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``): ANTs' ``Warp`` format,
   vector components in LPS mm; NIfTI files get intent code 1007 (vector), never 1006, which recent
   ITK/ANTs read as RAS.
+
+Files read here (:func:`read_transform`, :func:`compose_transforms`): everything above, ITK transform
+files ``.tfm``/``.txt``/``.mat``/``.xfm`` (single or composite; ANTs' ``0GenericAffine.mat``),
+ANTs' ``Warp``/``InverseWarp`` images, and transformix parameter files of a deformation field (ours).
+A transform is named as in ANTs: ``FILE`` or ``[FILE,1]`` for its inverse, which exists for linear
+transforms only.
+
+Order of several transforms, as ``antsApplyTransforms -t T1 -t T2 ... -t Tn`` (checked against
+antspyx in the tests): a fixed point ``x`` goes to ``Tn(...T2(T1(x)))``, the first transform listed
+acting on the point first. So antsRegistration's ``-t 1Warp.nii.gz -t 0GenericAffine.mat`` is
+``affine(warp(x))``. In the ITK :class:`CompositeTransform` built here the transforms are added in
+the reverse order, because ITK applies the transform added last first.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -200,10 +214,7 @@ def read_affine_file(path: PathLike) -> np.ndarray:
 
 def _flatten(transforms):
     for t in transforms:
-        if t.GetNameOfClass() == "CompositeTransform":
-            yield from _flatten([t.GetNthTransform(i) for i in range(t.GetNumberOfTransforms())])
-        else:
-            yield t
+        yield from _components(t)
 
 
 ELASTIX_PARAMETER_FILE = "TransformParameters.0.txt"
@@ -265,3 +276,359 @@ def ants_file_names(prefix: str) -> dict:
     """antsRegistration's output names for ``prefix``."""
     return {"affine": f"{prefix}0GenericAffine.mat", "warp": f"{prefix}1Warp.nii.gz",
             "inverse_warp": f"{prefix}1InverseWarp.nii.gz"}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading any transform a user may pass, and composing several as antsApplyTransforms does
+# --------------------------------------------------------------------------------------------
+
+#: ITK transform-file endings (``.txt`` may also be a transformix parameter file; see below).
+ITK_TRANSFORM_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt", ".mat", ".xfm")
+#: Every ending :func:`read_transform` accepts, besides a transformix folder.
+TRANSFORM_INPUT_SUFFIXES = ITK_TRANSFORM_SUFFIXES + FIELD_IMAGE_SUFFIXES
+
+_ANTS_SPEC = re.compile(r"\[\s*(?P<path>[^\[\]]+?)\s*,\s*(?P<flag>[01])\s*\]")
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    """A transform as a user names it: a file, inverted or not (ANTs' ``[FILE,1]`` spelling).
+
+    Attributes:
+        path: the transform file (or a folder holding ``TransformParameters.0.txt``).
+        invert: use the inverse; possible for linear transforms only.
+    """
+
+    path: Path
+    invert: bool = False
+
+    @classmethod
+    def parse(cls, text: Union[str, Path, "TransformSpec"]) -> "TransformSpec":
+        """``FILE``, ``[FILE,0]`` or ``[FILE,1]`` (spaces allowed around the parts).
+
+        Args:
+            text: what the user typed, a path, or an existing spec (returned as is).
+
+        Returns:
+            The spec.
+
+        Raises:
+            InputError: brackets that do not make ``[FILE,0]`` or ``[FILE,1]``.
+
+        Example:
+            >>> TransformSpec.parse("[out/subj_0GenericAffine.mat,1]").invert
+            True
+        """
+        if isinstance(text, TransformSpec):
+            return text
+        raw = str(text).strip()
+        match = _ANTS_SPEC.fullmatch(raw)
+        if match:
+            return cls(Path(match["path"]).expanduser(), match["flag"] == "1")
+        if raw.startswith("[") or raw.endswith("]"):
+            raise InputError(f"transform {raw!r} is not in ANTs' form: allowed are FILE, [FILE,0] "
+                             "and [FILE,1] (the inverse)")
+        if not raw:
+            raise InputError("a transform was given as an empty string; name a transform file")
+        return cls(Path(raw).expanduser())
+
+    def __str__(self) -> str:
+        return f"[{self.path},1]" if self.invert else str(self.path)
+
+
+def transform_file_kind(path: PathLike) -> str:
+    """What kind of transform ``path`` holds, from its name (and the first line of ``.txt`` files).
+
+    Returns:
+        ``"field"`` (a displacement-field image), ``"itk"`` (an ITK/ANTs transform file) or
+        ``"elastix"`` (a transformix parameter file, or a folder holding ``TransformParameters.0.txt``).
+
+    Raises:
+        InputError: the file does not exist, or its ending is none of :data:`TRANSFORM_INPUT_SUFFIXES`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if (path / ELASTIX_PARAMETER_FILE).is_file():
+            return "elastix"
+        raise InputError(f"transform '{path}' is a folder without {ELASTIX_PARAMETER_FILE}; give a "
+                         "transform file")
+    if not path.exists():
+        raise InputError(f"transform file '{path}' does not exist")
+    suffix = compound_suffix(path)
+    if suffix in FIELD_IMAGE_SUFFIXES:
+        return "field"
+    if suffix == ".txt" and _first_line(path).startswith("("):
+        return "elastix"
+    if suffix in ITK_TRANSFORM_SUFFIXES:
+        return "itk"
+    raise InputError(f"transform file '{path}' has the ending '{suffix or '(none)'}'; allowed: "
+                     f"{', '.join(TRANSFORM_INPUT_SUFFIXES)} or a transformix folder")
+
+
+def _first_line(path: Path) -> str:
+    """The first line of a text file that is neither blank nor a ``//`` comment ('' if binary)."""
+    try:
+        with open(path, "r", encoding="utf-8", errors="strict") as fh:
+            for _, line in zip(range(200), fh):
+                line = line.strip()
+                if line and not line.startswith("//"):
+                    return line
+    except (UnicodeDecodeError, OSError):
+        return ""
+    return ""
+
+
+def read_transform(spec: Union[str, Path, TransformSpec], *, dimension: Optional[int] = None):
+    """Read one transform a user names, as an ITK transform (double precision).
+
+    Accepted: ITK transform files (``.h5``, ``.hdf5``, ``.tfm``, ``.txt``, ``.mat``, ``.xfm``; a
+    composite file gives a ``CompositeTransform``, and a file listing several transforms is composed as
+    ITK does, the last one listed acting on points first), ANTs' ``0GenericAffine.mat``, dense
+    displacement-field images as ANTs writes them (``1Warp.nii.gz``; ``.nii``, ``.nrrd``, ``.mha`` ...;
+    vectors in LPS mm), this package's outputs, and a transformix parameter file of a
+    ``DeformationFieldTransform`` (or the folder written by ``--out-elastix``).
+
+    Args:
+        spec: ``FILE`` or ``[FILE,1]`` (the inverse; linear transforms only), or a :class:`TransformSpec`.
+        dimension: the dimension required (that of the images it will be used with).
+
+    Returns:
+        An ITK transform mapping points of its fixed space to its moving space.
+
+    Raises:
+        InputError: a missing or unreadable file, a file that is not a transform, a dimension other
+            than ``dimension``, or an inverse asked of a displacement field (the message names the
+            inverse-warp file to use instead).
+    """
+    spec = TransformSpec.parse(spec)
+    kind = transform_file_kind(spec.path)
+    if kind == "field":
+        transform = _read_field_transform(spec.path)
+    elif kind == "elastix":
+        transform = _read_elastix_transform(spec.path)
+    else:
+        transform = _read_itk_transform_file(spec.path)
+    d = int(transform.GetInputSpaceDimension())
+    if dimension is not None and d != dimension:
+        raise InputError(f"transform '{spec.path}' is {d}-D; the images here are {dimension}-D")
+    if spec.invert:
+        transform = _inverse_of(transform, spec.path)
+    return transform
+
+
+def _read_itk_transform_file(path: Path):
+    import itk
+
+    try:
+        transforms = list(itk.transformread(str(path)))
+    except (RuntimeError, OSError, ValueError, TypeError) as err:
+        raise InputError(f"'{path}' could not be read as an ITK/ANTs transform file (.h5, .tfm, .txt, "
+                         ".mat): it is not a transform, or it is damaged") from err
+    if not transforms:
+        raise InputError(f"'{path}' holds no transform")
+    if len(transforms) == 1:
+        return transforms[0]
+    dims = {int(t.GetInputSpaceDimension()) for t in transforms}
+    if len(dims) != 1:
+        raise InputError(f"'{path}' mixes transforms of dimensions {sorted(dims)}")
+    composite = itk.CompositeTransform[itk.D, dims.pop()].New()
+    for t in transforms:  # ITK's reading of a list: the last one listed acts on points first
+        composite.AddTransform(t)
+    return composite
+
+
+def _read_field_transform(path: Path):
+    """A displacement-field image (ANTs' Warp format) as an ``itk.DisplacementFieldTransform``."""
+    from .imageio import _read_itk
+
+    image = _read_itk(path, "displacement field")
+    d = int(image.GetImageDimension())
+    components = int(image.GetNumberOfComponentsPerPixel())
+    if components != d:
+        raise InputError(f"'{path}' is an image with {components} component(s) per voxel, not a "
+                         f"displacement field (a {d}-D field has {d} components, LPS mm)")
+    return DisplacementField.from_image(image).to_transform()
+
+
+def read_elastix_parameters(path: PathLike) -> Dict[str, List[str]]:
+    """Parse an elastix/transformix parameter file: ``(Key value ...)`` lines, ``//`` comments.
+
+    Returns:
+        ``{key: [values as strings, quotes removed]}``.
+    """
+    params: Dict[str, List[str]] = {}
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        line = line.split("//", 1)[0].strip()
+        if not (line.startswith("(") and line.endswith(")")):
+            continue
+        parts = re.findall(r'"[^"]*"|[^\s"]+', line[1:-1])
+        if parts:
+            params[parts[0]] = [p.strip('"') for p in parts[1:]]
+    return params
+
+
+def _read_elastix_transform(path: Path):
+    """The field named by a transformix ``DeformationFieldTransform`` parameter file."""
+    param_file = path / ELASTIX_PARAMETER_FILE if path.is_dir() else path
+    params = read_elastix_parameters(param_file)
+    kind = (params.get("Transform") or ["(none)"])[0]
+    if kind != "DeformationFieldTransform":
+        raise InputError(f"'{param_file}' is an elastix {kind} parameter file; only deformation-field "
+                         "parameter files are read directly. Run 'transformix -def all -tp "
+                         f"{param_file} -out DIR' and give DIR/deformationField.nii.gz instead")
+    initial = (params.get("InitialTransformParametersFileName") or ["NoInitialTransform"])[0]
+    if initial != "NoInitialTransform":
+        raise InputError(f"'{param_file}' chains an initial transform ('{initial}'); give "
+                         "'transformix -def all' output (deformationField.nii.gz) instead")
+    order = (params.get("DeformationFieldInterpolationOrder") or ["0"])[0]
+    if order != "1":
+        raise InputError(f"'{param_file}' has DeformationFieldInterpolationOrder {order} (nearest "
+                         "neighbour); only 1 (linear, as ITK and ANTs interpolate fields) is read")
+    names = params.get("DeformationFieldFileName")
+    if not names:
+        raise InputError(f"'{param_file}' names no DeformationFieldFileName")
+    field_path = Path(names[0])
+    if not field_path.is_absolute():
+        field_path = param_file.parent / field_path
+    if not field_path.is_file():
+        raise InputError(f"the deformation field '{field_path}' named in '{param_file}' does not exist")
+    return _read_field_transform(field_path)
+
+
+def is_linear(transform) -> bool:
+    """Whether an ITK transform (composite ones included) is linear (affine, rigid, ...)."""
+    return bool(transform.IsLinear())
+
+
+def _inverse_hint(path: Path) -> str:
+    name = path.name
+    if "InverseWarp" in name or name.startswith("Inverse"):
+        return f"'{path}' itself is already an inverse; use the forward file written next to it"
+    if "Warp" in name:
+        return f"use '{path.with_name(name.replace('Warp', 'InverseWarp', 1))}' instead"
+    if name.startswith("Composite"):
+        return f"use '{path.with_name('Inverse' + name)}' instead"
+    return ("use the inverse transform written with it instead (gradicon register "
+            "--out-inverse-transform, or ANTs' ...InverseWarp.nii.gz)")
+
+
+def _inverse_of(transform, path: Path):
+    if not is_linear(transform):
+        raise InputError(f"cannot invert '{path}' ([FILE,1]): it holds a displacement field, which "
+                         f"neither ANTs nor gradicon inverts; {_inverse_hint(path)}")
+    inverse = transform.GetInverseTransform()
+    if inverse is None:
+        raise InputError(f"cannot invert '{path}': its matrix is singular")
+    return inverse
+
+
+def _components(transform) -> Iterator:
+    """A transform's parts in ITK queue order (nested composites flattened)."""
+    import itk
+
+    transform = itk.down_cast(transform)  # parts come back typed as the Transform base class
+    if transform.GetNameOfClass() == "CompositeTransform":
+        for i in range(transform.GetNumberOfTransforms()):
+            yield from _components(transform.GetNthTransform(i))
+    else:
+        yield transform
+
+
+def transform_parts(transform) -> List:
+    """The parts of a transform in ITK queue order (the last part acts on points first); nested
+    composites are flattened and every part is cast to its own class."""
+    return list(_components(transform))
+
+
+def compose_transforms(specs: Sequence[Union[str, Path, TransformSpec]], *,
+                       dimension: Optional[int] = None):
+    """Read several transforms and compose them as ``antsApplyTransforms -t T1 -t T2 ...`` does.
+
+    A point ``x`` of the output (fixed) space goes to ``Tn(...T2(T1(x)))``: the first transform listed
+    acts on the point first, the last one ends in the input (moving) space. This is antsRegistration's
+    convention: ``[prefix1Warp.nii.gz, prefix0GenericAffine.mat]`` is ``affine(warp(x))``, and its
+    inverse is ``[[prefix0GenericAffine.mat,1], prefix1InverseWarp.nii.gz]``.
+
+    Args:
+        specs: ``FILE`` / ``[FILE,1]`` strings, paths or :class:`TransformSpec` objects, at least one.
+        dimension: required dimension; ``None`` takes the first transform's.
+
+    Returns:
+        An ``itk.CompositeTransform[itk.D, d]`` (the transforms are added in reverse order, since ITK
+        applies the transform added last first).
+
+    Raises:
+        InputError: see :func:`read_transform`; also for an empty list.
+
+    Example:
+        >>> t = compose_transforms(["out/s_1Warp.nii.gz", "out/s_0GenericAffine.mat"])  # doctest: +SKIP
+        >>> t.TransformPoint([0.0, 0.0, 0.0])   # affine(warp(0))                          # doctest: +SKIP
+    """
+    import itk
+
+    if not specs:
+        raise InputError("no transform given; give at least one transform file")
+    transforms = []
+    for spec in specs:
+        transform = read_transform(spec, dimension=dimension)
+        dimension = int(transform.GetInputSpaceDimension())
+        transforms.append(transform)
+    composite = itk.CompositeTransform[itk.D, dimension].New()
+    for transform in reversed(transforms):
+        for part in _components(transform):
+            composite.AddTransform(part)
+    return composite
+
+
+def _reference_image(grid: ImageGrid):
+    """An unallocated ITK image carrying ``grid`` (for filters that only read the geometry)."""
+    import itk
+
+    image = itk.Image[itk.UC, grid.dimension].New()
+    image.SetRegions([int(s) for s in grid.size])
+    grid.apply_to(image)
+    return image
+
+
+def _single_field_transform(transform):
+    """The ``DisplacementFieldTransform`` a transform is made of, or ``None``."""
+    parts = list(_components(transform))
+    if len(parts) != 1:
+        return None
+    part = parts[0]
+    return part if hasattr(part, "GetDisplacementField") else None
+
+
+def sample_transform(transform, grid: ImageGrid) -> DisplacementField:
+    """The displacement ``T(p) - p`` of any ITK transform at every voxel centre ``p`` of ``grid``.
+
+    A displacement field already on ``grid`` is returned exactly (double precision); anything else is
+    evaluated by ITK's ``TransformToDisplacementFieldFilter`` (float32 vectors).
+
+    Args:
+        transform: an ITK transform (affine, displacement field, composite ...).
+        grid: where to sample it.
+
+    Returns:
+        A :class:`DisplacementField` on ``grid``.
+    """
+    import itk
+
+    from .imageio import same_grid
+
+    d = grid.dimension
+    if int(transform.GetInputSpaceDimension()) != d:
+        raise InputError(f"a {int(transform.GetInputSpaceDimension())}-D transform cannot be sampled on "
+                         f"a {d}-D grid")
+    field_transform = _single_field_transform(transform)
+    if field_transform is not None:
+        field_image = field_transform.GetDisplacementField()
+        if same_grid(field_image, _reference_image(grid), tolerance=1e-6):
+            return DisplacementField(grid, np.array(itk.array_view_from_image(field_image), dtype=np.float64))
+    vector_image = itk.Image[itk.Vector[itk.F, d], d]
+    sampler = itk.TransformToDisplacementFieldFilter[vector_image, itk.D].New()
+    sampler.SetTransform(transform)
+    sampler.SetReferenceImage(_reference_image(grid))
+    sampler.SetUseReferenceImage(True)
+    sampler.Update()
+    return DisplacementField(grid, np.array(itk.array_view_from_image(sampler.GetOutput()), dtype=np.float64))
