@@ -1,0 +1,127 @@
+"""``gradicon apply-transform`` and ``gradicon warp-labels``: resample an image with ITK/ANTs transforms.
+
+Both read every transform a user may have (this package's outputs, ANTs' ``Warp``/``GenericAffine``
+files, ITK ``.h5``/``.tfm``, a transformix deformation-field folder) and compose several as
+``antsApplyTransforms -t`` does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import click
+
+from .common import info, quiet_option
+
+TRANSFORM_HELP = (
+    "Transform FILE, fixed -> moving points; [FILE,1] uses the inverse of a linear transform (ANTs' "
+    "spelling; quote it in the shell). Repeat as antsApplyTransforms' -t: with '-t T1 -t T2' a "
+    "reference point x samples the input at T2(T1(x)), the first one listed acting on the point first, "
+    "so antsRegistration's outputs go as '-t PREFIX1Warp.nii.gz -t PREFIX0GenericAffine.mat'. Reads "
+    ".h5/.hdf5/.tfm/.txt/.mat ITK files, displacement-field images (.nii.gz, .nrrd, .mha; LPS mm) and "
+    "transformix deformation-field folders.")
+
+
+def transform_option(required: bool = True):
+    return click.option("--transform", "-t", "transforms", multiple=True, required=required,
+                        metavar="FILE|[FILE,1]", help=TRANSFORM_HELP)
+
+
+def _resample_files(input_path: Path, reference_path: Path, transforms: Sequence[str], output: Path,
+                    *, interpolation: str, default_value: float, labels: bool, quiet: bool) -> None:
+    """Read, check, resample, write (atomically); the shared body of both commands."""
+    import itk
+
+    from ..errors import InputError
+    from ..imageio import IMAGE_SUFFIXES, OutputTransaction, _read_itk, check_output_path
+    from ..resample import check_interpolation, label_set, resample_image, resample_labels
+    from ..transforms import compose_transforms
+
+    check_interpolation(interpolation)
+    output = check_output_path(output, what="--output", suffixes=IMAGE_SUFFIXES)
+    image = _read_itk(input_path, "--input")
+    reference = _read_itk(reference_path, "--reference")
+    d = int(reference.GetImageDimension())
+    if int(image.GetImageDimension()) != d:
+        raise InputError(f"--input '{input_path}' is {int(image.GetImageDimension())}-D and "
+                         f"--reference '{reference_path}' is {d}-D; they must match")
+    transform = compose_transforms(list(transforms), dimension=d)
+    if labels:
+        warped = resample_labels(image, reference, transform, default_value=default_value)
+    else:
+        warped = resample_image(image, reference, transform, interpolation=interpolation,
+                                default_value=default_value)
+    with OutputTransaction() as out:
+        itk.imwrite(warped, str(out.path(output)), compression=True)
+    info(f"wrote {output}", quiet=quiet)
+    if labels or interpolation == "label":
+        before, after = set(label_set(image).tolist()), set(label_set(warped).tolist())
+        lost = sorted(before - after)
+        info(f"labels: {len(before)} in the input, {len(after)} in the output"
+             + (f"; lost (too small to survive resampling): {lost[:20]}{' ...' if len(lost) > 20 else ''}"
+                if lost else ""), quiet=quiet)
+
+
+@click.command("apply-transform")
+@click.option("--input", "-i", "input_path", required=True, type=click.Path(path_type=Path),
+              help="Image to resample (the moving image); its pixel type is kept.")
+@click.option("--reference", "-r", required=True, type=click.Path(path_type=Path),
+              help="Image whose grid (size, origin, spacing, direction) the output gets (the fixed image).")
+@transform_option()
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path),
+              help="Output image (.nii.gz, .nrrd, .mha ...), written only when complete.")
+@click.option("--interpolation", "-n", type=click.Choice(["linear", "nearest", "bspline", "label"]),
+              default="linear", show_default=True,
+              help="linear; nearest; bspline (cubic); label (ANTs' GenericLabel: only input labels, "
+                   "smooth boundaries; the same as warp-labels).")
+@click.option("--default-value", "-f", type=float, default=0.0, show_default=True,
+              help="Value of output voxels whose sample point falls outside the input image.")
+@quiet_option()
+def apply_transform(input_path: Path, reference: Path, transforms: Sequence[str], output: Path,
+                    interpolation: str, default_value: float, quiet: bool) -> None:
+    """Resample INPUT onto the REFERENCE grid through one or several transforms.
+
+    Output voxel x (a reference point) takes INPUT(T(x)), where T maps reference (fixed) points to input
+    (moving) points: pass the forward transform of 'gradicon register' to warp the moving image onto
+    the fixed one. Several --transform options compose exactly as antsApplyTransforms' -t options.
+
+    \b
+    Examples:
+      gradicon apply-transform -i moving.nii.gz -r fixed.nii.gz -t moving_to_fixed.h5 -o warped.nii.gz
+      gradicon apply-transform -i moving.nii.gz -r fixed.nii.gz \\
+          -t out/subj_1Warp.nii.gz -t out/subj_0GenericAffine.mat -o warped.nii.gz
+      gradicon apply-transform -i fixed.nii.gz -r moving.nii.gz \\
+          -t '[out/subj_0GenericAffine.mat,1]' -t out/subj_1InverseWarp.nii.gz -o fixed_on_moving.nii.gz
+    """
+    _resample_files(input_path, reference, transforms, output, interpolation=interpolation,
+                    default_value=default_value, labels=False, quiet=quiet)
+
+
+@click.command("warp-labels")
+@click.option("--input", "-i", "input_path", required=True, type=click.Path(path_type=Path),
+              help="Label map to warp (integer voxels, or floats holding integers).")
+@click.option("--reference", "-r", required=True, type=click.Path(path_type=Path),
+              help="Image whose grid the output gets (the fixed image).")
+@transform_option()
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path),
+              help="Output label map: the input's pixel type, only the input's labels (0 outside).")
+@quiet_option()
+def warp_labels(input_path: Path, reference: Path, transforms: Sequence[str], output: Path,
+                quiet: bool) -> None:
+    """Warp a label map onto the REFERENCE grid without creating labels.
+
+    Label-preserving interpolation as ANTs' GenericLabel: each label is interpolated linearly as a
+    0/1 map and every voxel takes the label of largest weight; voxels whose sample point falls outside
+    the input get 0. The pixel type is kept. Transforms as in apply-transform.
+
+    \b
+    Example:
+      gradicon warp-labels -i atlas_labels.nii.gz -r subject.nii.gz -t atlas_to_subject.h5 \\
+          -o labels_on_subject.nii.gz
+    """
+    _resample_files(input_path, reference, transforms, output, interpolation="label", default_value=0.0,
+                    labels=True, quiet=quiet)
+
+
+COMMANDS = [apply_transform, warp_labels]
