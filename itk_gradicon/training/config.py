@@ -1,0 +1,690 @@
+"""The training configuration: a YAML file read into typed dataclasses and checked before any work.
+
+``gradicon train --config run.yaml`` reads the file with ``yaml.safe_load`` and turns every section
+into one of the dataclasses below. Everything that can be wrong with the file itself is reported here,
+as a :class:`~itk_gradicon.errors.ConfigError` whose one-line message names the key (as a path such as
+``datasets[1].pairing``), the value received and the values allowed:
+
+* unknown keys (with the closest known key as a suggestion), missing required keys;
+* wrong types (a list where a number is expected, ...), values out of range, unknown choices;
+* combinations that cannot work (``model`` and ``architecture`` together, a schedule that does not
+  match the architecture, Dice without a weight, ...).
+
+Problems with the data the file points at (missing images, unknown modalities, empty or unpairable
+data sets) are found by :mod:`.data` when the data sets are scanned, also before training starts.
+
+Paths: a relative path in the YAML file is resolved against the folder of the YAML file; a relative
+path inside a list or CSV file is resolved against the data set's ``root`` when given, else against
+the folder of that list or CSV file (for a glob, against the YAML file's folder).
+
+Example:
+    >>> cfg = load_config("examples/finetune.yaml")            # doctest: +SKIP
+    >>> cfg.objective.similarity, cfg.optimizer.lr
+    ('lncc', 5e-05)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
+
+from ..errors import ConfigError, ModelError
+
+#: Modality names known without declaration, and the intensity normalisation each one gets
+#: (``ct``: Hounsfield window; ``mri``: quantiles, for every non-CT image; see :mod:`itk_gradicon.preprocess`).
+BUILTIN_MODALITIES: Dict[str, str] = {
+    "ct": "ct",
+    "mri": "mri", "t1w": "mri", "t1c": "mri", "t2w": "mri", "flair": "mri", "pd": "mri", "dwi": "mri",
+    "adc": "mri", "fa": "mri", "md": "mri", "swi": "mri", "mra": "mri", "dixon_fat": "mri",
+    "dixon_water": "mri", "pet": "mri", "spect": "mri", "us": "mri", "cbct": "mri", "xray": "mri",
+}
+NORMALIZATIONS = ("ct", "mri")
+PAIRINGS = ("inter", "intra")
+SAMPLING_MODES = ("per_dataset", "weighted", "region")
+MASK_MODES = ("input", "loss", "both")
+OBJECTIVES = ("gradicon", "m2m")
+SIMILARITIES = ("lncc", "lncc2", "mind")
+RANDOMISATIONS = ("B", "F", "R")
+DEFAULT_LAMBDA = {"gradicon": 1.5, "m2m": 0.5}
+_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _meta(*, key: Optional[str] = None, choices: Optional[Tuple[Any, ...]] = None,
+          minimum: Optional[float] = None, maximum: Optional[float] = None, above: Optional[float] = None,
+          internal: bool = False) -> Dict[str, Any]:
+    """Field metadata read by the parser: YAML key, allowed values and bounds."""
+    return {"key": key, "choices": choices, "min": minimum, "max": maximum, "above": above,
+            "internal": internal}
+
+
+def _opt(default: Any, **meta: Any) -> Any:
+    return field(default=default, metadata=_meta(**meta))
+
+
+def _opt_factory(factory: Any, **meta: Any) -> Any:
+    return field(default_factory=factory, metadata=_meta(**meta))
+
+
+# ------------------------------------------------------------------------------------------------
+# sections
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ArchitectureConfig:
+    """Network to train from scratch (see :class:`itk_gradicon.network.Architecture`).
+
+    Attributes:
+        dimension: 2 or 3.
+        input_shape: network grid; every image is resized to it (published models: 175^3).
+        levels: resolutions of Stage 1 (3 in the papers).
+        refinement_steps: full-resolution steps added in Stage 2 (1 in the papers; 0: Stage 1 only).
+        down_channels, up_channels: UNet widths per level, finest first.
+    """
+
+    dimension: int = _opt(3, choices=(2, 3))
+    input_shape: Tuple[int, ...] = _opt((175, 175, 175))
+    levels: int = _opt(3, minimum=1)
+    refinement_steps: int = _opt(1, minimum=0)
+    down_channels: Tuple[int, ...] = _opt((16, 32, 64, 256, 512))
+    up_channels: Tuple[int, ...] = _opt((16, 32, 64, 128, 256))
+
+    def check(self, where: str) -> None:
+        self.to_architecture(where)
+
+    def to_architecture(self, where: str = "architecture"):
+        """The :class:`~itk_gradicon.network.Architecture` described here."""
+        from ..network import Architecture
+
+        try:
+            return Architecture(dimension=self.dimension, input_shape=tuple(self.input_shape),
+                                levels=self.levels, refinement_steps=self.refinement_steps,
+                                down_channels=tuple(self.down_channels), up_channels=tuple(self.up_channels))
+        except ModelError as err:
+            raise ConfigError(f"{where}: {err}") from None
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One member of the composite training set.
+
+    Attributes:
+        name: shown in logs and recorded in the model's provenance.
+        images: a CSV file (``.csv``/``.tsv``; columns ``image`` and optionally ``subject``,
+            ``modality``, ``group``, ``mask``, ``segmentation``), a list file (one image path per line,
+            ``#`` comments) or a glob pattern (``scans/*.nii.gz``).
+        root: folder that relative image paths are resolved against (default: the list's folder).
+        modality: modality of images whose row gives none.
+        region: anatomical region (``lung``, ``brain``, ...), used by the weighted samplers.
+        pairing: ``inter`` (any two subjects) or ``intra`` (two images of one subject).
+        weight: sampling weight; 0 leaves the data set out.
+        subject_pattern: regular expression whose first group extracts the subject id from an image
+            path (lists and globs; default: each image is its own subject).
+        mask_template, segmentation_template: file next to each image of a list or glob, e.g.
+            ``{dir}/{stem}_mask.nii.gz`` (``{dir}``: the image's folder, ``{stem}``: its name without
+            the image extension).
+        mask_mode: what masks do: ``input`` (zero the image outside, as ``--mask-mode input``),
+            ``loss`` (restrict the similarity), ``both``.
+        ct_window, quantile_range: preprocessing of this data set, overriding ``preprocessing``.
+    """
+
+    name: str = _opt(None)
+    images: str = _opt(None)
+    root: Optional[str] = _opt(None)
+    modality: Optional[str] = _opt(None)
+    region: str = _opt("unspecified")
+    pairing: str = _opt("inter", choices=PAIRINGS)
+    weight: float = _opt(1.0, minimum=0.0)
+    subject_pattern: Optional[str] = _opt(None)
+    mask_template: Optional[str] = _opt(None)
+    segmentation_template: Optional[str] = _opt(None)
+    mask_mode: str = _opt("input", choices=MASK_MODES)
+    ct_window: Optional[Tuple[float, float]] = _opt(None)
+    quantile_range: Optional[Tuple[float, float]] = _opt(None)
+
+    def check(self, where: str) -> None:
+        if not self.name:
+            raise ConfigError(f"{where}.name: every data set needs a non-empty name")
+        if not self.images:
+            raise ConfigError(f"{where}.images: give a CSV file, a list file or a glob pattern")
+        if self.subject_pattern is not None:
+            try:
+                pattern = re.compile(self.subject_pattern)
+            except re.error as err:
+                raise ConfigError(f"{where}.subject_pattern: {self.subject_pattern!r} is not a regular "
+                                  f"expression ({err})") from None
+            if pattern.groups < 1:
+                raise ConfigError(f"{where}.subject_pattern: {self.subject_pattern!r} needs a group in "
+                                  "parentheses that captures the subject id, e.g. 'sub-(\\w+)_'")
+        for key in ("mask_template", "segmentation_template"):
+            template = getattr(self, key)
+            if template is not None:
+                try:
+                    template.format(dir="d", stem="s", name="n")
+                except (KeyError, IndexError, ValueError) as err:
+                    raise ConfigError(f"{where}.{key}: {template!r} may use only {{dir}}, {{stem}} and "
+                                      f"{{name}} ({err})") from None
+        _check_window(self.ct_window, f"{where}.ct_window")
+        _check_quantiles(self.quantile_range, f"{where}.quantile_range")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How pairs are drawn each epoch.
+
+    Attributes:
+        mode: ``per_dataset`` (uniGradICON: ``pairs_per_dataset`` x weight pairs from every data set),
+            ``weighted`` (multiGradICON: ``pairs_per_epoch`` pairs drawn so that every
+            (modalities, region) combination is equally likely, times the weights) or ``region``
+            (finetuning: every anatomical region equally likely, times the weights).
+        pairs_per_dataset: pairs per data set and epoch in ``per_dataset`` mode.
+        pairs_per_epoch: pairs per epoch in the weighted modes.
+    """
+
+    mode: str = _opt("per_dataset", choices=SAMPLING_MODES)
+    pairs_per_dataset: int = _opt(1000, minimum=1)
+    pairs_per_epoch: int = _opt(4000, minimum=1)
+
+    def check(self, where: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class PreprocessingConfig:
+    """Intensity normalisation, as at registration (:class:`itk_gradicon.preprocess.IntensityNormalization`).
+
+    Attributes:
+        ct_window: HU window of CT images (default -1000, 1000, or the parent model's).
+        quantile_range: quantiles of non-CT images (default minimum and 0.99, or the parent model's).
+    """
+
+    ct_window: Optional[Tuple[float, float]] = _opt(None)
+    quantile_range: Optional[Tuple[float, float]] = _opt(None)
+
+    def check(self, where: str) -> None:
+        _check_window(self.ct_window, f"{where}.ct_window")
+        _check_quantiles(self.quantile_range, f"{where}.quantile_range")
+
+
+@dataclass(frozen=True)
+class AugmentationConfig:
+    """Random changes of every training pair.
+
+    Attributes:
+        flips: flip each network axis with probability 1/2 (all images of a pair alike).
+        permutations: permute network axes of equal size (all images of a pair alike).
+        affine_std: standard deviation of the random affine warp added to the identity, independently
+            for each image (0: none; the reference uses 0.05).
+        invert_ct: probability of replacing a normalised CT image by ``1 - CT`` (multiGradICON).
+    """
+
+    flips: bool = _opt(True)
+    permutations: bool = _opt(False)
+    affine_std: float = _opt(0.05, minimum=0.0, maximum=0.5)
+    invert_ct: float = _opt(0.0, minimum=0.0, maximum=1.0)
+
+    def check(self, where: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """The training loss.
+
+    Attributes:
+        kind: ``gradicon`` (uniGradICON / multiGradICON: ``sim(A o phi_AB, B) + sim(B o phi_BA, A) +
+            lambda GradICON``) or ``m2m`` (M2M-Reg: mono-modal cycle similarity through a bridge pair,
+            ``lambda`` GradICON on the source pair, ``lambda_gcc`` GradCyCon).
+        similarity: ``lncc``, ``lncc2`` (squared LNCC, multiGradICON) or ``mind``.
+        lmbda: YAML key ``lambda``; GradICON weight, default 1.5 (``gradicon``) or 0.5 (``m2m``).
+        loss_randomisation: multiGradICON variant: ``B`` (similarity on the network's inputs), ``F``
+            (on a random co-registered image of each, both of one modality), ``R`` (fully random).
+        dice_weight: weight of a soft Dice term on segmentations (0: none).
+        lambda_gcc: GradCyCon weight (``m2m``).
+        prealigned_bridges: probability that the bridge pair of an ``m2m`` cycle is a pre-aligned pair
+            (two co-registered images of one ``group``), whose map is then the identity.
+    """
+
+    kind: str = _opt("gradicon", choices=OBJECTIVES)
+    similarity: str = _opt("lncc", choices=SIMILARITIES)
+    lmbda: Optional[float] = _opt(None, key="lambda", minimum=0.0)
+    loss_randomisation: str = _opt("B", choices=RANDOMISATIONS)
+    dice_weight: float = _opt(0.0, minimum=0.0)
+    lambda_gcc: float = _opt(0.1, minimum=0.0)
+    prealigned_bridges: float = _opt(0.0, minimum=0.0, maximum=1.0)
+
+    @property
+    def regularizer_weight(self) -> float:
+        """``lambda``, or the paper's default for the objective."""
+        return DEFAULT_LAMBDA[self.kind] if self.lmbda is None else float(self.lmbda)
+
+    def check(self, where: str) -> None:
+        if self.kind != "m2m":
+            for key, default in (("lambda_gcc", 0.1), ("prealigned_bridges", 0.0)):
+                if key in getattr(self, "keys_given", ()) and getattr(self, key) != default:
+                    raise ConfigError(f"{where}.{key}: only used with kind: m2m (kind is {self.kind!r})")
+        elif self.loss_randomisation != "B":
+            raise ConfigError(f"{where}.loss_randomisation: {self.loss_randomisation!r} is for kind: gradicon; "
+                              "M2M-Reg compares mono-modal images along its cycle (use B)")
+
+
+@dataclass(frozen=True)
+class StageLength:
+    """Length of one training stage: ``steps`` (optimiser steps) or ``epochs`` (of the sampler)."""
+
+    steps: Optional[int] = _opt(None, minimum=1)
+    epochs: Optional[float] = _opt(None, above=0.0)
+
+    def check(self, where: str) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise ConfigError(f"{where}: give exactly one of 'steps' or 'epochs'")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Training stages.
+
+    Attributes:
+        stage1: from scratch: train the ``levels`` UNets of Stage 1.
+        stage2: from scratch: add the refinement UNet(s) and train everything jointly (GradICON's Stage 2).
+        finetune: finetuning a model (``model``): train all of it.
+    """
+
+    stage1: Optional[StageLength] = _opt(None)
+    stage2: Optional[StageLength] = _opt(None)
+    finetune: Optional[StageLength] = _opt(None)
+
+    def check(self, where: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Adam settings (the papers: lr 5e-5)."""
+
+    lr: float = _opt(5e-5, above=0.0)
+    betas: Tuple[float, float] = _opt((0.9, 0.999))
+    weight_decay: float = _opt(0.0, minimum=0.0)
+
+    def check(self, where: str) -> None:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"{where}.betas: {list(self.betas)} must both be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoints: written every ``every`` steps (and at the end of each stage); ``keep`` most recent kept."""
+
+    every: int = _opt(1000, minimum=1)
+    keep: int = _opt(3, minimum=1)
+
+    def check(self, where: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Data loading.
+
+    Attributes:
+        workers: DataLoader worker processes (0: load in the training process).
+        cache_dir: folder for a disk cache of preprocessed volumes, keyed by file, preprocessing and
+            network layout (relative to the YAML file's folder; none by default).
+        memory_cache: preprocessed volumes each process keeps in memory.
+        prefetch: batches each worker prepares ahead.
+    """
+
+    workers: int = _opt(2, minimum=0)
+    cache_dir: Optional[str] = _opt(None)
+    memory_cache: int = _opt(8, minimum=0)
+    prefetch: int = _opt(2, minimum=1)
+
+    def check(self, where: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A whole ``gradicon train`` run (the YAML file's top level).
+
+    Attributes:
+        name: name of the trained model (default: the output folder's name).
+        model: finetune this model (a published name or a model/weight file); omit to train from scratch.
+        architecture: the network to train from scratch.
+        modalities: extra modality names and their normalisation (``ct`` or ``mri``).
+        datasets: the composite training set.
+        batch_size: pairs per optimiser step and process.
+        seed: seed of every random choice (pairs, augmentation, GradICON sample points).
+        log_every: steps between progress lines (the JSONL log has every step).
+        base_dir: folder relative paths are resolved against (the YAML file's folder; not a YAML key).
+    """
+
+    datasets: List[DatasetConfig] = _opt(None)
+    name: Optional[str] = _opt(None)
+    model: Optional[str] = _opt(None)
+    architecture: Optional[ArchitectureConfig] = _opt(None)
+    modalities: Dict[str, str] = _opt_factory(dict)
+    sampling: SamplingConfig = _opt_factory(SamplingConfig)
+    preprocessing: PreprocessingConfig = _opt_factory(PreprocessingConfig)
+    augmentation: AugmentationConfig = _opt_factory(AugmentationConfig)
+    objective: ObjectiveConfig = _opt_factory(ObjectiveConfig)
+    schedule: ScheduleConfig = _opt_factory(ScheduleConfig)
+    optimizer: OptimizerConfig = _opt_factory(OptimizerConfig)
+    checkpoint: CheckpointConfig = _opt_factory(CheckpointConfig)
+    loader: LoaderConfig = _opt_factory(LoaderConfig)
+    batch_size: int = _opt(4, minimum=1)
+    seed: int = _opt(0, minimum=0)
+    log_every: int = _opt(10, minimum=1)
+    base_dir: Path = _opt(Path("."), internal=True)
+
+    def check(self, where: str = "") -> None:
+        prefix = f"{where}." if where else ""
+        if not self.datasets:
+            raise ConfigError(f"{prefix}datasets: give at least one data set")
+        names = [d.name for d in self.datasets]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ConfigError(f"{prefix}datasets: data set names must be unique; repeated: {', '.join(duplicated)}")
+        if all(d.weight == 0 for d in self.datasets):
+            raise ConfigError(f"{prefix}datasets: every data set has weight 0, so no pair can be drawn; "
+                              "give at least one data set a weight > 0")
+        for name, normalization in self.modalities.items():
+            if normalization not in NORMALIZATIONS:
+                raise ConfigError(f"{prefix}modalities.{name}: unknown normalisation {normalization!r}; "
+                                  f"allowed: {', '.join(NORMALIZATIONS)}")
+            if name in ("ct", "mri"):
+                raise ConfigError(f"{prefix}modalities.{name}: 'ct' and 'mri' cannot be redefined")
+            if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+                raise ConfigError(f"{prefix}modalities: {name!r} is not a usable modality name "
+                                  "(letters, digits, _ . + - only)")
+        for i, d in enumerate(self.datasets):
+            if d.modality is not None:
+                self.normalization_of(d.modality, f"{prefix}datasets[{i}].modality")
+        self._check_schedule(prefix)
+
+    def _check_schedule(self, prefix: str) -> None:
+        s = self.schedule
+        if self.model is not None and self.architecture is not None:
+            raise ConfigError(f"{prefix}architecture: a finetuned model keeps the architecture of 'model' "
+                              f"({self.model!r}); remove 'architecture' or 'model'")
+        if self.model is None and self.architecture is None:
+            raise ConfigError(f"{prefix}model: give 'model' (NAME|FILE, or --model) to finetune, or "
+                              "'architecture' to train from scratch")
+        if self.model is not None:
+            if s.finetune is None:
+                raise ConfigError(f"{prefix}schedule.finetune: finetuning {self.model!r} needs "
+                                  "'finetune: {steps: N}' (or epochs)")
+            if s.stage1 is not None or s.stage2 is not None:
+                raise ConfigError(f"{prefix}schedule: stage1/stage2 are for training from scratch; "
+                                  "a finetuning run has only 'finetune'")
+            return
+        refinement = self.architecture.refinement_steps
+        if s.finetune is not None:
+            raise ConfigError(f"{prefix}schedule.finetune: only for finetuning a 'model'; training from "
+                              "scratch uses stage1 (and stage2)")
+        if s.stage1 is None:
+            raise ConfigError(f"{prefix}schedule.stage1: training from scratch needs 'stage1: {{steps: N}}'")
+        if refinement > 0 and s.stage2 is None:
+            raise ConfigError(f"{prefix}schedule.stage2: architecture.refinement_steps is {refinement}, so "
+                              "Stage 2 (which trains the refinement step) needs 'stage2: {steps: N}'")
+        if refinement == 0 and s.stage2 is not None:
+            raise ConfigError(f"{prefix}schedule.stage2: architecture.refinement_steps is 0, so there is no "
+                              "Stage 2; remove it or set refinement_steps: 1")
+
+    @property
+    def all_modalities(self) -> Dict[str, str]:
+        """Every usable modality name and its normalisation."""
+        return {**BUILTIN_MODALITIES, **self.modalities}
+
+    def normalization_of(self, modality: str, where: str) -> str:
+        """``ct`` or ``mri`` for a modality name; :class:`ConfigError` naming ``where`` otherwise."""
+        known = self.all_modalities
+        if modality not in known:
+            hint = _suggest(modality, known)
+            raise ConfigError(f"{where}: unknown modality {modality!r}{hint}; allowed: "
+                              f"{', '.join(sorted(known))} (declare others under 'modalities')")
+        return known[modality]
+
+    def resolve(self, value: str) -> Path:
+        """A path from the YAML file, resolved against :attr:`base_dir`."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain data (YAML keys, lists, no paths): what the model's provenance and checkpoints record."""
+        return _to_plain(self)
+
+
+# ------------------------------------------------------------------------------------------------
+# parsing
+# ------------------------------------------------------------------------------------------------
+
+def _suggest(word: str, candidates) -> str:
+    match = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _check_window(window, where: str) -> None:
+    if window is not None and not window[0] < window[1]:
+        raise ConfigError(f"{where}: {list(window)} must be [min, max] with min < max")
+
+
+def _check_quantiles(quantiles, where: str) -> None:
+    if quantiles is not None and not 0.0 <= quantiles[0] < quantiles[1] <= 1.0:
+        raise ConfigError(f"{where}: {list(quantiles)} must be [lower, upper] with 0 <= lower < upper <= 1")
+
+
+def _yaml_key(f: dataclasses.Field) -> str:
+    return f.metadata.get("key") or f.name
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _convert(value: Any, hint: Any, where: str, meta: Mapping[str, Any]) -> Any:
+    """Check ``value`` against the type ``hint`` (and the field's metadata); return it converted."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union and type(None) in args:
+        if value is None:
+            return None
+        inner = next(a for a in args if a is not type(None))
+        return _convert(value, inner, where, meta)
+    if value is None:
+        raise ConfigError(f"{where}: a value is required (got nothing)")
+    if dataclasses.is_dataclass(hint):
+        return parse_section(hint, value, where)
+    if origin in (list, List):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {_describe(value)}")
+        return [_convert(v, args[0], f"{where}[{i}]", meta) for i, v in enumerate(value)]
+    if origin in (tuple, Tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {_describe(value)}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            items = [_convert(v, args[0], f"{where}[{i}]", {}) for i, v in enumerate(value)]
+            if not items:
+                raise ConfigError(f"{where}: expected a non-empty list")
+        else:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected a list of {len(args)} values, got {_describe(value)}")
+            items = [_convert(v, a, f"{where}[{i}]", {}) for i, (v, a) in enumerate(zip(value, args))]
+        return tuple(items)
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {_describe(value)}")
+        return {str(k): _convert(v, args[1], f"{where}.{k}", {}) for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {_describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise ConfigError(f"{where}: expected a whole number, got {_describe(value)}")
+        return _check_bounds(value, where, meta)
+    if hint is float:
+        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+            value = float(value)  # PyYAML reads '5e-5' (no dot) as text
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {_describe(value)}")
+        return _check_bounds(float(value), where, meta)
+    if hint is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where}: expected text, got {_describe(value)}")
+        value = str(value)
+        choices = meta.get("choices")
+        if choices:
+            if value not in choices:
+                folded = {str(c).lower(): c for c in choices}
+                if value.lower() in folded:
+                    return folded[value.lower()]
+                raise ConfigError(f"{where}: unknown value {value!r}{_suggest(value, choices)}; allowed: "
+                                  f"{', '.join(map(str, choices))}")
+        return value
+    raise TypeError(f"unsupported configuration type {hint!r} at {where}")  # a bug, not a user error
+
+
+def _check_bounds(value, where: str, meta: Mapping[str, Any]):
+    choices, low, high, above = meta.get("choices"), meta.get("min"), meta.get("max"), meta.get("above")
+    if choices and value not in choices:
+        raise ConfigError(f"{where}: {value!r} is not allowed; allowed: {', '.join(map(str, choices))}")
+    if low is not None and value < low:
+        raise ConfigError(f"{where}: {value!r} is too small; it must be >= {low:g}")
+    if above is not None and not value > above:
+        raise ConfigError(f"{where}: {value!r} must be > {above:g}")
+    if high is not None and value > high:
+        raise ConfigError(f"{where}: {value!r} is too large; it must be <= {high:g}")
+    return value
+
+
+def parse_section(cls, raw: Any, where: str):
+    """Build dataclass ``cls`` from the mapping ``raw``; every problem is a :class:`ConfigError`.
+
+    Args:
+        cls: one of the section dataclasses of this module.
+        raw: what ``yaml.safe_load`` produced for the section (``None`` means empty).
+        where: the key path used in error messages (``""`` for the top level).
+
+    Returns:
+        The instance, after its ``check(where)``; it remembers which keys were given in ``keys_given``.
+    """
+    label = where or "the configuration"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{label}: expected a mapping of keys to values, got {_describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    by_key = {_yaml_key(f): f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    prefix = f"{where}." if where else ""
+    for key in raw:
+        if key not in by_key:
+            raise ConfigError(f"{prefix}{key}: unknown key{_suggest(key, by_key)}; allowed keys"
+                              f"{' in ' + where if where else ''}: {', '.join(by_key)}")
+    values = {}
+    for key, f in by_key.items():
+        if key in raw:
+            values[f.name] = _convert(raw[key], hints[f.name], f"{prefix}{key}", f.metadata)
+        elif f.default is None and f.default_factory is dataclasses.MISSING and _required(cls, f):
+            raise ConfigError(f"{prefix}{key}: required key is missing")
+    instance = cls(**values)
+    object.__setattr__(instance, "keys_given", frozenset(raw))
+    instance.check(where)
+    return instance
+
+
+def _required(cls, f: dataclasses.Field) -> bool:
+    return (cls, f.name) in _REQUIRED
+
+
+_REQUIRED = {(DatasetConfig, "name"), (DatasetConfig, "images"), (TrainConfig, "datasets")}
+
+
+def load_config(path, *, model: Optional[str] = None) -> TrainConfig:
+    """Read and check a training configuration file.
+
+    Args:
+        path: the YAML file.
+        model: ``--model`` from the command line; replaces the file's ``model`` (and, for a run
+            that would otherwise train from scratch, its ``architecture`` and ``schedule.stage*``
+            must then be absent).
+
+    Returns:
+        The checked :class:`TrainConfig` with ``base_dir`` set to the file's folder.
+
+    Raises:
+        ConfigError: the file cannot be read, is not YAML, or any key is wrong.
+    """
+    import yaml
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"configuration file '{path}' does not exist" if not path.exists()
+                          else f"configuration '{path}' is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"configuration file '{path}' cannot be read: {err}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"configuration file '{path}' is not valid YAML{at}: {problem}") from None
+    return config_from_mapping(raw, base_dir=path.resolve().parent, model=model)
+
+
+def config_from_mapping(raw: Any, *, base_dir: Path, model: Optional[str] = None) -> TrainConfig:
+    """Build a :class:`TrainConfig` from already-loaded YAML data (see :func:`load_config`)."""
+    if raw is None:
+        raise ConfigError("the configuration is empty; it needs at least 'datasets' and 'model' or "
+                          "'architecture'")
+    if isinstance(raw, Mapping) and model is not None:
+        raw = {**raw, "model": str(model)}
+    cfg = parse_section(TrainConfig, raw, "")
+    object.__setattr__(cfg, "base_dir", Path(base_dir))
+    return cfg
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        out = {}
+        for f in dataclasses.fields(value):
+            if f.metadata.get("internal"):
+                continue
+            out[_yaml_key(f)] = _to_plain(getattr(value, f.name))
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _to_plain(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+#: Sections that may change between a run and its ``--resume`` (they do not change what is learned
+#: before the stopping point).
+RESUMABLE_CHANGES: FrozenSet[str] = frozenset({"schedule", "checkpoint", "loader", "log_every", "name"})
+
+
+def differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> List[str]:
+    """Key paths whose values differ between two :meth:`TrainConfig.to_dict` results."""
+    out: List[str] = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        path = f"{prefix}{key}"
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out.extend(differences(a, b, path + "."))
+        elif a != b:
+            out.append(path)
+    return out

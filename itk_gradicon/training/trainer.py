@@ -1,0 +1,715 @@
+"""The training loop: stages, checkpoints, exact resumption, distributed data parallelism.
+
+:func:`prepare_run` does every check that does not need the network to run (configuration, data
+sets, parent model, output folder, device) and :class:`Trainer` trains:
+
+* **Stages.** From scratch, Stage 1 trains the ``levels`` UNets; Stage 2 wraps them with the
+  refinement step(s) (``TS{Stage1, Psi}``, zero-initialised, so training starts from Stage 1's maps)
+  and trains everything with a fresh Adam (GradICON's protocol). Finetuning has one stage that
+  trains all of the parent model.
+* **Checkpoints** (``OUTPUT/checkpoints/step_NNNNNNN.pt``, written atomically every
+  ``checkpoint.every`` steps, at the end of every stage and when stopped) hold the network, the
+  optimiser, the step, and the Python, NumPy and torch random states. Pairs, augmentations and
+  GradICON sample points are functions of ``(seed, step)`` (see :mod:`.data`), so a run killed at
+  any point and resumed with ``--resume`` from its last checkpoint produces bit-identical weights to
+  an uninterrupted run (on the CPU; CUDA kernels such as ``grid_sample``'s backward are not
+  deterministic).
+* **Logs.** Every step's loss terms go to ``OUTPUT/log.jsonl`` (one JSON object per line); a
+  progress callback receives step, losses, pairs/s and ETA.
+* **Several GPUs or machines** through ``torch.distributed``: started by ``torchrun``, every process
+  trains a :class:`~torch.nn.parallel.DistributedDataParallel` copy on its own share of the pair
+  stream (:class:`.data.StepBatchSampler`); rank 0 writes the outputs.
+* **Output.** ``OUTPUT/final.pt`` (and ``stage1.pt`` before a Stage 2) is a model file written by
+  :func:`itk_gradicon.models.save_model_file`, usable at once with ``gradicon register --model``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import __version__
+from ..errors import ConfigError, GradiconError, InputError
+from ..losses import gradicon_sample_points
+from ..models import Model, load_model, save_model_file
+from ..network import Architecture, build_network
+from ..preprocess import DEFAULT_CT_WINDOW
+from .config import RESUMABLE_CHANGES, TrainConfig, differences
+from .data import (CompositeSet, PairDataset, StepBatchSampler, VolumeLoader, check_composite, derived_seed,
+                   scan_member, seed_worker)
+from .objectives import build_objective
+
+CHECKPOINT_FORMAT = "itk_gradicon.checkpoint"
+CHECKPOINT_VERSION = 1
+_PURPOSE_POINTS, _PURPOSE_LOADER, _PURPOSE_INIT = 3, 4, 5
+
+
+class TrainingError(GradiconError):
+    """Training cannot go on (the loss became non-finite, a checkpoint is unusable, ...)."""
+
+
+class TrainingStopped(GradiconError):
+    """Training was stopped on request (signal); a checkpoint was written."""
+
+    exit_code = 130
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a distributed run (``torchrun`` sets the environment)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_env(cls) -> "DistInfo":
+        """Read ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (absent: a single process)."""
+        try:
+            return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                       int(os.environ.get("LOCAL_RANK", 0)))
+        except ValueError as err:
+            raise InputError(f"malformed torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK): {err}") from None
+
+
+def init_distributed(device_name: str) -> Tuple[DistInfo, torch.device]:
+    """Join the process group when started by ``torchrun``; returns this process's place and device.
+
+    The backend is NCCL for GPUs and gloo for CPUs; with ``--device auto|cuda`` each process uses
+    the GPU ``cuda:LOCAL_RANK``.
+    """
+    import torch.distributed as dist
+
+    from ..registration import resolve_device
+
+    info = DistInfo.from_env()
+    device = resolve_device(device_name)
+    if device.type == "cuda" and info.distributed:
+        device = torch.device(f"cuda:{info.local_rank}")
+        torch.cuda.set_device(device)
+    if info.distributed and not dist.is_initialized():
+        if not dist.is_available():
+            raise InputError("this PyTorch has no torch.distributed; run one process")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return info, device
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: its network, length and first global step."""
+
+    name: str
+    architecture: Architecture
+    steps: int
+    start: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+
+@dataclass
+class TrainingRun:
+    """Everything :class:`Trainer` needs, checked by :func:`prepare_run`.
+
+    Attributes:
+        config: the configuration.
+        composite: the checked composite training set.
+        architecture: the final network's architecture.
+        parent: the finetuned model (``None`` from scratch).
+        stages: the stages in order.
+        preprocessing: ``ct_window`` and ``quantile_range`` recorded in the model file.
+        notes: things the user should know (printed before training).
+        output: the output folder.
+        device: where this process trains.
+        dist: this process's place in a distributed run.
+        checkpoint: the checkpoint to resume from (``None``: fresh start).
+    """
+
+    config: TrainConfig
+    composite: CompositeSet
+    architecture: Architecture
+    parent: Optional[Model]
+    stages: List[Stage]
+    preprocessing: Dict[str, Any]
+    notes: List[str]
+    output: Path
+    device: torch.device
+    dist: DistInfo = field(default_factory=DistInfo)
+    checkpoint: Optional[Path] = None
+
+    @property
+    def total_steps(self) -> int:
+        return self.stages[-1].end
+
+    @property
+    def pairs_per_step(self) -> int:
+        return self.config.batch_size * self.dist.world_size
+
+    def describe(self) -> List[str]:
+        """A plan for the terminal: data sets, stages, network, output."""
+        lines = [f"training set: {len(self.composite.members)} data set(s), "
+                 f"{self.composite.pairs_per_epoch} pairs per epoch ({self.config.sampling.mode} sampling)"]
+        lines += [f"  {line}" for line in self.composite.describe()]
+        arch = self.architecture
+        origin = f"finetuning {self.parent.name} ({self.parent.source})" if self.parent else "from scratch"
+        lines.append(f"network: {origin}, {arch.dimension}-D, input {'x'.join(map(str, arch.input_shape))}, "
+                     f"{arch.num_steps} UNets")
+        obj = self.config.objective
+        lines.append(f"objective: {obj.kind}, {obj.similarity}, lambda {obj.regularizer_weight:g}"
+                     + (f", loss randomisation {obj.loss_randomisation}" if obj.kind == "gradicon" else
+                        f", lambda_gcc {obj.lambda_gcc:g}, pre-aligned bridges {obj.prealigned_bridges:g}")
+                     + (f", Dice {obj.dice_weight:g}" if obj.dice_weight else ""))
+        for s in self.stages:
+            lines.append(f"{s.name}: {s.steps} steps of {self.pairs_per_step} pairs "
+                         f"({s.steps * self.pairs_per_step / self.composite.pairs_per_epoch:.2f} epochs)")
+        lines.append(f"device: {self.device}" + (f", {self.dist.world_size} processes" if self.dist.distributed else ""))
+        return lines + [f"note: {n}" for n in self.notes]
+
+
+def resolve_preprocessing(config: TrainConfig, parent: Optional[Model]) -> Dict[str, Any]:
+    """``ct_window`` and ``quantile_range``: the configuration's, else the parent model's, else defaults."""
+    given = getattr(config.preprocessing, "keys_given", frozenset())
+    inherited = dict(parent.preprocessing) if parent is not None else {}
+    if "ct_window" in given and config.preprocessing.ct_window is not None:
+        window = tuple(config.preprocessing.ct_window)
+    else:
+        window = tuple(inherited.get("ct_window") or DEFAULT_CT_WINDOW)
+    if "quantile_range" in given:
+        quantiles = config.preprocessing.quantile_range
+    else:
+        quantiles = inherited.get("quantile_range")
+    return {"ct_window": [float(v) for v in window],
+            "quantile_range": None if quantiles is None else [float(v) for v in quantiles]}
+
+
+def prepare_run(config: TrainConfig, output, *, device: torch.device, resume: bool = False,
+                dist: DistInfo = DistInfo(), check_output: bool = True) -> TrainingRun:
+    """Check everything before training: parent model, data sets, schedule, output folder, resume.
+
+    Args:
+        config: a checked configuration (:func:`.config.load_config`).
+        output: the output folder (created by :meth:`Trainer.train` if missing).
+        device: the device of this process.
+        resume: continue the run in ``output`` from its last checkpoint.
+        dist: this process's place in a distributed run.
+        check_output: check the output folder (``False`` for a dry run without one).
+
+    Raises:
+        ConfigError, InputError, ModelError: a problem the user can fix, named in one line.
+    """
+    parent = load_model(config.model) if config.model is not None else None
+    if parent is not None:
+        architecture = parent.architecture
+    else:
+        architecture = config.architecture.to_architecture()
+    preprocessing = resolve_preprocessing(config, parent)
+    members = [scan_member(i, d, config, dimension=architecture.dimension,
+                           ct_window=tuple(preprocessing["ct_window"]),
+                           quantile_range=None if preprocessing["quantile_range"] is None
+                           else tuple(preprocessing["quantile_range"]))
+               for i, d in enumerate(config.datasets)]
+    composite = CompositeSet(members, config)
+    notes = check_composite(composite, config)
+    if config.augmentation.permutations and len(set(architecture.input_shape)) == len(architecture.input_shape):
+        notes.append("augmentation.permutations: no two network axes have the same size, so none is permuted")
+    global_batch = config.batch_size * dist.world_size
+
+    def length(spec, name) -> int:
+        if spec.steps is not None:
+            return int(spec.steps)
+        return composite.epochs_to_steps(spec.epochs, global_batch)
+
+    schedule = config.schedule
+    stages: List[Stage] = []
+    if parent is not None:
+        stages.append(Stage("finetune", architecture, length(schedule.finetune, "finetune"), 0))
+    else:
+        first = replace(architecture, refinement_steps=0)
+        stages.append(Stage("stage1", first, length(schedule.stage1, "stage1"), 0))
+        if architecture.refinement_steps > 0:
+            stages.append(Stage("stage2", architecture, length(schedule.stage2, "stage2"), stages[0].end))
+    output = Path(output).expanduser().absolute()
+    run = TrainingRun(config, composite, architecture, parent, stages, preprocessing, notes, output, device, dist)
+    if check_output:
+        _check_output(run, resume)
+    return run
+
+
+def _check_output(run: TrainingRun, resume: bool) -> None:
+    output = run.output
+    if output.exists() and not output.is_dir():
+        raise InputError(f"--output '{output}' exists and is not a folder")
+    if not output.exists():
+        if not output.parent.is_dir():
+            raise InputError(f"--output: folder '{output.parent}' does not exist")
+        if not os.access(output.parent, os.W_OK | os.X_OK):
+            raise InputError(f"--output: folder '{output.parent}' is not writable")
+    elif not os.access(output, os.W_OK | os.X_OK):
+        raise InputError(f"--output: folder '{output}' is not writable")
+    checkpoints = list_checkpoints(output)
+    if not resume:
+        if checkpoints or (output / "final.pt").exists() or (output / "log.jsonl").exists():
+            raise InputError(f"--output '{output}' already holds a training run; pass --resume to continue it, "
+                             "or choose another folder")
+        return
+    if not checkpoints:
+        raise InputError(f"--resume: '{output}' holds no checkpoint (checkpoints/step_*.pt) to continue from")
+    run.checkpoint = checkpoints[-1]
+
+
+def list_checkpoints(output: Path) -> List[Path]:
+    """Checkpoint files of a run, oldest first."""
+    folder = Path(output) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("step_*.pt") if p.is_file())
+
+
+# ------------------------------------------------------------------------------------------------
+# random states
+# ------------------------------------------------------------------------------------------------
+
+def capture_rng_state() -> Dict[str, Any]:
+    """Python, NumPy and torch (CPU and CUDA) global random states, as tensors and plain data."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: Dict[str, Any] = {
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_torch_save(content: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(content, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> Dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``; :class:`TrainingError` if it is unusable."""
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for truncated or foreign files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainingError(f"checkpoint '{path}' cannot be read: {first}") from None
+    if not isinstance(content, dict) or content.get("format") != CHECKPOINT_FORMAT:
+        raise TrainingError(f"'{path}' is not a gradicon training checkpoint")
+    if content.get("version") != CHECKPOINT_VERSION:
+        raise TrainingError(f"checkpoint '{path}' has version {content.get('version')!r}; this version of "
+                            f"itk_gradicon reads version {CHECKPOINT_VERSION}")
+    return content
+
+
+# ------------------------------------------------------------------------------------------------
+# the trainer
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class StepReport:
+    """What the progress callback receives after every step."""
+
+    stage: str
+    stage_step: int
+    stage_steps: int
+    step: int
+    total_steps: int
+    losses: Dict[str, float]
+    pairs_per_s: float
+    eta_s: float
+    elapsed_s: float
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :meth:`Trainer.train`."""
+
+    final_model: Optional[Path]
+    steps: int
+    stopped: bool
+    last_checkpoint: Optional[Path]
+
+
+def grow_network(stage1: nn.Module, architecture: Architecture, seed: int) -> nn.Module:
+    """Stage 2's network: ``architecture`` with Stage 1's weights inside and new refinement steps.
+
+    ``build_network`` nests ``TS{..., Psi}`` once per refinement step, so Stage 1 is the module
+    reached through ``netPhi`` that many times. New steps are zero-initialised at their last layer
+    (the identity), their other layers drawn from a generator seeded by ``seed``.
+    """
+    torch.manual_seed(derived_seed(seed, _PURPOSE_INIT, 2))
+    network = build_network(architecture)
+    inner = network
+    for _ in range(architecture.refinement_steps):
+        inner = inner.netPhi
+    inner.load_state_dict(stage1.state_dict(), strict=True)
+    return network
+
+
+class Trainer:
+    """Trains a :class:`TrainingRun`.
+
+    Args:
+        run: the checked run (:func:`prepare_run`).
+        log: receives messages (start, checkpoints, stage ends).
+        progress: receives a :class:`StepReport` after every step.
+
+    Example:
+        >>> cfg = load_config("run.yaml")                                      # doctest: +SKIP
+        >>> run = prepare_run(cfg, "runs/a", device=torch.device("cpu"))
+        >>> Trainer(run).train().final_model
+        PosixPath('runs/a/final.pt')
+    """
+
+    def __init__(self, run: TrainingRun, *, log: Callable[[str], None] = lambda message: None,
+                 progress: Optional[Callable[[StepReport], None]] = None) -> None:
+        self.run = run
+        self.log = log
+        self.progress = progress
+        self._stop_requested = False
+        self._durations: deque = deque(maxlen=25)
+        self._last_checkpoint: Optional[Path] = None
+
+    # ---- outputs --------------------------------------------------------------------------------
+    @property
+    def output(self) -> Path:
+        return self.run.output
+
+    @property
+    def log_path(self) -> Path:
+        return self.output / "log.jsonl"
+
+    def _start_outputs(self, resume_step: Optional[int]) -> None:
+        if not self.run.dist.is_main:
+            return
+        import yaml
+
+        self.output.mkdir(exist_ok=True)
+        (self.output / "checkpoints").mkdir(exist_ok=True)
+        text = yaml.safe_dump(self.run.config.to_dict(), sort_keys=False)
+        _atomic_write_text(self.output / "config.yaml", text)
+        if resume_step is not None and self.log_path.exists():
+            kept = []
+            for line in self.log_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by the kill
+            _atomic_write_text(self.log_path, "".join(f"{line}\n" for line in kept))
+
+    def _write_log(self, record: Dict[str, Any]) -> None:
+        if self.run.dist.is_main:
+            with open(self.log_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def _save_checkpoint(self, stage_index: int, step: int, network: nn.Module,
+                         optimizer: torch.optim.Optimizer) -> Optional[Path]:
+        if not self.run.dist.is_main:
+            return None
+        parent = self.run.parent
+        content = {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": int(step),
+            "stage": int(stage_index), "stage_name": self.run.stages[stage_index].name,
+            "config": self.run.config.to_dict(), "world_size": self.run.dist.world_size,
+            "architecture": self.run.stages[stage_index].architecture.to_dict(),
+            "parent_sha256": parent.sha256 if parent is not None else None,
+            "network": {k: v.detach().cpu().clone() for k, v in network.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "rng": capture_rng_state(),
+        }
+        path = self.output / "checkpoints" / f"step_{step:09d}.pt"
+        _atomic_torch_save(content, path)
+        for old in list_checkpoints(self.output)[:-self.run.config.checkpoint.keep]:
+            old.unlink(missing_ok=True)
+        self._last_checkpoint = path
+        return path
+
+    def _save_model(self, path: Path, network: nn.Module, architecture: Architecture, steps_done: int) -> Path:
+        run = self.run
+        parent = run.parent
+        provenance = {
+            "trained_by": f"itk_gradicon {__version__} (gradicon train)",
+            "config": run.config.to_dict(),
+            "datasets": run.composite.provenance(),
+            "stages": [{"name": s.name, "steps": s.steps} for s in run.stages if s.start < steps_done],
+            "steps": int(steps_done),
+            "pairs_per_step": run.pairs_per_step,
+            "world_size": run.dist.world_size,
+            "parent": None if parent is None else {"name": parent.name, "source": str(parent.source),
+                                                   "sha256": parent.sha256},
+            "torch": str(torch.__version__),
+        }
+        provenance = json.loads(json.dumps(provenance))  # plain data only: the file loads with weights_only
+        name = run.config.name or run.output.name
+        return save_model_file(path, network, architecture, name=name, preprocessing=run.preprocessing,
+                               provenance=provenance, similarity=run.config.objective.similarity)
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def _resume_state(self) -> Optional[Dict[str, Any]]:
+        path = self.run.checkpoint
+        if path is None:
+            return None
+        state = load_checkpoint(path)
+        run = self.run
+        changed = [k for k in differences(state["config"], run.config.to_dict())
+                   if k.split(".")[0].split("[")[0] not in RESUMABLE_CHANGES]
+        if changed:
+            raise ConfigError(f"--resume: the configuration differs from the one the run in '{run.output}' was "
+                              f"started with, at {', '.join(changed[:5])}; only "
+                              f"{', '.join(sorted(RESUMABLE_CHANGES))} may change")
+        if state["world_size"] != run.dist.world_size:
+            raise ConfigError(f"--resume: the run used {state['world_size']} process(es), this one "
+                              f"{run.dist.world_size}; resume with the same number (the pair stream depends on it)")
+        if run.parent is not None and state["parent_sha256"] != run.parent.sha256:
+            raise ConfigError(f"--resume: model {run.config.model!r} is not the file the run started from "
+                              "(sha256 differs)")
+        stage = int(state["stage"])
+        if stage >= len(run.stages) or run.stages[stage].architecture.to_dict() != state["architecture"]:
+            raise ConfigError(f"--resume: the checkpoint's stage {state.get('stage_name')!r} does not match the "
+                              "configured stages")
+        return state
+
+    def _loader(self, dataset: PairDataset, start: int, end: int) -> torch.utils.data.DataLoader:
+        cfg = self.run.config.loader
+        rank, world = self.run.dist.rank, self.run.dist.world_size
+        sampler = StepBatchSampler(start, end, self.run.config.batch_size, rank, world)
+        workers = int(cfg.workers)
+        return torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, num_workers=workers, worker_init_fn=seed_worker,
+            generator=torch.Generator().manual_seed(derived_seed(self.run.config.seed, _PURPOSE_LOADER, start, rank)),
+            pin_memory=self.run.device.type == "cuda", prefetch_factor=cfg.prefetch if workers > 0 else None)
+
+    def _install_signal_handlers(self) -> Dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+
+        def request_stop(signum, frame) -> None:
+            self._stop_requested = True
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, request_stop)
+        return previous
+
+    def train(self, *, stop_after: Optional[int] = None) -> TrainResult:
+        """Train (or continue) the run; returns where the model is.
+
+        Args:
+            stop_after: stop after this many steps of this call, with a checkpoint (continue later
+                with ``resume=True``); ``None`` trains to the end.
+
+        Raises:
+            TrainingStopped: SIGINT or SIGTERM arrived; a checkpoint of the last finished step was written.
+            TrainingError: the loss became non-finite, or the checkpoint cannot be used.
+        """
+        run = self.run
+        state = self._resume_state()
+        step = int(state["step"]) if state is not None else 0
+        self._start_outputs(step if state is not None else None)
+        if state is not None:
+            self.log(f"resuming from {run.checkpoint.name} (step {step} of {run.total_steps})")
+        previous_handlers = self._install_signal_handlers()
+        try:
+            return self._train(state, step, stop_after)
+        finally:
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+
+    def _train(self, state: Optional[Dict[str, Any]], step: int, stop_after: Optional[int]) -> TrainResult:
+        run, cfg = self.run, self.run.config
+        device = run.device
+        loader_cache = run.config.resolve(cfg.loader.cache_dir) if cfg.loader.cache_dir else None
+        dataset = PairDataset(run.composite, run.architecture.input_shape, cfg.augmentation,
+                              VolumeLoader(run.architecture.dimension, loader_cache, cfg.loader.memory_cache))
+        first_stage = int(state["stage"]) if state is not None else 0
+        if state is None:  # a fresh run: every global generator starts from the seed
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed % 2 ** 32)
+            torch.manual_seed(derived_seed(cfg.seed, _PURPOSE_INIT, 0))
+        network: Optional[nn.Module] = None
+        steps_this_call = 0
+        start_time = time.perf_counter()
+        for index in range(first_stage, len(run.stages)):
+            stage = run.stages[index]
+            optimizer_state = None
+            if state is not None and index == first_stage:
+                network = build_network(stage.architecture)
+                network.load_state_dict(state["network"], strict=True)
+                optimizer_state = state["optimizer"]
+            elif network is None and run.parent is not None:
+                network = build_network(stage.architecture)
+                network.load_state_dict(run.parent.network.state_dict(), strict=True)
+            elif network is None:
+                torch.manual_seed(derived_seed(cfg.seed, _PURPOSE_INIT, 1))
+                network = build_network(stage.architecture)
+            else:
+                network = grow_network(network, stage.architecture, cfg.seed)
+            network.to(device).train()
+            for p in network.parameters():
+                p.requires_grad_(True)
+            optimizer = torch.optim.Adam(network.parameters(), lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
+                                         weight_decay=cfg.optimizer.weight_decay)
+            if optimizer_state is not None:
+                optimizer.load_state_dict(optimizer_state)
+            if state is not None and index == first_stage:
+                restore_rng_state(state["rng"])
+            step = max(step, stage.start)
+            if step < stage.end:
+                self.log(f"{stage.name}: steps {step - stage.start + 1}..{stage.steps}")
+            objective = build_objective(cfg.objective.kind, network, similarity=cfg.objective.similarity,
+                                        lmbda=cfg.objective.regularizer_weight, dice_weight=cfg.objective.dice_weight,
+                                        lambda_gcc=cfg.objective.lambda_gcc).to(device)
+            model: nn.Module = objective
+            if run.dist.distributed:
+                from torch.nn.parallel import DistributedDataParallel
+
+                model = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+            end = stage.end if stop_after is None else min(stage.end, step + (stop_after - steps_this_call))
+            if step < end:
+                for batch in self._loader(dataset, step, end):
+                    terms = self._step(model, optimizer, batch, step)
+                    step += 1
+                    steps_this_call += 1
+                    self._report(stage, step, terms, start_time, steps_this_call)
+                    stop_now = self._agree(self._stop_requested)
+                    if step % cfg.checkpoint.every == 0 or step == stage.end or stop_now:
+                        self._save_checkpoint(index, step, network, optimizer)
+                    if stop_now:
+                        self._barrier()
+                        raise TrainingStopped(
+                            f"stopped at step {step} of {run.total_steps}; checkpoint "
+                            f"{self._last_checkpoint or run.output / 'checkpoints'}; continue with --resume")
+            if step < stage.end:  # stop_after reached inside this stage
+                self._save_checkpoint(index, step, network, optimizer)
+                self._barrier()
+                self.log(f"stopped after {steps_this_call} step(s) at step {step} of {run.total_steps}; "
+                         "continue with --resume")
+                return TrainResult(None, step, True, self._last_checkpoint)
+            if state is not None and index == first_stage and steps_this_call == 0 and self._last_checkpoint is None:
+                self._last_checkpoint = run.checkpoint
+            if index < len(run.stages) - 1 and run.dist.is_main:
+                path = self._save_model(run.output / f"{stage.name}.pt", network, stage.architecture, step)
+                self.log(f"{stage.name} finished at step {step}: {path}")
+        final = None
+        if run.dist.is_main:
+            network.eval()
+            final = self._save_model(run.output / "final.pt", network, run.stages[-1].architecture, step)
+            self.log(f"finished: {step} steps, model {final}")
+        self._barrier()
+        return TrainResult(final or run.output / "final.pt", step, False, self._last_checkpoint)
+
+    def _step(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Dict[str, Any],
+              step: int) -> Dict[str, float]:
+        run = self.run
+        device = run.device
+        batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        image = batch.get("image_B", batch.get("image_T"))
+        generator = torch.Generator().manual_seed(derived_seed(run.config.seed, _PURPOSE_POINTS, step, run.dist.rank))
+        points = gradicon_sample_points(image.shape[2:], like=image, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        terms = model(batch, points)
+        names = sorted(terms)
+        values = torch.stack([terms[k].detach().float().reshape(()) for k in names])
+        if run.dist.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(values)
+            values = values / run.dist.world_size
+        floats = dict(zip(names, values.tolist()))
+        if not all(np.isfinite(v) for v in floats.values()):
+            where = f"; the last checkpoint is {self._last_checkpoint}" if self._last_checkpoint else ""
+            raise TrainingError(f"the loss became non-finite at step {step + 1} ({floats}); try a smaller "
+                                f"optimizer.lr{where}")
+        terms["total"].backward()
+        optimizer.step()
+        return floats
+
+    def _report(self, stage: Stage, step: int, losses_: Dict[str, float], start_time: float, done: int) -> None:
+        now = time.perf_counter()
+        self._durations.append(now)
+        elapsed = now - start_time
+        if len(self._durations) >= 2:
+            per_step = (self._durations[-1] - self._durations[0]) / (len(self._durations) - 1)
+        else:
+            per_step = elapsed / max(done, 1)
+        pairs_per_s = self.run.pairs_per_step / per_step if per_step > 0 else float("inf")
+        eta = per_step * (self.run.total_steps - step)
+        record = {"step": step, "stage": stage.name, "stage_step": step - stage.start,
+                  "epoch": step * self.run.pairs_per_step / self.run.composite.pairs_per_epoch,
+                  "lr": self.run.config.optimizer.lr, **losses_, "pairs_per_s": round(pairs_per_s, 3),
+                  "elapsed_s": round(elapsed, 3)}
+        self._write_log(record)
+        if self.progress is not None:
+            self.progress(StepReport(stage.name, step - stage.start, stage.steps, step, self.run.total_steps,
+                                     losses_, pairs_per_s, eta, elapsed))
+
+    def _agree(self, flag: bool) -> bool:
+        """Whether any process has ``flag`` set (all processes must stop at the same step)."""
+        if not self.run.dist.distributed:
+            return flag
+        import torch.distributed as dist
+
+        value = torch.tensor([1.0 if flag else 0.0], device=self.run.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
+    def _barrier(self) -> None:
+        if self.run.dist.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
