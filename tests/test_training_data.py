@@ -349,6 +349,6 @@ def test_masks_zero_inputs_or_restrict_the_loss(folder, mask_mode):
     if mask_mode in ("loss", "both"):
         assert sample["has_mask"] and set(torch.unique(mask).tolist()) == {0.0, 1.0}
         if mask_mode == "both":  # masked before the linear resizing, as at registration: edges blur
-            assert image[mask == 0].abs().mean() < 0.1 * unmasked[mask == 0].abs().mean()
+            assert image[mask == 0].abs().mean() < 0.5 * unmasked[mask == 0].abs().mean()
     else:
         assert not sample["has_mask"] and torch.all(mask == 1)
