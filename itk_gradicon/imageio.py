@@ -1,6 +1,8 @@
 """Reading and validating images; writing every output atomically.
 
-Reading: :func:`read_image` returns an ``itk.Image`` of float32 pixels after checking everything a
+Reading: :func:`read_image_header` reads only a file's header (dimension, size, components), so that
+a wrong file or an image too large for the memory is refused before any pixel is read;
+:func:`read_image` returns an ``itk.Image`` of float32 pixels after checking everything a
 registration needs (the file exists and is an image, the dimension is the one asked for, one
 component per pixel, finite, not constant). Label maps and masks keep an integer pixel type.
 
@@ -17,8 +19,9 @@ import contextlib
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -31,6 +34,9 @@ IMAGE_SUFFIXES = (
     ".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".hdr", ".img", ".img.gz", ".vtk", ".tif",
     ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".gipl", ".gipl.gz",
 )
+#: Endings of formats that store 2-D and 3-D images of any scalar pixel type (float included): what
+#: a warped image or a label map can be written as.
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 #: File name endings that ITK's transform IO factories recognise.
 TRANSFORM_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt", ".mat", ".xfm")
 
@@ -70,9 +76,23 @@ def check_output_path(path: PathLike, *, what: str = "output",
     parent = path.parent
     if not parent.is_dir():
         raise InputError(f"{what}: folder '{parent}' does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{what}: folder '{parent}' is not writable")
+    _check_writable(parent, what)
     return path
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    """Refuse a folder where no file can be created.
+
+    ``os.access`` answers for the permission bits only (and says yes to root everywhere), so a file
+    is also created and removed: that catches read-only mounts and special file systems.
+    """
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{what}: folder '{folder}' is not writable")
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".gradicon-probe-"):
+            pass
+    except OSError as err:
+        raise InputError(f"{what}: folder '{folder}' is not writable ({err.strerror or err})") from None
 
 
 def check_output_dir(path: PathLike, *, what: str = "output folder", create: bool = True) -> Path:
@@ -83,11 +103,9 @@ def check_output_dir(path: PathLike, *, what: str = "output folder", create: boo
     if not path.exists():
         if not create or not path.parent.is_dir():
             raise InputError(f"{what}: folder '{path.parent if create else path}' does not exist")
-        if not os.access(path.parent, os.W_OK | os.X_OK):
-            raise InputError(f"{what}: folder '{path.parent}' is not writable")
+        _check_writable(path.parent, what)
         return path
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise InputError(f"{what}: folder '{path}' is not writable")
+    _check_writable(path, what)
     return path
 
 
@@ -167,8 +185,7 @@ def _itk():
     return itk
 
 
-def _read_itk(path: PathLike, what: str):
-    itk = _itk()
+def _check_readable_file(path: PathLike, what: str) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
         raise InputError(f"{what} '{path}' does not exist")
@@ -177,10 +194,177 @@ def _read_itk(path: PathLike, what: str):
     if not os.access(p, os.R_OK):
         raise InputError(f"{what} '{path}' is not readable (permission denied)")
     try:
-        return itk.imread(str(p))
+        with open(p, "rb") as fh:
+            fh.read(1)
+    except OSError as err:
+        raise InputError(f"{what} '{path}' is not readable ({err.strerror or err})") from None
+    return p
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file's header says, read without its pixels.
+
+    Attributes:
+        path: the file.
+        dimension: number of image axes.
+        size: voxels along each axis (ITK order).
+        components: values per voxel (1 for a scalar image).
+        component_type: ITK's name of the stored value type (``"float"``, ``"short"``, ...).
+    """
+
+    path: Path
+    dimension: int
+    size: Tuple[int, ...]
+    components: int
+    component_type: str
+
+    @property
+    def num_voxels(self) -> int:
+        return int(np.prod(self.size, dtype=np.int64))
+
+
+def read_image_header(path: PathLike, *, what: str = "image") -> ImageHeader:
+    """Read an image file's header only (fast, whatever the image's size).
+
+    Args:
+        path: any format ITK reads.
+        what: how the file is named in error messages (``"--fixed"``).
+
+    Returns:
+        An :class:`ImageHeader`.
+
+    Raises:
+        InputError: the file is missing, unreadable, or not an image ITK recognises.
+    """
+    itk = _itk()
+    p = _check_readable_file(path, what)
+    io = itk.ImageIOFactory.CreateImageIO(str(p), itk.CommonEnums.IOFileMode_ReadMode)
+    if io is None:
+        raise InputError(f"{what} '{path}' is not an image file ITK can read (no image reader recognises "
+                         f"its content; known endings include {', '.join(IMAGE_SUFFIXES[:6])})")
+    io.SetFileName(str(p))
+    try:
+        io.ReadImageInformation()
+    except (RuntimeError, OSError) as err:
+        raise InputError(f"{what} '{path}' could not be read as an image: {_short_itk_message(err)}") from err
+    dimension = int(io.GetNumberOfDimensions())
+    return ImageHeader(path=p, dimension=dimension,
+                       size=tuple(int(io.GetDimensions(i)) for i in range(dimension)),
+                       components=int(io.GetNumberOfComponents()),
+                       component_type=str(io.GetComponentTypeAsString(io.GetComponentType())))
+
+
+def check_header(header: ImageHeader, *, what: str, dimension: Optional[int] = None,
+                 needed_by: str = "") -> None:
+    """Refuse, from its header, an image that is not scalar or not of the wanted dimension.
+
+    Args:
+        header: from :func:`read_image_header`.
+        what: how the image is named in error messages.
+        dimension: the required dimension (``None``: 2 or 3).
+        needed_by: who requires that dimension, for the message (e.g. ``"the model 'tiny2d'"``).
+
+    Raises:
+        InputError: with a one-line reason.
+    """
+    if header.components != 1:
+        raise InputError(f"{what} '{header.path}' is a vector/multi-component image ({header.components} "
+                         "components per voxel); a scalar image is required")
+    allowed = (dimension,) if dimension is not None else (2, 3)
+    if header.dimension not in allowed:
+        who = f"{needed_by} registers" if needed_by else "this needs"
+        raise InputError(f"{what} '{header.path}' is a {header.dimension}-D image of size {header.size}; "
+                         f"{who} {' or '.join(f'{d}-D' for d in allowed)} images")
+
+
+def _read_itk(path: PathLike, what: str):
+    itk = _itk()
+    p = _check_readable_file(path, what)
+    try:
+        image = itk.imread(str(p))
     except (RuntimeError, OSError, KeyError, ValueError, TypeError) as err:
         reason = _short_itk_message(err)
         raise InputError(f"{what} '{path}' could not be read as an image: {reason}") from err
+    check_nifti_complete(p, what=what)
+    return image
+
+
+def _nifti_layout(head: bytes) -> Optional[Tuple[int, int]]:
+    """``(data offset, data bytes)`` from a NIfTI-1 or NIfTI-2 header, ``None`` if it is not one."""
+    import struct
+
+    for endian in ("<", ">"):
+        if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", head[40:56])
+            bitpix = struct.unpack(endian + "h", head[72:74])[0]
+            offset = int(struct.unpack(endian + "f", head[108:112])[0])
+            break
+        if len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540:
+            dims = struct.unpack(endian + "8q", head[16:80])
+            bitpix = struct.unpack(endian + "h", head[14:16])[0]
+            offset = int(struct.unpack(endian + "q", head[168:176])[0])
+            break
+    else:
+        return None
+    n = int(dims[0])
+    if not 1 <= n <= 7 or bitpix <= 0:
+        return None
+    voxels = int(np.prod([max(int(v), 1) for v in dims[1:n + 1]], dtype=np.int64))
+    return max(offset, 0), voxels * int(bitpix) // 8
+
+
+def check_nifti_complete(path: PathLike, *, what: str = "image") -> None:
+    """Refuse a NIfTI file (``.nii``, ``.nii.gz``) whose voxel data is cut short.
+
+    ITK reads such a file without complaint and fills the missing voxels with zeros (an interrupted
+    copy or download would be registered silently); other formats' readers fail on their own.
+
+    Args:
+        path: the file; other endings are not checked.
+        what: how the file is named in error messages.
+
+    Raises:
+        InputError: the file holds fewer bytes than its header announces, or its compressed
+            stream is damaged.
+    """
+    import gzip
+    import zlib
+
+    p = Path(path)
+    name = p.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    try:
+        with gzip.open(p, "rb") as fh:
+            head = fh.read(540)
+            layout = _nifti_layout(head)
+            if layout is None:
+                return
+            held = len(head)
+            while True:
+                block = fh.read(1 << 22)
+                if not block:
+                    break
+                held += len(block)
+    except gzip.BadGzipFile:  # not compressed (ITK reads plain files whatever their ending)
+        with open(p, "rb") as fh:
+            layout = _nifti_layout(fh.read(540))
+        if layout is None:
+            return
+        held = p.stat().st_size
+    except (EOFError, zlib.error) as err:
+        raise InputError(f"{what} '{path}' is damaged or truncated (its compressed data ends early: "
+                         f"{err})") from None
+    offset, data = layout
+    if held < offset + data:
+        raise InputError(f"{what} '{path}' is truncated: its header announces {offset + data} bytes, "
+                         f"the file holds {held}")
+
+
+def short_error_message(err: BaseException) -> str:
+    """The informative line of an ITK or OS error (ITK's messages span several lines)."""
+    return _short_itk_message(err)
 
 
 def _short_itk_message(err: BaseException) -> str:
@@ -202,7 +386,7 @@ def image_dimension(image) -> int:
 
 
 def read_image(path: PathLike, *, what: str = "image", dimension: Optional[int] = None,
-               check_constant: bool = True):
+               check_constant: bool = True, return_original: bool = False):
     """Read a scalar image as float32 and check that it can be registered.
 
     Args:
@@ -210,15 +394,18 @@ def read_image(path: PathLike, *, what: str = "image", dimension: Optional[int] 
         what: how the image is named in error messages (``"--fixed"``).
         dimension: required spatial dimension, or ``None`` to accept 2 or 3.
         check_constant: refuse images whose voxels all have one value.
+        return_original: also return the image in the file's own pixel type.
 
     Returns:
-        ``itk.Image[itk.F, d]`` with the file's origin, spacing and direction.
+        ``itk.Image[itk.F, d]`` with the file's origin, spacing and direction; with
+        ``return_original``, the pair ``(float image, image as stored)``.
 
     Raises:
         InputError: with a one-line reason naming the file and what was expected.
     """
     image = _read_itk(path, what)
-    return check_image(image, what=f"{what} '{path}'", dimension=dimension, check_constant=check_constant)
+    checked = check_image(image, what=f"{what} '{path}'", dimension=dimension, check_constant=check_constant)
+    return (checked, image) if return_original else checked
 
 
 def check_image(image, *, what: str = "image", dimension: Optional[int] = None,
