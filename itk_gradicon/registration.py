@@ -39,7 +39,7 @@ from .errors import DeviceError, InputError, ResourceError
 from .geometry import ImageGrid, NetworkFrame, displacement_on_grid
 from .imageio import check_image, describe_grid, same_grid
 from .models import DEFAULT_MODEL, Model, load_model
-from .preprocess import IntensityNormalization, apply_input_mask, resolve_modality
+from .preprocess import MODALITY_CHOICES, IntensityNormalization, apply_input_mask, resolve_modality
 from .transforms import DisplacementField
 
 MASK_MODES = ("input", "loss", "both")
@@ -144,21 +144,54 @@ def available_memory_bytes(device: torch.device) -> Tuple[int, str]:
         return 1 << 62, "RAM (unknown)"
 
 
-def estimate_memory(fixed_grid: ImageGrid, moving_grid: ImageGrid, network_shape: Sequence[int], *,
-                    io: bool, inverse: bool) -> Dict[str, int]:
-    """Peak bytes needed: network work on the device, images and fields in host memory."""
-    net_voxels = int(np.prod(network_shape))
+def estimate_memory(fixed_voxels: int, moving_voxels: int, dimension: int, network_shape: Sequence[int], *,
+                    io: bool, inverse: bool, affine: bool = False, originals: bool = False) -> Dict[str, int]:
+    """Peak bytes a registration needs, from the images' sizes alone (before any pixel is read).
+
+    Args:
+        fixed_voxels, moving_voxels: number of voxels of each image.
+        dimension: 2 or 3.
+        network_shape: the model's input size.
+        io: instance optimisation is run.
+        inverse: the inverse transform is computed.
+        affine: an affine pre-alignment is composed in (the moving image is resampled onto the fixed
+            grid and the deformable parts are kept as well).
+        originals: the images are also kept in their own pixel types (warped image, QC picture).
+
+    Returns:
+        ``{"network": bytes of the network's work (on the device), "host": bytes of images and fields
+        in host memory}``.
+    """
+    net_voxels = int(np.prod(network_shape, dtype=np.int64))
     network = net_voxels * (_BYTES_PER_NETWORK_VOXEL_IO if io else _BYTES_PER_NETWORK_VOXEL_PREDICT)
-    d = fixed_grid.dimension
-    images = 4 * (fixed_grid.num_voxels + moving_grid.num_voxels) * 3  # read, normalised, masks/labels
-    fields = 4 * d * fixed_grid.num_voxels * (2 if inverse else 1)
-    fields += 4 * d * moving_grid.num_voxels * (1 if inverse else 0)
-    fields += 8 * d * 1_000_000 * 4  # one float64 chunk of points in flight
-    return {"network": network, "host": images + fields}
+    f, m, d = int(fixed_voxels), int(moving_voxels), int(dimension)
+    # per image: float32 copy, float64 normalisation temporaries (clip + quantile partition), float32 result
+    images = 28 * (f + m)
+    if affine:
+        images += 4 * f * 3  # moving image, mask and labels resampled onto the fixed grid
+    if originals:
+        images += 8 * (f + m) + 4 * f  # pixels as stored (up to float64) and the warped image
+    # float32 fields plus the float64 copy ITK's transform holds while writing
+    fields = (4 + 8) * d * f
+    if inverse:
+        fields += (4 + 8) * d * m
+    if affine:
+        fields += 4 * d * f * (2 if inverse else 1)  # deformable parts on the fixed grid
+    fields += 6 * 8 * d * 1_000_000  # one chunk of points in flight (float64)
+    return {"network": int(network), "host": int(images + fields)}
 
 
 def check_memory(estimate: Dict[str, int], device: torch.device) -> None:
-    """Refuse work that would not fit, before it starts."""
+    """Refuse work that would not fit, before it starts.
+
+    Args:
+        estimate: from :func:`estimate_memory`.
+        device: where the network runs; on a GPU its free memory must hold the network's work and
+            host memory the rest, on the CPU host memory must hold both.
+
+    Raises:
+        ResourceError: naming what is needed and what is free.
+    """
     gib = 1024 ** 3
     if device.type == "cuda":
         free, where = available_memory_bytes(device)
@@ -170,8 +203,8 @@ def check_memory(estimate: Dict[str, int], device: torch.device) -> None:
         needed_host = estimate["host"] + estimate["network"]
     free, where = available_memory_bytes(torch.device("cpu"))
     if needed_host > free:
-        raise ResourceError(f"image too large for the available memory: this registration needs about "
-                            f"{needed_host / gib:.1f} GiB, {where} reports {free / gib:.1f} GiB")
+        raise ResourceError(f"images too large for the available memory: this registration needs about "
+                            f"{needed_host / gib:.1f} GiB, {where} reports {free / gib:.1f} GiB free")
 
 
 def _as_affine(initial_transform, dimension: int) -> Optional[np.ndarray]:
@@ -182,14 +215,22 @@ def _as_affine(initial_transform, dimension: int) -> Optional[np.ndarray]:
         if matrix.shape != (dimension + 1, dimension + 1):
             raise InputError(f"an affine pre-alignment must be a {dimension + 1}x{dimension + 1} "
                              f"homogeneous matrix, not {matrix.shape}")
-        return matrix
-    from .transforms import affine_from_itk
+    else:
+        from .transforms import affine_from_itk
 
-    try:
-        return affine_from_itk(initial_transform)
-    except (AttributeError, TypeError) as err:
-        raise InputError(f"the affine pre-alignment must be a matrix-offset ITK transform, not "
-                         f"{type(initial_transform).__name__}") from err
+        try:
+            matrix = affine_from_itk(initial_transform)
+        except (AttributeError, TypeError) as err:
+            raise InputError(f"the affine pre-alignment must be a matrix-offset ITK transform, not "
+                             f"{type(initial_transform).__name__}") from err
+        if matrix.shape != (dimension + 1, dimension + 1):
+            raise InputError(f"the affine pre-alignment is {matrix.shape[0] - 1}-D; the model is {dimension}-D")
+    last_row = np.eye(dimension + 1)[dimension]
+    if not np.all(np.isfinite(matrix)) or not np.allclose(matrix[dimension], last_row):
+        raise InputError(f"the affine pre-alignment is not a finite homogeneous matrix: {matrix.tolist()}")
+    if abs(np.linalg.det(matrix[:dimension, :dimension])) < 1e-8:
+        raise InputError(f"the affine pre-alignment is singular (not invertible): {matrix.tolist()}")
+    return matrix
 
 
 def _resample_on(image, reference, affine: np.ndarray, *, nearest: bool, default: float = 0.0):
@@ -281,6 +322,9 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
         raise InputError("labels for the Dice term must be given for both images or neither")
     if (fixed_mask is None) != (moving_mask is None) and mask_mode in ("loss", "both"):
         raise InputError("loss masking needs masks for both images")
+    for role, choice in (("fixed", fixed_modality), ("moving", moving_modality)):
+        if choice not in MODALITY_CHOICES:
+            raise InputError(f"unknown {role} modality {choice!r}; allowed: {', '.join(MODALITY_CHOICES)}")
 
     if not isinstance(model, Model):
         model = load_model(model)
@@ -299,10 +343,14 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
     _check_on_grid(moving_mask, moving, "moving mask", "the moving image")
     _check_on_grid(fixed_labels, fixed, "fixed label map", "the fixed image")
     _check_on_grid(moving_labels, moving, "moving label map", "the moving image")
+    for mask, what in ((fixed_mask, "fixed mask"), (moving_mask, "moving mask")):
+        if mask is not None and not np.any(itk.array_view_from_image(mask) > 0):
+            raise InputError(f"the {what} is empty (no voxel > 0)")
     fixed_grid, moving_grid = ImageGrid.from_image(fixed), ImageGrid.from_image(moving)
     affine = _as_affine(initial_transform, d)
-    check_memory(estimate_memory(fixed_grid, moving_grid, arch.input_shape, io=io_iterations > 0,
-                                 inverse=compute_inverse), device)
+    check_memory(estimate_memory(fixed_grid.num_voxels, moving_grid.num_voxels, d, arch.input_shape,
+                                 io=io_iterations > 0, inverse=compute_inverse, affine=affine is not None),
+                 device)
 
     # ---- intensities --------------------------------------------------------------------------
     t = time.perf_counter()
@@ -354,31 +402,18 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
     image_B = fixed_frame.tensor(normalized["fixed"], device=device)
     image_A = moving_frame.tensor(moving_net_array, device=device)
 
-    def on_network(frame, image):
-        return None if image is None else frame.tensor(itk.array_view_from_image(image), mode="nearest",
-                                                       device=device)
-
     net = model.network.to(device)
-    history: List[Dict[str, float]] = []
-    if io_iterations > 0:
-        t = time.perf_counter()
-        loss_masks = mask_mode in ("loss", "both") and fixed_mask is not None
-        net = _instance_optimise(
-            net, image_A, image_B, steps=int(io_iterations), lr=io_lr,
-            similarity=losses.similarity_function(io_similarity),
-            mask_A=on_network(moving_frame, moving_net_mask) if loss_masks else None,
-            mask_B=on_network(fixed_frame, fixed_mask) if loss_masks else None,
-            seg_A=on_network(moving_frame, moving_net_labels),
-            seg_B=on_network(fixed_frame, fixed_labels),
-            dice_weight=io_dice_weight if fixed_labels is not None else 0.0,
-            progress=progress, history=history, generator=generator)
-        timings["instance_optimisation"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    with torch.inference_mode():
-        disp_AB = net(image_A, image_B).displacement_on_grid(shape)
-        disp_BA = net(image_B, image_A).displacement_on_grid(shape) if compute_inverse else None
-    timings["network"] = time.perf_counter() - t
+    was_training = net.training
+    net.eval()  # BatchNorm uses its running statistics and never updates them
+    try:
+        disp_AB, disp_BA, history = _predict(
+            net, image_A, image_B, io_iterations=int(io_iterations), io_lr=io_lr, io_similarity=io_similarity,
+            mask_mode=mask_mode, fixed_mask=fixed_mask, moving_net_mask=moving_net_mask,
+            fixed_labels=fixed_labels, moving_net_labels=moving_net_labels, io_dice_weight=io_dice_weight,
+            fixed_frame=fixed_frame, moving_frame=moving_frame, compute_inverse=compute_inverse,
+            progress=progress, generator=generator, device=device, timings=timings)
+    finally:
+        net.train(was_training)
 
     # ---- fields in physical space --------------------------------------------------------------
     t = time.perf_counter()
@@ -399,6 +434,45 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
     timings["total"] = time.perf_counter() - t0
     return RegistrationResult(forward, inverse, affine, deformable_forward, deformable_inverse,
                               modalities["fixed"], modalities["moving"], messages, history, timings)
+
+
+def _on_network(frame: NetworkFrame, image, device) -> Optional[torch.Tensor]:
+    """A mask or label map on the network grid (nearest-neighbour resizing), or ``None``."""
+    import itk
+
+    return None if image is None else frame.tensor(itk.array_view_from_image(image), mode="nearest",
+                                                   device=device)
+
+
+def _predict(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor, *, io_iterations: int,
+             io_lr: float, io_similarity: str, mask_mode: str, fixed_mask, moving_net_mask, fixed_labels,
+             moving_net_labels, io_dice_weight: float, fixed_frame: NetworkFrame, moving_frame: NetworkFrame,
+             compute_inverse: bool, progress, generator, device, timings: Dict[str, float]):
+    """Network displacements ``phi_AB`` (and ``phi_BA``) in CUBE units, after optional IO.
+
+    ``A`` is the moving image, ``B`` the fixed one. Returns ``(disp_AB, disp_BA or None, io history)``.
+    """
+    shape = tuple(image_A.shape[2:])
+    history: List[Dict[str, float]] = []
+    if io_iterations > 0:
+        t = time.perf_counter()
+        loss_masks = mask_mode in ("loss", "both") and fixed_mask is not None and moving_net_mask is not None
+        net = _instance_optimise(
+            net, image_A, image_B, steps=io_iterations, lr=io_lr,
+            similarity=losses.similarity_function(io_similarity),
+            mask_A=_on_network(moving_frame, moving_net_mask, device) if loss_masks else None,
+            mask_B=_on_network(fixed_frame, fixed_mask, device) if loss_masks else None,
+            seg_A=_on_network(moving_frame, moving_net_labels, device),
+            seg_B=_on_network(fixed_frame, fixed_labels, device),
+            dice_weight=io_dice_weight if fixed_labels is not None else 0.0,
+            progress=progress, history=history, generator=generator)
+        timings["instance_optimisation"] = time.perf_counter() - t
+    t = time.perf_counter()
+    with torch.inference_mode():
+        disp_AB = net(image_A, image_B).displacement_on_grid(shape)
+        disp_BA = net(image_B, image_A).displacement_on_grid(shape) if compute_inverse else None
+    timings["network"] = time.perf_counter() - t
+    return disp_AB, disp_BA, history
 
 
 def _instance_optimise(net: torch.nn.Module, image_A, image_B, *, steps: int, lr: float, similarity,

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
-
-from .errors import InputError
-from .imageio import (IMAGE_SUFFIXES, OutputTransaction, check_output_dir, check_output_path,
-                      read_image, read_label_image, read_mask_on_grid, same_grid, describe_grid)
+from .errors import GradiconError, InputError, ResourceError
+from .imageio import (VOLUME_SUFFIXES, ImageHeader, OutputTransaction, check_header, check_output_dir,
+                      check_output_path, describe_grid, read_image, read_image_header, read_label_image,
+                      read_mask_on_grid, same_grid)
 from .transforms import TRANSFORM_OUTPUT_SUFFIXES
 
 Log = Callable[[str], None]
@@ -33,7 +33,12 @@ class RegisterOutputs:
     qc: Optional[Path] = None
 
     def validate(self) -> None:
-        """Check every destination before any work starts."""
+        """Check every destination before any work starts.
+
+        Raises:
+            InputError: no output requested, a folder missing or not writable, a file name ending
+                that cannot hold the output, or two outputs with the same file name.
+        """
         if not any((self.transform, self.inverse_transform, self.warped, self.ants_prefix,
                     self.elastix_dir, self.qc)):
             raise InputError("no output requested: give at least one of --out-transform, "
@@ -45,20 +50,41 @@ class RegisterOutputs:
             self.inverse_transform = check_output_path(self.inverse_transform, what="--out-inverse-transform",
                                                        suffixes=TRANSFORM_OUTPUT_SUFFIXES)
         if self.warped:
-            self.warped = check_output_path(self.warped, what="--out-warped", suffixes=IMAGE_SUFFIXES)
+            self.warped = check_output_path(self.warped, what="--out-warped", suffixes=VOLUME_SUFFIXES)
         if self.ants_prefix:
             check_output_path(Path(str(self.ants_prefix) + "1Warp.nii.gz"), what="--out-ants-prefix")
         if self.elastix_dir:
             self.elastix_dir = check_output_dir(self.elastix_dir, what="--out-elastix")
         if self.qc:
             self.qc = check_output_path(self.qc, what="--out-qc", suffixes=(".png",))
-        finals = [p for p in (self.transform, self.inverse_transform, self.warped, self.qc) if p]
-        if len(set(map(str, finals))) != len(finals):
-            raise InputError("two outputs have the same file name")
+        finals = [str(p) for p in self.final_paths()]
+        duplicates = sorted({p for p in finals if finals.count(p) > 1})
+        if duplicates:
+            raise InputError(f"two outputs would be written to the same file: {duplicates[0]}")
+
+    def final_paths(self, *, with_affine: bool = True) -> List[Path]:
+        """Every file these outputs may create (absolute paths)."""
+        from .transforms import ELASTIX_FIELD_FILE, ELASTIX_PARAMETER_FILE, ants_file_names
+
+        paths = [Path(p).expanduser().absolute()
+                 for p in (self.transform, self.inverse_transform, self.warped, self.qc) if p]
+        if self.ants_prefix:
+            names = ants_file_names(str(self.ants_prefix))
+            keys = ("affine", "warp", "inverse_warp") if with_affine else ("warp", "inverse_warp")
+            paths += [Path(names[k]).expanduser().absolute() for k in keys]
+        if self.elastix_dir:
+            folder = Path(self.elastix_dir).expanduser().absolute()
+            paths += [folder / ELASTIX_PARAMETER_FILE, folder / ELASTIX_FIELD_FILE]
+        return paths
 
     @property
     def needs_inverse(self) -> bool:
         return bool(self.inverse_transform or self.ants_prefix)
+
+    @property
+    def needs_originals(self) -> bool:
+        """Whether the images are needed in their original pixel types (warped image, QC picture)."""
+        return bool(self.warped or self.qc)
 
 
 def _read_labels_on(path: Path, image, what: str):
@@ -82,18 +108,41 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
                  log: Log = lambda message: None, progress=None, loaded_model=None):
     """Register the files ``moving`` -> ``fixed`` and write ``outputs``; returns the result.
 
-    ``loaded_model`` (a :class:`~itk_gradicon.models.Model`) skips loading ``model`` again, for
-    cohorts.
+    Everything that can be checked before the work is checked first, in this order: the
+    destinations, the options, the device, every input file's header (exists, is an image, is
+    scalar), the model, the images' dimension against the model's, and the memory the work needs;
+    only then are the pixels read.
+
+    Args:
+        fixed, moving: image files.
+        outputs: the destinations.
+        model: ``--model NAME|FILE``.
+        fixed_modality, moving_modality, ct_window, quantile_range, mask_mode, io_iterations,
+            io_similarity, io_lr, io_dice_weight, orientation, device: as
+            :func:`~itk_gradicon.registration.register`.
+        fixed_mask, moving_mask, fixed_labels, moving_labels: files on their image's grid.
+        affine: ``"none"`` or ``"elastix"`` (affine pre-alignment with :mod:`.affine`).
+        initial_transform: an affine transform file (fixed -> moving) instead.
+        seed: seed of instance optimisation's random sample points.
+        log: receives one-line messages.
+        progress: called after every instance-optimisation step.
+        loaded_model: a :class:`~itk_gradicon.models.Model` already loaded (for cohorts).
+
+    Returns:
+        The :class:`~itk_gradicon.registration.RegistrationResult`.
+
+    Raises:
+        GradiconError: a problem the user can fix; nothing has been written then.
     """
-    import itk
     import torch
 
     from .models import load_model
-    from .registration import register, resolve_device
+    from .preprocess import MODALITY_CHOICES
+    from .registration import check_memory, estimate_memory, register, resolve_device
 
     outputs.validate()
-    if io_iterations < 0:
-        raise InputError(f"--io-iterations must be >= 0, not {io_iterations}")
+    if isinstance(io_iterations, bool) or not isinstance(io_iterations, int) or io_iterations < 0:
+        raise InputError(f"--io-iterations must be a whole number >= 0, not {io_iterations!r}")
     if affine not in ("none", "elastix"):
         raise InputError(f"unknown --affine {affine!r}; allowed: none, elastix")
     if affine != "none" and initial_transform is not None:
@@ -102,14 +151,32 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
         raise InputError("--fixed-labels and --moving-labels must be given together")
     if mask_mode in ("loss", "both") and (fixed_mask is None or moving_mask is None):
         raise InputError(f"--mask-mode {mask_mode} needs both --fixed-mask and --moving-mask")
+    for flag, choice in (("--fixed-modality", fixed_modality), ("--moving-modality", moving_modality)):
+        if choice not in MODALITY_CHOICES:
+            raise InputError(f"unknown {flag} {choice!r}; allowed: {', '.join(MODALITY_CHOICES)}")
     torch_device = resolve_device(device)
+
+    headers: Dict[str, ImageHeader] = {}
+    for flag, path in (("--fixed", fixed), ("--moving", moving), ("--fixed-mask", fixed_mask),
+                       ("--moving-mask", moving_mask), ("--fixed-labels", fixed_labels),
+                       ("--moving-labels", moving_labels)):
+        if path is not None:
+            headers[flag] = read_image_header(path, what=flag)
+    if initial_transform is not None and not Path(initial_transform).is_file():
+        raise InputError(f"--initial-transform '{initial_transform}' does not exist")
 
     model_obj = loaded_model if loaded_model is not None else load_model(model)
     d = model_obj.architecture.dimension
-    fixed_image = read_image(fixed, what="--fixed", dimension=d)
-    moving_image = read_image(moving, what="--moving", dimension=d)
-    fixed_original = itk.imread(str(fixed)) if outputs.warped or outputs.qc else None
-    moving_original = itk.imread(str(moving)) if outputs.warped or outputs.qc else None
+    for flag, header in headers.items():
+        check_header(header, what=flag, dimension=d, needed_by=f"the model '{model_obj.name}'")
+    check_memory(estimate_memory(headers["--fixed"].num_voxels, headers["--moving"].num_voxels, d,
+                                 model_obj.architecture.input_shape, io=io_iterations > 0,
+                                 inverse=outputs.needs_inverse,
+                                 affine=affine != "none" or initial_transform is not None,
+                                 originals=outputs.needs_originals), torch_device)
+
+    fixed_image, fixed_original = read_image(fixed, what="--fixed", dimension=d, return_original=True)
+    moving_image, moving_original = read_image(moving, what="--moving", dimension=d, return_original=True)
     masks = {
         "fixed_mask": read_mask_on_grid(fixed_mask, fixed_image, what="--fixed-mask") if fixed_mask else None,
         "moving_mask": read_mask_on_grid(moving_mask, moving_image, what="--moving-mask") if moving_mask else None,
@@ -131,7 +198,7 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
 
         log("affine pre-alignment with elastix ...")
         pre = elastix_affine(fixed_image, moving_image, fixed_mask=masks["fixed_mask"],
-                             moving_mask=masks["moving_mask"])
+                             moving_mask=masks["moving_mask"], log=log)
 
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     result = register(
@@ -143,8 +210,8 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
         generator=generator, **masks, **labels)
     for message in result.messages:
         log(message)
-    write_register_outputs(result, outputs, fixed_original=fixed_original,
-                           moving_original=moving_original, log=log)
+    write_register_outputs(result, outputs, fixed_original=fixed_original if outputs.needs_originals else None,
+                           moving_original=moving_original if outputs.needs_originals else None, log=log)
     log(f"done in {result.timings.get('total', 0.0):.1f}s (network {result.timings.get('network', 0.0):.1f}s"
         + (f", instance optimisation {result.timings['instance_optimisation']:.1f}s"
            if "instance_optimisation" in result.timings else "") + ")")
@@ -153,43 +220,80 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
 
 def write_register_outputs(result, outputs: RegisterOutputs, *, fixed_original=None, moving_original=None,
                            log: Log = lambda message: None) -> List[Path]:
-    """Write every requested output of one registration in a single transaction."""
+    """Write every requested output of one registration in a single transaction.
+
+    Args:
+        result: the :class:`~itk_gradicon.registration.RegistrationResult`.
+        outputs: the destinations (already validated).
+        fixed_original, moving_original: the images as read (needed for ``warped`` and ``qc``).
+        log: receives a line per file written.
+
+    Returns:
+        The final paths written.
+
+    Raises:
+        ResourceError: a file could not be written (disk full, permissions changed, ...); then no
+            output at all is left behind.
+    """
+    from .imageio import short_error_message
     from .resample import resample_image
     from .transforms import ants_file_names, write_affine_file, write_elastix, write_field_image, write_transform
 
+    if outputs.needs_originals and (fixed_original is None or moving_original is None):
+        raise InputError("--out-warped and --out-qc need the fixed and moving images")
+    inverse_missing = result.inverse_field is None
+    if outputs.ants_prefix and result.affine is not None:
+        ants_inverse_missing = result.deformable_inverse_field is None
+    else:
+        ants_inverse_missing = inverse_missing
+    if (outputs.inverse_transform and inverse_missing) or (outputs.ants_prefix and ants_inverse_missing):
+        raise InputError("the inverse transform was not computed (compute_inverse=False)")
     written: List[Path] = []
-    with OutputTransaction() as out:
-        if outputs.transform:
-            write_transform(result.forward_field, outputs.transform, out)
-            written.append(outputs.transform)
-        if outputs.inverse_transform:
-            write_transform(result.inverse_field, outputs.inverse_transform, out)
-            written.append(outputs.inverse_transform)
-        if outputs.ants_prefix:
-            names = ants_file_names(str(outputs.ants_prefix))
-            if result.affine is not None:
-                write_affine_file(result.affine, out.path(names["affine"]))
-                write_field_image(result.deformable_forward_field, out.path(names["warp"]))
-                write_field_image(result.deformable_inverse_field, out.path(names["inverse_warp"]))
-                written.append(Path(names["affine"]))
-            else:
-                write_field_image(result.forward_field, out.path(names["warp"]))
-                write_field_image(result.inverse_field, out.path(names["inverse_warp"]))
-            written += [Path(names["warp"]), Path(names["inverse_warp"])]
-        if outputs.elastix_dir:
-            written.append(write_elastix(result.forward_field, outputs.elastix_dir, out))
-        if outputs.warped:
-            import itk
+    current = "the outputs"
+    try:
+        with OutputTransaction() as out:
+            if outputs.transform:
+                current = str(outputs.transform)
+                write_transform(result.forward_field, outputs.transform, out)
+                written.append(Path(outputs.transform))
+            if outputs.inverse_transform:
+                current = str(outputs.inverse_transform)
+                write_transform(result.inverse_field, outputs.inverse_transform, out)
+                written.append(Path(outputs.inverse_transform))
+            if outputs.ants_prefix:
+                names = {k: Path(v).expanduser().absolute() for k, v in ants_file_names(str(outputs.ants_prefix)).items()}
+                current = str(names["warp"])
+                if result.affine is not None:
+                    write_affine_file(result.affine, out.path(names["affine"]))
+                    write_field_image(result.deformable_forward_field, out.path(names["warp"]))
+                    write_field_image(result.deformable_inverse_field, out.path(names["inverse_warp"]))
+                    written.append(names["affine"])
+                else:
+                    write_field_image(result.forward_field, out.path(names["warp"]))
+                    write_field_image(result.inverse_field, out.path(names["inverse_warp"]))
+                written += [names["warp"], names["inverse_warp"]]
+            if outputs.elastix_dir:
+                current = str(outputs.elastix_dir)
+                written.append(write_elastix(result.forward_field, outputs.elastix_dir, out))
+            if outputs.warped:
+                import itk
 
-            warped = resample_image(moving_original, fixed_original, result.forward_transform,
-                                    interpolation="linear")
-            itk.imwrite(warped, str(out.path(outputs.warped)), compression=True)
-            written.append(outputs.warped)
-        if outputs.qc:
-            from .qc import write_qc
+                current = str(outputs.warped)
+                warped = resample_image(moving_original, fixed_original, result.forward_transform,
+                                        interpolation="linear")
+                itk.imwrite(warped, str(out.path(outputs.warped)), compression=True)
+                written.append(Path(outputs.warped))
+            if outputs.qc:
+                from .qc import write_qc
 
-            write_qc(fixed_original, moving_original, result, out.path(outputs.qc))
-            written.append(outputs.qc)
+                current = str(outputs.qc)
+                write_qc(fixed_original, moving_original, result, outputs.qc, transaction=out)
+                written.append(Path(outputs.qc))
+            current = "the outputs into place"
+    except GradiconError:
+        raise
+    except (OSError, RuntimeError) as err:
+        raise ResourceError(f"writing {current} failed ({short_error_message(err)}); no output was kept") from err
     for path in written:
         log(f"wrote {path}")
     return written

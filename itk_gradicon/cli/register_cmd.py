@@ -25,7 +25,8 @@ _MODALITY = click.Choice(["auto", "ct", "mri"])
               help="Inverse transform, moving -> fixed points, on the moving grid (the network's "
                    "phi_BA); same formats as --out-transform.")
 @click.option("--out-warped", type=click.Path(path_type=Path),
-              help="The moving image warped onto the fixed grid (linear interpolation, moving pixel type).")
+              help="The moving image warped onto the fixed grid (linear interpolation, moving pixel type; "
+                   ".nii.gz, .nii, .mha, .mhd, .nrrd, .nhdr).")
 @click.option("--out-ants-prefix", metavar="PREFIX",
               help="Write PREFIX1Warp.nii.gz and PREFIX1InverseWarp.nii.gz (and PREFIX0GenericAffine.mat "
                    "with --affine/--initial-transform) as antsRegistration names them; use "
@@ -34,8 +35,9 @@ _MODALITY = click.Choice(["auto", "ct", "mri"])
               help="Folder for TransformParameters.0.txt and its deformation field, runnable by "
                    "transformix as is (created if missing).")
 @click.option("--out-qc", type=click.Path(path_type=Path), metavar="PNG",
-              help="Quality-control picture: fixed image with the moving image before and after "
-                   "registration, and the log-Jacobian, on three orthogonal slices.")
+              help="Quality-control picture (.png): on three orthogonal slices through the fixed image, "
+                   "the moving image before and after registration, magenta/green overlays, and the "
+                   "log-Jacobian of the forward transform.")
 @model_option()
 @click.option("--fixed-modality", type=_MODALITY, default="auto", show_default=True,
               help="ct: clip to --ct-window; mri (any non-CT image): clip to the quantile range; auto: "
@@ -48,16 +50,18 @@ _MODALITY = click.Choice(["auto", "ct", "mri"])
               help="Intensity quantiles (0-1) mapped to 0 and 1 for non-CT images.  "
                    "[default: minimum and 0.99]")
 @click.option("--fixed-mask", type=click.Path(path_type=Path),
-              help="Binary mask on the fixed image's grid (voxels > 0 inside).")
+              help="Binary mask on the fixed image's grid (same size, origin, spacing and direction; "
+                   "voxels > 0 are inside).")
 @click.option("--moving-mask", type=click.Path(path_type=Path),
-              help="Binary mask on the moving image's grid.")
+              help="Binary mask on the moving image's grid (voxels > 0 are inside).")
 @click.option("--mask-mode", type=click.Choice(["input", "loss", "both"]), default="input",
               show_default=True,
               help="input: zero each image outside its mask before the network sees it; loss: restrict "
                    "the instance-optimisation similarity to the masks; both.")
 @click.option("--io-iterations", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Instance-optimisation steps (Adam on a copy of the network for this pair); "
-                   "0 = prediction only. The papers use 50.")
+              help="Instance-optimisation steps (Adam on a copy of the network for this pair; the model "
+                   "file is never changed); 0 = prediction only. The papers use 50 (minutes per step on "
+                   "a CPU at 175^3, about a second on a GPU).")
 @click.option("--io-similarity", type=click.Choice(["lncc", "lncc2", "mind"]), default=None,
               help="Similarity for instance optimisation: lncc, lncc2 (squared LNCC, multimodal), mind "
                    "(MIND-SSC, multimodal).  [default: the model's training loss]")
@@ -68,10 +72,12 @@ _MODALITY = click.Choice(["auto", "ct", "mri"])
                    "optimisation.")
 @click.option("--moving-labels", type=click.Path(path_type=Path), help="Label map on the moving grid.")
 @click.option("--io-dice-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="Weight of the Dice term when labels are given.")
+              help="Weight of the Dice term (relative to the similarity) when labels are given.")
 @click.option("--affine", type=click.Choice(["none", "elastix"]), default="none", show_default=True,
-              help="Affine pre-alignment computed with elastix (itk-elastix), composed into every "
-                   "transform written.")
+              help="Affine pre-alignment computed with elastix (itk-elastix; mutual information, "
+                   "started from the images' centres, restricted to the masks when given), composed "
+                   "into every transform written; the network then registers the fixed image to the "
+                   "affinely resampled moving image.")
 @click.option("--initial-transform", type=click.Path(path_type=Path), metavar="FILE",
               help="An existing affine pre-alignment, fixed -> moving (ITK .tfm/.txt/.h5, ANTs .mat), "
                    "composed into every transform written.")
@@ -79,7 +85,9 @@ _MODALITY = click.Choice(["auto", "ct", "mri"])
               help="fixed: lay the moving image out along the fixed image's axes before the network "
                    "sees it (physically consistent); storage: feed both as stored in their files "
                    "(the reference implementation's behaviour).")
-@click.option("--seed", type=int, default=None, help="Seed for instance optimisation's random sample points.")
+@click.option("--seed", type=int, default=None,
+              help="Seed of instance optimisation's random GradICON sample points (reproducible runs).  "
+                   "[default: none, a new draw each run]")
 @device_option()
 @quiet_option()
 def register(fixed: Path, moving: Path, out_transform: Optional[Path], out_inverse_transform: Optional[Path],
@@ -97,6 +105,10 @@ def register(fixed: Path, moving: Path, out_transform: Optional[Path], out_inver
     image's grid: resampling the moving image with it (ITK, antsApplyTransforms, transformix)
     gives the moving image aligned to the fixed one. Every output is written only when all of them
     are ready, so a failed run leaves no partial files.
+
+    Inputs are checked before the work starts (files, image dimension and type, masks on their
+    image's grid, memory); a problem is reported as one line starting with "Error:" and the
+    command exits with status 2.
 
     \b
     Example:
