@@ -1,0 +1,291 @@
+"""Affine pre-alignment with elastix (the ``itk-elastix`` package), as a homogeneous WORLD matrix.
+
+:func:`elastix_affine` runs elastix's affine registration in memory and returns the homogeneous
+``(d+1) x (d+1)`` matrix ``A`` that maps FIXED physical points (LPS mm) to MOVING physical points,
+the convention of every transform in this package: ``moving(A(x))`` is the moving image resampled
+onto the fixed grid. :func:`~itk_gradicon.registration.register` takes it as ``initial_transform``
+and composes it into every transform it returns (``A o phi`` forward, ``phi^-1 o A^-1`` inverse).
+
+How elastix's result becomes a matrix (:func:`affine_from_elastix_parameters`): an elastix
+``AffineTransform`` stores ``d*d + d`` parameters, the matrix ``M`` row by row followed by the
+translation ``t``, and a ``CenterOfRotationPoint`` ``c``; it maps a fixed point ``x`` to
+
+    ``T(x) = M (x - c) + c + t``
+
+in physical coordinates (``UseDirectionCosines "true"``, elastix's default since 4.8, which we set
+explicitly). Hence ``A = [[M, t + c - M c], [0, 1]]``.
+
+The registration is multi-resolution (4 levels of Gaussian smoothing), Mattes mutual information
+(so multimodal pairs work; ``metric="ncc"`` or ``"mse"`` for same-modality pairs), adaptive stochastic
+gradient descent on 2,048 random samples per iteration, started from the alignment of the two images'
+geometric centres. Its random sampling is seeded, so a run is reproducible. The number of threads is
+set explicitly (all the cores this process may use): itk-elastix otherwise picks its own, and one of
+its 3-D runs once crashed here with a thread count it chose.
+
+Example:
+    >>> import itk
+    >>> from itk_gradicon.affine import elastix_affine
+    >>> from itk_gradicon import register
+    >>> fixed, moving = itk.imread("t1.nii.gz", itk.F), itk.imread("t2.nii.gz", itk.F)  # doctest: +SKIP
+    >>> A = elastix_affine(fixed, moving)                        # fixed -> moving      # doctest: +SKIP
+    >>> result = register(fixed, moving, initial_transform=A)                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import InputError
+
+#: ``initialization`` values and elastix's ``AutomaticTransformInitializationMethod`` for each.
+INITIALIZATIONS: Dict[str, Optional[str]] = {
+    "geometry": "GeometricalCenter",   # centres of the two image grids coincide
+    "mass": "CenterOfGravity",         # intensity centres of mass coincide
+    "none": None,                      # start from the identity (images already roughly aligned)
+}
+#: ``metric`` values and elastix's metric names.
+METRICS: Dict[str, str] = {
+    "mi": "AdvancedMattesMutualInformation",
+    "ncc": "AdvancedNormalizedCorrelation",
+    "mse": "AdvancedMeanSquares",
+}
+DEFAULT_SEED = 20240601
+
+
+def available_threads() -> int:
+    """Number of CPU cores this process may run on (its affinity mask, else ``os.cpu_count()``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def affine_parameter_map(*, metric: str = "mi", initialization: str = "geometry", iterations: int = 256,
+                         resolutions: int = 4, samples: int = 2048,
+                         seed: int = DEFAULT_SEED) -> Dict[str, Tuple[str, ...]]:
+    """The elastix parameter map used by :func:`elastix_affine`.
+
+    It starts from elastix's default ``affine`` map and sets what the conversion to a WORLD matrix
+    relies on (``AffineTransform``, direction cosines used), the options below, and writes no
+    result image.
+
+    Args:
+        metric: ``"mi"`` (Mattes mutual information, any modalities), ``"ncc"`` (normalised
+            correlation) or ``"mse"`` (mean squares; same modality and intensity scale).
+        initialization: ``"geometry"`` (align the grids' centres), ``"mass"`` (align the intensity
+            centres of mass) or ``"none"`` (start from the identity).
+        iterations: optimiser iterations per resolution.
+        resolutions: number of resolution levels (Gaussian smoothing pyramid).
+        samples: random spatial samples per iteration.
+        seed: seed of elastix's random sampler.
+
+    Returns:
+        ``{parameter name: tuple of strings}``, as ``itk.ParameterObject`` holds it.
+
+    Raises:
+        InputError: an option outside the allowed values.
+    """
+    import itk
+
+    if metric not in METRICS:
+        raise InputError(f"unknown affine metric {metric!r}; allowed: {', '.join(METRICS)}")
+    if initialization not in INITIALIZATIONS:
+        raise InputError(f"unknown affine initialization {initialization!r}; allowed: "
+                         f"{', '.join(INITIALIZATIONS)}")
+    for name, value in (("iterations", iterations), ("resolutions", resolutions), ("samples", samples)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise InputError(f"affine {name} must be a whole number >= 1, not {value!r}")
+    defaults = itk.ParameterObject.New().GetDefaultParameterMap("affine")
+    params: Dict[str, Tuple[str, ...]] = {key: tuple(value) for key, value in defaults.items()}
+    params.update({
+        "Transform": ("AffineTransform",),
+        "UseDirectionCosines": ("true",),
+        "Metric": (METRICS[metric],),
+        "MaximumNumberOfIterations": (str(int(iterations)),),
+        "NumberOfResolutions": (str(int(resolutions)),),
+        "NumberOfSpatialSamples": (str(int(samples)),),
+        "RandomSeed": (str(int(seed)),),
+        "WriteResultImage": ("false",),
+        "WriteIterationInfo": ("false",),
+    })
+    method = INITIALIZATIONS[initialization]
+    if method is None:
+        params["AutomaticTransformInitialization"] = ("false",)
+    else:
+        params["AutomaticTransformInitialization"] = ("true",)
+        params["AutomaticTransformInitializationMethod"] = (method,)
+    return params
+
+
+def _floats(parameter_map: Mapping[str, Sequence[str]], key: str) -> np.ndarray:
+    try:
+        return np.array([float(v) for v in parameter_map[key]], dtype=np.float64)
+    except KeyError:
+        raise InputError(f"the elastix transform parameters lack '{key}'") from None
+    except ValueError:
+        raise InputError(f"the elastix parameter '{key}' is not numeric: {tuple(parameter_map[key])}") from None
+
+
+def _word(parameter_map: Mapping[str, Sequence[str]], key: str, default: str) -> str:
+    value = parameter_map.get(key)
+    return str(value[0]) if value else default
+
+
+def affine_from_elastix_parameters(parameter_map: Mapping[str, Sequence[str]]) -> np.ndarray:
+    """The homogeneous WORLD matrix (fixed -> moving) of an elastix transform parameter map.
+
+    Args:
+        parameter_map: one map of an elastix ``TransformParameters`` result, as
+            ``itk.ParameterObject.GetParameterMap`` returns it (``{name: tuple of strings}``).
+            ``AffineTransform`` (``d*d`` matrix entries row by row, then ``d`` translations, about
+            ``CenterOfRotationPoint``) and ``TranslationTransform`` are understood.
+
+    Returns:
+        ``(d+1) x (d+1)`` float64 matrix ``[[M, t + c - M c], [0, 1]]``.
+
+    Raises:
+        InputError: another transform type, an initial transform chained in, direction cosines
+            not used, or parameters of the wrong length.
+    """
+    parameter_map = {str(key): tuple(values) for key, values in parameter_map.items()}
+    kind = _word(parameter_map, "Transform", "")
+    d = int(_floats(parameter_map, "FixedImageDimension")[0]) if "FixedImageDimension" in parameter_map else None
+    initial = _word(parameter_map, "InitialTransformParametersFileName", "NoInitialTransform")
+    if initial != "NoInitialTransform":
+        raise InputError(f"the elastix transform chains an initial transform ('{initial}'); only a single "
+                         "affine transform can be converted")
+    if _word(parameter_map, "UseDirectionCosines", "true").lower() != "true":
+        raise InputError('the elastix transform was computed with (UseDirectionCosines "false"): it is not '
+                         "in physical coordinates")
+    values = _floats(parameter_map, "TransformParameters")
+    if kind == "TranslationTransform":
+        d = d or values.size
+        matrix = np.eye(d + 1)
+        matrix[:d, d] = values[:d]
+        return matrix
+    if kind != "AffineTransform":
+        raise InputError(f"cannot convert an elastix {kind or 'unnamed'} transform to an affine matrix; "
+                         "allowed: AffineTransform, TranslationTransform")
+    if d is None:
+        d = {6: 2, 12: 3}.get(values.size)
+    if d is None or values.size != d * d + d:
+        raise InputError(f"an elastix AffineTransform needs d*d + d parameters, got {values.size}")
+    center = _floats(parameter_map, "CenterOfRotationPoint") if "CenterOfRotationPoint" in parameter_map \
+        else np.zeros(d)
+    if center.size != d:
+        raise InputError(f"CenterOfRotationPoint has {center.size} values for a {d}-D transform")
+    m = values[: d * d].reshape(d, d)
+    translation = values[d * d:]
+    matrix = np.eye(d + 1)
+    matrix[:d, :d] = m
+    matrix[:d, d] = translation + center - m @ center
+    return matrix
+
+
+def _elastix_error(err: BaseException) -> str:
+    """The informative line of an elastix/ITK exception message."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        low = line.lower()
+        if low.startswith("description:"):
+            return line.split(":", 1)[1].strip()
+    for line in lines:
+        if "error" in line.lower() and "itk::ExceptionObject" not in line:
+            return line
+    return lines[-1] if lines else type(err).__name__
+
+
+def elastix_affine(fixed, moving, fixed_mask=None, moving_mask=None, *, metric: str = "mi",
+                   initialization: str = "geometry", iterations: int = 256, resolutions: int = 4,
+                   samples: int = 2048, seed: int = DEFAULT_SEED, threads: Optional[int] = None,
+                   parameter_map: Optional[Mapping[str, Sequence[str]]] = None,
+                   log: Optional[Callable[[str], None]] = None) -> np.ndarray:
+    """Affine registration of ``moving`` to ``fixed`` with elastix; returns the fixed -> moving matrix.
+
+    Args:
+        fixed, moving: scalar ``itk.Image`` of the same dimension (2 or 3), raw intensities (any
+            pixel type; cast to float).
+        fixed_mask, moving_mask: optional masks on their image's grid; only voxels > 0 are sampled.
+        metric, initialization, iterations, resolutions, samples, seed: see
+            :func:`affine_parameter_map`.
+        threads: threads elastix may use (default: every core this process may run on).
+        parameter_map: a complete elastix parameter map to use instead (must produce an
+            ``AffineTransform``); the options above are then ignored.
+        log: called with one line saying what was found.
+
+    Returns:
+        ``(d+1) x (d+1)`` homogeneous WORLD matrix mapping fixed physical points (LPS mm) to moving
+        physical points.
+
+    Raises:
+        InputError: images of different dimension, an option outside the allowed values, or
+            elastix failing on these images (e.g. masks too small to sample).
+    """
+    import itk
+
+    from .imageio import cast_image, check_image, same_grid
+
+    d = int(fixed.GetImageDimension())
+    if int(moving.GetImageDimension()) != d:
+        raise InputError(f"the fixed image is {d}-D and the moving image "
+                         f"{int(moving.GetImageDimension())}-D; an affine needs two images of one dimension")
+    fixed_f = check_image(fixed, what="fixed image", dimension=d)
+    moving_f = check_image(moving, what="moving image", dimension=d)
+    masks = []
+    for mask, image, what in ((fixed_mask, fixed_f, "fixed mask"), (moving_mask, moving_f, "moving mask")):
+        if mask is None:
+            masks.append(None)
+            continue
+        if not same_grid(mask, image):
+            raise InputError(f"the {what} is not on its image's grid")
+        array = (itk.array_view_from_image(mask) > 0).astype(np.uint8)
+        if not array.any():
+            raise InputError(f"the {what} is empty (no voxel > 0)")
+        as_uc = itk.image_from_array(array)
+        as_uc.CopyInformation(image)
+        masks.append(cast_image(as_uc, itk.UC))
+    if threads is None:
+        threads = available_threads()
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise InputError(f"threads must be a whole number >= 1, not {threads!r}")
+
+    params = dict(parameter_map) if parameter_map is not None else affine_parameter_map(
+        metric=metric, initialization=initialization, iterations=iterations, resolutions=resolutions,
+        samples=samples, seed=seed)
+    parameter_object = itk.ParameterObject.New()
+    parameter_object.AddParameterMap({k: tuple(str(v) for v in vs) for k, vs in params.items()})
+
+    method = itk.ElastixRegistrationMethod[type(fixed_f), type(moving_f)].New()
+    method.SetFixedImage(fixed_f)
+    method.SetMovingImage(moving_f)
+    if masks[0] is not None:
+        method.SetFixedMask(masks[0])
+    if masks[1] is not None:
+        method.SetMovingMask(masks[1])
+    method.SetParameterObject(parameter_object)
+    method.SetNumberOfThreads(int(threads))
+    method.SetLogToConsole(False)
+    method.SetLogToFile(False)
+    try:
+        method.Update()
+    except RuntimeError as err:
+        raise InputError(f"elastix could not compute the affine pre-alignment: {_elastix_error(err)} "
+                         "(check the masks, or register without an affine)") from err
+    result = method.GetTransformParameterObject()
+    if result.GetNumberOfParameterMaps() != 1:
+        raise InputError(f"elastix returned {result.GetNumberOfParameterMaps()} transforms; expected one affine")
+    matrix = affine_from_elastix_parameters(result.GetParameterMap(0))
+    if matrix.shape != (d + 1, d + 1) or not np.all(np.isfinite(matrix)):
+        raise InputError(f"elastix returned an unusable affine transform: {matrix.tolist()}")
+    if log is not None:
+        linear = matrix[:d, :d]
+        log(f"affine pre-alignment (elastix): scales {np.round(np.linalg.svd(linear, compute_uv=False), 3).tolist()}, "
+            f"translation {np.round(matrix[:d, d], 2).tolist()} mm")
+    return matrix
+
+
+__all__ = ["INITIALIZATIONS", "METRICS", "affine_parameter_map", "affine_from_elastix_parameters",
+           "elastix_affine", "available_threads"]
