@@ -114,9 +114,10 @@ def resample_image(image, reference, transform, *, interpolation: str = "linear"
         work = cast_image(image, itk.D if interpolation == "bspline" else _compute_type(dtype))
         interpolator = (itk.BSplineInterpolateImageFunction.New(work, spline_order=3)
                         if interpolation == "bspline" else itk.LinearInterpolateImageFunction.New(work))
+    integer_work = np.issubdtype(_array_of(work).dtype, np.integer)
     out = itk.resample_image_filter(work, transform=transform, interpolator=interpolator,
                                     use_reference_image=True, reference_image=reference,
-                                    default_pixel_value=default_value)
+                                    default_pixel_value=int(default_value) if integer_work else default_value)
     return _as_dtype(out, dtype)
 
 
@@ -192,29 +193,44 @@ def resample_labels(labels, reference, transform, *, default_value: float = 0.0)
         rows = slice(start, min(start + rows_per_chunk, rows_total))
         points = out_grid.world_points(rows) + displacement[rows]
         cindex = apply_affine(world_to_index, points).reshape(-1, d)
-        inside = np.all((cindex >= -0.5) & (cindex < size - 0.5), axis=1)
-        base = np.floor(cindex)
-        frac = cindex - base
-        base = base.astype(np.int64)
-        votes = np.empty((cindex.shape[0], len(corners)), dtype=array.dtype)
-        weights = np.empty((cindex.shape[0], len(corners)), dtype=np.float64)
-        for c, corner in enumerate(corners):
-            idx = np.clip(base + corner, 0, size - 1)
-            votes[:, c] = flat[idx @ strides]
-            weights[:, c] = np.prod(np.where(corner == 1, frac, 1.0 - frac), axis=1)
-        # total weight of each neighbour's label among the neighbours
-        totals = np.zeros_like(weights)
-        for c in range(len(corners)):
-            for c2 in range(len(corners)):
-                totals[:, c] += np.where(votes[:, c2] == votes[:, c], weights[:, c2], 0.0)
-        best = totals.max(axis=1, keepdims=True)
-        candidates = np.where(totals >= best - 1e-9, votes, _largest(array.dtype))
-        chosen = candidates.min(axis=1)
-        chosen[~inside] = default_value
-        out[rows] = chosen.reshape(out[rows].shape)
+        out[rows] = _generic_label(cindex, flat, size, strides, corners, default_value).reshape(out[rows].shape)
     image = itk.image_from_array(np.ascontiguousarray(out))
     out_grid.apply_to(image)
     return image
+
+
+def _generic_label(cindex: np.ndarray, flat: np.ndarray, size: np.ndarray, strides: np.ndarray,
+                   corners: np.ndarray, default_value: float) -> np.ndarray:
+    """Labels at continuous indices ``(n, d)`` of a label array (raveled as ``flat``).
+
+    Most points have one label at all their neighbours and take it at once; only the others
+    weigh their neighbours.
+    """
+    inside = np.all((cindex >= -0.5) & (cindex < size - 0.5), axis=1)
+    base = np.floor(cindex)
+    frac = cindex - base
+    base = base.astype(np.int64)
+    low = np.clip(base, 0, size - 1) * strides  # ITK's linear interpolator repeats the edge voxel
+    high = np.clip(base + 1, 0, size - 1) * strides
+    votes = np.empty((cindex.shape[0], len(corners)), dtype=flat.dtype)
+    for c, corner in enumerate(corners):
+        votes[:, c] = flat[np.where(corner == 1, high, low).sum(axis=1)]
+    chosen = votes[:, 0].copy()
+    mixed = np.flatnonzero(~np.all(votes == votes[:, :1], axis=1))
+    if mixed.size:
+        votes, frac = votes[mixed], frac[mixed]
+        weights = np.stack([np.prod(np.where(corner == 1, frac, 1.0 - frac), axis=1) for corner in corners], axis=1)
+        totals = weights.copy()  # total weight of each neighbour's label among the neighbours
+        for c in range(len(corners)):
+            for c2 in range(c + 1, len(corners)):
+                same = votes[:, c] == votes[:, c2]
+                totals[same, c] += weights[same, c2]
+                totals[same, c2] += weights[same, c]
+        best = totals.max(axis=1, keepdims=True)
+        candidates = np.where(totals >= best - 1e-9, votes, _largest(flat.dtype))
+        chosen[mixed] = candidates.min(axis=1)
+    chosen[~inside] = default_value
+    return chosen
 
 
 def _largest(dtype: np.dtype):
