@@ -1,0 +1,359 @@
+"""``gradicon apply-transform``, ``warp-labels``, ``jacobian`` and ``evaluate`` in-process: good calls
+write their outputs; bad calls exit non-zero with one ``Error: ...`` line and leave no file."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import blob_volume, make_image, random_rotation
+from itk_gradicon.cli import main
+from itk_gradicon.geometry import ImageGrid
+from itk_gradicon.imageio import same_grid
+from itk_gradicon.transforms import DisplacementField, write_affine_file, write_transform
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def no_partial_files(folder: Path) -> bool:
+    return not any(p.name.startswith(".gradicon-partial-") for p in folder.rglob("*"))
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A fixed grid (oblique, flipped), a moving int16 image and uint8 label map on another oblique grid,
+    a smooth field (fixed -> moving) as .nii.gz and .h5, and an affine as ANTs' .mat."""
+    import itk
+
+    rng = np.random.default_rng(21)
+    fixed = make_image(np.zeros((14, 16, 18), np.float32), spacing=(1.5, 1.2, 1.3), origin=(-10, 5, 3),
+                       direction=random_rotation(rng) @ np.diag([-1.0, -1.0, 1.0]))
+    grid = ImageGrid.from_image(fixed)
+    centre = grid.world_points().reshape(-1, 3).mean(0)
+    direction = random_rotation(rng)
+    spacing = np.array([1.4, 1.3, 1.2])
+    size = np.array([24, 26, 22])
+    origin = centre - direction @ (spacing * (size - 1) / 2)
+    volume = blob_volume(tuple(size[::-1]), rng, blobs=8)
+    moving = make_image((volume * 1000 - 200).astype(np.int16), spacing=spacing, origin=origin, direction=direction)
+    labels = make_image(np.digitize(volume, [0.2, 0.4, 0.6, 0.8]).astype(np.uint8) * 3, spacing=spacing,
+                        origin=origin, direction=direction)
+    points = grid.world_points()
+    bump = np.exp(-((points - centre) ** 2).sum(-1) / (2 * 6.0 ** 2))[..., None]
+    field = DisplacementField(grid, bump * np.array([1.5, -1.0, 0.8]))
+    paths = {name: tmp_path / f"{name}.nii.gz" for name in ("fixed", "moving", "labels", "field")}
+    itk.imwrite(fixed, str(paths["fixed"]))
+    itk.imwrite(moving, str(paths["moving"]))
+    itk.imwrite(labels, str(paths["labels"]))
+    write_transform(field, paths["field"])
+    paths["h5"] = tmp_path / "field.h5"
+    write_transform(field, paths["h5"])
+    affine = np.eye(4)
+    affine[:3, 3] = [0.5, -0.3, 0.2]
+    paths["affine"] = tmp_path / "s_0GenericAffine.mat"
+    write_affine_file(affine, paths["affine"])
+    paths["warp"] = tmp_path / "s_1Warp.nii.gz"
+    write_transform(field, paths["warp"])
+    paths["dir"] = tmp_path
+    return paths
+
+
+# ---- good calls ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("interpolation", ["linear", "nearest", "bspline", "label"])
+def test_apply_transform_keeps_type_and_reference_grid(files, interpolation):
+    import itk
+
+    out = files["dir"] / f"warped_{interpolation}.nii.gz"
+    result = run("apply-transform", "-i", files["moving"], "-r", files["fixed"], "-t", files["warp"],
+                 "-t", files["affine"], "-o", out, "--interpolation", interpolation)
+    assert result.exit_code == 0, result.output
+    warped = itk.imread(str(out))
+    assert itk.array_from_image(warped).dtype == np.int16
+    assert same_grid(warped, itk.imread(str(files["fixed"])), tolerance=1e-6)
+    assert itk.array_from_image(warped).max() > 300  # it sampled the blobs
+    if interpolation in ("nearest", "label"):
+        moving_values = set(np.unique(itk.array_from_image(itk.imread(str(files["moving"])))).tolist())
+        assert set(np.unique(itk.array_from_image(warped)).tolist()) <= moving_values | {0}
+
+
+def test_apply_transform_default_value(files):
+    import itk
+
+    out = files["dir"] / "far.nii.gz"
+    far = files["dir"] / "far.tfm"
+    shift = np.eye(4)
+    shift[:3, 3] = [500.0, 0.0, 0.0]  # every sample point leaves the moving image
+    write_affine_file(shift, far)
+    result = run("apply-transform", "-i", files["moving"], "-r", files["fixed"], "-t", far, "-o", out,
+                 "--default-value", "-7")
+    assert result.exit_code == 0, result.output
+    assert set(np.unique(itk.array_from_image(itk.imread(str(out)))).tolist()) == {-7}
+
+
+def test_warp_labels_preserves_type_and_labels_and_matches_ants(files):
+    import ants
+    import itk
+
+    out = files["dir"] / "labels_on_fixed.nii.gz"
+    result = run("warp-labels", "-i", files["labels"], "-r", files["fixed"], "-t", files["h5"], "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "labels: 5 in the input" in result.stderr
+    warped = itk.array_from_image(itk.imread(str(out)))
+    assert warped.dtype == np.uint8
+    assert set(np.unique(warped).tolist()) <= {0, 3, 6, 9, 12}
+    theirs = ants.apply_transforms(ants.image_read(str(files["fixed"])), ants.image_read(str(files["labels"])),
+                                   [str(files["field"])], interpolator="genericLabel").numpy().T
+    assert (warped == theirs).mean() > 0.999
+
+
+def test_warp_labels_keeps_float_label_maps_as_float(files):
+    import itk
+
+    array = itk.array_from_image(itk.imread(str(files["labels"]))).astype(np.float32)
+    float_labels = files["dir"] / "float_labels.nii.gz"
+    image = itk.image_from_array(array)
+    image.CopyInformation(itk.imread(str(files["labels"])))
+    itk.imwrite(image, str(float_labels))
+    out = files["dir"] / "float_out.nrrd"
+    result = run("warp-labels", "-i", float_labels, "-r", files["fixed"], "-t", files["field"], "-o", out)
+    assert result.exit_code == 0, result.output
+    warped = itk.array_from_image(itk.imread(str(out)))
+    assert warped.dtype == np.float32 and set(np.unique(warped).tolist()) <= {0.0, 3.0, 6.0, 9.0, 12.0}
+
+
+def test_jacobian_command_writes_image_and_summary(files):
+    import itk
+
+    out, summary = files["dir"] / "jac.nii.gz", files["dir"] / "jac.json"
+    result = run("jacobian", "-t", files["field"], "-r", files["fixed"], "-o", out, "--summary-json", summary)
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert printed == json.loads(summary.read_text())
+    assert printed["voxels"] == 14 * 16 * 18 and printed["percent_negative"] == 0.0
+    assert printed["min"] < 1.0 < printed["max"]
+    det = itk.array_from_image(itk.imread(str(out)))
+    assert det.min() == pytest.approx(printed["min"], abs=1e-5)
+    log_out = files["dir"] / "logjac.nii.gz"
+    assert run("jacobian", "-t", files["field"], "-o", log_out, "--log").exit_code == 0  # grid of the field
+    np.testing.assert_allclose(itk.array_from_image(itk.imread(str(log_out))), np.log(det), atol=1e-5)
+
+
+def test_evaluate_labels_landmarks_and_folding(files):
+    import itk
+
+    from itk_gradicon.transforms import read_transform
+
+    fixed_labels = files["dir"] / "fixed_labels.nii.gz"
+    assert run("warp-labels", "-i", files["labels"], "-r", files["fixed"], "-t", files["field"],
+               "-o", fixed_labels).exit_code == 0
+    transform = read_transform(files["field"])
+    grid = ImageGrid.from_image(itk.imread(str(files["fixed"])))
+    fixed_points = grid.world_points()[5:9:2, 6:10:2, 7:11:2].reshape(-1, 3)
+    moving_points = np.array([list(transform.TransformPoint(p)) for p in fixed_points])
+    moving_points[0] += [0.0, 3.0, 4.0]  # one landmark 5 mm off
+    (files["dir"] / "fixed.csv").write_text("x,y,z\n" + "\n".join(",".join(map(str, p)) for p in fixed_points))
+    (files["dir"] / "moving.txt").write_text(f"point\n{len(moving_points)}\n"
+                                             + "\n".join(" ".join(map(str, p)) for p in moving_points))
+    report_file = files["dir"] / "eval.json"
+    result = run("evaluate", "-t", files["field"], "--fixed-labels", fixed_labels, "--moving-labels", files["labels"],
+                 "--fixed-landmarks", files["dir"] / "fixed.csv", "--moving-landmarks", files["dir"] / "moving.txt",
+                 "--output-json", report_file)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report == json.loads(report_file.read_text())
+    assert report["labels"]["labels"] == [3, 6, 9, 12]
+    assert report["labels"]["mean_dice"] == 1.0 and report["labels"]["mean_hd95_mm"] == 0.0
+    tre = report["landmarks"]
+    assert tre["count"] == 8 and tre["tre_mm"]["max"] == pytest.approx(5.0, abs=1e-6)
+    assert tre["tre_mm"]["median"] == pytest.approx(0.0, abs=1e-6)
+    assert report["jacobian"]["percent_negative"] == 0.0
+    only = run("evaluate", "--fixed-labels", fixed_labels, "--moving-labels", fixed_labels, "--label", "6",
+               "--no-hd95")
+    assert only.exit_code == 0 and json.loads(only.stdout)["labels"]["dice"] == {"6": 1.0}
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.float32, np.float64])
+@pytest.mark.parametrize("interpolation", ["linear", "nearest", "bspline", "label"])
+def test_resample_image_keeps_every_pixel_type(dtype, interpolation):
+    """Output pixel type = input pixel type; integers are the float result rounded and clamped to the
+    type's range (a B-spline undershoot below 0 gives 0 in uint8, never a wrapped 255)."""
+    import itk
+
+    from itk_gradicon.resample import resample_image
+    from itk_gradicon.transforms import affine_to_itk
+
+    rng = np.random.default_rng(1)
+    top = 250 if dtype == np.uint8 else 3000
+    array = np.rint(blob_volume((9, 10, 11), rng) * top).astype(dtype)
+    array[4:, 5:, :] = 0  # a sharp edge: cubic B-splines overshoot on both sides of it
+    array[:4, :5, :] = top
+    image = make_image(array, spacing=(1.0, 1.1, 0.9))
+    shift = np.eye(4)
+    shift[:3, 3] = [0.4, -0.3, 0.2]
+    transform = affine_to_itk(shift)
+    out = itk.array_from_image(resample_image(image, image, transform, interpolation=interpolation,
+                                              default_value=5))
+    assert out.dtype == np.dtype(dtype)
+    if interpolation in ("nearest", "label"):
+        assert set(np.unique(out).tolist()) <= set(np.unique(array).tolist()) | {5}
+    elif np.issubdtype(dtype, np.integer):
+        # the same computation in the type resample_image interpolates in (float32 up to 16-bit integers)
+        working = np.float32 if np.dtype(dtype).itemsize <= 2 and interpolation == "linear" else np.float64
+        as_float = make_image(array.astype(working), spacing=(1.0, 1.1, 0.9))
+        exact = itk.array_from_image(resample_image(as_float, image, transform, interpolation=interpolation,
+                                                    default_value=5))
+        info = np.iinfo(dtype)
+        np.testing.assert_array_equal(out, np.clip(np.rint(exact), info.min, info.max).astype(dtype))
+        if interpolation == "bspline":
+            assert exact.min() < -0.5 and exact.max() > top + 0.5  # the overshoot was there to clamp
+
+
+# ---- bad calls ----------------------------------------------------------------------------------
+
+def _bad_apply_calls(files):
+    d = files["dir"]
+    (d / "notes.txt").write_text("hello\n")
+    (d / "image.txt").write_text("not an image\n")
+    base = ["-r", files["fixed"], "-o", d / "out.nii.gz"]
+    return {
+        "missing input": (["apply-transform", "-i", d / "missing.nii.gz", "-t", files["field"], *base],
+                          ["--input", "does not exist"]),
+        "input not an image": (["apply-transform", "-i", d / "image.txt", "-t", files["field"], *base],
+                               ["--input", "could not be read as an image"]),
+        "missing reference": (["apply-transform", "-i", files["moving"], "-t", files["field"], "-r", d / "nope.nii.gz",
+                               "-o", d / "out.nii.gz"], ["--reference", "does not exist"]),
+        "unknown interpolation": (["apply-transform", "-i", files["moving"], "-t", files["field"], *base,
+                                   "--interpolation", "cubic"], ["cubic", "linear"]),
+        "not a transform": (["apply-transform", "-i", files["moving"], "-t", d / "notes.txt", *base],
+                            ["notes.txt", "not a transform"]),
+        "image as transform": (["apply-transform", "-i", files["moving"], "-t", files["fixed"], *base],
+                               ["not a displacement field"]),
+        "missing transform": (["apply-transform", "-i", files["moving"], "-t", d / "gone.h5", *base],
+                              ["gone.h5", "does not exist"]),
+        "inverse of a warp": (["apply-transform", "-i", files["moving"], "-t", f"[{files['warp']},1]", *base],
+                              ["s_1InverseWarp.nii.gz"]),
+        "output folder missing": (["apply-transform", "-i", files["moving"], "-t", files["field"], "-r", files["fixed"],
+                                   "-o", d / "no" / "out.nii.gz"], ["--output", "does not exist"]),
+        "output ending": (["apply-transform", "-i", files["moving"], "-t", files["field"], "-r", files["fixed"],
+                           "-o", d / "out.png.txt"], ["--output", "allowed"]),
+        "default value out of range": (["apply-transform", "-i", files["labels"], "-t", files["field"], *base,
+                                        "--default-value", "-1"], ["-1", "uint8"]),
+        "labels from intensities": (["warp-labels", "-i", files["field"], "-t", files["field"], *base],
+                                    ["components per voxel"]),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing input", "input not an image", "missing reference", "unknown interpolation",
+                                  "not a transform", "image as transform", "missing transform", "inverse of a warp",
+                                  "output folder missing", "output ending", "default value out of range",
+                                  "labels from intensities"])
+def test_bad_apply_calls_fail_cleanly(files, case):
+    args, fragments = _bad_apply_calls(files)[case]
+    result = run(*args)
+    assert_one_line_error(result, *fragments)
+    assert not (files["dir"] / "out.nii.gz").exists()
+    assert no_partial_files(files["dir"])
+
+
+def test_non_integer_label_map_is_refused(files):
+    import itk
+
+    values = make_image(np.full((4, 4, 4), 0.5, np.float32))
+    itk.imwrite(values, str(files["dir"] / "probabilities.nii.gz"))
+    result = run("warp-labels", "-i", files["dir"] / "probabilities.nii.gz", "-r", files["fixed"],
+                 "-t", files["field"], "-o", files["dir"] / "out.nii.gz")
+    assert_one_line_error(result, "not a label map", "0.5")
+    assert not (files["dir"] / "out.nii.gz").exists()
+
+
+def test_bad_jacobian_and_evaluate_calls(files):
+    d = files["dir"]
+    calls = [
+        (["jacobian", "-t", files["affine"]], ["--reference"]),
+        (["jacobian", "-t", files["field"], "-o", d / "missing" / "j.nii.gz"], ["--output", "does not exist"]),
+        (["jacobian", "-t", files["field"], "--summary-json", d / "s.txt"], ["--summary-json", ".json"]),
+        (["evaluate"], ["nothing to evaluate"]),
+        (["evaluate", "--fixed-labels", files["labels"]], ["must be given together"]),
+        (["evaluate", "--fixed-landmarks", d / "a.csv"], ["must be given together"]),
+        (["evaluate", "--fixed-labels", files["labels"], "--moving-labels", files["fixed"]], ["not on one grid"]),
+        (["evaluate", "--fixed-landmarks", d / "a.csv", "--moving-landmarks", d / "b.csv"], ["does not exist"]),
+    ]
+    for args, fragments in calls:
+        assert_one_line_error(run(*args), *fragments)
+    assert not (d / "s.txt").exists() and no_partial_files(d)
+
+
+def test_help_states_the_transform_order():
+    text = " ".join(run("apply-transform", "--help").output.split())  # undo click's line wrapping
+    for fragment in ("T2(T1(x))", "[FILE,1]", "PREFIX1Warp.nii.gz -t PREFIX0GenericAffine.mat", "fixed"):
+        assert fragment in text, fragment
+
+
+# ---- real data ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_warp_aal_labels_on_mni(shared_data, tmp_path):
+    """AAL (116 labels, 182x218x182) through a smooth field: the label set and type survive, ANTs'
+    GenericLabel agrees, and it takes seconds."""
+    import ants
+    import itk
+
+    folder = shared_data / "antspy_legacy_data"
+    mni = itk.imread(str(folder / "mni.nii.gz"))
+    grid = ImageGrid.from_image(mni)
+    coarse = ImageGrid(size=(24, 28, 24), spacing=tuple(s * 8 for s in grid.spacing), origin=grid.origin,
+                       direction=grid.direction)  # a field on a coarse grid covering the image
+    points = coarse.world_points()
+    centre = grid.world_points()[::10, ::10, ::10].reshape(-1, 3).mean(0)
+    bump = np.exp(-((points - centre) ** 2).sum(-1) / (2 * 30.0 ** 2))[..., None]
+    write_transform(DisplacementField(coarse, bump * np.array([3.0, -2.0, 2.5])), tmp_path / "warp.nii.gz")
+    out = tmp_path / "aal_warped.nii.gz"
+    start = time.perf_counter()
+    result = run("warp-labels", "-i", folder / "mnia.nii.gz", "-r", folder / "mni.nii.gz",
+                 "-t", tmp_path / "warp.nii.gz", "-o", out)
+    seconds = time.perf_counter() - start
+    assert result.exit_code == 0, result.output
+    source = itk.array_from_image(itk.imread(str(folder / "mnia.nii.gz")))
+    warped = itk.array_from_image(itk.imread(str(out)))
+    assert warped.dtype == source.dtype
+    assert set(np.unique(warped).tolist()) == set(np.unique(source).tolist())
+    theirs = ants.apply_transforms(ants.image_read(str(folder / "mni.nii.gz")),
+                                   ants.image_read(str(folder / "mnia.nii.gz")),
+                                   [str(tmp_path / "warp.nii.gz")], interpolator="genericLabel").numpy().T
+    assert (warped == theirs).mean() > 0.999
+    assert seconds < 60, seconds
+
+
+@pytest.mark.slow
+def test_lung_ct_keeps_int16_with_bspline(shared_data, tmp_path):
+    import itk
+
+    ct = shared_data / "elastix_lung_ct_partial" / "3DCT_lung_baseline_small.mha"
+    shift = np.eye(4)
+    shift[:3, 3] = [2.0, -1.0, 3.0]
+    write_affine_file(shift, tmp_path / "shift.mat")
+    out = tmp_path / "ct_shifted.nii.gz"
+    result = run("apply-transform", "-i", ct, "-r", ct, "-t", tmp_path / "shift.mat", "-o", out,
+                 "--interpolation", "bspline", "--default-value", "-1024")
+    assert result.exit_code == 0, result.output
+    source = itk.array_from_image(itk.imread(str(ct)))
+    warped = itk.array_from_image(itk.imread(str(out)))
+    assert warped.dtype == source.dtype == np.int16
+    assert warped.min() >= -1024 - 200 and warped.shape == source.shape
