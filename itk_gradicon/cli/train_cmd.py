@@ -70,8 +70,9 @@ def train(config_path: Path, output: Optional[Path], resume: bool, model: Option
         def progress(report) -> None:
             if report.step % log_every and report.stage_step != report.stage_steps:
                 return
-            terms = "  ".join(f"{k} {v:.4f}" for k, v in report.losses.items()
-                              if k == "total" or (v and k != "total"))
+            order = ("total", "similarity", "gradicon", "gradcycon", "dice")
+            names = [k for k in order if k in report.losses] + sorted(set(report.losses) - set(order))
+            terms = "  ".join(f"{k} {report.losses[k]:.4f}" for k in names if k == "total" or report.losses[k])
             line.update(f"{report.stage} {report.stage_step}/{report.stage_steps}  step {report.step}/"
                         f"{report.total_steps}  {terms}  {report.pairs_per_s:.1f} pairs/s  "
                         f"ETA {format_seconds(report.eta_s)}", final=report.stage_step == report.stage_steps)
