@@ -132,6 +132,21 @@ def hausdorff95(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) -> float
     return float(max(np.percentile(a_to_b, 95), np.percentile(b_to_a, 95)))
 
 
+def _crop_to_label(in_a: np.ndarray, in_b: np.ndarray):
+    """Both masks cut to the box around either, one voxel wider where the image allows: surfaces,
+    overlaps and distances are unchanged, and many small labels cost little."""
+    either = in_a | in_b
+    if not either.any():
+        return in_a[:0], in_b[:0]
+    box = []
+    for axis in range(either.ndim):
+        other = tuple(a for a in range(either.ndim) if a != axis)
+        hit = np.flatnonzero(either.any(axis=other))
+        box.append(slice(max(int(hit[0]) - 1, 0), min(int(hit[-1]) + 2, either.shape[axis])))
+    box = tuple(box)
+    return in_a[box], in_b[box]
+
+
 def label_overlap(reference, labels, *, label_values: Optional[Sequence[int]] = None,
                   with_hd95: bool = True) -> Dict[str, object]:
     """Dice (and HD95) per label between two label maps on one grid.
@@ -167,9 +182,9 @@ def label_overlap(reference, labels, *, label_values: Optional[Sequence[int]] = 
     dice_by_label: Dict[str, float] = {}
     hd_by_label: Dict[str, Optional[float]] = {}
     for value in values:
-        in_a, in_b = a == value, b == value
-        score = dice(a, b, value)
-        dice_by_label[str(value)] = 0.0 if math.isnan(score) else score
+        in_a, in_b = _crop_to_label(a == value, b == value)
+        total = int(np.count_nonzero(in_a)) + int(np.count_nonzero(in_b))
+        dice_by_label[str(value)] = 2.0 * int(np.count_nonzero(in_a & in_b)) / total if total else 0.0
         if with_hd95:
             hd = hausdorff95(in_a, in_b, spacing)
             hd_by_label[str(value)] = None if math.isnan(hd) else hd
