@@ -159,34 +159,39 @@ def _prepare(data_folder, tmp_path, mutate, output=None):
     return prepare_run(load_config(path), output or tmp_path / "out", device=torch.device("cpu"))
 
 
-BAD = [
-    ("unknown top-level key", lambda c: c.update(batchsize=2), "batchsize: unknown key (did you mean 'batch_size'?)"),
-    ("unknown nested key", lambda c: _with(c, "optimizer.betass", [0.9, 0.99]), "optimizer.betass: unknown key (did you mean 'betas'?)"),
-    ("unknown dataset key", lambda c: _with(c, "datasets.0.pairng", "intra"), "datasets[0].pairng: unknown key (did you mean 'pairing'?)"),
-    ("wrong type", lambda c: c.update(batch_size="four"), "batch_size: expected a whole number, got 'four'"),
-    ("out of range", lambda c: _with(c, "optimizer.lr", -1), "optimizer.lr: -1.0 must be > 0"),
-    ("unknown choice", lambda c: _with(c, "objective.kind", "m2n"), "objective.kind: unknown value 'm2n' (did you mean 'm2m'?)"),
-    ("unknown pairing", lambda c: _with(c, "datasets.0.pairing", "paired"), "allowed: inter, intra"),
-    ("weight 0 everywhere", lambda c: _with(c, "datasets.0.weight", 0), "every data set has weight 0"),
-    ("no datasets", lambda c: c.update(datasets=[]), "datasets: give at least one data set"),
-    ("model and architecture", lambda c: c.update(model="unigradicon"), "remove 'architecture' or 'model'"),
-    ("neither model nor architecture", lambda c: c.pop("architecture"), "give 'model'"),
-    ("missing stage2", lambda c: _with(c, "schedule.stage2", ...), "schedule.stage2: architecture.refinement_steps is 1"),
-    ("steps and epochs", lambda c: _with(c, "schedule.stage1", {"steps": 2, "epochs": 1}), "schedule.stage1: give exactly one"),
-    ("bad architecture", lambda c: _with(c, "architecture.input_shape", [8, 8]), "architecture: invalid architecture"),
-    ("missing list", lambda c: _with(c, "datasets.0.images", "nothing.csv"), "datasets[0].images: '"),
-    ("empty glob", lambda c: _with(c, "datasets.0.images", "nope/*.mha"), "matches no file, so the data set is empty"),
+BAD = [  # (label, mutation, expected part of the message)
+    ("unknown top-level key", _sets({"batchsize": 2}), "batchsize: unknown key (did you mean 'batch_size'?)"),
+    ("unknown nested key", _sets({"optimizer.betass": [0.9, 0.99]}),
+     "optimizer.betass: unknown key (did you mean 'betas'?)"),
+    ("unknown dataset key", _sets({"datasets.0.pairng": "intra"}),
+     "datasets[0].pairng: unknown key (did you mean 'pairing'?)"),
+    ("wrong type", _sets({"batch_size": "four"}), "batch_size: expected a whole number, got 'four'"),
+    ("out of range", _sets({"optimizer.lr": -1}), "optimizer.lr: -1.0 must be > 0"),
+    ("unknown choice", _sets({"objective.kind": "m2n"}), "objective.kind: unknown value 'm2n' (did you mean 'm2m'?)"),
+    ("unknown pairing", _sets({"datasets.0.pairing": "paired"}), "allowed: inter, intra"),
+    ("weight 0 everywhere", _sets({"datasets.0.weight": 0}), "every data set has weight 0"),
+    ("no datasets", _sets({"datasets": []}), "datasets: give at least one data set"),
+    ("model and architecture", _sets({"model": "unigradicon"}), "remove 'architecture' or 'model'"),
+    ("neither model nor architecture", _sets({"architecture": ...}), "give 'model'"),
+    ("missing stage2", _sets({"schedule.stage2": ...}), "schedule.stage2: architecture.refinement_steps is 1"),
+    ("steps and epochs", _sets({"schedule.stage1": {"steps": 2, "epochs": 1}}), "schedule.stage1: give exactly one"),
+    ("bad architecture", _sets({"architecture.input_shape": [8, 8]}), "architecture: invalid architecture"),
+    ("missing list", _sets({"datasets.0.images": "nothing.csv"}), "datasets[0].images: '"),
+    ("empty glob", _sets({"datasets.0.images": "nope/*.mha"}), "matches no file, so the data set is empty"),
     ("unknown modality", _sets({"datasets.0.images": "images.txt", "datasets.0.modality": "T1w"}),
      "unknown modality 'T1w' (did you mean 't1w'?)"),
     ("intra with one image per subject", _sets({"datasets.0.images": "t1w.csv", "datasets.0.pairing": "intra"}),
      "pairing 'intra' needs a subject with two or more images"),
     ("M2M with one modality", _sets({"datasets.0.images": "t1w.csv", "objective.kind": "m2m"}),
      "an M2M-Reg data set needs exactly two modalities"),
-    ("Dice without segmentations", _sets({"datasets.0.images": "images.txt", "datasets.0.modality": "t1w",
-                                           "objective.dice_weight": 1.0}), "objective.dice_weight: a Dice term needs segmentations"),
-    ("randomisation with m2m", lambda c: _with(c, "objective", {"kind": "m2m", "loss_randomisation": "R"}), "objective.loss_randomisation: 'R' is for kind: gradicon"),
-    ("bad quantiles", lambda c: c.update(preprocessing={"quantile_range": [0.5, 1.5]}), "preprocessing.quantile_range: [0.5, 1.5] must be"),
-    ("bad subject pattern", lambda c: _with(c, "datasets.0.subject_pattern", "sub-\\d+"), "needs a group in parentheses"),
+    ("Dice without segmentations",
+     _sets({"datasets.0.images": "images.txt", "datasets.0.modality": "t1w", "objective.dice_weight": 1.0}),
+     "objective.dice_weight: a Dice term needs segmentations"),
+    ("randomisation with m2m", _sets({"objective": {"kind": "m2m", "loss_randomisation": "R"}}),
+     "objective.loss_randomisation: 'R' is for kind: gradicon"),
+    ("bad quantiles", _sets({"preprocessing": {"quantile_range": [0.5, 1.5]}}),
+     "preprocessing.quantile_range: [0.5, 1.5] must be"),
+    ("bad subject pattern", _sets({"datasets.0.subject_pattern": "sub-\\d+"}), "needs a group in parentheses"),
 ]
 
 
@@ -199,7 +204,8 @@ def list_files(data_folder):
     write_image(np.zeros((5, 5, 5), np.float32) + np.arange(5), data_folder / "volume3d.mha")
     (data_folder / "mixed_dims.txt").write_text("sub00_ses0_t1w.mha\nvolume3d.mha\n")
     write_image(np.ones((7, 7), np.uint8), data_folder / "small_mask.mha")
-    (data_folder / "bad_mask.csv").write_text("image,mask\nsub00_ses0_t1w.mha,small_mask.mha\nsub01_ses0_t1w.mha,small_mask.mha\n")
+    (data_folder / "bad_mask.csv").write_text(
+        "image,mask\nsub00_ses0_t1w.mha,small_mask.mha\nsub01_ses0_t1w.mha,small_mask.mha\n")
     return data_folder
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_training_support import base_config, make_subjects, write_config, write_csv, write_image
+from test_training_support import base_config, make_subjects, write_csv
 
 EXAMPLE_DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 

@@ -190,8 +190,8 @@ def resume_config(**overrides):
 
 
 def test_stop_and_resume_gives_bit_identical_weights(data, tmp_path):
-    """10 steps, stop, 10 more (across the Stage 1 / Stage 2 boundary, with a different number of
-    DataLoader workers after the stop) equals 20 steps without a stop."""
+    """10 steps, stop, 2 more (to the end of Stage 1), stop, 8 more (with a different number of
+    DataLoader workers after the first stop) equals 20 steps without a stop."""
     config = resume_config()
     config["schedule"] = {"stage1": {"steps": 12}, "stage2": {"steps": 8}}
     straight = tmp_path / "straight"
@@ -204,6 +204,8 @@ def test_stop_and_resume_gives_bit_identical_weights(data, tmp_path):
     assert not (parts / "final.pt").exists()
     assert (parts / "checkpoints" / "step_000000010.pt").exists()
     config["loader"] = {"workers": 2}  # may change on resume: samples do not depend on it
+    _, boundary = train(data, parts, config, resume=True, stop_after=2)  # stops exactly at the end of Stage 1
+    assert boundary.stopped and boundary.steps == 12 and (parts / "stage1.pt").exists()
     _, second = train(data, parts, config, resume=True)
     assert second.steps == 20 and not second.stopped
     assert_same_weights(straight / "final.pt", parts / "final.pt")
@@ -358,7 +360,8 @@ def held_out_dice(model_path: Path, folder: Path, fixed_row: dict, moving_row: d
     (3, (110, 0), 24, (4, 8, 8), 1, 4e-3),
 ])
 def test_loss_falls_and_the_model_registers_a_held_out_pair(tmp_path, dimension, steps, size, channels, batch, lr):
-    rows = make_subjects(tmp_path, n=10, shape=(size + 8,) * dimension, seed=1, amplitude=4.0 if dimension == 2 else 3.0)
+    amplitude = 4.0 if dimension == 2 else 3.0
+    rows = make_subjects(tmp_path, n=10, shape=(size + 8,) * dimension, seed=1, amplitude=amplitude)
     write_csv(rows[:8], tmp_path / "train.csv")  # subjects 8 and 9 are held out
     config = base_config("train.csv", steps1=steps[0], steps2=steps[1])
     config["architecture"] = tiny_architecture_config(dimension, size, channels, refinement=1 if steps[1] else 0)

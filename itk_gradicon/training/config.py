@@ -94,6 +94,7 @@ class ArchitectureConfig:
     up_channels: Tuple[int, ...] = _opt((16, 32, 64, 128, 256))
 
     def check(self, where: str) -> None:
+        """Raise :class:`ConfigError`, naming the key under ``where``, for values that cannot work together."""
         self.to_architecture(where)
 
     def to_architecture(self, where: str = "architecture"):
@@ -147,6 +148,7 @@ class DatasetConfig:
     quantile_range: Optional[Tuple[float, float]] = _opt(None)
 
     def check(self, where: str) -> None:
+        """Raise :class:`ConfigError`, naming the key under ``where``, for values that cannot work together."""
         if not self.name:
             raise ConfigError(f"{where}.name: every data set needs a non-empty name")
         if not self.images:
@@ -189,9 +191,6 @@ class SamplingConfig:
     pairs_per_dataset: int = _opt(1000, minimum=1)
     pairs_per_epoch: int = _opt(4000, minimum=1)
 
-    def check(self, where: str) -> None:
-        pass
-
 
 @dataclass(frozen=True)
 class PreprocessingConfig:
@@ -206,6 +205,7 @@ class PreprocessingConfig:
     quantile_range: Optional[Tuple[float, float]] = _opt(None)
 
     def check(self, where: str) -> None:
+        """Raise :class:`ConfigError`, naming the key under ``where``, for values that cannot work together."""
         _check_window(self.ct_window, f"{where}.ct_window")
         _check_quantiles(self.quantile_range, f"{where}.quantile_range")
 
@@ -226,9 +226,6 @@ class AugmentationConfig:
     permutations: bool = _opt(False)
     affine_std: float = _opt(0.05, minimum=0.0, maximum=0.5)
     invert_ct: float = _opt(0.0, minimum=0.0, maximum=1.0)
-
-    def check(self, where: str) -> None:
-        pass
 
 
 @dataclass(frozen=True)
@@ -263,6 +260,7 @@ class ObjectiveConfig:
         return DEFAULT_LAMBDA[self.kind] if self.lmbda is None else float(self.lmbda)
 
     def check(self, where: str) -> None:
+        """Raise :class:`ConfigError`, naming the key under ``where``, for values that cannot work together."""
         if self.kind != "m2m":
             for key, default in (("lambda_gcc", 0.1), ("prealigned_bridges", 0.0)):
                 if key in getattr(self, "keys_given", ()) and getattr(self, key) != default:
@@ -280,6 +278,7 @@ class StageLength:
     epochs: Optional[float] = _opt(None, above=0.0)
 
     def check(self, where: str) -> None:
+        """Raise :class:`ConfigError`, naming the key under ``where``, for values that cannot work together."""
         if (self.steps is None) == (self.epochs is None):
             raise ConfigError(f"{where}: give exactly one of 'steps' or 'epochs'")
 
@@ -298,9 +297,6 @@ class ScheduleConfig:
     stage2: Optional[StageLength] = _opt(None)
     finetune: Optional[StageLength] = _opt(None)
 
-    def check(self, where: str) -> None:
-        pass
-
 
 @dataclass(frozen=True)
 class OptimizerConfig:
@@ -311,6 +307,7 @@ class OptimizerConfig:
     weight_decay: float = _opt(0.0, minimum=0.0)
 
     def check(self, where: str) -> None:
+        """Raise :class:`ConfigError`, naming the key under ``where``, for values that cannot work together."""
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"{where}.betas: {list(self.betas)} must both be in [0, 1)")
 
@@ -321,9 +318,6 @@ class CheckpointConfig:
 
     every: int = _opt(1000, minimum=1)
     keep: int = _opt(3, minimum=1)
-
-    def check(self, where: str) -> None:
-        pass
 
 
 @dataclass(frozen=True)
@@ -342,9 +336,6 @@ class LoaderConfig:
     cache_dir: Optional[str] = _opt(None)
     memory_cache: int = _opt(8, minimum=0)
     prefetch: int = _opt(2, minimum=1)
-
-    def check(self, where: str) -> None:
-        pass
 
 
 @dataclass(frozen=True)
@@ -382,6 +373,7 @@ class TrainConfig:
     base_dir: Path = _opt(Path("."), internal=True)
 
     def check(self, where: str = "") -> None:
+        """Raise :class:`ConfigError`, naming the key under ``where``, for values that cannot work together."""
         prefix = f"{where}." if where else ""
         if not self.datasets:
             raise ConfigError(f"{prefix}datasets: give at least one data set")
@@ -575,7 +567,8 @@ def parse_section(cls, raw: Any, where: str):
         where: the key path used in error messages (``""`` for the top level).
 
     Returns:
-        The instance, after its ``check(where)``; it remembers which keys were given in ``keys_given``.
+        The instance, after its ``check(where)`` where it has one; it remembers which keys were given
+        in ``keys_given``.
     """
     label = where or "the configuration"
     if raw is None:
@@ -597,7 +590,9 @@ def parse_section(cls, raw: Any, where: str):
             raise ConfigError(f"{prefix}{key}: required key is missing")
     instance = cls(**values)
     object.__setattr__(instance, "keys_given", frozenset(raw))
-    instance.check(where)
+    check = getattr(instance, "check", None)
+    if check is not None:
+        check(where)
     return instance
 
 

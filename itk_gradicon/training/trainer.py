@@ -184,7 +184,8 @@ class TrainingRun:
         for s in self.stages:
             lines.append(f"{s.name}: {s.steps} steps of {self.pairs_per_step} pairs "
                          f"({s.steps * self.pairs_per_step / self.composite.pairs_per_epoch:.2f} epochs)")
-        lines.append(f"device: {self.device}" + (f", {self.dist.world_size} processes" if self.dist.distributed else ""))
+        processes = f", {self.dist.world_size} processes" if self.dist.distributed else ""
+        lines.append(f"device: {self.device}{processes}")
         return lines + [f"note: {n}" for n in self.notes]
 
 
@@ -236,7 +237,7 @@ def prepare_run(config: TrainConfig, output, *, device: torch.device, resume: bo
         notes.append("augmentation.permutations: no two network axes have the same size, so none is permuted")
     global_batch = config.batch_size * dist.world_size
 
-    def length(spec, name) -> int:
+    def length(spec) -> int:
         if spec.steps is not None:
             return int(spec.steps)
         return composite.epochs_to_steps(spec.epochs, global_batch)
@@ -244,12 +245,12 @@ def prepare_run(config: TrainConfig, output, *, device: torch.device, resume: bo
     schedule = config.schedule
     stages: List[Stage] = []
     if parent is not None:
-        stages.append(Stage("finetune", architecture, length(schedule.finetune, "finetune"), 0))
+        stages.append(Stage("finetune", architecture, length(schedule.finetune), 0))
     else:
         first = replace(architecture, refinement_steps=0)
-        stages.append(Stage("stage1", first, length(schedule.stage1, "stage1"), 0))
+        stages.append(Stage("stage1", first, length(schedule.stage1), 0))
         if architecture.refinement_steps > 0:
-            stages.append(Stage("stage2", architecture, length(schedule.stage2, "stage2"), stages[0].end))
+            stages.append(Stage("stage2", architecture, length(schedule.stage2), stages[0].end))
     output = Path(output).expanduser().absolute()
     run = TrainingRun(config, composite, architecture, parent, stages, preprocessing, notes, output, device, dist)
     if check_output:
