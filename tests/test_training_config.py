@@ -303,3 +303,20 @@ def test_output_folder_with_a_run_needs_resume(list_files, tmp_path):
     (out / "checkpoints" / "step_000000002.pt").write_bytes(b"x")
     with pytest.raises(InputError, match="already holds a training run; pass --resume"):
         _prepare(list_files, tmp_path, lambda c: None, output=out)
+
+
+def test_a_model_file_in_the_yaml_is_relative_to_the_yaml_folder(tmp_path, tiny_model_file, monkeypatch):
+    from itk_gradicon.training import load_config, prepare_run
+
+    path = materialise_example("finetune.yaml", tmp_path)
+    shutil.copy(tiny_model_file, tmp_path / "parent.pt")
+    raw = yaml.safe_load(path.read_text())
+    raw["model"] = "../parent.pt"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path / "examples" / "lists")  # not the YAML file's folder
+    run = prepare_run(load_config(path), tmp_path / "out", device=torch.device("cpu"), check_output=False)
+    assert run.parent.source.samefile(tmp_path / "parent.pt")
+    # --model on the command line is relative to the working folder
+    monkeypatch.chdir(tmp_path)
+    config = load_config(path, model="parent.pt")
+    assert config.model == str(tmp_path / "parent.pt")

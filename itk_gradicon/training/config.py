@@ -436,7 +436,7 @@ class TrainConfig:
         """``ct`` or ``mri`` for a modality name; :class:`ConfigError` naming ``where`` otherwise."""
         known = self.all_modalities
         if modality not in known:
-            hint = _suggest(modality, known)
+            hint = did_you_mean(modality, known)
             raise ConfigError(f"{where}: unknown modality {modality!r}{hint}; allowed: "
                               f"{', '.join(sorted(known))} (declare others under 'modalities')")
         return known[modality]
@@ -455,7 +455,8 @@ class TrainConfig:
 # parsing
 # ------------------------------------------------------------------------------------------------
 
-def _suggest(word: str, candidates) -> str:
+def did_you_mean(word: str, candidates) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``candidates`` to ``word``, or ``""``."""
     match = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
     return f" (did you mean {match[0]!r}?)" if match else ""
 
@@ -539,7 +540,7 @@ def _convert(value: Any, hint: Any, where: str, meta: Mapping[str, Any]) -> Any:
                 folded = {str(c).lower(): c for c in choices}
                 if value.lower() in folded:
                     return folded[value.lower()]
-                raise ConfigError(f"{where}: unknown value {value!r}{_suggest(value, choices)}; allowed: "
+                raise ConfigError(f"{where}: unknown value {value!r}{did_you_mean(value, choices)}; allowed: "
                                   f"{', '.join(map(str, choices))}")
         return value
     raise TypeError(f"unsupported configuration type {hint!r} at {where}")  # a bug, not a user error
@@ -580,7 +581,7 @@ def parse_section(cls, raw: Any, where: str):
     prefix = f"{where}." if where else ""
     for key in raw:
         if key not in by_key:
-            raise ConfigError(f"{prefix}{key}: unknown key{_suggest(key, by_key)}; allowed keys"
+            raise ConfigError(f"{prefix}{key}: unknown key{did_you_mean(key, by_key)}; allowed keys"
                               f"{' in ' + where if where else ''}: {', '.join(by_key)}")
     values = {}
     for key, f in by_key.items():
@@ -608,9 +609,9 @@ def load_config(path, *, model: Optional[str] = None) -> TrainConfig:
 
     Args:
         path: the YAML file.
-        model: ``--model`` from the command line; replaces the file's ``model`` (and, for a run
-            that would otherwise train from scratch, its ``architecture`` and ``schedule.stage*``
-            must then be absent).
+        model: ``--model`` from the command line (a published name, or a file relative to the
+            working folder); replaces the file's ``model``. A ``model`` file named in the YAML file
+            is relative to the YAML file's folder.
 
     Returns:
         The checked :class:`TrainConfig` with ``base_dir`` set to the file's folder.
@@ -644,7 +645,11 @@ def config_from_mapping(raw: Any, *, base_dir: Path, model: Optional[str] = None
         raise ConfigError("the configuration is empty; it needs at least 'datasets' and 'model' or "
                           "'architecture'")
     if isinstance(raw, Mapping) and model is not None:
-        raw = {**raw, "model": str(model)}
+        # --model names a published model or a file relative to the working folder
+        model = str(model)
+        if Path(model).expanduser().exists():
+            model = str(Path(model).expanduser().absolute())
+        raw = {**raw, "model": model}
     cfg = parse_section(TrainConfig, raw, "")
     object.__setattr__(cfg, "base_dir", Path(base_dir))
     return cfg

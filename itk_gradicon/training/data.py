@@ -45,7 +45,7 @@ from torch.utils.data import Dataset, Sampler
 from ..errors import ConfigError
 from ..geometry import ImageGrid, NetworkFrame
 from ..preprocess import IntensityNormalization, apply_input_mask
-from .config import AugmentationConfig, DatasetConfig, TrainConfig
+from .config import AugmentationConfig, DatasetConfig, TrainConfig, did_you_mean
 
 CSV_COLUMNS = ("image", "subject", "modality", "group", "mask", "segmentation")
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".img.gz", ".img", ".hdr", ".tif",
@@ -236,10 +236,8 @@ def _read_csv(path: Path, base: Path, where: str) -> List[Dict[str, Any]]:
     header = [h.strip().lower() for h in table[0]]
     for h in header:
         if h not in CSV_COLUMNS:
-            from .config import _suggest
-
-            raise ConfigError(f"{where}.images: '{path.name}' has an unknown column {h!r}{_suggest(h, CSV_COLUMNS)}; "
-                              f"allowed columns: {', '.join(CSV_COLUMNS)}")
+            raise ConfigError(f"{where}.images: '{path.name}' has an unknown column {h!r}"
+                              f"{did_you_mean(h, CSV_COLUMNS)}; allowed columns: {', '.join(CSV_COLUMNS)}")
     if "image" not in header:
         raise ConfigError(f"{where}.images: '{path.name}' needs a header row with an 'image' column "
                           f"(allowed columns: {', '.join(CSV_COLUMNS)})")

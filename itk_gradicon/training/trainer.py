@@ -220,7 +220,12 @@ def prepare_run(config: TrainConfig, output, *, device: torch.device, resume: bo
     Raises:
         ConfigError, InputError, ModelError: a problem the user can fix, named in one line.
     """
-    parent = load_model(config.model) if config.model is not None else None
+    parent = None
+    if config.model is not None:
+        spec = config.model
+        if config.resolve(spec).exists():  # a file named relative to the YAML file's folder
+            spec = str(config.resolve(spec))
+        parent = load_model(spec)
     if parent is not None:
         architecture = parent.architecture
     else:
