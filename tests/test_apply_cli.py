@@ -236,7 +236,7 @@ def _bad_apply_calls(files):
         "missing input": (["apply-transform", "-i", d / "missing.nii.gz", "-t", files["field"], *base],
                           ["--input", "does not exist"]),
         "input not an image": (["apply-transform", "-i", d / "image.txt", "-t", files["field"], *base],
-                               ["--input", "could not be read as an image"]),
+                               ["--input", "image.txt", "not an image"]),
         "missing reference": (["apply-transform", "-i", files["moving"], "-t", files["field"], "-r", d / "nope.nii.gz",
                                "-o", d / "out.nii.gz"], ["--reference", "does not exist"]),
         "unknown interpolation": (["apply-transform", "-i", files["moving"], "-t", files["field"], *base,

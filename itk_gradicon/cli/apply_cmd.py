@@ -34,19 +34,25 @@ def _resample_files(input_path: Path, reference_path: Path, transforms: Sequence
     import itk
 
     from ..errors import InputError
-    from ..imageio import IMAGE_SUFFIXES, OutputTransaction, _read_itk, check_output_path
+    from ..imageio import IMAGE_SUFFIXES, OutputTransaction, _read_itk, check_output_path, read_image_header
     from ..resample import check_interpolation, label_set, resample_image, resample_labels
     from ..transforms import compose_transforms
 
+    # everything that headers and transform files can tell is checked before any pixel is read
     check_interpolation(interpolation)
     output = check_output_path(output, what="--output", suffixes=IMAGE_SUFFIXES)
-    image = _read_itk(input_path, "--input")
-    reference = _read_itk(reference_path, "--reference")
-    d = int(reference.GetImageDimension())
-    if int(image.GetImageDimension()) != d:
-        raise InputError(f"--input '{input_path}' is {int(image.GetImageDimension())}-D and "
+    input_header = read_image_header(input_path, what="--input")
+    reference_header = read_image_header(reference_path, what="--reference")
+    if input_header.components != 1:
+        raise InputError(f"--input '{input_path}' has {input_header.components} components per voxel; "
+                         "only scalar images are resampled (split vector images into components first)")
+    d = reference_header.dimension
+    if input_header.dimension != d:
+        raise InputError(f"--input '{input_path}' is {input_header.dimension}-D and "
                          f"--reference '{reference_path}' is {d}-D; they must match")
     transform = compose_transforms(list(transforms), dimension=d)
+    image = _read_itk(input_path, "--input")
+    reference = _read_itk(reference_path, "--reference")
     if labels:
         warped = resample_labels(image, reference, transform, default_value=default_value)
     else:
