@@ -267,8 +267,10 @@ def sample_cube_field(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor
         points: ``[B, d, *out]`` CUBE coordinates (component ``c`` along network axis ``c``).
 
     Returns:
-        ``[B, C, *out]``. Points outside ``[0, 1]^d`` take the value of the nearest border node,
-        which is what ITK's displacement field transforms do beyond their grid.
+        ``[B, C, *out]``. Points outside ``[0, 1]^d`` take the value of the nearest border node
+        (the published models' convention). ITK's displacement-field transforms do the same within
+        half a voxel of their grid and leave points farther out unmoved; a fixed voxel never maps
+        farther than half a network voxel outside the cube, so both agree on every output we write.
     """
     d = points.shape[1]
     # grid_sample wants normalised coordinates in [-1, 1], last spatial axis first.
