@@ -34,6 +34,8 @@ Example:
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -69,8 +71,8 @@ def affine_parameter_map(*, metric: str = "mi", initialization: str = "geometry"
     """The elastix parameter map used by :func:`elastix_affine`.
 
     It starts from elastix's default ``affine`` map and sets what the conversion to a WORLD matrix
-    relies on (``AffineTransform``, direction cosines used), the options below, and writes no
-    result image.
+    relies on (``AffineTransform``, direction cosines used), the options below, masks used as given
+    (not eroded at coarse resolutions), and writes no result image.
 
     Args:
         metric: ``"mi"`` (Mattes mutual information, any modalities), ``"ncc"`` (normalised
@@ -110,6 +112,9 @@ def affine_parameter_map(*, metric: str = "mi", initialization: str = "geometry"
         "RandomSeed": (str(int(seed)),),
         "WriteResultImage": ("false",),
         "WriteIterationInfo": ("false",),
+        # elastix erodes masks at coarse resolutions by default; a mask a few centimetres wide then
+        # vanishes and the run fails ("No valid voxels found to estimate ... parameters")
+        "ErodeMask": ("false",),
     })
     method = INITIALIZATIONS[initialization]
     if method is None:
@@ -183,6 +188,21 @@ def affine_from_elastix_parameters(parameter_map: Mapping[str, Sequence[str]]) -
     matrix[:d, :d] = m
     matrix[:d, d] = translation + center - m @ center
     return matrix
+
+
+def _elastix_log_reason(log: Path) -> Optional[str]:
+    """The ``Description:`` line of the last error in an elastix log, if any."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    found = None
+    for line in lines:
+        text = line.strip()
+        if text.lower().startswith("description:"):
+            found = text.split(":", 1)[1].strip()
+            found = found.split("ERROR:", 1)[-1].strip() if "ERROR:" in found else found
+    return found or None
 
 
 def _elastix_error(err: BaseException) -> str:
@@ -268,12 +288,17 @@ def elastix_affine(fixed, moving, fixed_mask=None, moving_mask=None, *, metric: 
     method.SetParameterObject(parameter_object)
     method.SetNumberOfThreads(int(threads))
     method.SetLogToConsole(False)
-    method.SetLogToFile(False)
-    try:
-        method.Update()
-    except RuntimeError as err:
-        raise InputError(f"elastix could not compute the affine pre-alignment: {_elastix_error(err)} "
-                         "(check the masks, or register without an affine)") from err
+    with tempfile.TemporaryDirectory(prefix="gradicon-elastix-") as work:
+        # elastix explains a failure only in its log: keep one, in a folder removed afterwards
+        method.SetOutputDirectory(work)
+        method.SetLogFileName("elastix.log")
+        method.SetLogToFile(True)
+        try:
+            method.Update()
+        except RuntimeError as err:
+            reason = _elastix_log_reason(Path(work) / "elastix.log") or _elastix_error(err)
+            raise InputError(f"elastix could not compute the affine pre-alignment: {reason} "
+                             "(check the masks, or register without an affine)") from err
     result = method.GetTransformParameterObject()
     if result.GetNumberOfParameterMaps() != 1:
         raise InputError(f"elastix returned {result.GetNumberOfParameterMaps()} transforms; expected one affine")
