@@ -14,17 +14,23 @@ published weight files, so that their state dicts load without renaming.
 
 from __future__ import annotations
 
-from typing import Sequence
+import itertools
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import performance
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _BATCH_NORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}
 _LINEAR_MODE = {2: "bilinear", 3: "trilinear"}
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 #: Channel widths of the published GradICON / uniGradICON / multiGradICON steps.
 PUBLISHED_DOWN_CHANNELS = (16, 32, 64, 256, 512)
@@ -78,6 +84,13 @@ class UNetStep(nn.Module):
         nn.init.zeros_(self.lastConv.bias)
 
     def forward(self, image_A: torch.Tensor, image_B: torch.Tensor) -> torch.Tensor:
+        settings = performance.current()
+        if self.training or not settings.enabled or not self._batch_norms_frozen():
+            return self._forward_plain(image_A, image_B)
+        return self._forward_fast(image_A, image_B, settings)
+
+    def _forward_plain(self, image_A: torch.Tensor, image_B: torch.Tensor) -> torch.Tensor:
+        """The published architecture, operation by operation (training, and the reference for tests)."""
         pool, mode = _POOL[self.dimension], _LINEAR_MODE[self.dimension]
         x = torch.cat([image_A, image_B], dim=1)
         skips = []
@@ -94,3 +107,208 @@ class UNetStep(nn.Module):
             x = x[(slice(None), slice(None), *(slice(0, n) for n in skip.shape[2:]))]
             x = torch.cat([x, skip], dim=1)
         return self.lastConv(x) / 10
+
+    # ---- fast path (evaluation mode; see :mod:`.performance`) -------------------------------------
+    def _batch_norms_frozen(self) -> bool:
+        """BatchNorm layers apply fixed running statistics (evaluation mode), so they can be folded."""
+        return all(not bn.training and bn.running_mean is not None and bn.running_var is not None
+                   for bn in self.batchNorms)
+
+    def _can_fuse_last_level(self, fine_shape: Sequence[int]) -> bool:
+        conv_t, last, d = self.upConvs[0], self.lastConv, self.dimension
+        return (tuple(conv_t.kernel_size) == (4,) * d and tuple(conv_t.stride) == (2,) * d
+                and tuple(conv_t.padding) == (1,) * d and tuple(conv_t.output_padding) == (0,) * d
+                and tuple(conv_t.dilation) == (1,) * d and conv_t.groups == 1
+                and tuple(last.kernel_size) == (3,) * d and tuple(last.stride) == (1,) * d
+                and tuple(last.padding) == (1,) * d and tuple(last.dilation) == (1,) * d
+                and last.groups == 1 and all(int(n) >= 4 for n in fine_shape))
+
+    def _forward_fast(self, image_A: torch.Tensor, image_B: torch.Tensor,
+                      settings: performance.FastPaths) -> torch.Tensor:
+        """The same function as :meth:`_forward_plain` with BatchNorm's running statistics folded in."""
+        pool = _POOL[self.dimension]
+        x = torch.cat([image_A, image_B], dim=1)
+        if settings.use_channels_last(x.device) and x.dim() in _CHANNELS_LAST:
+            x = x.contiguous(memory_format=_CHANNELS_LAST[x.dim()])
+        skips = []
+        for down in self.downConvs:
+            skips.append(x)
+            y = down(F.leaky_relu(x))
+            x = _add_fitted(y, pool(x, 2, ceil_mode=True))
+        fuse = settings.fuse_last_level and self._can_fuse_last_level(skips[0].shape[2:])
+        for depth in reversed(range(1 if fuse else 0, len(self.upConvs))):
+            x = self._up_level(x, depth, skips[depth], fold=settings.fold_batch_norm)
+        if fuse:
+            return self._fused_last_level(x, skips[0])
+        return self.lastConv(x) / 10
+
+    def _up_level(self, x: torch.Tensor, depth: int, skip: torch.Tensor, *, fold: bool) -> torch.Tensor:
+        """One up level: transposed convolution + upsampled residual, BatchNorm, crop, concatenation."""
+        conv_t, bn = self.upConvs[depth], self.batchNorms[depth]
+        coarse = fit_channels(x, conv_t.out_channels)
+        if fold:
+            scale, shift = _batch_norm_affine(bn)
+            per_channel = (1, -1) + (1,) * self.dimension
+            weight = conv_t.weight * scale.view(per_channel)  # [in, out, k...]: scale the outputs
+            bias = shift if conv_t.bias is None else conv_t.bias * scale + shift
+            y = _CONV_T_FN[self.dimension](F.leaky_relu(x), weight, bias, stride=conv_t.stride,
+                                           padding=conv_t.padding, output_padding=conv_t.output_padding,
+                                           groups=conv_t.groups, dilation=conv_t.dilation)
+            y = y.add_(self._upsample(coarse * scale.view(per_channel)))
+        else:
+            y = conv_t(F.leaky_relu(x))
+            y = bn(y.add_(self._upsample(coarse)))
+        y = y[(slice(None), slice(None), *(slice(0, n) for n in skip.shape[2:]))]
+        return torch.cat([y, skip], dim=1)
+
+    def _upsample(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, scale_factor=2, mode=_LINEAR_MODE[self.dimension], align_corners=False)
+
+    def _fused_last_level(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """Finest up level and final convolution as one convolution on the coarse grid.
+
+        With ``T`` the transposed convolution (kernel 4, stride 2, padding 1), ``U`` the linear
+        upsampling of the coarse residual (itself a transposed convolution with the separable kernel
+        ``[1, 3, 3, 1] / 4`` on the border-replicated input), BatchNorm ``s v + t`` and the final
+        convolution ``L`` (kernel 3, zero padding 1), the output at fine voxel ``2m + r`` is a
+        ``3^d`` convolution of the coarse inputs around ``m`` whose kernel depends on the phase ``r``.
+        The kernels are composed here from the weights (differentiably, so instance optimisation
+        trains the same parameters); the ``2^d`` phases become output channels and are interleaved
+        into the fine grid afterwards. Where ``L`` reads its zero padding (the outer face of the
+        output along each axis) the composition differs, and those voxels are recomputed with the
+        plain operations on slabs two voxels thick.
+        """
+        d = self.dimension
+        c_out = self.lastConv.out_channels
+        kernel, bias, skip_kernel = self._fused_weights()
+        coarse = fit_channels(x, self.upConvs[0].out_channels)
+        halo = [1] * (2 * d)
+        stacked = torch.cat([F.pad(F.leaky_relu(x), halo), F.pad(coarse, halo, mode="replicate")], dim=1)
+        phases = _CONV_FN[d](stacked, kernel.to(stacked.dtype), bias.to(stacked.dtype))
+        fine = _phases_to_grid(phases, c_out, d)
+        fine = fine[(slice(None), slice(None), *(slice(0, n) for n in skip.shape[2:]))]
+        out = fine + _CONV_FN[d](skip, skip_kernel.to(skip.dtype), None, padding=1)
+        self._exact_faces(out, x, skip)
+        return out
+
+    def _fused_weights(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Kernel ``[2^d c_out, c_in + c_mid, 3^d]``, bias and skip kernel of :meth:`_fused_last_level`.
+
+        Computed from the current parameters (differentiably), in at least float32 precision and
+        with autocast off.
+        """
+        d = self.dimension
+        conv_t, bn, last = self.upConvs[0], self.batchNorms[0], self.lastConv
+        c_mid = conv_t.out_channels
+        device = conv_t.weight.device
+        dtype = torch.promote_types(conv_t.weight.dtype, torch.float32)
+        with torch.autocast(device_type=device.type, enabled=False):
+            scale, shift = (t.to(dtype) for t in _batch_norm_affine(bn))
+            per_channel = (1, -1) + (1,) * d
+            w_t = conv_t.weight.to(dtype) * scale.view(per_channel)
+            taps = torch.tensor([0.25, 0.75, 0.75, 0.25], device=device, dtype=dtype)
+            separable = taps
+            for _ in range(d - 1):
+                separable = separable[..., None] * taps
+            eye = torch.eye(c_mid, device=device, dtype=dtype).view(c_mid, c_mid, *([1] * d))
+            w_up = eye * scale.view(per_channel) * separable
+            mid_weights = torch.cat([w_t, w_up], dim=0)  # [c_in + c_mid, c_mid, 4^d]
+            l_mid = last.weight[:, :c_mid].to(dtype) / 10
+            composed = _CONV_FN[d](mid_weights, l_mid, None, padding=2)  # [c_all, c_out, 6^d]
+            kernels = []
+            for phase in itertools.product((0, 1), repeat=d):
+                taps_of_phase = composed[(slice(None), slice(None), *(slice(r, None, 2) for r in phase))]
+                kernels.append(taps_of_phase.flip(tuple(range(2, 2 + d))).transpose(0, 1))
+            kernel = torch.cat(kernels, dim=0)  # phase-major: channel = phase * c_out + o
+            constant = shift if conv_t.bias is None else conv_t.bias.to(dtype) * scale + shift
+            bias = (l_mid * constant.view(per_channel)).sum(dim=tuple(range(1, 2 + d)))
+            if last.bias is not None:
+                bias = bias + last.bias.to(dtype) / 10
+            skip_kernel = last.weight[:, c_mid:].to(dtype) / 10
+        return kernel, bias.repeat(2 ** d), skip_kernel
+
+    def _exact_faces(self, out: torch.Tensor, x: torch.Tensor, skip: torch.Tensor) -> None:
+        """Overwrite the outer face of ``out`` along every axis with the plain computation.
+
+        Output face ``o = 0`` reads the finest up level at fine planes 0 and 1, face ``o = N - 1``
+        at planes ``N - 2`` and ``N - 1``; a fine plane ``p`` of the transposed convolution sums the
+        coarse planes ``i`` with ``k = p - 2 i + 1`` in ``[0, 3]`` through the kernel slice ``k``, so
+        each face is a ``(d-1)``-dimensional transposed convolution of two coarse planes, an
+        upsampling, BatchNorm and a ``(d-1)``-dimensional convolution: a few hundred MFLOP at 175^3.
+        """
+        d = self.dimension
+        conv_t, last = self.upConvs[0], self.lastConv
+        c_mid = conv_t.out_channels
+        conv_t_fn, conv_fn = _CONV_T_FN[d - 1], _CONV_FN[d - 1]
+        scale, shift = _batch_norm_affine(self.batchNorms[0])
+        per_channel = (1, -1) + (1,) * (d - 1)
+        coarse_all = fit_channels(x, c_mid)
+        for axis in range(d):
+            dim = 2 + axis
+            n_fine, n_coarse = skip.shape[dim], x.shape[dim]
+            for side, c0, p0 in ((0, 0, 0), (1, n_coarse - 2, n_fine - 2)):
+                coarse_planes = [c0, c0 + 1]
+                fine_planes = [p0, p0 + 1]
+                x_planes = torch.cat([F.leaky_relu(x.select(dim, c)) for c in coarse_planes], dim=1)
+                # kernel block (coarse plane c -> fine plane p) = slice k = p - 2c + 1 of the kernel
+                blocks = []
+                for c in coarse_planes:
+                    row = []
+                    for p in fine_planes:
+                        k = p - 2 * c + 1
+                        row.append(conv_t.weight.select(dim, k) if 0 <= k <= 3
+                                   else conv_t.weight.new_zeros(conv_t.weight.select(dim, 0).shape))
+                    blocks.append(torch.cat(row, dim=1))
+                y = conv_t_fn(x_planes, torch.cat(blocks, dim=0), None, stride=2, padding=1)
+                faces = []
+                for j, p in enumerate(fine_planes):
+                    m, r = divmod(p, 2)
+                    near = coarse_all.select(dim, min(max(m, 0), n_coarse - 1))
+                    far = coarse_all.select(dim, min(max(m + (1 if r else -1), 0), n_coarse - 1))
+                    up = self._upsample_lower(0.75 * near + 0.25 * far)
+                    plane = y[:, j * c_mid:(j + 1) * c_mid] + up
+                    if conv_t.bias is not None:
+                        plane = plane + conv_t.bias.view(per_channel)
+                    plane = plane * scale.view(per_channel) + shift.view(per_channel)
+                    plane = plane[(slice(None), slice(None),
+                                   *(slice(0, n) for a, n in enumerate(skip.shape[2:]) if a != axis))]
+                    faces += [plane, skip.select(dim, p).to(plane.dtype)]
+                # the output plane p0 + side reads fine planes p0, p0 + 1 through taps 1 - side, 2 - side
+                weight = torch.cat([last.weight.select(dim, 1 - side), last.weight.select(dim, 2 - side)], dim=1)
+                face = conv_fn(torch.cat(faces, dim=1), weight, last.bias, padding=1)
+                out.select(dim, p0 + side).copy_(face / 10)
+
+    def _upsample_lower(self, x: torch.Tensor) -> torch.Tensor:
+        """Linear upsampling by 2 of a ``(d-1)``-dimensional plane (``align_corners=False``)."""
+        mode = {1: "linear", 2: "bilinear"}[self.dimension - 1]
+        return F.interpolate(x, scale_factor=2, mode=mode, align_corners=False)
+
+
+def _batch_norm_affine(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` with ``bn(v) = scale * v + shift`` per channel (running statistics)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = bn.weight * scale
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+def _add_fitted(y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``y + fit_channels(residual, y.shape[1])`` in place, without materialising zero channels."""
+    have, want = residual.shape[1], y.shape[1]
+    if have >= want:
+        return y.add_(residual[:, :want])
+    y[:, want - have:] += residual
+    return y
+
+
+def _phases_to_grid(phases: torch.Tensor, channels: int, d: int) -> torch.Tensor:
+    """``[B, 2^d C, *n]`` (channel = phase * C + c, phases in lexicographic order) -> ``[B, C, *2n]``."""
+    b, n = phases.shape[0], phases.shape[2:]
+    grouped = phases.reshape(b, *([2] * d), channels, *n)
+    order = [0, d + 1]
+    for axis in range(d):
+        order += [d + 2 + axis, 1 + axis]
+    return grouped.permute(order).reshape(b, channels, *(2 * m for m in n))

@@ -1,0 +1,153 @@
+"""Every fast path computes what the plain path computes (behaviour only; speed is never asserted).
+
+The plain path is the published architecture operation by operation
+(:func:`itk_gradicon.network.performance.fast_paths` with ``enabled=False``); the fast paths fold
+BatchNorm, compose the finest up level with the final convolution, use channels-last tensors and
+sample fields on several threads. In float64 they agree to ~1e-15; in float32 to float rounding.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from conftest import randomize
+from itk_gradicon import geometry
+from itk_gradicon.network import Architecture, UNetStep, build_network
+from itk_gradicon.network import sampling
+from itk_gradicon.network.performance import FastPaths, current, fast_paths
+
+SWITCHES = [dict(zip(("fold_batch_norm", "fuse_last_level", "channels_last"), values))
+            for values in itertools.product((False, True), repeat=3)]
+
+
+def _small_unet(d: int, *, seed: int = 1) -> UNetStep:
+    torch.manual_seed(seed)
+    net = UNetStep(d, 1, (4, 8, 8), (4, 8, 8))
+    return randomize(net, seed=seed, last_std=0.1).eval()
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: "-".join(k for k, v in s.items() if v) or "none")
+@pytest.mark.parametrize("d,shape", [(3, (23, 26, 21)), (3, (24, 24, 24)), (2, (37, 40))],
+                         ids=["3d-odd", "3d-even", "2d"])
+def test_fast_unet_equals_plain_float64(d, shape, switches):
+    net = _small_unet(d).double()
+    g = torch.Generator().manual_seed(2)
+    a = torch.rand(2, 1, *shape, generator=g, dtype=torch.float64)
+    b = torch.rand(2, 1, *shape, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        with fast_paths(enabled=False):
+            plain = net(a, b)
+        with fast_paths(**switches):
+            fast = net(a, b)
+    assert fast.shape == plain.shape == (2, d, *shape)
+    assert plain.abs().max() > 1e-2  # the random weights move voxels
+    assert (fast - plain).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("d,shape", [(3, (23, 26, 21)), (2, (33, 40))], ids=["3d", "2d"])
+def test_fast_unet_gradients_equal_plain(d, shape):
+    """Instance optimisation differentiates the fast path: same gradients for every parameter."""
+    net = _small_unet(d, seed=3).double()
+    g = torch.Generator().manual_seed(4)
+    a = torch.rand(1, 1, *shape, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.rand(1, 1, *shape, generator=g, dtype=torch.float64)
+    upstream = torch.randn(1, d, *shape, generator=g, dtype=torch.float64)
+    params = list(net.parameters())
+
+    def gradients(**switches):
+        with fast_paths(**switches):
+            return torch.autograd.grad(net(a, b), params + [a], upstream)
+
+    plain = gradients(enabled=False)
+    fast = gradients(channels_last=True)
+    assert len(plain) == len(fast) == len(params) + 1 == 21
+    for p, f in zip(plain, fast):
+        assert (p - f).abs().max().item() <= 1e-12 * max(1.0, p.abs().max().item())
+
+
+def test_fast_network_equals_plain_float32():
+    """The whole registration network (three UNets, warps, composition) in float32."""
+    arch = Architecture(input_shape=(40, 44, 36), levels=2, refinement_steps=1,
+                        down_channels=(4, 8, 16), up_channels=(4, 8, 8))
+    torch.manual_seed(5)
+    net = randomize(build_network(arch), seed=5, last_std=0.05).eval()
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.rand(1, 1, *arch.input_shape, generator=g), torch.rand(1, 1, *arch.input_shape, generator=g)
+    with torch.inference_mode():
+        with fast_paths(enabled=False):
+            plain = net(a, b).on_grid(arch.input_shape)
+        fast = net(a, b).on_grid(arch.input_shape)
+    moved = (plain - geometry.cube_identity(arch.input_shape)).abs().max().item()
+    assert moved > 0.01
+    assert (fast - plain).abs().max().item() < 1e-6
+
+
+def test_training_mode_uses_the_plain_path():
+    """With BatchNorm on batch statistics nothing is folded: fast paths change nothing, bit for bit."""
+    net = _small_unet(3, seed=7).train()
+    a, b = torch.rand(2, 1, 20, 20, 20), torch.rand(2, 1, 20, 20, 20)
+    with torch.no_grad():
+        with fast_paths(enabled=False):
+            plain = net(a, b)
+        fast = net(a, b)
+    assert torch.equal(plain, fast)
+
+
+def test_fast_path_under_autocast_is_close_to_plain():
+    """Reduced precision (what a GPU uses with autocast) runs through the fused path too."""
+    net = _small_unet(3, seed=8)
+    a, b = torch.rand(1, 1, 24, 26, 22), torch.rand(1, 1, 24, 26, 22)
+    with torch.no_grad():
+        with fast_paths(enabled=False):
+            plain = net(a, b)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = net(a, b)
+    assert fast.shape == plain.shape
+    assert (fast.float() - plain).abs().max().item() < 0.05 * plain.abs().max().item()
+
+
+def test_switches_are_scoped():
+    assert current() == FastPaths()
+    with fast_paths(fuse_last_level=False) as inside:
+        assert current() is inside and not inside.fuse_last_level
+    assert current() == FastPaths()
+    assert FastPaths().use_channels_last(torch.device("cpu"))
+    assert not FastPaths().use_channels_last(torch.device("cuda"))
+    with pytest.raises(TypeError):
+        with fast_paths(no_such_switch=True):
+            pass
+
+
+@pytest.fixture
+def two_threads(monkeypatch):
+    """Split sampling into slabs even for small tensors, on two threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.setattr(sampling, "MIN_POINTS_PER_THREAD", 64)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("field_shape,points_shape", [((1, 3, 20, 21, 22), (1, 3, 30, 31, 29)),
+                                                      ((2, 1, 16, 16, 16), (1, 3, 17, 18, 19)),
+                                                      ((1, 2, 40, 30), (1, 2, 50, 45))],
+                         ids=["field", "batch-broadcast", "2d"])
+def test_threaded_sampling_equals_geometry(two_threads, field_shape, points_shape):
+    g = torch.Generator().manual_seed(9)
+    field = torch.randn(*field_shape, generator=g, dtype=torch.float64, requires_grad=True)
+    points = (torch.rand(*points_shape, generator=g, dtype=torch.float64) * 1.3 - 0.15).requires_grad_(True)
+    d = points.shape[1]
+    grid = (points * 2 - 1).flip(1).permute(0, *range(2, d + 2), 1)
+    assert sampling._slabs(grid) == 2
+    plain = geometry.sample_cube_field(field, points)
+    threaded = sampling.sample_cube_field(field, points)
+    assert torch.equal(plain, threaded)  # each point is computed by the same kernel
+    upstream = torch.randn(plain.shape, generator=g, dtype=torch.float64)
+    for p, t in zip(torch.autograd.grad(plain, (field, points), upstream),
+                    torch.autograd.grad(threaded, (field, points), upstream)):
+        assert (p - t).abs().max().item() < 1e-12
+    with torch.inference_mode():
+        assert torch.equal(sampling.sample_cube_field(field.detach(), points.detach()), plain.detach())
