@@ -39,6 +39,7 @@ from .errors import DeviceError, InputError, ResourceError
 from .geometry import ImageGrid, NetworkFrame, displacement_on_grid
 from .imageio import check_image, describe_grid, same_grid
 from .models import DEFAULT_MODEL, Model, load_model
+from .network.inference import predict_displacements
 from .preprocess import MODALITY_CHOICES, IntensityNormalization, apply_input_mask, resolve_modality
 from .transforms import DisplacementField
 
@@ -270,7 +271,9 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
              initial_transform=None, orientation: str = "fixed", compute_inverse: bool = True,
              device: Union[str, torch.device] = "auto",
              progress: Optional[Callable[[IOProgress], None]] = None,
-             generator: Optional[torch.Generator] = None) -> RegistrationResult:
+             generator: Optional[torch.Generator] = None,
+             predictor: Optional[Callable[..., Tuple[torch.Tensor, Optional[torch.Tensor]]]] = None
+             ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with a GradICON-family network.
 
     Args:
@@ -296,6 +299,9 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         progress: called after each IO step with an :class:`IOProgress`.
         generator: random generator for the IO's GradICON sample points (reproducible runs).
+        predictor: ``(net, image_A, image_B, *, inverse) -> (disp_AB, disp_BA)`` run on the network
+            grid (default :func:`itk_gradicon.network.inference.predict_displacements`); a cohort
+            passes one that batches several pairs (:mod:`itk_gradicon.batch`).
 
     Returns:
         :class:`RegistrationResult`; ``result.forward_transform`` is the ITK transform.
@@ -411,7 +417,7 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
             mask_mode=mask_mode, fixed_mask=fixed_mask, moving_net_mask=moving_net_mask,
             fixed_labels=fixed_labels, moving_net_labels=moving_net_labels, io_dice_weight=io_dice_weight,
             fixed_frame=fixed_frame, moving_frame=moving_frame, compute_inverse=compute_inverse,
-            progress=progress, generator=generator, device=device, timings=timings)
+            progress=progress, generator=generator, device=device, timings=timings, predictor=predictor)
     finally:
         net.train(was_training)
 
@@ -447,12 +453,11 @@ def _on_network(frame: NetworkFrame, image, device) -> Optional[torch.Tensor]:
 def _predict(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor, *, io_iterations: int,
              io_lr: float, io_similarity: str, mask_mode: str, fixed_mask, moving_net_mask, fixed_labels,
              moving_net_labels, io_dice_weight: float, fixed_frame: NetworkFrame, moving_frame: NetworkFrame,
-             compute_inverse: bool, progress, generator, device, timings: Dict[str, float]):
+             compute_inverse: bool, progress, generator, device, timings: Dict[str, float], predictor=None):
     """Network displacements ``phi_AB`` (and ``phi_BA``) in CUBE units, after optional IO.
 
     ``A`` is the moving image, ``B`` the fixed one. Returns ``(disp_AB, disp_BA or None, io history)``.
     """
-    shape = tuple(image_A.shape[2:])
     history: List[Dict[str, float]] = []
     if io_iterations > 0:
         t = time.perf_counter()
@@ -468,9 +473,8 @@ def _predict(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor,
             progress=progress, history=history, generator=generator)
         timings["instance_optimisation"] = time.perf_counter() - t
     t = time.perf_counter()
-    with torch.inference_mode():
-        disp_AB = net(image_A, image_B).displacement_on_grid(shape)
-        disp_BA = net(image_B, image_A).displacement_on_grid(shape) if compute_inverse else None
+    predict = predictor if predictor is not None else predict_displacements
+    disp_AB, disp_BA = predict(net, image_A, image_B, inverse=compute_inverse)
     timings["network"] = time.perf_counter() - t
     return disp_AB, disp_BA, history
 

@@ -105,7 +105,7 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
                  moving_labels: Optional[Path] = None, io_dice_weight: float = 1.0,
                  affine: str = "none", initial_transform: Optional[Path] = None,
                  orientation: str = "fixed", seed: Optional[int] = None, device: str = "auto",
-                 log: Log = lambda message: None, progress=None, loaded_model=None):
+                 log: Log = lambda message: None, progress=None, loaded_model=None, predictor=None):
     """Register the files ``moving`` -> ``fixed`` and write ``outputs``; returns the result.
 
     Everything that can be checked before the work is checked first, in this order: the
@@ -127,6 +127,8 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
         log: receives one-line messages.
         progress: called after every instance-optimisation step.
         loaded_model: a :class:`~itk_gradicon.models.Model` already loaded (for cohorts).
+        predictor: network prediction hook of :func:`~itk_gradicon.registration.register` (cohorts
+            batch several pairs through it).
 
     Returns:
         The :class:`~itk_gradicon.registration.RegistrationResult`.
@@ -207,7 +209,7 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
         mask_mode=mask_mode, io_iterations=io_iterations, io_similarity=io_similarity, io_lr=io_lr,
         io_dice_weight=io_dice_weight, initial_transform=pre, orientation=orientation,
         compute_inverse=outputs.needs_inverse, device=torch_device, progress=progress,
-        generator=generator, **masks, **labels)
+        generator=generator, predictor=predictor, **masks, **labels)
     for message in result.messages:
         log(message)
     write_register_outputs(result, outputs, fixed_original=fixed_original if outputs.needs_originals else None,
