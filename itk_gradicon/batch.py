@@ -1,0 +1,413 @@
+"""Registration of a cohort: every pair listed in a CSV file, with the model loaded once.
+
+This is what ``gradicon register-batch`` runs. The CSV file has a header row; ``fixed`` and
+``moving`` are required, at least one output column must be filled on every row, and the other
+columns are optional per pair (column names are those of ``gradicon register``'s flags, with ``_``
+or ``-``)::
+
+    fixed,moving,out_transform,out_warped
+    sub01_t1.nii.gz,sub01_t2.nii.gz,out/sub01_t2_to_t1.h5,out/sub01_t2_on_t1.nii.gz
+    sub02_t1.nii.gz,sub02_t2.nii.gz,out/sub02_t2_to_t1.h5,out/sub02_t2_on_t1.nii.gz
+
+Relative paths are relative to the CSV file's folder. Each pair is registered by
+:func:`~itk_gradicon.registration_io.run_register`, so each pair's inputs are checked before its work
+and its outputs are written in one transaction (all of them or none). A pair that fails is reported
+and the batch goes on (unless ``stop_on_error``).
+
+On a GPU, prediction-only runs go through a :class:`BatchingPredictor`: several pairs are read and
+prepared on worker threads and their network inputs are run as one batch (exact: BatchNorm uses
+running statistics). Instance optimisation tunes a copy of the network per pair, so those pairs run
+one after the other.
+
+Example:
+    >>> from itk_gradicon.batch import read_pairs, register_pairs       # doctest: +SKIP
+    >>> pairs = read_pairs("pairs.csv")                                   # doctest: +SKIP
+    >>> summary = register_pairs(pairs, model="unigradicon", device="cuda")  # doctest: +SKIP
+    >>> summary.failed                                                    # doctest: +SKIP
+    []
+"""
+
+from __future__ import annotations
+
+import csv
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+from .errors import GradiconError, InputError
+from .registration_io import RegisterOutputs
+
+PAIR_COLUMNS = ("fixed", "moving")
+INPUT_COLUMNS = ("fixed_mask", "moving_mask", "fixed_labels", "moving_labels", "initial_transform")
+OUTPUT_COLUMNS = ("out_transform", "out_inverse_transform", "out_warped", "out_ants_prefix",
+                  "out_elastix", "out_qc")
+COLUMNS = PAIR_COLUMNS + INPUT_COLUMNS + OUTPUT_COLUMNS
+
+Log = Callable[[str], None]
+
+
+class BatchError(GradiconError):
+    """Some pairs of a cohort could not be registered (each was reported)."""
+
+
+@dataclass
+class Pair:
+    """One row of the pairs file.
+
+    Attributes:
+        number: 1-based position among the pairs.
+        origin: where the row came from, for messages (``pairs.csv line 3``).
+        fixed, moving: image files.
+        inputs: optional per-pair inputs (``fixed_mask``, ..., ``initial_transform``).
+        outputs: the destinations.
+    """
+
+    number: int
+    origin: str
+    fixed: Path
+    moving: Path
+    inputs: Dict[str, Optional[Path]]
+    outputs: RegisterOutputs
+
+
+@dataclass
+class PairResult:
+    """How one pair went: ``ok`` with the files written, or the one-line error."""
+
+    pair: Pair
+    ok: bool
+    seconds: float
+    message: str = ""
+    written: List[Path] = field(default_factory=list)
+
+
+@dataclass
+class BatchSummary:
+    """Results of every pair attempted, in the order of the pairs file."""
+
+    results: List[PairResult]
+    seconds: float
+    batches: List[int] = field(default_factory=list)
+
+    @property
+    def failed(self) -> List[PairResult]:
+        return [r for r in self.results if not r.ok]
+
+    @property
+    def pairs_per_second(self) -> float:
+        done = sum(1 for r in self.results if r.ok)
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+
+def _column_name(raw: str) -> str:
+    return raw.strip().lower().lstrip("-").replace("-", "_")
+
+
+def read_pairs(path: Union[str, Path]) -> List[Pair]:
+    """Read and check a pairs file (structure only; the images are checked pair by pair).
+
+    Raises:
+        InputError: the file cannot be read, a column is unknown, ``fixed``/``moving`` or every
+            output is missing on a row, or two rows would write the same file.
+    """
+    from .training.config import did_you_mean
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"--pairs '{path}' does not exist or is not a file")
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            table = [row for row in csv.reader(fh, delimiter=delimiter)]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise InputError(f"cannot read --pairs '{path}' as CSV: {err}") from None
+    numbered = [(n, row) for n, row in enumerate(table, start=1)
+                if any(c.strip() for c in row) and not row[0].lstrip().startswith("#")]
+    if not numbered:
+        raise InputError(f"--pairs '{path}' is empty; it needs a header row with at least the columns "
+                         f"fixed, moving and one of {', '.join(OUTPUT_COLUMNS)}")
+    header = [_column_name(h) for h in numbered[0][1]]
+    for name in header:
+        if name not in COLUMNS:
+            raise InputError(f"--pairs '{path.name}' has an unknown column {name!r}{did_you_mean(name, COLUMNS)}; "
+                             f"allowed: {', '.join(COLUMNS)}")
+    duplicated = sorted({h for h in header if header.count(h) > 1})
+    if duplicated:
+        raise InputError(f"--pairs '{path.name}' has the column {duplicated[0]!r} twice")
+    missing = [c for c in PAIR_COLUMNS if c not in header]
+    if missing or not any(c in header for c in OUTPUT_COLUMNS):
+        raise InputError(f"--pairs '{path.name}' needs the columns fixed, moving and at least one of "
+                         f"{', '.join(OUTPUT_COLUMNS)}; its header is {', '.join(header)}")
+    base = path.resolve().parent
+
+    def absolute(text: str) -> Path:
+        p = Path(text).expanduser()
+        return p if p.is_absolute() else base / p
+
+    pairs: List[Pair] = []
+    owners: Dict[Path, str] = {}
+    for line, values in numbered[1:]:
+        origin = f"{path.name} line {line}"
+        if len(values) > len(header):
+            raise InputError(f"{origin} has {len(values)} values for {len(header)} columns")
+        raw = {h: (values[i].strip() if i < len(values) else "") for i, h in enumerate(header)}
+        for column in PAIR_COLUMNS:
+            if not raw.get(column):
+                raise InputError(f"{origin} has no {column} image")
+        if not any(raw.get(c) for c in OUTPUT_COLUMNS):
+            raise InputError(f"{origin} has no output: fill at least one of {', '.join(OUTPUT_COLUMNS)}")
+        outputs = RegisterOutputs(
+            transform=absolute(raw["out_transform"]) if raw.get("out_transform") else None,
+            inverse_transform=absolute(raw["out_inverse_transform"]) if raw.get("out_inverse_transform") else None,
+            warped=absolute(raw["out_warped"]) if raw.get("out_warped") else None,
+            ants_prefix=str(absolute(raw["out_ants_prefix"])) if raw.get("out_ants_prefix") else None,
+            elastix_dir=absolute(raw["out_elastix"]) if raw.get("out_elastix") else None,
+            qc=absolute(raw["out_qc"]) if raw.get("out_qc") else None)
+        finals = outputs.final_paths()
+        for final in finals:
+            if final in owners:
+                raise InputError(f"{origin} and {owners[final]} would both write '{final}'")
+        if len(set(finals)) != len(finals):
+            raise InputError(f"{origin}: two outputs would be written to the same file")
+        owners.update({final: origin for final in finals})
+        pairs.append(Pair(number=len(pairs) + 1, origin=origin, fixed=absolute(raw["fixed"]),
+                          moving=absolute(raw["moving"]),
+                          inputs={c: absolute(raw[c]) if raw.get(c) else None for c in INPUT_COLUMNS},
+                          outputs=outputs))
+    if not pairs:
+        raise InputError(f"--pairs '{path.name}' lists no pairs (only a header row)")
+    return pairs
+
+
+@dataclass
+class _Request:
+    net: Any
+    image_A: Any
+    image_B: Any
+    inverse: bool
+    done: bool = False
+    result: Optional[Tuple[Any, Any]] = None
+    error: Optional[BaseException] = None
+
+
+class BatchingPredictor:
+    """A prediction hook (see :func:`~itk_gradicon.registration.register`) that batches pairs.
+
+    Worker threads, each registering its own pair, call it with their network inputs; a call
+    waits until ``batch_size`` requests are queued, or until every live worker is waiting, and the
+    requests are then run as one batch (both directions of the pairs that need an inverse included).
+    Requests for different network objects are never mixed.
+
+    Args:
+        batch_size: most pairs per batch.
+        workers: number of threads that will call it; each calls :meth:`worker_finished` when done.
+        precision: ``float32``, or ``bfloat16`` / ``float16`` autocast on CUDA devices.
+    """
+
+    def __init__(self, batch_size: int, workers: int, precision: str = "float32") -> None:
+        if batch_size < 1 or workers < 1:
+            raise ValueError("batch_size and workers must be >= 1")
+        self.batch_size = int(batch_size)
+        self.precision = precision
+        self.batches: List[int] = []
+        self._live = int(workers)
+        self._waiting: List[_Request] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, net, image_A, image_B, *, inverse: bool):
+        request = _Request(net, image_A, image_B, bool(inverse))
+        with self._cond:
+            self._waiting.append(request)
+            self._run_ready()
+            while not request.done:
+                self._cond.wait()
+        if request.error is not None:
+            raise request.error
+        assert request.result is not None
+        return request.result
+
+    def worker_finished(self) -> None:
+        """A worker has no more pairs: the others no longer wait for it."""
+        with self._cond:
+            self._live -= 1
+            self._run_ready()
+
+    def _run_ready(self) -> None:
+        while self._waiting and (len(self._waiting) >= self.batch_size or len(self._waiting) >= self._live):
+            net = self._waiting[0].net
+            batch = [r for r in self._waiting if r.net is net][:self.batch_size]
+            self._waiting = [r for r in self._waiting if not any(r is b for b in batch)]
+            try:
+                self._run(batch)
+            except BaseException as err:  # noqa: BLE001 - handed to the threads waiting for this batch
+                for request in batch:
+                    if not request.done:
+                        request.error, request.done = err, True
+            self._cond.notify_all()
+
+    def _run(self, batch: List[_Request]) -> None:
+        from .network.inference import predict_displacements
+
+        import torch
+
+        self.batches.append(len(batch))
+        try:
+            firsts = [r.image_A for r in batch] + [r.image_B for r in batch if r.inverse]
+            seconds = [r.image_B for r in batch] + [r.image_A for r in batch if r.inverse]
+            disp, _ = predict_displacements(batch[0].net, torch.cat(firsts), torch.cat(seconds),
+                                            inverse=False, precision=self.precision)
+        except (RuntimeError, MemoryError):
+            if len(batch) == 1:
+                raise
+            for request in batch:  # too large together (device memory): one at a time
+                try:
+                    self._run([request])
+                except BaseException as err:  # noqa: BLE001 - handed to the thread waiting for it
+                    request.error, request.done = err, True
+            return
+        sizes = [r.image_A.shape[0] for r in batch]
+        forward = list(disp[:sum(sizes)].split(sizes))
+        inverse_sizes = [s for s, r in zip(sizes, batch) if r.inverse]
+        inverses = iter(disp[sum(sizes):].split(inverse_sizes)) if inverse_sizes else iter(())
+        for request, ab in zip(batch, forward):
+            request.result = (ab, next(inverses) if request.inverse else None)
+            request.done = True
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, GradiconError):
+        return str(err)
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def register_pairs(pairs: Sequence[Pair], *, model: Union[str, Any] = "unigradicon", device: str = "auto",
+                   batch_size: Optional[int] = None, precision: str = "float32",
+                   stop_on_error: bool = False, options: Optional[Dict[str, Any]] = None,
+                   log: Log = lambda message: None,
+                   on_result: Optional[Callable[[PairResult], None]] = None) -> BatchSummary:
+    """Register every pair with one loaded model.
+
+    Args:
+        pairs: from :func:`read_pairs`.
+        model: a model name or file, or a loaded :class:`~itk_gradicon.models.Model`.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        batch_size: pairs per network batch (default: 4 on a GPU, 1 on the CPU, where a larger
+            batch is not faster and needs more memory); only prediction-only runs are batched.
+        precision: ``float32``, or ``bfloat16`` / ``float16`` (CUDA only) for the prediction.
+        stop_on_error: stop at the first pair that fails (pairs already running finish).
+        options: keyword arguments of :func:`~itk_gradicon.registration_io.run_register` shared by
+            every pair (modalities, instance optimisation, ...).
+        log: receives one-line messages.
+        on_result: called after each pair.
+
+    Returns:
+        The :class:`BatchSummary`; failed pairs have ``ok = False`` and their error message.
+
+    Raises:
+        GradiconError: a problem shared by every pair (model, device, precision).
+    """
+    import torch
+
+    from .models import Model, load_model
+    from .network.inference import PRECISIONS
+    from .registration import resolve_device
+    from .registration_io import run_register
+
+    options = dict(options or {})
+    torch_device = resolve_device(device)
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown --precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if precision != "float32" and torch_device.type != "cuda":
+        raise InputError(f"--precision {precision} is for CUDA devices; on {torch_device.type} the network "
+                         "runs in float32")
+    if batch_size is None:
+        batch_size = 4 if torch_device.type == "cuda" else 1
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, not {batch_size}")
+    loaded = model if isinstance(model, Model) else load_model(model)
+    io = int(options.get("io_iterations", 0) or 0) > 0
+    batching = batch_size > 1 and not io
+    workers = min(batch_size, len(pairs)) if batching else 1
+    batcher = BatchingPredictor(batch_size, workers, precision) if batching else None
+    predictor: Optional[Callable[..., Any]] = batcher
+    if batcher is None and precision != "float32":
+        from .network.inference import predict_displacements
+
+        def reduced_precision(net, image_A, image_B, *, inverse):
+            return predict_displacements(net, image_A, image_B, inverse=inverse, precision=precision)
+
+        predictor = reduced_precision
+
+    results: Dict[int, PairResult] = {}
+    crashes: List[BaseException] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    todo: "queue.Queue[Pair]" = queue.Queue()
+    for pair in pairs:
+        todo.put(pair)
+    start = time.perf_counter()
+
+    def one(pair: Pair) -> PairResult:
+        t = time.perf_counter()
+        try:
+            run_register(fixed=pair.fixed, moving=pair.moving, outputs=pair.outputs, model=loaded.name,
+                         device=str(torch_device), log=lambda m: log(f"{pair.origin}: {m}"),
+                         loaded_model=loaded, predictor=predictor,
+                         **{k: v for k, v in pair.inputs.items() if v is not None}, **options)
+        except (GradiconError, RuntimeError, MemoryError, OSError, ValueError) as err:
+            return PairResult(pair, False, time.perf_counter() - t, _one_line(err))
+        return PairResult(pair, True, time.perf_counter() - t, "", pair.outputs.final_paths())
+
+    def worker() -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    pair = todo.get_nowait()
+                except queue.Empty:
+                    return
+                result = one(pair)
+                with lock:
+                    results[pair.number] = result
+                    if not result.ok and stop_on_error:
+                        stop.set()
+                    if on_result is not None:
+                        on_result(result)
+        except BaseException as err:  # noqa: BLE001 - a bug: re-raised in the calling thread
+            crashes.append(err)
+            stop.set()
+        finally:
+            if batcher is not None:
+                batcher.worker_finished()
+
+    if workers == 1:
+        worker()
+    else:
+        threads = [threading.Thread(target=worker, name=f"itk_gradicon-pair-{i}") for i in range(workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    if crashes:
+        raise crashes[0]
+    batches = batcher.batches if batcher is not None else []
+    ordered = [results[n] for n in sorted(results)]
+    return BatchSummary(ordered, time.perf_counter() - start, batches)
+
+
+def write_report(summary: BatchSummary, path: Union[str, Path]) -> Path:
+    """Write one CSV row per pair (origin, fixed, moving, status, seconds, message), atomically."""
+    from .imageio import atomic_output, check_output_path
+
+    path = check_output_path(path, what="--report", suffixes=(".csv",))
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["pair", "origin", "fixed", "moving", "status", "seconds", "message"])
+            for r in summary.results:
+                writer.writerow([r.pair.number, r.pair.origin, str(r.pair.fixed), str(r.pair.moving),
+                                 "ok" if r.ok else "failed", f"{r.seconds:.2f}", r.message])
+    return path

@@ -1,0 +1,86 @@
+"""``gradicon register-batch``: register every pair of a CSV file with one loaded model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+from .common import device_option, format_seconds, info, model_option, quiet_option
+from .register_cmd import register as _register_command
+
+#: Options of ``gradicon register`` that apply to every pair of a batch, with the same meaning
+#: and help text (the per-pair files are CSV columns instead).
+SHARED_OPTIONS = ("fixed_modality", "moving_modality", "ct_window", "quantile_range", "mask_mode",
+                  "io_iterations", "io_similarity", "io_lr", "io_dice_weight", "affine", "orientation", "seed")
+
+
+@click.command("register-batch")
+@click.option("--pairs", required=True, type=click.Path(path_type=Path), metavar="CSV",
+              help="CSV file with a header row: fixed, moving and at least one of out_transform, "
+                   "out_inverse_transform, out_warped, out_ants_prefix, out_elastix, out_qc; optional "
+                   "fixed_mask, moving_mask, fixed_labels, moving_labels, initial_transform. Relative paths "
+                   "are relative to the CSV file's folder.")
+@model_option()
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Pairs run through the network together (prediction only; instance optimisation "
+                   "runs pair by pair).  [default: 4 on a GPU, 1 on the CPU]")
+@click.option("--precision", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True,
+              help="Arithmetic of the network's convolutions during prediction: bfloat16/float16 "
+                   "autocast is for CUDA devices only (faster, transforms differ by about 1e-3 of "
+                   "the image size); maps and instance optimisation stay float32.")
+@click.option("--stop-on-error", is_flag=True,
+              help="Stop at the first pair that fails (the default reports it and goes on).")
+@click.option("--report", type=click.Path(path_type=Path), metavar="CSV",
+              help="Also write one row per pair (status, seconds, error message) to this CSV file.")
+@device_option()
+@quiet_option()
+def register_batch(pairs: Path, model: str, batch_size: Optional[int], precision: str, stop_on_error: bool,
+                   report: Optional[Path], device: str, quiet: bool, **shared: Any) -> None:
+    """Register every pair listed in a CSV file, loading the model once.
+
+    Each pair is registered as 'gradicon register' would register it (same options, same checks)
+    and its outputs are written together or not at all. A pair that fails is reported on one line
+    and the others go on; the command then exits with status 2. On a GPU several pairs are
+    predicted in one batch.
+
+    \b
+    Example (pairs.csv):
+      fixed,moving,out_transform,out_warped
+      sub01_t1.nii.gz,sub01_t2.nii.gz,out/sub01.h5,out/sub01_t2_on_t1.nii.gz
+    \b
+      gradicon register-batch --pairs pairs.csv --report report.csv
+    """
+    from ..batch import BatchError, read_pairs, register_pairs, write_report
+    from ..imageio import check_output_path
+
+    jobs = read_pairs(pairs)
+    if report is not None:
+        report = check_output_path(report, what="--report", suffixes=(".csv",))
+    total = len(jobs)
+    info(f"{total} pair(s) from {pairs}", quiet=quiet)
+
+    def on_result(result) -> None:
+        status = (f"ok in {format_seconds(result.seconds)}" if result.ok else f"failed: {result.message}")
+        info(f"[{result.pair.number}/{total}] {result.pair.origin}: {status}", quiet=quiet and result.ok)
+
+    summary = register_pairs(jobs, model=model, device=device, batch_size=batch_size, precision=precision,
+                             stop_on_error=stop_on_error, options=shared,
+                             log=lambda message: info(message, quiet=quiet), on_result=on_result)
+    if report is not None:
+        write_report(summary, report)
+    done = len(summary.results) - len(summary.failed)
+    info(f"{done} of {total} pair(s) registered in {format_seconds(summary.seconds)} "
+         f"({summary.pairs_per_second * 60:.1f} pairs/min)", quiet=quiet)
+    if summary.failed or len(summary.results) < total:
+        skipped = total - len(summary.results)
+        raise BatchError(f"{len(summary.failed)} of {total} pair(s) failed"
+                         + (f", {skipped} not started (--stop-on-error)" if skipped else "")
+                         + f"; first: {summary.failed[0].pair.origin}: {summary.failed[0].message}")
+
+
+register_batch.params.extend(p for p in _register_command.params if p.name in SHARED_OPTIONS)
+
+COMMANDS = [register_batch]
