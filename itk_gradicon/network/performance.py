@@ -1,11 +1,14 @@
 """Switches for the network's fast paths, all exact up to float rounding.
 
-The UNet (:class:`~itk_gradicon.network.unet.UNetStep`) computes the same function in two ways:
+The network computes the same function in two ways:
 
-* the *plain* path, a line-by-line transcription of the published architecture, always used while
-  training (BatchNorm then normalises with batch statistics and nothing can be folded);
-* the *fast* path, used in evaluation mode (prediction and instance optimisation, where BatchNorm
-  applies its running statistics, a fixed affine map). It reorders linear operations only:
+* the *plain* path, a line-by-line transcription of the published architecture; the UNet
+  (:class:`~itk_gradicon.network.unet.UNetStep`) always takes it while training (BatchNorm then
+  normalises with batch statistics and nothing can be folded);
+* the *fast* path: in evaluation mode (prediction and instance optimisation, where BatchNorm
+  applies its running statistics, a fixed affine map) the UNet reorders linear operations only,
+  and composing maps (:class:`~itk_gradicon.network.operators.CubeMap`) uses a faster kernel for
+  the same interpolation:
 
   ``fold_batch_norm``
       BatchNorm after each up level is folded into the transposed convolution's weights and bias
@@ -22,6 +25,11 @@ The UNet (:class:`~itk_gradicon.network.unet.UNetStep`) computes the same functi
   ``channels_last``
       Convolutions run on channels-last (NDHWC) tensors, the layout oneDNN's CPU kernels prefer.
       ``None`` (the default) means: on the CPU only; GPU tensors keep PyTorch's default layout.
+  ``resample_on_grid``
+      A coarse field evaluated at the nodes of a finer network grid (the first step of composing a
+      map on that grid) is resized with ``interpolate(..., align_corners=True)``, which samples
+      exactly those positions, instead of ``grid_sample`` at the identity (PyTorch's 3-D
+      ``grid_sample`` runs on one thread).
 
 :func:`fast_paths` changes the switches for a block of code (tests compare every combination with
 the plain path); the settings are per thread / task (a :class:`contextvars.ContextVar`).
@@ -52,12 +60,14 @@ class FastPaths:
         fold_batch_norm: fold BatchNorm's running statistics into the up levels.
         fuse_last_level: compose the finest up level with the final convolution.
         channels_last: run convolutions on channels-last tensors (``None``: on the CPU only).
+        resample_on_grid: resize a coarse field to a finer grid's nodes with ``interpolate``.
     """
 
     enabled: bool = True
     fold_batch_norm: bool = True
     fuse_last_level: bool = True
     channels_last: Optional[bool] = None
+    resample_on_grid: bool = True
 
     def use_channels_last(self, device: torch.device) -> bool:
         """Whether tensors on ``device`` are laid out channels-last."""

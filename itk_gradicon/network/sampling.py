@@ -45,15 +45,29 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return _POOL
 
 
-def _slabs(grid: torch.Tensor) -> int:
-    """Number of slabs to split ``grid`` ``[B, *out, d]`` into (1: do not split)."""
-    if grid.device.type != "cpu":
+def _grid(points: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+    """``grid_sample``'s grid for CUBE ``points``: in ``[-1, 1]``, last spatial axis first."""
+    d = points.shape[1]
+    grid = (points * 2.0 - 1.0).flip(1)
+    grid = grid.permute(0, *range(2, d + 2), 1)
+    if grid.shape[0] != field.shape[0]:
+        grid = grid.expand(field.shape[0], *grid.shape[1:])
+    return grid.to(field.dtype)
+
+
+def _sample(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    return F.grid_sample(field, _grid(points, field), mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def _slabs(points: torch.Tensor) -> int:
+    """Number of slabs to split ``points`` ``[B, d, *out]`` into (1: do not split)."""
+    if points.device.type != "cpu" or points.dim() < 3:
         return 1
     threads = torch.get_num_threads()
-    points = grid[..., 0].numel()
-    if threads < 2 or grid.shape[1] < 2 or points < 2 * MIN_POINTS_PER_THREAD:
+    count = points[:, 0].numel()
+    if threads < 2 or points.shape[2] < 2 or count < 2 * MIN_POINTS_PER_THREAD:
         return 1
-    return int(min(threads, grid.shape[1], points // MIN_POINTS_PER_THREAD))
+    return int(min(threads, points.shape[2], count // MIN_POINTS_PER_THREAD))
 
 
 def _run(function, pieces: List[tuple]) -> list:
@@ -62,57 +76,51 @@ def _run(function, pieces: List[tuple]) -> list:
     return list(_pool(len(pieces)).map(lambda args: function(*args), pieces))
 
 
-def _sample(field: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    return F.grid_sample(field, grid, mode="bilinear", padding_mode="border", align_corners=True)
-
-
-def _forward_in_slabs(field: torch.Tensor, grid: torch.Tensor, slabs: int) -> torch.Tensor:
+def _forward_in_slabs(field: torch.Tensor, points: torch.Tensor, slabs: int) -> torch.Tensor:
     with torch.autograd.set_grad_enabled(False):
-        outputs = _run(_sample, [(field, part) for part in grid.tensor_split(slabs, dim=1)])
+        outputs = _run(_sample, [(field, part) for part in points.tensor_split(slabs, dim=2)])
     return torch.cat(outputs, dim=2)
 
 
-class _ParallelGridSample(torch.autograd.Function):
-    """``grid_sample(field, grid)`` (linear, border, ``align_corners=True``) over slabs in threads."""
+class _ParallelCubeSample(torch.autograd.Function):
+    """:func:`sample_cube_field` over slabs of the output points, each slab on its own thread."""
 
     @staticmethod
-    def forward(ctx, field: torch.Tensor, grid: torch.Tensor, slabs: int) -> torch.Tensor:
-        ctx.save_for_backward(field, grid)
+    def forward(ctx, field: torch.Tensor, points: torch.Tensor, slabs: int) -> torch.Tensor:
+        ctx.save_for_backward(field, points)
         ctx.slabs = slabs
-        return _forward_in_slabs(field, grid, slabs)
+        return _forward_in_slabs(field, points, slabs)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], None]:
-        field, grid = ctx.saved_tensors
-        need_field, need_grid = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        field, points = ctx.saved_tensors
+        need_field, need_points = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         backward = (torch.ops.aten.grid_sampler_3d_backward if field.dim() == 5
                     else torch.ops.aten.grid_sampler_2d_backward)
-        grid_parts = grid.tensor_split(ctx.slabs, dim=1)
-        grad_parts = grad_output.tensor_split(ctx.slabs, dim=2)
+        d = points.shape[1]
 
-        def one(grad_part: torch.Tensor, grid_part: torch.Tensor):
+        def one(grad_part: torch.Tensor, points_part: torch.Tensor):
             # interpolation 0 = bilinear, padding 1 = border
-            return backward(grad_part.contiguous(), field, grid_part, 0, 1, True, [need_field, need_grid])
+            grad_field, grad_grid = backward(grad_part.contiguous(), field, _grid(points_part, field), 0, 1, True,
+                                             [need_field, need_points])
+            grad_points = None
+            if need_points:  # grid = flip(2 points - 1) in the last axis: undo permutation and flip
+                grad_points = grad_grid.permute(0, d + 1, *range(1, d + 1)).flip(1) * 2.0
+                if points_part.shape[0] != grad_points.shape[0]:
+                    grad_points = grad_points.sum(0, keepdim=True)
+                grad_points = grad_points.to(points_part.dtype)
+            return grad_field, grad_points
 
-        results = _run(one, list(zip(grad_parts, grid_parts)))
-        grad_field = grad_grid = None
+        results = _run(one, list(zip(grad_output.tensor_split(ctx.slabs, dim=2),
+                                     points.tensor_split(ctx.slabs, dim=2))))
+        grad_field = grad_points = None
         if need_field:
             grad_field = results[0][0]
             for partial, _ in results[1:]:
                 grad_field = grad_field + partial
-        if need_grid:
-            grad_grid = torch.cat([g for _, g in results], dim=1)
-        return grad_field, grad_grid, None
-
-
-def grid_sample_border(field: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """``F.grid_sample(field, grid, "bilinear", "border", align_corners=True)``, threaded on the CPU."""
-    slabs = _slabs(grid)
-    if slabs < 2:
-        return _sample(field, grid)
-    if torch.is_grad_enabled() and (field.requires_grad or grid.requires_grad):
-        return _ParallelGridSample.apply(field, grid, slabs)
-    return _forward_in_slabs(field, grid, slabs)
+        if need_points:
+            grad_points = torch.cat([g for _, g in results], dim=2)
+        return grad_field, grad_points, None
 
 
 def sample_cube_field(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -128,9 +136,9 @@ def sample_cube_field(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor
     Returns:
         ``[B, C, *out]``.
     """
-    d = points.shape[1]
-    grid = (points * 2.0 - 1.0).flip(1)
-    grid = grid.permute(0, *range(2, d + 2), 1)
-    if grid.shape[0] != field.shape[0]:
-        grid = grid.expand(field.shape[0], *grid.shape[1:])
-    return grid_sample_border(field, grid.to(field.dtype))
+    slabs = _slabs(points)
+    if slabs < 2:
+        return _sample(field, points)
+    if torch.is_grad_enabled() and (field.requires_grad or points.requires_grad):
+        return _ParallelCubeSample.apply(field, points, slabs)
+    return _forward_in_slabs(field, points, slabs)

@@ -15,7 +15,7 @@ published weight files, so that their state dicts load without renaming.
 from __future__ import annotations
 
 import itertools
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -232,56 +232,84 @@ class UNetStep(nn.Module):
 
         Output face ``o = 0`` reads the finest up level at fine planes 0 and 1, face ``o = N - 1``
         at planes ``N - 2`` and ``N - 1``; a fine plane ``p`` of the transposed convolution sums the
-        coarse planes ``i`` with ``k = p - 2 i + 1`` in ``[0, 3]`` through the kernel slice ``k``, so
-        each face is a ``(d-1)``-dimensional transposed convolution of two coarse planes, an
-        upsampling, BatchNorm and a ``(d-1)``-dimensional convolution: a few hundred MFLOP at 175^3.
+        coarse planes ``i`` with ``k = p - 2 i + 1`` in ``[0, 3]`` through the kernel slice ``k``, and
+        its upsampled residual reads coarse planes ``p // 2`` and its neighbour (clamped), all among
+        the two coarse planes next to the face. So each face is a ``(d-1)``-dimensional transposed
+        convolution of two coarse planes, an upsampling, BatchNorm and a ``(d-1)``-dimensional
+        convolution: a few hundred MFLOP at 175^3.
         """
         d = self.dimension
         conv_t, last = self.upConvs[0], self.lastConv
         c_mid = conv_t.out_channels
         conv_t_fn, conv_fn = _CONV_T_FN[d - 1], _CONV_FN[d - 1]
         scale, shift = _batch_norm_affine(self.batchNorms[0])
-        per_channel = (1, -1) + (1,) * (d - 1)
-        coarse_all = fit_channels(x, c_mid)
+        constant = shift if conv_t.bias is None else conv_t.bias * scale + shift
+        weight_t = conv_t.weight * scale.view((1, -1) + (1,) * d)
+        sides = []
         for axis in range(d):
+            n_fine, n_coarse = skip.shape[2 + axis], x.shape[2 + axis]
+            sides += [(axis, 0, 0, 0), (axis, 1, n_coarse - 2, n_fine - 2)]
+        wanted = sorted({(2 + axis, c0 + i) for axis, _, c0, _ in sides for i in (0, 1)})
+        planes = dict(zip(wanted, _GatherPlanes.apply(x, tuple(wanted))))
+        for axis, side, c0, p0 in sides:
             dim = 2 + axis
-            n_fine, n_coarse = skip.shape[dim], x.shape[dim]
-            for side, c0, p0 in ((0, 0, 0), (1, n_coarse - 2, n_fine - 2)):
-                coarse_planes = [c0, c0 + 1]
-                fine_planes = [p0, p0 + 1]
-                x_planes = torch.cat([F.leaky_relu(x.select(dim, c)) for c in coarse_planes], dim=1)
-                # kernel block (coarse plane c -> fine plane p) = slice k = p - 2c + 1 of the kernel
-                blocks = []
-                for c in coarse_planes:
-                    row = []
-                    for p in fine_planes:
-                        k = p - 2 * c + 1
-                        row.append(conv_t.weight.select(dim, k) if 0 <= k <= 3
-                                   else conv_t.weight.new_zeros(conv_t.weight.select(dim, 0).shape))
-                    blocks.append(torch.cat(row, dim=1))
-                y = conv_t_fn(x_planes, torch.cat(blocks, dim=0), None, stride=2, padding=1)
-                faces = []
-                for j, p in enumerate(fine_planes):
-                    m, r = divmod(p, 2)
-                    near = coarse_all.select(dim, min(max(m, 0), n_coarse - 1))
-                    far = coarse_all.select(dim, min(max(m + (1 if r else -1), 0), n_coarse - 1))
-                    up = self._upsample_lower(0.75 * near + 0.25 * far)
-                    plane = y[:, j * c_mid:(j + 1) * c_mid] + up
-                    if conv_t.bias is not None:
-                        plane = plane + conv_t.bias.view(per_channel)
-                    plane = plane * scale.view(per_channel) + shift.view(per_channel)
-                    plane = plane[(slice(None), slice(None),
-                                   *(slice(0, n) for a, n in enumerate(skip.shape[2:]) if a != axis))]
-                    faces += [plane, skip.select(dim, p).to(plane.dtype)]
-                # the output plane p0 + side reads fine planes p0, p0 + 1 through taps 1 - side, 2 - side
-                weight = torch.cat([last.weight.select(dim, 1 - side), last.weight.select(dim, 2 - side)], dim=1)
-                face = conv_fn(torch.cat(faces, dim=1), weight, last.bias, padding=1)
-                out.select(dim, p0 + side).copy_(face / 10)
+            coarse = {c: planes[(dim, c)] for c in (c0, c0 + 1)}
+            x_planes = torch.cat([F.leaky_relu(coarse[c]) for c in (c0, c0 + 1)], dim=1)
+            # kernel block (coarse plane c -> fine plane p) = slice k = p - 2c + 1 of the kernel
+            blocks = []
+            for c in (c0, c0 + 1):
+                row = []
+                for p in (p0, p0 + 1):
+                    k = p - 2 * c + 1
+                    row.append(weight_t.select(dim, k) if 0 <= k <= 3
+                               else weight_t.new_zeros(weight_t.select(dim, 0).shape))
+                blocks.append(torch.cat(row, dim=1))
+            y = conv_t_fn(x_planes, torch.cat(blocks, dim=0), constant.repeat(2), stride=2, padding=1)
+            faces = []
+            for j, p in enumerate((p0, p0 + 1)):
+                m, r = divmod(p, 2)
+                near = fit_channels(coarse[m], c_mid)
+                far = fit_channels(coarse[min(max(m + (1 if r else -1), 0), x.shape[dim] - 1)], c_mid)
+                residual = (0.75 * near + 0.25 * far) * scale.view((1, -1) + (1,) * (d - 1))
+                plane = y[:, j * c_mid:(j + 1) * c_mid] + self._upsample_lower(residual)
+                plane = plane[(slice(None), slice(None),
+                               *(slice(0, n) for a, n in enumerate(skip.shape[2:]) if a != axis))]
+                faces += [plane, skip.select(dim, p).to(plane.dtype)]
+            # the output plane p0 + side reads fine planes p0, p0 + 1 through taps 1 - side, 2 - side
+            weight = torch.cat([last.weight.select(dim, 1 - side), last.weight.select(dim, 2 - side)], dim=1)
+            face = conv_fn(torch.cat(faces, dim=1), weight / 10, None if last.bias is None else last.bias / 10,
+                           padding=1)
+            out.select(dim, p0 + side).copy_(face)
 
     def _upsample_lower(self, x: torch.Tensor) -> torch.Tensor:
         """Linear upsampling by 2 of a ``(d-1)``-dimensional plane (``align_corners=False``)."""
         mode = {1: "linear", 2: "bilinear"}[self.dimension - 1]
         return F.interpolate(x, scale_factor=2, mode=mode, align_corners=False)
+
+
+class _GatherPlanes(torch.autograd.Function):
+    """Copies of several planes ``x.select(dim, index)``; the gradient is gathered into one tensor.
+
+    (Selecting the planes one by one would make autograd allocate, zero and add a tensor of
+    ``x``'s size for each plane during the backward pass.)
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, where: Tuple[Tuple[int, int], ...]) -> Tuple[torch.Tensor, ...]:
+        ctx.where = where
+        ctx.shape, ctx.dtype, ctx.device = x.shape, x.dtype, x.device
+        channels_last = _CHANNELS_LAST.get(x.dim())
+        ctx.memory_format = (channels_last if channels_last is not None and not x.is_contiguous()
+                             and x.is_contiguous(memory_format=channels_last) else torch.contiguous_format)
+        return tuple(x.select(dim, index).clone() for dim, index in where)
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[torch.Tensor]):
+        grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device).contiguous(memory_format=ctx.memory_format)
+        for (dim, index), g in zip(ctx.where, grads):
+            if g is not None:
+                grad.select(dim, index).add_(g)
+        return grad, None
 
 
 def _batch_norm_affine(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:
