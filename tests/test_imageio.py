@@ -1,0 +1,246 @@
+"""Reading and checking images, headers only, truncated files; all-or-nothing writing."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import blob_volume, make_image
+from itk_gradicon.errors import InputError
+from itk_gradicon.imageio import (OutputTransaction, atomic_output, check_header, check_nifti_complete,
+                                  check_output_dir, check_output_path, compound_suffix, read_image,
+                                  read_image_header, read_label_image, read_mask_on_grid, same_grid)
+
+SHAPE = (6, 7, 8)
+
+
+@pytest.fixture
+def image_file(tmp_path, rng):
+    import itk
+
+    path = tmp_path / "image.nii.gz"
+    itk.imwrite(make_image((blob_volume(SHAPE, rng) * 1000).astype(np.int16), spacing=(1.5, 1.0, 2.0)), str(path))
+    return path
+
+
+# ---- headers ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ending", [".nii.gz", ".nii", ".mha", ".nrrd"])
+def test_header_only(tmp_path, rng, ending):
+    import itk
+
+    path = tmp_path / f"x{ending}"
+    itk.imwrite(make_image(blob_volume(SHAPE, rng)), str(path))
+    header = read_image_header(path, what="--fixed")
+    assert header.dimension == 3 and header.size == (8, 7, 6) and header.components == 1
+    assert header.num_voxels == 336 and header.component_type == "float"
+    check_header(header, what="--fixed", dimension=3)
+
+
+def test_header_of_a_huge_image_is_read_without_its_pixels(tmp_path):
+    (tmp_path / "huge.raw").write_bytes(b"")
+    (tmp_path / "huge.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 4000 4000 4000\n"
+                                       "ElementType = MET_SHORT\nElementDataFile = huge.raw\n")
+    header = read_image_header(tmp_path / "huge.mhd")
+    assert header.num_voxels == 64_000_000_000
+
+
+def test_header_refusals(tmp_path, rng):
+    import itk
+
+    (tmp_path / "text.nii.gz").write_text("hello")
+    with pytest.raises(InputError, match="not an image file ITK can read"):
+        read_image_header(tmp_path / "text.nii.gz", what="--moving")
+    with pytest.raises(InputError, match="does not exist"):
+        read_image_header(tmp_path / "missing.nii.gz")
+    with pytest.raises(InputError, match="is a folder"):
+        read_image_header(tmp_path)
+    vectors = tmp_path / "v.nii.gz"
+    itk.imwrite(itk.image_from_array(rng.random(SHAPE + (3,)).astype(np.float32), is_vector=True), str(vectors))
+    with pytest.raises(InputError, match="3 components per voxel"):
+        check_header(read_image_header(vectors), what="--moving", dimension=3)
+    flat = tmp_path / "flat.nii.gz"
+    itk.imwrite(make_image(blob_volume((6, 7), rng)), str(flat))
+    with pytest.raises(InputError, match=r"2-D image of size \(7, 6\); the model 'm' registers 3-D images"):
+        check_header(read_image_header(flat), what="--fixed", dimension=3, needed_by="the model 'm'")
+
+
+# ---- pixels ----------------------------------------------------------------------------------------
+
+def test_read_image_as_float_keeping_the_original(image_file):
+    import itk
+
+    image, original = read_image(image_file, what="--fixed", dimension=3, return_original=True)
+    assert itk.template(image)[1][0] is itk.F
+    assert itk.array_view_from_image(original).dtype == np.int16
+    np.testing.assert_array_equal(itk.array_view_from_image(image), itk.array_view_from_image(original))
+    assert same_grid(image, original)
+
+
+def test_read_image_refusals(tmp_path):
+    import itk
+
+    constant = tmp_path / "c.nrrd"
+    itk.imwrite(make_image(np.full(SHAPE, 3.0, np.float32)), str(constant))
+    with pytest.raises(InputError, match="constant"):
+        read_image(constant, what="--fixed")
+    assert read_image(constant, check_constant=False) is not None
+    nan = tmp_path / "n.nrrd"
+    array = np.ones(SHAPE, np.float32)
+    array[1, 2, 3] = np.nan
+    itk.imwrite(make_image(array), str(nan))
+    with pytest.raises(InputError, match="1 NaN or infinite voxels"):
+        read_image(nan, what="--fixed")
+    (tmp_path / "z.raw").write_bytes(np.arange(np.prod(SHAPE), dtype=np.float32).tobytes())
+    (tmp_path / "z.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 8 7 6\nElementSpacing = 1 0 1\n"
+                                    "ElementType = MET_FLOAT\nElementDataFile = z.raw\n")
+    with pytest.raises(InputError, match="spacing|could not be read"):  # ITK or we refuse it
+        read_image(tmp_path / "z.mhd")
+
+
+def _nifti_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+
+
+def test_truncated_nifti_is_refused(tmp_path, image_file):
+    """ITK reads a NIfTI file whose data is cut short and fills the rest with zeros; we refuse it."""
+    import itk
+
+    raw = _nifti_bytes(image_file)
+    cut = tmp_path / "cut.nii"
+    cut.write_bytes(raw[:-100])
+    assert itk.imread(str(cut)) is not None  # ITK itself does not complain
+    with pytest.raises(InputError, match="truncated: its header announces"):
+        read_image(cut, what="--fixed")
+    cut_gz = tmp_path / "cut.nii.gz"
+    cut_gz.write_bytes(image_file.read_bytes()[:-40])
+    with pytest.raises(InputError, match="damaged or truncated"):
+        read_image(cut_gz, what="--fixed")
+    with pytest.raises(InputError, match="truncated"):
+        read_label_image(cut, what="--fixed-labels")
+    plain = tmp_path / "plain.nii.gz"  # an uncompressed file with a .gz name: ITK reads it, so do we
+    plain.write_bytes(raw)
+    check_nifti_complete(plain)
+    check_nifti_complete(image_file)
+
+
+def test_nifti_check_reads_both_byte_orders(tmp_path):
+    header = bytearray(352)
+    for endian in ("<", ">"):
+        struct.pack_into(endian + "i", header, 0, 348)
+        struct.pack_into(endian + "8h", header, 40, 3, 4, 4, 4, 1, 1, 1, 1)
+        struct.pack_into(endian + "h", header, 72, 32)  # bits per voxel
+        struct.pack_into(endian + "f", header, 108, 352.0)
+        path = tmp_path / f"h{'le' if endian == '<' else 'be'}.nii"
+        path.write_bytes(bytes(header) + b"\0" * (64 * 2))  # half of 64 float32 voxels
+        with pytest.raises(InputError, match="announces 608 bytes, the file holds 480"):
+            check_nifti_complete(path)
+        path.write_bytes(bytes(header) + b"\0" * (64 * 4))
+        check_nifti_complete(path)
+
+
+def test_labels_and_masks(tmp_path, rng):
+    import itk
+
+    grid_image = make_image(blob_volume(SHAPE, rng), spacing=(1.0, 2.0, 1.0))
+    float_labels = tmp_path / "labels.nrrd"
+    itk.imwrite(make_image(rng.integers(0, 4, SHAPE).astype(np.float32), spacing=(1.0, 2.0, 1.0)), str(float_labels))
+    labels = read_label_image(float_labels, what="--fixed-labels")
+    assert itk.array_view_from_image(labels).dtype == np.int16
+    fractional = tmp_path / "fractional.nrrd"
+    itk.imwrite(make_image(np.full(SHAPE, 1.5, np.float32)), str(fractional))
+    with pytest.raises(InputError, match="non-integer values such as 1.5"):
+        read_label_image(fractional, what="--fixed-labels")
+    mask = read_mask_on_grid(float_labels, grid_image, what="--fixed-mask")
+    np.testing.assert_array_equal(itk.array_view_from_image(mask), itk.array_view_from_image(labels) > 0)
+    shifted = make_image(np.ones(SHAPE, np.uint8), spacing=(1.0, 2.0, 1.0), origin=(0.5, 0, 0))
+    itk.imwrite(shifted, str(tmp_path / "shifted.nrrd"))
+    with pytest.raises(InputError, match="not on its image's grid"):
+        read_mask_on_grid(tmp_path / "shifted.nrrd", grid_image, what="--fixed-mask")
+    itk.imwrite(make_image(np.zeros(SHAPE, np.uint8), spacing=(1.0, 2.0, 1.0)), str(tmp_path / "empty.nrrd"))
+    with pytest.raises(InputError, match="empty"):
+        read_mask_on_grid(tmp_path / "empty.nrrd", grid_image, what="--fixed-mask")
+
+
+def test_same_grid_tolerances():
+    a = make_image(np.zeros(SHAPE, np.float32), spacing=(1.0, 1.0, 1.0))
+    b = make_image(np.zeros(SHAPE, np.float32), spacing=(1.0 + 1e-6, 1.0, 1.0), origin=(1e-5, 0, 0))
+    c = make_image(np.zeros(SHAPE, np.float32), spacing=(1.01, 1.0, 1.0))
+    assert same_grid(a, b) and not same_grid(a, c)
+    assert not same_grid(a, make_image(np.zeros((6, 7, 9), np.float32)))
+
+
+# ---- destinations -----------------------------------------------------------------------------------
+
+def test_output_path_checks(tmp_path, monkeypatch):
+    assert compound_suffix("a/b.NII.GZ") == ".nii.gz" and compound_suffix("t.h5") == ".h5"
+    assert check_output_path(tmp_path / "t.h5", suffixes=(".h5",)) == (tmp_path / "t.h5").absolute()
+    with pytest.raises(InputError, match=r"has the ending '\.txt'; allowed: \.h5"):
+        check_output_path(tmp_path / "t.txt", what="--out-transform", suffixes=(".h5",))
+    with pytest.raises(InputError, match="is a folder"):
+        check_output_path(tmp_path)
+    with pytest.raises(InputError, match="does not exist"):
+        check_output_path(tmp_path / "no" / "t.h5")
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)
+    with pytest.raises(InputError, match="not writable"):
+        check_output_path(tmp_path / "t.h5")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_output_folder_probe_catches_what_permissions_do_not():
+    with pytest.raises(InputError, match="not writable"):
+        check_output_path("/proc/out.h5", what="--out-transform")
+
+
+def test_output_dir_checks(tmp_path):
+    assert check_output_dir(tmp_path / "new") == (tmp_path / "new").absolute()
+    assert not (tmp_path / "new").exists()  # created only when something is written into it
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="exists and is not a folder"):
+        check_output_dir(tmp_path / "file")
+    with pytest.raises(InputError, match="does not exist"):
+        check_output_dir(tmp_path / "a" / "b")
+
+
+def test_transaction_commits_every_file_together(tmp_path, rng):
+    import itk
+
+    image = make_image(blob_volume(SHAPE, rng))
+    with OutputTransaction() as out:
+        itk.imwrite(image, str(out.path(tmp_path / "a.mhd")))  # header + .raw data file
+        itk.imwrite(image, str(out.path(tmp_path / "sub" / "b.nii.gz")))
+        assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["sub"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.mhd", "a.raw", "b.nii.gz", "sub"]
+    np.testing.assert_array_equal(itk.array_from_image(itk.imread(str(tmp_path / "a.mhd"))),
+                                  itk.array_from_image(image))
+
+
+def test_transaction_leaves_nothing_on_failure(tmp_path, rng):
+    import itk
+
+    image = make_image(blob_volume(SHAPE, rng))
+    with pytest.raises(RuntimeError, match="late failure"):
+        with OutputTransaction() as out:
+            itk.imwrite(image, str(out.path(tmp_path / "a.nii.gz")))
+            itk.imwrite(image, str(out.path(tmp_path / "new_folder" / "b.nii.gz")))
+            raise RuntimeError("late failure")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output(tmp_path / "c.nii.gz") as staged:
+            staged.write_bytes(b"partial")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_transaction_replaces_existing_files(tmp_path):
+    (tmp_path / "t.txt").write_text("old")
+    with atomic_output(tmp_path / "t.txt") as staged:
+        staged.write_text("new")
+        assert (tmp_path / "t.txt").read_text() == "old"
+    assert (tmp_path / "t.txt").read_text() == "new"
