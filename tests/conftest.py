@@ -21,9 +21,8 @@ SHARED_DATA = Path(os.environ.get("ITK_GRADICON_SHARED_DATA", REPO.parent / "sha
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Never touch the user's model cache or the network: an empty cache per test session."""
-    cache = tmp_path_factory.getbasetemp() / "model-cache"
-    cache.mkdir(exist_ok=True)
+    """Never touch the user's model cache or the network: an empty cache for every test."""
+    cache = tmp_path_factory.mktemp("model-cache")
     monkeypatch.setenv("ITK_GRADICON_CACHE", str(cache))
     monkeypatch.delenv("ITK_GRADICON_MIRROR", raising=False)
 

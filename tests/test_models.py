@@ -124,7 +124,8 @@ def test_downloaded_file_that_is_not_the_model_is_discarded(monkeypatch, tmp_pat
 def test_published_name_downloads_from_mirror_then_loads(monkeypatch, tmp_path, published_random_trch):
     served = tmp_path / "served"
     served.mkdir()
-    os.link(published_random_trch, served / "unigradicon.trch") if os.name != "nt" else None
+    for name in ("unigradicon", "multigradicon"):
+        shutil.copyfile(published_random_trch, served / f"{name}.trch")
     with _Server(served) as server:
         monkeypatch.setenv("ITK_GRADICON_MIRROR", server.url)
         model = load_model("unigradicon")
@@ -133,9 +134,12 @@ def test_published_name_downloads_from_mirror_then_loads(monkeypatch, tmp_path, 
     rows = {r["name"]: r for r in list_models()}
     assert rows["unigradicon"]["present"] and rows["unigradicon"]["sha256"] == model.sha256
     assert not rows["multigradicon"]["present"]
-    # a file:// mirror works too, and a second load uses the cache without any server
+    # a file:// mirror works too
     monkeypatch.setenv("ITK_GRADICON_MIRROR", served.as_uri())
     assert load_model("multigradicon").architecture == model.architecture
+    # and a second load uses the cache without any mirror
+    monkeypatch.setenv("ITK_GRADICON_MIRROR", (tmp_path / "nowhere").as_uri())
+    assert load_model("unigradicon").sha256 == model.sha256
 
 
 @pytest.mark.slow
