@@ -82,6 +82,19 @@ class ImageGrid:
             raise InputError(f"direction matrix {self.direction_matrix.tolist()} is not orthonormal "
                              f"(determinant {det:g})")
 
+    def matches(self, other: "ImageGrid", *, tolerance: float = 1e-4) -> bool:
+        """Whether ``other`` has the same size, spacing, origin and direction.
+
+        Spacing may differ by ``tolerance`` times the largest spacing (at least 1 mm), the origin by ten
+        times that (headers round positions more coarsely), direction cosines by ``tolerance``.
+        """
+        if self.size != other.size:
+            return False
+        scale = max(1.0, float(np.max(np.abs(self.spacing))))
+        return (np.allclose(self.spacing, other.spacing, atol=tolerance * scale)
+                and np.allclose(self.origin, other.origin, atol=tolerance * scale * 10)
+                and np.allclose(self.direction_matrix, other.direction_matrix, atol=tolerance))
+
     @property
     def dimension(self) -> int:
         return len(self.size)

@@ -211,6 +211,8 @@ class ImageHeader:
         size: voxels along each axis (ITK order).
         components: values per voxel (1 for a scalar image).
         component_type: ITK's name of the stored value type (``"float"``, ``"short"``, ...).
+        spacing, origin: per axis (ITK order).
+        direction: ``d x d`` rows; column ``a`` is the world direction of index axis ``a``.
     """
 
     path: Path
@@ -218,6 +220,18 @@ class ImageHeader:
     size: Tuple[int, ...]
     components: int
     component_type: str
+    spacing: Tuple[float, ...] = ()
+    origin: Tuple[float, ...] = ()
+    direction: Tuple[Tuple[float, ...], ...] = ()
+
+    @property
+    def grid(self):
+        """The :class:`~itk_gradicon.geometry.ImageGrid` the header describes (validated)."""
+        from .geometry import ImageGrid
+
+        grid = ImageGrid(size=self.size, spacing=self.spacing, origin=self.origin, direction=self.direction)
+        grid.validate()
+        return grid
 
     @property
     def num_voxels(self) -> int:
@@ -248,11 +262,16 @@ def read_image_header(path: PathLike, *, what: str = "image") -> ImageHeader:
         io.ReadImageInformation()
     except (RuntimeError, OSError) as err:
         raise InputError(f"{what} '{path}' could not be read as an image: {_short_itk_message(err)}") from err
-    dimension = int(io.GetNumberOfDimensions())
-    return ImageHeader(path=p, dimension=dimension,
-                       size=tuple(int(io.GetDimensions(i)) for i in range(dimension)),
+    d = int(io.GetNumberOfDimensions())
+    # io.GetDirection(a) is the WORLD direction of index axis a: column a of the direction matrix
+    columns = [tuple(float(v) for v in io.GetDirection(a))[:d] for a in range(d)]
+    return ImageHeader(path=p, dimension=d,
+                       size=tuple(int(io.GetDimensions(a)) for a in range(d)),
                        components=int(io.GetNumberOfComponents()),
-                       component_type=str(io.GetComponentTypeAsString(io.GetComponentType())))
+                       component_type=str(io.GetComponentTypeAsString(io.GetComponentType())),
+                       spacing=tuple(float(io.GetSpacing(a)) for a in range(d)),
+                       origin=tuple(float(io.GetOrigin(a)) for a in range(d)),
+                       direction=tuple(tuple(columns[a][r] for a in range(d)) for r in range(d)))
 
 
 def check_header(header: ImageHeader, *, what: str, dimension: Optional[int] = None,
@@ -278,7 +297,16 @@ def check_header(header: ImageHeader, *, what: str, dimension: Optional[int] = N
                          f"{who} {' or '.join(f'{d}-D' for d in allowed)} images")
 
 
-def _read_itk(path: PathLike, what: str):
+def read_itk_image(path: PathLike, what: str = "image"):
+    """Read any image ITK reads, in its stored pixel type (scalar or vector), with user-facing errors.
+
+    Args:
+        path: the file.
+        what: how the file is named in error messages (``"--reference"``).
+
+    Raises:
+        InputError: the file is missing, unreadable, not an image, or a truncated NIfTI file.
+    """
     itk = _itk()
     p = _check_readable_file(path, what)
     try:
@@ -403,7 +431,7 @@ def read_image(path: PathLike, *, what: str = "image", dimension: Optional[int] 
     Raises:
         InputError: with a one-line reason naming the file and what was expected.
     """
-    image = _read_itk(path, what)
+    image = read_itk_image(path, what)
     checked = check_image(image, what=f"{what} '{path}'", dimension=dimension, check_constant=check_constant)
     return (checked, image) if return_original else checked
 
@@ -437,7 +465,7 @@ def read_label_image(path: PathLike, *, what: str = "label map", dimension: Opti
     non-integer value.
     """
     itk = _itk()
-    image = _read_itk(path, what)
+    image = read_itk_image(path, what)
     _check_scalar_and_dimension(image, f"{what} '{path}'", dimension)
     array = itk.array_view_from_image(image)
     if np.issubdtype(array.dtype, np.floating):
@@ -487,17 +515,12 @@ def cast_image(image, pixel_type):
 
 
 def same_grid(a, b, *, tolerance: float = 1e-4) -> bool:
-    """Whether two images share size, origin, spacing and direction (within ``tolerance``)."""
+    """Whether two images share size, origin, spacing and direction (see :meth:`ImageGrid.matches`)."""
+    from .geometry import ImageGrid
+
     if image_dimension(a) != image_dimension(b):
         return False
-    if tuple(a.GetLargestPossibleRegion().GetSize()) != tuple(b.GetLargestPossibleRegion().GetSize()):
-        return False
-    itk = _itk()
-    scale = max(1.0, float(np.max(np.abs(np.asarray(a.GetSpacing())))))
-    return (np.allclose(np.asarray(a.GetOrigin()), np.asarray(b.GetOrigin()), atol=tolerance * scale * 10)
-            and np.allclose(np.asarray(a.GetSpacing()), np.asarray(b.GetSpacing()), atol=tolerance * scale)
-            and np.allclose(itk.array_from_matrix(a.GetDirection()),
-                            itk.array_from_matrix(b.GetDirection()), atol=tolerance))
+    return ImageGrid.from_image(a).matches(ImageGrid.from_image(b), tolerance=tolerance)
 
 
 def describe_grid(image) -> str:

@@ -1,7 +1,7 @@
 """The ``gradicon`` command: registration with the GradICON family for ITK, ANTs and elastix users.
 
-Subcommands are defined one per module and imported when the group is built; each imports torch
-and itk only when it runs.
+Subcommands are defined in one module per topic, each listing its commands in ``COMMANDS``; they
+import torch and itk only when they run, so ``gradicon --help`` answers at once.
 """
 
 from __future__ import annotations
@@ -25,17 +25,10 @@ def main() -> None:
 
 
 def _register_commands() -> None:
-    from . import models_cmd, register_cmd
+    from . import apply_cmd, batch_cmd, evaluate_cmd, jacobian_cmd, models_cmd, register_cmd, train_cmd
 
     main.add_command(register_cmd.register)
-    main.add_command(models_cmd.models)
-    for name in ("apply_cmd", "jacobian_cmd", "evaluate_cmd", "train_cmd", "batch_cmd"):
-        try:
-            module = __import__(f"{__name__}.{name}", fromlist=["COMMANDS"])
-        except ModuleNotFoundError as err:
-            if err.name != f"{__name__}.{name}":
-                raise
-            continue
+    for module in (batch_cmd, apply_cmd, jacobian_cmd, evaluate_cmd, models_cmd, train_cmd):
         for command in module.COMMANDS:
             main.add_command(command)
 

@@ -34,7 +34,7 @@ def _resample_files(input_path: Path, reference_path: Path, transforms: Sequence
     import itk
 
     from ..errors import InputError
-    from ..imageio import IMAGE_SUFFIXES, OutputTransaction, _read_itk, check_output_path, read_image_header
+    from ..imageio import IMAGE_SUFFIXES, OutputTransaction, read_itk_image, check_output_path, read_image_header
     from ..resample import check_interpolation, label_set, resample_image, resample_labels
     from ..transforms import compose_transforms
 
@@ -51,8 +51,8 @@ def _resample_files(input_path: Path, reference_path: Path, transforms: Sequence
         raise InputError(f"--input '{input_path}' is {input_header.dimension}-D and "
                          f"--reference '{reference_path}' is {d}-D; they must match")
     transform = compose_transforms(list(transforms), dimension=d)
-    image = _read_itk(input_path, "--input")
-    reference = _read_itk(reference_path, "--reference")
+    image = read_itk_image(input_path, "--input")
+    reference = read_itk_image(reference_path, "--reference")
     if labels:
         warped = resample_labels(image, reference, transform, default_value=default_value)
     else:

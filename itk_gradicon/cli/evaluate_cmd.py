@@ -55,7 +55,7 @@ def evaluate(transforms: Sequence[str], fixed_labels: Optional[Path], moving_lab
           --moving-labels moving_seg.nii.gz --output-json eval.json
     """
     from ..errors import InputError
-    from ..imageio import OutputTransaction, _read_itk, check_output_path
+    from ..imageio import OutputTransaction, read_itk_image, check_output_path
     from ..geometry import ImageGrid
     from ..metrics import label_overlap, read_landmarks, target_registration_error
     from ..jacobian import jacobian_determinant, jacobian_summary
@@ -75,9 +75,9 @@ def evaluate(transforms: Sequence[str], fixed_labels: Optional[Path], moving_lab
     if output_json is not None:
         output_json = check_output_path(output_json, what="--output-json", suffixes=(".json",))
 
-    fixed_lab = _read_itk(fixed_labels, "--fixed-labels") if fixed_labels is not None else None
-    moving_lab = _read_itk(moving_labels, "--moving-labels") if moving_labels is not None else None
-    reference_image = _read_itk(reference, "--reference") if reference is not None else fixed_lab
+    fixed_lab = read_itk_image(fixed_labels, "--fixed-labels") if fixed_labels is not None else None
+    moving_lab = read_itk_image(moving_labels, "--moving-labels") if moving_labels is not None else None
+    reference_image = read_itk_image(reference, "--reference") if reference is not None else fixed_lab
     dimension = None
     for image in (reference_image, fixed_lab, moving_lab):
         if image is not None:

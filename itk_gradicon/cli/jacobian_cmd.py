@@ -41,7 +41,7 @@ def jacobian(transforms: Sequence[str], reference: Optional[Path], output: Optio
     import itk
 
     from ..errors import InputError
-    from ..imageio import IMAGE_SUFFIXES, OutputTransaction, _read_itk, check_output_path
+    from ..imageio import IMAGE_SUFFIXES, OutputTransaction, read_itk_image, check_output_path
     from ..jacobian import jacobian_image, jacobian_summary
     from ..transforms import compose_transforms
 
@@ -52,7 +52,7 @@ def jacobian(transforms: Sequence[str], reference: Optional[Path], output: Optio
     if output is not None and summary_json is not None and output == summary_json:
         raise InputError("--output and --summary-json name the same file")
     if reference is not None:
-        reference_image = _read_itk(reference, "--reference")
+        reference_image = read_itk_image(reference, "--reference")
         transform = compose_transforms(list(transforms), dimension=int(reference_image.GetImageDimension()))
     else:
         transform = compose_transforms(list(transforms))

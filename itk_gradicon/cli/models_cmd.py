@@ -97,3 +97,6 @@ def info_cmd(model: str) -> None:
         "parameters": count_parameters(loaded.network), "architecture": loaded.architecture.to_dict(),
         "similarity": loaded.similarity, "preprocessing": loaded.preprocessing,
         "provenance": loaded.provenance}, indent=2))
+
+
+COMMANDS = [models]

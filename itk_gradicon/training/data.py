@@ -42,8 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from ..geometry import ImageGrid, NetworkFrame
+from ..imageio import read_image_header
 from ..preprocess import IntensityNormalization, apply_input_mask
 from .config import AugmentationConfig, DatasetConfig, TrainConfig, did_you_mean
 
@@ -259,41 +260,14 @@ def _read_csv(path: Path, base: Path, where: str) -> List[Dict[str, Any]]:
     return rows
 
 
-def read_grid(path: Path) -> Tuple[ImageGrid, int]:
+def read_grid(path: Path, *, what: str = "image") -> Tuple[ImageGrid, int]:
     """The grid and the number of pixel components of an image file, from its header only.
 
     Raises:
-        ValueError: the file is not an image ITK can read (message suitable for the user).
+        InputError: the file is not an image ITK can read, or its geometry is invalid.
     """
-    import itk
-
-    io = itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
-    if io is None:
-        raise ValueError("ITK cannot read this file as an image (unknown format)")
-    io.SetFileName(str(path))
-    try:
-        io.ReadImageInformation()
-    except RuntimeError as err:
-        raise ValueError(f"its header cannot be read ({str(err).strip().splitlines()[-1]})") from None
-    d = int(io.GetNumberOfDimensions())
-    # io.GetDirection(a) is the WORLD direction of index axis a: column a of the direction matrix
-    columns = [tuple(float(v) for v in io.GetDirection(a))[:d] for a in range(d)]
-    grid = ImageGrid(size=tuple(int(io.GetDimensions(a)) for a in range(d)),
-                     spacing=tuple(float(io.GetSpacing(a)) for a in range(d)),
-                     origin=tuple(float(io.GetOrigin(a)) for a in range(d)),
-                     direction=tuple(tuple(columns[a][r] for a in range(d)) for r in range(d)))
-    grid.validate()
-    return grid, int(io.GetNumberOfComponents())
-
-
-def grids_match(a: ImageGrid, b: ImageGrid, tolerance: float = 1e-4) -> bool:
-    """Whether two grids share size, spacing, origin and direction (as :func:`imageio.same_grid`)."""
-    if a.size != b.size:
-        return False
-    scale = max(1.0, float(np.max(np.abs(a.spacing))))
-    return (np.allclose(a.spacing, b.spacing, atol=tolerance * scale)
-            and np.allclose(a.origin, b.origin, atol=tolerance * scale * 10)
-            and np.allclose(a.direction_matrix, b.direction_matrix, atol=tolerance))
+    header = read_image_header(path, what=what)
+    return header.grid, header.components
 
 
 def scan_member(index: int, cfg: DatasetConfig, train: TrainConfig, *, dimension: int,
@@ -348,7 +322,7 @@ def scan_member(index: int, cfg: DatasetConfig, train: TrainConfig, *, dimension
         for kind in ("mask", "segmentation"):
             if row.get(kind) is not None:
                 other = _checked_grid(Path(row[kind]), kind, where, row["origin"], dimension)
-                if not grids_match(grid, other):
+                if not grid.matches(other):
                     raise ConfigError(f"{where}: {kind} '{row[kind]}' ({row['origin']}) is not on its image's "
                                       f"grid (size {other.size} vs {grid.size}, or spacing/origin/direction differ)")
         group = str(row.get("group") or f"#{number}")
@@ -362,7 +336,7 @@ def scan_member(index: int, cfg: DatasetConfig, train: TrainConfig, *, dimension
     for (subject, group), members in views.items():
         first = entries[members[0]]
         for i in members[1:]:
-            if not grids_match(first.grid, entries[i].grid):
+            if not first.grid.matches(entries[i].grid):
                 raise ConfigError(f"{where}: group {group!r} of subject {subject!r} holds co-registered images "
                                   f"on different grids ('{first.path.name}' and '{entries[i].path.name}'); "
                                   "resample them onto one grid")
@@ -386,9 +360,9 @@ def scan_member(index: int, cfg: DatasetConfig, train: TrainConfig, *, dimension
 
 def _checked_grid(path: Path, kind: str, where: str, origin: str, dimension: int) -> ImageGrid:
     try:
-        grid, components = read_grid(path)
-    except ValueError as err:
-        raise ConfigError(f"{where}: {kind} '{path}' ({origin}) cannot be used: {err}") from None
+        grid, components = read_grid(path, what=kind)
+    except InputError as err:
+        raise ConfigError(f"{where}: {origin}: {err}") from None
     except Exception as err:  # ITK raises bare RuntimeErrors / InputErrors for odd headers
         message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise ConfigError(f"{where}: {kind} '{path}' ({origin}) cannot be used: {message}") from None
