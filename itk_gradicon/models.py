@@ -364,9 +364,11 @@ def load_weight_file(path: Path, *, name: Optional[str] = None, input_shape=None
             similarity = PUBLISHED[name].similarity
         else:
             arch = _infer_architecture(state, input_shape)
-    network = build_network(arch)
+    with torch.device("meta"):  # no memory and no random initialisation: every tensor comes from the file
+        network = build_network(arch)
     _check_strict(network, state, f"model file '{path}'")
-    network.load_state_dict(state, strict=True)
+    expected = network.state_dict()  # dtypes as built (float32), whatever precision the file stores
+    network.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True, assign=True)
     network.eval()
     for p in network.parameters():
         p.requires_grad_(False)
