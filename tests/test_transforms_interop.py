@@ -334,6 +334,28 @@ def test_field_files_read_back(small_field, tmp_path, ending):
     np.testing.assert_allclose(sample_transform(read_transform(path), field.grid).array, field.array, atol=1e-5)
 
 
+def test_h5_writer_equals_itks_public_writer(small_field, tmp_path):
+    """The direct wrapping-module path (fast imports) writes what ``itk.transformwrite`` writes."""
+    import itk
+
+    from itk_gradicon.transforms import displacement_field_transform_type, write_transform_file
+
+    field, _ = small_field
+    assert displacement_field_transform_type(3) is itk.DisplacementFieldTransform[itk.D, 3]
+    ours, public = tmp_path / "ours.h5", tmp_path / "public.h5"
+    write_transform_file(field, ours)
+    itk.transformwrite([field.to_transform()], str(public))
+    a, b = itk.transformread(str(ours))[0], itk.transformread(str(public))[0]
+    assert a.GetNameOfClass() == b.GetNameOfClass() == "DisplacementFieldTransform"
+    np.testing.assert_array_equal(np.asarray(a.GetFixedParameters()), np.asarray(b.GetFixedParameters()))
+    np.testing.assert_array_equal(itk.array_from_image(a.GetDisplacementField()),
+                                  itk.array_from_image(b.GetDisplacementField()))
+    write_transform_file(field, tmp_path / "small.h5", compression=True)
+    np.testing.assert_array_equal(
+        itk.array_from_image(itk.transformread(str(tmp_path / "small.h5"))[0].GetDisplacementField()),
+        itk.array_from_image(a.GetDisplacementField()))
+
+
 @pytest.mark.parametrize("ending", [".tfm", ".txt", ".mat", ".h5"])
 def test_affine_files_read_back_and_invert(tmp_path, ending):
     rng = np.random.default_rng(4)
