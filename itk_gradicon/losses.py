@@ -260,8 +260,11 @@ class LossTerms:
     phi_BA: CubeMap
 
     def as_floats(self) -> dict:
-        return {"total": float(self.total), "similarity": float(self.similarity),
-                "regularizer": float(self.regularizer), "dice": float(self.dice)}
+        def value(term) -> float:
+            return float(term.detach()) if isinstance(term, Tensor) else float(term)
+
+        return {"total": value(self.total), "similarity": value(self.similarity),
+                "regularizer": value(self.regularizer), "dice": value(self.dice)}
 
 
 def warp(image: Tensor, points: Tensor, *, zero_outside: bool) -> Tensor:
