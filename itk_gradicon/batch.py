@@ -310,8 +310,6 @@ def register_pairs(pairs: Sequence[Pair], *, model: Union[str, Any] = "unigradic
     Raises:
         GradiconError: a problem shared by every pair (model, device, precision).
     """
-    import torch
-
     from .models import Model, load_model
     from .network.inference import PRECISIONS
     from .registration import resolve_device

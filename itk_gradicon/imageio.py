@@ -220,9 +220,9 @@ class ImageHeader:
     size: Tuple[int, ...]
     components: int
     component_type: str
-    spacing: Tuple[float, ...] = ()
-    origin: Tuple[float, ...] = ()
-    direction: Tuple[Tuple[float, ...], ...] = ()
+    spacing: Tuple[float, ...]
+    origin: Tuple[float, ...]
+    direction: Tuple[Tuple[float, ...], ...]
 
     @property
     def grid(self):
@@ -261,7 +261,7 @@ def read_image_header(path: PathLike, *, what: str = "image") -> ImageHeader:
     try:
         io.ReadImageInformation()
     except (RuntimeError, OSError) as err:
-        raise InputError(f"{what} '{path}' could not be read as an image: {_short_itk_message(err)}") from err
+        raise InputError(f"{what} '{path}' could not be read as an image: {short_error_message(err)}") from err
     d = int(io.GetNumberOfDimensions())
     # io.GetDirection(a) is the WORLD direction of index axis a: column a of the direction matrix
     columns = [tuple(float(v) for v in io.GetDirection(a))[:d] for a in range(d)]
@@ -312,7 +312,7 @@ def read_itk_image(path: PathLike, what: str = "image"):
     try:
         image = itk.imread(str(p))
     except (RuntimeError, OSError, KeyError, ValueError, TypeError) as err:
-        reason = _short_itk_message(err)
+        reason = short_error_message(err)
         raise InputError(f"{what} '{path}' could not be read as an image: {reason}") from err
     check_nifti_complete(p, what=what)
     return image
@@ -392,10 +392,6 @@ def check_nifti_complete(path: PathLike, *, what: str = "image") -> None:
 
 def short_error_message(err: BaseException) -> str:
     """The informative line of an ITK or OS error (ITK's messages span several lines)."""
-    return _short_itk_message(err)
-
-
-def _short_itk_message(err: BaseException) -> str:
     text = str(err).strip()
     for line in text.splitlines():
         line = line.strip()

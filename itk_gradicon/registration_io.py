@@ -263,7 +263,8 @@ def write_register_outputs(result, outputs: RegisterOutputs, *, fixed_original=N
                 write_transform(result.inverse_field, outputs.inverse_transform, out)
                 written.append(Path(outputs.inverse_transform))
             if outputs.ants_prefix:
-                names = {k: Path(v).expanduser().absolute() for k, v in ants_file_names(str(outputs.ants_prefix)).items()}
+                names = {key: Path(name).expanduser().absolute()
+                         for key, name in ants_file_names(str(outputs.ants_prefix)).items()}
                 current = str(names["warp"])
                 if result.affine is not None:
                     write_affine_file(result.affine, out.path(names["affine"]))

@@ -35,7 +35,6 @@ the reverse order, because ITK applies the transform added last first.
 from __future__ import annotations
 
 import functools
-
 import re
 from dataclasses import dataclass
 from pathlib import Path

@@ -16,18 +16,11 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from test_training_support import base_config, make_subjects, write_config, write_csv, write_image
+from test_training_support import (base_config, make_subjects, one_torch_thread,  # noqa: F401 (autouse)
+                                   write_config, write_csv, write_image)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 EXAMPLE_FILES = ("train_unigradicon.yaml", "train_multigradicon.yaml", "train_m2m_reg.yaml", "finetune.yaml")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,17 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from test_training_support import base_config, make_subjects, write_csv
+from test_training_support import base_config, make_subjects, one_torch_thread, write_csv  # noqa: F401 (autouse)
 
 EXAMPLE_DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -300,8 +292,6 @@ def test_co_registered_images_get_one_augmentation_and_ct_inversion(tmp_path):
     """Two files with equal content in one group (a 't1w' and a 'flair'): whatever is drawn, the
     input and loss images of a view stay identical after augmentation; in an M2M cycle the
     pre-aligned bridge images too. CT inverted with probability 1 becomes 1 - CT."""
-    from itk_gradicon.training.data import PairDataset, VolumeLoader
-
     rows = make_subjects(tmp_path, n=4, shape=(20, 22), modalities=("t1w",), seed=8)
     for row in list(rows):
         copy = dict(row, modality="flair", image=row["image"].replace("t1w", "flair"))

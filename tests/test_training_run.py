@@ -16,16 +16,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from test_training_support import (base_config, make_subjects, tiny_architecture_config, write_config,
+from test_training_support import (base_config, make_subjects, one_torch_thread,  # noqa: F401 (autouse)
+                                   tiny_architecture_config, write_config,
                                    write_csv)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,18 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pytest
+import torch
 import yaml
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Training tests run on one thread: they compare runs bit for bit and must not depend on how
+    many cores the machine has. Modules that import this fixture get it for every test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 #: Intensity of each label (0 = background) per modality.
 CONTRASTS = {

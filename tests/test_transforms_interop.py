@@ -259,7 +259,7 @@ def test_ants_order_first_listed_acts_on_points_first(case):
 
 def test_ants_inverse_syntax_for_affines(case):
     """'[FILE,1]' is ANTs' inverse: ours matches ants.apply_transforms(whichtoinvert=[True])."""
-    fixed, moving, files, tmp = case["fixed"], case["moving"], case["files"], case["tmp"]
+    files, tmp = case["files"], case["tmp"]
     affine = random_affine(case["rng"])
     aff = tmp / "a_0GenericAffine.mat"
     write_affine_file(affine, aff)

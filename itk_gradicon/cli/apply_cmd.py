@@ -34,7 +34,7 @@ def _resample_files(input_path: Path, reference_path: Path, transforms: Sequence
     import itk
 
     from ..errors import InputError
-    from ..imageio import IMAGE_SUFFIXES, OutputTransaction, read_itk_image, check_output_path, read_image_header
+    from ..imageio import IMAGE_SUFFIXES, OutputTransaction, check_output_path, read_image_header, read_itk_image
     from ..resample import check_interpolation, label_set, resample_image, resample_labels
     from ..transforms import compose_transforms
 

@@ -55,7 +55,7 @@ def evaluate(transforms: Sequence[str], fixed_labels: Optional[Path], moving_lab
           --moving-labels moving_seg.nii.gz --output-json eval.json
     """
     from ..errors import InputError
-    from ..imageio import OutputTransaction, read_itk_image, check_output_path
+    from ..imageio import OutputTransaction, check_output_path, read_itk_image
     from ..geometry import ImageGrid
     from ..metrics import label_overlap, read_landmarks, target_registration_error
     from ..jacobian import jacobian_determinant, jacobian_summary

@@ -41,7 +41,7 @@ def jacobian(transforms: Sequence[str], reference: Optional[Path], output: Optio
     import itk
 
     from ..errors import InputError
-    from ..imageio import IMAGE_SUFFIXES, OutputTransaction, read_itk_image, check_output_path
+    from ..imageio import IMAGE_SUFFIXES, OutputTransaction, check_output_path, read_itk_image
     from ..jacobian import jacobian_image, jacobian_summary
     from ..transforms import compose_transforms
 

@@ -44,7 +44,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ..errors import ConfigError, InputError
 from ..geometry import ImageGrid, NetworkFrame
-from ..imageio import read_image_header
+from ..imageio import read_image_header, short_error_message
 from ..preprocess import IntensityNormalization, apply_input_mask
 from .config import AugmentationConfig, DatasetConfig, TrainConfig, did_you_mean
 
@@ -363,9 +363,8 @@ def _checked_grid(path: Path, kind: str, where: str, origin: str, dimension: int
         grid, components = read_grid(path, what=kind)
     except InputError as err:
         raise ConfigError(f"{where}: {origin}: {err}") from None
-    except Exception as err:  # ITK raises bare RuntimeErrors / InputErrors for odd headers
-        message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{where}: {kind} '{path}' ({origin}) cannot be used: {message}") from None
+    except Exception as err:  # anything else ITK's header readers may raise for odd files
+        raise ConfigError(f"{where}: {kind} '{path}' ({origin}) cannot be used: {short_error_message(err)}") from None
     if components != 1:
         raise ConfigError(f"{where}: {kind} '{path}' ({origin}) has {components} components per voxel; "
                           "a scalar image is needed")
