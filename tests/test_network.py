@@ -262,6 +262,36 @@ def test_gradcycon_of_identity_cycle_is_zero():
     assert L.cycle_gradient_penalty(maps, points).item() < 1e-8
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("shape, sigma, size, banded_max", [
+    ((2, 3, 30, 41, 17), 5, None, 512),   # 3-D, several channels, axes shorter than the kernel
+    ((1, 2, 50, 33), 1.25, None, 512),    # 2-D, even kernel (6 taps): conv's 'same' alignment
+    ((1, 1, 40, 20, 9), 2, None, 25),     # the first axis through the depthwise-convolution fallback
+    ((2, 1, 64), 3, 8, 512),              # 1-D, explicit even size
+])
+def test_gaussian_blur_equals_depthwise_convolution(shape, sigma, size, banded_max, monkeypatch):
+    """The banded-matrix blur computes zero-padded 'same' convolutions, values and gradients."""
+    monkeypatch.setattr(L, "BANDED_BLUR_MAX_LENGTH", banded_max)
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(shape, generator=g, dtype=torch.float64)
+    d = len(shape) - 2
+    conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[d]
+    kernel = L.gaussian_kernel1d(sigma, size, dtype=torch.float64)
+    expected = x
+    for axis in range(d):
+        taps = [1] * d
+        taps[axis] = kernel.numel()
+        expected = torch.cat([conv(expected[:, c:c + 1], kernel.reshape(1, 1, *taps), padding="same")
+                              for c in range(shape[1])], dim=1)
+    (grad_expected,) = torch.autograd.grad((expected * weights).sum(), x)
+    ours = L.gaussian_blur(x, sigma, size)
+    (grad_ours,) = torch.autograd.grad((ours * weights).sum(), x)
+    assert ours.shape == x.shape
+    assert torch.allclose(ours, expected, rtol=0, atol=1e-12)
+    assert torch.allclose(grad_ours, grad_expected, rtol=0, atol=1e-12)
+
+
 def test_mind_loss_2d_is_modality_independent():
     g = torch.Generator().manual_seed(0)
     img = torch.rand(1, 1, 48, 48, generator=g)
