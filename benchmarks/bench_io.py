@@ -5,7 +5,8 @@ Both programs optimise the same published-architecture random weights on the sam
 pipelines do), with LNCC, Adam and lr 2e-5, each in a fresh process:
 
 * ours: ``itk_gradicon.registration._instance_optimise`` (what ``gradicon register --io-iterations``
-  runs: a copy of the network, BatchNorm in evaluation mode, the symmetric GradICON objective);
+  runs: a copy of the network, BatchNorm in evaluation mode, the symmetric GradICON objective), in a
+  process that keeps freed memory for reuse as the ``gradicon`` command does;
 * reference: ``unigradicon.get_unigradicon`` and the loop of ``icon_registration.itk_wrapper.
   finetune_execute`` (``net(A, B)``, ``backward``, ``step``), timed step by step.
 
@@ -50,6 +51,9 @@ def network_inputs(device: str):
 
 
 def child_ours(weights: str, steps: int, device: str) -> dict:
+    from itk_gradicon.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the gradicon command does when it starts
     import torch
 
     from itk_gradicon import losses

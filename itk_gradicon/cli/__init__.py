@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from ..allocator import keep_freed_memory
 from .common import GradiconGroup
 
 
@@ -21,7 +22,11 @@ def main() -> None:
 
     Every transform written maps FIXED physical points to MOVING physical points (the resampling
     convention of ITK, ANTs and elastix); inverse transforms map moving points to fixed points.
+
+    Environment: ITK_GRADICON_SYSTEM_MALLOC=1 keeps glibc's default handling of large memory
+    blocks (by default freed blocks are kept for reuse: faster, with a higher memory peak).
     """
+    keep_freed_memory()
 
 
 def _register_commands() -> None:
