@@ -234,19 +234,14 @@ def cycle_gradient_penalty(maps: Sequence[MapFn], points: Tensor, delta: float =
             x = m(x)
         return x
 
-    # the points and their d shifted copies go through the cycle as one set of points (stacked
-    # along the first spatial axis): every map samples its fields once instead of d + 1 times
     d = points.shape[1]
-    shifted = [points]
+    error = points - cycle(points)
+    total = 0.0
     for axis in range(d):
         step = torch.zeros((1, d) + (1,) * d, dtype=points.dtype, device=points.device)
         step[0, axis] = delta
-        shifted.append(points + step)
-    stacked = torch.cat(shifted, dim=2)
-    errors = (stacked - cycle(stacked)).chunk(d + 1, dim=2)
-    error = errors[0]
-    total = 0.0
-    for error_d in errors[1:]:
+        moved = points + step
+        error_d = moved - cycle(moved)
         total = total + torch.mean(((error - error_d) / delta) ** 2)
     return total
 
