@@ -166,3 +166,24 @@ def test_threaded_sampling_equals_geometry(two_threads, field_shape, points_shap
         assert (p - t).abs().max().item() < 1e-12
     with torch.inference_mode():
         assert torch.equal(sampling.sample_cube_field(field.detach(), points.detach()), plain.detach())
+
+
+@pytest.mark.parametrize("shape,layout", [((2, 12, 7, 9, 8), torch.channels_last_3d), ((1, 12, 7, 9, 8), None),
+                                          ((2, 12, 10, 11), torch.channels_last)], ids=["3d-cl", "3d", "2d-cl"])
+def test_padded_stack_in_one_buffer_equals_padded_copies(shape, layout):
+    """Without autograd the fused level's input is written into one buffer: bitwise the same tensor."""
+    from itk_gradicon.network.unet import _padded_stack
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(8))
+    if layout is not None:
+        x = x.contiguous(memory_format=layout)
+    coarse = x[:, :5]
+    with torch.no_grad():
+        buffered = _padded_stack(x, coarse)
+    halo = [1] * (2 * (x.dim() - 2))
+    copies = torch.cat([torch.nn.functional.pad(torch.nn.functional.leaky_relu(x), halo),
+                        torch.nn.functional.pad(coarse, halo, mode="replicate")], dim=1)
+    assert torch.equal(buffered, copies)
+    assert layout is None or buffered.is_contiguous(memory_format=layout)
+    x.requires_grad_(True)  # with autograd: the differentiable copies
+    assert _padded_stack(x, x[:, :5]).requires_grad

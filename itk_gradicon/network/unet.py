@@ -182,8 +182,7 @@ class UNetStep(nn.Module):
         c_out = self.lastConv.out_channels
         kernel, bias, skip_kernel = self._fused_weights()
         coarse = fit_channels(x, self.upConvs[0].out_channels)
-        halo = [1] * (2 * d)
-        stacked = torch.cat([F.pad(F.leaky_relu(x), halo), F.pad(coarse, halo, mode="replicate")], dim=1)
+        stacked = _padded_stack(x, coarse)
         phases = _CONV_FN[d](stacked, kernel.to(stacked.dtype), bias.to(stacked.dtype))
         fine = _phases_to_grid(phases, c_out, d)
         fine = fine[(slice(None), slice(None), *(slice(0, n) for n in skip.shape[2:]))]
@@ -310,6 +309,35 @@ class _GatherPlanes(torch.autograd.Function):
             if g is not None:
                 grad.select(dim, index).add_(g)
         return grad, None
+
+
+def _padded_stack(x: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    """``cat([zero_pad(leaky_relu(x)), replicate_pad(coarse)])`` with a one-voxel halo on every axis.
+
+    Without autograd the result is written into one buffer (the halo faces filled axis by axis,
+    which also fills edges and corners): the same values as the padded copies and their
+    concatenation, without three intermediate tensors of the finest coarse level.
+    """
+    d = x.dim() - 2
+    halo = [1] * (2 * d)
+    if torch.is_grad_enabled() and (x.requires_grad or coarse.requires_grad):
+        return torch.cat([F.pad(F.leaky_relu(x), halo), F.pad(coarse, halo, mode="replicate")], dim=1)
+    channels_last = _CHANNELS_LAST.get(x.dim())
+    layout = (channels_last if channels_last is not None and not x.is_contiguous()
+              and x.is_contiguous(memory_format=channels_last) else torch.contiguous_format)
+    c_x = x.shape[1]
+    stacked = torch.empty((x.shape[0], c_x + coarse.shape[1], *(n + 2 for n in x.shape[2:])),
+                          dtype=x.dtype, device=x.device, memory_format=layout)
+    interior = (slice(None), slice(None), *([slice(1, -1)] * d))
+    activated, replicated = stacked[:, :c_x], stacked[:, c_x:]
+    torch.ops.aten.leaky_relu.out(x, 0.01, out=activated[interior])  # F.leaky_relu's default slope
+    replicated[interior].copy_(coarse)
+    for axis in range(2, 2 + d):
+        activated.select(axis, 0).zero_()
+        activated.select(axis, -1).zero_()
+        replicated.select(axis, 0).copy_(replicated.select(axis, 1))
+        replicated.select(axis, -1).copy_(replicated.select(axis, -2))
+    return stacked
 
 
 def _batch_norm_affine(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:
