@@ -466,6 +466,23 @@ REAL_PAIRS = {
 }
 
 
+def _lands_on_the_edge(transform, fixed, moving, tolerance: float = 1e-4) -> np.ndarray:
+    """Fixed voxels (array order) that ``transform`` maps within ``tolerance`` voxels of the moving
+    image's buffer edge (continuous index -0.5 or size - 0.5 along some axis)."""
+    import itk
+
+    field = itk.array_from_image(transform.GetDisplacementField()).astype(np.float64)  # [z, y, x, 3]
+    size = np.array(fixed.GetLargestPossibleRegion().GetSize())
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing="ij"), axis=-1)  # [x, y, z, 3]
+    index = np.transpose(index, (2, 1, 0, 3))
+    to_physical = itk.array_from_matrix(fixed.GetDirection()) @ np.diag(fixed.GetSpacing())
+    points = index @ to_physical.T + np.array(fixed.GetOrigin()) + field
+    to_index = np.linalg.inv(itk.array_from_matrix(moving.GetDirection()) @ np.diag(moving.GetSpacing()))
+    continuous = (points - np.array(moving.GetOrigin())) @ to_index.T
+    bounds = np.array(moving.GetLargestPossibleRegion().GetSize()) - 0.5
+    return ((np.abs(continuous + 0.5) < tolerance) | (np.abs(continuous - bounds) < tolerance)).any(axis=-1)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(REAL_PAIRS))
 def test_real_pairs_end_to_end(name, shared_data, tiny_model_file, tmp_path):
@@ -499,10 +516,15 @@ def test_real_pairs_end_to_end(name, shared_data, tiny_model_file, tmp_path):
 
     fixed_ants, moving_ants = ants.image_read(str(fixed)), ants.image_read(str(moving))
     ants_files = [str(out / "ants_1Warp.nii.gz")] + ([str(out / "ants_0GenericAffine.mat")] if affine else [])
+    # a fixed voxel that lands on the moving image's edge is inside for one program and outside for the
+    # other when float rounding (1e-7 voxel: the ANTs warp file is float32) puts it on either side
+    on_edge = _lands_on_the_edge(forward, fixed_image, itk.imread(str(moving), itk.F))
+    assert on_edge.mean() < 1e-3
+    compared = ~on_edge
+    compared[:2] = compared[-2:] = compared[:, :2] = compared[:, -2:] = compared[:, :, :2] = compared[:, :, -2:] = False
     for transforms in ([str(out / "t.h5")], ants_files):
         by_ants = np.transpose(ants.apply_transforms(fixed_ants, moving_ants, transformlist=transforms,
                                                      interpolator="linear").numpy(), (2, 1, 0))
-        inner = (slice(2, -2),) * 3
-        assert float(np.abs(by_ants - by_itk)[inner].max()) < 2e-3 * scale, transforms
+        assert float(np.abs(by_ants - by_itk)[compared].max()) < 2e-3 * scale, transforms
     qc = itk.array_from_image(itk.imread(str(out / "qc.png")))
     assert qc.shape[2] == 3 and qc.shape[0] > 200
