@@ -17,6 +17,7 @@ Definitions follow the papers in ``shared/papers`` (GradICON, uniGradICON, multi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -102,10 +103,7 @@ def gaussian_blur(x: Tensor, sigma: float, size: Optional[int] = None) -> Tensor
         if axis == d - 1:
             x = (x.reshape(-1, n) @ matrix.T).reshape(x.shape)
         else:
-            inner = 1
-            for m in x.shape[3 + axis:]:
-                inner *= m
-            x = torch.matmul(matrix, x.reshape(-1, n, inner)).reshape(x.shape)
+            x = torch.matmul(matrix, x.reshape(-1, n, math.prod(x.shape[3 + axis:]))).reshape(x.shape)
     return x
 
 

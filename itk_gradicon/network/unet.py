@@ -286,6 +286,14 @@ class UNetStep(nn.Module):
         return F.interpolate(x, scale_factor=2, mode=mode, align_corners=False)
 
 
+def _layout_of(x: torch.Tensor) -> torch.memory_format:
+    """Channels-last when ``x`` is laid out so (and not also contiguous), else the default layout."""
+    channels_last = _CHANNELS_LAST.get(x.dim())
+    if channels_last is not None and not x.is_contiguous() and x.is_contiguous(memory_format=channels_last):
+        return channels_last
+    return torch.contiguous_format
+
+
 class _GatherPlanes(torch.autograd.Function):
     """Copies of several planes ``x.select(dim, index)``; the gradient is gathered into one tensor.
 
@@ -297,9 +305,7 @@ class _GatherPlanes(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, where: Tuple[Tuple[int, int], ...]) -> Tuple[torch.Tensor, ...]:
         ctx.where = where
         ctx.shape, ctx.dtype, ctx.device = x.shape, x.dtype, x.device
-        channels_last = _CHANNELS_LAST.get(x.dim())
-        ctx.memory_format = (channels_last if channels_last is not None and not x.is_contiguous()
-                             and x.is_contiguous(memory_format=channels_last) else torch.contiguous_format)
+        ctx.memory_format = _layout_of(x)
         return tuple(x.select(dim, index).clone() for dim, index in where)
 
     @staticmethod
@@ -322,12 +328,9 @@ def _padded_stack(x: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
     halo = [1] * (2 * d)
     if torch.is_grad_enabled() and (x.requires_grad or coarse.requires_grad):
         return torch.cat([F.pad(F.leaky_relu(x), halo), F.pad(coarse, halo, mode="replicate")], dim=1)
-    channels_last = _CHANNELS_LAST.get(x.dim())
-    layout = (channels_last if channels_last is not None and not x.is_contiguous()
-              and x.is_contiguous(memory_format=channels_last) else torch.contiguous_format)
     c_x = x.shape[1]
     stacked = torch.empty((x.shape[0], c_x + coarse.shape[1], *(n + 2 for n in x.shape[2:])),
-                          dtype=x.dtype, device=x.device, memory_format=layout)
+                          dtype=x.dtype, device=x.device, memory_format=_layout_of(x))
     interior = (slice(None), slice(None), *([slice(1, -1)] * d))
     activated, replicated = stacked[:, :c_x], stacked[:, c_x:]
     torch.ops.aten.leaky_relu.out(x, 0.01, out=activated[interior])  # F.leaky_relu's default slope
