@@ -314,6 +314,8 @@ def displacement_on_grid(cube_displacement: torch.Tensor, points_grid: ImageGrid
     Returns:
         float32 array ``points_grid.array_shape + (d,)`` of ``T(p) - p`` (LPS mm).
     """
+    from .network.sampling import sample_cube_field as fast_sample  # the same values, on every core
+
     d = points_grid.dimension
     eye = np.eye(d + 1)
     index_to_world = points_grid.index_to_world()
@@ -332,7 +334,7 @@ def displacement_on_grid(cube_displacement: torch.Tensor, points_grid: ImageGrid
         idx = torch.from_numpy(points_grid.index_points(rows))  # (..., d) float64, INDEX order
         cube = idx @ index_to_cube_t[:d, :d].T + index_to_cube_t[:d, d]
         cube_t = cube.movedim(-1, 0)[None]  # [1, d, *chunk]
-        u = sample_cube_field(disp, cube_t.to(device=disp.device, dtype=torch.float32))
+        u = fast_sample(disp, cube_t.to(device=disp.device, dtype=torch.float32))
         y = (cube_t + u.to(device="cpu", dtype=torch.float64))[0].movedim(0, -1)
         moved = y @ cube_to_out_t[:d, :d].T + cube_to_out_t[:d, d]
         points = idx @ index_to_world_t[:d, :d].T + index_to_world_t[:d, d]

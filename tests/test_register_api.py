@@ -356,7 +356,9 @@ def test_input_masks_zero_the_images(pair, model, monkeypatch):
 def test_dice_term_improves_label_overlap(identity_model, monkeypatch):
     """With label maps, IO adds a Dice term on the shared labels: the term falls during IO and the
     forward transform overlaps the labels better than after IO without it (measured Dice of labels
-    1/2 through the forward transform: 0.83/0.78 without the term, 0.84/1.00 with it).
+    1/2 through the forward transform: 0.83/0.78 without the term, 0.84/1.00 with it on an Intel
+    AVX-512 machine; 0.91/0.88 and 0.84/1.00 on an AMD AVX2 one: without the term, 20 Adam steps
+    from an untrained network land differently on float rounding, so only the order is asserted).
 
     (From an untrained network, the cheapest way down for the symmetric Dice term is a shift that
     serves phi_AB and costs phi_BA: the inverse's overlap drops. GradICON's penalty does not see
@@ -390,7 +392,7 @@ def test_dice_term_improves_label_overlap(identity_model, monkeypatch):
     assert calls[-1]["dice_weight"] == 0.0
     assert with_dice.io_history[-1]["dice"] < with_dice.io_history[0]["dice"] - 0.2
     gained, plain = overlap(with_dice), overlap(without)
-    assert gained.mean() > plain.mean() + 0.05 and gained[1] > 0.95, (gained, plain)
+    assert gained.mean() > plain.mean() and gained[1] > 0.95 > plain[1], (gained, plain)
 
 
 # ---- the reference's layout ----------------------------------------------------------------------------

@@ -30,6 +30,9 @@ The network computes the same function in two ways:
       map on that grid) is resized with ``interpolate(..., align_corners=True)``, which samples
       exactly those positions, instead of ``grid_sample`` at the identity (PyTorch's 3-D
       ``grid_sample`` runs on one thread).
+  ``native_sampling``
+      Float32 3-D sampling without autograd uses the compiled kernel of
+      :mod:`itk_gradicon.network.sampling` (bitwise ``grid_sample``'s values) when it was built.
 
 :func:`fast_paths` changes the switches for a block of code (tests compare every combination with
 the plain path); the settings are per thread / task (a :class:`contextvars.ContextVar`).
@@ -61,6 +64,7 @@ class FastPaths:
         fuse_last_level: compose the finest up level with the final convolution.
         channels_last: run convolutions on channels-last tensors (``None``: on the CPU only).
         resample_on_grid: resize a coarse field to a finer grid's nodes with ``interpolate``.
+        native_sampling: sample with the compiled kernel where it applies.
     """
 
     enabled: bool = True
@@ -68,6 +72,7 @@ class FastPaths:
     fuse_last_level: bool = True
     channels_last: Optional[bool] = None
     resample_on_grid: bool = True
+    native_sampling: bool = True
 
     def use_channels_last(self, device: torch.device) -> bool:
         """Whether tensors on ``device`` are laid out channels-last."""

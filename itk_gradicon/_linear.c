@@ -1,0 +1,140 @@
+/*
+ * Trilinear sampling of a float32 3-D field at arbitrary points, with border values outside.
+ *
+ * The arithmetic is that of PyTorch's CPU kernel for
+ * grid_sample(mode="bilinear", padding_mode="border", align_corners=True) applied to the grid
+ * 2 p - 1 (the CUBE -> [-1, 1] map of itk_gradicon.geometry.sample_cube_field): the same float32
+ * operations in the same order, so that each value is bitwise the value grid_sample returns
+ * (tests/test_native_sampling.py checks this). What differs is the cost: grid_sample's 3-D CPU
+ * kernel is generic code that runs on one thread; this loop is small enough for the compiler to
+ * keep everything in registers, and it releases the GIL, so that the Python caller can run it on
+ * one range of points per core.
+ *
+ * Built as an optional extension (setup.py): where it is missing, itk_gradicon uses grid_sample.
+ * Compile with -ffp-contract=off: fusing a multiply and an add would change the rounding.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+
+/* grid_sampler_compute_source_index for align_corners=True and border padding, from a CUBE
+ * coordinate p in [0, 1]: unnormalise 2 p - 1 to [0, size - 1], then clip into it. */
+static inline float source_index(float p, int64_t size)
+{
+    const float g = p * 2.0f - 1.0f;
+    const float x = ((g + 1.0f) / 2.0f) * (float)(size - 1);
+    const float low = x < 0.0f ? 0.0f : x;           /* std::max(x, 0) */
+    const float high = (float)(size - 1);
+    return high < low ? high : low;                   /* std::min(size - 1, .) */
+}
+
+typedef struct {
+    const float *field;
+    int64_t channels, depth, height, width;
+    int64_t stride_c, stride_z, stride_y, stride_x; /* in elements */
+    const float *points;                            /* 3 rows: z, y, x */
+    int64_t points_row;                             /* elements between rows */
+    float *out;                                     /* one row per channel */
+    int64_t out_row;
+} Sampling;
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+/* one more copy of the loop for AVX2 machines, chosen when the library is loaded */
+#define ITK_GRADICON_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define ITK_GRADICON_CLONES
+#endif
+
+ITK_GRADICON_CLONES
+static void sample_range(const Sampling *s, int64_t start, int64_t end)
+{
+    const float *zs = s->points, *ys = s->points + s->points_row, *xs = s->points + 2 * s->points_row;
+    for (int64_t m = start; m < end; ++m) {
+        const float iz = source_index(zs[m], s->depth);
+        const float iy = source_index(ys[m], s->height);
+        const float ix = source_index(xs[m], s->width);
+        /* corners: t/b = z0/z1, n/s = y0/y1, w/e = x0/x1 (grid_sample's names and order) */
+        const int64_t x0 = (int64_t)floorf(ix), y0 = (int64_t)floorf(iy), z0 = (int64_t)floorf(iz);
+        const float fx0 = (float)x0, fy0 = (float)y0, fz0 = (float)z0;
+        const float fx1 = (float)(x0 + 1), fy1 = (float)(y0 + 1), fz1 = (float)(z0 + 1);
+        const float tnw = (fx1 - ix) * (fy1 - iy) * (fz1 - iz);
+        const float tne = (ix - fx0) * (fy1 - iy) * (fz1 - iz);
+        const float tsw = (fx1 - ix) * (iy - fy0) * (fz1 - iz);
+        const float tse = (ix - fx0) * (iy - fy0) * (fz1 - iz);
+        const float bnw = (fx1 - ix) * (fy1 - iy) * (iz - fz0);
+        const float bne = (ix - fx0) * (fy1 - iy) * (iz - fz0);
+        const float bsw = (fx1 - ix) * (iy - fy0) * (iz - fz0);
+        const float bse = (ix - fx0) * (iy - fy0) * (iz - fz0);
+        /* After clipping, only the far corners can lie outside (at the last node, with weight
+         * 0); grid_sample skips them, and so does this loop. */
+        const int east = x0 + 1 < s->width, south = y0 + 1 < s->height, bottom = z0 + 1 < s->depth;
+        const float *base = s->field + z0 * s->stride_z + y0 * s->stride_y + x0 * s->stride_x;
+        for (int64_t c = 0; c < s->channels; ++c) {
+            const float *f = base + c * s->stride_c;
+            float v = 0.0f;
+            v += f[0] * tnw;
+            if (east) v += f[s->stride_x] * tne;
+            if (south) v += f[s->stride_y] * tsw;
+            if (south && east) v += f[s->stride_y + s->stride_x] * tse;
+            if (bottom) {
+                const float *g = f + s->stride_z;
+                v += g[0] * bnw;
+                if (east) v += g[s->stride_x] * bne;
+                if (south) v += g[s->stride_y] * bsw;
+                if (south && east) v += g[s->stride_y + s->stride_x] * bse;
+            }
+            s->out[c * s->out_row + m] = v;
+        }
+    }
+}
+
+PyDoc_STRVAR(sample_3d_doc,
+"sample_3d(field, channels, depth, height, width, stride_c, stride_z, stride_y, stride_x,\n"
+"          points, points_row, out, out_row, start, end)\n"
+"--\n\n"
+"Trilinear sampling with border values, for points start..end-1 (no checks: the caller owns the\n"
+"memory). field, points and out are addresses of float32 data; strides are in elements. points\n"
+"holds three rows (CUBE z, y, x in [0, 1]) points_row elements apart; out one row per channel.\n"
+"The GIL is released while the points are sampled.");
+
+static PyObject *sample_3d(PyObject *self, PyObject *args)
+{
+    unsigned long long field, points, out;
+    long long channels, depth, height, width, stride_c, stride_z, stride_y, stride_x;
+    long long points_row, out_row, start, end;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KLLLLLLLLKLKLLL", &field, &channels, &depth, &height, &width,
+                          &stride_c, &stride_z, &stride_y, &stride_x, &points, &points_row, &out,
+                          &out_row, &start, &end))
+        return NULL;
+    if (channels < 1 || depth < 1 || height < 1 || width < 1 || start < 0 || end < start) {
+        PyErr_SetString(PyExc_ValueError, "sample_3d: empty field or bad range of points");
+        return NULL;
+    }
+    const Sampling s = {(const float *)(uintptr_t)field, channels, depth, height, width,
+                        stride_c, stride_z, stride_y, stride_x,
+                        (const float *)(uintptr_t)points, points_row,
+                        (float *)(uintptr_t)out, out_row};
+    Py_BEGIN_ALLOW_THREADS
+    sample_range(&s, start, end);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"sample_3d", sample_3d, METH_VARARGS, sample_3d_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_linear",
+    "Trilinear sampling kernel of itk_gradicon (see itk_gradicon.network.sampling).", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__linear(void)
+{
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,28 @@
+"""Build script for the optional compiled part; everything else is declared in setup.cfg.
+
+``itk_gradicon._linear`` is a small C kernel for trilinear sampling (the network's warps and
+compositions). It is optional: where no C compiler is available the build goes on without it and
+itk_gradicon samples with PyTorch's ``grid_sample`` (same values, slower).
+"""
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+# Unix compilers (gcc, clang): optimise, and never fuse a multiply and an add (that would change the
+# rounding, and the kernel must return grid_sample's values bit for bit). MSVC does not contract
+# across statements under its default /fp:precise.
+_UNIX_FLAGS = ["-O3", "-ffp-contract=off", "-std=c99"]
+
+
+class BuildExt(build_ext):
+    def build_extensions(self):
+        if self.compiler.compiler_type == "unix":
+            for extension in self.extensions:
+                extension.extra_compile_args = [*extension.extra_compile_args, *_UNIX_FLAGS]
+        super().build_extensions()
+
+
+setup(
+    ext_modules=[Extension("itk_gradicon._linear", ["itk_gradicon/_linear.c"], optional=True)],
+    cmdclass={"build_ext": BuildExt},
+)

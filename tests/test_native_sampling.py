@@ -1,0 +1,147 @@
+"""The compiled sampling kernel (``itk_gradicon._linear``) returns ``grid_sample``'s values bit for bit.
+
+Every case compares :func:`itk_gradicon.network.sampling.sample_cube_field` (which uses the kernel
+for float32 3-D tensors without autograd) with :func:`itk_gradicon.geometry.sample_cube_field`
+(``grid_sample`` itself) by ``torch.equal``: points inside, outside and exactly on the border,
+non-contiguous and channels-last fields, batches, one-voxel axes, several threads.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sysconfig
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from itk_gradicon import geometry
+from itk_gradicon.network import sampling
+from itk_gradicon.network.performance import fast_paths
+
+
+def _compiler_available() -> bool:
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    return shutil.which(compiler) is not None
+
+
+def test_kernel_is_built_where_a_compiler_is():
+    """A build on a machine with a C compiler includes the kernel (CI would otherwise fall back silently)."""
+    if not _compiler_available():
+        pytest.skip("no C compiler here: itk_gradicon samples with grid_sample")
+    assert sampling.NATIVE is not None, "itk_gradicon._linear was not built; reinstall with a working C compiler"
+
+
+needs_kernel = pytest.mark.skipif(sampling.NATIVE is None, reason="itk_gradicon._linear not built")
+
+
+@pytest.fixture
+def two_threads(monkeypatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.setattr(sampling, "MIN_POINTS_PER_THREAD", 50)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _points(shape, generator, *, spread=1.4):
+    """CUBE points: a smooth map around the identity plus random points, many outside ``[0, 1]``."""
+    ident = geometry.cube_identity(shape)
+    noise = torch.rand(1, 3, *shape, generator=generator) * spread - (spread - 1) / 2
+    points = torch.where(torch.rand(1, 1, *shape, generator=generator) < 0.5, ident + 0.05 * noise, noise)
+    flat = points.view(3, -1)
+    flat[:, :6] = torch.tensor([[0.0, 1.0, 0.0, 1.0, -0.3, 1.2]] * 3)  # first and last node, outside
+    flat[0, 6], flat[1, 7], flat[2, 8] = 1.0, 1.0, 1.0  # on the far face along one axis only
+    return points.float()
+
+
+@needs_kernel
+@pytest.mark.parametrize("field_shape,out_shape", [
+    ((1, 3, 9, 10, 11), (12, 7, 9)),
+    ((1, 1, 20, 17, 13), (20, 17, 13)),
+    ((2, 3, 6, 5, 4), (8, 8, 8)),
+    ((1, 3, 1, 7, 8), (5, 6, 7)),        # one-voxel axis
+    ((1, 2, 2, 2, 2), (4, 4, 4)),
+], ids=["3ch", "1ch-same-grid", "batch", "one-voxel-axis", "two-nodes"])
+def test_kernel_equals_grid_sample(two_threads, field_shape, out_shape):
+    g = torch.Generator().manual_seed(4)
+    field = torch.randn(*field_shape, generator=g)
+    points = _points(out_shape, g)
+    with torch.no_grad():
+        expected = geometry.sample_cube_field(field, points)
+        got = sampling.sample_cube_field(field, points)
+    assert torch.equal(got, expected)
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["channels-last", "sliced", "expanded-batch", "batched-points"])
+def test_kernel_reads_any_strides(two_threads, layout):
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(2, 5, 12, 11, 10, generator=g)
+    points = _points((9, 8, 7), g)
+    if layout == "channels-last":
+        field = base.contiguous(memory_format=torch.channels_last_3d)
+    elif layout == "sliced":
+        field = base[:, 1:4, 1:, :, ::2]
+    elif layout == "expanded-batch":
+        field = base[:1].expand(3, -1, -1, -1, -1)
+    else:
+        field = base
+        points = torch.cat([points, _points((9, 8, 7), g)])
+    assert layout == "batched-points" or not field.is_contiguous()
+    with torch.inference_mode():
+        assert torch.equal(sampling.sample_cube_field(field, points), geometry.sample_cube_field(field, points))
+
+
+@needs_kernel
+def test_kernel_is_used_and_can_be_switched_off(monkeypatch):
+    calls = []
+    monkeypatch.setattr(sampling, "NATIVE", _Recorder(sampling.NATIVE, calls))
+    field, points = torch.randn(1, 3, 5, 5, 5), torch.rand(1, 3, 4, 4, 4)
+    with torch.no_grad():
+        sampling.sample_cube_field(field, points)
+        assert len(calls) == 1
+        with fast_paths(native_sampling=False):
+            sampling.sample_cube_field(field, points)
+        sampling.sample_cube_field(field.double(), points.double())  # float64: grid_sample
+    assert len(calls) == 1
+
+
+class _Recorder:
+    def __init__(self, native, calls):
+        self.native, self.calls = native, calls
+
+    def sample_3d(self, *args):
+        self.calls.append(args)
+        return self.native.sample_3d(*args)
+
+
+@needs_kernel
+def test_gradients_unchanged_when_forward_uses_kernel(two_threads):
+    """With autograd the forward values come from the kernel and the gradients from grid_sample's backward."""
+    g = torch.Generator().manual_seed(6)
+    field = torch.randn(1, 3, 10, 9, 8, generator=g, requires_grad=True)
+    points = _points((11, 10, 9), g).requires_grad_(True)
+    plain = geometry.sample_cube_field(field, points)
+    threaded = sampling.sample_cube_field(field, points)
+    assert torch.equal(plain, threaded)
+    upstream = torch.randn(plain.shape, generator=g)
+    for p, t in zip(torch.autograd.grad(plain, (field, points), upstream),
+                    torch.autograd.grad(threaded, (field, points), upstream)):
+        torch.testing.assert_close(t, p, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_kernel_leaves_the_network_map_unchanged():
+    """A composed map evaluated with and without the kernel: the same tensor."""
+    from itk_gradicon.network.operators import CubeMap
+
+    g = torch.Generator().manual_seed(7)
+    fields = [F.interpolate(torch.randn(1, 3, 3, 3, 3, generator=g), size=s, mode="trilinear",
+                            align_corners=True) * 0.05 for s in ((8, 8, 8), (16, 16, 16), (31, 30, 29))]
+    cube_map = CubeMap(fields)
+    with torch.inference_mode():
+        fast = cube_map.on_grid((31, 30, 29))
+        with fast_paths(native_sampling=False):
+            plain = cube_map.on_grid((31, 30, 29))
+    assert torch.equal(fast, plain)
