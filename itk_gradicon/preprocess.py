@@ -92,14 +92,17 @@ def guess_modality(array: np.ndarray) -> Tuple[str, str]:
     magnitudes are non-negative. An image is taken as CT when at least 1% of its voxels are at or
     below -500.
     """
-    q01 = quantile(array, 0.01)
-    minimum = float(np.min(array))
-    if q01 <= -500.0:
-        return "ct", f"1% of voxels are at or below {q01:g} (air in Hounsfield units)"
+    flat = np.asarray(array).reshape(-1)
+    minimum = float(np.min(flat))
+    if not minimum <= -500.0:  # no voxel at or below -500: MRI without sorting anything
+        return "mri", f"no air-like values (minimum {minimum:g})"
+    # the 1% quantile (see quantile) is at or below -500 exactly when that many voxels are
+    if np.count_nonzero(flat <= -500.0) >= max(1, min(int(0.01 * flat.size), flat.size)):
+        return "ct", f"1% of voxels are at or below {quantile(flat, 0.01):g} (air in Hounsfield units)"
     if minimum < -500.0:
         return "mri", (f"values reach {minimum:g} but fewer than 1% of voxels are below -500, "
                        "unlike CT air; pass the modality explicitly if this is CT")
-    return "mri", f"no air-like values (1% quantile {q01:g}, minimum {minimum:g})"
+    return "mri", f"no air-like values (minimum {minimum:g})"
 
 
 def resolve_modality(choice: str, array: np.ndarray) -> Tuple[str, Optional[str]]:

@@ -134,3 +134,15 @@ def test_same_as_the_reference_preprocess(rng, modality, kwargs):
         settings["quantile_range"] = kwargs["quantile_range"]
     ours = IntensityNormalization(modality, **settings)(array.astype(np.float32))
     np.testing.assert_allclose(ours, theirs, atol=1e-6)
+
+
+@pytest.mark.parametrize("air_fraction", [0.0, 0.005, 0.0099, 0.01, 0.0101, 0.02, 0.5])
+def test_modality_guess_is_the_one_percent_quantile_rule(rng, air_fraction):
+    """CT exactly when the 1% quantile (as :func:`quantile` defines it) is at or below -500 HU."""
+    n = 10_000
+    image = rng.gamma(2.0, 100.0, n)
+    image[: int(round(air_fraction * n))] = -1000.0
+    image[-1] = -500.0  # one voxel exactly at the threshold
+    rng.shuffle(image)
+    expected = "ct" if quantile(image, 0.01) <= -500.0 else "mri"
+    assert guess_modality(image)[0] == expected
