@@ -25,9 +25,11 @@ static inline float source_index(float p, int64_t size)
 {
     const float g = p * 2.0f - 1.0f;
     const float x = ((g + 1.0f) / 2.0f) * (float)(size - 1);
-    const float low = x < 0.0f ? 0.0f : x;           /* std::max(x, 0) */
+    /* std::min(size - 1, std::max(x, 0)), comparisons in that order: a NaN coordinate becomes
+     * size - 1, as in grid_sample (and never reaches the integer conversion below) */
+    const float low = x < 0.0f ? 0.0f : x;
     const float high = (float)(size - 1);
-    return high < low ? high : low;                   /* std::min(size - 1, .) */
+    return low < high ? low : high;
 }
 
 typedef struct {

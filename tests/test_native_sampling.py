@@ -52,6 +52,7 @@ def _points(shape, generator, *, spread=1.4):
     flat = points.view(3, -1)
     flat[:, :6] = torch.tensor([[0.0, 1.0, 0.0, 1.0, -0.3, 1.2]] * 3)  # first and last node, outside
     flat[0, 6], flat[1, 7], flat[2, 8] = 1.0, 1.0, 1.0  # on the far face along one axis only
+    flat[:, 9:12] = torch.tensor([[float("nan"), float("inf"), -float("inf")]] * 3).T  # grid_sample clamps these
     return points.float()
 
 
