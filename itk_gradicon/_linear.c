@@ -8,7 +8,8 @@
  * (tests/test_native_sampling.py checks this). What differs is the cost: grid_sample's 3-D CPU
  * kernel is generic code that runs on one thread; this loop is small enough for the compiler to
  * keep everything in registers, and it releases the GIL, so that the Python caller can run it on
- * one range of points per core.
+ * one range of points per core. sample_3d_backward does the same for grid_sample's backward
+ * (the gradients with respect to the field and to the points, for instance optimisation).
  *
  * Built as an optional extension (setup.py): where it is missing, itk_gradicon uses grid_sample.
  * Compile with -ffp-contract=off: fusing a multiply and an add would change the rounding.
@@ -92,6 +93,145 @@ static void sample_range(const Sampling *s, int64_t start, int64_t end)
     }
 }
 
+/* grid_sampler_compute_source_index_set_grad for align_corners=True and border padding: the
+ * coordinate as source_index computes it, and in *grad its derivative with respect to the CUBE
+ * coordinate's image 2 p - 1 ((size - 1) / 2 inside, 0 on and beyond the border nodes). */
+static inline float source_index_grad(float p, int64_t size, float *grad)
+{
+    const float g = p * 2.0f - 1.0f;
+    const float x = ((g + 1.0f) / 2.0f) * (float)(size - 1);
+    const float high = (float)(size - 1);
+    if (x <= 0.0f) {
+        *grad = 0.0f;
+        return 0.0f;
+    }
+    if (x >= high) {
+        *grad = 0.0f;
+        return high;
+    }
+    *grad = (float)(size - 1) / 2.0f;
+    return x;
+}
+
+typedef struct {
+    Sampling s;                 /* field, points; out unused */
+    const float *grad_out;      /* one row per channel, grad_out_row elements apart */
+    int64_t grad_out_row;
+    float *grad_field;          /* NULL, or a zeroed contiguous [channels, depth, height, width] buffer */
+    float *grad_points;         /* NULL, or three rows (z, y, x) points_row elements apart */
+} Backward;
+
+ITK_GRADICON_CLONES
+static void sample_range_backward(const Backward *k, int64_t start, int64_t end)
+{
+    const Sampling *s = &k->s;
+    const float *zs = s->points, *ys = s->points + s->points_row, *xs = s->points + 2 * s->points_row;
+    const int64_t gw = 1, gh = s->width, gd = s->width * s->height, gc = gd * s->depth;
+    for (int64_t m = start; m < end; ++m) {
+        float mz, my, mx;
+        const float iz = source_index_grad(zs[m], s->depth, &mz);
+        const float iy = source_index_grad(ys[m], s->height, &my);
+        const float ix = source_index_grad(xs[m], s->width, &mx);
+        if (ix != ix || iy != iy || iz != iz) {
+            /* a NaN coordinate: grid_sample's backward finds every corner out of bounds */
+            if (k->grad_points != NULL) {
+                k->grad_points[m] = (mz * 0.0f) * 2.0f;
+                k->grad_points[s->points_row + m] = (my * 0.0f) * 2.0f;
+                k->grad_points[2 * s->points_row + m] = (mx * 0.0f) * 2.0f;
+            }
+            continue;
+        }
+        const int64_t x0 = (int64_t)floorf(ix), y0 = (int64_t)floorf(iy), z0 = (int64_t)floorf(iz);
+        const float fx0 = (float)x0, fy0 = (float)y0, fz0 = (float)z0;
+        const float fx1 = (float)(x0 + 1), fy1 = (float)(y0 + 1), fz1 = (float)(z0 + 1);
+        const float tnw = (fx1 - ix) * (fy1 - iy) * (fz1 - iz);
+        const float tne = (ix - fx0) * (fy1 - iy) * (fz1 - iz);
+        const float tsw = (fx1 - ix) * (iy - fy0) * (fz1 - iz);
+        const float tse = (ix - fx0) * (iy - fy0) * (fz1 - iz);
+        const float bnw = (fx1 - ix) * (fy1 - iy) * (iz - fz0);
+        const float bne = (ix - fx0) * (fy1 - iy) * (iz - fz0);
+        const float bsw = (fx1 - ix) * (iy - fy0) * (iz - fz0);
+        const float bse = (ix - fx0) * (iy - fy0) * (iz - fz0);
+        const int east = x0 + 1 < s->width, south = y0 + 1 < s->height, bottom = z0 + 1 < s->depth;
+        const float *base = s->field + z0 * s->stride_z + y0 * s->stride_y + x0 * s->stride_x;
+        float gx = 0.0f, gy = 0.0f, gz = 0.0f;
+        for (int64_t c = 0; c < s->channels; ++c) {
+            const float go = k->grad_out[c * k->grad_out_row + m];
+            if (k->grad_field != NULL) {
+                float *gf = k->grad_field + c * gc + z0 * gd + y0 * gh + x0 * gw;
+                gf[0] += tnw * go;
+                if (east) gf[gw] += tne * go;
+                if (south) gf[gh] += tsw * go;
+                if (south && east) gf[gh + gw] += tse * go;
+                if (bottom) {
+                    gf[gd] += bnw * go;
+                    if (east) gf[gd + gw] += bne * go;
+                    if (south) gf[gd + gh] += bsw * go;
+                    if (south && east) gf[gd + gh + gw] += bse * go;
+                }
+            }
+            if (k->grad_points == NULL)
+                continue;
+            /* derivative of the eight weights along x, y, z times each corner's value, in
+             * grid_sample's order (corners absent outside the field contribute nothing) */
+            const float *f = base + c * s->stride_c;
+            const float v = f[0];
+            gx -= v * (fy1 - iy) * (fz1 - iz) * go;
+            gy -= v * (fx1 - ix) * (fz1 - iz) * go;
+            gz -= v * (fx1 - ix) * (fy1 - iy) * go;
+            if (east) {
+                const float w = f[s->stride_x];
+                gx += w * (fy1 - iy) * (fz1 - iz) * go;
+                gy -= w * (ix - fx0) * (fz1 - iz) * go;
+                gz -= w * (ix - fx0) * (fy1 - iy) * go;
+            }
+            if (south) {
+                const float w = f[s->stride_y];
+                gx -= w * (iy - fy0) * (fz1 - iz) * go;
+                gy += w * (fx1 - ix) * (fz1 - iz) * go;
+                gz -= w * (fx1 - ix) * (iy - fy0) * go;
+            }
+            if (south && east) {
+                const float w = f[s->stride_y + s->stride_x];
+                gx += w * (iy - fy0) * (fz1 - iz) * go;
+                gy += w * (ix - fx0) * (fz1 - iz) * go;
+                gz -= w * (ix - fx0) * (iy - fy0) * go;
+            }
+            if (bottom) {
+                const float *g = f + s->stride_z;
+                const float w = g[0];
+                gx -= w * (fy1 - iy) * (iz - fz0) * go;
+                gy -= w * (fx1 - ix) * (iz - fz0) * go;
+                gz += w * (fx1 - ix) * (fy1 - iy) * go;
+                if (east) {
+                    const float u = g[s->stride_x];
+                    gx += u * (fy1 - iy) * (iz - fz0) * go;
+                    gy -= u * (ix - fx0) * (iz - fz0) * go;
+                    gz += u * (ix - fx0) * (fy1 - iy) * go;
+                }
+                if (south) {
+                    const float u = g[s->stride_y];
+                    gx -= u * (iy - fy0) * (iz - fz0) * go;
+                    gy += u * (fx1 - ix) * (iz - fz0) * go;
+                    gz += u * (fx1 - ix) * (iy - fy0) * go;
+                }
+                if (south && east) {
+                    const float u = g[s->stride_y + s->stride_x];
+                    gx += u * (iy - fy0) * (iz - fz0) * go;
+                    gy += u * (ix - fx0) * (iz - fz0) * go;
+                    gz += u * (ix - fx0) * (iy - fy0) * go;
+                }
+            }
+        }
+        if (k->grad_points != NULL) {
+            /* d/dp = d/d(2 p - 1) * 2 */
+            k->grad_points[m] = (mz * gz) * 2.0f;
+            k->grad_points[s->points_row + m] = (my * gy) * 2.0f;
+            k->grad_points[2 * s->points_row + m] = (mx * gx) * 2.0f;
+        }
+    }
+}
+
 PyDoc_STRVAR(sample_3d_doc,
 "sample_3d(field, channels, depth, height, width, stride_c, stride_z, stride_y, stride_x,\n"
 "          points, points_row, out, out_row, start, end)\n"
@@ -125,8 +265,44 @@ static PyObject *sample_3d(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(sample_3d_backward_doc,
+"sample_3d_backward(field, channels, depth, height, width, stride_c, stride_z, stride_y, stride_x,\n"
+"                   points, points_row, grad_out, grad_out_row, grad_field, grad_points, start, end)\n"
+"--\n\n"
+"Gradients of sample_3d for points start..end-1, grid_sample's backward arithmetic (no checks).\n"
+"grad_out holds one row per channel. grad_field (0: not wanted) is the address of a zeroed,\n"
+"contiguous float32 [channels, depth, height, width] buffer that the gradient is added to: give\n"
+"each thread its own. grad_points (0: not wanted) receives three rows like points.\n"
+"The GIL is released while the points are processed.");
+
+static PyObject *sample_3d_backward(PyObject *self, PyObject *args)
+{
+    unsigned long long field, points, grad_out, grad_field, grad_points;
+    long long channels, depth, height, width, stride_c, stride_z, stride_y, stride_x;
+    long long points_row, grad_out_row, start, end;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KLLLLLLLLKLKLKKLL", &field, &channels, &depth, &height, &width,
+                          &stride_c, &stride_z, &stride_y, &stride_x, &points, &points_row,
+                          &grad_out, &grad_out_row, &grad_field, &grad_points, &start, &end))
+        return NULL;
+    if (channels < 1 || depth < 1 || height < 1 || width < 1 || start < 0 || end < start) {
+        PyErr_SetString(PyExc_ValueError, "sample_3d_backward: empty field or bad range of points");
+        return NULL;
+    }
+    const Backward k = {{(const float *)(uintptr_t)field, channels, depth, height, width,
+                         stride_c, stride_z, stride_y, stride_x,
+                         (const float *)(uintptr_t)points, points_row, NULL, 0},
+                        (const float *)(uintptr_t)grad_out, grad_out_row,
+                        (float *)(uintptr_t)grad_field, (float *)(uintptr_t)grad_points};
+    Py_BEGIN_ALLOW_THREADS
+    sample_range_backward(&k, start, end);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"sample_3d", sample_3d, METH_VARARGS, sample_3d_doc},
+    {"sample_3d_backward", sample_3d_backward, METH_VARARGS, sample_3d_backward_doc},
     {NULL, NULL, 0, NULL},
 };
 

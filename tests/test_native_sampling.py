@@ -118,18 +118,44 @@ class _Recorder:
 
 
 @needs_kernel
-def test_gradients_unchanged_when_forward_uses_kernel(two_threads):
-    """With autograd the forward values come from the kernel and the gradients from grid_sample's backward."""
+@pytest.mark.parametrize("field_shape,out_shape,points_batch", [
+    ((1, 3, 10, 9, 8), (11, 10, 9), 1),
+    ((2, 1, 7, 8, 9), (9, 8, 7), 1),      # points shared by a batch: their gradients add up
+    ((2, 3, 6, 7, 5), (8, 6, 7), 2),
+    ((1, 2, 1, 6, 7), (5, 6, 7), 1),      # one-voxel axis
+], ids=["3ch", "shared-points", "batch", "one-voxel-axis"])
+def test_kernel_gradients_equal_grid_sample(two_threads, field_shape, out_shape, points_batch):
+    """With autograd: forward values bitwise grid_sample's; the points' gradients too (each is computed by
+    the same arithmetic); the field's up to the order in which the threads' contributions are summed."""
     g = torch.Generator().manual_seed(6)
-    field = torch.randn(1, 3, 10, 9, 8, generator=g, requires_grad=True)
-    points = _points((11, 10, 9), g).requires_grad_(True)
+    field = torch.randn(*field_shape, generator=g).requires_grad_(True)
+    points = torch.cat([_points(out_shape, g) for _ in range(points_batch)]).requires_grad_(True)
     plain = geometry.sample_cube_field(field, points)
     threaded = sampling.sample_cube_field(field, points)
+    assert sampling._slabs(points) == 2 and threaded.grad_fn.name().endswith("_ParallelCubeSampleBackward")
     assert torch.equal(plain, threaded)
     upstream = torch.randn(plain.shape, generator=g)
-    for p, t in zip(torch.autograd.grad(plain, (field, points), upstream),
-                    torch.autograd.grad(threaded, (field, points), upstream)):
-        torch.testing.assert_close(t, p, rtol=1e-5, atol=1e-5)
+    grad_field_plain, grad_points_plain = torch.autograd.grad(plain, (field, points), upstream)
+    grad_field, grad_points = torch.autograd.grad(threaded, (field, points), upstream)
+    if points_batch == field_shape[0]:
+        assert torch.equal(grad_points, grad_points_plain)
+    else:  # summed over the batch in another order
+        torch.testing.assert_close(grad_points, grad_points_plain, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_field, grad_field_plain, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_kernel_gradient_of_one_input_only(two_threads):
+    g = torch.Generator().manual_seed(8)
+    field = torch.randn(1, 3, 9, 9, 9, generator=g)
+    points = _points((10, 10, 10), g)
+    for wants in ("field", "points"):
+        f = field.clone().requires_grad_(wants == "field")
+        p = points.clone().requires_grad_(wants == "points")
+        (grad,) = torch.autograd.grad(sampling.sample_cube_field(f, p).square().sum(), f if wants == "field" else p)
+        (expected,) = torch.autograd.grad(geometry.sample_cube_field(f, p).square().sum(),
+                                          f if wants == "field" else p)
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel

@@ -6,10 +6,12 @@ prediction samples eight such tensors; instance optimisation samples more and di
 :func:`sample_cube_field` computes exactly what :func:`itk_gradicon.geometry.sample_cube_field`
 computes, faster on the CPU:
 
-* float32 3-D tensors without autograd (prediction; the forward pass of instance optimisation) go
-  through ``itk_gradicon._linear``, a small C kernel with ``grid_sample``'s arithmetic (bitwise the
-  same values, 3-4 times faster per core), run on one range of points per thread. It is an optional
-  part of the build: where it was not compiled, :data:`NATIVE` is ``None`` and ``grid_sample`` is used.
+* float32 3-D tensors on the CPU go through ``itk_gradicon._linear``, a small C kernel with
+  ``grid_sample``'s arithmetic (bitwise the same values, 3-4 times faster per core), run on one
+  range of points per thread; with autograd (instance optimisation) its backward kernel computes
+  ``grid_sample``'s gradients the same way (the field's gradient summed over one buffer per thread).
+  It is an optional part of the build: where it was not compiled, :data:`NATIVE` is ``None`` and
+  ``grid_sample`` is used.
 * otherwise ``grid_sample`` itself, split into one slab of output points per thread (the value at
   each point is computed by the same kernel, so the result is bitwise identical; gradients with
   respect to the sampled tensor are summed over the slabs, which changes only float rounding).
@@ -117,6 +119,47 @@ def _native_sample(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     return out.view(batch, channels, *points.shape[2:])
 
 
+def _native_sample_backward(field: torch.Tensor, points: torch.Tensor, grad_output: torch.Tensor,
+                            need_field: bool, need_points: bool
+                            ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients of :func:`_native_sample` by the C kernel (``grid_sample``'s backward arithmetic).
+
+    Each thread adds its points' contributions to the field's gradient into a buffer of its own;
+    the buffers are summed at the end (as the slabs of the ``grid_sample`` path are).
+    """
+    batch, channels = field.shape[:2]
+    count = points[0, 0].numel()
+    flat = points.reshape(points.shape[0], 3, count).contiguous()
+    upstream = grad_output.reshape(batch, channels, count).contiguous()
+    parts = max(1, min(torch.get_num_threads(), count // MIN_POINTS_PER_THREAD))
+    bounds = [count * k // parts for k in range(parts + 1)]
+    buffers = [torch.zeros((batch, channels, *field.shape[2:]), dtype=torch.float32) if need_field else None
+               for _ in range(parts)]
+    grad_points = torch.empty((batch, 3, count), dtype=torch.float32) if need_points else None
+    stride_c, stride_z, stride_y, stride_x = field.stride()[1:]
+    calls = []
+    for b in range(batch):
+        volume, rows, grads = field[b], flat[min(b, flat.shape[0] - 1)], upstream[b]
+        for k in range(parts):
+            if bounds[k] == bounds[k + 1]:
+                continue
+            calls.append((volume.data_ptr(), channels, *volume.shape[1:], stride_c, stride_z, stride_y, stride_x,
+                          rows.data_ptr(), count, grads.data_ptr(), count,
+                          buffers[k][b].data_ptr() if need_field else 0,
+                          grad_points[b].data_ptr() if need_points else 0, bounds[k], bounds[k + 1]))
+    _run(NATIVE.sample_3d_backward, calls)  # every tensor above stays referenced until the calls return
+    grad_field = None
+    if need_field:
+        grad_field = buffers[0]
+        for partial in buffers[1:]:
+            grad_field += partial
+    if need_points:
+        if flat.shape[0] != batch:  # points shared by the batch: their gradients add up
+            grad_points = grad_points.sum(0, keepdim=True)
+        grad_points = grad_points.view(points.shape)
+    return grad_field, grad_points
+
+
 def _forward(field: torch.Tensor, points: torch.Tensor, slabs: int) -> torch.Tensor:
     """The sampled values, without autograd."""
     if _use_native(field, points):
@@ -145,6 +188,9 @@ class _ParallelCubeSample(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], None]:
         field, points = ctx.saved_tensors
         need_field, need_points = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if _use_native(field, points) and grad_output.dtype == torch.float32:
+            grad_field, grad_points = _native_sample_backward(field, points, grad_output, need_field, need_points)
+            return grad_field, grad_points, None
         backward = (torch.ops.aten.grid_sampler_3d_backward if field.dim() == 5
                     else torch.ops.aten.grid_sampler_2d_backward)
         d = points.shape[1]
