@@ -43,6 +43,40 @@ typedef struct {
     int64_t out_row;
 } Sampling;
 
+/* The cell of the field around a clipped point: its first node, the node coordinates on either
+ * side, the eight corner weights (t/b = z0/z1, n/s = y0/y1, w/e = x0/x1: grid_sample's names,
+ * computed in its order) and which far corners exist. After clipping only the far corners can lie
+ * outside (at the last node, with weight 0); grid_sample skips them, and so do the loops below. */
+typedef struct {
+    int64_t x0, y0, z0, offset;   /* offset of node (z0, y0, x0) in the field, in elements */
+    float fx0, fy0, fz0, fx1, fy1, fz1;
+    float tnw, tne, tsw, tse, bnw, bne, bsw, bse;
+    int east, south, bottom;
+} Cell;
+
+static inline Cell cell_of(const Sampling *s, float ix, float iy, float iz)
+{
+    Cell q;
+    q.x0 = (int64_t)floorf(ix);
+    q.y0 = (int64_t)floorf(iy);
+    q.z0 = (int64_t)floorf(iz);
+    q.offset = q.z0 * s->stride_z + q.y0 * s->stride_y + q.x0 * s->stride_x;
+    q.fx0 = (float)q.x0, q.fy0 = (float)q.y0, q.fz0 = (float)q.z0;
+    q.fx1 = (float)(q.x0 + 1), q.fy1 = (float)(q.y0 + 1), q.fz1 = (float)(q.z0 + 1);
+    q.tnw = (q.fx1 - ix) * (q.fy1 - iy) * (q.fz1 - iz);
+    q.tne = (ix - q.fx0) * (q.fy1 - iy) * (q.fz1 - iz);
+    q.tsw = (q.fx1 - ix) * (iy - q.fy0) * (q.fz1 - iz);
+    q.tse = (ix - q.fx0) * (iy - q.fy0) * (q.fz1 - iz);
+    q.bnw = (q.fx1 - ix) * (q.fy1 - iy) * (iz - q.fz0);
+    q.bne = (ix - q.fx0) * (q.fy1 - iy) * (iz - q.fz0);
+    q.bsw = (q.fx1 - ix) * (iy - q.fy0) * (iz - q.fz0);
+    q.bse = (ix - q.fx0) * (iy - q.fy0) * (iz - q.fz0);
+    q.east = q.x0 + 1 < s->width;
+    q.south = q.y0 + 1 < s->height;
+    q.bottom = q.z0 + 1 < s->depth;
+    return q;
+}
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 /* one more copy of the loop for AVX2 machines, chosen when the library is loaded */
 #define ITK_GRADICON_CLONES __attribute__((target_clones("avx2", "default")))
@@ -58,35 +92,21 @@ static void sample_range(const Sampling *s, int64_t start, int64_t end)
         const float iz = source_index(zs[m], s->depth);
         const float iy = source_index(ys[m], s->height);
         const float ix = source_index(xs[m], s->width);
-        /* corners: t/b = z0/z1, n/s = y0/y1, w/e = x0/x1 (grid_sample's names and order) */
-        const int64_t x0 = (int64_t)floorf(ix), y0 = (int64_t)floorf(iy), z0 = (int64_t)floorf(iz);
-        const float fx0 = (float)x0, fy0 = (float)y0, fz0 = (float)z0;
-        const float fx1 = (float)(x0 + 1), fy1 = (float)(y0 + 1), fz1 = (float)(z0 + 1);
-        const float tnw = (fx1 - ix) * (fy1 - iy) * (fz1 - iz);
-        const float tne = (ix - fx0) * (fy1 - iy) * (fz1 - iz);
-        const float tsw = (fx1 - ix) * (iy - fy0) * (fz1 - iz);
-        const float tse = (ix - fx0) * (iy - fy0) * (fz1 - iz);
-        const float bnw = (fx1 - ix) * (fy1 - iy) * (iz - fz0);
-        const float bne = (ix - fx0) * (fy1 - iy) * (iz - fz0);
-        const float bsw = (fx1 - ix) * (iy - fy0) * (iz - fz0);
-        const float bse = (ix - fx0) * (iy - fy0) * (iz - fz0);
-        /* After clipping, only the far corners can lie outside (at the last node, with weight
-         * 0); grid_sample skips them, and so does this loop. */
-        const int east = x0 + 1 < s->width, south = y0 + 1 < s->height, bottom = z0 + 1 < s->depth;
-        const float *base = s->field + z0 * s->stride_z + y0 * s->stride_y + x0 * s->stride_x;
+        const Cell q = cell_of(s, ix, iy, iz);
+        const float *base = s->field + q.offset;
         for (int64_t c = 0; c < s->channels; ++c) {
             const float *f = base + c * s->stride_c;
             float v = 0.0f;
-            v += f[0] * tnw;
-            if (east) v += f[s->stride_x] * tne;
-            if (south) v += f[s->stride_y] * tsw;
-            if (south && east) v += f[s->stride_y + s->stride_x] * tse;
-            if (bottom) {
+            v += f[0] * q.tnw;
+            if (q.east) v += f[s->stride_x] * q.tne;
+            if (q.south) v += f[s->stride_y] * q.tsw;
+            if (q.south && q.east) v += f[s->stride_y + s->stride_x] * q.tse;
+            if (q.bottom) {
                 const float *g = f + s->stride_z;
-                v += g[0] * bnw;
-                if (east) v += g[s->stride_x] * bne;
-                if (south) v += g[s->stride_y] * bsw;
-                if (south && east) v += g[s->stride_y + s->stride_x] * bse;
+                v += g[0] * q.bnw;
+                if (q.east) v += g[s->stride_x] * q.bne;
+                if (q.south) v += g[s->stride_y] * q.bsw;
+                if (q.south && q.east) v += g[s->stride_y + s->stride_x] * q.bse;
             }
             s->out[c * s->out_row + m] = v;
         }
@@ -141,33 +161,24 @@ static void sample_range_backward(const Backward *k, int64_t start, int64_t end)
             }
             continue;
         }
-        const int64_t x0 = (int64_t)floorf(ix), y0 = (int64_t)floorf(iy), z0 = (int64_t)floorf(iz);
-        const float fx0 = (float)x0, fy0 = (float)y0, fz0 = (float)z0;
-        const float fx1 = (float)(x0 + 1), fy1 = (float)(y0 + 1), fz1 = (float)(z0 + 1);
-        const float tnw = (fx1 - ix) * (fy1 - iy) * (fz1 - iz);
-        const float tne = (ix - fx0) * (fy1 - iy) * (fz1 - iz);
-        const float tsw = (fx1 - ix) * (iy - fy0) * (fz1 - iz);
-        const float tse = (ix - fx0) * (iy - fy0) * (fz1 - iz);
-        const float bnw = (fx1 - ix) * (fy1 - iy) * (iz - fz0);
-        const float bne = (ix - fx0) * (fy1 - iy) * (iz - fz0);
-        const float bsw = (fx1 - ix) * (iy - fy0) * (iz - fz0);
-        const float bse = (ix - fx0) * (iy - fy0) * (iz - fz0);
-        const int east = x0 + 1 < s->width, south = y0 + 1 < s->height, bottom = z0 + 1 < s->depth;
-        const float *base = s->field + z0 * s->stride_z + y0 * s->stride_y + x0 * s->stride_x;
+        const Cell q = cell_of(s, ix, iy, iz);
+        const float fx0 = q.fx0, fy0 = q.fy0, fz0 = q.fz0, fx1 = q.fx1, fy1 = q.fy1, fz1 = q.fz1;
+        const int east = q.east, south = q.south, bottom = q.bottom;
+        const float *base = s->field + q.offset;
         float gx = 0.0f, gy = 0.0f, gz = 0.0f;
         for (int64_t c = 0; c < s->channels; ++c) {
             const float go = k->grad_out[c * k->grad_out_row + m];
             if (k->grad_field != NULL) {
-                float *gf = k->grad_field + c * gc + z0 * gd + y0 * gh + x0 * gw;
-                gf[0] += tnw * go;
-                if (east) gf[gw] += tne * go;
-                if (south) gf[gh] += tsw * go;
-                if (south && east) gf[gh + gw] += tse * go;
+                float *gf = k->grad_field + c * gc + q.z0 * gd + q.y0 * gh + q.x0 * gw;
+                gf[0] += q.tnw * go;
+                if (east) gf[gw] += q.tne * go;
+                if (south) gf[gh] += q.tsw * go;
+                if (south && east) gf[gh + gw] += q.tse * go;
                 if (bottom) {
-                    gf[gd] += bnw * go;
-                    if (east) gf[gd + gw] += bne * go;
-                    if (south) gf[gd + gh] += bsw * go;
-                    if (south && east) gf[gd + gh + gw] += bse * go;
+                    gf[gd] += q.bnw * go;
+                    if (east) gf[gd + gw] += q.bne * go;
+                    if (south) gf[gd + gh] += q.bsw * go;
+                    if (south && east) gf[gd + gh + gw] += q.bse * go;
                 }
             }
             if (k->grad_points == NULL)

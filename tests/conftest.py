@@ -27,6 +27,18 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("ITK_GRADICON_MIRROR", raising=False)
 
 
+@pytest.fixture
+def two_threads(monkeypatch):
+    """Split sampling into one range of points per thread even for small tensors, on two threads."""
+    from itk_gradicon.network import sampling
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.setattr(sampling, "MIN_POINTS_PER_THREAD", 64)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

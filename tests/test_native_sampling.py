@@ -35,15 +35,6 @@ def test_kernel_is_built_where_a_compiler_is():
 needs_kernel = pytest.mark.skipif(sampling.NATIVE is None, reason="itk_gradicon._linear not built")
 
 
-@pytest.fixture
-def two_threads(monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    monkeypatch.setattr(sampling, "MIN_POINTS_PER_THREAD", 50)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _points(shape, generator, *, spread=1.4):
     """CUBE points: a smooth map around the identity plus random points, many outside ``[0, 1]``."""
     ident = geometry.cube_identity(shape)

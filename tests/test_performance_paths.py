@@ -138,16 +138,6 @@ def test_switches_are_scoped():
             pass
 
 
-@pytest.fixture
-def two_threads(monkeypatch):
-    """Split sampling into slabs even for small tensors, on two threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    monkeypatch.setattr(sampling, "MIN_POINTS_PER_THREAD", 64)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("field_shape,points_shape", [((1, 3, 20, 21, 22), (1, 3, 30, 31, 29)),
                                                       ((2, 1, 16, 16, 16), (1, 3, 17, 18, 19)),
                                                       ((1, 2, 40, 30), (1, 2, 50, 45))],

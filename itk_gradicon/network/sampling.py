@@ -100,21 +100,33 @@ def _use_native(field: torch.Tensor, points: torch.Tensor) -> bool:
             and points.shape[0] in (1, field.shape[0]) and field.numel() > 0)
 
 
+def _point_ranges(count: int) -> List[Tuple[int, int]]:
+    """One range of the ``count`` output points per thread for the C kernel (none empty)."""
+    parts = max(1, min(torch.get_num_threads(), count // MIN_POINTS_PER_THREAD))
+    bounds = [count * k // parts for k in range(parts + 1)]
+    return [(bounds[k], bounds[k + 1]) for k in range(parts) if bounds[k] < bounds[k + 1]]
+
+
+def _kernel_inputs(field: torch.Tensor, flat: torch.Tensor, b: int) -> tuple:
+    """The C kernel's leading arguments for batch item ``b``: the field's address, sizes and strides,
+    and the address and row length of its points (``flat`` ``[1 or B, 3, count]``, contiguous)."""
+    volume, rows = field[b], flat[min(b, flat.shape[0] - 1)]
+    return (volume.data_ptr(), *volume.shape, *volume.stride(), rows.data_ptr(), rows.shape[1])
+
+
+def _flat_points(points: torch.Tensor) -> torch.Tensor:
+    return points.reshape(points.shape[0], 3, points[0, 0].numel()).contiguous()
+
+
 def _native_sample(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """``_sample(field, points)`` by the C kernel, one range of points per thread."""
     batch, channels = field.shape[:2]
-    count = points[0, 0].numel()
-    flat = points.reshape(points.shape[0], 3, count).contiguous()
+    flat = _flat_points(points)
+    count = flat.shape[2]
     out = torch.empty((batch, channels, count), dtype=torch.float32)
-    parts = max(1, min(torch.get_num_threads(), count // MIN_POINTS_PER_THREAD))
-    bounds = [count * k // parts for k in range(parts + 1)]
-    stride_c, stride_z, stride_y, stride_x = field.stride()[1:]
-    calls = []
-    for b in range(batch):
-        volume, rows, outputs = field[b], flat[min(b, flat.shape[0] - 1)], out[b]
-        calls += [(volume.data_ptr(), channels, *volume.shape[1:], stride_c, stride_z, stride_y, stride_x,
-                   rows.data_ptr(), count, outputs.data_ptr(), count, bounds[k], bounds[k + 1])
-                  for k in range(parts) if bounds[k] < bounds[k + 1]]
+    ranges = _point_ranges(count)
+    calls = [(*_kernel_inputs(field, flat, b), out[b].data_ptr(), count, start, end)
+             for b in range(batch) for start, end in ranges]
     _run(NATIVE.sample_3d, calls)  # field, flat and out stay referenced until every call returns
     return out.view(batch, channels, *points.shape[2:])
 
@@ -128,25 +140,16 @@ def _native_sample_backward(field: torch.Tensor, points: torch.Tensor, grad_outp
     the buffers are summed at the end (as the slabs of the ``grid_sample`` path are).
     """
     batch, channels = field.shape[:2]
-    count = points[0, 0].numel()
-    flat = points.reshape(points.shape[0], 3, count).contiguous()
+    flat = _flat_points(points)
+    count = flat.shape[2]
     upstream = grad_output.reshape(batch, channels, count).contiguous()
-    parts = max(1, min(torch.get_num_threads(), count // MIN_POINTS_PER_THREAD))
-    bounds = [count * k // parts for k in range(parts + 1)]
-    buffers = [torch.zeros((batch, channels, *field.shape[2:]), dtype=torch.float32) if need_field else None
-               for _ in range(parts)]
+    ranges = _point_ranges(count)
+    buffers = [torch.zeros(field.shape, dtype=torch.float32) for _ in ranges] if need_field else None
     grad_points = torch.empty((batch, 3, count), dtype=torch.float32) if need_points else None
-    stride_c, stride_z, stride_y, stride_x = field.stride()[1:]
-    calls = []
-    for b in range(batch):
-        volume, rows, grads = field[b], flat[min(b, flat.shape[0] - 1)], upstream[b]
-        for k in range(parts):
-            if bounds[k] == bounds[k + 1]:
-                continue
-            calls.append((volume.data_ptr(), channels, *volume.shape[1:], stride_c, stride_z, stride_y, stride_x,
-                          rows.data_ptr(), count, grads.data_ptr(), count,
-                          buffers[k][b].data_ptr() if need_field else 0,
-                          grad_points[b].data_ptr() if need_points else 0, bounds[k], bounds[k + 1]))
+    calls = [(*_kernel_inputs(field, flat, b), upstream[b].data_ptr(), count,
+              buffers[k][b].data_ptr() if need_field else 0, grad_points[b].data_ptr() if need_points else 0,
+              start, end)
+             for b in range(batch) for k, (start, end) in enumerate(ranges)]
     _run(NATIVE.sample_3d_backward, calls)  # every tensor above stays referenced until the calls return
     grad_field = None
     if need_field:
