@@ -176,6 +176,20 @@ def best_axis_alignment(axes: np.ndarray, targets: np.ndarray) -> Tuple[Tuple[in
     return tuple(best), flips
 
 
+def canonical_axes(dimension: int) -> np.ndarray:
+    """World directions of the network axes in the ``canonical`` layout (LPS world coordinates).
+
+    3-D: network axis 0 runs to superior, axis 1 to anterior, axis 2 to the right, which is how a
+    NIfTI file stored in RAS order reaches the network in the reference layout; 2-D: anterior, right.
+    """
+    full = np.array([[0.0, 0.0, -1.0], [0.0, -1.0, 0.0], [1.0, 0.0, 0.0]])  # columns: S, A, R
+    if dimension == 3:
+        return full
+    if dimension == 2:
+        return np.array([[0.0, -1.0], [-1.0, 0.0]])  # columns: A, R
+    raise InputError(f"images must be 2-D or 3-D, not {dimension}-D")
+
+
 @dataclass(frozen=True)
 class NetworkFrame:
     """How one image is laid out on the network grid, and the affine maps between CUBE and WORLD.
@@ -197,6 +211,15 @@ class NetworkFrame:
         """The layout of the reference implementation: the ARRAY axes, unchanged."""
         d = grid.dimension
         return cls(grid, tuple(int(s) for s in shape), tuple(range(d - 1, -1, -1)), (False,) * d)
+
+    @classmethod
+    def for_layout(cls, layout: str, grid: ImageGrid, shape: Sequence[int]) -> "NetworkFrame":
+        """The frame of the fixed (or anchor) image in a model's ``layout``: ``reference`` or ``canonical``."""
+        if layout == "canonical":
+            return cls.aligned_to(grid, shape, canonical_axes(grid.dimension))
+        if layout == "reference":
+            return cls.reference_layout(grid, shape)
+        raise InputError(f"unknown network layout {layout!r}; allowed: reference, canonical")
 
     @classmethod
     def aligned_to(cls, grid: ImageGrid, shape: Sequence[int], world_axes: np.ndarray) -> "NetworkFrame":

@@ -2,6 +2,8 @@
 
 ``--model NAME|FILE`` accepts:
 
+* a bundled model's name (:data:`BUNDLED`, e.g. ``gradicon-synthbrain-96``): a model file shipped inside
+  the package, available offline;
 * ``unigradicon`` / ``multigradicon``: the published weights, downloaded on first use into the cache
   folder (``$ITK_GRADICON_CACHE``, else ``$XDG_CACHE_HOME/itk_gradicon``, else
   ``~/.cache/itk_gradicon``), written atomically and loaded strictly;
@@ -77,6 +79,46 @@ PUBLISHED: Dict[str, PublishedModel] = {
     )
 }
 DEFAULT_MODEL = "unigradicon"
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model file shipped inside the package (``itk_gradicon/weights/``), with its card.
+
+    The card (``<name>.json`` beside the file) records what the model is for and what was measured
+    with it; ``gradicon models info NAME`` prints it.
+    """
+
+    name: str
+    description: str
+
+    @property
+    def path(self) -> Path:
+        return Path(__file__).resolve().parent / "weights" / f"{self.name}.pt"
+
+    @property
+    def card_path(self) -> Path:
+        return self.path.with_suffix(".json")
+
+    def card(self) -> Dict[str, Any]:
+        """The model card (plain data), or an empty mapping when the package lacks it."""
+        import json
+
+        try:
+            return json.loads(self.card_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+
+BUNDLED: Dict[str, BundledModel] = {
+    m.name: m for m in (
+        BundledModel(
+            "gradicon-synthbrain-96",
+            "compact GradICON (3.8 M parameters, 96^3) for affinely pre-aligned brain MRI, trained on a CPU from "
+            "synthetic pairs (SynthSeg label maps) and real brains; offline, seconds on a CPU",
+        ),
+    )
+}
 
 
 @dataclass
@@ -225,13 +267,22 @@ def import_model(name: str, file: Path) -> Path:
 
 
 def list_models() -> List[Dict[str, Any]]:
-    """One record per published model: name, present, path, size in bytes, sha256, url, description."""
+    """One record per known model: name, kind (``bundled`` or ``published``), present, path, size in
+    bytes, sha256, url (``None`` for bundled models), description."""
     rows = []
+    for name, bundled in BUNDLED.items():
+        present = bundled.path.is_file()
+        rows.append({
+            "name": name, "kind": "bundled", "present": present, "path": str(bundled.path),
+            "size": bundled.path.stat().st_size if present else None,
+            "sha256": sha256_of(bundled.path) if present else None, "url": None,
+            "description": bundled.description,
+        })
     for name, published in PUBLISHED.items():
         path = cached_path(name)
         present = path.is_file()
         rows.append({
-            "name": name, "present": present, "path": str(path),
+            "name": name, "kind": "published", "present": present, "path": str(path),
             "size": path.stat().st_size if present else None,
             "sha256": sha256_of(path) if present else None,
             "url": download_url(name), "description": published.description,
@@ -387,13 +438,20 @@ def load_model(spec: str = DEFAULT_MODEL, *, input_shape=None, progress=None) ->
     """
     if spec in PUBLISHED:
         return load_weight_file(ensure_published(spec, progress=progress), name=spec)
+    if spec in BUNDLED:
+        bundled = BUNDLED[spec]
+        if not bundled.path.is_file():
+            raise ModelNotAvailableError(f"bundled model {spec!r} is missing from this installation "
+                                         f"({bundled.path}); reinstall itk_gradicon")
+        return load_weight_file(bundled.path, name=spec)
     path = Path(spec).expanduser()
     if path.exists():
         return load_weight_file(path, input_shape=input_shape)
     looks_like_file = os.sep in spec or path.suffix != ""
     if looks_like_file:
         raise ModelError(f"model file '{spec}' does not exist")
-    raise ModelError(f"unknown model {spec!r}: not a known name ({', '.join(PUBLISHED)}) and no such file")
+    raise ModelError(f"unknown model {spec!r}: not a known name ({', '.join([*BUNDLED, *PUBLISHED])}) and "
+                     "no such file")
 
 
 def save_model_file(path: Path, network: torch.nn.Module, architecture: Architecture, *,

@@ -268,8 +268,8 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
              fixed_mask=None, moving_mask=None, mask_mode: str = "input",
              io_iterations: int = 0, io_similarity: Optional[str] = None, io_lr: float = DEFAULT_IO_LR,
              fixed_labels=None, moving_labels=None, io_dice_weight: float = 1.0,
-             initial_transform=None, orientation: str = "fixed", compute_inverse: bool = True,
-             device: Union[str, torch.device] = "auto",
+             initial_transform=None, affine: str = "auto", orientation: str = "fixed",
+             compute_inverse: bool = True, device: Union[str, torch.device] = "auto",
              progress: Optional[Callable[[IOProgress], None]] = None,
              generator: Optional[torch.Generator] = None,
              predictor: Optional[Callable[..., Tuple[torch.Tensor, Optional[torch.Tensor]]]] = None
@@ -293,6 +293,9 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
             term over the labels present in both, weighted by ``io_dice_weight``.
         initial_transform: affine pre-alignment fixed -> moving (ITK matrix-offset transform or a
             homogeneous matrix in WORLD coordinates), composed into the result.
+        affine: without ``initial_transform``: ``"elastix"`` computes the pre-alignment with
+            :func:`itk_gradicon.affine.elastix_affine`, ``"none"`` does not, ``"auto"`` does it for a
+            model trained on affinely pre-aligned pairs (its file says ``prealignment: affine``).
         orientation: ``"fixed"`` (the moving image is laid out along the fixed image's axes; see
             :mod:`.geometry`) or ``"storage"`` (both as stored in their files, as the reference does).
         compute_inverse: also compute the inverse (moving -> fixed) transform.
@@ -353,6 +356,17 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
         if mask is not None and not np.any(itk.array_view_from_image(mask) > 0):
             raise InputError(f"the {what} is empty (no voxel > 0)")
     fixed_grid, moving_grid = ImageGrid.from_image(fixed), ImageGrid.from_image(moving)
+    from .registration_io import AFFINE_CHOICES, resolve_affine_choice
+
+    if affine not in AFFINE_CHOICES:
+        raise InputError(f"unknown affine {affine!r}; allowed: {', '.join(AFFINE_CHOICES)}")
+    if resolve_affine_choice(affine, model, initial_transform is not None) == "elastix" and initial_transform is None:
+        from .affine import elastix_affine
+
+        t = time.perf_counter()
+        initial_transform = elastix_affine(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask)
+        timings["affine"] = time.perf_counter() - t
+        messages.append("affine pre-alignment: elastix")
     affine = _as_affine(initial_transform, d)
     check_memory(estimate_memory(fixed_grid.num_voxels, moving_grid.num_voxels, d, arch.input_shape,
                                  io=io_iterations > 0, inverse=compute_inverse, affine=affine is not None),
@@ -396,7 +410,7 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
 
     # ---- layout on the network grid ---------------------------------------------------------
     shape = arch.input_shape
-    fixed_frame = NetworkFrame.reference_layout(fixed_grid, shape)
+    fixed_frame = NetworkFrame.for_layout(defaults.get("layout", "reference"), fixed_grid, shape)
     moving_net_grid = ImageGrid.from_image(moving_net_image)
     if orientation == "fixed":
         moving_frame = NetworkFrame.aligned_to(moving_net_grid, shape, fixed_frame.world_axes())

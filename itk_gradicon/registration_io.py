@@ -103,7 +103,7 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
                  mask_mode: str = "input", io_iterations: int = 0, io_similarity: Optional[str] = None,
                  io_lr: float = 2e-5, fixed_labels: Optional[Path] = None,
                  moving_labels: Optional[Path] = None, io_dice_weight: float = 1.0,
-                 affine: str = "none", initial_transform: Optional[Path] = None,
+                 affine: str = "auto", initial_transform: Optional[Path] = None,
                  orientation: str = "fixed", seed: Optional[int] = None, device: str = "auto",
                  log: Log = lambda message: None, progress=None, loaded_model=None, predictor=None):
     """Register the files ``moving`` -> ``fixed`` and write ``outputs``; returns the result.
@@ -121,7 +121,8 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
             io_similarity, io_lr, io_dice_weight, orientation, device: as
             :func:`~itk_gradicon.registration.register`.
         fixed_mask, moving_mask, fixed_labels, moving_labels: files on their image's grid.
-        affine: ``"none"`` or ``"elastix"`` (affine pre-alignment with :mod:`.affine`).
+        affine: ``"auto"`` (``elastix`` for a model trained on affinely pre-aligned pairs, else
+            ``none``), ``"none"`` or ``"elastix"`` (affine pre-alignment with :mod:`.affine`).
         initial_transform: an affine transform file (fixed -> moving) instead.
         seed: seed of instance optimisation's random sample points.
         log: receives one-line messages.
@@ -145,9 +146,9 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
     outputs.validate()
     if isinstance(io_iterations, bool) or not isinstance(io_iterations, int) or io_iterations < 0:
         raise InputError(f"--io-iterations must be a whole number >= 0, not {io_iterations!r}")
-    if affine not in ("none", "elastix"):
-        raise InputError(f"unknown --affine {affine!r}; allowed: none, elastix")
-    if affine != "none" and initial_transform is not None:
+    if affine not in AFFINE_CHOICES:
+        raise InputError(f"unknown --affine {affine!r}; allowed: {', '.join(AFFINE_CHOICES)}")
+    if affine == "elastix" and initial_transform is not None:
         raise InputError("give either --affine elastix or --initial-transform, not both")
     if (fixed_labels is None) != (moving_labels is None):
         raise InputError("--fixed-labels and --moving-labels must be given together")
@@ -168,6 +169,10 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
         raise InputError(f"--initial-transform '{initial_transform}' does not exist")
 
     model_obj = loaded_model if loaded_model is not None else load_model(model)
+    affine = resolve_affine_choice(affine, model_obj, initial_transform is not None)
+    if affine == "elastix" and expects_prealignment(model_obj):
+        log(f"affine pre-alignment: elastix (model '{model_obj.name}' was trained on affinely pre-aligned "
+            "pairs; --affine none turns it off)")
     d = model_obj.architecture.dimension
     for flag, header in headers.items():
         check_header(header, what=flag, dimension=d, needed_by=f"the model '{model_obj.name}'")
@@ -207,7 +212,7 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
         fixed_image, moving_image, model=model_obj, fixed_modality=fixed_modality,
         moving_modality=moving_modality, ct_window=ct_window, quantile_range=quantile_range,
         mask_mode=mask_mode, io_iterations=io_iterations, io_similarity=io_similarity, io_lr=io_lr,
-        io_dice_weight=io_dice_weight, initial_transform=pre, orientation=orientation,
+        io_dice_weight=io_dice_weight, initial_transform=pre, affine="none", orientation=orientation,
         compute_inverse=outputs.needs_inverse, device=torch_device, progress=progress,
         generator=generator, predictor=predictor, **masks, **labels)
     for message in result.messages:
@@ -218,6 +223,22 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
         + (f", instance optimisation {result.timings['instance_optimisation']:.1f}s"
            if "instance_optimisation" in result.timings else "") + ")")
     return result
+
+
+AFFINE_CHOICES = ("auto", "none", "elastix")
+
+
+def expects_prealignment(model) -> bool:
+    """Whether ``model`` was trained on affinely pre-aligned pairs (its file says ``prealignment: affine``)."""
+    return (model.preprocessing or {}).get("prealignment") == "affine"
+
+
+def resolve_affine_choice(choice: str, model, has_initial_transform: bool) -> str:
+    """``--affine auto`` becomes ``elastix`` for a model that expects pre-aligned pairs (unless an
+    initial transform is given), else ``none``; ``none`` and ``elastix`` stay as they are."""
+    if choice != "auto":
+        return choice
+    return "elastix" if expects_prealignment(model) and not has_initial_transform else "none"
 
 
 def write_register_outputs(result, outputs: RegisterOutputs, *, fixed_original=None, moving_original=None,

@@ -129,6 +129,21 @@ def test_fixed_storage_sets_the_networks_view(pair, model):
     assert max_distance(both.forward_field.array, turned.forward_field.array) < STORAGE_TOLERANCE_MM
 
 
+@pytest.mark.parametrize("perm,flips", STORAGES)
+def test_a_canonical_layout_model_does_not_depend_on_either_files_storage(pair, model, perm, flips):
+    """A model trained with ``layout: canonical`` lays the fixed image out along the world axes too:
+    re-storing the fixed file (and the moving one) leaves the transform at every fixed voxel unchanged."""
+    from dataclasses import replace
+
+    canonical = replace(model, preprocessing={**model.preprocessing, "layout": "canonical"})
+    fixed, moving = pair
+    original = run(fixed, moving, canonical)
+    turned = run(restored(fixed, perm, flips), restored(moving, (2, 1, 0), (False, True, False)), canonical)
+    in_turned_order = restore_array(original.forward_field.array, perm, flips)
+    assert max_distance(in_turned_order, turned.forward_field.array) < STORAGE_TOLERANCE_MM
+    assert max_distance(original.forward_field.array, 0) > 0.5
+
+
 def test_2d_moving_storage_does_not_change_the_transform(tiny_model_file_2d):
     from itk_gradicon.models import load_model
 

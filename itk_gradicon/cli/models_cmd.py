@@ -33,7 +33,8 @@ def _size(n) -> str:
 @models.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
 def list_cmd(as_json: bool) -> None:
-    """Show each known model: present in the cache or not, size, sha256, source."""
+    """Show each known model: bundled (in the package) or published (downloaded into the cache),
+    present or not, size, sha256, source."""
     from ..models import cache_dir, list_models
 
     rows = list_models()
@@ -41,12 +42,16 @@ def list_cmd(as_json: bool) -> None:
         click.echo(json.dumps({"cache": str(cache_dir()), "models": rows}, indent=2))
         return
     click.echo(f"cache: {cache_dir()}")
+    width = max(len(row["name"]) for row in rows) + 1
     for row in rows:
-        state = "present" if row["present"] else "not downloaded"
-        click.echo(f"{row['name']:<14} {state:<15} {_size(row['size']):>9}  "
+        if row["kind"] == "bundled":
+            state = "bundled" if row["present"] else "bundled, missing"
+        else:
+            state = "present" if row["present"] else "not downloaded"
+        click.echo(f"{row['name']:<{width}} {state:<16} {_size(row['size']):>9}  "
                    f"sha256 {row['sha256'] or '-'}")
-        click.echo(f"{'':<14} {row['description']}")
-        click.echo(f"{'':<14} {row['url']}")
+        click.echo(f"{'':<{width}} {row['description']}")
+        click.echo(f"{'':<{width}} {row['url'] or row['path']}")
 
 
 @models.command("download")
@@ -87,16 +92,21 @@ def import_cmd(name: str, file: Path) -> None:
 @models.command("info")
 @click.argument("model", metavar="NAME|FILE")
 def info_cmd(model: str) -> None:
-    """Load a model and print its architecture, preprocessing and provenance as JSON."""
-    from ..models import load_model
+    """Load a model and print its card as JSON: architecture, preprocessing, expected pre-alignment,
+    provenance (data, steps) and, for a bundled model, the figures measured with it."""
+    from ..models import BUNDLED, load_model
     from ..network import count_parameters
 
     loaded = load_model(model)
-    click.echo(json.dumps({
+    record = {
         "name": loaded.name, "source": str(loaded.source), "sha256": loaded.sha256,
         "parameters": count_parameters(loaded.network), "architecture": loaded.architecture.to_dict(),
         "similarity": loaded.similarity, "preprocessing": loaded.preprocessing,
-        "provenance": loaded.provenance}, indent=2))
+        "prealignment": loaded.preprocessing.get("prealignment", "none"),
+        "provenance": loaded.provenance}
+    if model in BUNDLED:
+        record["card"] = BUNDLED[model].card()
+    click.echo(json.dumps(record, indent=2))
 
 
 COMMANDS = [models]

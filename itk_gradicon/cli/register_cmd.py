@@ -73,11 +73,12 @@ _MODALITY = click.Choice(["auto", "ct", "mri"])
 @click.option("--moving-labels", type=click.Path(path_type=Path), help="Label map on the moving grid.")
 @click.option("--io-dice-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Weight of the Dice term (relative to the similarity) when labels are given.")
-@click.option("--affine", type=click.Choice(["none", "elastix"]), default="none", show_default=True,
+@click.option("--affine", type=click.Choice(["auto", "none", "elastix"]), default="auto", show_default=True,
               help="Affine pre-alignment computed with elastix (itk-elastix; mutual information, "
                    "started from the images' centres, restricted to the masks when given), composed "
                    "into every transform written; the network then registers the fixed image to the "
-                   "affinely resampled moving image.")
+                   "affinely resampled moving image. auto: elastix for a model trained on affinely "
+                   "pre-aligned pairs (the bundled model), none for the published models.")
 @click.option("--initial-transform", type=click.Path(path_type=Path), metavar="FILE",
               help="An existing affine pre-alignment, fixed -> moving (ITK .tfm/.txt/.h5, ANTs .mat), "
                    "composed into every transform written.")

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import ModelError
 from .operators import Downsample, RegistrationStep, TwoStep
-from .unet import PUBLISHED_DOWN_CHANNELS, PUBLISHED_UP_CHANNELS, UNetStep
+from .unet import NORMALIZATIONS, PUBLISHED_DOWN_CHANNELS, PUBLISHED_UP_CHANNELS, UNetStep
 
 
 def minimum_input_size(levels: int, unet_levels: int) -> int:
@@ -47,6 +47,7 @@ class Architecture:
         refinement_steps: full-resolution steps composed after Stage 1 (1 for Stage 2).
         input_channels: channels per image.
         down_channels, up_channels: UNet widths per level (finest first).
+        normalization: ``batch`` (published) or ``instance`` (see :class:`~itk_gradicon.network.unet.UNetStep`).
     """
 
     dimension: int = 3
@@ -56,9 +57,12 @@ class Architecture:
     input_channels: int = 1
     down_channels: Tuple[int, ...] = field(default=PUBLISHED_DOWN_CHANNELS)
     up_channels: Tuple[int, ...] = field(default=PUBLISHED_UP_CHANNELS)
+    normalization: str = "batch"
 
     def __post_init__(self) -> None:
         problems = []
+        if self.normalization not in NORMALIZATIONS:
+            problems.append(f"normalization must be one of {', '.join(NORMALIZATIONS)}, not {self.normalization!r}")
         if self.dimension not in (2, 3):
             problems.append(f"dimension must be 2 or 3, not {self.dimension!r}")
         if len(self.input_shape) != self.dimension:
@@ -86,6 +90,8 @@ class Architecture:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if d["normalization"] == "batch":  # files of published-style networks stay readable by older versions
+            del d["normalization"]
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
@@ -111,7 +117,7 @@ def build_network(arch: Architecture) -> nn.Module:
 
     def step() -> nn.Module:
         return RegistrationStep(UNetStep(arch.dimension, arch.input_channels,
-                                         arch.down_channels, arch.up_channels))
+                                         arch.down_channels, arch.up_channels, arch.normalization))
 
     net: nn.Module = step()
     for _ in range(arch.levels - 1):

@@ -26,6 +26,8 @@ from . import performance
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _BATCH_NORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_INSTANCE_NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+NORMALIZATIONS = ("batch", "instance")
 _POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}
 _LINEAR_MODE = {2: "bilinear", 3: "trilinear"}
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -54,6 +56,11 @@ class UNetStep(nn.Module):
         input_channels: channels per image (1 for intensity images).
         down_channels: output channels of each down level (the published models: 16, 32, 64, 256, 512).
         up_channels: output channels of each up level, finest first (published: 16, 32, 64, 128, 256).
+        normalization: ``batch`` (BatchNorm, as published) or ``instance`` (InstanceNorm with BatchNorm's
+            learnt scale and shift and no running statistics: every image pair is normalised by its
+            own statistics, in training and at inference alike; for networks trained with one pair
+            per step, where BatchNorm's running statistics never describe a single pair). The module
+            names (``batchNorms``) stay those of the published files.
 
     Shapes:
         ``image_A``, ``image_B``: ``[B, input_channels, *spatial]``; output ``[B, dimension, *spatial]``.
@@ -61,8 +68,10 @@ class UNetStep(nn.Module):
 
     def __init__(self, dimension: int = 3, input_channels: int = 1,
                  down_channels: Sequence[int] = PUBLISHED_DOWN_CHANNELS,
-                 up_channels: Sequence[int] = PUBLISHED_UP_CHANNELS) -> None:
+                 up_channels: Sequence[int] = PUBLISHED_UP_CHANNELS, normalization: str = "batch") -> None:
         super().__init__()
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, not {normalization!r}")
         if dimension not in _CONV:
             raise ValueError(f"dimension must be 2 or 3, not {dimension}")
         if len(down_channels) != len(up_channels):
@@ -73,7 +82,12 @@ class UNetStep(nn.Module):
         widths = [2 * input_channels, *down_channels]
         # the up level at depth k receives the down output of depth k plus the up output of depth k+1
         up_inputs = [widths[k + 1] + (up_channels[k + 1] if k + 1 < levels else 0) for k in range(levels)]
-        conv, conv_t, norm = _CONV[dimension], _CONV_T[dimension], _BATCH_NORM[dimension]
+        conv, conv_t = _CONV[dimension], _CONV_T[dimension]
+        if normalization == "batch":
+            norm = _BATCH_NORM[dimension]
+        else:
+            def norm(channels: int) -> nn.Module:
+                return _INSTANCE_NORM[dimension](channels, affine=True, track_running_stats=False)
         self.downConvs = nn.ModuleList(
             conv(widths[k], widths[k + 1], kernel_size=3, padding=1, stride=2) for k in range(levels))
         self.upConvs = nn.ModuleList(
@@ -110,9 +124,10 @@ class UNetStep(nn.Module):
 
     # ---- fast path (evaluation mode; see :mod:`.performance`) -------------------------------------
     def _batch_norms_frozen(self) -> bool:
-        """BatchNorm layers apply fixed running statistics (evaluation mode), so they can be folded."""
-        return all(not bn.training and bn.running_mean is not None and bn.running_var is not None
-                   for bn in self.batchNorms)
+        """BatchNorm layers apply fixed running statistics (evaluation mode), so they can be folded
+        (never for instance normalisation, whose statistics are the input's own)."""
+        return all(isinstance(bn, nn.modules.batchnorm._BatchNorm) and not bn.training
+                   and bn.running_mean is not None and bn.running_var is not None for bn in self.batchNorms)
 
     def _can_fuse_last_level(self, fine_shape: Sequence[int]) -> bool:
         conv_t, last, d = self.upConvs[0], self.lastConv, self.dimension

@@ -49,6 +49,8 @@ SAMPLING_MODES = ("per_dataset", "weighted", "region")
 MASK_MODES = ("input", "loss", "both")
 OBJECTIVES = ("gradicon", "m2m")
 SIMILARITIES = ("lncc", "lncc2", "mind")
+DATASET_KINDS = ("images", "synthetic")
+LAYOUTS = ("reference", "canonical")
 RANDOMISATIONS = ("B", "F", "R")
 DEFAULT_LAMBDA = {"gradicon": 1.5, "m2m": 0.5}
 _FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -84,6 +86,8 @@ class ArchitectureConfig:
         levels: resolutions of Stage 1 (3 in the papers).
         refinement_steps: full-resolution steps added in Stage 2 (1 in the papers; 0: Stage 1 only).
         down_channels, up_channels: UNet widths per level, finest first.
+        normalization: ``batch`` (BatchNorm, as published) or ``instance`` (each pair normalised by its
+            own statistics in training and at inference; for training with one pair per step).
     """
 
     dimension: int = _opt(3, choices=(2, 3))
@@ -92,6 +96,7 @@ class ArchitectureConfig:
     refinement_steps: int = _opt(1, minimum=0)
     down_channels: Tuple[int, ...] = _opt((16, 32, 64, 256, 512))
     up_channels: Tuple[int, ...] = _opt((16, 32, 64, 128, 256))
+    normalization: str = _opt("batch", choices=("batch", "instance"))
 
     def check(self, where: str) -> None:
         """Raise :class:`ConfigError`, naming the key under ``where``, for values that cannot work together."""
@@ -104,9 +109,58 @@ class ArchitectureConfig:
         try:
             return Architecture(dimension=self.dimension, input_shape=tuple(self.input_shape),
                                 levels=self.levels, refinement_steps=self.refinement_steps,
-                                down_channels=tuple(self.down_channels), up_channels=tuple(self.up_channels))
+                                down_channels=tuple(self.down_channels), up_channels=tuple(self.up_channels),
+                                normalization=self.normalization)
         except ModelError as err:
             raise ConfigError(f"{where}: {err}") from None
+
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    """How a ``kind: synthetic`` data set makes image pairs from label maps (see :mod:`.synthesis`).
+
+    Attributes:
+        skull_strip: probability that a pair shows only the brain (``brain_labels``), cropped around it.
+        brain_labels: ``[low, high]``: label values of the brain (FreeSurfer: 1-99); they crop
+            skull-stripped images and are the labels of the Dice term.
+        same_contrast: probability that both images of a pair get one intensity per label.
+        shapes: probability that a pair is made of random shapes instead of a label map.
+        margin: ``[low, high]``: random margin around the brain's box of a skull-stripped pair, as a
+            fraction of the box's size on each side.
+        head_margin: the same for whole-head pairs (the box stays centred on the brain).
+        affine_std: standard deviation of the random affine change of each subject (pre-aligned pairs: small).
+        warp_std: largest standard deviation of the smooth random displacement, in network voxels.
+        warp_control: ``[low, high]``: control points per axis of the random displacement.
+        texture_std: largest spread of the intensities inside one label.
+        blur: ``[low, high]``: Gaussian blur sigma in network voxels.
+        bias_std: largest strength of the smooth multiplicative bias field (log scale).
+        noise_std: largest standard deviation of the added Gaussian noise.
+        gamma_std: standard deviation of the log of the random gamma.
+    """
+
+    skull_strip: float = _opt(0.5, minimum=0.0, maximum=1.0)
+    brain_labels: Tuple[int, int] = _opt((1, 99))
+    same_contrast: float = _opt(0.5, minimum=0.0, maximum=1.0)
+    shapes: float = _opt(0.0, minimum=0.0, maximum=1.0)
+    margin: Tuple[float, float] = _opt((0.02, 0.12))
+    head_margin: Tuple[float, float] = _opt((0.12, 0.25))
+    affine_std: float = _opt(0.03, minimum=0.0, maximum=0.5)
+    warp_std: float = _opt(3.0, minimum=0.0)
+    warp_control: Tuple[int, int] = _opt((4, 8))
+    texture_std: float = _opt(0.08, minimum=0.0)
+    blur: Tuple[float, float] = _opt((0.3, 1.0))
+    bias_std: float = _opt(0.3, minimum=0.0)
+    noise_std: float = _opt(0.04, minimum=0.0)
+    gamma_std: float = _opt(0.25, minimum=0.0)
+
+    def check(self, where: str) -> None:
+        """Raise :class:`ConfigError`, naming the key under ``where``, for values that cannot work together."""
+        for key, minimum in (("brain_labels", None), ("margin", 0.0), ("head_margin", 0.0), ("warp_control", 2), ("blur", 0.0)):
+            low, high = getattr(self, key)
+            if not low <= high or (minimum is not None and low < minimum):
+                bound = f" with low >= {minimum:g}" if minimum is not None else ""
+                raise ConfigError(f"{where}.{key}: {list(getattr(self, key))} must be [low, high] with "
+                                  f"low <= high{bound}")
 
 
 @dataclass(frozen=True)
@@ -115,6 +169,8 @@ class DatasetConfig:
 
     Attributes:
         name: shown in logs and recorded in the model's provenance.
+        kind: ``images`` (image files) or ``synthetic`` (``images`` lists label maps, and pairs are
+            synthesised from them on the fly; see :mod:`.synthesis` and ``synthesis``).
         images: a CSV file (``.csv``/``.tsv``; columns ``image`` and optionally ``subject``,
             ``modality``, ``group``, ``mask``, ``segmentation``), a list file (one image path per line,
             ``#`` comments) or a glob pattern (``scans/*.nii.gz``).
@@ -131,9 +187,11 @@ class DatasetConfig:
         mask_mode: what masks do: ``input`` (zero the image outside, as ``--mask-mode input``),
             ``loss`` (restrict the similarity), ``both``.
         ct_window, quantile_range: preprocessing of this data set, overriding ``preprocessing``.
+        synthesis: how pairs are synthesised (``kind: synthetic`` only).
     """
 
     name: str = _opt(None)
+    kind: str = _opt("images", choices=DATASET_KINDS)
     images: str = _opt(None)
     root: Optional[str] = _opt(None)
     modality: Optional[str] = _opt(None)
@@ -146,9 +204,19 @@ class DatasetConfig:
     mask_mode: str = _opt("input", choices=MASK_MODES)
     ct_window: Optional[Tuple[float, float]] = _opt(None)
     quantile_range: Optional[Tuple[float, float]] = _opt(None)
+    synthesis: Optional[SynthesisConfig] = _opt(None)
 
     def check(self, where: str) -> None:
         """Raise :class:`ConfigError`, naming the key under ``where``, for values that cannot work together."""
+        if self.kind == "synthetic":
+            given = getattr(self, "keys_given", frozenset())
+            unused = sorted(given & {"mask_template", "segmentation_template", "modality", "ct_window",
+                                     "quantile_range", "mask_mode"})
+            if unused:
+                raise ConfigError(f"{where}.{unused[0]}: not used by a synthetic data set (its images are "
+                                  "synthesised from label maps)")
+        elif self.synthesis is not None:
+            raise ConfigError(f"{where}.synthesis: only for kind: synthetic (kind is {self.kind!r})")
         if not self.name:
             raise ConfigError(f"{where}.name: every data set needs a non-empty name")
         if not self.images:
@@ -199,10 +267,19 @@ class PreprocessingConfig:
     Attributes:
         ct_window: HU window of CT images (default -1000, 1000, or the parent model's).
         quantile_range: quantiles of non-CT images (default minimum and 0.99, or the parent model's).
+        layout: how images are laid out on the network grid: ``reference`` (the fixed image's array as
+            stored, as the published models), ``canonical`` (network axes along the world axes closest to
+            superior, anterior, right, whatever the storage; :data:`itk_gradicon.geometry.CANONICAL_AXES`),
+            or the parent model's. Recorded in the model file; ``gradicon register`` follows it.
+        prealignment: the pre-alignment the model expects before the network (``none`` or ``affine``;
+            default: the parent model's, else ``none``). ``affine`` makes ``gradicon register`` run its
+            affine stage by default (``--affine none`` turns it off).
     """
 
     ct_window: Optional[Tuple[float, float]] = _opt(None)
     quantile_range: Optional[Tuple[float, float]] = _opt(None)
+    layout: Optional[str] = _opt(None, choices=LAYOUTS)
+    prealignment: Optional[str] = _opt(None, choices=("none", "affine"))
 
     def check(self, where: str) -> None:
         """Raise :class:`ConfigError`, naming the key under ``where``, for values that cannot work together."""
@@ -241,6 +318,8 @@ class ObjectiveConfig:
         loss_randomisation: multiGradICON variant: ``B`` (similarity on the network's inputs), ``F``
             (on a random co-registered image of each, both of one modality), ``R`` (fully random).
         dice_weight: weight of a soft Dice term on segmentations (0: none).
+        dice_grid: compute the Dice term on every k-th voxel, k the smallest stride leaving at most this
+            many voxels per axis (0: every voxel; 48 on a 96^3 network costs 1/8).
         lambda_gcc: GradCyCon weight (``m2m``).
         prealigned_bridges: probability that the bridge pair of an ``m2m`` cycle is a pre-aligned pair
             (two co-registered images of one ``group``), whose map is then the identity.
@@ -251,6 +330,7 @@ class ObjectiveConfig:
     lmbda: Optional[float] = _opt(None, key="lambda", minimum=0.0)
     loss_randomisation: str = _opt("B", choices=RANDOMISATIONS)
     dice_weight: float = _opt(0.0, minimum=0.0)
+    dice_grid: int = _opt(0, minimum=0)
     lambda_gcc: float = _opt(0.1, minimum=0.0)
     prealigned_bridges: float = _opt(0.0, minimum=0.0, maximum=1.0)
 
@@ -288,11 +368,16 @@ class ScheduleConfig:
     """Training stages.
 
     Attributes:
+        coarse: from scratch, before Stage 1: coarse-to-fine stages as in LapIRN. Entry ``i`` trains
+            the ``i + 1`` coarsest levels alone on images average-pooled to their resolution (1/8 and
+            1/64 of the cost of a full-resolution step for a 3-level network); each stage starts from the
+            previous one's weights. At most ``levels - 1`` entries.
         stage1: from scratch: train the ``levels`` UNets of Stage 1.
         stage2: from scratch: add the refinement UNet(s) and train everything jointly (GradICON's Stage 2).
         finetune: finetuning a model (``model``): train all of it.
     """
 
+    coarse: Optional[List[StageLength]] = _opt(None)
     stage1: Optional[StageLength] = _opt(None)
     stage2: Optional[StageLength] = _opt(None)
     finetune: Optional[StageLength] = _opt(None)
@@ -410,11 +495,16 @@ class TrainConfig:
             if s.finetune is None:
                 raise ConfigError(f"{prefix}schedule.finetune: finetuning {self.model!r} needs "
                                   "'finetune: {steps: N}' (or epochs)")
-            if s.stage1 is not None or s.stage2 is not None:
-                raise ConfigError(f"{prefix}schedule: stage1/stage2 are for training from scratch; "
+            if s.stage1 is not None or s.stage2 is not None or s.coarse is not None:
+                raise ConfigError(f"{prefix}schedule: coarse/stage1/stage2 are for training from scratch; "
                                   "a finetuning run has only 'finetune'")
             return
         refinement = self.architecture.refinement_steps
+        if s.coarse is not None:
+            levels = self.architecture.levels
+            if len(s.coarse) > levels - 1:
+                raise ConfigError(f"{prefix}schedule.coarse: {len(s.coarse)} coarse stage(s), but a network of "
+                                  f"{levels} level(s) has at most {levels - 1} (each trains one more level)")
         if s.finetune is not None:
             raise ConfigError(f"{prefix}schedule.finetune: only for finetuning a 'model'; training from "
                               "scratch uses stage1 (and stage2)")

@@ -43,16 +43,17 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import ConfigError, InputError
-from ..geometry import ImageGrid, NetworkFrame
+from ..geometry import ImageGrid, NetworkFrame, canonical_axes
 from ..imageio import read_image_header, short_error_message
 from ..preprocess import IntensityNormalization, apply_input_mask
-from .config import AugmentationConfig, DatasetConfig, TrainConfig, did_you_mean
+from .config import AugmentationConfig, DatasetConfig, SynthesisConfig, TrainConfig, did_you_mean
+from .synthesis import LabelMapEntry, Synthesizer, check_label_map
 
 CSV_COLUMNS = ("image", "subject", "modality", "group", "mask", "segmentation")
 IMAGE_ENDINGS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".img.gz", ".img", ".hdr", ".tif",
                  ".tiff", ".png", ".vtk", ".gipl.gz", ".gipl")
 CACHE_VERSION = 1
-_PURPOSE_EPOCH, _PURPOSE_PAIR, _PURPOSE_AUGMENT = 0, 1, 2
+_PURPOSE_EPOCH, _PURPOSE_PAIR, _PURPOSE_AUGMENT, _PURPOSE_SYNTHESIS = 0, 1, 2, 6
 _MAX_TRIES = 200
 
 
@@ -141,6 +142,24 @@ class Member:
     def intra_subjects(self) -> List[str]:
         """Subjects with two or more views (the ones an intra-subject member can pair)."""
         return [s for s in self.subjects if len(self._subject_views[s]) >= 2]
+
+
+@dataclass
+class SyntheticMember(Member):
+    """A ``kind: synthetic`` data set: label maps from which pairs are synthesised (:mod:`.synthesis`).
+
+    Each label map is one subject and one view; ``entries`` is empty (there are no image files).
+    """
+
+    label_maps: List[LabelMapEntry] = field(default_factory=list)
+
+    @property
+    def modalities(self) -> Tuple[str, ...]:
+        return ("synthetic",)
+
+    @property
+    def has_segmentations(self) -> bool:
+        return True
 
 
 def _where(member_index: int, cfg: DatasetConfig) -> str:
@@ -282,6 +301,8 @@ def scan_member(index: int, cfg: DatasetConfig, train: TrainConfig, *, dimension
     where = _where(index, cfg)
     key = f"datasets[{index}]"
     rows = _listed_rows(cfg, train, key)
+    if cfg.kind == "synthetic":
+        return _scan_synthetic(index, cfg, rows, where, dimension)
     pattern = re.compile(cfg.subject_pattern) if cfg.subject_pattern else None
     missing = []
     for row in rows:
@@ -356,6 +377,47 @@ def scan_member(index: int, cfg: DatasetConfig, train: TrainConfig, *, dimension
                           f"of its {len(member.subjects)} subject(s) has only one; give the 'subject' of each "
                           "image (CSV column or subject_pattern), or use pairing: inter")
     return member
+
+
+def _scan_synthetic(index: int, cfg: DatasetConfig, rows: List[Dict[str, Any]], where: str,
+                    dimension: int) -> SyntheticMember:
+    """Check every label map of a synthetic data set (pixels included: they must be label maps)."""
+    missing = [f"label map '{row['image']}' ({row['origin']})" for row in rows if not Path(row["image"]).is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ConfigError(f"{where}: {len(missing)} listed file(s) do not exist: {'; '.join(missing[:3])}{more}")
+    ignored = sorted({k for row in rows for k in ("mask", "segmentation", "modality") if row.get(k)})
+    if ignored:
+        raise ConfigError(f"{where}: a synthetic data set lists label maps only; remove the column(s) "
+                          f"{', '.join(ignored)}")
+    maps: List[LabelMapEntry] = []
+    seen = set()
+    for row in rows:
+        path = Path(row["image"]).resolve()
+        if path in seen:
+            raise ConfigError(f"{where}: label map '{path}' is listed twice ({row['origin']})")
+        seen.add(path)
+        try:
+            grid, labels = check_label_map(path, what=f"label map ({row['origin']})", dimension=dimension)
+        except InputError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        except Exception as err:  # anything else ITK's readers may raise for odd files
+            raise ConfigError(f"{where}: label map '{path}' ({row['origin']}) cannot be used: "
+                              f"{short_error_message(err)}") from None
+        maps.append(LabelMapEntry(path, grid, labels, row["origin"]))
+    if cfg.pairing == "inter" and len(maps) < 2:
+        raise ConfigError(f"{where}: pairing 'inter' needs at least two label maps, found {len(maps)} "
+                          "(use pairing: intra to deform one map twice)")
+    settings = cfg.synthesis
+    if settings is not None and settings.shapes < 1.0:
+        low, high = settings.brain_labels
+        for m in maps:
+            if not any(low <= v <= high for v in m.labels):
+                raise ConfigError(f"{where}: label map '{m.path}' ({m.origin}) has no label in "
+                                  f"synthesis.brain_labels [{low}, {high}]; its labels: "
+                                  f"{', '.join(map(str, m.labels[:12]))}{' ...' if len(m.labels) > 12 else ''}")
+    return SyntheticMember(index, cfg, [], [(i,) for i in range(len(maps))], [str(m.path) for m in maps],
+                           None, label_maps=maps)
 
 
 def _checked_grid(path: Path, kind: str, where: str, origin: str, dimension: int) -> ImageGrid:
@@ -467,6 +529,8 @@ class CompositeSet:
         member_index = int(self.epoch_members(epoch)[position])
         rng = _rng(self.seed, _PURPOSE_PAIR, index)
         member = self.members[member_index]
+        if isinstance(member, SyntheticMember):
+            return draw_synthetic_pair(member, member_index, rng)
         if self.objective.kind == "m2m":
             prealigned = bool(rng.random() < self.objective.prealigned_bridges)
             return draw_cycle(member, member_index, rng, prealigned=prealigned)
@@ -480,6 +544,11 @@ class CompositeSet:
         """One line per member: images, subjects, views, modalities, region, pairing, share of pairs."""
         lines = []
         for m, share in zip(self.members, self.shares):
+            if isinstance(m, SyntheticMember):
+                lines.append(f"{m.name}: {len(m.label_maps)} label maps, synthetic images, "
+                             f"{m.config.region}, {m.config.pairing}-subject, segmentations; "
+                             f"{100 * share:.1f}% of pairs")
+                continue
             masks = f", masks ({m.mask_mode})" if m.mask_mode else ""
             segs = ", segmentations" if m.has_segmentations else ""
             lines.append(f"{m.name}: {len(m.entries)} images, {len(m.subjects)} subjects, {len(m.views)} views, "
@@ -514,6 +583,16 @@ def _draw_views(member: Member, rng: np.random.Generator) -> Tuple[int, int]:
             return first, second
     others = [v for v in range(n) if member.view_subject[v] != member.view_subject[first]]
     return first, _pick(rng, others)
+
+
+def draw_synthetic_pair(member: SyntheticMember, member_index: int, rng: np.random.Generator) -> PairPlan:
+    """Two label maps (``inter``: different ones; ``intra``: one map, deformed twice)."""
+    n = len(member.label_maps)
+    first = int(rng.integers(n))
+    second = first
+    if member.config.pairing == "inter":
+        second = (first + 1 + int(rng.integers(n - 1))) % n
+    return PairPlan(member_index, (("A", first), ("B", second)), (("A", "a"), ("B", "b")), anchor="B")
 
 
 def draw_pair(member: Member, member_index: int, rng: np.random.Generator, randomisation: str) -> PairPlan:
@@ -613,6 +692,10 @@ def check_composite(composite: CompositeSet, train: TrainConfig) -> List[str]:
     notes: List[str] = []
     objective = train.objective
     active = [m for m in composite.members if m.config.weight > 0]
+    synthetic = [m for m in active if isinstance(m, SyntheticMember)]
+    if synthetic and objective.kind == "m2m":
+        raise ConfigError(f"{_where(synthetic[0].index, synthetic[0].config)}: synthetic data sets train "
+                          "objective kind: gradicon; M2M-Reg needs real multi-modal subjects")
     if objective.kind == "m2m":
         for m in active:
             if len(m.modalities) != 2:
@@ -827,12 +910,42 @@ class PairDataset(Dataset):
     """
 
     def __init__(self, composite: CompositeSet, shape: Sequence[int], augmentation: AugmentationConfig,
-                 loader: VolumeLoader) -> None:
+                 loader: VolumeLoader, *, layout: str = "reference") -> None:
         self.composite = composite
         self.shape = tuple(int(s) for s in shape)
         self.augmentation = augmentation
         self.loader = loader
+        self.layout = layout
         self.m2m = composite.objective.kind == "m2m"
+        self._synthesizers: Dict[int, Synthesizer] = {}
+
+    def synthesizer(self, member_index: int) -> Synthesizer:
+        """The synthesiser of a synthetic member (made once per process)."""
+        found = self._synthesizers.get(member_index)
+        if found is None:
+            member = self.composite.members[member_index]
+            settings = member.config.synthesis or SynthesisConfig()
+            # label maps have no common storage order: they follow the canonical axes in either layout
+            # (with the reference layout, flips and permutations vary what the network sees)
+            found = Synthesizer(member.label_maps, settings, self.shape, canonical_axes(len(self.shape)),
+                                memory_items=max(self.loader.memory_items, len(member.label_maps)))
+            self._synthesizers[member_index] = found
+        return found
+
+    def _synthetic_sample(self, index: int, plan: PairPlan) -> Dict[str, Any]:
+        pair = self.synthesizer(plan.member).pair(_rng(self.composite.seed, _PURPOSE_SYNTHESIS, index),
+                                                  plan.image("A"), plan.image("B"))
+        rng = _rng(self.composite.seed, _PURPOSE_AUGMENT, index)
+        aug = draw_augmentation(self.augmentation, rng, self.shape, ["a", "b"], [])
+        ones = torch.ones((1, *self.shape), dtype=torch.float32)
+        sample: Dict[str, Any] = {"member": plan.member, "has_mask": False, "has_seg": True}
+        for role, view in (("A", "a"), ("B", "b")):
+            image = apply_augmentation(pair[f"image_{role}"], aug, view, nearest=False)
+            sample[f"image_{role}"] = image
+            sample[f"loss_{role}"] = image
+            sample[f"mask_{role}"] = ones
+            sample[f"seg_{role}"] = apply_augmentation(pair[f"seg_{role}"], aug, view, nearest=True)
+        return sample
 
     def __len__(self) -> int:  # the index stream is unbounded; the sampler decides what is drawn
         return 1 << 62
@@ -840,10 +953,12 @@ class PairDataset(Dataset):
     def __getitem__(self, index: int) -> Dict[str, Any]:
         plan = self.composite.plan(index)
         member = self.composite.members[plan.member]
+        if isinstance(member, SyntheticMember):
+            return self._synthetic_sample(index, plan)
         images = dict(plan.images)
         views = dict(plan.views)
         anchor = member.entries[images[plan.anchor]]
-        anchor_frame = NetworkFrame.reference_layout(anchor.grid, self.shape)
+        anchor_frame = NetworkFrame.for_layout(self.layout, anchor.grid, self.shape)
         frames = {}
         for role, i in images.items():
             if views[role] == views[plan.anchor]:

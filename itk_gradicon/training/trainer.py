@@ -19,8 +19,12 @@ sets, parent model, output folder, device) and :class:`Trainer` trains:
 * **Several GPUs or machines** through ``torch.distributed``: started by ``torchrun``, every process
   trains a :class:`~torch.nn.parallel.DistributedDataParallel` copy on its own share of the pair
   stream (:class:`.data.StepBatchSampler`); rank 0 writes the outputs.
-* **Output.** ``OUTPUT/final.pt`` (and ``stage1.pt`` before a Stage 2) is a model file written by
-  :func:`itk_gradicon.models.save_model_file`, usable at once with ``gradicon register --model``.
+* **Output.** ``OUTPUT/final.pt`` (and ``coarseN.pt`` / ``stage1.pt`` at the end of earlier stages) is a
+  model file written by :func:`itk_gradicon.models.save_model_file`, usable at once with
+  ``gradicon register --model``; ``OUTPUT/latest.pt``, rewritten with every checkpoint, is the network
+  as it was at that checkpoint (a coarse stage's network sees a coarser grid).
+* **Coarse-to-fine.** ``schedule.coarse`` trains the coarsest levels alone first, on pooled images
+  (LapIRN's progressive training); each following stage nests the previous network inside new levels.
 """
 
 from __future__ import annotations
@@ -139,7 +143,8 @@ class TrainingRun:
         architecture: the final network's architecture.
         parent: the finetuned model (``None`` from scratch).
         stages: the stages in order.
-        preprocessing: ``ct_window`` and ``quantile_range`` recorded in the model file.
+        preprocessing: ``ct_window``, ``quantile_range``, ``layout`` and ``prealignment``, recorded in the
+            model file.
         notes: things the user should know (printed before training).
         output: the output folder.
         device: where this process trains.
@@ -190,7 +195,8 @@ class TrainingRun:
 
 
 def resolve_preprocessing(config: TrainConfig, parent: Optional[Model]) -> Dict[str, Any]:
-    """``ct_window`` and ``quantile_range``: the configuration's, else the parent model's, else defaults."""
+    """``ct_window``, ``quantile_range``, ``layout`` and ``prealignment``: the configuration's, else the
+    parent model's, else the defaults."""
     given = getattr(config.preprocessing, "keys_given", frozenset())
     inherited = dict(parent.preprocessing) if parent is not None else {}
     if "ct_window" in given and config.preprocessing.ct_window is not None:
@@ -201,8 +207,11 @@ def resolve_preprocessing(config: TrainConfig, parent: Optional[Model]) -> Dict[
         quantiles = config.preprocessing.quantile_range
     else:
         quantiles = inherited.get("quantile_range")
+    layout = config.preprocessing.layout or inherited.get("layout") or "reference"
+    prealignment = config.preprocessing.prealignment or inherited.get("prealignment") or "none"
     return {"ct_window": [float(v) for v in window],
-            "quantile_range": None if quantiles is None else [float(v) for v in quantiles]}
+            "quantile_range": None if quantiles is None else [float(v) for v in quantiles],
+            "layout": layout, "prealignment": prealignment}
 
 
 def prepare_run(config: TrainConfig, output, *, device: torch.device, resume: bool = False,
@@ -252,10 +261,13 @@ def prepare_run(config: TrainConfig, output, *, device: torch.device, resume: bo
     if parent is not None:
         stages.append(Stage("finetune", architecture, length(schedule.finetune), 0))
     else:
+        for i, spec in enumerate(schedule.coarse or ()):
+            start = stages[-1].end if stages else 0
+            stages.append(Stage(f"coarse{i + 1}", coarse_architecture(architecture, i + 1), length(spec), start))
         first = replace(architecture, refinement_steps=0)
-        stages.append(Stage("stage1", first, length(schedule.stage1), 0))
+        stages.append(Stage("stage1", first, length(schedule.stage1), stages[-1].end if stages else 0))
         if architecture.refinement_steps > 0:
-            stages.append(Stage("stage2", architecture, length(schedule.stage2), stages[0].end))
+            stages.append(Stage("stage2", architecture, length(schedule.stage2), stages[-1].end))
     output = Path(output).expanduser().absolute()
     run = TrainingRun(config, composite, architecture, parent, stages, preprocessing, notes, output, device, dist)
     if check_output:
@@ -380,19 +392,63 @@ class TrainResult:
     last_checkpoint: Optional[Path]
 
 
-def grow_network(stage1: nn.Module, architecture: Architecture, seed: int) -> nn.Module:
-    """Stage 2's network: ``architecture`` with Stage 1's weights inside and new refinement steps.
+def coarse_architecture(architecture: Architecture, levels: int) -> Architecture:
+    """The network of the ``levels`` coarsest levels alone, on the grid those levels see.
 
-    ``build_network`` nests ``TS{..., Psi}`` once per refinement step, so Stage 1 is the module
-    reached through ``netPhi`` that many times. New steps are zero-initialised at their last layer
-    (the identity), their other layers drawn from a generator seeded by ``seed``.
+    ``build_network`` nests ``TS{Down{net}, Psi}`` once per level, so the coarsest ``levels`` levels
+    of ``architecture`` are the module reached through ``netPhi.net`` ``architecture.levels - levels``
+    times, and they see the images average-pooled by 2 (``ceil_mode``) that many times.
     """
-    torch.manual_seed(derived_seed(seed, _PURPOSE_INIT, 2))
+    shape = tuple(architecture.input_shape)
+    for _ in range(architecture.levels - levels):
+        shape = tuple(-(-n // 2) for n in shape)
+    return replace(architecture, levels=levels, refinement_steps=0, input_shape=shape)
+
+
+def data_shape(full: Tuple[int, ...], stage: Tuple[int, ...]) -> Tuple[int, ...]:
+    """The grid a stage's training pairs are made on: twice the resolution its network sees (then
+    average-pooled by :func:`pool_batch`, as ``Down`` pools the images at inference), or the full
+    network grid where twice would be finer."""
+    doubled = tuple(2 * int(s) for s in stage)
+    return doubled if all(d <= f for d, f in zip(doubled, full)) else tuple(int(f) for f in full)
+
+
+def pool_batch(batch: Dict[str, Any], shape: Tuple[int, ...]) -> Dict[str, Any]:
+    """A batch on a coarser network grid: images average-pooled by 2 (``ceil_mode``, as ``Down``
+    pools them) until they have ``shape``; masks and label maps take every second voxel."""
+    out = dict(batch)
+    for key, value in batch.items():
+        if not isinstance(value, torch.Tensor) or value.dim() < 3 or tuple(value.shape[2:]) == tuple(shape):
+            continue
+        while tuple(value.shape[2:]) != tuple(shape):
+            if key.startswith(("mask_", "seg_")):
+                value = value[(slice(None), slice(None)) + (slice(None, None, 2),) * (value.dim() - 2)]
+            else:
+                pool = torch.nn.functional.avg_pool3d if value.dim() == 5 else torch.nn.functional.avg_pool2d
+                value = pool(value, 2, ceil_mode=True)
+        out[key] = value
+    return out
+
+
+def grow_network(previous: nn.Module, previous_architecture: Architecture, architecture: Architecture,
+                 seed: int) -> nn.Module:
+    """The next stage's network, with the previous stage's weights inside and new steps around them.
+
+    ``build_network`` nests ``TS{Down{net}, Psi}`` once per level above the first and
+    ``TS{net, Psi}`` once per refinement step, so the previous network is the module reached through
+    ``netPhi`` once per added refinement step, then ``netPhi.net`` once per added level. New steps are
+    zero-initialised at their last layer (the identity), their other layers drawn from a generator
+    seeded by ``seed``.
+    """
+    grows_levels = architecture.levels > previous_architecture.levels
+    torch.manual_seed(derived_seed(seed, _PURPOSE_INIT, 100 + architecture.levels if grows_levels else 2))
     network = build_network(architecture)
     inner = network
-    for _ in range(architecture.refinement_steps):
+    for _ in range(architecture.refinement_steps - previous_architecture.refinement_steps):
         inner = inner.netPhi
-    inner.load_state_dict(stage1.state_dict(), strict=True)
+    for _ in range(architecture.levels - previous_architecture.levels):
+        inner = inner.netPhi.net
+    inner.load_state_dict(previous.state_dict(), strict=True)
     return network
 
 
@@ -469,6 +525,8 @@ class Trainer:
         }
         path = self.output / "checkpoints" / f"step_{step:09d}.pt"
         _atomic_torch_save(content, path)
+        # a usable model of the network as it is now, for watching a long run (gradicon register --model)
+        self._save_model(self.output / "latest.pt", network, self.run.stages[stage_index].architecture, step)
         for old in list_checkpoints(self.output)[:-self.run.config.checkpoint.keep]:
             old.unlink(missing_ok=True)
         self._last_checkpoint = path
@@ -569,8 +627,8 @@ class Trainer:
         run, cfg = self.run, self.run.config
         device = run.device
         loader_cache = run.config.resolve(cfg.loader.cache_dir) if cfg.loader.cache_dir else None
-        dataset = PairDataset(run.composite, run.architecture.input_shape, cfg.augmentation,
-                              VolumeLoader(run.architecture.dimension, loader_cache, cfg.loader.memory_cache))
+        volumes = VolumeLoader(run.architecture.dimension, loader_cache, cfg.loader.memory_cache)
+        datasets: Dict[Tuple[int, ...], PairDataset] = {}
         first_stage = int(state["stage"]) if state is not None else 0
         if state is None:  # a fresh run: every global generator starts from the seed
             random.seed(cfg.seed)
@@ -593,7 +651,7 @@ class Trainer:
                 torch.manual_seed(derived_seed(cfg.seed, _PURPOSE_INIT, 1))
                 network = build_network(stage.architecture)
             else:
-                network = grow_network(network, stage.architecture, cfg.seed)
+                network = grow_network(network, run.stages[index - 1].architecture, stage.architecture, cfg.seed)
             network.to(device).train()
             for p in network.parameters():
                 p.requires_grad_(True)
@@ -608,6 +666,7 @@ class Trainer:
                 self.log(f"{stage.name}: steps {step - stage.start + 1}..{stage.steps}")
             objective = build_objective(cfg.objective.kind, network, similarity=cfg.objective.similarity,
                                         lmbda=cfg.objective.regularizer_weight, dice_weight=cfg.objective.dice_weight,
+                                        dice_grid=cfg.objective.dice_grid,
                                         lambda_gcc=cfg.objective.lambda_gcc).to(device)
             model: nn.Module = objective
             if run.dist.distributed:
@@ -616,8 +675,12 @@ class Trainer:
                 model = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
             end = stage.end if stop_after is None else min(stage.end, step + (stop_after - steps_this_call))
             if step < end:
-                for batch in self._loader(dataset, step, end):
-                    terms = self._step(model, optimizer, batch, step)
+                shape = data_shape(run.architecture.input_shape, stage.architecture.input_shape)
+                if shape not in datasets:
+                    datasets[shape] = PairDataset(run.composite, shape, cfg.augmentation, volumes,
+                                                  layout=run.preprocessing["layout"])
+                for batch in self._loader(datasets[shape], step, end):
+                    terms = self._step(model, optimizer, pool_batch(batch, stage.architecture.input_shape), step)
                     step += 1
                     steps_this_call += 1
                     self._report(stage, step, terms, start_time, steps_this_call)
