@@ -75,12 +75,19 @@ class ImageGrid:
         return grid
 
     def validate(self) -> None:
-        if any(s <= 0 for s in self.spacing):
-            raise InputError(f"spacing must be strictly positive, not {self.spacing}")
-        det = float(np.linalg.det(self.direction_matrix))
-        if not np.isfinite(det) or abs(abs(det) - 1.0) > 1e-3:
-            raise InputError(f"direction matrix {self.direction_matrix.tolist()} is not orthonormal "
-                             f"(determinant {det:g})")
+        """Raise :class:`InputError` unless spacing is finite and positive, the origin finite and the
+        direction matrix orthonormal (``D^T D = I``: no shear or scaling hides in it)."""
+        if not all(np.isfinite(s) and s > 0 for s in self.spacing):
+            raise InputError(f"spacing must be strictly positive and finite, not {self.spacing}")
+        if not all(np.isfinite(o) for o in self.origin):
+            raise InputError(f"origin must be finite, not {self.origin}")
+        direction = self.direction_matrix
+        if not np.all(np.isfinite(direction)):
+            raise InputError(f"direction matrix {direction.tolist()} holds NaN or infinite values")
+        deviation = float(np.max(np.abs(direction.T @ direction - np.eye(direction.shape[0]))))
+        if deviation > 1e-3:
+            raise InputError(f"direction matrix {direction.tolist()} is not orthonormal (D^T D differs from the "
+                             f"identity by {deviation:.3g}; sheared or scaled directions are not supported)")
 
     def matches(self, other: "ImageGrid", *, tolerance: float = 1e-4) -> bool:
         """Whether ``other`` has the same size, spacing, origin and direction.

@@ -140,11 +140,44 @@ class OutputTransaction:
         return self._staging_dir(final.parent) / final.name
 
     def commit(self) -> None:
-        """Move every staged file into place, then remove the staging folders."""
+        """Move every staged file into place, all or nothing, then remove the staging folders.
+
+        Staged files are flushed to disk first (``fsync``). A file that a staged file replaces is
+        first moved aside into the staging folder (a rename within one folder's file system); if any
+        move fails, the files already moved are removed, the files they replaced are put back, the
+        staging folders are removed and the error is raised: the destinations are as they were.
+        """
+        moves = [(staging / produced.name, parent / produced.name, staging)
+                 for parent, staging in self._staging.items() for produced in sorted(staging.iterdir())]
+        for produced, _, _ in moves:
+            _fsync(produced)
+        done: list[list] = []  # [final, file it replaced (moved aside) or None, whether final is the new file]
+        try:
+            for produced, final, staging in moves:
+                backup = None
+                if final.exists() or final.is_symlink():
+                    aside = staging / ".replaced"
+                    aside.mkdir(exist_ok=True)
+                    backup = aside / final.name
+                    os.replace(final, backup)
+                done.append([final, backup, False])
+                os.replace(produced, final)
+                done[-1][2] = True
+        except BaseException:
+            for final, backup, placed in reversed(done):
+                with contextlib.suppress(OSError):
+                    if placed:
+                        if final.is_dir() and not final.is_symlink():
+                            shutil.rmtree(final)
+                        else:
+                            final.unlink()
+                    if backup is not None:
+                        os.replace(backup, final)
+            self.rollback()
+            raise
         for parent, staging in self._staging.items():
-            for produced in sorted(staging.iterdir()):
-                os.replace(produced, parent / produced.name)
-            staging.rmdir()
+            shutil.rmtree(staging, ignore_errors=True)
+            _fsync(parent)
         self._done = True
 
     def rollback(self) -> None:
@@ -166,6 +199,20 @@ class OutputTransaction:
             self.commit()
         else:
             self.rollback()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk; folders that cannot be opened are skipped."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -157,3 +157,25 @@ def test_grid_validation_refuses_bad_geometry():
         ImageGrid((2, 2), (0.0, 1.0), (0.0, 0.0), ((1.0, 0.0), (0.0, 1.0))).validate()
     with pytest.raises(InputError, match="not orthonormal"):
         ImageGrid((2, 2), (1.0, 1.0), (0.0, 0.0), ((1.0, 0.0), (1.0, 0.0))).validate()
+
+
+@pytest.mark.parametrize("spacing, origin, direction, message", [
+    ((1.0, 1.0), (0.0, 0.0), ((1.0, 0.5), (0.0, 1.0)), "not orthonormal"),          # shear, determinant 1
+    ((1.0, 1.0), (0.0, 0.0), ((2.0, 0.0), (0.0, 0.5)), "not orthonormal"),          # scaled axes, determinant 1
+    ((float("nan"), 1.0), (0.0, 0.0), ((1.0, 0.0), (0.0, 1.0)), "spacing must be strictly positive and finite"),
+    ((float("inf"), 1.0), (0.0, 0.0), ((1.0, 0.0), (0.0, 1.0)), "spacing must be strictly positive and finite"),
+    ((1.0, 1.0), (float("nan"), 0.0), ((1.0, 0.0), (0.0, 1.0)), "origin must be finite"),
+    ((1.0, 1.0), (0.0, float("-inf")), ((1.0, 0.0), (0.0, 1.0)), "origin must be finite"),
+    ((1.0, 1.0), (0.0, 0.0), ((float("nan"), 0.0), (0.0, 1.0)), "NaN or infinite"),
+])
+def test_grids_with_shear_or_non_finite_geometry_are_refused(spacing, origin, direction, message):
+    from itk_gradicon.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        ImageGrid((2, 2), spacing, origin, direction).validate()
+
+
+def test_oblique_and_flipped_grids_are_accepted():
+    c, s = np.cos(0.3), np.sin(0.3)
+    ImageGrid((2, 2), (0.5, 2.0), (-3.0, 7.0), ((c, -s), (s, c))).validate()
+    ImageGrid((2, 2), (1.0, 1.0), (0.0, 0.0), ((-1.0, 0.0), (0.0, 1.0))).validate()

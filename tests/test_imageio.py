@@ -244,3 +244,39 @@ def test_transaction_replaces_existing_files(tmp_path):
         staged.write_text("new")
         assert (tmp_path / "t.txt").read_text() == "old"
     assert (tmp_path / "t.txt").read_text() == "new"
+
+
+@pytest.mark.parametrize("failing", [1, 2, 3])
+def test_a_failed_commit_restores_every_destination(tmp_path, monkeypatch, failing):
+    """If moving the n-th file into place fails, the files already moved are removed and the files
+    they replaced come back: the destinations are exactly as before, and no staging folder is left."""
+    from itk_gradicon import imageio
+
+    (tmp_path / "a.txt").write_text("old a")
+    (tmp_path / "c.txt").write_text("old c")
+    real_replace = os.replace
+    moves = []
+
+    def replace(src, dst):
+        if ".gradicon-partial-" in str(src) and ".replaced" not in str(src) and ".replaced" not in str(dst):
+            moves.append(dst)
+            if len(moves) == failing:
+                raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(imageio.os, "replace", replace)
+    with pytest.raises(OSError, match="No space left"):
+        with OutputTransaction() as out:
+            for name in ("a.txt", "b.txt", "c.txt"):
+                out.path(tmp_path / name).write_text(f"new {name[0]}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "c.txt"]
+    assert (tmp_path / "a.txt").read_text() == "old a" and (tmp_path / "c.txt").read_text() == "old c"
+
+
+def test_a_commit_replaces_every_destination_and_cleans_up(tmp_path):
+    (tmp_path / "a.txt").write_text("old a")
+    with OutputTransaction() as out:
+        for name in ("a.txt", "b.txt"):
+            out.path(tmp_path / name).write_text(f"new {name[0]}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+    assert (tmp_path / "a.txt").read_text() == "new a"
