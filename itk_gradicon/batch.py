@@ -75,13 +75,19 @@ class Pair:
 
 @dataclass
 class PairResult:
-    """How one pair went: ``ok`` with the files written, or the one-line error."""
+    """How one pair went: ``ok`` with the files written, or the one-line error; ``skipped`` when its
+    outputs existed already (``skip_existing``)."""
 
     pair: Pair
     ok: bool
     seconds: float
     message: str = ""
     written: List[Path] = field(default_factory=list)
+    skipped: bool = False
+
+    @property
+    def status(self) -> str:
+        return "skipped" if self.skipped else ("ok" if self.ok else "failed")
 
 
 @dataclass
@@ -97,9 +103,39 @@ class BatchSummary:
         return [r for r in self.results if not r.ok]
 
     @property
+    def skipped(self) -> List[PairResult]:
+        return [r for r in self.results if r.skipped]
+
+    @property
     def pairs_per_second(self) -> float:
-        done = sum(1 for r in self.results if r.ok)
+        done = sum(1 for r in self.results if r.ok and not r.skipped)
         return done / self.seconds if self.seconds > 0 else 0.0
+
+
+def parse_shard(text: str) -> Tuple[int, int]:
+    """``"K/N"`` -> ``(K, N)`` with ``1 <= K <= N``; :class:`InputError` otherwise."""
+    parts = str(text).strip().split("/")
+    try:
+        k, n = (int(p) for p in parts)
+    except ValueError:
+        raise InputError(f"--shard {text!r}: expected K/N with whole numbers, e.g. 3/10") from None
+    if not 1 <= k <= n:
+        raise InputError(f"--shard {text!r}: K must be between 1 and N (got K={k}, N={n})")
+    return k, n
+
+
+def select_shard(pairs: Sequence[Pair], k: int, n: int) -> List[Pair]:
+    """The pairs of shard ``k`` of ``n``: pair numbers ``k, k + n, k + 2n, ...`` (1-based).
+
+    Every pair belongs to exactly one shard, the shards' sizes differ by at most one, and a shard
+    depends only on the pairs file, so the jobs of a scheduler's array can each take one.
+    """
+    return [p for p in pairs if (p.number - 1) % n == k - 1]
+
+
+def outputs_exist(pair: Pair) -> bool:
+    """Whether every output of ``pair`` exists (outputs are written all together or not at all)."""
+    return all(path.exists() for path in pair.outputs.final_paths())
 
 
 def _column_name(raw: str) -> str:
@@ -287,7 +323,7 @@ def _one_line(err: BaseException) -> str:
 def register_pairs(pairs: Sequence[Pair], *, model: Union[str, Any] = "unigradicon", device: str = "auto",
                    batch_size: Optional[int] = None, precision: str = "float32",
                    stop_on_error: bool = False, options: Optional[Dict[str, Any]] = None,
-                   log: Log = lambda message: None,
+                   skip_existing: bool = False, log: Log = lambda message: None,
                    on_result: Optional[Callable[[PairResult], None]] = None) -> BatchSummary:
     """Register every pair with one loaded model.
 
@@ -301,6 +337,8 @@ def register_pairs(pairs: Sequence[Pair], *, model: Union[str, Any] = "unigradic
         stop_on_error: stop at the first pair that fails (pairs already running finish).
         options: keyword arguments of :func:`~itk_gradicon.registration_io.run_register` shared by
             every pair (modalities, instance optimisation, ...).
+        skip_existing: a pair whose outputs all exist is not registered again (a resumed run: outputs
+            are written all together or not at all, so existing outputs are complete).
         log: receives one-line messages.
         on_result: called after each pair.
 
@@ -351,6 +389,8 @@ def register_pairs(pairs: Sequence[Pair], *, model: Union[str, Any] = "unigradic
 
     def one(pair: Pair) -> PairResult:
         t = time.perf_counter()
+        if skip_existing and outputs_exist(pair):
+            return PairResult(pair, True, 0.0, "outputs exist", [], skipped=True)
         try:
             run_register(fixed=pair.fixed, moving=pair.moving, outputs=pair.outputs, model=loaded.name,
                          device=str(torch_device), log=lambda m: log(f"{pair.origin}: {m}"),
@@ -396,16 +436,59 @@ def register_pairs(pairs: Sequence[Pair], *, model: Union[str, Any] = "unigradic
     return BatchSummary(ordered, time.perf_counter() - start, batches)
 
 
+REPORT_HEADER = ["pair", "origin", "fixed", "moving", "status", "seconds", "message"]
+
+
 def write_report(summary: BatchSummary, path: Union[str, Path]) -> Path:
-    """Write one CSV row per pair (origin, fixed, moving, status, seconds, message), atomically."""
+    """Write one CSV row per pair (number, origin, fixed, moving, status ``ok``/``failed``/``skipped``,
+    seconds, message), atomically; the reports of several shards merge with :func:`merge_reports`."""
     from .imageio import atomic_output, check_output_path
 
     path = check_output_path(path, what="--report", suffixes=(".csv",))
     with atomic_output(path) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["pair", "origin", "fixed", "moving", "status", "seconds", "message"])
+            writer.writerow(REPORT_HEADER)
             for r in summary.results:
                 writer.writerow([r.pair.number, r.pair.origin, str(r.pair.fixed), str(r.pair.moving),
-                                 "ok" if r.ok else "failed", f"{r.seconds:.2f}", r.message])
+                                 r.status, f"{r.seconds:.2f}", r.message])
     return path
+
+
+def merge_reports(reports: Sequence[Union[str, Path]], path: Union[str, Path]) -> Tuple[Path, int]:
+    """Merge the reports of several shards into one, ordered by pair number; returns the path and rows.
+
+    Raises:
+        InputError: a file is missing or not a report, or two reports hold the same pair.
+    """
+    from .imageio import atomic_output, check_output_path
+
+    rows: Dict[int, List[str]] = {}
+    where: Dict[int, str] = {}
+    for report in reports:
+        report = Path(report)
+        if not report.is_file():
+            raise InputError(f"report '{report}' does not exist")
+        with open(report, newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if header != REPORT_HEADER:
+                raise InputError(f"'{report}' is not a register-batch report (header {header}; expected "
+                                 f"{','.join(REPORT_HEADER)})")
+            for line, row in enumerate(reader, start=2):
+                try:
+                    number = int(row[0])
+                except (ValueError, IndexError):
+                    raise InputError(f"'{report}' line {line}: no pair number") from None
+                if number in rows:
+                    raise InputError(f"pair {number} is in both '{where[number]}' and '{report}'; merge the "
+                                     "reports of distinct shards")
+                rows[number], where[number] = row, str(report)
+    path = check_output_path(path, what="--out", suffixes=(".csv",))
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(REPORT_HEADER)
+            for number in sorted(rows):
+                writer.writerow(rows[number])
+    return path, len(rows)

@@ -257,3 +257,89 @@ def test_batching_predictor_hands_errors_to_every_waiting_pair():
     for t in threads:
         t.join(timeout=60)
     assert errors == ["device lost", "device lost"]
+
+
+# ---- shards, resuming, reports ------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
+def test_shards_cover_the_pairs_exactly_once(cohort, n):
+    from itk_gradicon.batch import select_shard
+
+    rows = [(f"images/a_fixed.nii.gz", f"images/a_moving.nii.gz", f"out/{i}.h5", "") for i in range(10)]
+    pairs = read_pairs(write_csv(cohort / "pairs.csv", rows, header=("fixed", "moving", "out_transform",
+                                                                      "out_warped")))
+    shards = [select_shard(pairs, k, n) for k in range(1, n + 1)]
+    numbers = sorted(p.number for shard in shards for p in shard)
+    assert numbers == list(range(1, 11))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    assert select_shard(pairs, 1, n) == select_shard(read_pairs(cohort / "pairs.csv"), 1, n)  # deterministic
+
+
+@pytest.mark.parametrize("shard, message", [("0/3", "K must be between 1 and N"), ("4/3", "K must be between 1"),
+                                            ("a/b", "expected K/N"), ("3", "expected K/N")])
+def test_bad_shards_are_one_line_errors(cohort, tiny_model_file, shard, message):
+    write_csv(cohort / "pairs.csv", standard_rows())
+    result = invoke(["--pairs", str(cohort / "pairs.csv"), "--model", str(tiny_model_file), "--shard", shard])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert list((cohort / "out").iterdir()) == []
+
+
+def test_shards_with_reports_merge_into_one(cohort, tiny_model_file):
+    write_csv(cohort / "pairs.csv", standard_rows())
+    for k in (1, 2):
+        result = invoke(["--pairs", str(cohort / "pairs.csv"), "--model", str(tiny_model_file), "--shard", f"{k}/2",
+                         "--report", str(cohort / f"report_{k}.csv"), "--moving-modality", "mri",
+                         "--fixed-modality", "mri"])
+        assert result.exit_code == 0, result.output
+        assert f"(shard {k}/2 of 3 pairs)" in result.output
+    assert sorted(p.name for p in (cohort / "out").iterdir()) == sorted(
+        ["a.h5", "a_inv.nii.gz", "b.h5", "b_inv.nii.gz", "c.h5", "c_inv.nii.gz"])
+    merged = CliRunner().invoke(main, ["merge-reports", "--out", str(cohort / "report.csv"),
+                                       str(cohort / "report_2.csv"), str(cohort / "report_1.csv")])
+    assert merged.exit_code == 0, merged.output
+    with open(cohort / "report.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["pair"] for r in rows] == ["1", "2", "3"] and {r["status"] for r in rows} == {"ok"}
+    twice = CliRunner().invoke(main, ["merge-reports", "--out", str(cohort / "again.csv"),
+                                      str(cohort / "report_1.csv"), str(cohort / "report_1.csv")])
+    assert twice.exit_code == 2 and "pair 1 is in both" in twice.output
+    assert not (cohort / "again.csv").exists()
+
+
+def test_a_killed_run_resumed_with_skip_existing_finishes_the_rest(cohort, tiny_model_file, monkeypatch):
+    """A run killed during pair 2 leaves pair 1 complete and nothing of pair 2; --skip-existing then
+    registers pairs 2 and 3 only, and leaves pair 1's files untouched."""
+    import os
+
+    from itk_gradicon import registration_io
+
+    write_csv(cohort / "pairs.csv", standard_rows())
+    real = registration_io.write_register_outputs
+    calls = []
+
+    def killed_during_the_second(result, outputs, **kwargs):
+        calls.append(outputs.transform)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the kill arrives while pair 2 writes
+        return real(result, outputs, **kwargs)
+
+    monkeypatch.setattr(registration_io, "write_register_outputs", killed_during_the_second)
+    args = ["--pairs", str(cohort / "pairs.csv"), "--model", str(tiny_model_file), "--moving-modality", "mri",
+            "--fixed-modality", "mri"]
+    result = invoke(args)
+    assert result.exit_code != 0
+    assert sorted(p.name for p in (cohort / "out").iterdir()) == ["a.h5", "a_inv.nii.gz"]
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (cohort / "out").iterdir()}
+    monkeypatch.setattr(registration_io, "write_register_outputs", real)
+    resumed = invoke([*args, "--skip-existing", "--report", str(cohort / "report.csv")])
+    assert resumed.exit_code == 0, resumed.output
+    assert "skipped (outputs exist)" in resumed.output and "1 skipped" in resumed.output
+    assert "ETA" in resumed.output
+    assert sorted(p.name for p in (cohort / "out").iterdir()) == sorted(
+        ["a.h5", "a_inv.nii.gz", "b.h5", "b_inv.nii.gz", "c.h5", "c_inv.nii.gz"])
+    for name, (mtime, content) in before.items():
+        path = cohort / "out" / name
+        assert path.stat().st_mtime_ns == mtime and path.read_bytes() == content
+    with open(cohort / "report.csv", newline="") as fh:
+        assert [r["status"] for r in csv.DictReader(fh)] == ["skipped", "ok", "ok"]
+    assert not any(name.startswith(".gradicon-partial") for name in os.listdir(cohort / "out"))

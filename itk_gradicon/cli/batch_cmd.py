@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,10 +36,18 @@ SHARED_OPTIONS = ("fixed_modality", "moving_modality", "ct_window", "quantile_ra
               help="Stop at the first pair that fails (the default reports it and goes on).")
 @click.option("--report", type=click.Path(path_type=Path), metavar="CSV",
               help="Also write one row per pair (status, seconds, error message) to this CSV file.")
+@click.option("--shard", metavar="K/N", default=None,
+              help="Register only shard K of N: pairs K, K+N, K+2N, ... of the CSV file (every pair is in "
+                   "exactly one shard). For job arrays: one shard per job, e.g. --shard "
+                   "$((SLURM_ARRAY_TASK_ID + 1))/$SLURM_ARRAY_TASK_COUNT.")
+@click.option("--skip-existing", is_flag=True,
+              help="Do not register a pair whose outputs all exist already (resuming a killed run: a pair's "
+                   "outputs are written together or not at all, so existing ones are complete).")
 @device_option()
 @quiet_option()
 def register_batch(pairs: Path, model: str, batch_size: Optional[int], precision: str, stop_on_error: bool,
-                   report: Optional[Path], device: str, quiet: bool, **shared: Any) -> None:
+                   report: Optional[Path], shard: Optional[str], skip_existing: bool, device: str, quiet: bool,
+                   **shared: Any) -> None:
     """Register every pair listed in a CSV file, loading the model once.
 
     Each pair is registered as 'gradicon register' would register it (same options, same checks)
@@ -53,34 +62,85 @@ def register_batch(pairs: Path, model: str, batch_size: Optional[int], precision
     \b
       gradicon register-batch --pairs pairs.csv --report report.csv
     """
-    from ..batch import BatchError, read_pairs, register_pairs, write_report
+    from ..batch import BatchError, parse_shard, read_pairs, register_pairs, select_shard, write_report
     from ..imageio import check_output_path
 
     jobs = read_pairs(pairs)
+    listed = len(jobs)
+    if shard is not None:
+        k, n = parse_shard(shard)
+        jobs = select_shard(jobs, k, n)
     if report is not None:
         report = check_output_path(report, what="--report", suffixes=(".csv",))
     total = len(jobs)
-    info(f"{total} pair(s) from {pairs}", quiet=quiet)
+    info(f"{total} pair(s) from {pairs}" + (f" (shard {shard} of {listed} pairs)" if shard else ""), quiet=quiet)
+    progress = _Progress(total)
 
     def on_result(result) -> None:
-        status = (f"ok in {format_seconds(result.seconds)}" if result.ok else f"failed: {result.message}")
-        info(f"[{result.pair.number}/{total}] {result.pair.origin}: {status}", quiet=quiet and result.ok)
+        if result.skipped:
+            status = "skipped (outputs exist)"
+        else:
+            status = f"ok in {format_seconds(result.seconds)}" if result.ok else f"failed: {result.message}"
+        info(f"[{progress.add(result)}/{total}] {result.pair.origin}: {status}{progress.eta()}",
+             quiet=quiet and result.ok)
 
     summary = register_pairs(jobs, model=model, device=device, batch_size=batch_size, precision=precision,
-                             stop_on_error=stop_on_error, options=shared,
+                             stop_on_error=stop_on_error, options=shared, skip_existing=skip_existing,
                              log=lambda message: info(message, quiet=quiet), on_result=on_result)
     if report is not None:
         write_report(summary, report)
-    done = len(summary.results) - len(summary.failed)
+    skipped = len(summary.skipped)
+    done = len(summary.results) - len(summary.failed) - skipped
     info(f"{done} of {total} pair(s) registered in {format_seconds(summary.seconds)} "
-         f"({summary.pairs_per_second * 60:.1f} pairs/min)", quiet=quiet)
+         f"({summary.pairs_per_second * 60:.1f} pairs/min)" + (f", {skipped} skipped (outputs exist)" if skipped
+                                                                else ""), quiet=quiet)
     if summary.failed or len(summary.results) < total:
-        skipped = total - len(summary.results)
+        not_started = total - len(summary.results)
         raise BatchError(f"{len(summary.failed)} of {total} pair(s) failed"
-                         + (f", {skipped} not started (--stop-on-error)" if skipped else "")
+                         + (f", {not_started} not started (--stop-on-error)" if not_started else "")
                          + f"; first: {summary.failed[0].pair.origin}: {summary.failed[0].message}")
+
+
+class _Progress:
+    """Counts finished pairs and estimates the time left from the pairs registered so far."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.finished = 0
+        self.start = time.perf_counter()
+        self.registered = 0
+
+    def add(self, result) -> int:
+        self.finished += 1
+        if not result.skipped:
+            self.registered += 1
+        return self.finished
+
+    def eta(self) -> str:
+        left = self.total - self.finished
+        if left <= 0 or self.registered == 0:
+            return ""
+        per_pair = (time.perf_counter() - self.start) / self.registered
+        return f" (ETA {format_seconds(per_pair * left)})"
+
+
+@click.command("merge-reports")
+@click.option("--out", required=True, type=click.Path(path_type=Path), metavar="CSV",
+              help="The merged report.")
+@click.argument("reports", nargs=-1, required=True, type=click.Path(path_type=Path))
+@quiet_option()
+def merge_reports_command(out: Path, reports, quiet: bool) -> None:
+    """Merge the --report files of register-batch shards into one report, ordered by pair.
+
+    \b
+      gradicon merge-reports --out report.csv reports/shard_*.csv
+    """
+    from ..batch import merge_reports
+
+    path, rows = merge_reports(reports, out)
+    info(f"{rows} pair(s) from {len(reports)} report(s): {path}", quiet=quiet)
 
 
 register_batch.params.extend(p for p in _register_command.params if p.name in SHARED_OPTIONS)
 
-COMMANDS = [register_batch]
+COMMANDS = [register_batch, merge_reports_command]
