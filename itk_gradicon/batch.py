@@ -366,6 +366,9 @@ def register_pairs(pairs: Sequence[Pair], *, model: Union[str, Any] = "unigradic
         raise InputError(f"--batch-size must be >= 1, not {batch_size}")
     loaded = model if isinstance(model, Model) else load_model(model)
     io = int(options.get("io_iterations", 0) or 0) > 0
+    if io and batch_size > 1:
+        log(f"note: --batch-size {batch_size} applies to prediction only; with instance optimisation every pair "
+            "is registered on its own")
     batching = batch_size > 1 and not io
     workers = min(batch_size, len(pairs)) if batching else 1
     batcher = BatchingPredictor(batch_size, workers, precision) if batching else None

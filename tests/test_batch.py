@@ -183,6 +183,7 @@ def test_register_batch_with_instance_optimisation(cohort, tiny_model_file):
                      "--io-iterations", "2", "--seed", "3", "--batch-size", "2"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (cohort / "out").iterdir()) == ["a.h5", "a_inv.nii.gz", "b.h5", "b_inv.nii.gz"]
+    assert "note: --batch-size 2 applies to prediction only" in result.output
 
 
 # ---- batching several pairs through the network ------------------------------------------------
