@@ -132,17 +132,15 @@ def resolve_device(name: str) -> torch.device:
     raise DeviceError(f"unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N")
 
 
-def available_memory_bytes(device: torch.device) -> Tuple[int, str]:
-    """Free memory on ``device`` and where it was read."""
+def available_memory_bytes(device: torch.device) -> Tuple[Optional[int], str]:
+    """Free memory on ``device`` and where it was read (``None`` when the platform cannot tell; see
+    :func:`itk_gradicon.resources.available_host_memory`)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free), f"GPU {device}"
-    try:
-        with open("/proc/meminfo") as fh:
-            info = dict(line.split(":", 1) for line in fh)
-        return int(info["MemAvailable"].split()[0]) * 1024, "RAM (MemAvailable)"
-    except (OSError, KeyError, ValueError):
-        return 1 << 62, "RAM (unknown)"
+    from .resources import available_host_memory
+
+    return available_host_memory()
 
 
 def estimate_memory(fixed_voxels: int, moving_voxels: int, dimension: int, network_shape: Sequence[int], *,
@@ -203,6 +201,8 @@ def check_memory(estimate: Dict[str, int], device: torch.device) -> None:
     else:
         needed_host = estimate["host"] + estimate["network"]
     free, where = available_memory_bytes(torch.device("cpu"))
+    if free is None:  # the platform cannot tell: nothing to compare with (the work may still fit)
+        return
     if needed_host > free:
         raise ResourceError(f"images too large for the available memory: this registration needs about "
                             f"{needed_host / gib:.1f} GiB, {where} reports {free / gib:.1f} GiB free")

@@ -22,7 +22,7 @@ import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.reference]
 
-TOLERANCE_MM = 0.01
+TOLERANCE_MM = 7e-4  # measured: 5-7e-5 mm against unigradicon-register with the same weights
 
 
 def _reference_command():
