@@ -69,14 +69,13 @@ class PreparedMap:
         classes: ``int16`` tensor in network axis order (native resolution, cropped to the head),
             index into ``labels``.
         labels: label value of every class index.
-        brain_box, head_box: ``(low, high)`` per network axis in normalised coordinates ``[-1, 1]``
-            (``align_corners=True``) of the brain's and the head's bounding boxes.
+        brain_box: ``(low, high)`` per network axis in normalised coordinates ``[-1, 1]``
+            (``align_corners=True``) of the brain's box (see :func:`_box`).
     """
 
     classes: torch.Tensor
     labels: np.ndarray
     brain_box: np.ndarray
-    head_box: np.ndarray
 
 
 def read_label_values(path: Path, *, what: str, dimension: int) -> Tuple[np.ndarray, ImageGrid]:
@@ -182,7 +181,7 @@ def prepare_label_map(entry: LabelMapEntry, layout_axes: np.ndarray, brain_label
     brain = (laid_out >= low) & (laid_out <= high)
     if not brain.any():
         brain = head
-    return PreparedMap(torch.from_numpy(classes), labels.astype(np.int64), _box(brain), _box(head))
+    return PreparedMap(torch.from_numpy(classes), labels.astype(np.int64), _box(brain))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -351,11 +350,11 @@ class Synthesizer:
         control = int(rng.integers(3, 9))
         fields = smooth_noise(rng, self.shape, control, channels=count)
         base = torch.argmax(fields, dim=0) + 1
-        prepared = PreparedMap((base - 1).to(torch.int16), np.arange(1, count + 1, dtype=np.int64),
-                               np.tile([-1.0, 1.0], (len(self.shape), 1)), np.tile([-1.0, 1.0], (len(self.shape), 1)))
+        whole = np.tile([-1.0, 1.0], (len(self.shape), 1))
+        prepared = PreparedMap((base - 1).to(torch.int16), np.arange(1, count + 1, dtype=np.int64), whole)
         out = []
         for _ in range(2):
-            coords = self._coordinates(rng, prepared.head_box, 0.0)
+            coords = self._coordinates(rng, prepared.brain_box, 0.0)
             classes = self._sample_nearest(prepared.classes, coords)
             labels = torch.where(classes >= 0, classes.to(torch.int64) + 1, torch.zeros_like(classes))
             out.append(Subject(labels, labels > 0))
