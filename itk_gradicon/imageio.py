@@ -274,7 +274,7 @@ class ImageHeader:
     @property
     def grid(self):
         """The :class:`~itk_gradicon.geometry.ImageGrid` the header describes (validated)."""
-        from .geometry import ImageGrid
+        from .grid import ImageGrid
 
         grid = ImageGrid(size=self.size, spacing=self.spacing, origin=self.origin, direction=self.direction)
         grid.validate()
@@ -283,6 +283,28 @@ class ImageHeader:
     @property
     def num_voxels(self) -> int:
         return int(np.prod(self.size, dtype=np.int64))
+
+
+def not_an_image_error(path: PathLike, what: str) -> InputError:
+    """The error for a file that no image reader recognises."""
+    return InputError(f"{what} '{path}' is not an image file ITK can read (no image reader recognises "
+                      f"its content; known endings include {', '.join(IMAGE_SUFFIXES[:6])})")
+
+
+def unreadable_header_error(path: PathLike, what: str, err: BaseException) -> InputError:
+    """The error for an image file whose header a reader recognised but could not read."""
+    return InputError(f"{what} '{path}' could not be read as an image: {short_error_message(err)}")
+
+
+def check_resample_headers(input_header: "ImageHeader", reference_header: "ImageHeader") -> None:
+    """Refuse, from the headers, an ``--input`` that is not scalar or not of ``--reference``'s dimension."""
+    if input_header.components != 1:
+        raise InputError(f"--input '{input_header.path}' has {input_header.components} components per voxel; "
+                         "only scalar images are resampled (split vector images into components first)")
+    if input_header.dimension != reference_header.dimension:
+        raise InputError(f"--input '{input_header.path}' is {input_header.dimension}-D and "
+                         f"--reference '{reference_header.path}' is {reference_header.dimension}-D; "
+                         "they must match")
 
 
 def read_image_header(path: PathLike, *, what: str = "image") -> ImageHeader:
@@ -302,13 +324,12 @@ def read_image_header(path: PathLike, *, what: str = "image") -> ImageHeader:
     p = _check_readable_file(path, what)
     io = itk.ImageIOFactory.CreateImageIO(str(p), itk.CommonEnums.IOFileMode_ReadMode)
     if io is None:
-        raise InputError(f"{what} '{path}' is not an image file ITK can read (no image reader recognises "
-                         f"its content; known endings include {', '.join(IMAGE_SUFFIXES[:6])})")
+        raise not_an_image_error(path, what)
     io.SetFileName(str(p))
     try:
         io.ReadImageInformation()
     except (RuntimeError, OSError) as err:
-        raise InputError(f"{what} '{path}' could not be read as an image: {short_error_message(err)}") from err
+        raise unreadable_header_error(path, what, err) from err
     d = int(io.GetNumberOfDimensions())
     # io.GetDirection(a) is the WORLD direction of index axis a: column a of the direction matrix
     columns = [tuple(float(v) for v in io.GetDirection(a))[:d] for a in range(d)]
@@ -447,13 +468,33 @@ def short_error_message(err: BaseException) -> str:
     return text.splitlines()[-1] if text else type(err).__name__
 
 
+def _is_simpleitk(image) -> bool:
+    return type(image).__module__.startswith("SimpleITK")
+
+
 def pixel_components(image) -> int:
     """Number of components per pixel (1 for scalar images)."""
     return int(image.GetNumberOfComponentsPerPixel())
 
 
 def image_dimension(image) -> int:
-    return int(image.GetImageDimension())
+    """The dimension of an ``itk.Image`` or a ``SimpleITK.Image``."""
+    return int(image.GetDimension() if _is_simpleitk(image) else image.GetImageDimension())
+
+
+def image_size(image) -> Tuple[int, ...]:
+    """Voxels along each index axis of an ``itk.Image`` or a ``SimpleITK.Image``."""
+    size = image.GetSize() if _is_simpleitk(image) else image.GetLargestPossibleRegion().GetSize()
+    return tuple(int(s) for s in size)
+
+
+def image_array(image) -> np.ndarray:
+    """A numpy view (ARRAY order) of an ``itk.Image`` or a ``SimpleITK.Image``'s voxels."""
+    if _is_simpleitk(image):
+        import SimpleITK as sitk
+
+        return sitk.GetArrayViewFromImage(image)
+    return _itk().array_view_from_image(image)
 
 
 def read_image(path: PathLike, *, what: str = "image", dimension: Optional[int] = None,
@@ -526,7 +567,7 @@ def read_label_image(path: PathLike, *, what: str = "label map", dimension: Opti
 
 def _check_grid(image, what: str) -> None:
     """Refuse grids ITK can hold but no registration can use (zero spacing, singular direction)."""
-    from .geometry import ImageGrid
+    from .grid import ImageGrid
 
     try:
         ImageGrid.from_image(image)
@@ -559,7 +600,7 @@ def cast_image(image, pixel_type):
 
 def same_grid(a, b, *, tolerance: float = 1e-4) -> bool:
     """Whether two images share size, origin, spacing and direction (see :meth:`ImageGrid.matches`)."""
-    from .geometry import ImageGrid
+    from .grid import ImageGrid
 
     if image_dimension(a) != image_dimension(b):
         return False
@@ -568,7 +609,7 @@ def same_grid(a, b, *, tolerance: float = 1e-4) -> bool:
 
 def describe_grid(image) -> str:
     """A one-line description of an image grid for error messages."""
-    size = tuple(int(s) for s in image.GetLargestPossibleRegion().GetSize())
+    size = image_size(image)
     spacing = tuple(round(float(s), 4) for s in image.GetSpacing())
     origin = tuple(round(float(s), 3) for s in image.GetOrigin())
     return f"size {size}, spacing {spacing}, origin {origin}"

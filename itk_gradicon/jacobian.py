@@ -36,12 +36,33 @@ from typing import Dict, Optional
 import numpy as np
 
 from .errors import InputError
-from .geometry import ImageGrid
+from .grid import ImageGrid
+from .resources import for_each_slab
 
 #: ANTs' floor of the determinant before a log.
 LOG_FLOOR = 1e-3
-#: voxels per slab of the computation (bounds memory to a few hundred MB).
-_CHUNK_VOXELS = 2_000_000
+#: voxels per slab of the computation (bounds memory to about 100 MB; smaller slabs stay in cache).
+_CHUNK_VOXELS = 250_000
+
+
+def _difference(values: np.ndarray, axis: int, out: np.ndarray) -> None:
+    """``np.gradient(values, axis=axis, edge_order=1)`` (unit spacing) written into ``out``, value for value:
+    central differences ``(f[i+1] - f[i-1]) / 2`` inside, one-sided ``f[1] - f[0]`` and
+    ``f[n-1] - f[n-2]`` at the ends (one point along the axis: 0)."""
+    n = values.shape[axis]
+
+    def at(index):
+        key = [slice(None)] * values.ndim
+        key[axis] = index
+        return tuple(key)
+
+    if n < 2:
+        out[...] = 0.0
+        return
+    np.subtract(values[at(slice(2, None))], values[at(slice(None, -2))], out=out[at(slice(1, -1))])
+    out[at(slice(1, -1))] /= 2.0
+    np.subtract(values[at(1)], values[at(0)], out=out[at(0)])
+    np.subtract(values[at(n - 1)], values[at(n - 2)], out=out[at(n - 1)])
 
 
 def determinant_of_displacement(displacement: np.ndarray, grid: ImageGrid) -> np.ndarray:
@@ -63,19 +84,20 @@ def determinant_of_displacement(displacement: np.ndarray, grid: ImageGrid) -> np
     index_per_world = grid.world_to_index()[:d, :d]  # d index / d world = diag(1/s) D^T
     rows_total = grid.array_shape[0]
     per_row = int(np.prod(grid.array_shape[1:])) if d > 1 else 1
-    rows_per_chunk = max(1, _CHUNK_VOXELS // max(per_row, 1))
     out = np.empty(grid.array_shape, dtype=np.float64)
-    for start in range(0, rows_total, rows_per_chunk):
-        stop = min(start + rows_per_chunk, rows_total)
+
+    def slab(rows: slice) -> None:
+        start, stop = rows.start, rows.stop
         lo, hi = max(start - 1, 0), min(stop + 1, rows_total)  # one row of halo for the differences
         block = np.asarray(displacement[lo:hi], dtype=np.float64)
-        # du/d(index a): index axis a is ARRAY axis d-1-a
-        grads = []
-        for a in range(d):
-            grads.append(np.gradient(block, axis=d - 1 - a, edge_order=1))
-        du_dindex = np.stack(grads, axis=-1)[start - lo:start - lo + (stop - start)]  # [..., comp, a]
-        jac = du_dindex @ index_per_world + np.eye(d)
+        du_dindex = np.empty(block.shape + (d,), dtype=np.float64)  # [..., comp, a]
+        for a in range(d):  # du/d(index a): index axis a is ARRAY axis d-1-a
+            _difference(block, d - 1 - a, du_dindex[..., a])
+        jac = du_dindex[start - lo:start - lo + (stop - start)] @ index_per_world + np.eye(d)
         out[start:stop] = np.linalg.det(jac)
+
+    # one thread: numpy's determinant holds the interpreter lock, and two threads measured slower
+    for_each_slab(rows_total, max(1, _CHUNK_VOXELS // max(per_row, 1)), slab, threads=1)
     return out
 
 

@@ -56,7 +56,7 @@ def _check_scalar(image, what: str) -> None:
                          "resampled (split vector images into components first)")
 
 
-def _check_default(default_value: float, dtype: np.dtype) -> float:
+def check_default_value(default_value: float, dtype: np.dtype) -> float:
     """The default value as the output type will hold it; refuse values the type cannot hold."""
     if not np.isfinite(default_value) and np.issubdtype(dtype, np.integer):
         raise InputError(f"default value {default_value} cannot be stored in an image of {dtype} voxels")
@@ -104,7 +104,7 @@ def resample_image(image, reference, transform, *, interpolation: str = "linear"
     check_interpolation(interpolation)
     _check_scalar(image, "the image to resample")
     dtype = _array_of(image).dtype
-    default_value = _check_default(default_value, dtype)
+    default_value = check_default_value(default_value, dtype)
     if interpolation == "label":
         return resample_labels(image, reference, transform, default_value=default_value)
     if interpolation == "nearest":
@@ -136,7 +136,7 @@ def _as_dtype(image, dtype: np.dtype):
     return out
 
 
-def _check_label_values(array: np.ndarray, what: str) -> None:
+def check_label_values(array: np.ndarray, what: str) -> None:
     if np.issubdtype(array.dtype, np.floating):
         if not np.all(np.isfinite(array)):
             raise InputError(f"{what} has NaN or infinite values; a label map holds integers")
@@ -168,16 +168,37 @@ def resample_labels(labels, reference, transform, *, default_value: float = 0.0)
     """
     import itk
 
-    from .geometry import ImageGrid, apply_affine
+    from .grid import ImageGrid
     from .transforms import sample_transform
 
     _check_scalar(labels, "the label map to resample")
     array = np.asarray(_array_of(labels))
-    _check_label_values(array, "the label map to resample")
-    default_value = _check_default(default_value, array.dtype)
-    in_grid = ImageGrid.from_image(labels)
+    check_label_values(array, "the label map to resample")
+    default_value = check_default_value(default_value, array.dtype)
     out_grid = ImageGrid.from_image(reference)
-    displacement = sample_transform(transform, out_grid).array
+    out = resample_label_array(array, ImageGrid.from_image(labels), out_grid,
+                               sample_transform(transform, out_grid).array, default_value)
+    image = itk.image_from_array(np.ascontiguousarray(out))
+    out_grid.apply_to(image)
+    return image
+
+
+def resample_label_array(array: np.ndarray, in_grid, out_grid, displacement: np.ndarray,
+                         default_value: float) -> np.ndarray:
+    """The label-map arithmetic of :func:`resample_labels` on arrays.
+
+    Args:
+        array: the label map's voxels (ARRAY order) on ``in_grid``.
+        in_grid, out_grid: :class:`~itk_gradicon.grid.ImageGrid` of the input and of the output.
+        displacement: ``T(p) - p`` (WORLD, mm) at every voxel centre ``p`` of ``out_grid``.
+        default_value: label of points outside the input.
+
+    Returns:
+        The output labels, ``out_grid.array_shape``, the input's dtype.
+    """
+    from .grid import apply_affine
+    from .resources import for_each_slab
+
     world_to_index = in_grid.world_to_index()
     d = out_grid.dimension
     size = np.asarray(in_grid.size)
@@ -189,14 +210,14 @@ def resample_labels(labels, reference, transform, *, default_value: float = 0.0)
     per_row = int(np.prod(out_grid.array_shape[1:])) if d > 1 else 1
     rows_per_chunk = max(1, _LABEL_CHUNK_VOXELS // max(per_row, 1))
     corners = np.array(np.meshgrid(*[[0, 1]] * d, indexing="ij")).reshape(d, -1).T  # (2^d, d)
-    for start in range(0, rows_total, rows_per_chunk):
-        rows = slice(start, min(start + rows_per_chunk, rows_total))
+
+    def slab(rows: slice) -> None:
         points = out_grid.world_points(rows) + displacement[rows]
         cindex = apply_affine(world_to_index, points).reshape(-1, d)
         out[rows] = _generic_label(cindex, flat, size, strides, corners, default_value).reshape(out[rows].shape)
-    image = itk.image_from_array(np.ascontiguousarray(out))
-    out_grid.apply_to(image)
-    return image
+
+    for_each_slab(rows_total, rows_per_chunk, slab)
+    return out
 
 
 def _generic_label(cindex: np.ndarray, flat: np.ndarray, size: np.ndarray, strides: np.ndarray,
@@ -206,26 +227,38 @@ def _generic_label(cindex: np.ndarray, flat: np.ndarray, size: np.ndarray, strid
     Most points have one label at all their neighbours and take it at once; only the others
     weigh their neighbours.
     """
-    inside = np.all((cindex >= -0.5) & (cindex < size - 0.5), axis=1)
-    base = np.floor(cindex)
-    frac = cindex - base
-    base = base.astype(np.int64)
-    low = np.clip(base, 0, size - 1) * strides  # ITK's linear interpolator repeats the edge voxel
-    high = np.clip(base + 1, 0, size - 1) * strides
-    votes = np.empty((cindex.shape[0], len(corners)), dtype=flat.dtype)
+    n, d = cindex.shape
+    columns = np.ascontiguousarray(cindex.T)  # one contiguous row per axis: the loops below stream
+    inside = np.ones(n, dtype=bool)
+    low, high = [], []
+    for a in range(d):
+        inside &= (columns[a] >= -0.5) & (columns[a] < size[a] - 0.5)
+        base = np.floor(columns[a]).astype(np.int64)
+        # ITK's linear interpolator repeats the edge voxel
+        low.append(np.clip(base, 0, size[a] - 1) * strides[a])
+        high.append(np.clip(base + 1, 0, size[a] - 1) * strides[a])
+    by_corner = np.empty((len(corners), n), dtype=flat.dtype)  # the label at each neighbour
     for c, corner in enumerate(corners):
-        votes[:, c] = flat[np.where(corner == 1, high, low).sum(axis=1)]
-    chosen = votes[:, 0].copy()
-    mixed = np.flatnonzero(~np.all(votes == votes[:, :1], axis=1))
+        offset = (high[0] if corner[0] else low[0]).copy()
+        for a in range(1, d):
+            offset += high[a] if corner[a] else low[a]
+        by_corner[c] = flat.take(offset)
+    chosen = by_corner[0].copy()
+    uniform = np.ones(n, dtype=bool)
+    for c in range(1, len(corners)):
+        uniform &= by_corner[c] == chosen
+    mixed = np.flatnonzero(~uniform)
     if mixed.size:
-        votes, frac = votes[mixed], frac[mixed]
-        weights = np.stack([np.prod(np.where(corner == 1, frac, 1.0 - frac), axis=1) for corner in corners], axis=1)
+        votes = by_corner[:, mixed].T
+        frac = cindex[mixed] - np.floor(cindex[mixed])
+        weights = np.stack([np.prod(np.where(corner == 1, frac, 1.0 - frac), axis=1) for corner in corners])
         totals = weights.copy()  # total weight of each neighbour's label among the neighbours
         for c in range(len(corners)):
             for c2 in range(c + 1, len(corners)):
-                same = votes[:, c] == votes[:, c2]
-                totals[same, c] += weights[same, c2]
-                totals[same, c2] += weights[same, c]
+                same = by_corner[c, mixed] == by_corner[c2, mixed]
+                totals[c] += np.where(same, weights[c2], 0.0)  # adding 0 elsewhere leaves the sums exact
+                totals[c2] += np.where(same, weights[c], 0.0)
+        totals = totals.T
         best = totals.max(axis=1, keepdims=True)
         candidates = np.where(totals >= best - 1e-9, votes, _largest(flat.dtype))
         chosen[mixed] = candidates.min(axis=1)

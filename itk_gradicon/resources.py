@@ -23,7 +23,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -156,3 +156,39 @@ def available_host_memory() -> Tuple[Optional[int], str]:
         if found is not None:
             return found
     return None, f"RAM (no query of free memory works on {sys.platform})"
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def for_each_slab(rows_total: int, rows_per_slab: int, work: Callable[[slice], None], *,
+                  threads: Optional[int] = None) -> None:
+    """Run ``work(rows)`` for consecutive slabs ``rows`` of ``range(rows_total)`` on a few threads.
+
+    The slabs are independent and each writes its own part of a preallocated output, so the result
+    does not depend on the number of threads; numpy releases the interpreter lock in the large array
+    operations, which therefore run in parallel. Memory grows with the number of threads (one slab
+    each). An exception in any slab is raised here.
+
+    Args:
+        rows_total: rows to cover.
+        rows_per_slab: rows per call of ``work``.
+        work: the computation of one slab.
+        threads: default :func:`usable_cores`, at most 4.
+    """
+    slabs = [slice(start, min(start + rows_per_slab, rows_total)) for start in range(0, rows_total, rows_per_slab)]
+    threads = min(threads or min(usable_cores(), 4), len(slabs))
+    if threads <= 1:
+        for rows in slabs:
+            work(rows)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gradicon-slab") as pool:
+        for future in [pool.submit(work, rows) for rows in slabs]:
+            future.result()

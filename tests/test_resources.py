@@ -61,3 +61,31 @@ def test_a_platform_without_a_query_skips_the_check(monkeypatch):
 
     monkeypatch.setattr(registration, "available_memory_bytes", lambda device: (None, "RAM (unknown)"))
     registration.check_memory({"network": 1 << 50, "host": 1 << 50}, torch.device("cpu"))  # no error
+
+
+def test_for_each_slab_covers_every_row_once_whatever_the_threads():
+    import numpy as np
+
+    from itk_gradicon.resources import for_each_slab
+
+    for threads in (1, 2, 3):
+        seen = np.zeros(103, dtype=int)
+
+        def work(rows, seen=seen):
+            seen[rows] += 1
+
+        for_each_slab(103, 10, work, threads=threads)
+        assert np.all(seen == 1)
+
+
+def test_for_each_slab_raises_the_error_of_a_slab():
+    import pytest
+
+    from itk_gradicon.resources import for_each_slab
+
+    def work(rows):
+        if rows.start == 20:
+            raise ValueError("slab 20")
+
+    with pytest.raises(ValueError, match="slab 20"):
+        for_each_slab(50, 10, work, threads=2)

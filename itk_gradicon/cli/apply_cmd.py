@@ -30,41 +30,15 @@ def transform_option(required: bool = True):
 
 def _resample_files(input_path: Path, reference_path: Path, transforms: Sequence[str], output: Path,
                     *, interpolation: str, default_value: float, labels: bool, quiet: bool) -> None:
-    """Read, check, resample, write (atomically); the shared body of both commands."""
-    import itk
+    """The shared body of both commands: :func:`itk_gradicon.files.apply_transform_file`, then a report."""
+    from ..files import apply_transform_file
 
-    from ..errors import InputError
-    from ..imageio import IMAGE_SUFFIXES, OutputTransaction, check_output_path, read_image_header, read_itk_image
-    from ..resample import check_interpolation, label_set, resample_image, resample_labels
-    from ..transforms import compose_transforms
-
-    # everything that headers and transform files can tell is checked before any pixel is read
-    check_interpolation(interpolation)
-    output = check_output_path(output, what="--output", suffixes=IMAGE_SUFFIXES)
-    input_header = read_image_header(input_path, what="--input")
-    reference_header = read_image_header(reference_path, what="--reference")
-    if input_header.components != 1:
-        raise InputError(f"--input '{input_path}' has {input_header.components} components per voxel; "
-                         "only scalar images are resampled (split vector images into components first)")
-    d = reference_header.dimension
-    if input_header.dimension != d:
-        raise InputError(f"--input '{input_path}' is {input_header.dimension}-D and "
-                         f"--reference '{reference_path}' is {d}-D; they must match")
-    transform = compose_transforms(list(transforms), dimension=d)
-    image = read_itk_image(input_path, "--input")
-    reference = read_itk_image(reference_path, "--reference")
-    if labels:
-        warped = resample_labels(image, reference, transform, default_value=default_value)
-    else:
-        warped = resample_image(image, reference, transform, interpolation=interpolation,
-                                default_value=default_value)
-    with OutputTransaction() as out:
-        itk.imwrite(warped, str(out.path(output)), compression=True)
-    info(f"wrote {output}", quiet=quiet)
-    if labels or interpolation == "label":
-        before, after = set(label_set(image).tolist()), set(label_set(warped).tolist())
-        lost = sorted(before - after)
-        info(f"labels: {len(before)} in the input, {len(after)} in the output"
+    done = apply_transform_file(input_path, reference_path, transforms, output, interpolation=interpolation,
+                                default_value=default_value, labels=labels)
+    info(f"wrote {done.output}", quiet=quiet)
+    if done.labels_in is not None:
+        lost = done.lost_labels
+        info(f"labels: {len(done.labels_in)} in the input, {len(done.labels_out)} in the output"
              + (f"; lost (too small to survive resampling): {lost[:20]}{' ...' if len(lost) > 20 else ''}"
                 if lost else ""), quiet=quiet)
 

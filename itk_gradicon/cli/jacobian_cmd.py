@@ -38,51 +38,14 @@ def jacobian(transforms: Sequence[str], reference: Optional[Path], output: Optio
     Example:
       gradicon jacobian -t moving_to_fixed.h5 -r fixed.nii.gz -o jacobian.nii.gz --summary-json jac.json
     """
-    import itk
+    from ..files import jacobian_file
 
-    from ..errors import InputError
-    from ..imageio import IMAGE_SUFFIXES, OutputTransaction, check_output_path, read_itk_image
-    from ..jacobian import jacobian_image, jacobian_summary
-    from ..transforms import compose_transforms
-
-    if output is not None:
-        output = check_output_path(output, what="--output", suffixes=IMAGE_SUFFIXES)
-    if summary_json is not None:
-        summary_json = check_output_path(summary_json, what="--summary-json", suffixes=(".json",))
-    if output is not None and summary_json is not None and output == summary_json:
-        raise InputError("--output and --summary-json name the same file")
-    if reference is not None:
-        reference_image = read_itk_image(reference, "--reference")
-        transform = compose_transforms(list(transforms), dimension=int(reference_image.GetImageDimension()))
-    else:
-        transform = compose_transforms(list(transforms))
-        reference_image = _first_field_image(transform)
-        if reference_image is None:
-            raise InputError("no displacement field among the transforms to take the grid from; give "
-                             "--reference (the fixed image)")
-    image, det = jacobian_image(transform, reference_image, log=log_output)
-    summary = {"transforms": [str(t) for t in transforms], **jacobian_summary(det)}
-    text = json.dumps(summary, indent=2)
-    with OutputTransaction() as out:
-        if output is not None:
-            itk.imwrite(image, str(out.path(output)), compression=True)
-        if summary_json is not None:
-            out.path(summary_json).write_text(text + "\n")
-    click.echo(text)
+    summary = jacobian_file(list(transforms), reference=reference, output=output, summary_json=summary_json,
+                            log=log_output)
+    click.echo(json.dumps(summary, indent=2))
     for path in (output, summary_json):
         if path is not None:
-            info(f"wrote {path}", quiet=quiet)
-
-
-def _first_field_image(transform):
-    """The displacement-field image of the first field in a composite (the one nearest the fixed
-    space), or ``None``."""
-    from ..transforms import transform_parts
-
-    for part in reversed(transform_parts(transform)):
-        if hasattr(part, "GetDisplacementField"):
-            return part.GetDisplacementField()
-    return None
+            info(f"wrote {Path(path).expanduser().absolute()}", quiet=quiet)
 
 
 COMMANDS = [jacobian]

@@ -1,0 +1,488 @@
+"""The file commands as library functions: warp an image or a label map, a transform's Jacobian, an
+evaluation, from files to files, through SimpleITK.
+
+``gradicon apply-transform``, ``warp-labels``, ``jacobian`` and ``evaluate`` are these functions; they
+are usable from Python as they are::
+
+    from itk_gradicon.files import apply_transform_file
+    apply_transform_file("moving.nii.gz", "fixed.nii.gz", ["moving_to_fixed.h5"], "warped.nii.gz")
+
+Why SimpleITK here, and ITK Python elsewhere: both run the same ITK C++ filters (ITK 5.4's
+``ResampleImageFilter``, interpolators, transforms, NIfTI and HDF5 readers and writers), so the values
+are the same to the bit (``tests/test_files.py`` compares every interpolation and transform kind with
+the ITK Python functions of :mod:`itk_gradicon.resample` and :mod:`itk_gradicon.jacobian`). But
+SimpleITK is one library that loads in a quarter of a second, where ITK Python loads its wrapped
+modules one by one: reading one HDF5 transform loads the modules of every filter the displacement-field
+module depends on, about 15 s of a 20 s command on 2 cores. In-memory work on ``itk.Image`` objects
+(``itk_gradicon.register`` and friends) stays with ITK Python.
+
+Conventions are those of the ITK Python functions: transforms map reference (fixed) points to input
+(moving) points and compose as ``antsApplyTransforms -t`` (see :mod:`itk_gradicon.transform_specs`);
+outputs are written all-or-nothing through :class:`~itk_gradicon.imageio.OutputTransaction`.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from .errors import InputError
+from .grid import ImageGrid
+from .imageio import (IMAGE_SUFFIXES, ImageHeader, OutputTransaction, check_nifti_complete, check_output_path,
+                      check_resample_headers, not_an_image_error, short_error_message, unreadable_header_error)
+from .resample import (INTERPOLATIONS, check_default_value, check_interpolation, check_label_values,
+                       resample_label_array)
+from .transform_specs import TransformSpec, elastix_field_path, inverse_hint, transform_file_kind
+
+PathLike = Union[str, Path]
+TransformName = Union[str, Path, TransformSpec]
+
+
+def _sitk():
+    import SimpleITK as sitk  # imported on first use: importing the package stays instant
+
+    return sitk
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+def _readable(path: PathLike, what: str) -> Path:
+    from .imageio import _check_readable_file
+
+    return _check_readable_file(path, what)
+
+
+def read_header(path: PathLike, *, what: str = "image") -> ImageHeader:
+    """An image file's header (dimension, size, components, geometry) without its pixels.
+
+    Raises:
+        InputError: the file is missing, unreadable, or not an image ITK recognises (the messages of
+            :func:`itk_gradicon.imageio.read_image_header`).
+    """
+    sitk = _sitk()
+    p = _readable(path, what)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        if "Unable to determine ImageIO reader" in str(err):
+            raise not_an_image_error(path, what) from None
+        raise unreadable_header_error(path, what, err) from err
+    d = int(reader.GetDimension())
+    return ImageHeader(path=p, dimension=d, size=tuple(int(s) for s in reader.GetSize()),
+                       components=int(reader.GetNumberOfComponents()),
+                       component_type=sitk.GetPixelIDValueAsString(reader.GetPixelID()),
+                       spacing=tuple(float(s) for s in reader.GetSpacing()),
+                       origin=tuple(float(s) for s in reader.GetOrigin()),
+                       direction=tuple(tuple(float(v) for v in row)
+                                       for row in np.asarray(reader.GetDirection()).reshape(d, d)))
+
+
+def read_image(path: PathLike, what: str = "image"):
+    """Any image ITK reads, in its stored pixel type, as a ``SimpleITK.Image``.
+
+    Raises:
+        InputError: the file is missing, unreadable, not an image, or a truncated NIfTI file.
+    """
+    sitk = _sitk()
+    p = _readable(path, what)
+    try:
+        image = sitk.ReadImage(str(p))
+    except RuntimeError as err:
+        raise InputError(f"{what} '{path}' could not be read as an image: {short_error_message(err)}") from err
+    check_nifti_complete(p, what=what)
+    return image
+
+
+def _dimension(transform) -> int:
+    return int(transform.GetDimension())
+
+
+def _parts(transform) -> List:
+    """A transform's parts in ITK queue order (nested composites flattened), each as its own class."""
+    transform = transform.Downcast()
+    if transform.GetName() == "CompositeTransform":
+        parts = []
+        for i in range(transform.GetNumberOfTransforms()):
+            parts += _parts(transform.GetNthTransform(i))
+        return parts
+    return [transform]
+
+
+def _field_transform(path: Path):
+    sitk = _sitk()
+    image = read_image(path, "displacement field")
+    d = int(image.GetDimension())
+    components = int(image.GetNumberOfComponentsPerPixel())
+    if components != d:
+        raise InputError(f"'{path}' is an image with {components} component(s) per voxel, not a "
+                         f"displacement field (a {d}-D field has {d} components, LPS mm)")
+    ImageGrid.from_image(image)  # the geometry checks of the ITK reader
+    return sitk.DisplacementFieldTransform(sitk.Cast(image, sitk.sitkVectorFloat64))
+
+
+def _itk_transform_file(path: Path):
+    sitk = _sitk()
+    try:
+        transform = sitk.ReadTransform(str(path))
+    except RuntimeError as err:
+        raise InputError(f"'{path}' could not be read as an ITK/ANTs transform file (.h5, .tfm, .txt, "
+                         ".mat): it is not a transform, or it is damaged") from err
+    return transform
+
+
+def read_transform(spec: TransformName, *, dimension: Optional[int] = None):
+    """One transform a user names (``FILE`` or ``[FILE,1]``), as a SimpleITK transform.
+
+    Accepts what :func:`itk_gradicon.transforms.read_transform` accepts, with the same errors.
+    """
+    spec = TransformSpec.parse(spec)
+    kind = transform_file_kind(spec.path)
+    if kind == "field":
+        transform = _field_transform(spec.path)
+    elif kind == "elastix":
+        transform = _field_transform(elastix_field_path(spec.path))
+    else:
+        transform = _itk_transform_file(spec.path)
+    d = _dimension(transform)
+    if dimension is not None and d != dimension:
+        raise InputError(f"transform '{spec.path}' is {d}-D; the images here are {dimension}-D")
+    if spec.invert:
+        if not all(part.IsLinear() for part in _parts(transform)):
+            raise InputError(f"cannot invert '{spec.path}' ([FILE,1]): it holds a displacement field, which "
+                             f"neither ANTs nor gradicon inverts; {inverse_hint(spec.path)}")
+        try:
+            transform = transform.GetInverse()
+        except RuntimeError:
+            raise InputError(f"cannot invert '{spec.path}': its matrix is singular") from None
+    return transform
+
+
+def compose_transforms(specs: Sequence[TransformName], *, dimension: Optional[int] = None):
+    """Several transforms composed as ``antsApplyTransforms -t T1 -t T2 ...``: a point ``x`` goes to
+    ``Tn(...T1(x))``; a ``SimpleITK.CompositeTransform`` (see
+    :func:`itk_gradicon.transforms.compose_transforms`)."""
+    sitk = _sitk()
+    if not specs:
+        raise InputError("no transform given; give at least one transform file")
+    transforms = []
+    for spec in specs:
+        transform = read_transform(spec, dimension=dimension)
+        dimension = _dimension(transform)
+        transforms.append(transform)
+    composite = sitk.CompositeTransform(dimension)
+    for transform in reversed(transforms):  # ITK applies the transform added last first
+        for part in _parts(transform):
+            composite.AddTransform(part)
+    return composite
+
+
+def first_field_grid(transform) -> Optional[ImageGrid]:
+    """The grid of the displacement field nearest the fixed space in a composite, or ``None``."""
+    for part in reversed(_parts(transform)):
+        if part.GetName() == "DisplacementFieldTransform":
+            return ImageGrid.from_image(part.GetDisplacementField())
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling and resampling
+# --------------------------------------------------------------------------------------------
+
+def _blank(grid: ImageGrid):
+    """A one-byte image carrying ``grid`` (the reference of filters that read only the geometry)."""
+    sitk = _sitk()
+    image = sitk.Image([int(s) for s in grid.size], sitk.sitkUInt8)
+    grid.apply_to(image)
+    return image
+
+
+def sample_displacement(transform, grid: ImageGrid) -> np.ndarray:
+    """``T(p) - p`` at every voxel centre of ``grid`` (``grid.array_shape + (d,)``, float64, LPS mm).
+
+    A single displacement field already on ``grid`` is returned exactly; anything else is evaluated by
+    ITK's ``TransformToDisplacementFieldFilter`` in float32, as
+    :func:`itk_gradicon.transforms.sample_transform` does.
+    """
+    sitk = _sitk()
+    parts = _parts(transform)
+    if len(parts) == 1 and parts[0].GetName() == "DisplacementFieldTransform":
+        field = parts[0].GetDisplacementField()
+        if ImageGrid.from_image(field).matches(grid, tolerance=1e-6):
+            return np.array(sitk.GetArrayViewFromImage(field), dtype=np.float64)
+    sampler = sitk.TransformToDisplacementFieldFilter()
+    sampler.SetOutputPixelType(sitk.sitkVectorFloat32)
+    sampler.SetReferenceImage(_blank(grid))
+    sampled = sampler.Execute(transform)
+    return np.array(sitk.GetArrayViewFromImage(sampled), dtype=np.float64)
+
+
+#: numpy dtypes that ITK Python resamples in their own type with nearest-neighbour interpolation (the
+#: rest goes through float64): the same choice, so that both give the same values.
+_NEAREST_NATIVE = {np.dtype(np.uint8), np.dtype(np.int16), np.dtype(np.uint16), np.dtype(np.float32),
+                   np.dtype(np.float64)}
+
+
+def _array(image) -> np.ndarray:
+    return _sitk().GetArrayViewFromImage(image)
+
+
+def _as_dtype(image, dtype: np.dtype):
+    """``image`` with voxels of ``dtype`` (integers rounded and clamped), same geometry."""
+    sitk = _sitk()
+    array = _array(image)
+    if array.dtype == dtype:
+        return image
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        array = np.clip(np.rint(array), info.min, info.max)
+    out = sitk.GetImageFromArray(np.ascontiguousarray(array.astype(dtype)))
+    out.CopyInformation(image)
+    return out
+
+
+def resample_image(image, reference, transform, *, interpolation: str = "linear", default_value: float = 0.0):
+    """``image`` resampled onto ``reference``'s grid (``SimpleITK`` objects); the rules and values of
+    :func:`itk_gradicon.resample.resample_image`."""
+    sitk = _sitk()
+    check_interpolation(interpolation)
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"the image to resample has {image.GetNumberOfComponentsPerPixel()} components per "
+                         "voxel; only scalar images are resampled (split vector images into components first)")
+    dtype = _array(image).dtype
+    default_value = check_default_value(default_value, dtype)
+    if interpolation == "label":
+        return resample_labels(image, reference, transform, default_value=default_value)
+    if interpolation == "nearest":
+        work = image if dtype in _NEAREST_NATIVE else sitk.Cast(image, sitk.sitkFloat64)
+        interpolator = sitk.sitkNearestNeighbor
+    else:
+        low_precision = dtype == np.float32 or (np.issubdtype(dtype, np.integer) and dtype.itemsize <= 2)
+        pixel = sitk.sitkFloat32 if interpolation == "linear" and low_precision else sitk.sitkFloat64
+        work = sitk.Cast(image, pixel)
+        interpolator = sitk.sitkBSpline3 if interpolation == "bspline" else sitk.sitkLinear
+    integer_work = np.issubdtype(_array(work).dtype, np.integer)
+    out = sitk.Resample(work, reference, transform, interpolator,
+                        float(int(default_value)) if integer_work else default_value, work.GetPixelID())
+    return _as_dtype(out, dtype)
+
+
+def resample_labels(labels, reference, transform, *, default_value: float = 0.0,
+                    displacement: Optional[np.ndarray] = None):
+    """Label-preserving resampling (ANTs' ``GenericLabel``) of ``SimpleITK`` objects; the rules and
+    values of :func:`itk_gradicon.resample.resample_labels`. ``displacement``: the transform already
+    sampled on ``reference``'s grid (:func:`sample_displacement`), if the caller has it."""
+    sitk = _sitk()
+    if labels.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"the label map to resample has {labels.GetNumberOfComponentsPerPixel()} components "
+                         "per voxel; only scalar images are resampled (split vector images into components first)")
+    array = np.asarray(_array(labels))
+    check_label_values(array, "the label map to resample")
+    default_value = check_default_value(default_value, array.dtype)
+    out_grid = ImageGrid.from_image(reference)
+    if displacement is None:
+        displacement = sample_displacement(transform, out_grid)
+    out = resample_label_array(array, ImageGrid.from_image(labels), out_grid, displacement, default_value)
+    image = sitk.GetImageFromArray(out)
+    out_grid.apply_to(image)
+    return image
+
+
+def _write(image, path: Path) -> None:
+    _sitk().WriteImage(image, str(path), useCompression=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The commands
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WarpSummary:
+    """What :func:`apply_transform_file` did: the output, and for label maps the labels kept and lost."""
+
+    output: Path
+    labels_in: Optional[List] = None
+    labels_out: Optional[List] = None
+
+    @property
+    def lost_labels(self) -> List:
+        return sorted(set(self.labels_in or ()) - set(self.labels_out or ()))
+
+
+def apply_transform_file(input_path: PathLike, reference_path: PathLike, transforms: Sequence[TransformName],
+                         output: PathLike, *, interpolation: str = "linear", default_value: float = 0.0,
+                         labels: bool = False) -> WarpSummary:
+    """Resample an image file onto a reference grid through transforms; write the result (all or nothing).
+
+    Args:
+        input_path: the image to resample (its pixel type is kept).
+        reference_path: the image whose grid the output gets.
+        transforms: ``FILE`` / ``[FILE,1]`` names, composed as ``antsApplyTransforms -t``.
+        output: the output image file.
+        interpolation: one of :data:`~itk_gradicon.resample.INTERPOLATIONS`.
+        default_value: value of voxels whose sample point falls outside the input.
+        labels: warp a label map (``label`` interpolation; values must be integers).
+
+    Returns:
+        A :class:`WarpSummary` (the label sets for ``label`` interpolation).
+
+    Raises:
+        InputError: for every user mistake, before anything is written.
+    """
+    # everything that headers and transform files can tell is checked before any pixel is read
+    check_interpolation(interpolation)
+    if labels:
+        interpolation = "label"
+    output = check_output_path(output, what="--output", suffixes=IMAGE_SUFFIXES)
+    input_header = read_header(input_path, what="--input")
+    reference_header = read_header(reference_path, what="--reference")
+    check_resample_headers(input_header, reference_header)
+    transform = compose_transforms(list(transforms), dimension=reference_header.dimension)
+    image = read_image(input_path, "--input")
+    reference = read_image(reference_path, "--reference")
+    if labels:
+        warped = resample_labels(image, reference, transform, default_value=default_value)
+    else:
+        warped = resample_image(image, reference, transform, interpolation=interpolation,
+                                default_value=default_value)
+    with OutputTransaction() as out:
+        _write(warped, out.path(output))
+    if interpolation != "label":
+        return WarpSummary(output)
+    return WarpSummary(output, np.unique(_array(image)).tolist(), np.unique(_array(warped)).tolist())
+
+
+def jacobian_file(transforms: Sequence[TransformName], *, reference: Optional[PathLike] = None,
+                  output: Optional[PathLike] = None, summary_json: Optional[PathLike] = None,
+                  log: bool = False) -> Dict[str, object]:
+    """Jacobian determinant of composed transforms on a grid; optionally written as an image and JSON.
+
+    Args:
+        transforms: ``FILE`` / ``[FILE,1]`` names (fixed -> moving), composed as ``antsApplyTransforms``.
+        reference: the image whose grid is used; default: the grid of the first displacement field.
+        output: determinant image (float32), or its clamped log with ``log``.
+        summary_json: also write the summary there.
+        log: write ``log(max(det, 0.001))`` instead of ``det``.
+
+    Returns:
+        The summary: ``{"transforms": [...], **jacobian_summary}``.
+    """
+    from .jacobian import determinant_of_displacement, jacobian_summary, log_jacobian
+
+    sitk = _sitk()
+    if output is not None:
+        output = check_output_path(output, what="--output", suffixes=IMAGE_SUFFIXES)
+    if summary_json is not None:
+        summary_json = check_output_path(summary_json, what="--summary-json", suffixes=(".json",))
+    if output is not None and summary_json is not None and output == summary_json:
+        raise InputError("--output and --summary-json name the same file")
+    if reference is not None:
+        grid = ImageGrid.from_image(read_image(reference, "--reference"))
+        transform = compose_transforms(list(transforms), dimension=grid.dimension)
+    else:
+        transform = compose_transforms(list(transforms))
+        grid = first_field_grid(transform)
+        if grid is None:
+            raise InputError("no displacement field among the transforms to take the grid from; give "
+                             "--reference (the fixed image)")
+    det = determinant_of_displacement(sample_displacement(transform, grid), grid)
+    summary = {"transforms": [str(t) for t in transforms], **jacobian_summary(det)}
+    with OutputTransaction() as out:
+        if output is not None:
+            values = log_jacobian(det) if log else det
+            image = sitk.GetImageFromArray(np.ascontiguousarray(values, dtype=np.float32))
+            grid.apply_to(image)
+            _write(image, out.path(output))
+        if summary_json is not None:
+            out.path(summary_json).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def evaluate_files(transforms: Sequence[TransformName] = (), *, fixed_labels: Optional[PathLike] = None,
+                   moving_labels: Optional[PathLike] = None, label_values: Optional[Sequence[int]] = None,
+                   hd95: bool = True, fixed_landmarks: Optional[PathLike] = None,
+                   moving_landmarks: Optional[PathLike] = None, reference: Optional[PathLike] = None,
+                   output_json: Optional[PathLike] = None) -> Dict[str, object]:
+    """Measure a registration from files: label overlap, landmark error and folding (``gradicon evaluate``).
+
+    Args:
+        transforms: forward transforms (fixed -> moving), composed as ``antsApplyTransforms``; none: identity.
+        fixed_labels, moving_labels: label maps; the moving one is warped onto the fixed grid (GenericLabel).
+        label_values: labels to evaluate (default: every non-zero label in either map).
+        hd95: also compute HD95 (mm).
+        fixed_landmarks, moving_landmarks: corresponding points (see :func:`itk_gradicon.metrics.read_landmarks`).
+        reference: the fixed image: grid of the Jacobian and of ``index`` landmarks.
+        output_json: also write the report there.
+
+    Returns:
+        The report: ``transforms``, and ``labels``, ``landmarks``, ``jacobian`` where their inputs are given.
+    """
+    from .jacobian import determinant_of_displacement, jacobian_summary
+    from .metrics import label_overlap, read_landmarks, target_registration_error
+
+    if (fixed_labels is None) != (moving_labels is None):
+        raise InputError("--fixed-labels and --moving-labels must be given together")
+    if (fixed_landmarks is None) != (moving_landmarks is None):
+        raise InputError("--fixed-landmarks and --moving-landmarks must be given together")
+    if fixed_labels is None and fixed_landmarks is None and not transforms:
+        raise InputError("nothing to evaluate: give --fixed-labels/--moving-labels, "
+                         "--fixed-landmarks/--moving-landmarks, or --transform (folding)")
+    if label_values and fixed_labels is None:
+        raise InputError("--label needs --fixed-labels and --moving-labels")
+    if output_json is not None:
+        output_json = check_output_path(output_json, what="--output-json", suffixes=(".json",))
+
+    fixed_lab = read_image(fixed_labels, "--fixed-labels") if fixed_labels is not None else None
+    moving_lab = read_image(moving_labels, "--moving-labels") if moving_labels is not None else None
+    reference_image = read_image(reference, "--reference") if reference is not None else fixed_lab
+    dimensions = {int(image.GetDimension()) for image in (reference_image, fixed_lab, moving_lab)
+                  if image is not None}
+    if len(dimensions) > 1:
+        raise InputError("the images given are not all of one dimension")
+    dimension = dimensions.pop() if dimensions else None
+    transform = compose_transforms(list(transforms), dimension=dimension) if transforms else None
+    grid = ImageGrid.from_image(reference_image) if reference_image is not None else None
+    if grid is None and transform is not None:
+        grid = first_field_grid(transform)
+
+    if transform is not None and grid is None:
+        raise InputError("the Jacobian needs a grid: give --reference (the fixed image) or "
+                         "--fixed-labels, or a displacement field among the transforms")
+    labels_grid = ImageGrid.from_image(fixed_lab) if fixed_lab is not None else None
+    displacement = sample_displacement(transform, grid) if transform is not None else None
+    report: Dict[str, object] = {"transforms": [str(t) for t in transforms]}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradicon-jacobian") as pool:
+        # the Jacobian (numpy on one core) runs beside the label work (SimpleITK and numpy on the others)
+        folding = (pool.submit(lambda: jacobian_summary(determinant_of_displacement(displacement, grid)))
+                   if transform is not None else None)
+        if fixed_lab is not None:
+            compared = moving_lab
+            if transform is not None:
+                compared = resample_labels(moving_lab, fixed_lab, transform,
+                                           displacement=displacement if labels_grid == grid else None)
+            report["labels"] = label_overlap(fixed_lab, compared, label_values=list(label_values or ()) or None,
+                                             with_hd95=hd95)
+        if fixed_landmarks is not None:
+            moving_grid = ImageGrid.from_image(moving_lab) if moving_lab is not None else None
+            report["landmarks"] = target_registration_error(
+                read_landmarks(fixed_landmarks, grid=grid), read_landmarks(moving_landmarks, grid=moving_grid),
+                transform)
+        if folding is not None:
+            report["jacobian"] = folding.result()
+    if output_json is not None:
+        with OutputTransaction() as out:
+            out.path(output_json).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+__all__ = ["INTERPOLATIONS", "WarpSummary", "apply_transform_file", "compose_transforms", "evaluate_files",
+           "first_field_grid", "jacobian_file", "read_header", "read_image", "read_transform",
+           "resample_image", "resample_labels", "sample_displacement"]

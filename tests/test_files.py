@@ -1,0 +1,188 @@
+"""The file functions (SimpleITK) give what the ITK Python functions give, to the bit: every interpolation,
+pixel type and transform kind of ``apply-transform``, ``warp-labels``, ``jacobian`` and ``evaluate``.
+
+The ITK Python side (:mod:`itk_gradicon.resample`, :mod:`itk_gradicon.jacobian`, :mod:`itk_gradicon.metrics`
+on ``itk.Image``) is what these commands ran before they moved to SimpleITK; equality here is the
+promise that the move changed no output.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from itk_gradicon import files
+from itk_gradicon.errors import InputError
+from itk_gradicon.grid import ImageGrid
+from itk_gradicon.jacobian import jacobian_determinant, jacobian_summary
+from itk_gradicon.metrics import label_overlap
+from itk_gradicon.resample import resample_image, resample_labels
+from itk_gradicon.transforms import compose_transforms, write_elastix
+from test_apply_cli import files as files_fixture  # noqa: F401  (the same fixture as the CLI tests)
+
+files_ = files_fixture
+
+
+def _itk_array(image):
+    import itk
+
+    return np.array(itk.array_view_from_image(image))  # a copy: the image may be a temporary
+
+
+def _sitk_array(image):
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(image)
+
+
+def _transform_lists(paths):
+    return {
+        "h5": [paths["h5"]],
+        "warp": [paths["warp"]],
+        "ants pair": [paths["warp"], paths["affine"]],
+        "inverse affine": [f"[{paths['affine']},1]"],
+        "affine then field": [paths["affine"], paths["field"]],
+    }
+
+
+def _itk_inputs(paths, pixel):
+    import itk
+
+    moving = itk.imread(str(paths["moving"]))
+    array = np.asarray(itk.array_view_from_image(moving)).astype(pixel)
+    image = itk.image_from_array(np.ascontiguousarray(array))
+    image.CopyInformation(moving)
+    return image, itk.imread(str(paths["fixed"]))
+
+
+def _sitk_inputs(paths, pixel):
+    import SimpleITK as sitk
+
+    moving = sitk.ReadImage(str(paths["moving"]))
+    image = sitk.GetImageFromArray(np.ascontiguousarray(sitk.GetArrayViewFromImage(moving).astype(pixel)))
+    image.CopyInformation(moving)
+    return image, sitk.ReadImage(str(paths["fixed"]))
+
+
+@pytest.mark.parametrize("kind", ["h5", "warp", "ants pair", "inverse affine", "affine then field"])
+@pytest.mark.parametrize("interpolation,pixel", [
+    ("linear", np.float32), ("linear", np.int16), ("linear", np.float64), ("linear", np.int32),
+    ("nearest", np.int16), ("nearest", np.int32), ("bspline", np.float32), ("bspline", np.uint8)])
+def test_resample_equals_itk_python(files_, kind, interpolation, pixel):
+    specs = _transform_lists(files_)[kind]
+    image_itk, reference_itk = _itk_inputs(files_, pixel)
+    image_sitk, reference_sitk = _sitk_inputs(files_, pixel)
+    expected = _itk_array(resample_image(image_itk, reference_itk, compose_transforms(specs),
+                                         interpolation=interpolation, default_value=7))
+    got = _sitk_array(files.resample_image(image_sitk, reference_sitk, files.compose_transforms(specs),
+                                           interpolation=interpolation, default_value=7))
+    assert got.dtype == expected.dtype == np.dtype(pixel)
+    assert np.array_equal(got, expected), np.abs(got.astype(float) - expected).max()
+    assert np.any(got != 7)  # the transforms keep most of the image inside
+
+
+@pytest.mark.parametrize("kind", ["h5", "ants pair", "inverse affine"])
+def test_label_resampling_equals_itk_python(files_, kind):
+    import itk
+    import SimpleITK as sitk
+
+    specs = _transform_lists(files_)[kind]
+    expected = _itk_array(resample_labels(itk.imread(str(files_["labels"])), itk.imread(str(files_["fixed"])),
+                                          compose_transforms(specs)))
+    got = _sitk_array(files.resample_labels(sitk.ReadImage(str(files_["labels"])),
+                                            sitk.ReadImage(str(files_["fixed"])), files.compose_transforms(specs)))
+    assert np.array_equal(got, expected)
+    assert len(np.unique(got)) > 2
+
+
+def test_apply_transform_file_writes_what_itk_python_writes(files_, tmp_path):
+    import itk
+
+    out = tmp_path / "warped.nii.gz"
+    summary = files.apply_transform_file(files_["moving"], files_["fixed"], [files_["h5"]], out)
+    assert summary.output == out and summary.labels_in is None
+    expected = resample_image(itk.imread(str(files_["moving"])), itk.imread(str(files_["fixed"])),
+                              compose_transforms([files_["h5"]]))
+    reference = tmp_path / "itk.nii.gz"
+    itk.imwrite(expected, str(reference), compression=True)
+    written = itk.imread(str(out))
+    assert np.array_equal(_itk_array(written), _itk_array(expected))
+    assert ImageGrid.from_image(written) == ImageGrid.from_image(itk.imread(str(reference)))
+    assert out.read_bytes() == reference.read_bytes()  # the same ITK NIfTI writer, header and all
+
+
+def test_warp_labels_file_reports_lost_labels(files_, tmp_path):
+    summary = files.apply_transform_file(files_["labels"], files_["fixed"], [files_["h5"]], tmp_path / "l.nii.gz",
+                                         labels=True)
+    assert set(summary.labels_out) <= set(summary.labels_in) | {0}
+    assert summary.lost_labels == sorted(set(summary.labels_in) - set(summary.labels_out))
+
+
+@pytest.mark.parametrize("kind", ["h5", "ants pair"])
+def test_jacobian_equals_itk_python(files_, tmp_path, kind):
+    import itk
+
+    specs = _transform_lists(files_)[kind]
+    grid = ImageGrid.from_image(itk.imread(str(files_["fixed"])))
+    expected = jacobian_determinant(compose_transforms(specs), grid)
+    out = tmp_path / "jac.nii.gz"
+    summary = files.jacobian_file(specs, reference=files_["fixed"], output=out, summary_json=tmp_path / "j.json")
+    assert summary == {"transforms": [str(s) for s in specs], **jacobian_summary(expected)}
+    assert json.loads((tmp_path / "j.json").read_text()) == summary
+    assert np.array_equal(_itk_array(itk.imread(str(out))), expected.astype(np.float32))
+
+
+def test_jacobian_grid_from_the_field(files_):
+    from itk_gradicon.transforms import DisplacementField, read_transform
+
+    field = DisplacementField.from_transform(read_transform(files_["h5"]))  # the grid of the field itself
+    expected = jacobian_summary(jacobian_determinant(compose_transforms([files_["h5"]]), field.grid))
+    assert files.jacobian_file([files_["h5"]]) == {"transforms": [str(files_["h5"])], **expected}
+    with pytest.raises(InputError, match="no displacement field among the transforms"):
+        files.jacobian_file([files_["affine"]])
+
+
+def test_evaluate_equals_itk_python(files_):
+    import itk
+
+    fixed_labels = itk.imread(str(files_["labels"]))
+    specs = [files_["warp"], files_["affine"]]
+    report = files.evaluate_files(specs, fixed_labels=files_["labels"], moving_labels=files_["labels"])
+    # the fixed labels here lie on the moving grid: warp the labels onto that grid, as evaluate does
+    warped = resample_labels(fixed_labels, fixed_labels, compose_transforms(specs))
+    assert report["labels"] == label_overlap(fixed_labels, warped)
+    grid = ImageGrid.from_image(fixed_labels)
+    assert report["jacobian"] == jacobian_summary(jacobian_determinant(compose_transforms(specs), grid))
+
+
+def test_elastix_folder_reads_as_its_field(files_, tmp_path):
+    from itk_gradicon.imageio import OutputTransaction
+    from itk_gradicon.transforms import DisplacementField, read_transform
+
+    field = DisplacementField.from_transform(read_transform(files_["h5"]))
+    with OutputTransaction() as out:
+        write_elastix(field, tmp_path / "elx", out)
+    grid = field.grid
+    from_folder = files.sample_displacement(files.compose_transforms([tmp_path / "elx"]), grid)
+    from_h5 = files.sample_displacement(files.compose_transforms([files_["h5"]]), grid)
+    assert np.abs(from_folder - from_h5).max() < 1e-5  # the folder stores float32 vectors
+
+
+def test_user_mistakes_read_as_with_itk_python(files_, tmp_path):
+    not_an_image = tmp_path / "notes.nii.gz"
+    not_an_image.write_text("hello")
+    with pytest.raises(InputError, match="could not be read as an image|is not an image file ITK can read"):
+        files.read_header(not_an_image, what="--input")
+    with pytest.raises(InputError, match="cannot invert .* displacement field"):
+        files.compose_transforms([f"[{files_['h5']},1]"])
+    with pytest.raises(InputError, match="is 3-D; the images here are 2-D"):
+        files.compose_transforms([files_["h5"]], dimension=2)
+    import itk
+
+    itk.imwrite(itk.image_from_array(np.zeros((4, 5, 6, 3), np.float32), is_vector=True),
+                str(tmp_path / "vector.nii.gz"))
+    with pytest.raises(InputError, match="components per voxel"):
+        files.apply_transform_file(tmp_path / "vector.nii.gz", files_["fixed"], [files_["h5"]], tmp_path / "o.nii.gz")
+    assert not (tmp_path / "o.nii.gz").exists()
