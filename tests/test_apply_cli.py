@@ -357,3 +357,52 @@ def test_lung_ct_keeps_int16_with_bspline(shared_data, tmp_path):
     warped = itk.array_from_image(itk.imread(str(out)))
     assert warped.dtype == source.dtype == np.int16
     assert warped.min() >= -1024 - 200 and warped.shape == source.shape
+
+
+def _surface_points(mask: np.ndarray, spacing_array_order) -> np.ndarray:
+    """World positions (mm, ARRAY axes) of the voxels of ``mask`` with a 6-neighbour outside it."""
+    padded = np.pad(mask, 1)
+    interior = mask.copy()
+    for axis in range(mask.ndim):
+        for step in (-1, 1):
+            interior &= np.roll(padded, step, axis=axis)[1:-1, 1:-1, 1:-1]
+    return np.argwhere(mask & ~interior) * np.asarray(spacing_array_order, dtype=float)
+
+
+def test_evaluate_matches_overlaps_computed_by_hand(tmp_path):
+    """Two boxes on one grid: Dice by counting (0.75 for a 2-voxel shift of an 8-voxel box), HD95 by brute
+    force over surface voxels, and Dice 1 once an ANTs affine undoes the shift: none of it from our code."""
+    import itk
+
+    from itk_gradicon.transforms import write_affine_file
+
+    spacing = (1.5, 1.0, 2.0)  # ITK order: x (array axis 2), y, z
+    fixed = np.zeros((20, 20, 20), np.uint8)
+    fixed[6:14, 5:13, 4:12] = 1
+    fixed[15:18, 15:18, 15:18] = 2
+    moving = np.zeros_like(fixed)
+    moving[6:14, 5:13, 6:14] = 1  # label 1 two voxels (3 mm) further along x
+    moving[15:18, 15:18, 15:18] = 2
+    for name, array in (("fixed", fixed), ("moving", moving)):
+        image = itk.image_from_array(array)
+        image.SetSpacing(spacing)
+        itk.imwrite(image, str(tmp_path / f"{name}.nii.gz"))
+    result = run("evaluate", "--fixed-labels", tmp_path / "fixed.nii.gz", "--moving-labels", tmp_path / "moving.nii.gz")
+    assert result.exit_code == 0, result.output
+    labels = json.loads(result.stdout)["labels"]
+    assert labels["dice"] == {"1": 2 * 8 * 8 * 6 / (512 + 512), "2": 1.0}
+    a = _surface_points(fixed == 1, spacing[::-1])
+    b = _surface_points(moving == 1, spacing[::-1])
+    distances = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+    expected = max(np.percentile(distances.min(1), 95), np.percentile(distances.min(0), 95))
+    assert labels["hd95_mm"]["1"] == pytest.approx(expected, abs=1e-5)
+    assert labels["hd95_mm"]["2"] == 0.0
+    shift = np.eye(4)
+    shift[0, 3] = 3.0  # fixed point x -> moving point x + 3 mm
+    write_affine_file(shift, tmp_path / "shift_0GenericAffine.mat")
+    undone = run("evaluate", "-t", tmp_path / "shift_0GenericAffine.mat", "--fixed-labels", tmp_path / "fixed.nii.gz",
+                 "--moving-labels", tmp_path / "moving.nii.gz", "--reference", tmp_path / "fixed.nii.gz")
+    assert undone.exit_code == 0, undone.output
+    report = json.loads(undone.stdout)
+    assert report["labels"]["dice"]["1"] == 1.0 and report["labels"]["hd95_mm"]["1"] == 0.0
+    assert report["jacobian"]["min"] == pytest.approx(1.0) and report["jacobian"]["max"] == pytest.approx(1.0)
