@@ -41,6 +41,8 @@ import torch.nn.functional as F
 
 from .errors import InputError
 from .grid import ImageGrid, apply_affine, best_axis_alignment, canonical_axes  # noqa: F401  (re-exported)
+from .network.sampling import cube_identity  # noqa: F401  (re-exported)
+from .network.sampling import sample_cube_field as fast_sample
 
 
 
@@ -142,36 +144,6 @@ class NetworkFrame:
         return F.interpolate(t, size=self.shape, mode=interp, align_corners=False)
 
 
-def cube_identity(shape: Sequence[int], *, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Identity map on a network grid: ``[1, d, *shape]``, node ``m`` of axis ``c`` at ``m/(n_c-1)``."""
-    axes = [torch.arange(n, device=device, dtype=torch.float64) / (n - 1) for n in shape]
-    mesh = torch.meshgrid(*axes, indexing="ij")
-    return torch.stack(mesh, dim=0)[None].to(dtype)
-
-
-def sample_cube_field(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Linear interpolation of a CUBE-grid field at CUBE points; border values outside.
-
-    Args:
-        field: ``[B, C, *shape]`` values on the network grid.
-        points: ``[B, d, *out]`` CUBE coordinates (component ``c`` along network axis ``c``).
-
-    Returns:
-        ``[B, C, *out]``. Points outside ``[0, 1]^d`` take the value of the nearest border node
-        (the published models' convention). ITK's displacement-field transforms do the same within
-        half a voxel of their grid and leave points farther out unmoved; a fixed voxel never maps
-        farther than half a network voxel outside the cube, so both agree on every output we write.
-    """
-    d = points.shape[1]
-    # grid_sample wants normalised coordinates in [-1, 1], last spatial axis first.
-    grid = (points * 2.0 - 1.0).flip(1)
-    grid = grid.permute(0, *range(2, d + 2), 1)
-    if grid.shape[0] != field.shape[0]:
-        grid = grid.expand(field.shape[0], *grid.shape[1:])
-    return F.grid_sample(field, grid.to(field.dtype), mode="bilinear", padding_mode="border",
-                         align_corners=True)
-
-
 def displacement_on_grid(cube_displacement: torch.Tensor, points_grid: ImageGrid,
                          source_frame: NetworkFrame, target_frame: NetworkFrame, *,
                          preaffine: Optional[np.ndarray] = None, postaffine: Optional[np.ndarray] = None,
@@ -191,8 +163,6 @@ def displacement_on_grid(cube_displacement: torch.Tensor, points_grid: ImageGrid
     Returns:
         float32 array ``points_grid.array_shape + (d,)`` of ``T(p) - p`` (LPS mm).
     """
-    from .network.sampling import sample_cube_field as fast_sample  # the same values, on every core
-
     d = points_grid.dimension
     eye = np.eye(d + 1)
     index_to_world = points_grid.index_to_world()

@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .geometry import sample_cube_field
+from .network.sampling import grid_sample_cube_field
 from .network.operators import CubeMap, identity_on
 
 Tensor = torch.Tensor
@@ -306,7 +306,7 @@ class LossTerms:
 def warp(image: Tensor, points: Tensor, *, zero_outside: bool) -> Tensor:
     """Sample ``image`` at CUBE ``points`` (linear), zero or border value outside the cube."""
     if not zero_outside:
-        return sample_cube_field(image, points)
+        return grid_sample_cube_field(image, points)
     d = points.shape[1]
     grid = (points * 2.0 - 1.0).flip(1).permute(0, *range(2, d + 2), 1)
     if grid.shape[0] != image.shape[0]:

@@ -266,7 +266,7 @@ def test_batching_predictor_hands_errors_to_every_waiting_pair():
 def test_shards_cover_the_pairs_exactly_once(cohort, n):
     from itk_gradicon.batch import select_shard
 
-    rows = [(f"images/a_fixed.nii.gz", f"images/a_moving.nii.gz", f"out/{i}.h5", "") for i in range(10)]
+    rows = [("images/a_fixed.nii.gz", "images/a_moving.nii.gz", f"out/{i}.h5", "") for i in range(10)]
     pairs = read_pairs(write_csv(cohort / "pairs.csv", rows, header=("fixed", "moving", "out_transform",
                                                                       "out_warped")))
     shards = [select_shard(pairs, k, n) for k in range(1, n + 1)]

@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..geometry import cube_identity
 from . import performance
-from .sampling import sample_cube_field
+from .sampling import cube_identity, sample_cube_field
 
 _IDENTITY_CACHE: Dict[Tuple, torch.Tensor] = {}
 

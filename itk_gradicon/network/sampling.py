@@ -3,7 +3,7 @@
 PyTorch's CPU kernel for 3-D ``grid_sample`` (and its backward) runs on one thread. Sampling a
 3-channel field at the 175^3 nodes of the published network takes about 0.6 s on one core, and a
 prediction samples eight such tensors; instance optimisation samples more and differentiates them.
-:func:`sample_cube_field` computes exactly what :func:`itk_gradicon.geometry.sample_cube_field`
+:func:`sample_cube_field` computes exactly what :func:`grid_sample_cube_field` (PyTorch's ``grid_sample``)
 computes, faster on the CPU:
 
 * float32 3-D tensors on the CPU go through ``itk_gradicon._linear``, a small C kernel with
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -70,8 +70,31 @@ def _grid(points: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
     return grid.to(field.dtype)
 
 
-def _sample(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+def cube_identity(shape: Sequence[int], *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Identity map on a network grid: ``[1, d, *shape]``, node ``m`` of axis ``c`` at ``m/(n_c-1)``."""
+    axes = [torch.arange(n, device=device, dtype=torch.float64) / (n - 1) for n in shape]
+    mesh = torch.meshgrid(*axes, indexing="ij")
+    return torch.stack(mesh, dim=0)[None].to(dtype)
+
+
+def grid_sample_cube_field(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation of a CUBE-grid field at CUBE points, border values outside: PyTorch's
+    ``grid_sample`` on one thread, the definition :func:`sample_cube_field` reproduces faster.
+
+    Args:
+        field: ``[B, C, *shape]`` values on the network grid.
+        points: ``[B or 1, d, *out]`` CUBE coordinates (component ``c`` along network axis ``c``).
+
+    Returns:
+        ``[B, C, *out]``. Points outside ``[0, 1]^d`` take the value of the nearest border node
+        (the published models' convention). ITK's displacement-field transforms do the same within
+        half a voxel of their grid and leave points farther out unmoved; a fixed voxel never maps
+        farther than half a network voxel outside the cube, so both agree on every output we write.
+    """
     return F.grid_sample(field, _grid(points, field), mode="bilinear", padding_mode="border", align_corners=True)
+
+
+_sample = grid_sample_cube_field
 
 
 def _slabs(points: torch.Tensor) -> int:
@@ -225,8 +248,8 @@ class _ParallelCubeSample(torch.autograd.Function):
 def sample_cube_field(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Linear interpolation of a CUBE-grid field at CUBE points; border values outside.
 
-    The same function as :func:`itk_gradicon.geometry.sample_cube_field` (see there for the
-    conventions), computed on all CPU threads.
+    The same function as :func:`grid_sample_cube_field` (see there for the conventions), computed on
+    all CPU threads.
 
     Args:
         field: ``[B, C, *shape]`` values on the network grid.
