@@ -65,6 +65,39 @@ def available_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# itk-elastix's classes, loaded by their own wrapping modules. Through ITK's lazy loader, the first use
+# of ``itk.ParameterObject`` or ``itk.ElastixRegistrationMethod`` loads the Elastix module group and
+# every group it depends on (smoothing, convolution, FFT, image intensity, ...): 19 s of a 2-core
+# machine before elastix starts, for two classes whose own modules load in a second. The same classes
+# are used either way; the public names are the fallback wherever an ITK lays its wrapping out differently.
+
+def _parameter_object():
+    """A new ``elastix::ParameterObject``."""
+    try:
+        from itk import elxParameterObjectPython as wrapping
+
+        return wrapping.elastixParameterObject.New()
+    except (ImportError, AttributeError):
+        import itk
+
+        return itk.ParameterObject.New()
+
+
+def _registration_method(fixed_type, moving_type):
+    """A new ``itk::ElastixRegistrationMethod`` for two ``itk.Image`` classes (``itkImageF3`` ...)."""
+    def short(image_type) -> str:  # itkImageF3 -> IF3, the suffix of ITK's wrapped class names
+        return "I" + image_type.__name__[len("itkImage"):]
+
+    try:
+        from itk import itkElastixRegistrationMethodPython as wrapping
+
+        return getattr(wrapping, f"itkElastixRegistrationMethod{short(fixed_type)}{short(moving_type)}").New()
+    except (ImportError, AttributeError):
+        import itk
+
+        return itk.ElastixRegistrationMethod[fixed_type, moving_type].New()
+
+
 def affine_parameter_map(*, metric: str = "mi", initialization: str = "geometry", iterations: int = 256,
                          resolutions: int = 4, samples: int = 2048,
                          seed: int = DEFAULT_SEED) -> Dict[str, Tuple[str, ...]]:
@@ -90,7 +123,6 @@ def affine_parameter_map(*, metric: str = "mi", initialization: str = "geometry"
     Raises:
         InputError: an option outside the allowed values.
     """
-    import itk
 
     if metric not in METRICS:
         raise InputError(f"unknown affine metric {metric!r}; allowed: {', '.join(METRICS)}")
@@ -100,7 +132,7 @@ def affine_parameter_map(*, metric: str = "mi", initialization: str = "geometry"
     for name, value in (("iterations", iterations), ("resolutions", resolutions), ("samples", samples)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise InputError(f"affine {name} must be a whole number >= 1, not {value!r}")
-    defaults = itk.ParameterObject.New().GetDefaultParameterMap("affine")
+    defaults = _parameter_object().GetDefaultParameterMap("affine")
     params: Dict[str, Tuple[str, ...]] = {key: tuple(value) for key, value in defaults.items()}
     params.update({
         "Transform": ("AffineTransform",),
@@ -275,10 +307,10 @@ def elastix_affine(fixed, moving, fixed_mask=None, moving_mask=None, *, metric: 
     params = dict(parameter_map) if parameter_map is not None else affine_parameter_map(
         metric=metric, initialization=initialization, iterations=iterations, resolutions=resolutions,
         samples=samples, seed=seed)
-    parameter_object = itk.ParameterObject.New()
+    parameter_object = _parameter_object()
     parameter_object.AddParameterMap({k: tuple(str(v) for v in vs) for k, vs in params.items()})
 
-    method = itk.ElastixRegistrationMethod[type(fixed_f), type(moving_f)].New()
+    method = _registration_method(type(fixed_f), type(moving_f))
     method.SetFixedImage(fixed_f)
     method.SetMovingImage(moving_f)
     if masks[0] is not None:

@@ -296,6 +296,32 @@ def resample_labels(labels, reference, transform, *, default_value: float = 0.0,
     return image
 
 
+def from_itk(image):
+    """An ``itk.Image`` (scalar or vector) as a ``SimpleITK.Image``: the same voxels (copied) and grid."""
+    import itk
+
+    sitk = _sitk()
+    vector = image.GetNumberOfComponentsPerPixel() > 1
+    out = sitk.GetImageFromArray(np.array(itk.array_view_from_image(image)), isVector=vector)
+    ImageGrid.from_image(image).apply_to(out)
+    return out
+
+
+def field_transform(field) -> object:
+    """A :class:`~itk_gradicon.transforms.DisplacementField` as a ``SimpleITK.DisplacementFieldTransform``
+    (float64 vectors, linear interpolation between nodes: what ``field.to_transform()`` is in ITK Python)."""
+    sitk = _sitk()
+    image = sitk.GetImageFromArray(np.ascontiguousarray(field.array, dtype=np.float64), isVector=True)
+    field.grid.apply_to(image)
+    return sitk.DisplacementFieldTransform(image)
+
+
+def write_warped(moving, fixed, field, path: Path) -> None:
+    """``moving`` resampled onto ``fixed``'s grid through a forward field, linear, written at ``path``:
+    the ``--out-warped`` image of ``gradicon register`` (``itk.Image`` inputs, converted)."""
+    _write(resample_image(from_itk(moving), from_itk(fixed), field_transform(field), interpolation="linear"), path)
+
+
 def _write(image, path: Path) -> None:
     _sitk().WriteImage(image, str(path), useCompression=True)
 

@@ -259,7 +259,6 @@ def write_register_outputs(result, outputs: RegisterOutputs, *, fixed_original=N
             output at all is left behind.
     """
     from .imageio import short_error_message
-    from .resample import resample_image
     from .transforms import ants_file_names, write_affine_file, write_elastix, write_field_image, write_transform
 
     if outputs.needs_originals and (fixed_original is None or moving_original is None):
@@ -300,12 +299,10 @@ def write_register_outputs(result, outputs: RegisterOutputs, *, fixed_original=N
                 current = str(outputs.elastix_dir)
                 written.append(write_elastix(result.forward_field, outputs.elastix_dir, out))
             if outputs.warped:
-                import itk
+                from .files import write_warped  # SimpleITK: ITK's resampler without loading ITK Python's
 
                 current = str(outputs.warped)
-                warped = resample_image(moving_original, fixed_original, result.forward_transform,
-                                        interpolation="linear")
-                itk.imwrite(warped, str(out.path(outputs.warped)), compression=True)
+                write_warped(moving_original, fixed_original, result.forward_field, out.path(outputs.warped))
                 written.append(Path(outputs.warped))
             if outputs.qc:
                 from .qc import write_qc

@@ -186,3 +186,19 @@ def test_user_mistakes_read_as_with_itk_python(files_, tmp_path):
     with pytest.raises(InputError, match="components per voxel"):
         files.apply_transform_file(tmp_path / "vector.nii.gz", files_["fixed"], [files_["h5"]], tmp_path / "o.nii.gz")
     assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_register_warped_output_equals_itk_python(files_, tmp_path):
+    """``gradicon register --out-warped`` goes through SimpleITK: the same voxels as ITK Python's resampler
+    with the result's ``forward_transform``."""
+    import itk
+
+    from itk_gradicon.transforms import DisplacementField, read_transform
+
+    field = DisplacementField.from_transform(read_transform(files_["h5"]))
+    moving, fixed = itk.imread(str(files_["moving"])), itk.imread(str(files_["fixed"]))
+    expected = resample_image(moving, fixed, field.to_transform(), interpolation="linear")
+    files.write_warped(moving, fixed, field, tmp_path / "warped.nii.gz")
+    written = itk.imread(str(tmp_path / "warped.nii.gz"))
+    assert np.array_equal(_itk_array(written), _itk_array(expected))
+    assert ImageGrid.from_image(written).matches(ImageGrid.from_image(fixed), tolerance=1e-6)
