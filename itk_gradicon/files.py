@@ -35,8 +35,8 @@ from .errors import InputError
 from .grid import ImageGrid
 from .imageio import (IMAGE_SUFFIXES, ImageHeader, OutputTransaction, check_nifti_complete, check_output_path,
                       check_resample_headers, not_an_image_error, short_error_message, unreadable_header_error)
-from .resample import (INTERPOLATIONS, check_default_value, check_interpolation, check_label_values,
-                       resample_label_array)
+from .resample import (INTERPOLATIONS, as_dtype_array, check_default_value, check_interpolation, check_label_values,
+                       check_scalar, resample_label_array)
 from .transform_specs import TransformSpec, elastix_field_path, inverse_hint, transform_file_kind
 
 PathLike = Union[str, Path]
@@ -241,10 +241,7 @@ def _as_dtype(image, dtype: np.dtype):
     array = _array(image)
     if array.dtype == dtype:
         return image
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        array = np.clip(np.rint(array), info.min, info.max)
-    out = sitk.GetImageFromArray(np.ascontiguousarray(array.astype(dtype)))
+    out = sitk.GetImageFromArray(as_dtype_array(array, dtype))
     out.CopyInformation(image)
     return out
 
@@ -254,9 +251,7 @@ def resample_image(image, reference, transform, *, interpolation: str = "linear"
     :func:`itk_gradicon.resample.resample_image`."""
     sitk = _sitk()
     check_interpolation(interpolation)
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"the image to resample has {image.GetNumberOfComponentsPerPixel()} components per "
-                         "voxel; only scalar images are resampled (split vector images into components first)")
+    check_scalar(image, "the image to resample")
     dtype = _array(image).dtype
     default_value = check_default_value(default_value, dtype)
     if interpolation == "label":
@@ -281,9 +276,7 @@ def resample_labels(labels, reference, transform, *, default_value: float = 0.0,
     values of :func:`itk_gradicon.resample.resample_labels`. ``displacement``: the transform already
     sampled on ``reference``'s grid (:func:`sample_displacement`), if the caller has it."""
     sitk = _sitk()
-    if labels.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"the label map to resample has {labels.GetNumberOfComponentsPerPixel()} components "
-                         "per voxel; only scalar images are resampled (split vector images into components first)")
+    check_scalar(labels, "the label map to resample")
     array = np.asarray(_array(labels))
     check_label_values(array, "the label map to resample")
     default_value = check_default_value(default_value, array.dtype)

@@ -49,7 +49,7 @@ def _array_of(image) -> np.ndarray:
     return itk.array_view_from_image(image)
 
 
-def _check_scalar(image, what: str) -> None:
+def check_scalar(image, what: str) -> None:
     components = int(image.GetNumberOfComponentsPerPixel())
     if components != 1:
         raise InputError(f"{what} has {components} components per voxel; only scalar images are "
@@ -102,7 +102,7 @@ def resample_image(image, reference, transform, *, interpolation: str = "linear"
     from .imageio import cast_image
 
     check_interpolation(interpolation)
-    _check_scalar(image, "the image to resample")
+    check_scalar(image, "the image to resample")
     dtype = _array_of(image).dtype
     default_value = check_default_value(default_value, dtype)
     if interpolation == "label":
@@ -121,6 +121,14 @@ def resample_image(image, reference, transform, *, interpolation: str = "linear"
     return _as_dtype(out, dtype)
 
 
+def as_dtype_array(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``array`` as ``dtype``: integers rounded and clamped to the type's range (never wrapped)."""
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        array = np.clip(np.rint(array), info.min, info.max)
+    return np.ascontiguousarray(array.astype(dtype))
+
+
 def _as_dtype(image, dtype: np.dtype):
     """``image`` with voxels of ``dtype`` (integers rounded and clamped), same geometry."""
     import itk
@@ -128,10 +136,7 @@ def _as_dtype(image, dtype: np.dtype):
     array = _array_of(image)
     if array.dtype == dtype:
         return image
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        array = np.clip(np.rint(array), info.min, info.max)
-    out = itk.image_from_array(np.ascontiguousarray(array.astype(dtype)))
+    out = itk.image_from_array(as_dtype_array(array, dtype))
     out.CopyInformation(image)
     return out
 
@@ -171,7 +176,7 @@ def resample_labels(labels, reference, transform, *, default_value: float = 0.0)
     from .grid import ImageGrid
     from .transforms import sample_transform
 
-    _check_scalar(labels, "the label map to resample")
+    check_scalar(labels, "the label map to resample")
     array = np.asarray(_array_of(labels))
     check_label_values(array, "the label map to resample")
     default_value = check_default_value(default_value, array.dtype)
