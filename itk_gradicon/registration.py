@@ -13,7 +13,8 @@ Conventions:
 * with an affine pre-alignment ``A`` (fixed -> moving), the network registers the fixed image to the
   moving image resampled through ``A``, and the written transforms are ``A o phi`` and
   ``phi^-1 o A^-1``;
-* instance optimisation works on a copy of the network: the loaded model is never changed.
+* instance optimisation (:mod:`.instance`) tunes a copy of the network (``network``) or refines the
+  predicted fields (``field``): the loaded model is never changed.
 
 Example:
     >>> import itk
@@ -26,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -38,7 +38,8 @@ from . import losses
 from .errors import DeviceError, InputError, ResourceError
 from .geometry import ImageGrid, NetworkFrame, displacement_on_grid
 from .imageio import check_image, describe_grid, same_grid
-from .models import DEFAULT_MODEL, Model, load_model
+from .instance import DEFAULT_LR, DEFAULT_SMOOTHNESS, IO_METHODS, IOProgress, optimise_network, refine_fields
+from .models import DEFAULT_MODEL, PUBLISHED, Model, load_model
 from .network.inference import predict_displacements
 from .preprocess import MODALITY_CHOICES, IntensityNormalization, apply_input_mask, resolve_modality
 from .transforms import DisplacementField
@@ -46,27 +47,14 @@ from .transforms import DisplacementField
 MASK_MODES = ("input", "loss", "both")
 ORIENTATIONS = ("fixed", "storage")
 IO_SIMILARITIES = tuple(losses.SIMILARITIES)
-DEFAULT_IO_LR = 2e-5
+DEFAULT_IO_LR = DEFAULT_LR["network"]
+IO_METHOD_CHOICES = ("auto",) + IO_METHODS
 DEFAULT_IO_ITERATIONS_WHEN_ENABLED = 50
 
 # Measured peaks of the published network per voxel of the network grid (175^3 on CPU, float32):
 # prediction of one direction about 1.8 GB, one IO step (both directions + backward) about 9.6 GB.
 _BYTES_PER_NETWORK_VOXEL_PREDICT = 360
 _BYTES_PER_NETWORK_VOXEL_IO = 1900
-
-
-@dataclass
-class IOProgress:
-    """Reported after every instance-optimisation step."""
-
-    step: int
-    total: int
-    losses: Dict[str, float]
-    elapsed_s: float
-
-    @property
-    def eta_s(self) -> float:
-        return self.elapsed_s / max(self.step, 1) * (self.total - self.step)
 
 
 @dataclass
@@ -266,7 +254,8 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
              ct_window: Optional[Tuple[float, float]] = None,
              quantile_range: Optional[Tuple[float, float]] = None,
              fixed_mask=None, moving_mask=None, mask_mode: str = "input",
-             io_iterations: int = 0, io_similarity: Optional[str] = None, io_lr: float = DEFAULT_IO_LR,
+             io_iterations: int = 0, io_similarity: Optional[str] = None, io_lr: Optional[float] = None,
+             io_method: str = "auto", io_smoothness: float = DEFAULT_SMOOTHNESS,
              fixed_labels=None, moving_labels=None, io_dice_weight: float = 1.0,
              initial_transform=None, affine: str = "auto", orientation: str = "fixed",
              compute_inverse: bool = True, device: Union[str, torch.device] = "auto",
@@ -288,7 +277,13 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
             ``"loss"`` (restrict the IO similarity to the mask) or ``"both"``.
         io_iterations: instance-optimisation steps (0: prediction only).
         io_similarity: ``"lncc"``, ``"lncc2"`` or ``"mind"`` (default: the model's training loss).
-        io_lr: Adam learning rate of the IO steps.
+        io_lr: Adam learning rate of the IO steps (default: 2e-5 for ``network``; 0.3, in network voxels,
+            for ``field``).
+        io_method: ``"network"`` (Adam on a copy of the network's weights, as the papers do),
+            ``"field"`` (Adam on the predicted displacement fields, a few warps per step: see
+            :mod:`.instance`) or ``"auto"`` (``network`` for the published models, ``field`` for
+            every other model).
+        io_smoothness: weight of the diffusion penalty of ``field`` IO.
         fixed_labels, moving_labels: label maps on their image's grid; with IO they add a soft Dice
             term over the labels present in both, weighted by ``io_dice_weight``.
         initial_transform: affine pre-alignment fixed -> moving (ITK matrix-offset transform or a
@@ -325,8 +320,12 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
         raise InputError(f"unknown orientation {orientation!r}; allowed: {', '.join(ORIENTATIONS)}")
     if isinstance(io_iterations, bool) or not isinstance(io_iterations, (int, np.integer)) or io_iterations < 0:
         raise InputError(f"io_iterations must be a whole number >= 0, not {io_iterations!r}")
-    if not io_lr > 0:
+    if io_method not in IO_METHOD_CHOICES:
+        raise InputError(f"unknown IO method {io_method!r}; allowed: {', '.join(IO_METHOD_CHOICES)}")
+    if io_lr is not None and not io_lr > 0:
         raise InputError(f"io_lr must be > 0, not {io_lr!r}")
+    if not io_smoothness >= 0:
+        raise InputError(f"io_smoothness must be >= 0, not {io_smoothness!r}")
     if (fixed_labels is None) != (moving_labels is None):
         raise InputError("labels for the Dice term must be given for both images or neither")
     if (fixed_mask is None) != (moving_mask is None) and mask_mode in ("loss", "both"):
@@ -341,6 +340,8 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
     arch = model.architecture
     d = arch.dimension
     io_similarity = io_similarity or model.similarity
+    io_method = resolve_io_method(io_method, model)
+    io_lr = DEFAULT_LR[io_method] if io_lr is None else io_lr
     if io_similarity not in IO_SIMILARITIES:
         raise InputError(f"unknown IO similarity {io_similarity!r}; allowed: {', '.join(IO_SIMILARITIES)}")
     if io_similarity == "mind" and d != 3 and io_iterations:
@@ -428,6 +429,7 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
     try:
         disp_AB, disp_BA, history = _predict(
             net, image_A, image_B, io_iterations=int(io_iterations), io_lr=io_lr, io_similarity=io_similarity,
+            io_method=io_method, io_smoothness=io_smoothness,
             mask_mode=mask_mode, fixed_mask=fixed_mask, moving_net_mask=moving_net_mask,
             fixed_labels=fixed_labels, moving_net_labels=moving_net_labels, io_dice_weight=io_dice_weight,
             fixed_frame=fixed_frame, moving_frame=moving_frame, compute_inverse=compute_inverse,
@@ -464,62 +466,48 @@ def _on_network(frame: NetworkFrame, image, device) -> Optional[torch.Tensor]:
                                                    device=device)
 
 
+def resolve_io_method(choice: str, model: Model) -> str:
+    """``auto`` -> ``network`` for a published model (the papers' IO), ``field`` for any other model."""
+    if choice != "auto":
+        return choice
+    return "network" if model.name in PUBLISHED else "field"
+
+
 def _predict(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor, *, io_iterations: int,
-             io_lr: float, io_similarity: str, mask_mode: str, fixed_mask, moving_net_mask, fixed_labels,
-             moving_net_labels, io_dice_weight: float, fixed_frame: NetworkFrame, moving_frame: NetworkFrame,
-             compute_inverse: bool, progress, generator, device, timings: Dict[str, float], predictor=None):
-    """Network displacements ``phi_AB`` (and ``phi_BA``) in CUBE units, after optional IO.
+             io_lr: float, io_similarity: str, io_method: str, io_smoothness: float, mask_mode: str,
+             fixed_mask, moving_net_mask, fixed_labels, moving_net_labels, io_dice_weight: float,
+             fixed_frame: NetworkFrame, moving_frame: NetworkFrame, compute_inverse: bool, progress, generator,
+             device, timings: Dict[str, float], predictor=None):
+    """Network displacements ``phi_AB`` (and ``phi_BA``) in CUBE units, with optional IO.
 
     ``A`` is the moving image, ``B`` the fixed one. Returns ``(disp_AB, disp_BA or None, io history)``.
+    ``network`` IO tunes a copy of the network before the prediction; ``field`` IO refines the
+    predicted displacements.
     """
     history: List[Dict[str, float]] = []
+    io = {}
     if io_iterations > 0:
-        t = time.perf_counter()
         loss_masks = mask_mode in ("loss", "both") and fixed_mask is not None and moving_net_mask is not None
-        net = _instance_optimise(
-            net, image_A, image_B, steps=io_iterations, lr=io_lr,
-            similarity=losses.similarity_function(io_similarity),
-            mask_A=_on_network(moving_frame, moving_net_mask, device) if loss_masks else None,
-            mask_B=_on_network(fixed_frame, fixed_mask, device) if loss_masks else None,
-            seg_A=_on_network(moving_frame, moving_net_labels, device),
-            seg_B=_on_network(fixed_frame, fixed_labels, device),
-            dice_weight=io_dice_weight if fixed_labels is not None else 0.0,
-            progress=progress, history=history, generator=generator)
+        io = dict(steps=io_iterations, lr=io_lr, similarity=losses.similarity_function(io_similarity),
+                  mask_A=_on_network(moving_frame, moving_net_mask, device) if loss_masks else None,
+                  mask_B=_on_network(fixed_frame, fixed_mask, device) if loss_masks else None,
+                  seg_A=_on_network(moving_frame, moving_net_labels, device),
+                  seg_B=_on_network(fixed_frame, fixed_labels, device),
+                  dice_weight=io_dice_weight if fixed_labels is not None else 0.0,
+                  progress=progress, history=history)
+    if io and io_method == "network":
+        t = time.perf_counter()
+        net = optimise_network(net, image_A, image_B, generator=generator, **io)
         timings["instance_optimisation"] = time.perf_counter() - t
     t = time.perf_counter()
     predict = predictor if predictor is not None else predict_displacements
     disp_AB, disp_BA = predict(net, image_A, image_B, inverse=compute_inverse)
     timings["network"] = time.perf_counter() - t
+    if io and io_method == "field":
+        t = time.perf_counter()
+        disp_AB, disp_BA = refine_fields(disp_AB, disp_BA, image_A, image_B, smoothness=io_smoothness, **io)
+        timings["instance_optimisation"] = time.perf_counter() - t
     return disp_AB, disp_BA, history
-
-
-def _instance_optimise(net: torch.nn.Module, image_A, image_B, *, steps: int, lr: float, similarity,
-                       mask_A, mask_B, seg_A, seg_B, dice_weight: float, progress, history,
-                       generator) -> torch.nn.Module:
-    """Adam steps of the full symmetric objective on a copy of ``net``; returns the tuned copy.
-
-    BatchNorm layers stay in evaluation mode (running statistics), as in the reference.
-    """
-    tuned = copy.deepcopy(net)
-    tuned.eval()
-    for p in tuned.parameters():
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(tuned.parameters(), lr=lr)
-    start = time.perf_counter()
-    for step in range(1, steps + 1):
-        optimizer.zero_grad(set_to_none=True)
-        terms = losses.gradicon_objective(tuned, image_A, image_B, similarity=similarity,
-                                          mask_A=mask_A, mask_B=mask_B, seg_A=seg_A, seg_B=seg_B,
-                                          dice_weight=dice_weight, generator=generator)
-        terms.total.backward()
-        optimizer.step()
-        record = terms.as_floats()
-        history.append(record)
-        if progress is not None:
-            progress(IOProgress(step, steps, record, time.perf_counter() - start))
-    for p in tuned.parameters():
-        p.requires_grad_(False)
-    return tuned
 
 
 class GradICONRegistrationMethod:
@@ -570,6 +558,10 @@ class GradICONRegistrationMethod:
 
     def SetLearningRate(self, lr: float) -> None:
         self._set("io_lr", lr)
+
+    def SetOptimisationMethod(self, method: str) -> None:
+        """Instance-optimisation method: ``"auto"``, ``"network"`` or ``"field"``."""
+        self._set("io_method", method)
 
     def SetSimilarity(self, name: str) -> None:
         self._set("io_similarity", name)

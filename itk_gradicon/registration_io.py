@@ -101,7 +101,8 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
                  quantile_range: Optional[Tuple[float, float]] = None,
                  fixed_mask: Optional[Path] = None, moving_mask: Optional[Path] = None,
                  mask_mode: str = "input", io_iterations: int = 0, io_similarity: Optional[str] = None,
-                 io_lr: float = 2e-5, fixed_labels: Optional[Path] = None,
+                 io_lr: Optional[float] = None, io_method: str = "auto", io_smoothness: float = 0.15,
+                 fixed_labels: Optional[Path] = None,
                  moving_labels: Optional[Path] = None, io_dice_weight: float = 1.0,
                  affine: str = "auto", initial_transform: Optional[Path] = None,
                  orientation: str = "fixed", seed: Optional[int] = None, device: str = "auto",
@@ -118,7 +119,7 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
         outputs: the destinations.
         model: ``--model NAME|FILE``.
         fixed_modality, moving_modality, ct_window, quantile_range, mask_mode, io_iterations,
-            io_similarity, io_lr, io_dice_weight, orientation, device: as
+            io_similarity, io_lr, io_method, io_smoothness, io_dice_weight, orientation, device: as
             :func:`~itk_gradicon.registration.register`.
         fixed_mask, moving_mask, fixed_labels, moving_labels: files on their image's grid.
         affine: ``"auto"`` (``elastix`` for a model trained on affinely pre-aligned pairs, else
@@ -141,11 +142,14 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
 
     from .models import load_model
     from .preprocess import MODALITY_CHOICES
-    from .registration import check_memory, estimate_memory, register, resolve_device
+    from .registration import (IO_METHOD_CHOICES, check_memory, estimate_memory, register, resolve_device,
+                               resolve_io_method)
 
     outputs.validate()
     if isinstance(io_iterations, bool) or not isinstance(io_iterations, int) or io_iterations < 0:
         raise InputError(f"--io-iterations must be a whole number >= 0, not {io_iterations!r}")
+    if io_method not in IO_METHOD_CHOICES:
+        raise InputError(f"unknown --io-method {io_method!r}; allowed: {', '.join(IO_METHOD_CHOICES)}")
     if affine not in AFFINE_CHOICES:
         raise InputError(f"unknown --affine {affine!r}; allowed: {', '.join(AFFINE_CHOICES)}")
     if affine == "elastix" and initial_transform is not None:
@@ -173,6 +177,10 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
     if affine == "elastix" and expects_prealignment(model_obj):
         log(f"affine pre-alignment: elastix (model '{model_obj.name}' was trained on affinely pre-aligned "
             "pairs; --affine none turns it off)")
+    if io_iterations > 0 and io_method == "auto":
+        io_method = resolve_io_method(io_method, model_obj)
+        why = "the papers' method, for a published model" if io_method == "network" else "for a model not published"
+        log(f"instance optimisation: {io_method} ({why}; --io-method chooses)")
     d = model_obj.architecture.dimension
     for flag, header in headers.items():
         check_header(header, what=flag, dimension=d, needed_by=f"the model '{model_obj.name}'")
@@ -212,7 +220,7 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
         fixed_image, moving_image, model=model_obj, fixed_modality=fixed_modality,
         moving_modality=moving_modality, ct_window=ct_window, quantile_range=quantile_range,
         mask_mode=mask_mode, io_iterations=io_iterations, io_similarity=io_similarity, io_lr=io_lr,
-        io_dice_weight=io_dice_weight, initial_transform=pre, affine="none", orientation=orientation,
+        io_method=io_method, io_smoothness=io_smoothness, io_dice_weight=io_dice_weight, initial_transform=pre, affine="none", orientation=orientation,
         compute_inverse=outputs.needs_inverse, device=torch_device, progress=progress,
         generator=generator, predictor=predictor, **masks, **labels)
     for message in result.messages:

@@ -259,7 +259,7 @@ def test_io_never_changes_the_loaded_model(pair, model):
     flags = [p.requires_grad for p in model.network.parameters()]
     before = run(other_fixed, other_moving, model)
     fixed, moving = pair
-    tuned = run(fixed, moving, model, io_iterations=4, io_lr=1e-2, generator=torch.Generator().manual_seed(1))
+    tuned = run(fixed, moving, model, io_method="network", io_iterations=4, io_lr=1e-2, generator=torch.Generator().manual_seed(1))
     assert len(tuned.io_history) == 4
     after_state = _state(model)
     assert before_state.keys() == after_state.keys()
@@ -276,7 +276,7 @@ def test_io_never_changes_the_loaded_model(pair, model):
 def test_io_lowers_the_objective_and_reports_progress(pair, model):
     fixed, moving = pair
     reports = []
-    result = run(fixed, moving, model, io_iterations=8, io_lr=1e-3, progress=reports.append,
+    result = run(fixed, moving, model, io_method="network", io_iterations=8, io_lr=1e-3, progress=reports.append,
                  generator=torch.Generator().manual_seed(2))
     history = result.io_history
     assert [r.step for r in reports] == list(range(1, 9)) and reports[-1].total == 8
@@ -286,8 +286,8 @@ def test_io_lowers_the_objective_and_reports_progress(pair, model):
 
 def test_io_is_reproducible_with_a_generator(pair, model):
     fixed, moving = pair
-    a = run(fixed, moving, model, io_iterations=2, io_lr=1e-3, generator=torch.Generator().manual_seed(5))
-    b = run(fixed, moving, model, io_iterations=2, io_lr=1e-3, generator=torch.Generator().manual_seed(5))
+    a = run(fixed, moving, model, io_method="network", io_iterations=2, io_lr=1e-3, generator=torch.Generator().manual_seed(5))
+    b = run(fixed, moving, model, io_method="network", io_iterations=2, io_lr=1e-3, generator=torch.Generator().manual_seed(5))
     np.testing.assert_array_equal(a.forward_field.array, b.forward_field.array)
 
 
@@ -327,7 +327,7 @@ def test_loss_masks_reach_the_objective(pair, model, monkeypatch):
     fixed, moving = pair
     fixed_mask, moving_mask = _masks(fixed, moving)
     calls = _spy_objective(monkeypatch)
-    masked = run(fixed, moving, model, io_iterations=2, io_lr=1e-3, fixed_mask=fixed_mask, moving_mask=moving_mask,
+    masked = run(fixed, moving, model, io_method="network", io_iterations=2, io_lr=1e-3, fixed_mask=fixed_mask, moving_mask=moving_mask,
                  mask_mode="loss", generator=torch.Generator().manual_seed(3))
     shape = model.architecture.input_shape
     fixed_frame = NetworkFrame.reference_layout(ImageGrid.from_image(fixed), shape)
@@ -338,11 +338,11 @@ def test_loss_masks_reach_the_objective(pair, model, monkeypatch):
     assert torch.equal(calls[0]["mask_B"], expected_B) and torch.equal(calls[0]["mask_A"], expected_A)
     assert set(torch.unique(calls[0]["mask_A"]).tolist()) == {0.0, 1.0}
     calls.clear()
-    unmasked = run(fixed, moving, model, io_iterations=2, io_lr=1e-3, generator=torch.Generator().manual_seed(3))
+    unmasked = run(fixed, moving, model, io_method="network", io_iterations=2, io_lr=1e-3, generator=torch.Generator().manual_seed(3))
     assert calls[0]["mask_A"] is None and calls[0]["mask_B"] is None
     assert masked.io_history[0]["similarity"] != pytest.approx(unmasked.io_history[0]["similarity"], abs=1e-4)
     calls.clear()
-    run(fixed, moving, model, io_iterations=1, io_lr=1e-3, fixed_mask=fixed_mask, moving_mask=moving_mask,
+    run(fixed, moving, model, io_method="network", io_iterations=1, io_lr=1e-3, fixed_mask=fixed_mask, moving_mask=moving_mask,
         mask_mode="input")
     assert calls[0]["mask_A"] is None
 
@@ -398,7 +398,7 @@ def test_dice_term_improves_label_overlap(identity_model, monkeypatch):
         return np.array([2 * ((warped == k) & (target == k)).sum() / ((warped == k).sum() + (target == k).sum())
                          for k in (1, 2)])
 
-    common = dict(io_iterations=20, io_lr=1e-3, fixed_labels=fixed_labels, moving_labels=moving_labels,
+    common = dict(io_method="network", io_iterations=20, io_lr=1e-3, fixed_labels=fixed_labels, moving_labels=moving_labels,
                   compute_inverse=False)
     with_dice = run(fixed, moving, identity_model, io_dice_weight=1.0, generator=torch.Generator().manual_seed(0),
                     **common)

@@ -14,7 +14,8 @@ from .register_cmd import register as _register_command
 #: Options of ``gradicon register`` that apply to every pair of a batch, with the same meaning
 #: and help text (the per-pair files are CSV columns instead).
 SHARED_OPTIONS = ("fixed_modality", "moving_modality", "ct_window", "quantile_range", "mask_mode",
-                  "io_iterations", "io_similarity", "io_lr", "io_dice_weight", "affine", "orientation", "seed")
+                  "io_iterations", "io_similarity", "io_method", "io_lr", "io_smoothness", "io_dice_weight",
+                  "affine", "orientation", "seed")
 
 
 @click.command("register-batch")
