@@ -258,8 +258,8 @@ def elastix_affine(fixed, moving, fixed_mask=None, moving_mask=None, *, metric: 
     """Affine registration of ``moving`` to ``fixed`` with elastix; returns the fixed -> moving matrix.
 
     Args:
-        fixed, moving: scalar ``itk.Image`` of the same dimension (2 or 3), raw intensities (any
-            pixel type; cast to float).
+        fixed, moving: scalar images of the same dimension (2 or 3), ``itk.Image`` (a
+            ``SimpleITK.Image`` is converted), raw intensities (any pixel type; cast to float).
         fixed_mask, moving_mask: optional masks on their image's grid; only voxels > 0 are sampled.
         metric, initialization, iterations, resolutions, samples, seed: see
             :func:`affine_parameter_map`.
@@ -278,8 +278,9 @@ def elastix_affine(fixed, moving, fixed_mask=None, moving_mask=None, *, metric: 
     """
     import itk
 
-    from .imageio import cast_image, check_image, same_grid
+    from .imageio import cast_image, check_image, same_grid, to_itk
 
+    fixed, moving, fixed_mask, moving_mask = (to_itk(i) for i in (fixed, moving, fixed_mask, moving_mask))
     d = int(fixed.GetImageDimension())
     if int(moving.GetImageDimension()) != d:
         raise InputError(f"the fixed image is {d}-D and the moving image "

@@ -33,8 +33,9 @@ import numpy as np
 
 from .errors import InputError
 from .grid import ImageGrid
-from .imageio import (IMAGE_SUFFIXES, ImageHeader, OutputTransaction, check_nifti_complete, check_output_path,
-                      check_resample_headers, not_an_image_error, short_error_message, unreadable_header_error)
+from .imageio import (IMAGE_SUFFIXES, ImageHeader, OutputTransaction, _is_simpleitk, check_nifti_complete,
+                      check_output_path, check_resample_headers, not_an_image_error, short_error_message,
+                      unreadable_header_error)
 from .resample import (INTERPOLATIONS, as_dtype_array, check_default_value, check_interpolation, check_label_values,
                        check_scalar, resample_label_array)
 from .transform_specs import TransformSpec, elastix_field_path, inverse_hint, transform_file_kind
@@ -290,7 +291,10 @@ def resample_labels(labels, reference, transform, *, default_value: float = 0.0,
 
 
 def from_itk(image):
-    """An ``itk.Image`` (scalar or vector) as a ``SimpleITK.Image``: the same voxels (copied) and grid."""
+    """An ``itk.Image`` (scalar or vector) as a ``SimpleITK.Image``: the same voxels (copied) and grid.
+    A ``SimpleITK.Image`` is returned as it is."""
+    if _is_simpleitk(image):
+        return image
     import itk
 
     sitk = _sitk()
@@ -311,7 +315,7 @@ def field_transform(field) -> object:
 
 def write_warped(moving, fixed, field, path: Path) -> None:
     """``moving`` resampled onto ``fixed``'s grid through a forward field, linear, written at ``path``:
-    the ``--out-warped`` image of ``gradicon register`` (``itk.Image`` inputs, converted)."""
+    the ``--out-warped`` image of ``gradicon register`` (``itk.Image`` inputs are converted)."""
     _write(resample_image(from_itk(moving), from_itk(fixed), field_transform(field), interpolation="linear"), path)
 
 

@@ -19,6 +19,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Tuple, Union
@@ -124,6 +125,7 @@ class OutputTransaction:
         self._created_dirs: list[Path] = []
         self._planned: list[Path] = []
         self._done = False
+        self._lock = threading.Lock()  # outputs may be staged from several threads
 
     def _staging_dir(self, parent: Path) -> Path:
         if parent not in self._staging:
@@ -136,8 +138,9 @@ class OutputTransaction:
     def path(self, final: PathLike) -> Path:
         """Where to write the file that will become ``final`` on :meth:`commit`."""
         final = Path(final).expanduser().absolute()
-        self._planned.append(final)
-        return self._staging_dir(final.parent) / final.name
+        with self._lock:
+            self._planned.append(final)
+            return self._staging_dir(final.parent) / final.name
 
     def commit(self) -> None:
         """Move every staged file into place, all or nothing, then remove the staging folders.
@@ -497,8 +500,23 @@ def image_array(image) -> np.ndarray:
     return _itk().array_view_from_image(image)
 
 
+#: Image libraries the readers return: ITK Python (``itk.Image``) or SimpleITK (``SimpleITK.Image``:
+#: the same ITK readers and filters, loaded in a fraction of a second; what the commands use).
+BACKENDS = ("itk", "simpleitk")
+
+
+def _read_any(path: PathLike, what: str, backend: str):
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown image backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if backend == "simpleitk":
+        from .files import read_image as read_simpleitk
+
+        return read_simpleitk(path, what)
+    return read_itk_image(path, what)
+
+
 def read_image(path: PathLike, *, what: str = "image", dimension: Optional[int] = None,
-               check_constant: bool = True, return_original: bool = False):
+               check_constant: bool = True, return_original: bool = False, backend: str = "itk"):
     """Read a scalar image as float32 and check that it can be registered.
 
     Args:
@@ -507,51 +525,58 @@ def read_image(path: PathLike, *, what: str = "image", dimension: Optional[int] 
         dimension: required spatial dimension, or ``None`` to accept 2 or 3.
         check_constant: refuse images whose voxels all have one value.
         return_original: also return the image in the file's own pixel type.
+        backend: ``"itk"`` (``itk.Image``) or ``"simpleitk"`` (``SimpleITK.Image``).
 
     Returns:
-        ``itk.Image[itk.F, d]`` with the file's origin, spacing and direction; with
-        ``return_original``, the pair ``(float image, image as stored)``.
+        ``itk.Image[itk.F, d]`` (or a float32 ``SimpleITK.Image``) with the file's origin, spacing and
+        direction; with ``return_original``, the pair ``(float image, image as stored)``.
 
     Raises:
         InputError: with a one-line reason naming the file and what was expected.
     """
-    image = read_itk_image(path, what)
+    image = _read_any(path, what, backend)
     checked = check_image(image, what=f"{what} '{path}'", dimension=dimension, check_constant=check_constant)
     return (checked, image) if return_original else checked
 
 
 def check_image(image, *, what: str = "image", dimension: Optional[int] = None,
                 check_constant: bool = True):
-    """Check an in-memory ITK image as :func:`read_image` checks files; returns it as float32.
+    """Check an in-memory image (``itk.Image`` or ``SimpleITK.Image``) as :func:`read_image` checks
+    files; returns it as float32, in the same library.
 
     ``what`` names the image in error messages.
     """
-    itk = _itk()
-    if not hasattr(image, "GetImageDimension"):
-        raise InputError(f"{what} must be an itk.Image, not {type(image).__name__}")
+    simpleitk = _is_simpleitk(image)
+    if not simpleitk and not hasattr(image, "GetImageDimension"):
+        raise InputError(f"{what} must be an itk.Image or a SimpleITK.Image, not {type(image).__name__}")
     _check_scalar_and_dimension(image, what, dimension)
     _check_grid(image, what)
-    array = itk.array_view_from_image(image)
+    array = image_array(image)
     if not np.all(np.isfinite(array)):
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
         raise InputError(f"{what} has {bad} NaN or infinite voxels; registration needs finite intensities")
     if check_constant and array.size and float(array.min()) == float(array.max()):
         raise InputError(f"{what} is constant (every voxel is {float(array.min()):g}); "
                          "there is nothing to register")
-    return cast_image(image, itk.F)
+    if simpleitk:
+        import SimpleITK as sitk
+
+        return image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
+    return cast_image(image, _itk().F)
 
 
-def read_label_image(path: PathLike, *, what: str = "label map", dimension: Optional[int] = None):
+def read_label_image(path: PathLike, *, what: str = "label map", dimension: Optional[int] = None,
+                     backend: str = "itk"):
     """Read a label map or mask, keeping its integer pixel type.
 
     Floating-point label files are accepted when every value is integral (files written by
-    tools that store labels as float); otherwise an :class:`InputError` names the first
-    non-integer value.
+    tools that store labels as float, cast to int16, or int32 where int16 cannot hold them);
+    otherwise an :class:`InputError` names the first non-integer value. ``backend`` as in
+    :func:`read_image`.
     """
-    itk = _itk()
-    image = read_itk_image(path, what)
+    image = _read_any(path, what, backend)
     _check_scalar_and_dimension(image, f"{what} '{path}'", dimension)
-    array = itk.array_view_from_image(image)
+    array = image_array(image)
     if np.issubdtype(array.dtype, np.floating):
         if not np.all(np.isfinite(array)):
             raise InputError(f"{what} '{path}' has NaN or infinite values")
@@ -560,8 +585,13 @@ def read_label_image(path: PathLike, *, what: str = "label map", dimension: Opti
             raise InputError(f"{what} '{path}' is not a label map: it holds non-integer values "
                              f"such as {float(frac.flat[0]):g}")
         lo, hi = float(array.min()), float(array.max())
-        target = itk.SS if -32768 <= lo and hi <= 32767 else itk.SI
-        image = cast_image(image, target)
+        small = -32768 <= lo and hi <= 32767
+        if _is_simpleitk(image):
+            import SimpleITK as sitk
+
+            return sitk.Cast(image, sitk.sitkInt16 if small else sitk.sitkInt32)
+        itk = _itk()
+        image = cast_image(image, itk.SS if small else itk.SI)
     return image
 
 
@@ -583,8 +613,7 @@ def _check_scalar_and_dimension(image, what, dimension):
     dim = image_dimension(image)
     allowed = (dimension,) if dimension is not None else (2, 3)
     if dim not in allowed:
-        size = tuple(int(s) for s in image.GetLargestPossibleRegion().GetSize())
-        raise InputError(f"{what} is a {dim}-D image of size {size}; "
+        raise InputError(f"{what} is a {dim}-D image of size {image_size(image)}; "
                          f"this needs a {' or '.join(f'{d}-D' for d in allowed)} image")
 
 
@@ -616,17 +645,39 @@ def describe_grid(image) -> str:
 
 
 def read_mask_on_grid(path: PathLike, reference, *, what: str = "mask"):
-    """Read a mask and check that it lies on ``reference``'s grid; returns a uint8 0/1 image."""
-    itk = _itk()
-    mask = read_label_image(path, what=what, dimension=image_dimension(reference))
+    """Read a mask and check that it lies on ``reference``'s grid; returns a uint8 0/1 image in
+    ``reference``'s library (``itk`` or ``SimpleITK``)."""
+    backend = "simpleitk" if _is_simpleitk(reference) else "itk"
+    mask = read_label_image(path, what=what, dimension=image_dimension(reference), backend=backend)
     if not same_grid(mask, reference):
         raise InputError(f"{what} '{path}' is not on its image's grid: mask has "
                          f"{describe_grid(mask)}, image has {describe_grid(reference)} "
                          "(resample it with 'gradicon apply-transform --interpolation nearest')")
-    array = (itk.array_view_from_image(mask) > 0).astype(np.uint8)
+    array = (image_array(mask) > 0).astype(np.uint8)
     if not array.any():
         raise InputError(f"{what} '{path}' is empty (no voxel > 0)")
-    out = itk.image_from_array(array)
+    return image_like(array, reference)
+
+
+def to_itk(image):
+    """An ``itk.Image`` with the voxels (copied) and grid of a ``SimpleITK.Image``; ITK images as they are."""
+    if image is None or not _is_simpleitk(image):
+        return image
+    from .grid import ImageGrid
+
+    out = _itk().image_from_array(np.array(image_array(image)), is_vector=image.GetNumberOfComponentsPerPixel() > 1)
+    ImageGrid.from_image(image).apply_to(out)
+    return out
+
+
+def image_like(array: np.ndarray, reference):
+    """A scalar image holding ``array`` (ARRAY order) on ``reference``'s grid, in its library."""
+    if _is_simpleitk(reference):
+        import SimpleITK as sitk
+
+        out = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    else:
+        out = _itk().image_from_array(np.ascontiguousarray(array))
     out.CopyInformation(reference)
     return out
 

@@ -352,7 +352,8 @@ def qc_picture(fixed, moving, result) -> np.ndarray:
     """The QC picture as an RGB ``uint8`` array ``(height, width, 3)``.
 
     Args:
-        fixed: the fixed ``itk.Image`` (any scalar pixel type), whose grid the forward field lives on.
+        fixed: the fixed ``itk.Image`` or ``SimpleITK.Image`` (any scalar pixel type), whose grid the
+            forward field lives on.
         moving: the moving ``itk.Image``.
         result: a :class:`~itk_gradicon.registration.RegistrationResult` of this pair.
 
@@ -361,6 +362,9 @@ def qc_picture(fixed, moving, result) -> np.ndarray:
     """
     import itk
 
+    from .imageio import to_itk
+
+    fixed, moving = to_itk(fixed), to_itk(moving)  # SimpleITK images (as the command reads them) converted
     d = int(fixed.GetImageDimension())
     grid = ImageGrid.from_image(fixed)
     if grid != result.forward_field.grid and not _grids_close(grid, result.forward_field.grid):

@@ -37,7 +37,7 @@ import torch
 from . import losses
 from .errors import DeviceError, InputError, ResourceError
 from .geometry import ImageGrid, NetworkFrame, displacement_on_grid
-from .imageio import check_image, describe_grid, same_grid
+from .imageio import _is_simpleitk, check_image, describe_grid, image_array, image_like, same_grid
 from .instance import DEFAULT_LR, DEFAULT_SMOOTHNESS, IO_METHODS, IOProgress, optimise_network, refine_fields
 from .models import DEFAULT_MODEL, PUBLISHED, Model, load_model
 from .network.inference import predict_displacements
@@ -223,7 +223,21 @@ def _as_affine(initial_transform, dimension: int) -> Optional[np.ndarray]:
 
 
 def _resample_on(image, reference, affine: np.ndarray, *, nearest: bool, default: float = 0.0):
-    """``image`` sampled at ``affine(p)`` for every voxel ``p`` of ``reference``'s grid."""
+    """``image`` sampled at ``affine(p)`` for every voxel ``p`` of ``reference``'s grid (ITK's
+    resampler, linear or nearest neighbour), in ``image``'s library (ITK Python or SimpleITK)."""
+    if _is_simpleitk(image):
+        import SimpleITK as sitk
+
+        d = affine.shape[0] - 1
+        transform = sitk.AffineTransform(d)
+        transform.SetMatrix([float(v) for v in np.asarray(affine[:d, :d], dtype=np.float64).ravel()])
+        transform.SetTranslation([float(v) for v in affine[:d, d]])
+        grid = ImageGrid.from_image(reference)
+        return sitk.Resample(image, [int(n) for n in grid.size], transform,
+                             sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear,
+                             [float(v) for v in grid.origin], [float(v) for v in grid.spacing],
+                             [float(v) for row in grid.direction for v in row], float(default),
+                             image.GetPixelID())
     import itk
 
     from .transforms import affine_to_itk
@@ -233,14 +247,6 @@ def _resample_on(image, reference, affine: np.ndarray, *, nearest: bool, default
     return itk.resample_image_filter(image, transform=affine_to_itk(affine), interpolator=interpolator,
                                      use_reference_image=True, reference_image=reference,
                                      default_pixel_value=default)
-
-
-def _image_from(array: np.ndarray, like):
-    import itk
-
-    out = itk.image_from_array(np.ascontiguousarray(array))
-    out.CopyInformation(like)
-    return out
 
 
 def _check_on_grid(mask, image, what: str, image_what: str) -> None:
@@ -266,7 +272,8 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
     """Register ``moving`` to ``fixed`` with a GradICON-family network.
 
     Args:
-        fixed, moving: scalar ``itk.Image`` of the model's dimension.
+        fixed, moving: scalar images of the model's dimension, both ``itk.Image`` or both
+            ``SimpleITK.Image`` (masks and label maps in the same library).
         model: a published name, a weight/model file, or a loaded :class:`~itk_gradicon.models.Model`.
         fixed_modality, moving_modality: ``"ct"``, ``"mri"`` or ``"auto"`` (guessed from intensities;
             the guess is reported in ``result.messages``).
@@ -307,8 +314,6 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
     Raises:
         InputError, ModelError, DeviceError, ResourceError: problems the caller can fix.
     """
-    import itk
-
     timings: Dict[str, float] = {}
     messages: List[str] = []
     t0 = time.perf_counter()
@@ -354,7 +359,7 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
     _check_on_grid(fixed_labels, fixed, "fixed label map", "the fixed image")
     _check_on_grid(moving_labels, moving, "moving label map", "the moving image")
     for mask, what in ((fixed_mask, "fixed mask"), (moving_mask, "moving mask")):
-        if mask is not None and not np.any(itk.array_view_from_image(mask) > 0):
+        if mask is not None and not np.any(image_array(mask) > 0):
             raise InputError(f"the {what} is empty (no voxel > 0)")
     fixed_grid, moving_grid = ImageGrid.from_image(fixed), ImageGrid.from_image(moving)
     from .registration_io import AFFINE_CHOICES, resolve_affine_choice
@@ -375,8 +380,8 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
 
     # ---- intensities --------------------------------------------------------------------------
     t = time.perf_counter()
-    fixed_array = itk.array_view_from_image(fixed)
-    moving_array = itk.array_view_from_image(moving)
+    fixed_array = image_array(fixed)
+    moving_array = image_array(moving)
     defaults = model.preprocessing or {}
     window = tuple(ct_window) if ct_window is not None else tuple(defaults.get("ct_window") or (-1000.0, 1000.0))
     quantiles = quantile_range if quantile_range is not None else defaults.get("quantile_range")
@@ -391,17 +396,17 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
         norm = IntensityNormalization(modality, window, quantiles)
         normalized[role] = norm(array, what=f"{role} image")
     if fixed_mask is not None and mask_mode in ("input", "both"):
-        normalized["fixed"] = apply_input_mask(normalized["fixed"], itk.array_view_from_image(fixed_mask))
+        normalized["fixed"] = apply_input_mask(normalized["fixed"], image_array(fixed_mask))
     if moving_mask is not None and mask_mode in ("input", "both"):
-        normalized["moving"] = apply_input_mask(normalized["moving"], itk.array_view_from_image(moving_mask))
+        normalized["moving"] = apply_input_mask(normalized["moving"], image_array(moving_mask))
 
     # ---- affine pre-alignment: the network then sees the moving image on the fixed grid -------
     moving_net_image = moving
     moving_net_mask, moving_net_labels = moving_mask, moving_labels
     moving_net_array = normalized["moving"]
     if affine is not None:
-        resampled = _resample_on(_image_from(moving_net_array, moving), fixed, affine, nearest=False)
-        moving_net_array = np.asarray(itk.array_view_from_image(resampled), dtype=np.float32)
+        resampled = _resample_on(image_like(moving_net_array, moving), fixed, affine, nearest=False)
+        moving_net_array = np.asarray(image_array(resampled), dtype=np.float32)
         moving_net_image = resampled
         if moving_mask is not None:
             moving_net_mask = _resample_on(moving_mask, fixed, affine, nearest=True)
@@ -460,10 +465,7 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
 
 def _on_network(frame: NetworkFrame, image, device) -> Optional[torch.Tensor]:
     """A mask or label map on the network grid (nearest-neighbour resizing), or ``None``."""
-    import itk
-
-    return None if image is None else frame.tensor(itk.array_view_from_image(image), mode="nearest",
-                                                   device=device)
+    return None if image is None else frame.tensor(image_array(image), mode="nearest", device=device)
 
 
 def resolve_io_method(choice: str, model: Model) -> str:

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .errors import GradiconError, InputError, ResourceError
-from .imageio import (VOLUME_SUFFIXES, ImageHeader, OutputTransaction, check_header, check_output_dir,
-                      check_output_path, describe_grid, read_image, read_image_header, read_label_image,
-                      read_mask_on_grid, same_grid)
+from .files import read_header
+from .imageio import (VOLUME_SUFFIXES, ImageHeader, OutputTransaction, _is_simpleitk, check_header,
+                      check_output_dir, check_output_path, describe_grid, image_dimension, read_image,
+                      read_label_image, read_mask_on_grid, same_grid)
 from .transforms import TRANSFORM_OUTPUT_SUFFIXES
 
 Log = Callable[[str], None]
@@ -88,7 +89,8 @@ class RegisterOutputs:
 
 
 def _read_labels_on(path: Path, image, what: str):
-    labels = read_label_image(path, what=what, dimension=int(image.GetImageDimension()))
+    labels = read_label_image(path, what=what, dimension=image_dimension(image),
+                              backend="simpleitk" if _is_simpleitk(image) else "itk")
     if not same_grid(labels, image):
         raise InputError(f"{what} '{path}' is not on its image's grid: {describe_grid(labels)} vs "
                          f"{describe_grid(image)}")
@@ -168,7 +170,7 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
                        ("--moving-mask", moving_mask), ("--fixed-labels", fixed_labels),
                        ("--moving-labels", moving_labels)):
         if path is not None:
-            headers[flag] = read_image_header(path, what=flag)
+            headers[flag] = read_header(path, what=flag)
     if initial_transform is not None and not Path(initial_transform).is_file():
         raise InputError(f"--initial-transform '{initial_transform}' does not exist")
 
@@ -190,8 +192,11 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
                                  affine=affine != "none" or initial_transform is not None,
                                  originals=outputs.needs_originals), torch_device)
 
-    fixed_image, fixed_original = read_image(fixed, what="--fixed", dimension=d, return_original=True)
-    moving_image, moving_original = read_image(moving, what="--moving", dimension=d, return_original=True)
+    # SimpleITK: ITK's readers and resampler without ITK Python's seconds of module loading
+    fixed_image, fixed_original = read_image(fixed, what="--fixed", dimension=d, return_original=True,
+                                             backend="simpleitk")
+    moving_image, moving_original = read_image(moving, what="--moving", dimension=d, return_original=True,
+                                               backend="simpleitk")
     masks = {
         "fixed_mask": read_mask_on_grid(fixed_mask, fixed_image, what="--fixed-mask") if fixed_mask else None,
         "moving_mask": read_mask_on_grid(moving_mask, moving_image, what="--moving-mask") if moving_mask else None,
@@ -267,7 +272,6 @@ def write_register_outputs(result, outputs: RegisterOutputs, *, fixed_original=N
             output at all is left behind.
     """
     from .imageio import short_error_message
-    from .transforms import ants_file_names, write_affine_file, write_elastix, write_field_image, write_transform
 
     if outputs.needs_originals and (fixed_original is None or moving_original is None):
         raise InputError("--out-warped and --out-qc need the fixed and moving images")
@@ -278,53 +282,109 @@ def write_register_outputs(result, outputs: RegisterOutputs, *, fixed_original=N
         ants_inverse_missing = inverse_missing
     if (outputs.inverse_transform and inverse_missing) or (outputs.ants_prefix and ants_inverse_missing):
         raise InputError("the inverse transform was not computed (compute_inverse=False)")
-    written: List[Path] = []
+    jobs = _output_jobs(result, outputs, fixed_original, moving_original)
     current = "the outputs"
     try:
         with OutputTransaction() as out:
-            if outputs.transform:
-                current = str(outputs.transform)
-                write_transform(result.forward_field, outputs.transform, out)
-                written.append(Path(outputs.transform))
-            if outputs.inverse_transform:
-                current = str(outputs.inverse_transform)
-                write_transform(result.inverse_field, outputs.inverse_transform, out)
-                written.append(Path(outputs.inverse_transform))
-            if outputs.ants_prefix:
-                names = {key: Path(name).expanduser().absolute()
-                         for key, name in ants_file_names(str(outputs.ants_prefix)).items()}
-                current = str(names["warp"])
-                if result.affine is not None:
-                    write_affine_file(result.affine, out.path(names["affine"]))
-                    write_field_image(result.deformable_forward_field, out.path(names["warp"]))
-                    write_field_image(result.deformable_inverse_field, out.path(names["inverse_warp"]))
-                    written.append(names["affine"])
-                else:
-                    write_field_image(result.forward_field, out.path(names["warp"]))
-                    write_field_image(result.inverse_field, out.path(names["inverse_warp"]))
-                written += [names["warp"], names["inverse_warp"]]
-            if outputs.elastix_dir:
-                current = str(outputs.elastix_dir)
-                written.append(write_elastix(result.forward_field, outputs.elastix_dir, out))
-            if outputs.warped:
-                from .files import write_warped  # SimpleITK: ITK's resampler without loading ITK Python's
-
-                current = str(outputs.warped)
-                write_warped(moving_original, fixed_original, result.forward_field, out.path(outputs.warped))
-                written.append(Path(outputs.warped))
-            if outputs.qc:
-                from .qc import write_qc
-
-                current = str(outputs.qc)
-                write_qc(fixed_original, moving_original, result, outputs.qc, transaction=out)
-                written.append(Path(outputs.qc))
+            written = _run_output_jobs(jobs, out)
             current = "the outputs into place"
+    except _OutputJobError as failed:
+        err = failed.__cause__
+        if isinstance(err, GradiconError):
+            raise err from None
+        raise ResourceError(f"writing {failed.target} failed ({short_error_message(err)}); "
+                            "no output was kept") from err
     except GradiconError:
         raise
     except (OSError, RuntimeError) as err:
         raise ResourceError(f"writing {current} failed ({short_error_message(err)}); no output was kept") from err
     for path in written:
         log(f"wrote {path}")
+    return written
+
+
+class _OutputJobError(Exception):
+    """An output job failed; ``target`` names what it was writing, ``__cause__`` is the error."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.target = target
+
+
+#: One output: what it writes (for messages), the final paths it creates, and the function that
+#: writes them into the transaction.
+_Job = Tuple[str, List[Path], Callable[[OutputTransaction], None]]
+
+
+def _output_jobs(result, outputs: RegisterOutputs, fixed_original, moving_original) -> List[_Job]:
+    from .transforms import ants_file_names, write_affine_file, write_elastix, write_field_image, write_transform
+
+    jobs: List[_Job] = []
+    if outputs.transform:
+        jobs.append((str(outputs.transform), [Path(outputs.transform)],
+                     lambda out: write_transform(result.forward_field, outputs.transform, out)))
+    if outputs.inverse_transform:
+        jobs.append((str(outputs.inverse_transform), [Path(outputs.inverse_transform)],
+                     lambda out: write_transform(result.inverse_field, outputs.inverse_transform, out)))
+    if outputs.ants_prefix:
+        names = {key: Path(name).expanduser().absolute()
+                 for key, name in ants_file_names(str(outputs.ants_prefix)).items()}
+        if result.affine is not None:
+            jobs.append((str(names["affine"]), [names["affine"]],
+                         lambda out: write_affine_file(result.affine, out.path(names["affine"]))))
+            forward, inverse = result.deformable_forward_field, result.deformable_inverse_field
+        else:
+            forward, inverse = result.forward_field, result.inverse_field
+        jobs.append((str(names["warp"]), [names["warp"]],
+                     lambda out: write_field_image(forward, out.path(names["warp"]))))
+        jobs.append((str(names["inverse_warp"]), [names["inverse_warp"]],
+                     lambda out: write_field_image(inverse, out.path(names["inverse_warp"]))))
+    if outputs.elastix_dir:
+        folder = Path(outputs.elastix_dir)
+        jobs.append((str(folder), [],  # write_elastix returns its parameter file
+                     lambda out: write_elastix(result.forward_field, folder, out)))
+    if outputs.warped:
+        from .files import write_warped  # SimpleITK: ITK's resampler without loading ITK Python's
+
+        jobs.append((str(outputs.warped), [Path(outputs.warped)],
+                     lambda out: write_warped(moving_original, fixed_original, result.forward_field,
+                                              out.path(outputs.warped))))
+    if outputs.qc:
+        from .qc import write_qc
+
+        jobs.append((str(outputs.qc), [Path(outputs.qc)],
+                     lambda out: write_qc(fixed_original, moving_original, result, outputs.qc, transaction=out)))
+    return jobs
+
+
+def _run_output_jobs(jobs: List[_Job], out: OutputTransaction) -> List[Path]:
+    """Run the jobs, several at a time on a machine with several cores (each output is compressed
+    and written by ITK's writers, which release the GIL); returns the paths written, in job order.
+
+    Staged paths are reserved in job order before any job starts, so the transaction's bookkeeping
+    does not depend on which job finishes first.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .resources import usable_cores
+
+    def run(job: _Job):
+        target, paths, write = job
+        try:
+            return write(out)
+        except Exception as err:  # re-raised in the caller's thread, with the output named
+            raise _OutputJobError(target) from err
+
+    workers = max(1, min(len(jobs), usable_cores()))
+    if workers == 1:
+        returned = [run(job) for job in jobs]
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="itk_gradicon-write") as pool:
+            futures = [pool.submit(run, job) for job in jobs]
+            returned = [future.result() for future in futures]
+    written: List[Path] = []
+    for (target, paths, _), value in zip(jobs, returned):
+        written += paths if paths else [Path(value)]
     return written
 
 

@@ -112,12 +112,14 @@ class DisplacementField:
 def write_field_image(field: DisplacementField, path: Path) -> None:
     """Write a field as a vector image at ``path`` (already a staged path; see OutputTransaction).
 
-    float32 components, LPS mm; NIfTI as dims ``(X, Y, Z, 1, 3)`` with intent 1007 (ITK's writer).
+    float32 components, LPS mm; NIfTI as dims ``(X, Y, Z, 1, 3)`` with intent 1007 (ITK's writer,
+    through SimpleITK: the same bytes as ``itk.imwrite``, without loading ITK Python).
     """
-    import itk
+    import SimpleITK as sitk
 
-    image = field.to_itk_image(pixel=itk.F)
-    itk.imwrite(image, str(path), compression=True)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(field.array, dtype=np.float32), isVector=True)
+    field.grid.apply_to(image)
+    sitk.WriteImage(image, str(path), useCompression=True)
 
 
 # ITK's Python package loads its wrapping lazily, by module group: the first use of
@@ -156,7 +158,18 @@ def write_transform_file(field: DisplacementField, path: Path, *, compression: b
     Uncompressed by default, as ``itk.transformwrite`` and antsRegistration write ``.h5`` files:
     ``compression`` (HDF5 deflate) halves the file (55 instead of 106 MB for a 160x192x144 field) but
     costs about 3 s on one core. A ``.nii.gz`` field image is the compact alternative.
+
+    Written through SimpleITK (ITK's own HDF5 transform writer, the same values as ``itk.transformwrite``;
+    SimpleITK loads in a fraction of a second) unless ``compression`` is asked for, which only ITK
+    Python's writer offers.
     """
+    if not compression:
+        import SimpleITK as sitk
+
+        image = sitk.GetImageFromArray(np.ascontiguousarray(field.array, dtype=np.float64), isVector=True)
+        field.grid.apply_to(image)
+        sitk.WriteTransform(sitk.DisplacementFieldTransform(image), str(path))
+        return
     transform = field.to_transform()
     writer_type = _hdf5_transform_writer_type()
     if writer_type is None:
@@ -223,10 +236,15 @@ def compose_affines(matrices: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def write_affine_file(matrix: np.ndarray, path: Path) -> None:
-    """Write an affine (homogeneous WORLD matrix) as an ITK transform file (.mat for ANTs, .tfm, .h5)."""
-    import itk
+    """Write an affine (homogeneous WORLD matrix) as an ITK transform file (.mat for ANTs, .tfm, .h5),
+    through SimpleITK (ITK's transform writers; the file ``itk.transformwrite`` writes)."""
+    import SimpleITK as sitk
 
-    itk.transformwrite([affine_to_itk(matrix)], str(path))
+    d = matrix.shape[0] - 1
+    transform = sitk.AffineTransform(d)
+    transform.SetMatrix([float(v) for v in np.asarray(matrix[:d, :d], dtype=np.float64).ravel()])
+    transform.SetTranslation([float(v) for v in matrix[:d, d]])
+    sitk.WriteTransform(transform, str(path))
 
 
 def read_affine_file(path: PathLike) -> np.ndarray:

@@ -528,3 +528,25 @@ def test_real_pairs_end_to_end(name, shared_data, tiny_model_file, tmp_path):
         assert float(np.abs(by_ants - by_itk)[compared].max()) < 2e-3 * scale, transforms
     qc = itk.array_from_image(itk.imread(str(out / "qc.png")))
     assert qc.shape[2] == 3 and qc.shape[0] > 200
+
+
+def test_register_reads_and_writes_without_loading_itk_python(files, tiny_model_file):
+    """Issue 13: the plain command (no elastix stage, no QC picture) reads and writes through SimpleITK;
+    ITK Python's module loading (seconds) never starts. Checked in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    out = files["out"]
+    args = ["register", "--fixed", str(files["fixed"]), "--moving", str(files["moving"]), "--mask-mode", "input",
+            "--fixed-mask", str(files["mask"]), "--model", str(tiny_model_file), "--affine", "none",
+            "--out-transform", str(out / "t.h5"), "--out-inverse-transform", str(out / "i.nii.gz"),
+            "--out-warped", str(out / "w.nii.gz"), "--out-ants-prefix", str(out / "a_"),
+            "--out-elastix", str(out / "elastix"), "--quiet"]
+    code = ("import sys\nfrom itk_gradicon.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('itk loaded:', any(m == 'itk' or m.startswith('itk.') for m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "itk loaded: False" in done.stdout, done.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["a_1InverseWarp.nii.gz", "a_1Warp.nii.gz", "elastix",
+                                                      "i.nii.gz", "t.h5", "w.nii.gz"]
