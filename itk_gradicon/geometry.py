@@ -1,13 +1,8 @@
-"""Physical space: the one module that reads origin, spacing and direction.
+"""The network's frames: how an image grid (:mod:`itk_gradicon.grid`) reaches the network and back.
 
-Coordinate frames, named as in the code below:
+The WORLD, INDEX and ARRAY frames are defined in :mod:`itk_gradicon.grid` (the one place that reads
+origin, spacing and direction); this module adds the network's:
 
-``WORLD``
-    ITK physical space: LPS millimetres, components in ITK order (x, y, z).
-``INDEX``
-    An image's continuous ITK index (i, j, k): ``world = origin + direction @ diag(spacing) @ index``.
-``ARRAY``
-    numpy/ITK array order, which reverses the index: ``array[k, j, i]``.
 ``CUBE``
     The network's coordinates: a point of ``[0, 1]^d`` whose component ``c`` runs along spatial axis
     ``c`` of the network tensor ``[batch, channel, n_0, ..., n_{d-1}]``; grid node ``m`` of that axis

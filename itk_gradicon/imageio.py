@@ -27,6 +27,7 @@ from typing import Iterator, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .errors import InputError
+from .grid import _is_simpleitk
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -471,8 +472,6 @@ def short_error_message(err: BaseException) -> str:
     return text.splitlines()[-1] if text else type(err).__name__
 
 
-def _is_simpleitk(image) -> bool:
-    return type(image).__module__.startswith("SimpleITK")
 
 
 def pixel_components(image) -> int:

@@ -42,9 +42,9 @@ DEFAULT_LR = {"network": 2e-5, "field": 0.3}
 DEFAULT_SMOOTHNESS = 0.15
 #: Weight of the inverse-consistency penalty of ``field`` IO (network voxels squared).
 INVERSE_CONSISTENCY = 0.1
-#: The inverse-consistency penalty is evaluated at every 2nd voxel along each axis (1/8 of the grid:
-#: the fields are smooth at that scale, and the sampling's backward pass was a quarter of a step).
-CONSISTENCY_STRIDE = 2
+#: The inverse-consistency penalty is evaluated at every voxel. Every 2nd voxel along each axis saves
+#: about 0.15 s of a 0.8 s step, but on lapirn_oasis let 3-4x more voxels fold (0.09 % instead of 0.03 %).
+CONSISTENCY_STRIDE = 1
 
 
 @dataclass
