@@ -319,6 +319,83 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
     t0 = time.perf_counter()
     if isinstance(device, str):
         device = resolve_device(device)
+    _check_options(mask_mode=mask_mode, orientation=orientation, io_iterations=io_iterations, io_method=io_method,
+                   io_lr=io_lr, io_smoothness=io_smoothness, affine=affine, fixed_mask=fixed_mask,
+                   moving_mask=moving_mask, fixed_labels=fixed_labels, moving_labels=moving_labels,
+                   modalities=(fixed_modality, moving_modality))
+    if not isinstance(model, Model):
+        model = load_model(model)
+        timings["load_model"] = time.perf_counter() - t0
+    arch = model.architecture
+    d = arch.dimension
+    io_similarity = io_similarity or model.similarity
+    io_method = resolve_io_method(io_method, model)
+    io_lr = DEFAULT_LR[io_method] if io_lr is None else io_lr
+    if io_similarity not in IO_SIMILARITIES:
+        raise InputError(f"unknown IO similarity {io_similarity!r}; allowed: {', '.join(IO_SIMILARITIES)}")
+    if io_similarity == "mind" and d != 3 and io_iterations:
+        messages.append("MIND-SSC in 2-D uses the 4 in-plane neighbour pairs")
+    fixed, moving = _check_inputs(fixed, moving, d, fixed_mask=fixed_mask, moving_mask=moving_mask,
+                                  fixed_labels=fixed_labels, moving_labels=moving_labels)
+    fixed_grid, moving_grid = ImageGrid.from_image(fixed), ImageGrid.from_image(moving)
+
+    from .registration_io import resolve_affine_choice
+
+    if resolve_affine_choice(affine, model, initial_transform is not None) == "elastix" and initial_transform is None:
+        from .affine import elastix_affine
+
+        t = time.perf_counter()
+        initial_transform = elastix_affine(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask)
+        timings["affine"] = time.perf_counter() - t
+        messages.append("affine pre-alignment: elastix")
+    affine = _as_affine(initial_transform, d)
+    check_memory(estimate_memory(fixed_grid.num_voxels, moving_grid.num_voxels, d, arch.input_shape,
+                                 io=io_iterations > 0, inverse=compute_inverse, affine=affine is not None),
+                 device)
+
+    t = time.perf_counter()
+    normalized, modalities = _normalize(model, fixed, moving, fixed_modality=fixed_modality,
+                                        moving_modality=moving_modality, ct_window=ct_window,
+                                        quantile_range=quantile_range, fixed_mask=fixed_mask,
+                                        moving_mask=moving_mask, mask_mode=mask_mode, messages=messages)
+    moving_net = _MovingForNetwork(moving, normalized["moving"], moving_mask, moving_labels)
+    if affine is not None:
+        moving_net = moving_net.prealigned(fixed, affine)
+    timings["preprocess"] = time.perf_counter() - t
+
+    fixed_frame, moving_frame = _network_frames(model, fixed_grid, ImageGrid.from_image(moving_net.image),
+                                                orientation, messages)
+    image_B = fixed_frame.tensor(normalized["fixed"], device=device)
+    image_A = moving_frame.tensor(moving_net.array, device=device)
+
+    net = model.network.to(device)
+    was_training = net.training
+    net.eval()  # BatchNorm uses its running statistics and never updates them
+    try:
+        disp_AB, disp_BA, history = _predict(
+            net, image_A, image_B, io_iterations=int(io_iterations), io_lr=io_lr, io_similarity=io_similarity,
+            io_method=io_method, io_smoothness=io_smoothness,
+            mask_mode=mask_mode, fixed_mask=fixed_mask, moving_net_mask=moving_net.mask,
+            fixed_labels=fixed_labels, moving_net_labels=moving_net.labels, io_dice_weight=io_dice_weight,
+            fixed_frame=fixed_frame, moving_frame=moving_frame, compute_inverse=compute_inverse,
+            progress=progress, generator=generator, device=device, timings=timings, predictor=predictor)
+    finally:
+        net.train(was_training)
+
+    t = time.perf_counter()
+    fields = _physical_fields(disp_AB, disp_BA if compute_inverse else None, fixed_grid, moving_grid,
+                              fixed_frame, moving_frame, affine)
+    timings["fields"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    return RegistrationResult(*fields, modalities["fixed"], modalities["moving"], messages, history, timings)
+
+
+def _check_options(*, mask_mode: str, orientation: str, io_iterations, io_method: str, io_lr, io_smoothness,
+                   affine: str, fixed_mask, moving_mask, fixed_labels, moving_labels,
+                   modalities: Tuple[str, str]) -> None:
+    """The options of :func:`register` that need no image and no model."""
+    from .registration_io import AFFINE_CHOICES
+
     if mask_mode not in MASK_MODES:
         raise InputError(f"unknown mask mode {mask_mode!r}; allowed: {', '.join(MASK_MODES)}")
     if orientation not in ORIENTATIONS:
@@ -335,25 +412,17 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
         raise InputError("labels for the Dice term must be given for both images or neither")
     if (fixed_mask is None) != (moving_mask is None) and mask_mode in ("loss", "both"):
         raise InputError("loss masking needs masks for both images")
-    for role, choice in (("fixed", fixed_modality), ("moving", moving_modality)):
+    for role, choice in zip(("fixed", "moving"), modalities):
         if choice not in MODALITY_CHOICES:
             raise InputError(f"unknown {role} modality {choice!r}; allowed: {', '.join(MODALITY_CHOICES)}")
+    if affine not in AFFINE_CHOICES:
+        raise InputError(f"unknown affine {affine!r}; allowed: {', '.join(AFFINE_CHOICES)}")
 
-    if not isinstance(model, Model):
-        model = load_model(model)
-        timings["load_model"] = time.perf_counter() - t0
-    arch = model.architecture
-    d = arch.dimension
-    io_similarity = io_similarity or model.similarity
-    io_method = resolve_io_method(io_method, model)
-    io_lr = DEFAULT_LR[io_method] if io_lr is None else io_lr
-    if io_similarity not in IO_SIMILARITIES:
-        raise InputError(f"unknown IO similarity {io_similarity!r}; allowed: {', '.join(IO_SIMILARITIES)}")
-    if io_similarity == "mind" and d != 3 and io_iterations:
-        messages.append("MIND-SSC in 2-D uses the 4 in-plane neighbour pairs")
 
-    fixed = check_image(fixed, what="fixed image", dimension=d)
-    moving = check_image(moving, what="moving image", dimension=d)
+def _check_inputs(fixed, moving, dimension: int, *, fixed_mask, moving_mask, fixed_labels, moving_labels):
+    """Both images checked and as float32; masks and label maps on their image's grid, masks not empty."""
+    fixed = check_image(fixed, what="fixed image", dimension=dimension)
+    moving = check_image(moving, what="moving image", dimension=dimension)
     _check_on_grid(fixed_mask, fixed, "fixed mask", "the fixed image")
     _check_on_grid(moving_mask, moving, "moving mask", "the moving image")
     _check_on_grid(fixed_labels, fixed, "fixed label map", "the fixed image")
@@ -361,106 +430,82 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
     for mask, what in ((fixed_mask, "fixed mask"), (moving_mask, "moving mask")):
         if mask is not None and not np.any(image_array(mask) > 0):
             raise InputError(f"the {what} is empty (no voxel > 0)")
-    fixed_grid, moving_grid = ImageGrid.from_image(fixed), ImageGrid.from_image(moving)
-    from .registration_io import AFFINE_CHOICES, resolve_affine_choice
+    return fixed, moving
 
-    if affine not in AFFINE_CHOICES:
-        raise InputError(f"unknown affine {affine!r}; allowed: {', '.join(AFFINE_CHOICES)}")
-    if resolve_affine_choice(affine, model, initial_transform is not None) == "elastix" and initial_transform is None:
-        from .affine import elastix_affine
 
-        t = time.perf_counter()
-        initial_transform = elastix_affine(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask)
-        timings["affine"] = time.perf_counter() - t
-        messages.append("affine pre-alignment: elastix")
-    affine = _as_affine(initial_transform, d)
-    check_memory(estimate_memory(fixed_grid.num_voxels, moving_grid.num_voxels, d, arch.input_shape,
-                                 io=io_iterations > 0, inverse=compute_inverse, affine=affine is not None),
-                 device)
-
-    # ---- intensities --------------------------------------------------------------------------
-    t = time.perf_counter()
-    fixed_array = image_array(fixed)
-    moving_array = image_array(moving)
+def _normalize(model: Model, fixed, moving, *, fixed_modality: str, moving_modality: str, ct_window,
+               quantile_range, fixed_mask, moving_mask, mask_mode: str, messages: List[str]):
+    """Both images' intensities mapped to [0, 1] (model defaults unless given), zeroed outside input
+    masks; returns ``({"fixed": array, "moving": array}, {"fixed": modality, "moving": modality})``."""
     defaults = model.preprocessing or {}
     window = tuple(ct_window) if ct_window is not None else tuple(defaults.get("ct_window") or (-1000.0, 1000.0))
     quantiles = quantile_range if quantile_range is not None else defaults.get("quantile_range")
     quantiles = tuple(quantiles) if quantiles is not None else None
-    modalities = {}
-    normalized = {}
-    for role, choice, array in (("fixed", fixed_modality, fixed_array), ("moving", moving_modality, moving_array)):
+    modalities, normalized = {}, {}
+    for role, choice, image, mask in (("fixed", fixed_modality, fixed, fixed_mask),
+                                      ("moving", moving_modality, moving, moving_mask)):
+        array = image_array(image)
         modality, reason = resolve_modality(choice, array)
         if reason:
             messages.append(f"{role} modality: {modality} ({reason})")
         modalities[role] = modality
-        norm = IntensityNormalization(modality, window, quantiles)
-        normalized[role] = norm(array, what=f"{role} image")
-    if fixed_mask is not None and mask_mode in ("input", "both"):
-        normalized["fixed"] = apply_input_mask(normalized["fixed"], image_array(fixed_mask))
-    if moving_mask is not None and mask_mode in ("input", "both"):
-        normalized["moving"] = apply_input_mask(normalized["moving"], image_array(moving_mask))
+        normalized[role] = IntensityNormalization(modality, window, quantiles)(array, what=f"{role} image")
+        if mask is not None and mask_mode in ("input", "both"):
+            normalized[role] = apply_input_mask(normalized[role], image_array(mask))
+    return normalized, modalities
 
-    # ---- affine pre-alignment: the network then sees the moving image on the fixed grid -------
-    moving_net_image = moving
-    moving_net_mask, moving_net_labels = moving_mask, moving_labels
-    moving_net_array = normalized["moving"]
-    if affine is not None:
-        resampled = _resample_on(image_like(moving_net_array, moving), fixed, affine, nearest=False)
-        moving_net_array = np.asarray(image_array(resampled), dtype=np.float32)
-        moving_net_image = resampled
-        if moving_mask is not None:
-            moving_net_mask = _resample_on(moving_mask, fixed, affine, nearest=True)
-        if moving_labels is not None:
-            moving_net_labels = _resample_on(moving_labels, fixed, affine, nearest=True)
-    timings["preprocess"] = time.perf_counter() - t
 
-    # ---- layout on the network grid ---------------------------------------------------------
-    shape = arch.input_shape
-    fixed_frame = NetworkFrame.for_layout(defaults.get("layout", "reference"), fixed_grid, shape)
-    moving_net_grid = ImageGrid.from_image(moving_net_image)
-    if orientation == "fixed":
-        moving_frame = NetworkFrame.aligned_to(moving_net_grid, shape, fixed_frame.world_axes())
-        if moving_frame.axes != fixed_frame.axes or any(moving_frame.flips):
-            messages.append(f"moving image reordered to the fixed image's axes (index axes "
-                            f"{moving_frame.axes}, flips {moving_frame.flips})")
-    else:
-        moving_frame = NetworkFrame.reference_layout(moving_net_grid, shape)
-    image_B = fixed_frame.tensor(normalized["fixed"], device=device)
-    image_A = moving_frame.tensor(moving_net_array, device=device)
+@dataclass
+class _MovingForNetwork:
+    """What the network sees of the moving image: the image (its grid), its normalised voxels, and its
+    mask and label map for IO; on the fixed grid after an affine pre-alignment."""
 
-    net = model.network.to(device)
-    was_training = net.training
-    net.eval()  # BatchNorm uses its running statistics and never updates them
-    try:
-        disp_AB, disp_BA, history = _predict(
-            net, image_A, image_B, io_iterations=int(io_iterations), io_lr=io_lr, io_similarity=io_similarity,
-            io_method=io_method, io_smoothness=io_smoothness,
-            mask_mode=mask_mode, fixed_mask=fixed_mask, moving_net_mask=moving_net_mask,
-            fixed_labels=fixed_labels, moving_net_labels=moving_net_labels, io_dice_weight=io_dice_weight,
-            fixed_frame=fixed_frame, moving_frame=moving_frame, compute_inverse=compute_inverse,
-            progress=progress, generator=generator, device=device, timings=timings, predictor=predictor)
-    finally:
-        net.train(was_training)
+    image: Any
+    array: np.ndarray
+    mask: Any = None
+    labels: Any = None
 
-    # ---- fields in physical space --------------------------------------------------------------
-    t = time.perf_counter()
+    def prealigned(self, fixed, affine: np.ndarray) -> "_MovingForNetwork":
+        """Everything resampled onto ``fixed``'s grid through the fixed -> moving ``affine``."""
+        resampled = _resample_on(image_like(self.array, self.image), fixed, affine, nearest=False)
+        return _MovingForNetwork(
+            resampled, np.asarray(image_array(resampled), dtype=np.float32),
+            None if self.mask is None else _resample_on(self.mask, fixed, affine, nearest=True),
+            None if self.labels is None else _resample_on(self.labels, fixed, affine, nearest=True))
+
+
+def _network_frames(model: Model, fixed_grid: ImageGrid, moving_grid: ImageGrid, orientation: str,
+                    messages: List[str]) -> Tuple[NetworkFrame, NetworkFrame]:
+    """The fixed image in the model's layout; the moving one along the fixed axes or as stored."""
+    shape = model.architecture.input_shape
+    fixed_frame = NetworkFrame.for_layout((model.preprocessing or {}).get("layout", "reference"), fixed_grid, shape)
+    if orientation == "storage":
+        return fixed_frame, NetworkFrame.reference_layout(moving_grid, shape)
+    moving_frame = NetworkFrame.aligned_to(moving_grid, shape, fixed_frame.world_axes())
+    if moving_frame.axes != fixed_frame.axes or any(moving_frame.flips):
+        messages.append(f"moving image reordered to the fixed image's axes (index axes "
+                        f"{moving_frame.axes}, flips {moving_frame.flips})")
+    return fixed_frame, moving_frame
+
+
+def _physical_fields(disp_AB, disp_BA, fixed_grid: ImageGrid, moving_grid: ImageGrid, fixed_frame: NetworkFrame,
+                     moving_frame: NetworkFrame, affine: Optional[np.ndarray]) -> tuple:
+    """``(forward, inverse, affine, deformable forward, deformable inverse)`` as :class:`RegistrationResult`
+    holds them; the inverse ones ``None`` without ``disp_BA``, the deformable ones without an affine."""
     forward = DisplacementField(fixed_grid, displacement_on_grid(
         disp_AB, fixed_grid, fixed_frame, moving_frame, postaffine=affine))
     inverse = deformable_forward = deformable_inverse = None
-    if compute_inverse:
+    if disp_BA is not None:
         inverse_affine = None if affine is None else np.linalg.inv(affine)
         inverse = DisplacementField(moving_grid, displacement_on_grid(
             disp_BA, moving_grid, moving_frame, fixed_frame, preaffine=inverse_affine))
     if affine is not None:
         deformable_forward = DisplacementField(fixed_grid, displacement_on_grid(
             disp_AB, fixed_grid, fixed_frame, moving_frame))
-        if compute_inverse:
+        if disp_BA is not None:
             deformable_inverse = DisplacementField(fixed_grid, displacement_on_grid(
                 disp_BA, fixed_grid, moving_frame, fixed_frame))
-    timings["fields"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
-    return RegistrationResult(forward, inverse, affine, deformable_forward, deformable_inverse,
-                              modalities["fixed"], modalities["moving"], messages, history, timings)
+    return forward, inverse, affine, deformable_forward, deformable_inverse
 
 
 def _on_network(frame: NetworkFrame, image, device) -> Optional[torch.Tensor]:

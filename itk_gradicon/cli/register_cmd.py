@@ -83,7 +83,7 @@ _MODALITY = click.Choice(["auto", "ct", "mri"])
               help="Weight of the Dice term (relative to the similarity) when labels are given.")
 @click.option("--affine", type=click.Choice(["auto", "none", "elastix"]), default="auto", show_default=True,
               help="Affine pre-alignment computed with elastix (itk-elastix; mutual information, "
-                   "started from the images' centres, restricted to the masks when given), composed "
+                   "started from the images' intensity centres of mass, restricted to the masks when given), composed "
                    "into every transform written; the network then registers the fixed image to the "
                    "affinely resampled moving image. auto: elastix for a model trained on affinely "
                    "pre-aligned pairs (the bundled model), none for the published models.")
