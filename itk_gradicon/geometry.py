@@ -82,6 +82,12 @@ class NetworkFrame:
     def dimension(self) -> int:
         return self.grid.dimension
 
+    def companion(self, grid: ImageGrid) -> "NetworkFrame":
+        """The frame of the other image of a pair whose first (fixed, anchor) image has this frame: its
+        network axes follow this frame's world axes as closely as possible. The one rule by which
+        registration (the moving image) and training (every image of a pair) lay out a pair."""
+        return NetworkFrame.aligned_to(grid, self.shape, self.world_axes())
+
     def world_axes(self) -> np.ndarray:
         """``d x d`` matrix: column ``c`` is the WORLD direction of increasing network axis ``c``."""
         cols = [self.grid.direction_matrix[:, a] * (-1.0 if f else 1.0) for a, f in zip(self.axes, self.flips)]

@@ -481,7 +481,7 @@ def _network_frames(model: Model, fixed_grid: ImageGrid, moving_grid: ImageGrid,
     fixed_frame = NetworkFrame.for_layout((model.preprocessing or {}).get("layout", "reference"), fixed_grid, shape)
     if orientation == "storage":
         return fixed_frame, NetworkFrame.reference_layout(moving_grid, shape)
-    moving_frame = NetworkFrame.aligned_to(moving_grid, shape, fixed_frame.world_axes())
+    moving_frame = fixed_frame.companion(moving_grid)
     if moving_frame.axes != fixed_frame.axes or any(moving_frame.flips):
         messages.append(f"moving image reordered to the fixed image's axes (index axes "
                         f"{moving_frame.axes}, flips {moving_frame.flips})")

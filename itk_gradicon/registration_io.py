@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from .errors import GradiconError, InputError, ResourceError
 from .files import read_header
-from .imageio import (VOLUME_SUFFIXES, ImageHeader, OutputTransaction, _is_simpleitk, check_header,
+from .imageio import (VOLUME_SUFFIXES, OutputTransaction, _is_simpleitk, check_header,
                       check_output_dir, check_output_path, describe_grid, image_dimension, read_image,
                       read_label_image, read_mask_on_grid, same_grid)
 from .transforms import TRANSFORM_OUTPUT_SUFFIXES
@@ -143,34 +143,17 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
     import torch
 
     from .models import load_model
-    from .preprocess import MODALITY_CHOICES
-    from .registration import (IO_METHOD_CHOICES, check_memory, estimate_memory, register, resolve_device,
-                               resolve_io_method)
+    from .registration import check_memory, estimate_memory, register, resolve_device, resolve_io_method
 
     outputs.validate()
-    if isinstance(io_iterations, bool) or not isinstance(io_iterations, int) or io_iterations < 0:
-        raise InputError(f"--io-iterations must be a whole number >= 0, not {io_iterations!r}")
-    if io_method not in IO_METHOD_CHOICES:
-        raise InputError(f"unknown --io-method {io_method!r}; allowed: {', '.join(IO_METHOD_CHOICES)}")
-    if affine not in AFFINE_CHOICES:
-        raise InputError(f"unknown --affine {affine!r}; allowed: {', '.join(AFFINE_CHOICES)}")
-    if affine == "elastix" and initial_transform is not None:
-        raise InputError("give either --affine elastix or --initial-transform, not both")
-    if (fixed_labels is None) != (moving_labels is None):
-        raise InputError("--fixed-labels and --moving-labels must be given together")
-    if mask_mode in ("loss", "both") and (fixed_mask is None or moving_mask is None):
-        raise InputError(f"--mask-mode {mask_mode} needs both --fixed-mask and --moving-mask")
-    for flag, choice in (("--fixed-modality", fixed_modality), ("--moving-modality", moving_modality)):
-        if choice not in MODALITY_CHOICES:
-            raise InputError(f"unknown {flag} {choice!r}; allowed: {', '.join(MODALITY_CHOICES)}")
+    _check_options(io_iterations=io_iterations, io_method=io_method, affine=affine,
+                   initial_transform=initial_transform, fixed_mask=fixed_mask, moving_mask=moving_mask,
+                   fixed_labels=fixed_labels, moving_labels=moving_labels, mask_mode=mask_mode,
+                   modalities=(fixed_modality, moving_modality))
     torch_device = resolve_device(device)
-
-    headers: Dict[str, ImageHeader] = {}
-    for flag, path in (("--fixed", fixed), ("--moving", moving), ("--fixed-mask", fixed_mask),
-                       ("--moving-mask", moving_mask), ("--fixed-labels", fixed_labels),
-                       ("--moving-labels", moving_labels)):
-        if path is not None:
-            headers[flag] = read_header(path, what=flag)
+    files = {"--fixed": fixed, "--moving": moving, "--fixed-mask": fixed_mask, "--moving-mask": moving_mask,
+             "--fixed-labels": fixed_labels, "--moving-labels": moving_labels}
+    headers = {flag: read_header(path, what=flag) for flag, path in files.items() if path is not None}
     if initial_transform is not None and not Path(initial_transform).is_file():
         raise InputError(f"--initial-transform '{initial_transform}' does not exist")
 
@@ -192,40 +175,21 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
                                  affine=affine != "none" or initial_transform is not None,
                                  originals=outputs.needs_originals), torch_device)
 
-    # SimpleITK: ITK's readers and resampler without ITK Python's seconds of module loading
-    fixed_image, fixed_original = read_image(fixed, what="--fixed", dimension=d, return_original=True,
-                                             backend="simpleitk")
-    moving_image, moving_original = read_image(moving, what="--moving", dimension=d, return_original=True,
-                                               backend="simpleitk")
-    masks = {
-        "fixed_mask": read_mask_on_grid(fixed_mask, fixed_image, what="--fixed-mask") if fixed_mask else None,
-        "moving_mask": read_mask_on_grid(moving_mask, moving_image, what="--moving-mask") if moving_mask else None,
-    }
-    labels = {
-        "fixed_labels": _read_labels_on(fixed_labels, fixed_image, "--fixed-labels") if fixed_labels else None,
-        "moving_labels": _read_labels_on(moving_labels, moving_image, "--moving-labels") if moving_labels else None,
-    }
-    if labels["fixed_labels"] is not None and io_iterations == 0:
+    inputs = _read_inputs(files, d)
+    if inputs.labels["fixed_labels"] is not None and io_iterations == 0:
         log("note: --fixed-labels/--moving-labels only act during instance optimisation (--io-iterations > 0)")
-
-    pre = None
-    if initial_transform is not None:
-        from .transforms import read_affine_file
-
-        pre = read_affine_file(initial_transform)
-    elif affine == "elastix":
-        from .affine import elastix_affine
-
-        log("affine pre-alignment with elastix ...")
-        pre = elastix_affine(fixed_image, moving_image, fixed_mask=masks["fixed_mask"],
-                             moving_mask=masks["moving_mask"], log=log)
+    pre = _prealignment(inputs, affine, initial_transform, log)
+    fixed_image, moving_image = inputs.fixed, inputs.moving
+    masks, labels = inputs.masks, inputs.labels
+    fixed_original, moving_original = inputs.fixed_original, inputs.moving_original
 
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     result = register(
         fixed_image, moving_image, model=model_obj, fixed_modality=fixed_modality,
         moving_modality=moving_modality, ct_window=ct_window, quantile_range=quantile_range,
         mask_mode=mask_mode, io_iterations=io_iterations, io_similarity=io_similarity, io_lr=io_lr,
-        io_method=io_method, io_smoothness=io_smoothness, io_dice_weight=io_dice_weight, initial_transform=pre, affine="none", orientation=orientation,
+        io_method=io_method, io_smoothness=io_smoothness, io_dice_weight=io_dice_weight, initial_transform=pre,
+        affine="none", orientation=orientation,
         compute_inverse=outputs.needs_inverse, device=torch_device, progress=progress,
         generator=generator, predictor=predictor, **masks, **labels)
     for message in result.messages:
@@ -236,6 +200,72 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
         + (f", instance optimisation {result.timings['instance_optimisation']:.1f}s"
            if "instance_optimisation" in result.timings else "") + ")")
     return result
+
+
+def _check_options(*, io_iterations, io_method: str, affine: str, initial_transform, fixed_mask, moving_mask,
+                   fixed_labels, moving_labels, mask_mode: str, modalities: Tuple[str, str]) -> None:
+    """The options that need no file, in the command's words."""
+    from .preprocess import MODALITY_CHOICES
+    from .registration import IO_METHOD_CHOICES
+
+    if isinstance(io_iterations, bool) or not isinstance(io_iterations, int) or io_iterations < 0:
+        raise InputError(f"--io-iterations must be a whole number >= 0, not {io_iterations!r}")
+    if io_method not in IO_METHOD_CHOICES:
+        raise InputError(f"unknown --io-method {io_method!r}; allowed: {', '.join(IO_METHOD_CHOICES)}")
+    if affine not in AFFINE_CHOICES:
+        raise InputError(f"unknown --affine {affine!r}; allowed: {', '.join(AFFINE_CHOICES)}")
+    if affine == "elastix" and initial_transform is not None:
+        raise InputError("give either --affine elastix or --initial-transform, not both")
+    if (fixed_labels is None) != (moving_labels is None):
+        raise InputError("--fixed-labels and --moving-labels must be given together")
+    if mask_mode in ("loss", "both") and (fixed_mask is None or moving_mask is None):
+        raise InputError(f"--mask-mode {mask_mode} needs both --fixed-mask and --moving-mask")
+    for flag, choice in zip(("--fixed-modality", "--moving-modality"), modalities):
+        if choice not in MODALITY_CHOICES:
+            raise InputError(f"unknown {flag} {choice!r}; allowed: {', '.join(MODALITY_CHOICES)}")
+
+
+@dataclass
+class _Inputs:
+    """The pixels of one registration, read once: float32 images, the images as stored (for the warped
+    image and the QC picture), masks and label maps on their image's grid (``None`` where not given)."""
+
+    fixed: object
+    moving: object
+    fixed_original: object
+    moving_original: object
+    masks: Dict[str, object]
+    labels: Dict[str, object]
+
+
+def _read_inputs(files: Dict[str, Optional[Path]], dimension: int) -> _Inputs:
+    """Read every input file through SimpleITK (ITK's readers without ITK Python's seconds of
+    module loading), checking each against its image's grid."""
+    fixed, fixed_original = read_image(files["--fixed"], what="--fixed", dimension=dimension,
+                                       return_original=True, backend="simpleitk")
+    moving, moving_original = read_image(files["--moving"], what="--moving", dimension=dimension,
+                                         return_original=True, backend="simpleitk")
+    on = {"fixed": fixed, "moving": moving}
+    masks = {f"{role}_mask": read_mask_on_grid(files[f"--{role}-mask"], image, what=f"--{role}-mask")
+             if files[f"--{role}-mask"] else None for role, image in on.items()}
+    labels = {f"{role}_labels": _read_labels_on(files[f"--{role}-labels"], image, f"--{role}-labels")
+              if files[f"--{role}-labels"] else None for role, image in on.items()}
+    return _Inputs(fixed, moving, fixed_original, moving_original, masks, labels)
+
+
+def _prealignment(inputs: _Inputs, affine: str, initial_transform: Optional[Path], log: Log):
+    """The affine pre-alignment (homogeneous WORLD matrix, fixed -> moving) or ``None``."""
+    if initial_transform is not None:
+        from .transforms import read_affine_file
+
+        return read_affine_file(initial_transform)
+    if affine == "elastix":
+        from .affine import elastix_affine
+
+        log("affine pre-alignment with elastix ...")
+        return elastix_affine(inputs.fixed, inputs.moving, fixed_mask=inputs.masks["fixed_mask"],
+                              moving_mask=inputs.masks["moving_mask"], log=log)
+    return None
 
 
 AFFINE_CHOICES = ("auto", "none", "elastix")

@@ -964,7 +964,7 @@ class PairDataset(Dataset):
             if views[role] == views[plan.anchor]:
                 frames[role] = anchor_frame
             else:
-                frames[role] = NetworkFrame.aligned_to(member.entries[i].grid, self.shape, anchor_frame.world_axes())
+                frames[role] = anchor_frame.companion(member.entries[i].grid)
         ct_roles = [r for r, i in images.items() if member.entries[i].normalization.modality == "ct"]
         # one inversion decision per image, so an input and its identical loss image stay identical
         ct_roles = sorted({r for r in ct_roles if r == _first_role(images, images[r])})
