@@ -131,13 +131,47 @@ def _field_transform(path: Path):
 
 
 def _itk_transform_file(path: Path):
+    """Every transform of an ITK/ANTs transform file; several (a text file listing more than one, or a
+    composite .h5) come back as one ``CompositeTransform`` that applies the last listed first, as ITK
+    composes them."""
     sitk = _sitk()
     try:
-        transform = sitk.ReadTransform(str(path))
+        chunks = _text_transforms(path)
+        if len(chunks) > 1:  # SimpleITK reads only the first transform of such a file (with a warning)
+            return sitk.CompositeTransform([_read_text_transform(chunk, path.suffix) for chunk in chunks])
+        return sitk.ReadTransform(str(path))
     except RuntimeError as err:
         raise InputError(f"'{path}' could not be read as an ITK/ANTs transform file (.h5, .tfm, .txt, "
                          ".mat): it is not a transform, or it is damaged") from err
-    return transform
+
+
+_TEXT_HEADER = "#Insight Transform File"
+
+
+def _text_transforms(path: Path) -> List[str]:
+    """The transforms of an ITK text transform file (``.tfm``/``.txt``), each as a file of its own;
+    ``[]`` for any other file."""
+    if path.suffix.lower() not in (".tfm", ".txt"):
+        return []
+    try:
+        text = path.read_text(encoding="ascii")
+    except (UnicodeDecodeError, OSError):
+        return []
+    lines = text.splitlines()
+    if not lines or not lines[0].startswith(_TEXT_HEADER):
+        return []
+    starts = [i for i, line in enumerate(lines) if line.startswith("#Transform ")]
+    ends = starts[1:] + [len(lines)]
+    return ["\n".join([lines[0], *lines[a:b]]) + "\n" for a, b in zip(starts, ends)]
+
+
+def _read_text_transform(chunk: str, suffix: str):
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="gradicon-tfm-") as folder:
+        single = Path(folder) / f"transform{suffix}"
+        single.write_text(chunk, encoding="ascii")
+        return _sitk().ReadTransform(str(single))
 
 
 def read_transform(spec: TransformName, *, dimension: Optional[int] = None):

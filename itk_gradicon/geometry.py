@@ -134,6 +134,8 @@ class NetworkFrame:
         resizing) or ``"nearest"`` (for masks and label maps).
         """
         laid_out = np.ascontiguousarray(self.to_network_layout(array), dtype=np.float32)
+        if not laid_out.flags.writeable:  # a read-only view (SimpleITK's, ITK's): torch wants its own buffer
+            laid_out = laid_out.copy()
         t = torch.from_numpy(laid_out)[None, None]
         if device is not None:
             t = t.to(device)

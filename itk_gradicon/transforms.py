@@ -251,31 +251,33 @@ def read_affine_file(path: PathLike) -> np.ndarray:
     """Read an affine transform file (ITK .tfm/.txt/.h5, ANTs .mat) as a homogeneous WORLD matrix.
 
     A file holding several matrix-offset transforms is composed as ITK does (the last one listed
-    is applied to points first).
+    is applied to points first). Read through SimpleITK (ITK's transform readers, without ITK Python's
+    module loading); the matrix and offset are the file's values exactly.
     """
-    import itk
+    from .files import _itk_transform_file, _parts
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"transform file '{path}' does not exist")
-    try:
-        transforms = itk.transformread(str(path))
-    except (RuntimeError, OSError) as err:
-        raise InputError(f"'{path}' could not be read as an ITK/ANTs transform file") from err
-    matrices = []
-    for t in _flatten(transforms):
-        try:
-            matrices.append(affine_from_itk(t))
-        except (AttributeError, TypeError):
-            raise InputError(f"'{path}' holds a {t.GetNameOfClass()}, not an affine transform") from None
+    matrices = [_affine_of(part, path) for part in _parts(_itk_transform_file(path))]
     if not matrices:
         raise InputError(f"'{path}' holds no transform")
     return compose_affines(matrices)
 
 
-def _flatten(transforms):
-    for t in transforms:
-        yield from _components(t)
+def _affine_of(part, path: Path) -> np.ndarray:
+    """The homogeneous matrix of one linear SimpleITK transform (matrix-offset, translation, identity)."""
+    if not part.IsLinear():
+        raise InputError(f"'{path}' holds a {part.GetName()}, not an affine transform")
+    d = int(part.GetDimension())
+    m = np.eye(d + 1)
+    m[:d, d] = part.TransformPoint((0.0,) * d)  # M @ 0 + offset: the offset, exactly
+    if hasattr(part, "GetMatrix"):
+        m[:d, :d] = np.asarray(part.GetMatrix(), dtype=np.float64).reshape(d, d)
+    elif part.GetName() not in ("TranslationTransform", "IdentityTransform"):
+        for axis in range(d):  # any other linear kind: its columns from the images of the unit vectors
+            m[:d, axis] = np.asarray(part.TransformPoint(tuple(float(a == axis) for a in range(d)))) - m[:d, d]
+    return m
 
 
 def elastix_parameter_text(grid: ImageGrid, field_path: Path, *, pixel_type: str = "float") -> str:

@@ -202,3 +202,30 @@ def test_register_warped_output_equals_itk_python(files_, tmp_path):
     written = itk.imread(str(tmp_path / "warped.nii.gz"))
     assert np.array_equal(_itk_array(written), _itk_array(expected))
     assert ImageGrid.from_image(written).matches(ImageGrid.from_image(fixed), tolerance=1e-6)
+
+
+def test_a_text_file_listing_several_transforms_is_read_whole(tmp_path):
+    """SimpleITK's ReadTransform keeps only the first transform of a .tfm listing several; ours reads
+    them all and composes them as ITK Python's reader and ITK's composite do (the last listed acts first),
+    for apply-transform (files.read_transform) and for --initial-transform (read_affine_file)."""
+    import itk
+
+    from itk_gradicon.files import read_transform
+    from itk_gradicon.transforms import affine_from_itk, affine_to_itk, compose_affines, read_affine_file
+
+    rng = np.random.default_rng(8)
+    matrices = []
+    for _ in range(3):
+        m = np.eye(4)
+        m[:3, :3] = np.eye(3) + rng.normal(size=(3, 3)) * 0.1
+        m[:3, 3] = rng.normal(size=3) * 5
+        matrices.append(m)
+    path = tmp_path / "three.tfm"
+    itk.transformwrite([affine_to_itk(m) for m in matrices], str(path))
+    expected = compose_affines([affine_from_itk(itk.down_cast(t)) for t in itk.transformread(str(path))])
+    np.testing.assert_array_equal(read_affine_file(path), expected)
+    np.testing.assert_allclose(expected, matrices[0] @ matrices[1] @ matrices[2], atol=1e-12)
+    transform = read_transform(path)
+    for point in rng.normal(size=(5, 3)) * 20:
+        np.testing.assert_allclose(transform.TransformPoint(point), expected[:3, :3] @ point + expected[:3, 3],
+                                   atol=1e-9)
