@@ -1,7 +1,9 @@
 """Write the card of a bundled model (``itk_gradicon/weights/NAME.json``) from what was measured.
 
     python benchmarks/model_card.py --model itk_gradicon/weights/gradicon-synthbrain-96.pt \
-        --validation RUN/validation.jsonl [--accuracy accuracy.json] [--training-log RUN/log.jsonl]
+        --validation RUN/validation.jsonl [--accuracy accuracy.json ...] [--training-log RUN/log.jsonl]
+    python benchmarks/model_card.py --model itk_gradicon/weights/gradicon-synthbrain-96.pt \
+        --accuracy-only --accuracy all.json --accuracy ours.json    # refresh the figures of an existing card
 
 The card records what ``gradicon models info NAME`` shows beside the file's own metadata: architecture,
 data (trained on and held out), steps per stage, preprocessing, the pre-alignment it expects, the
@@ -20,11 +22,24 @@ from pathlib import Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--validation", type=Path, required=True, help="validate_training.py's JSONL log")
-    parser.add_argument("--accuracy", type=Path, help="bench_accuracy.py --json output")
+    parser.add_argument("--validation", type=Path, help="validate_training.py's JSONL log")
+    parser.add_argument("--accuracy", type=Path, action="append", default=[],
+                        help="bench_accuracy.py --json output; several: a later file's methods replace an "
+                             "earlier one's (e.g. a clean rerun of some rows)")
+    parser.add_argument("--accuracy-only", action="store_true",
+                        help="keep the existing card and replace its accuracy figures only")
     parser.add_argument("--training-log", type=Path, help="the run's log.jsonl (time and pairs per second)")
     parser.add_argument("--machine", default="2-core AMD EPYC (AVX2), no GPU")
     args = parser.parse_args()
+    out = args.model.with_suffix(".json")
+    if args.accuracy_only:
+        card = json.loads(out.read_text())
+        card.setdefault("figures", {})["accuracy"] = accuracy_summary(args.accuracy)
+        out.write_text(json.dumps(card, indent=2) + "\n")
+        print(out)
+        return
+    if args.validation is None:
+        parser.error("--validation is needed unless --accuracy-only")
 
     from itk_gradicon.models import load_model
     from itk_gradicon.network import count_parameters
@@ -60,10 +75,26 @@ def main() -> None:
         if done:
             card["steps"]["training_seconds"] = done[-1].get("elapsed_s")
     if args.accuracy:
-        card["figures"]["accuracy"] = json.loads(args.accuracy.read_text()).get("summary")
-    out = args.model.with_suffix(".json")
+        card["figures"]["accuracy"] = accuracy_summary(args.accuracy)
     out.write_text(json.dumps(card, indent=2) + "\n")
     print(out)
+
+
+def accuracy_summary(paths) -> dict:
+    """Per pair and method, from ``bench_accuracy.py --json`` files: mean Dice, mean HD95 (mm), % negative
+    Jacobian determinants, seconds; plus the run's machine, IO steps and source file names."""
+    pairs: dict = {}
+    runs = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        runs.append({"file": Path(path).name, "machine": data.get("machine"), "io_iterations": data.get("io_iterations"),
+                     "methods": data.get("methods")})
+        for pair, methods in data["results"].items():
+            for method, record in methods.items():
+                pairs.setdefault(pair, {})[method] = {
+                    key: (round(record[key], 4) if isinstance(record.get(key), float) else record.get(key))
+                    for key in ("mean_dice", "mean_hd95_mm", "percent_negative_jacobian", "seconds")}
+    return {"runs": runs, "pairs": pairs, "details": "benchmarks/ACCURACY.md"}
 
 
 if __name__ == "__main__":
