@@ -179,3 +179,22 @@ def test_penalties_are_zero_for_the_identity_and_grow_with_roughness():
     assert float(diffusion_penalty(ramp)) == pytest.approx(1.0, rel=1e-5)
     # the same shift in both directions is not inverse-consistent: 2 * (2 * 0.05 * 7 voxels)^2
     assert float(inverse_consistency_penalty(shift, shift, identity)) == pytest.approx(2 * (0.1 * 7) ** 2, rel=1e-4)
+
+
+@pytest.mark.parametrize("similarity", ["lncc", "lncc2", "mind"])
+def test_field_io_in_2d_with_every_similarity_and_loss_masks(tiny_model_file_2d, similarity):
+    """2-D images, each IO similarity, loss masks: the refinement runs and lowers its objective."""
+    from itk_gradicon.models import load_model
+
+    rng = np.random.default_rng(5)
+    big = blob_volume((40, 44), rng, blobs=8)
+    fixed_array = ((big[4:32, 4:36] > 0.4) * 100.0).astype(np.float32)
+    moving_array = ((big[6:34, 3:35] > 0.4) * 100.0).astype(np.float32)
+    fixed, moving = make_image(fixed_array), make_image(moving_array)
+    masks = [make_image(np.ones_like(a, dtype=np.uint8)) for a in (fixed_array, moving_array)]
+    model = load_model(str(tiny_model_file_2d))
+    result = run(fixed, moving, model, io_method="field", io_iterations=10, io_similarity=similarity,
+                 fixed_mask=masks[0], moving_mask=masks[1], mask_mode="loss")
+    history = result.io_history
+    assert len(history) == 10 and history[-1]["total"] < history[0]["total"]
+    assert result.forward_field.array.shape == (28, 32, 2) and result.inverse_field is not None

@@ -130,7 +130,8 @@ def register(fixed: Path, moving: Path, out_transform: Optional[Path], out_inver
     line = ProgressLine(quiet)
 
     def progress(p) -> None:
-        terms = "  ".join(f"{k} {v:.4f}" for k, v in p.losses.items() if k != "dice" or v)
+        terms = "  ".join(f"{k} {v:.4f}" for k, v in p.losses.items()
+                           if k not in ("dice", "inverse_consistency") or v)
         line.update(f"instance optimisation {p.step}/{p.total}  {terms}  "
                     f"elapsed {format_seconds(p.elapsed_s)}  ETA {format_seconds(p.eta_s)}",
                     final=p.step == p.total)
