@@ -319,10 +319,10 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
     t0 = time.perf_counter()
     if isinstance(device, str):
         device = resolve_device(device)
-    _check_options(mask_mode=mask_mode, orientation=orientation, io_iterations=io_iterations, io_method=io_method,
-                   io_lr=io_lr, io_smoothness=io_smoothness, affine=affine, fixed_mask=fixed_mask,
-                   moving_mask=moving_mask, fixed_labels=fixed_labels, moving_labels=moving_labels,
-                   modalities=(fixed_modality, moving_modality))
+    check_options(mask_mode=mask_mode, orientation=orientation, io_iterations=io_iterations, io_method=io_method,
+                  io_lr=io_lr, io_smoothness=io_smoothness, affine=affine, initial_transform=initial_transform,
+                  fixed_mask=fixed_mask, moving_mask=moving_mask, fixed_labels=fixed_labels,
+                  moving_labels=moving_labels, modalities=(fixed_modality, moving_modality))
     if not isinstance(model, Model):
         model = load_model(model)
         timings["load_model"] = time.perf_counter() - t0
@@ -390,33 +390,44 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
     return RegistrationResult(*fields, modalities["fixed"], modalities["moving"], messages, history, timings)
 
 
-def _check_options(*, mask_mode: str, orientation: str, io_iterations, io_method: str, io_lr, io_smoothness,
-                   affine: str, fixed_mask, moving_mask, fixed_labels, moving_labels,
-                   modalities: Tuple[str, str]) -> None:
-    """The options of :func:`register` that need no image and no model."""
+def check_options(*, mask_mode: str = "input", orientation: str = "fixed", io_iterations=0,
+                  io_method: str = "auto", io_lr=None, io_smoothness=DEFAULT_SMOOTHNESS, affine: str = "auto",
+                  initial_transform=None, fixed_mask=None, moving_mask=None, fixed_labels=None,
+                  moving_labels=None, modalities: Tuple[str, str] = ("auto", "auto"),
+                  name: Callable[[str], str] = lambda option: option) -> None:
+    """Every option of a registration that needs neither an image nor a model, checked in one place.
+
+    :func:`register` calls it with the keyword names; ``gradicon register`` (and ``register-batch``) with
+    ``name`` giving the command-line flags (``"io_iterations"`` -> ``"--io-iterations"``), so that each
+    message names what the user typed. ``initial_transform`` is anything given (a file or a transform).
+
+    Raises:
+        InputError: the first option outside what is allowed, with what was received.
+    """
     from .registration_io import AFFINE_CHOICES
 
-    if mask_mode not in MASK_MODES:
-        raise InputError(f"unknown mask mode {mask_mode!r}; allowed: {', '.join(MASK_MODES)}")
-    if orientation not in ORIENTATIONS:
-        raise InputError(f"unknown orientation {orientation!r}; allowed: {', '.join(ORIENTATIONS)}")
+    def allowed(option: str, value, choices) -> None:
+        if value not in choices:
+            raise InputError(f"unknown {name(option)} {value!r}; allowed: {', '.join(choices)}")
+
+    allowed("mask_mode", mask_mode, MASK_MODES)
+    allowed("orientation", orientation, ORIENTATIONS)
     if isinstance(io_iterations, bool) or not isinstance(io_iterations, (int, np.integer)) or io_iterations < 0:
-        raise InputError(f"io_iterations must be a whole number >= 0, not {io_iterations!r}")
-    if io_method not in IO_METHOD_CHOICES:
-        raise InputError(f"unknown IO method {io_method!r}; allowed: {', '.join(IO_METHOD_CHOICES)}")
+        raise InputError(f"{name('io_iterations')} must be a whole number >= 0, not {io_iterations!r}")
+    allowed("io_method", io_method, IO_METHOD_CHOICES)
     if io_lr is not None and not io_lr > 0:
-        raise InputError(f"io_lr must be > 0, not {io_lr!r}")
+        raise InputError(f"{name('io_lr')} must be > 0, not {io_lr!r}")
     if not io_smoothness >= 0:
-        raise InputError(f"io_smoothness must be >= 0, not {io_smoothness!r}")
+        raise InputError(f"{name('io_smoothness')} must be >= 0, not {io_smoothness!r}")
+    allowed("affine", affine, AFFINE_CHOICES)
+    if affine == "elastix" and initial_transform is not None:
+        raise InputError(f"give either {name('affine')} elastix or {name('initial_transform')}, not both")
     if (fixed_labels is None) != (moving_labels is None):
-        raise InputError("labels for the Dice term must be given for both images or neither")
-    if (fixed_mask is None) != (moving_mask is None) and mask_mode in ("loss", "both"):
-        raise InputError("loss masking needs masks for both images")
-    for role, choice in zip(("fixed", "moving"), modalities):
-        if choice not in MODALITY_CHOICES:
-            raise InputError(f"unknown {role} modality {choice!r}; allowed: {', '.join(MODALITY_CHOICES)}")
-    if affine not in AFFINE_CHOICES:
-        raise InputError(f"unknown affine {affine!r}; allowed: {', '.join(AFFINE_CHOICES)}")
+        raise InputError(f"{name('fixed_labels')} and {name('moving_labels')} must be given together")
+    if mask_mode in ("loss", "both") and (fixed_mask is None or moving_mask is None):
+        raise InputError(f"{name('mask_mode')} {mask_mode} needs both {name('fixed_mask')} and {name('moving_mask')}")
+    for option, choice in zip(("fixed_modality", "moving_modality"), modalities):
+        allowed(option, choice, MODALITY_CHOICES)
 
 
 def _check_inputs(fixed, moving, dimension: int, *, fixed_mask, moving_mask, fixed_labels, moving_labels):

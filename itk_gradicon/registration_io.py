@@ -143,13 +143,15 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
     import torch
 
     from .models import load_model
-    from .registration import check_memory, estimate_memory, register, resolve_device, resolve_io_method
+    from .registration import (check_memory, check_options, estimate_memory, register, resolve_device,
+                               resolve_io_method)
 
     outputs.validate()
-    _check_options(io_iterations=io_iterations, io_method=io_method, affine=affine,
-                   initial_transform=initial_transform, fixed_mask=fixed_mask, moving_mask=moving_mask,
-                   fixed_labels=fixed_labels, moving_labels=moving_labels, mask_mode=mask_mode,
-                   modalities=(fixed_modality, moving_modality))
+    check_options(mask_mode=mask_mode, orientation=orientation, io_iterations=io_iterations,
+                  io_method=io_method, io_lr=io_lr, io_smoothness=io_smoothness, affine=affine,
+                  initial_transform=initial_transform, fixed_mask=fixed_mask, moving_mask=moving_mask,
+                  fixed_labels=fixed_labels, moving_labels=moving_labels,
+                  modalities=(fixed_modality, moving_modality), name=flag_of)
     torch_device = resolve_device(device)
     files = {"--fixed": fixed, "--moving": moving, "--fixed-mask": fixed_mask, "--moving-mask": moving_mask,
              "--fixed-labels": fixed_labels, "--moving-labels": moving_labels}
@@ -202,27 +204,9 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
     return result
 
 
-def _check_options(*, io_iterations, io_method: str, affine: str, initial_transform, fixed_mask, moving_mask,
-                   fixed_labels, moving_labels, mask_mode: str, modalities: Tuple[str, str]) -> None:
-    """The options that need no file, in the command's words."""
-    from .preprocess import MODALITY_CHOICES
-    from .registration import IO_METHOD_CHOICES
-
-    if isinstance(io_iterations, bool) or not isinstance(io_iterations, int) or io_iterations < 0:
-        raise InputError(f"--io-iterations must be a whole number >= 0, not {io_iterations!r}")
-    if io_method not in IO_METHOD_CHOICES:
-        raise InputError(f"unknown --io-method {io_method!r}; allowed: {', '.join(IO_METHOD_CHOICES)}")
-    if affine not in AFFINE_CHOICES:
-        raise InputError(f"unknown --affine {affine!r}; allowed: {', '.join(AFFINE_CHOICES)}")
-    if affine == "elastix" and initial_transform is not None:
-        raise InputError("give either --affine elastix or --initial-transform, not both")
-    if (fixed_labels is None) != (moving_labels is None):
-        raise InputError("--fixed-labels and --moving-labels must be given together")
-    if mask_mode in ("loss", "both") and (fixed_mask is None or moving_mask is None):
-        raise InputError(f"--mask-mode {mask_mode} needs both --fixed-mask and --moving-mask")
-    for flag, choice in zip(("--fixed-modality", "--moving-modality"), modalities):
-        if choice not in MODALITY_CHOICES:
-            raise InputError(f"unknown {flag} {choice!r}; allowed: {', '.join(MODALITY_CHOICES)}")
+def flag_of(option: str) -> str:
+    """The command-line flag of a :func:`~itk_gradicon.registration.register` keyword."""
+    return "--" + option.replace("_", "-")
 
 
 @dataclass

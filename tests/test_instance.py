@@ -148,7 +148,7 @@ def test_auto_chooses_the_papers_method_for_published_models(identity_model):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(io_method="fields"), "unknown IO method 'fields'; allowed: auto, network, field"),
+    (dict(io_method="fields"), "unknown io_method 'fields'; allowed: auto, network, field"),
     (dict(io_smoothness=-1.0), "io_smoothness must be >= 0"),
     (dict(io_lr=0.0), "io_lr must be > 0"),
 ])

@@ -499,19 +499,20 @@ def test_api_refusals(pair, model):
     empty.CopyInformation(fixed)
     vectors = itk.image_from_array(np.zeros(SHAPE + (3,), np.float32), is_vector=True)
     cases = [
-        (dict(fixed_modality="pet"), "unknown fixed modality 'pet'"),
-        (dict(mask_mode="outside"), "unknown mask mode"),
+        (dict(fixed_modality="pet"), "unknown fixed_modality 'pet'"),
+        (dict(mask_mode="outside"), "unknown mask_mode"),
         (dict(orientation="ras"), "unknown orientation"),
         (dict(io_iterations=-1), "io_iterations must be a whole number"),
         (dict(io_iterations=True), "io_iterations must be a whole number"),
         (dict(io_lr=0.0), "io_lr must be > 0"),
         (dict(io_similarity="mse"), "unknown IO similarity"),
-        (dict(fixed_labels=fixed_mask), "both images or neither"),
+        (dict(fixed_labels=fixed_mask), "fixed_labels and moving_labels must be given together"),
         (dict(fixed_mask=moving_mask), "fixed mask is not on the grid"),
         (dict(fixed_mask=empty), "fixed mask is empty"),
         (dict(initial_transform=np.zeros((4, 4))), "not a finite homogeneous matrix"),
         (dict(initial_transform=np.diag([1.0, 0.0, 1.0, 1.0])), "singular"),
         (dict(initial_transform=np.eye(3)), "4x4 homogeneous matrix"),
+        (dict(affine="elastix", initial_transform=np.eye(4)), "give either affine elastix or initial_transform"),
     ]
     for kwargs, fragment in cases:
         with pytest.raises(InputError, match=fragment.replace("(", r"\(")) as err:
