@@ -67,15 +67,43 @@ def random_affine(rng: np.random.Generator, centre: np.ndarray, rotation: float,
     return out
 
 
-def resample(image, matrix: np.ndarray):
-    """``image`` moved so that fixed point x shows what ``image`` had at ``matrix @ x``."""
+def resample(image, matrix: np.ndarray, *, reference=None, nearest: bool = False):
+    """``image`` moved so that point x of ``reference``'s grid (default: ``image``'s own) shows what
+    ``image`` had at ``matrix @ x``; linear, or nearest neighbour for label maps."""
     import itk
 
     transform = itk.AffineTransform[itk.D, 3].New()
     transform.SetMatrix(itk.matrix_from_array(matrix[:3, :3].copy()))
     transform.SetTranslation([float(v) for v in matrix[:3, 3]])
-    return itk.resample_image_filter(image, transform=transform, use_reference_image=True, reference_image=image,
-                                     default_pixel_value=0.0)
+    extra = {"interpolator": itk.NearestNeighborInterpolateImageFunction.New(image)} if nearest else {}
+    return itk.resample_image_filter(image, transform=transform, use_reference_image=True,
+                                     reference_image=image if reference is None else reference,
+                                     default_pixel_value=0, **extra)
+
+
+def estimators(args, fixed, moving) -> dict:
+    """``{method: function returning the fixed -> moving matrix}``: each elastix setting, then ANTs."""
+    from itk_gradicon.affine import elastix_affine
+
+    methods = {s: (lambda s=s: elastix_affine(fixed, moving, threads=args.threads, **SETTINGS[s]))
+               for s in args.settings.split(",")}
+    if not args.skip_ants:
+        methods["ants"] = lambda: ants_affine(fixed, moving)
+    return methods
+
+
+def timed(run):
+    start = time.perf_counter()
+    value = run()
+    return value, time.perf_counter() - start
+
+
+def print_table(rows: list, header: str, cells) -> None:
+    """One markdown row per method (in order of appearance): ``cells(rows of that method)``."""
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        print(f"| {method} | " + " | ".join(cells([r for r in rows if r["method"] == method])) + " |")
 
 
 def brain_points(image) -> np.ndarray:
@@ -134,8 +162,6 @@ def main() -> None:
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
     import itk
 
-    from itk_gradicon.affine import elastix_affine
-
     rows = []
     for name in [n for n in args.images.split(",") if n]:
         fixed = itk.imread(str(IMAGES[name]), itk.F)
@@ -148,14 +174,8 @@ def main() -> None:
             motion = random_affine(rng, centre, args.rotation, args.translation, args.scale)
             moving = resample(fixed, motion)
             truth = np.linalg.inv(motion)
-            methods = {s: (lambda s=s: elastix_affine(fixed, moving, threads=args.threads, **SETTINGS[s]))
-                       for s in args.settings.split(",")}
-            if not args.skip_ants:
-                methods["ants"] = lambda: ants_affine(fixed, moving)
-            for method, run in methods.items():
-                start = time.perf_counter()
-                estimate = run()
-                seconds = time.perf_counter() - start
+            for method, run in estimators(args, fixed, moving).items():
+                estimate, seconds = timed(run)
                 mean, p95 = error_mm(points, truth, estimate)
                 rows.append({"image": name, "case": case, "method": method, "mean_mm": mean, "p95_mm": p95,
                              "seconds": seconds})
@@ -163,35 +183,20 @@ def main() -> None:
     if args.intersubject:
         rows += intersubject(args)
     print(f"\nmachine: {json.dumps(machine())}\n")
-    known = [r for r in rows if "mean_mm" in r]
-    print("| method | mean error (mm) | worst case mean (mm) | 95th percentile (mm) | seconds |")
-    print("|---|---|---|---|---|")
-    for method in dict.fromkeys(r["method"] for r in known):
-        mine = [r for r in known if r["method"] == method]
-        print(f"| {method} | {np.mean([r['mean_mm'] for r in mine]):.2f} | {max(r['mean_mm'] for r in mine):.2f} | "
-              f"{np.mean([r['p95_mm'] for r in mine]):.2f} | {np.mean([r['seconds'] for r in mine]):.1f} |")
+    print_table([r for r in rows if "mean_mm" in r],
+                "| method | mean error (mm) | worst case mean (mm) | 95th percentile (mm) | seconds |",
+                lambda mine: [f"{np.mean([r['mean_mm'] for r in mine]):.2f}", f"{max(r['mean_mm'] for r in mine):.2f}",
+                              f"{np.mean([r['p95_mm'] for r in mine]):.2f}", f"{np.mean([r['seconds'] for r in mine]):.1f}"])
     paired = [r for r in rows if "dice" in r]
     if paired:
         print("\nlapirn_oasis B moved by random affines -> A: Dice of labels 1 / 2 after the affine (mean over motions)\n")
-        print("| method | Dice label 1 | Dice label 2 | worst mean Dice | seconds |")
-        print("|---|---|---|---|---|")
-        for method in dict.fromkeys(r["method"] for r in paired):
-            mine = [r for r in paired if r["method"] == method]
-            print(f"| {method} | {np.mean([r['dice'][0] for r in mine]):.3f} | {np.mean([r['dice'][1] for r in mine]):.3f} | "
-                  f"{min(np.mean(r['dice']) for r in mine):.3f} | {np.mean([r['seconds'] for r in mine]):.1f} |")
+        print_table(paired, "| method | Dice label 1 | Dice label 2 | worst mean Dice | seconds |",
+                    lambda mine: [f"{np.mean([r['dice'][0] for r in mine]):.3f}",
+                                  f"{np.mean([r['dice'][1] for r in mine]):.3f}",
+                                  f"{min(np.mean(r['dice']) for r in mine):.3f}",
+                                  f"{np.mean([r['seconds'] for r in mine]):.1f}"])
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
-
-
-def _resample_labels(labels, reference, matrix: np.ndarray):
-    import itk
-
-    transform = itk.AffineTransform[itk.D, 3].New()
-    transform.SetMatrix(itk.matrix_from_array(matrix[:3, :3].copy()))
-    transform.SetTranslation([float(v) for v in matrix[:3, 3]])
-    return itk.resample_image_filter(labels, transform=transform, use_reference_image=True,
-                                     reference_image=reference, default_pixel_value=0,
-                                     interpolator=itk.NearestNeighborInterpolateImageFunction.New(labels))
 
 
 def _dice(a, b) -> list:
@@ -204,8 +209,6 @@ def _dice(a, b) -> list:
 def intersubject(args) -> list:
     """lapirn_oasis B (moved by random affines) -> A, scored by the Dice of the tissue labels."""
     import itk
-
-    from itk_gradicon.affine import elastix_affine
 
     folder = SHARED_DATA / "lapirn_oasis"
     fixed = itk.imread(str(folder / "image_A_160x192x144.nii.gz"), itk.F)
@@ -221,17 +224,11 @@ def intersubject(args) -> list:
     for case in range(args.intersubject):
         motion = random_affine(rng, centre, args.rotation, args.translation, args.scale)
         moving = resample(moving0, motion)
-        moving_labels = _resample_labels(moving_labels0, moving_labels0, motion)
-        methods = {s: (lambda s=s: elastix_affine(fixed, moving, threads=args.threads, **SETTINGS[s]))
-                   for s in args.settings.split(",")}
-        if not args.skip_ants:
-            methods["ants"] = lambda: ants_affine(fixed, moving)
-        methods["identity"] = lambda: np.eye(4)
+        moving_labels = resample(moving_labels0, motion, nearest=True)
+        methods = {**estimators(args, fixed, moving), "identity": lambda: np.eye(4)}
         for method, run in methods.items():
-            start = time.perf_counter()
-            estimate = run()
-            seconds = time.perf_counter() - start
-            warped = _resample_labels(moving_labels, fixed_labels, estimate)
+            estimate, seconds = timed(run)
+            warped = resample(moving_labels, estimate, reference=fixed_labels, nearest=True)
             rows.append({"image": "oasis B->A", "case": case, "method": method,
                          "dice": _dice(warped, fixed_labels), "seconds": seconds})
             print(json.dumps(rows[-1]), flush=True)

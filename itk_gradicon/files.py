@@ -341,10 +341,7 @@ def from_itk(image):
 def field_transform(field) -> object:
     """A :class:`~itk_gradicon.transforms.DisplacementField` as a ``SimpleITK.DisplacementFieldTransform``
     (float64 vectors, linear interpolation between nodes: what ``field.to_transform()`` is in ITK Python)."""
-    sitk = _sitk()
-    image = sitk.GetImageFromArray(np.ascontiguousarray(field.array, dtype=np.float64), isVector=True)
-    field.grid.apply_to(image)
-    return sitk.DisplacementFieldTransform(image)
+    return _sitk().DisplacementFieldTransform(field.to_simpleitk_image())
 
 
 def write_warped(moving, fixed, field, path: Path) -> None:

@@ -472,8 +472,6 @@ def short_error_message(err: BaseException) -> str:
     return text.splitlines()[-1] if text else type(err).__name__
 
 
-
-
 def pixel_components(image) -> int:
     """Number of components per pixel (1 for scalar images)."""
     return int(image.GetNumberOfComponentsPerPixel())
@@ -502,6 +500,11 @@ def image_array(image) -> np.ndarray:
 #: Image libraries the readers return: ITK Python (``itk.Image``) or SimpleITK (``SimpleITK.Image``:
 #: the same ITK readers and filters, loaded in a fraction of a second; what the commands use).
 BACKENDS = ("itk", "simpleitk")
+
+
+def backend_of(image) -> str:
+    """The library an in-memory image belongs to: ``"simpleitk"`` or ``"itk"``."""
+    return "simpleitk" if _is_simpleitk(image) else "itk"
 
 
 def _read_any(path: PathLike, what: str, backend: str):
@@ -646,8 +649,7 @@ def describe_grid(image) -> str:
 def read_mask_on_grid(path: PathLike, reference, *, what: str = "mask"):
     """Read a mask and check that it lies on ``reference``'s grid; returns a uint8 0/1 image in
     ``reference``'s library (``itk`` or ``SimpleITK``)."""
-    backend = "simpleitk" if _is_simpleitk(reference) else "itk"
-    mask = read_label_image(path, what=what, dimension=image_dimension(reference), backend=backend)
+    mask = read_label_image(path, what=what, dimension=image_dimension(reference), backend=backend_of(reference))
     if not same_grid(mask, reference):
         raise InputError(f"{what} '{path}' is not on its image's grid: mask has "
                          f"{describe_grid(mask)}, image has {describe_grid(reference)} "

@@ -42,9 +42,6 @@ DEFAULT_LR = {"network": 2e-5, "field": 0.3}
 DEFAULT_SMOOTHNESS = 0.15
 #: Weight of the inverse-consistency penalty of ``field`` IO (network voxels squared).
 INVERSE_CONSISTENCY = 0.1
-#: The inverse-consistency penalty is evaluated at every voxel. Every 2nd voxel along each axis saves
-#: about 0.15 s of a 0.8 s step, but on lapirn_oasis let 3-4x more voxels fold (0.09 % instead of 0.03 %).
-CONSISTENCY_STRIDE = 1
 
 
 @dataclass
@@ -109,14 +106,13 @@ def diffusion_penalty(displacement: Tensor) -> Tensor:
     return total
 
 
-def inverse_consistency_penalty(disp_AB: Tensor, disp_BA: Tensor, identity: Tensor, stride: int = 1) -> Tensor:
+def inverse_consistency_penalty(disp_AB: Tensor, disp_BA: Tensor, identity: Tensor) -> Tensor:
     """``mean |phi_BA(phi_AB(x)) - x|^2 + mean |phi_AB(phi_BA(x)) - x|^2`` in network voxels squared,
-    over the grid points ``x`` of every ``stride``-th voxel along each axis."""
+    over every grid point ``x``. (Evaluating it on every 2nd voxel along each axis saves about 0.15 s
+    of a 0.8 s step, but on lapirn_oasis let 3-4x more voxels fold: 0.09 % instead of 0.03 %.)"""
     scale = voxel_scale(disp_AB.shape[2:], disp_AB)
-    every = (slice(None), slice(None)) + (slice(None, None, stride),) * (disp_AB.dim() - 2)
-    points, u_AB, u_BA = identity[every], disp_AB[every], disp_BA[every]
-    forward = u_AB + sample_cube_field(disp_BA, points + u_AB)
-    backward = u_BA + sample_cube_field(disp_AB, points + u_BA)
+    forward = disp_AB + sample_cube_field(disp_BA, identity + disp_AB)
+    backward = disp_BA + sample_cube_field(disp_AB, identity + disp_BA)
     return ((forward * scale).pow(2).sum(1).mean() + (backward * scale).pow(2).sum(1).mean())
 
 
@@ -164,7 +160,7 @@ def refine_fields(disp_AB: Tensor, disp_BA: Optional[Tensor], image_A: Tensor, i
             reg = reg + diffusion_penalty(u_BA)
             if one_A is not None:
                 dice = dice + losses.soft_dice_loss(losses.warp(one_B, grid_BA, zero_outside=False), one_A, valid)
-            consistency = inverse_consistency_penalty(u_AB, u_BA, identity, stride=CONSISTENCY_STRIDE)
+            consistency = inverse_consistency_penalty(u_AB, u_BA, identity)
         total = sim + smoothness * reg + INVERSE_CONSISTENCY * consistency + dice_weight * dice
         total.backward()
         optimizer.step()

@@ -228,12 +228,10 @@ def _resample_on(image, reference, affine: np.ndarray, *, nearest: bool, default
     if _is_simpleitk(image):
         import SimpleITK as sitk
 
-        d = affine.shape[0] - 1
-        transform = sitk.AffineTransform(d)
-        transform.SetMatrix([float(v) for v in np.asarray(affine[:d, :d], dtype=np.float64).ravel()])
-        transform.SetTranslation([float(v) for v in affine[:d, d]])
+        from .transforms import affine_to_simpleitk
+
         grid = ImageGrid.from_image(reference)
-        return sitk.Resample(image, [int(n) for n in grid.size], transform,
+        return sitk.Resample(image, [int(n) for n in grid.size], affine_to_simpleitk(affine),
                              sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear,
                              [float(v) for v in grid.origin], [float(v) for v in grid.spacing],
                              [float(v) for row in grid.direction for v in row], float(default),

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from .errors import GradiconError, InputError, ResourceError
 from .files import read_header
-from .imageio import (VOLUME_SUFFIXES, OutputTransaction, _is_simpleitk, check_header,
+from .imageio import (VOLUME_SUFFIXES, OutputTransaction, backend_of, check_header,
                       check_output_dir, check_output_path, describe_grid, image_dimension, read_image,
                       read_label_image, read_mask_on_grid, same_grid)
 from .transforms import TRANSFORM_OUTPUT_SUFFIXES
@@ -89,8 +89,7 @@ class RegisterOutputs:
 
 
 def _read_labels_on(path: Path, image, what: str):
-    labels = read_label_image(path, what=what, dimension=image_dimension(image),
-                              backend="simpleitk" if _is_simpleitk(image) else "itk")
+    labels = read_label_image(path, what=what, dimension=image_dimension(image), backend=backend_of(image))
     if not same_grid(labels, image):
         raise InputError(f"{what} '{path}' is not on its image's grid: {describe_grid(labels)} vs "
                          f"{describe_grid(image)}")
@@ -181,23 +180,21 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
     if inputs.labels["fixed_labels"] is not None and io_iterations == 0:
         log("note: --fixed-labels/--moving-labels only act during instance optimisation (--io-iterations > 0)")
     pre = _prealignment(inputs, affine, initial_transform, log)
-    fixed_image, moving_image = inputs.fixed, inputs.moving
-    masks, labels = inputs.masks, inputs.labels
-    fixed_original, moving_original = inputs.fixed_original, inputs.moving_original
 
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     result = register(
-        fixed_image, moving_image, model=model_obj, fixed_modality=fixed_modality,
+        inputs.fixed, inputs.moving, model=model_obj, fixed_modality=fixed_modality,
         moving_modality=moving_modality, ct_window=ct_window, quantile_range=quantile_range,
         mask_mode=mask_mode, io_iterations=io_iterations, io_similarity=io_similarity, io_lr=io_lr,
         io_method=io_method, io_smoothness=io_smoothness, io_dice_weight=io_dice_weight, initial_transform=pre,
         affine="none", orientation=orientation,
         compute_inverse=outputs.needs_inverse, device=torch_device, progress=progress,
-        generator=generator, predictor=predictor, **masks, **labels)
+        generator=generator, predictor=predictor, **inputs.masks, **inputs.labels)
     for message in result.messages:
         log(message)
-    write_register_outputs(result, outputs, fixed_original=fixed_original if outputs.needs_originals else None,
-                           moving_original=moving_original if outputs.needs_originals else None, log=log)
+    originals = outputs.needs_originals
+    write_register_outputs(result, outputs, fixed_original=inputs.fixed_original if originals else None,
+                           moving_original=inputs.moving_original if originals else None, log=log)
     log(f"done in {result.timings.get('total', 0.0):.1f}s (network {result.timings.get('network', 0.0):.1f}s"
         + (f", instance optimisation {result.timings['instance_optimisation']:.1f}s"
            if "instance_optimisation" in result.timings else "") + ")")
@@ -374,16 +371,14 @@ def _output_jobs(result, outputs: RegisterOutputs, fixed_original, moving_origin
 def _run_output_jobs(jobs: List[_Job], out: OutputTransaction) -> List[Path]:
     """Run the jobs, several at a time on a machine with several cores (each output is compressed
     and written by ITK's writers, which release the GIL); returns the paths written, in job order.
-
-    Staged paths are reserved in job order before any job starts, so the transaction's bookkeeping
-    does not depend on which job finishes first.
+    The jobs stage their files through ``out.path``, which is safe from several threads.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     from .resources import usable_cores
 
     def run(job: _Job):
-        target, paths, write = job
+        target, _, write = job
         try:
             return write(out)
         except Exception as err:  # re-raised in the caller's thread, with the output named

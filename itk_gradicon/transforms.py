@@ -79,6 +79,14 @@ class DisplacementField:
         self.grid.apply_to(image)
         return image
 
+    def to_simpleitk_image(self, dtype=np.float64):
+        """The field as a ``SimpleITK`` vector image with the grid's geometry (``dtype`` components)."""
+        import SimpleITK as sitk
+
+        image = sitk.GetImageFromArray(np.ascontiguousarray(self.array, dtype=dtype), isVector=True)
+        self.grid.apply_to(image)
+        return image
+
     def to_transform(self):
         """An ``itk.DisplacementFieldTransform[itk.D, d]`` holding this field."""
         transform = displacement_field_transform_type(self.grid.dimension).New()
@@ -117,9 +125,7 @@ def write_field_image(field: DisplacementField, path: Path) -> None:
     """
     import SimpleITK as sitk
 
-    image = sitk.GetImageFromArray(np.ascontiguousarray(field.array, dtype=np.float32), isVector=True)
-    field.grid.apply_to(image)
-    sitk.WriteImage(image, str(path), useCompression=True)
+    sitk.WriteImage(field.to_simpleitk_image(np.float32), str(path), useCompression=True)
 
 
 # ITK's Python package loads its wrapping lazily, by module group: the first use of
@@ -166,9 +172,9 @@ def write_transform_file(field: DisplacementField, path: Path, *, compression: b
     if not compression:
         import SimpleITK as sitk
 
-        image = sitk.GetImageFromArray(np.ascontiguousarray(field.array, dtype=np.float64), isVector=True)
-        field.grid.apply_to(image)
-        sitk.WriteTransform(sitk.DisplacementFieldTransform(image), str(path))
+        from .files import field_transform
+
+        sitk.WriteTransform(field_transform(field), str(path))
         return
     transform = field.to_transform()
     writer_type = _hdf5_transform_writer_type()
@@ -216,6 +222,17 @@ def affine_to_itk(matrix: np.ndarray):
     return transform
 
 
+def affine_to_simpleitk(matrix: np.ndarray):
+    """A homogeneous WORLD matrix as a ``SimpleITK.AffineTransform`` (the same matrix and translation)."""
+    import SimpleITK as sitk
+
+    d = matrix.shape[0] - 1
+    transform = sitk.AffineTransform(d)
+    transform.SetMatrix([float(v) for v in np.asarray(matrix[:d, :d], dtype=np.float64).ravel()])
+    transform.SetTranslation([float(v) for v in matrix[:d, d]])
+    return transform
+
+
 def affine_from_itk(transform) -> np.ndarray:
     """The homogeneous WORLD matrix of an ITK matrix-offset transform (affine, rigid, Euler, ...)."""
     import itk
@@ -240,11 +257,7 @@ def write_affine_file(matrix: np.ndarray, path: Path) -> None:
     through SimpleITK (ITK's transform writers; the file ``itk.transformwrite`` writes)."""
     import SimpleITK as sitk
 
-    d = matrix.shape[0] - 1
-    transform = sitk.AffineTransform(d)
-    transform.SetMatrix([float(v) for v in np.asarray(matrix[:d, :d], dtype=np.float64).ravel()])
-    transform.SetTranslation([float(v) for v in matrix[:d, d]])
-    sitk.WriteTransform(transform, str(path))
+    sitk.WriteTransform(affine_to_simpleitk(matrix), str(path))
 
 
 def read_affine_file(path: PathLike) -> np.ndarray:
