@@ -371,7 +371,8 @@ def _output_jobs(result, outputs: RegisterOutputs, fixed_original, moving_origin
 def _run_output_jobs(jobs: List[_Job], out: OutputTransaction) -> List[Path]:
     """Run the jobs, several at a time on a machine with several cores (each output is compressed
     and written by ITK's writers, which release the GIL); returns the paths written, in job order.
-    The jobs stage their files through ``out.path``, which is safe from several threads.
+    The jobs stage their files through ``out.path``, which is safe from several threads; transform
+    files are written one at a time (:data:`~itk_gradicon.transforms.TRANSFORM_WRITE_LOCK`).
     """
     from concurrent.futures import ThreadPoolExecutor
 

@@ -35,6 +35,7 @@ the reverse order, because ITK applies the transform added last first.
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Union
@@ -158,6 +159,13 @@ def _hdf5_transform_writer_type():
     return itkTransformFileWriterPython.itkTransformFileWriterTemplateD
 
 
+#: ITK's transform writers go through the HDF5 library that ITK (and SimpleITK) bundle, built without
+#: thread safety: two transform files written at once from two threads crashed the process (a
+#: segmentation fault in ``WriteTransform``, seen when ``gradicon register`` wrote its outputs in
+#: parallel). Every transform file is written under this lock; image files (NIfTI) need none.
+TRANSFORM_WRITE_LOCK = threading.Lock()
+
+
 def write_transform_file(field: DisplacementField, path: Path, *, compression: bool = False) -> None:
     """Write a field as an ITK ``DisplacementFieldTransform`` in an HDF5 transform file.
 
@@ -169,6 +177,11 @@ def write_transform_file(field: DisplacementField, path: Path, *, compression: b
     SimpleITK loads in a fraction of a second) unless ``compression`` is asked for, which only ITK
     Python's writer offers.
     """
+    with TRANSFORM_WRITE_LOCK:
+        _write_field_transform(field, path, compression)
+
+
+def _write_field_transform(field: DisplacementField, path: Path, compression: bool) -> None:
     if not compression:
         import SimpleITK as sitk
 
@@ -257,7 +270,8 @@ def write_affine_file(matrix: np.ndarray, path: Path) -> None:
     through SimpleITK (ITK's transform writers; the file ``itk.transformwrite`` writes)."""
     import SimpleITK as sitk
 
-    sitk.WriteTransform(affine_to_simpleitk(matrix), str(path))
+    with TRANSFORM_WRITE_LOCK:  # see its note: HDF5 is not thread-safe
+        sitk.WriteTransform(affine_to_simpleitk(matrix), str(path))
 
 
 def read_affine_file(path: PathLike) -> np.ndarray:

@@ -229,3 +229,28 @@ def test_a_text_file_listing_several_transforms_is_read_whole(tmp_path):
     for point in rng.normal(size=(5, 3)) * 20:
         np.testing.assert_allclose(transform.TransformPoint(point), expected[:3, :3] @ point + expected[:3, 3],
                                    atol=1e-9)
+
+
+def test_transform_files_are_written_one_at_a_time(tmp_path, monkeypatch):
+    """ITK's bundled HDF5 is not thread-safe (two .h5 outputs written at once crashed gradicon register):
+    every transform file is written while TRANSFORM_WRITE_LOCK is held."""
+    import SimpleITK as sitk
+
+    from itk_gradicon import transforms
+    from itk_gradicon.grid import ImageGrid
+
+    held = []
+    real = sitk.WriteTransform
+
+    def spy(transform, path):
+        held.append(transforms.TRANSFORM_WRITE_LOCK.locked())
+        return real(transform, path)
+
+    monkeypatch.setattr(sitk, "WriteTransform", spy)
+    grid = ImageGrid(size=(4, 5, 6), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+                     direction=((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
+    field = transforms.DisplacementField(grid, np.zeros((6, 5, 4, 3)))
+    transforms.write_transform_file(field, tmp_path / "field.h5")
+    transforms.write_affine_file(np.eye(4), tmp_path / "affine.mat")
+    assert held == [True, True]
+    assert not transforms.TRANSFORM_WRITE_LOCK.locked()
