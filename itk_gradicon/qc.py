@@ -303,7 +303,9 @@ def _slab(image, view: SliceView, lo: int, hi: int):
         size[view.axis] = hi - lo
     region.SetIndex(start)
     region.SetSize(size)
-    return itk.region_of_interest_image_filter(image, region_of_interest=region)
+    slab = itk.region_of_interest_image_filter(image, region_of_interest=region)
+    slab.DisconnectPipeline()  # its own buffer: using it later never re-runs (and reallocates) the filter
+    return slab
 
 
 def _sample(moving, reference, transform) -> np.ndarray:
@@ -383,7 +385,9 @@ def qc_picture(fixed, moving, result) -> np.ndarray:
             reference = fixed
         else:
             reference = _slab(fixed, view, view.index, view.index + 1)
-        fixed_plane = np.asarray(itk.array_view_from_image(reference), dtype=np.float64)
+        # a copy: a float64 view would share the slab's buffer, which ITK may reallocate when the
+        # slab is used as a reference image below (the plane then read freed memory: NaN in the picture)
+        fixed_plane = np.array(itk.array_view_from_image(reference), dtype=np.float64)
         before = _sample(moving, reference, None)
         after = _sample(moving, reference, result.forward_transform)
         log_det, folded = _log_jacobian_slice(result.forward_field, fixed, view, d)

@@ -147,6 +147,31 @@ def test_panels_show_the_transform(identity_model):
     assert white.sum() > 3 * 40 * 40  # log-Jacobian 0 everywhere: white
 
 
+def test_float64_fixed_image_gives_the_float32_picture(identity_model):
+    """A float64 fixed image (as many NIfTI files store) draws the same picture as its float32 copy.
+
+    Its planes were once numpy views of slab images that ITK reallocated when the slab served again as a
+    reference image: the picture then showed freed memory (NaN, garbage) in some panels.
+    """
+    from itk_gradicon.qc import _slab, qc_picture, slice_views
+    from itk_gradicon.geometry import ImageGrid
+    from itk_gradicon.registration import register
+
+    import itk
+
+    as32 = marker_volume()
+    as64 = make_image(itk.array_from_image(as32).astype(np.float64))
+    as64.CopyInformation(as32)
+    result = register(as32, as32, model=identity_model, fixed_modality="mri", moving_modality="mri",
+                      compute_inverse=False, initial_transform=np.diag([1.1, 0.9, 1.0, 1.0]))
+    with np.errstate(invalid="raise"):
+        pictures = [qc_picture(image, as32, result) for image in (as64, as32, as64)]
+    np.testing.assert_array_equal(pictures[0], pictures[1])
+    np.testing.assert_array_equal(pictures[2], pictures[1])
+    view = slice_views(ImageGrid.from_image(as64))[0]
+    assert _slab(as64, view, view.index, view.index + 1).GetSource() is None  # its own buffer
+
+
 def test_after_panel_is_the_warped_moving_image(tiny_model_file, rng):
     """The 'MOVING AFTER' plane is the moving image resampled by ITK through the forward transform."""
     import dataclasses
