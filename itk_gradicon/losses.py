@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .network.sampling import grid_sample_cube_field
+from .network.sampling import sample_cube_field
 from .network.operators import CubeMap, identity_on
 
 Tensor = torch.Tensor
@@ -233,13 +233,17 @@ def cycle_gradient_penalty(maps: Sequence[MapFn], points: Tensor, delta: float =
         return x
 
     d = points.shape[1]
-    error = points - cycle(points)
-    total = 0.0
+    moved = [points]
     for axis in range(d):
         step = torch.zeros((1, d) + (1,) * d, dtype=points.dtype, device=points.device)
         step[0, axis] = delta
-        moved = points + step
-        error_d = moved - cycle(moved)
+        moved.append(points + step)
+    # the d + 1 point sets go through the cycle as one set (one sampling call per map, not d + 1:
+    # the maps are pointwise, so every value is the one the sets would give one by one)
+    stacked = torch.cat(moved, dim=-1)
+    error, *shifted = (stacked - cycle(stacked)).chunk(d + 1, dim=-1)
+    total = 0.0
+    for error_d in shifted:
         total = total + torch.mean(((error - error_d) / delta) ** 2)
     return total
 
@@ -304,14 +308,21 @@ class LossTerms:
 
 
 def warp(image: Tensor, points: Tensor, *, zero_outside: bool) -> Tensor:
-    """Sample ``image`` at CUBE ``points`` (linear), zero or border value outside the cube."""
+    """Sample ``image`` at CUBE ``points`` (linear), zero or border value outside the cube.
+
+    Both run on :func:`~itk_gradicon.network.sampling.sample_cube_field` (all CPU threads, the
+    compiled kernel where it applies). Zero outside is ``grid_sample(padding_mode="zeros",
+    align_corners=True)``'s function, computed as border sampling of the image padded with one node
+    of zeros on every side, at the points moved to the padded grid's CUBE coordinates: within the
+    cube and up to one node beyond it the same eight nodes are interpolated (the padding's zeros in
+    place of the absent ones), farther out both give 0; only float rounding differs.
+    """
     if not zero_outside:
-        return grid_sample_cube_field(image, points)
+        return sample_cube_field(image, points)
     d = points.shape[1]
-    grid = (points * 2.0 - 1.0).flip(1).permute(0, *range(2, d + 2), 1)
-    if grid.shape[0] != image.shape[0]:
-        grid = grid.expand(image.shape[0], *grid.shape[1:])
-    return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    nodes = torch.tensor(image.shape[2:], dtype=points.dtype, device=points.device).reshape(1, d, *([1] * d))
+    padded = F.pad(image, [1] * (2 * d))
+    return sample_cube_field(padded, (points * (nodes - 1) + 1) / (nodes + 1))
 
 
 def gradicon_objective(net: torch.nn.Module, image_A: Tensor, image_B: Tensor, *,

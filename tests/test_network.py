@@ -254,6 +254,27 @@ def test_gradicon_is_zero_for_exact_inverses():
     assert value == pytest.approx(0.01, rel=1e-3)
 
 
+@pytest.mark.parametrize("shape", [(7, 9, 11), (5, 6), (1, 8, 8)], ids=["3d", "2d", "flat"])
+def test_warp_zero_outside_is_grid_sample_with_zeros(shape):
+    """``warp(zero_outside=True)`` (border sampling of a zero-padded image) is grid_sample's zero padding,
+    values and both gradients, for points inside, just outside and far outside the cube."""
+    import torch.nn.functional as F
+
+    d = len(shape)
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand(2, 3, *shape, generator=g, dtype=torch.float64, requires_grad=True)
+    points = (torch.rand(2, d, *[5] * d, generator=g, dtype=torch.float64) * 1.8 - 0.4).requires_grad_()
+    grid = (points * 2 - 1).flip(1).permute(0, *range(2, d + 2), 1)
+    expected = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    got = L.warp(image, points, zero_outside=True)
+    assert (got - expected).abs().max().item() < 1e-14
+    assert (expected == 0).any() and (expected != 0).any()
+    upstream = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    for e, o in zip(torch.autograd.grad(expected, (image, points), upstream),
+                    torch.autograd.grad(got, (image, points), upstream)):
+        assert (e - o).abs().max().item() < 1e-12
+
+
 def test_gradcycon_of_identity_cycle_is_zero():
     shape = (12, 12, 12)
     points = identity_on(shape, torch.zeros(1))[:, :, ::2, ::2, ::2]

@@ -102,15 +102,46 @@ def test_map_on_a_finer_grid_equals_sampling_at_the_identity(coarse, fine):
     assert (fast - plain).abs().max().item() < 1e-12
 
 
-def test_training_mode_uses_the_plain_path():
-    """With BatchNorm on batch statistics nothing is folded: fast paths change nothing, bit for bit."""
-    net = _small_unet(3, seed=7).train()
-    a, b = torch.rand(2, 1, 20, 20, 20), torch.rand(2, 1, 20, 20, 20)
-    with torch.no_grad():
-        with fast_paths(enabled=False):
-            plain = net(a, b)
-        fast = net(a, b)
-    assert torch.equal(plain, fast)
+def test_training_mode_uses_the_plain_operations():
+    """With BatchNorm on batch statistics nothing is folded: the fast paths change only the layout of
+    the convolutions' inputs and how the upsampling is computed, so only float rounding differs."""
+    net = _small_unet(3, seed=7).train().double()
+    g = torch.Generator().manual_seed(8)
+    a = torch.rand(2, 1, 20, 20, 20, generator=g, dtype=torch.float64)
+    b = torch.rand(2, 1, 20, 20, 20, generator=g, dtype=torch.float64)
+    params = list(net.parameters())
+
+    def output_and_gradients(**switches):
+        with fast_paths(**switches):
+            out = net(a, b)
+            return [out, *torch.autograd.grad(out.square().sum(), params)]
+
+    plain = output_and_gradients(enabled=False)
+    for switches in (dict(), dict(channels_last=False), dict(upsample_by_products=False)):
+        fast = output_and_gradients(**switches)
+        assert plain[0].abs().max() > 1e-2
+        for p, f in zip(plain, fast):
+            assert (p - f).abs().max().item() <= 1e-12 * max(1.0, p.abs().max().item())
+    with fast_paths(channels_last=False, upsample_by_products=False), torch.no_grad():
+        assert torch.equal(net(a, b), plain[0])  # both off: the plain operations, bit for bit
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5, 6, 7), (2, 2, 9, 4), (1, 1, 1, 3, 2)], ids=["3d", "2d", "flat"])
+def test_upsample_by_products_is_interpolate(shape):
+    """The banded products compute ``interpolate(scale_factor=2, align_corners=False)``, gradients too."""
+    from itk_gradicon.network.unet import upsample_by_products
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+    mode = {4: "bilinear", 5: "trilinear"}[x.dim()]
+    expected = torch.nn.functional.interpolate(x, scale_factor=2, mode=mode, align_corners=False)
+    got = upsample_by_products(x)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < 1e-14
+    upstream = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    (grad_expected,) = torch.autograd.grad(expected, x, upstream)
+    (grad_got,) = torch.autograd.grad(got, x, upstream)
+    assert (grad_got - grad_expected).abs().max().item() < 1e-13
 
 
 def test_fast_path_under_autocast_is_close_to_plain():

@@ -41,8 +41,11 @@ try:
 except ImportError:  # built without a C compiler: grid_sample does all the sampling
     NATIVE = None
 
-#: Below this many output points per call the work is not split (thread start-up would dominate).
+#: Below this many output points per call ``grid_sample``'s work is not split into slabs.
 MIN_POINTS_PER_THREAD = 1 << 16
+#: The compiled kernel starts faster: its ranges of points are split down to this many per thread
+#: (the GradICON term of a 96^3 training step samples 48^3-point grids, which then use both cores).
+MIN_NATIVE_POINTS_PER_THREAD = 1 << 13
 
 _POOL: Optional[ThreadPoolExecutor] = None
 _POOL_SIZE = 0
@@ -125,7 +128,7 @@ def _use_native(field: torch.Tensor, points: torch.Tensor) -> bool:
 
 def _point_ranges(count: int) -> List[Tuple[int, int]]:
     """One range of the ``count`` output points per thread for the C kernel (none empty)."""
-    parts = max(1, min(torch.get_num_threads(), count // MIN_POINTS_PER_THREAD))
+    parts = max(1, min(torch.get_num_threads(), count // min(MIN_POINTS_PER_THREAD, MIN_NATIVE_POINTS_PER_THREAD)))
     bounds = [count * k // parts for k in range(parts + 1)]
     return [(bounds[k], bounds[k + 1]) for k in range(parts) if bounds[k] < bounds[k + 1]]
 
@@ -260,7 +263,7 @@ def sample_cube_field(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor
     """
     slabs = _slabs(points)
     if torch.is_grad_enabled() and (field.requires_grad or points.requires_grad):
-        if slabs < 2:
+        if slabs < 2 and not _use_native(field, points):
             return _sample(field, points)
         return _ParallelCubeSample.apply(field, points, slabs)
     with torch.autograd.set_grad_enabled(False):

@@ -117,7 +117,6 @@ class GradICONObjective(nn.Module):
         self.lmbda = float(lmbda)
         self.dice_weight = float(dice_weight)
         self.dice_grid = int(dice_grid)
-        self.dice_grid = int(dice_grid)
 
     def forward(self, batch: Dict[str, Tensor], points: Optional[Tensor] = None,
                 generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
