@@ -281,6 +281,31 @@ def elastix_affine(fixed, moving, fixed_mask=None, moving_mask=None, *, metric: 
         InputError: images of different dimension, an option outside the allowed values, or
             elastix failing on these images (e.g. masks too small to sample).
     """
+    fixed_f, moving_f, masks = _elastix_inputs(fixed, moving, fixed_mask, moving_mask)
+    d = int(fixed_f.GetImageDimension())
+    if threads is None:
+        threads = available_threads()
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise InputError(f"threads must be a whole number >= 1, not {threads!r}")
+    params = dict(parameter_map) if parameter_map is not None else affine_parameter_map(
+        metric=metric, initialization=initialization, iterations=iterations, resolutions=resolutions,
+        samples=samples, seed=seed)
+    result = _run_elastix(fixed_f, moving_f, masks, params, int(threads))
+    if result.GetNumberOfParameterMaps() != 1:
+        raise InputError(f"elastix returned {result.GetNumberOfParameterMaps()} transforms; expected one affine")
+    matrix = affine_from_elastix_parameters(result.GetParameterMap(0))
+    if matrix.shape != (d + 1, d + 1) or not np.all(np.isfinite(matrix)):
+        raise InputError(f"elastix returned an unusable affine transform: {matrix.tolist()}")
+    if log is not None:
+        linear = matrix[:d, :d]
+        log(f"affine pre-alignment (elastix): scales {np.round(np.linalg.svd(linear, compute_uv=False), 3).tolist()}, "
+            f"translation {np.round(matrix[:d, d], 2).tolist()} mm")
+    return matrix
+
+
+def _elastix_inputs(fixed, moving, fixed_mask, moving_mask):
+    """``(fixed, moving, [fixed_mask, moving_mask])`` as elastix takes them: float ITK images and
+    ``unsigned char`` masks (or ``None``), after checking dimensions, grids and that masks are not empty."""
     import itk
 
     from .imageio import cast_image, check_image, same_grid, to_itk
@@ -305,29 +330,28 @@ def elastix_affine(fixed, moving, fixed_mask=None, moving_mask=None, *, metric: 
         as_uc = itk.image_from_array(array)
         as_uc.CopyInformation(image)
         masks.append(cast_image(as_uc, itk.UC))
-    if threads is None:
-        threads = available_threads()
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
-        raise InputError(f"threads must be a whole number >= 1, not {threads!r}")
+    return fixed_f, moving_f, masks
 
-    params = dict(parameter_map) if parameter_map is not None else affine_parameter_map(
-        metric=metric, initialization=initialization, iterations=iterations, resolutions=resolutions,
-        samples=samples, seed=seed)
+
+def _run_elastix(fixed, moving, masks, params: Mapping[str, Sequence[str]], threads: int):
+    """Run elastix with one parameter map; returns its transform parameter object.
+
+    elastix explains a failure only in its log: one is written to a temporary folder (removed
+    afterwards) and its reason becomes the :class:`InputError`'s message.
+    """
     parameter_object = _parameter_object()
     parameter_object.AddParameterMap({k: tuple(str(v) for v in vs) for k, vs in params.items()})
-
-    method = _registration_method(type(fixed_f), type(moving_f))
-    method.SetFixedImage(fixed_f)
-    method.SetMovingImage(moving_f)
+    method = _registration_method(type(fixed), type(moving))
+    method.SetFixedImage(fixed)
+    method.SetMovingImage(moving)
     if masks[0] is not None:
         method.SetFixedMask(masks[0])
     if masks[1] is not None:
         method.SetMovingMask(masks[1])
     method.SetParameterObject(parameter_object)
-    method.SetNumberOfThreads(int(threads))
+    method.SetNumberOfThreads(threads)
     method.SetLogToConsole(False)
     with tempfile.TemporaryDirectory(prefix="gradicon-elastix-") as work:
-        # elastix explains a failure only in its log: keep one, in a folder removed afterwards
         method.SetOutputDirectory(work)
         method.SetLogFileName("elastix.log")
         method.SetLogToFile(True)
@@ -337,17 +361,7 @@ def elastix_affine(fixed, moving, fixed_mask=None, moving_mask=None, *, metric: 
             reason = _elastix_log_reason(Path(work) / "elastix.log") or _elastix_error(err)
             raise InputError(f"elastix could not compute the affine pre-alignment: {reason} "
                              "(check the masks, or register without an affine)") from err
-    result = method.GetTransformParameterObject()
-    if result.GetNumberOfParameterMaps() != 1:
-        raise InputError(f"elastix returned {result.GetNumberOfParameterMaps()} transforms; expected one affine")
-    matrix = affine_from_elastix_parameters(result.GetParameterMap(0))
-    if matrix.shape != (d + 1, d + 1) or not np.all(np.isfinite(matrix)):
-        raise InputError(f"elastix returned an unusable affine transform: {matrix.tolist()}")
-    if log is not None:
-        linear = matrix[:d, :d]
-        log(f"affine pre-alignment (elastix): scales {np.round(np.linalg.svd(linear, compute_uv=False), 3).tolist()}, "
-            f"translation {np.round(matrix[:d, d], 2).tolist()} mm")
-    return matrix
+    return method.GetTransformParameterObject()
 
 
 __all__ = ["INITIALIZATIONS", "METRICS", "affine_parameter_map", "affine_from_elastix_parameters",

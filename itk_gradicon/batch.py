@@ -247,6 +247,7 @@ class BatchingPredictor:
         if batch_size < 1 or workers < 1:
             raise ValueError("batch_size and workers must be >= 1")
         self.batch_size = int(batch_size)
+        self.workers = int(workers)
         self.precision = precision
         self.batches: List[int] = []
         self._live = int(workers)
@@ -349,46 +350,16 @@ def register_pairs(pairs: Sequence[Pair], *, model: Union[str, Any] = "unigradic
         GradiconError: a problem shared by every pair (model, device, precision).
     """
     from .models import Model, load_model
-    from .network.inference import PRECISIONS
-    from .registration import resolve_device
     from .registration_io import run_register
 
     options = dict(options or {})
-    torch_device = resolve_device(device)
-    if precision not in PRECISIONS:
-        raise InputError(f"unknown --precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
-    if precision != "float32" and torch_device.type != "cuda":
-        raise InputError(f"--precision {precision} is for CUDA devices; on {torch_device.type} the network "
-                         "runs in float32")
-    if batch_size is None:
-        batch_size = 4 if torch_device.type == "cuda" else 1
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be >= 1, not {batch_size}")
+    torch_device, batch_size = _device_and_batch_size(device, precision, batch_size)
     loaded = model if isinstance(model, Model) else load_model(model)
     io = int(options.get("io_iterations", 0) or 0) > 0
     if io and batch_size > 1:
         log(f"note: --batch-size {batch_size} applies to prediction only; with instance optimisation every pair "
             "is registered on its own")
-    batching = batch_size > 1 and not io
-    workers = min(batch_size, len(pairs)) if batching else 1
-    batcher = BatchingPredictor(batch_size, workers, precision) if batching else None
-    predictor: Optional[Callable[..., Any]] = batcher
-    if batcher is None and precision != "float32":
-        from .network.inference import predict_displacements
-
-        def reduced_precision(net, image_A, image_B, *, inverse):
-            return predict_displacements(net, image_A, image_B, inverse=inverse, precision=precision)
-
-        predictor = reduced_precision
-
-    results: Dict[int, PairResult] = {}
-    crashes: List[BaseException] = []
-    lock = threading.Lock()
-    stop = threading.Event()
-    todo: "queue.Queue[Pair]" = queue.Queue()
-    for pair in pairs:
-        todo.put(pair)
-    start = time.perf_counter()
+    batcher, predictor = _predictor(batch_size if not io else 1, len(pairs), precision)
 
     def one(pair: Pair) -> PairResult:
         t = time.perf_counter()
@@ -402,6 +373,66 @@ def register_pairs(pairs: Sequence[Pair], *, model: Union[str, Any] = "unigradic
         except (GradiconError, RuntimeError, MemoryError, OSError, ValueError) as err:
             return PairResult(pair, False, time.perf_counter() - t, _one_line(err))
         return PairResult(pair, True, time.perf_counter() - t, "", pair.outputs.final_paths())
+
+    start = time.perf_counter()
+    results = _run_workers(pairs, one, workers=batcher.workers if batcher is not None else 1,
+                           stop_on_error=stop_on_error, on_result=on_result,
+                           finished=batcher.worker_finished if batcher is not None else None)
+    batches = batcher.batches if batcher is not None else []
+    return BatchSummary(results, time.perf_counter() - start, batches)
+
+
+def _device_and_batch_size(device: str, precision: str, batch_size: Optional[int]):
+    """The torch device and the batch size of a cohort, after checking the precision against the device."""
+    from .network.inference import PRECISIONS
+    from .registration import resolve_device
+
+    torch_device = resolve_device(device)
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown --precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if precision != "float32" and torch_device.type != "cuda":
+        raise InputError(f"--precision {precision} is for CUDA devices; on {torch_device.type} the network "
+                         "runs in float32")
+    if batch_size is None:
+        batch_size = 4 if torch_device.type == "cuda" else 1
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, not {batch_size}")
+    return torch_device, batch_size
+
+
+def _predictor(batch_size: int, pairs: int, precision: str):
+    """``(batcher, predictor)`` for :func:`~itk_gradicon.registration.register`: a
+    :class:`BatchingPredictor` for batches of several pairs (one worker thread per pair of a batch),
+    a reduced-precision predictor, or ``(None, None)`` for the default prediction."""
+    if batch_size > 1:
+        batcher = BatchingPredictor(batch_size, max(1, min(batch_size, pairs)), precision)
+        return batcher, batcher
+    if precision == "float32":
+        return None, None
+    from .network.inference import predict_displacements
+
+    def reduced_precision(net, image_A, image_B, *, inverse):
+        return predict_displacements(net, image_A, image_B, inverse=inverse, precision=precision)
+
+    return None, reduced_precision
+
+
+def _run_workers(pairs: Sequence[Pair], one: Callable[[Pair], PairResult], *, workers: int, stop_on_error: bool,
+                 on_result: Optional[Callable[[PairResult], None]],
+                 finished: Optional[Callable[[], None]]) -> List[PairResult]:
+    """Run ``one`` on every pair on ``workers`` threads taking pairs from one queue; results in pair order.
+
+    With ``stop_on_error`` no new pair starts after a failure (pairs already running finish). A bug in
+    ``one`` (an exception it does not turn into a failed :class:`PairResult`) stops every worker and is
+    raised here. ``finished`` is called as each worker ends (the batching predictor stops waiting for it).
+    """
+    results: Dict[int, PairResult] = {}
+    crashes: List[BaseException] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    todo: "queue.Queue[Pair]" = queue.Queue()
+    for pair in pairs:
+        todo.put(pair)
 
     def worker() -> None:
         try:
@@ -421,8 +452,8 @@ def register_pairs(pairs: Sequence[Pair], *, model: Union[str, Any] = "unigradic
             crashes.append(err)
             stop.set()
         finally:
-            if batcher is not None:
-                batcher.worker_finished()
+            if finished is not None:
+                finished()
 
     if workers == 1:
         worker()
@@ -434,9 +465,7 @@ def register_pairs(pairs: Sequence[Pair], *, model: Union[str, Any] = "unigradic
             thread.join()
     if crashes:
         raise crashes[0]
-    batches = batcher.batches if batcher is not None else []
-    ordered = [results[n] for n in sorted(results)]
-    return BatchSummary(ordered, time.perf_counter() - start, batches)
+    return [results[n] for n in sorted(results)]
 
 
 REPORT_HEADER = ["pair", "origin", "fixed", "moving", "status", "seconds", "message"]

@@ -482,34 +482,13 @@ def evaluate_files(transforms: Sequence[TransformName] = (), *, fixed_labels: Op
     from .jacobian import determinant_of_displacement, jacobian_summary
     from .metrics import label_overlap, read_landmarks, target_registration_error
 
-    if (fixed_labels is None) != (moving_labels is None):
-        raise InputError("--fixed-labels and --moving-labels must be given together")
-    if (fixed_landmarks is None) != (moving_landmarks is None):
-        raise InputError("--fixed-landmarks and --moving-landmarks must be given together")
-    if fixed_labels is None and fixed_landmarks is None and not transforms:
-        raise InputError("nothing to evaluate: give --fixed-labels/--moving-labels, "
-                         "--fixed-landmarks/--moving-landmarks, or --transform (folding)")
-    if label_values and fixed_labels is None:
-        raise InputError("--label needs --fixed-labels and --moving-labels")
+    _check_evaluate_options(transforms, fixed_labels, moving_labels, label_values, fixed_landmarks, moving_landmarks)
     if output_json is not None:
         output_json = check_output_path(output_json, what="--output-json", suffixes=(".json",))
-
     fixed_lab = read_image(fixed_labels, "--fixed-labels") if fixed_labels is not None else None
     moving_lab = read_image(moving_labels, "--moving-labels") if moving_labels is not None else None
     reference_image = read_image(reference, "--reference") if reference is not None else fixed_lab
-    dimensions = {int(image.GetDimension()) for image in (reference_image, fixed_lab, moving_lab)
-                  if image is not None}
-    if len(dimensions) > 1:
-        raise InputError("the images given are not all of one dimension")
-    dimension = dimensions.pop() if dimensions else None
-    transform = compose_transforms(list(transforms), dimension=dimension) if transforms else None
-    grid = ImageGrid.from_image(reference_image) if reference_image is not None else None
-    if grid is None and transform is not None:
-        grid = first_field_grid(transform)
-
-    if transform is not None and grid is None:
-        raise InputError("the Jacobian needs a grid: give --reference (the fixed image) or "
-                         "--fixed-labels, or a displacement field among the transforms")
+    transform, grid = _evaluated_transform(transforms, reference_image, fixed_lab, moving_lab)
     labels_grid = ImageGrid.from_image(fixed_lab) if fixed_lab is not None else None
     displacement = sample_displacement(transform, grid) if transform is not None else None
     report: Dict[str, object] = {"transforms": [str(t) for t in transforms]}
@@ -535,6 +514,37 @@ def evaluate_files(transforms: Sequence[TransformName] = (), *, fixed_labels: Op
         with OutputTransaction() as out:
             out.path(output_json).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _check_evaluate_options(transforms, fixed_labels, moving_labels, label_values, fixed_landmarks,
+                            moving_landmarks) -> None:
+    if (fixed_labels is None) != (moving_labels is None):
+        raise InputError("--fixed-labels and --moving-labels must be given together")
+    if (fixed_landmarks is None) != (moving_landmarks is None):
+        raise InputError("--fixed-landmarks and --moving-landmarks must be given together")
+    if fixed_labels is None and fixed_landmarks is None and not transforms:
+        raise InputError("nothing to evaluate: give --fixed-labels/--moving-labels, "
+                         "--fixed-landmarks/--moving-landmarks, or --transform (folding)")
+    if label_values and fixed_labels is None:
+        raise InputError("--label needs --fixed-labels and --moving-labels")
+
+
+def _evaluated_transform(transforms, reference_image, fixed_lab, moving_lab):
+    """``(transform, grid)``: the composed transforms (``None`` without any) and the grid of the Jacobian
+    (the reference image's, else the fixed labels', else the first displacement field's)."""
+    dimensions = {int(image.GetDimension()) for image in (reference_image, fixed_lab, moving_lab)
+                  if image is not None}
+    if len(dimensions) > 1:
+        raise InputError("the images given are not all of one dimension")
+    dimension = dimensions.pop() if dimensions else None
+    transform = compose_transforms(list(transforms), dimension=dimension) if transforms else None
+    grid = ImageGrid.from_image(reference_image) if reference_image is not None else None
+    if grid is None and transform is not None:
+        grid = first_field_grid(transform)
+    if transform is not None and grid is None:
+        raise InputError("the Jacobian needs a grid: give --reference (the fixed image) or "
+                         "--fixed-labels, or a displacement field among the transforms")
+    return transform, grid
 
 
 __all__ = ["INTERPOLATIONS", "WarpSummary", "apply_transform_file", "compose_transforms", "evaluate_files",

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -312,9 +313,9 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
     Raises:
         InputError, ModelError, DeviceError, ResourceError: problems the caller can fix.
     """
+    started = time.perf_counter()
     timings: Dict[str, float] = {}
     messages: List[str] = []
-    t0 = time.perf_counter()
     if isinstance(device, str):
         device = resolve_device(device)
     check_options(mask_mode=mask_mode, orientation=orientation, io_iterations=io_iterations, io_method=io_method,
@@ -323,19 +324,17 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
                   moving_labels=moving_labels, modalities=(fixed_modality, moving_modality))
     if not isinstance(model, Model):
         model = load_model(model)
-        timings["load_model"] = time.perf_counter() - t0
-    arch = model.architecture
-    d = arch.dimension
-    io_similarity = io_similarity or model.similarity
-    io_method = resolve_io_method(io_method, model)
-    io_lr = DEFAULT_LR[io_method] if io_lr is None else io_lr
-    if io_similarity not in IO_SIMILARITIES:
-        raise InputError(f"unknown IO similarity {io_similarity!r}; allowed: {', '.join(IO_SIMILARITIES)}")
-    if io_similarity == "mind" and d != 3 and io_iterations:
-        messages.append("MIND-SSC in 2-D uses the 4 in-plane neighbour pairs")
+        timings["load_model"] = time.perf_counter() - started
+    d = model.architecture.dimension
     fixed, moving = _check_inputs(fixed, moving, d, fixed_mask=fixed_mask, moving_mask=moving_mask,
                                   fixed_labels=fixed_labels, moving_labels=moving_labels)
-    fixed_grid, moving_grid = ImageGrid.from_image(fixed), ImageGrid.from_image(moving)
+    request = RegistrationRequest.of(
+        fixed, moving, model, fixed_mask=fixed_mask, moving_mask=moving_mask, fixed_labels=fixed_labels,
+        moving_labels=moving_labels, fixed_modality=fixed_modality, moving_modality=moving_modality,
+        ct_window=ct_window, quantile_range=quantile_range, mask_mode=mask_mode, io_iterations=io_iterations,
+        io_similarity=io_similarity, io_lr=io_lr, io_method=io_method, io_smoothness=io_smoothness,
+        io_dice_weight=io_dice_weight, initial_transform=initial_transform, orientation=orientation,
+        compute_inverse=compute_inverse, messages=messages)
 
     from .registration_io import resolve_affine_choice
 
@@ -343,26 +342,110 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
         from .affine import elastix_affine
 
         t = time.perf_counter()
-        initial_transform = elastix_affine(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask)
+        request = dataclasses.replace(request, affine=elastix_affine(fixed, moving, fixed_mask=fixed_mask,
+                                                                     moving_mask=moving_mask))
         timings["affine"] = time.perf_counter() - t
         messages.append("affine pre-alignment: elastix")
-    affine = _as_affine(initial_transform, d)
-    check_memory(estimate_memory(fixed_grid.num_voxels, moving_grid.num_voxels, d, arch.input_shape,
-                                 io=io_iterations > 0, inverse=compute_inverse, affine=affine is not None),
-                 device)
+    check_memory(estimate_memory(ImageGrid.from_image(fixed).num_voxels, ImageGrid.from_image(moving).num_voxels,
+                                 d, model.architecture.input_shape, io=io_iterations > 0, inverse=compute_inverse,
+                                 affine=request.affine is not None), device)
+    return run_request(request, device=device, progress=progress, generator=generator, predictor=predictor,
+                       timings=timings, messages=messages, started=started)
+
+
+@dataclass(frozen=True)
+class RegistrationRequest:
+    """One registration whose inputs and options are checked: what :func:`run_request` computes.
+
+    :func:`register` checks what it is given and builds one; ``gradicon register`` builds one from what
+    its file readers have checked (:func:`itk_gradicon.registration_io.run_register`), so that no image
+    is scanned twice. :meth:`of` resolves the model-dependent defaults; it does not look at pixels.
+
+    Attributes:
+        fixed, moving: float32 scalar images of the model's dimension, finite and not constant
+            (``itk.Image`` or ``SimpleITK.Image``, both of one library).
+        model: the loaded model.
+        fixed_mask, moving_mask, fixed_labels, moving_labels: on their image's grid (masks not empty),
+            or ``None``.
+        affine: homogeneous WORLD matrix of the pre-alignment (fixed -> moving), or ``None``.
+        io_similarity, io_method, io_lr: resolved (never ``None`` / ``"auto"``).
+        The other attributes are :func:`register`'s options of the same names.
+    """
+
+    fixed: Any
+    moving: Any
+    model: Model
+    fixed_mask: Any = None
+    moving_mask: Any = None
+    fixed_labels: Any = None
+    moving_labels: Any = None
+    fixed_modality: str = "auto"
+    moving_modality: str = "auto"
+    ct_window: Optional[Tuple[float, float]] = None
+    quantile_range: Optional[Tuple[float, float]] = None
+    mask_mode: str = "input"
+    io_iterations: int = 0
+    io_similarity: str = "lncc"
+    io_lr: float = DEFAULT_IO_LR
+    io_method: str = "network"
+    io_smoothness: float = DEFAULT_SMOOTHNESS
+    io_dice_weight: float = 1.0
+    affine: Optional[np.ndarray] = None
+    orientation: str = "fixed"
+    compute_inverse: bool = True
+
+    @classmethod
+    def of(cls, fixed, moving, model: Model, *, io_similarity: Optional[str] = None, io_lr: Optional[float] = None,
+           io_method: str = "auto", initial_transform=None, io_iterations: int = 0,
+           messages: Optional[List[str]] = None, **options) -> "RegistrationRequest":
+        """A request for checked inputs: the IO similarity (the model's by default), method (``auto``:
+        see :func:`resolve_io_method`) and learning rate (per method) resolved, ``initial_transform``
+        as a matrix. Notes for the user are appended to ``messages``.
+
+        Raises:
+            InputError: an unknown IO similarity, or an initial transform that is not an affine.
+        """
+        d = model.architecture.dimension
+        io_similarity = io_similarity or model.similarity
+        if io_similarity not in IO_SIMILARITIES:
+            raise InputError(f"unknown IO similarity {io_similarity!r}; allowed: {', '.join(IO_SIMILARITIES)}")
+        if io_similarity == "mind" and d != 3 and io_iterations and messages is not None:
+            messages.append("MIND-SSC in 2-D uses the 4 in-plane neighbour pairs")
+        io_method = resolve_io_method(io_method, model)
+        return cls(fixed, moving, model, io_iterations=int(io_iterations), io_similarity=io_similarity,
+                   io_method=io_method, io_lr=DEFAULT_LR[io_method] if io_lr is None else float(io_lr),
+                   affine=_as_affine(initial_transform, d), **options)
+
+
+def run_request(request: RegistrationRequest, *, device: torch.device,
+                progress: Optional[Callable[[IOProgress], None]] = None,
+                generator: Optional[torch.Generator] = None,
+                predictor: Optional[Callable[..., Tuple[torch.Tensor, Optional[torch.Tensor]]]] = None,
+                timings: Optional[Dict[str, float]] = None, messages: Optional[List[str]] = None,
+                started: Optional[float] = None) -> RegistrationResult:
+    """Compute a checked :class:`RegistrationRequest` (see :func:`register` for the other arguments).
+
+    ``timings`` and ``messages`` (added to the result) may hold what the caller did before;
+    ``started`` is when its work began (``timings["total"]`` counts from there).
+    """
+    started = time.perf_counter() if started is None else started
+    timings = {} if timings is None else timings
+    messages = [] if messages is None else messages
+    r, model = request, request.model
+    fixed_grid, moving_grid = ImageGrid.from_image(r.fixed), ImageGrid.from_image(r.moving)
 
     t = time.perf_counter()
-    normalized, modalities = _normalize(model, fixed, moving, fixed_modality=fixed_modality,
-                                        moving_modality=moving_modality, ct_window=ct_window,
-                                        quantile_range=quantile_range, fixed_mask=fixed_mask,
-                                        moving_mask=moving_mask, mask_mode=mask_mode, messages=messages)
-    moving_net = _MovingForNetwork(moving, normalized["moving"], moving_mask, moving_labels)
-    if affine is not None:
-        moving_net = moving_net.prealigned(fixed, affine)
+    normalized, modalities = _normalize(model, r.fixed, r.moving, fixed_modality=r.fixed_modality,
+                                        moving_modality=r.moving_modality, ct_window=r.ct_window,
+                                        quantile_range=r.quantile_range, fixed_mask=r.fixed_mask,
+                                        moving_mask=r.moving_mask, mask_mode=r.mask_mode, messages=messages)
+    moving_net = _MovingForNetwork(r.moving, normalized["moving"], r.moving_mask, r.moving_labels)
+    if r.affine is not None:
+        moving_net = moving_net.prealigned(r.fixed, r.affine)
     timings["preprocess"] = time.perf_counter() - t
 
     fixed_frame, moving_frame = _network_frames(model, fixed_grid, ImageGrid.from_image(moving_net.image),
-                                                orientation, messages)
+                                                r.orientation, messages)
     image_B = fixed_frame.tensor(normalized["fixed"], device=device)
     image_A = moving_frame.tensor(moving_net.array, device=device)
 
@@ -371,20 +454,20 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
     net.eval()  # BatchNorm uses its running statistics and never updates them
     try:
         disp_AB, disp_BA, history = _predict(
-            net, image_A, image_B, io_iterations=int(io_iterations), io_lr=io_lr, io_similarity=io_similarity,
-            io_method=io_method, io_smoothness=io_smoothness,
-            mask_mode=mask_mode, fixed_mask=fixed_mask, moving_net_mask=moving_net.mask,
-            fixed_labels=fixed_labels, moving_net_labels=moving_net.labels, io_dice_weight=io_dice_weight,
-            fixed_frame=fixed_frame, moving_frame=moving_frame, compute_inverse=compute_inverse,
+            net, image_A, image_B, io_iterations=r.io_iterations, io_lr=r.io_lr, io_similarity=r.io_similarity,
+            io_method=r.io_method, io_smoothness=r.io_smoothness,
+            mask_mode=r.mask_mode, fixed_mask=r.fixed_mask, moving_net_mask=moving_net.mask,
+            fixed_labels=r.fixed_labels, moving_net_labels=moving_net.labels, io_dice_weight=r.io_dice_weight,
+            fixed_frame=fixed_frame, moving_frame=moving_frame, compute_inverse=r.compute_inverse,
             progress=progress, generator=generator, device=device, timings=timings, predictor=predictor)
     finally:
         net.train(was_training)
 
     t = time.perf_counter()
-    fields = _physical_fields(disp_AB, disp_BA if compute_inverse else None, fixed_grid, moving_grid,
-                              fixed_frame, moving_frame, affine)
+    fields = _physical_fields(disp_AB, disp_BA if r.compute_inverse else None, fixed_grid, moving_grid,
+                              fixed_frame, moving_frame, r.affine)
     timings["fields"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - started
     return RegistrationResult(*fields, modalities["fixed"], modalities["moving"], messages, history, timings)
 
 

@@ -142,8 +142,8 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
     import torch
 
     from .models import load_model
-    from .registration import (check_memory, check_options, estimate_memory, register, resolve_device,
-                               resolve_io_method)
+    from .registration import (RegistrationRequest, check_memory, check_options, estimate_memory, resolve_device,
+                               resolve_io_method, run_request)
 
     outputs.validate()
     check_options(mask_mode=mask_mode, orientation=orientation, io_iterations=io_iterations,
@@ -181,15 +181,17 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
         log("note: --fixed-labels/--moving-labels only act during instance optimisation (--io-iterations > 0)")
     pre = _prealignment(inputs, affine, initial_transform, log)
 
+    # every input was checked as it was read: the registration trusts the request and scans nothing again
+    messages: List[str] = []
+    request = RegistrationRequest.of(
+        inputs.fixed, inputs.moving, model_obj, fixed_modality=fixed_modality, moving_modality=moving_modality,
+        ct_window=ct_window, quantile_range=quantile_range, mask_mode=mask_mode, io_iterations=io_iterations,
+        io_similarity=io_similarity, io_lr=io_lr, io_method=io_method, io_smoothness=io_smoothness,
+        io_dice_weight=io_dice_weight, initial_transform=pre, orientation=orientation,
+        compute_inverse=outputs.needs_inverse, messages=messages, **inputs.masks, **inputs.labels)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    result = register(
-        inputs.fixed, inputs.moving, model=model_obj, fixed_modality=fixed_modality,
-        moving_modality=moving_modality, ct_window=ct_window, quantile_range=quantile_range,
-        mask_mode=mask_mode, io_iterations=io_iterations, io_similarity=io_similarity, io_lr=io_lr,
-        io_method=io_method, io_smoothness=io_smoothness, io_dice_weight=io_dice_weight, initial_transform=pre,
-        affine="none", orientation=orientation,
-        compute_inverse=outputs.needs_inverse, device=torch_device, progress=progress,
-        generator=generator, predictor=predictor, **inputs.masks, **inputs.labels)
+    result = run_request(request, device=torch_device, progress=progress, generator=generator, predictor=predictor,
+                         messages=messages)
     for message in result.messages:
         log(message)
     originals = outputs.needs_originals

@@ -303,7 +303,32 @@ def scan_member(index: int, cfg: DatasetConfig, train: TrainConfig, *, dimension
     rows = _listed_rows(cfg, train, key)
     if cfg.kind == "synthetic":
         return _scan_synthetic(index, cfg, rows, where, dimension)
+    _check_listed_files_exist(rows, where)
+    window = tuple(cfg.ct_window) if cfg.ct_window is not None else tuple(ct_window)
+    quantiles = tuple(cfg.quantile_range) if cfg.quantile_range is not None else quantile_range
     pattern = re.compile(cfg.subject_pattern) if cfg.subject_pattern else None
+    entries: List[ImageEntry] = []
+    seen = set()
+    for number, row in enumerate(rows):
+        image = Path(row["image"]).resolve()
+        if image in seen:
+            raise ConfigError(f"{where}: image '{image}' is listed twice ({row['origin']})")
+        seen.add(image)
+        entries.append(_image_entry(number, row, image, cfg, train, key, where, pattern, window, quantiles,
+                                    dimension))
+    views = _views(entries, where)
+    has_mask = [e.mask is not None for e in entries]
+    if any(has_mask) and not all(has_mask):
+        e = entries[has_mask.index(False)]
+        raise ConfigError(f"{where}: masks are given for some images but not for '{e.path.name}' ({e.origin}); "
+                          "give a mask for every image of the data set or for none")
+    member = Member(index, cfg, entries, [tuple(v) for v in views.values()], [k[0] for k in views],
+                    cfg.mask_mode if any(has_mask) else None)
+    _check_pairing(member, cfg, where)
+    return member
+
+
+def _check_listed_files_exist(rows: List[Dict[str, Any]], where: str) -> None:
     missing = []
     for row in rows:
         for kind in ("image", "mask", "segmentation"):
@@ -313,44 +338,44 @@ def scan_member(index: int, cfg: DatasetConfig, train: TrainConfig, *, dimension
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ConfigError(f"{where}: {len(missing)} listed file(s) do not exist: "
                           f"{'; '.join(missing[:3])}{more}")
-    window = tuple(cfg.ct_window) if cfg.ct_window is not None else tuple(ct_window)
-    quantiles = tuple(cfg.quantile_range) if cfg.quantile_range is not None else quantile_range
-    entries: List[ImageEntry] = []
-    seen = set()
-    for number, row in enumerate(rows):
-        image = Path(row["image"]).resolve()
-        if image in seen:
-            raise ConfigError(f"{where}: image '{image}' is listed twice ({row['origin']})")
-        seen.add(image)
-        modality = row.get("modality") or cfg.modality
-        if modality is None:
-            raise ConfigError(f"{where}: image '{image}' ({row['origin']}) has no modality: add a 'modality' "
-                              f"column or set {key}.modality")
-        normalization = IntensityNormalization(
-            train.normalization_of(modality, f"{where}: modality of '{image.name}' ({row['origin']})"),
-            window, quantiles)
-        if row.get("subject"):
-            subject = str(row["subject"])
-        elif pattern is not None:
-            found = pattern.search(str(image))
-            if not found or found.group(1) is None:
-                raise ConfigError(f"{where}: subject_pattern {cfg.subject_pattern!r} does not match "
-                                  f"'{image}' ({row['origin']})")
-            subject = found.group(1)
-        else:
-            subject = str(image)
-        grid = _checked_grid(image, "image", where, row["origin"], dimension)
-        for kind in ("mask", "segmentation"):
-            if row.get(kind) is not None:
-                other = _checked_grid(Path(row[kind]), kind, where, row["origin"], dimension)
-                if not grid.matches(other):
-                    raise ConfigError(f"{where}: {kind} '{row[kind]}' ({row['origin']}) is not on its image's "
-                                      f"grid (size {other.size} vs {grid.size}, or spacing/origin/direction differ)")
-        group = str(row.get("group") or f"#{number}")
-        entries.append(ImageEntry(image, subject, modality, normalization, group,
-                                  Path(row["mask"]).resolve() if row.get("mask") else None,
-                                  Path(row["segmentation"]).resolve() if row.get("segmentation") else None,
-                                  grid, row["origin"]))
+
+
+def _image_entry(number: int, row: Dict[str, Any], image: Path, cfg: DatasetConfig, train: TrainConfig, key: str,
+                 where: str, pattern: Optional["re.Pattern[str]"], window, quantiles, dimension: int) -> ImageEntry:
+    """One listed image with its modality, normalisation, subject, group and checked grids."""
+    modality = row.get("modality") or cfg.modality
+    if modality is None:
+        raise ConfigError(f"{where}: image '{image}' ({row['origin']}) has no modality: add a 'modality' "
+                          f"column or set {key}.modality")
+    normalization = IntensityNormalization(
+        train.normalization_of(modality, f"{where}: modality of '{image.name}' ({row['origin']})"),
+        window, quantiles)
+    if row.get("subject"):
+        subject = str(row["subject"])
+    elif pattern is not None:
+        found = pattern.search(str(image))
+        if not found or found.group(1) is None:
+            raise ConfigError(f"{where}: subject_pattern {cfg.subject_pattern!r} does not match "
+                              f"'{image}' ({row['origin']})")
+        subject = found.group(1)
+    else:
+        subject = str(image)
+    grid = _checked_grid(image, "image", where, row["origin"], dimension)
+    for kind in ("mask", "segmentation"):
+        if row.get(kind) is not None:
+            other = _checked_grid(Path(row[kind]), kind, where, row["origin"], dimension)
+            if not grid.matches(other):
+                raise ConfigError(f"{where}: {kind} '{row[kind]}' ({row['origin']}) is not on its image's "
+                                  f"grid (size {other.size} vs {grid.size}, or spacing/origin/direction differ)")
+    group = str(row.get("group") or f"#{number}")
+    return ImageEntry(image, subject, modality, normalization, group,
+                      Path(row["mask"]).resolve() if row.get("mask") else None,
+                      Path(row["segmentation"]).resolve() if row.get("segmentation") else None,
+                      grid, row["origin"])
+
+
+def _views(entries: List[ImageEntry], where: str) -> Dict[Tuple[str, str], List[int]]:
+    """Indices of the entries of each (subject, group); a group's co-registered images share one grid."""
     views: Dict[Tuple[str, str], List[int]] = {}
     for i, e in enumerate(entries):
         views.setdefault((e.subject, e.group), []).append(i)
@@ -361,22 +386,18 @@ def scan_member(index: int, cfg: DatasetConfig, train: TrainConfig, *, dimension
                 raise ConfigError(f"{where}: group {group!r} of subject {subject!r} holds co-registered images "
                                   f"on different grids ('{first.path.name}' and '{entries[i].path.name}'); "
                                   "resample them onto one grid")
-    has_mask = [e.mask is not None for e in entries]
-    if any(has_mask) and not all(has_mask):
-        e = entries[has_mask.index(False)]
-        raise ConfigError(f"{where}: masks are given for some images but not for '{e.path.name}' ({e.origin}); "
-                          "give a mask for every image of the data set or for none")
-    member = Member(index, cfg, entries, [tuple(v) for v in views.values()], [k[0] for k in views],
-                    cfg.mask_mode if any(has_mask) else None)
+    return views
+
+
+def _check_pairing(member: Member, cfg: DatasetConfig, where: str) -> None:
     if cfg.pairing == "inter" and len(member.subjects) < 2:
         raise ConfigError(f"{where}: pairing 'inter' needs images of at least two subjects; all "
-                          f"{len(entries)} image(s) belong to subject {member.subjects[0]!r} "
+                          f"{len(member.entries)} image(s) belong to subject {member.subjects[0]!r} "
                           "(use pairing: intra, or check 'subject' / subject_pattern)")
     if cfg.pairing == "intra" and not member.intra_subjects():
         raise ConfigError(f"{where}: pairing 'intra' needs a subject with two or more images (views), but each "
                           f"of its {len(member.subjects)} subject(s) has only one; give the 'subject' of each "
                           "image (CSV column or subject_pattern), or use pairing: inter")
-    return member
 
 
 def _scan_synthetic(index: int, cfg: DatasetConfig, rows: List[Dict[str, Any]], where: str,

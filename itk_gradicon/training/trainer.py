@@ -625,7 +625,6 @@ class Trainer:
 
     def _train(self, state: Optional[Dict[str, Any]], step: int, stop_after: Optional[int]) -> TrainResult:
         run, cfg = self.run, self.run.config
-        device = run.device
         loader_cache = run.config.resolve(cfg.loader.cache_dir) if cfg.loader.cache_dir else None
         volumes = VolumeLoader(run.architecture.dimension, loader_cache, cfg.loader.memory_cache)
         datasets: Dict[Tuple[int, ...], PairDataset] = {}
@@ -639,40 +638,17 @@ class Trainer:
         start_time = time.perf_counter()
         for index in range(first_stage, len(run.stages)):
             stage = run.stages[index]
-            optimizer_state = None
-            if state is not None and index == first_stage:
-                network = build_network(stage.architecture)
-                network.load_state_dict(state["network"], strict=True)
-                optimizer_state = state["optimizer"]
-            elif network is None and run.parent is not None:
-                network = build_network(stage.architecture)
-                network.load_state_dict(run.parent.network.state_dict(), strict=True)
-            elif network is None:
-                torch.manual_seed(derived_seed(cfg.seed, _PURPOSE_INIT, 1))
-                network = build_network(stage.architecture)
-            else:
-                network = grow_network(network, run.stages[index - 1].architecture, stage.architecture, cfg.seed)
-            network.to(device).train()
-            for p in network.parameters():
-                p.requires_grad_(True)
+            resumed = state if index == first_stage else None
+            network = self._stage_network(index, network, resumed)
             optimizer = torch.optim.Adam(network.parameters(), lr=cfg.optimizer.lr, betas=tuple(cfg.optimizer.betas),
                                          weight_decay=cfg.optimizer.weight_decay)
-            if optimizer_state is not None:
-                optimizer.load_state_dict(optimizer_state)
-            if state is not None and index == first_stage:
-                restore_rng_state(state["rng"])
+            if resumed is not None:
+                optimizer.load_state_dict(resumed["optimizer"])
+                restore_rng_state(resumed["rng"])
             step = max(step, stage.start)
             if step < stage.end:
                 self.log(f"{stage.name}: steps {step - stage.start + 1}..{stage.steps}")
-            objective = build_objective(cfg.objective.kind, network, similarity=cfg.objective.similarity,
-                                        lmbda=cfg.objective.regularizer_weight, dice_weight=cfg.objective.dice_weight,
-                                        dice_grid=cfg.objective.dice_grid,
-                                        lambda_gcc=cfg.objective.lambda_gcc).to(device)
-            model: nn.Module = objective
-            if run.dist.distributed:
-                from torch.nn.parallel import DistributedDataParallel
-
-                model = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+            model = self._objective(network)
             end = stage.end if stop_after is None else min(stage.end, step + (stop_after - steps_this_call))
             if step < end:
                 shape = data_shape(run.architecture.input_shape, stage.architecture.input_shape)
@@ -710,6 +686,43 @@ class Trainer:
             self.log(f"finished: {step} steps, model {final}")
         self._barrier()
         return TrainResult(final or run.output / "final.pt", step, False, self._last_checkpoint)
+
+    def _stage_network(self, index: int, previous: Optional[nn.Module],
+                       resumed: Optional[Dict[str, Any]]) -> nn.Module:
+        """The network stage ``index`` trains, in training mode on the run's device: the checkpoint's
+        (a resumed stage), the parent model's (finetuning), a fresh one (first stage), or the previous
+        stage's grown by its new levels (coarse-to-fine)."""
+        run, cfg = self.run, self.run.config
+        stage = run.stages[index]
+        if resumed is not None:
+            network = build_network(stage.architecture)
+            network.load_state_dict(resumed["network"], strict=True)
+        elif previous is None and run.parent is not None:
+            network = build_network(stage.architecture)
+            network.load_state_dict(run.parent.network.state_dict(), strict=True)
+        elif previous is None:
+            torch.manual_seed(derived_seed(cfg.seed, _PURPOSE_INIT, 1))
+            network = build_network(stage.architecture)
+        else:
+            network = grow_network(previous, run.stages[index - 1].architecture, stage.architecture, cfg.seed)
+        network.to(run.device).train()
+        for p in network.parameters():
+            p.requires_grad_(True)
+        return network
+
+    def _objective(self, network: nn.Module) -> nn.Module:
+        """The configured objective around ``network`` (wrapped for distributed training)."""
+        run, cfg = self.run, self.run.config
+        objective = build_objective(cfg.objective.kind, network, similarity=cfg.objective.similarity,
+                                    lmbda=cfg.objective.regularizer_weight, dice_weight=cfg.objective.dice_weight,
+                                    dice_grid=cfg.objective.dice_grid,
+                                    lambda_gcc=cfg.objective.lambda_gcc).to(run.device)
+        if not run.dist.distributed:
+            return objective
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = run.device
+        return DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
 
     def _step(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Dict[str, Any],
               step: int) -> Dict[str, float]:
