@@ -99,6 +99,7 @@ def main() -> None:
         times = {name: [] for name in [*commands, "peer: antspyx apply_transforms"]}
         register_times = {name: {"total": [], "registration": []} for name in register}
         help_times = {name: [] for name in ["gradicon --help"] + [f"{c} --help" for c in SUBCOMMANDS]}
+        floor_times = []  # a Python process that only imports torch: below this no torch command can go
         busy = []
         for _ in range(args.runs):
             for name, argv in commands.items():
@@ -117,6 +118,7 @@ def main() -> None:
                     raise SystemExit(f"{name} failed:\n{run.output}")
                 register_times[name]["total"].append(run.seconds)
                 register_times[name]["registration"].append(_done_seconds(run.output))
+            floor_times.append(run_child("import torch", [sys.executable, "-c", "import torch"]).seconds)
             help_times["gradicon --help"].append(run_child("help", [gradicon, "--help"]).seconds)
             for sub in SUBCOMMANDS:
                 help_times[f"{sub} --help"].append(run_child("help", [gradicon, sub, "--help"]).seconds)
@@ -126,11 +128,13 @@ def main() -> None:
     print(f"\nFile commands, whole process, median of {args.runs} (ratio: to antspyx apply_transforms)\n")
     print(table(rows, ["command", "seconds", "ratio to peer"]))
     rows = []
+    floor = median(floor_times)
     for name, values in register_times.items():
         total, inside = median(values["total"]), median(values["registration"])
-        rows.append([name, total, inside, total - inside])
-    print(f"\ngradicon register --model {args.model} (OASIS B -> A), median of {args.runs}\n")
-    print(table(rows, ["command", "whole process s", "registration s", "outside s"]))
+        rows.append([name, total, inside, total - inside, total - inside - floor])
+    print(f"\ngradicon register --model {args.model} (OASIS B -> A), median of {args.runs}; "
+          f"a bare `python -c 'import torch'` process: {floor:.2f} s\n")
+    print(table(rows, ["command", "whole process s", "registration s", "outside s", "outside beyond import torch s"]))
     rows = [[name, max(values)] for name, values in help_times.items()]
     print(f"\n--help, slowest of {args.runs}\n")
     print(table(rows, ["command", "seconds"]))
@@ -138,7 +142,7 @@ def main() -> None:
     if warning:
         print("\n" + warning)
     save_json(args.json, {"machine": info, "runs": args.runs, "times": times, "register": register_times,
-                          "help": help_times, "busy_cores": busy})
+                          "help": help_times, "import_torch": floor_times, "busy_cores": busy})
 
 
 if __name__ == "__main__":

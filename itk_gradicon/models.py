@@ -25,7 +25,6 @@ import hashlib
 import os
 import pickle
 import shutil
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -38,6 +37,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 
 from .errors import ModelError, ModelNotAvailableError
+from .imageio import atomic_output
 from .network.builders import PUBLISHED_3D, Architecture, build_network
 
 MODEL_FILE_FORMAT = "itk_gradicon.model"
@@ -193,12 +193,9 @@ def download(url: str, destination: Path, *, timeout: Optional[float] = None,
     """
     timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)) if timeout is None else timeout
     destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".partial",
-                                    dir=destination.parent)
-    tmp = Path(tmp_name)
     digest = hashlib.sha256()
     try:
-        with os.fdopen(fd, "wb") as out:
+        with atomic_output(destination) as tmp, open(tmp, "wb") as out:
             request = urllib.request.Request(url, headers={"User-Agent": "itk_gradicon"})
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 total = response.headers.get("Content-Length")
@@ -213,16 +210,11 @@ def download(url: str, destination: Path, *, timeout: Optional[float] = None,
                     done += len(block)
                     if progress is not None:
                         progress(done, total)
-        if total is not None and done != total:
-            raise ModelNotAvailableError(f"download of {url} stopped after {done} of {total} bytes")
-        os.replace(tmp, destination)
+            if total is not None and done != total:
+                raise ModelNotAvailableError(f"download of {url} stopped after {done} of {total} bytes")
     except (urllib.error.URLError, OSError, ValueError) as err:
-        tmp.unlink(missing_ok=True)
         reason = getattr(err, "reason", None) or err
         raise ModelNotAvailableError(f"could not download {url}: {reason}") from err
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return digest.hexdigest()
 
 
@@ -254,15 +246,8 @@ def import_model(name: str, file: Path) -> Path:
     load_weight_file(Path(file), name=name)
     destination = cached_path(name)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".partial",
-                                    dir=destination.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(file, tmp_name)
-        os.replace(tmp_name, destination)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_output(destination) as tmp:
+        shutil.copyfile(file, tmp)
     return destination
 
 
@@ -470,12 +455,6 @@ def save_model_file(path: Path, network: torch.nn.Module, architecture: Architec
         "state_dict": {k: v.detach().cpu().clone() for k, v in network.state_dict().items()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(content, tmp_name)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        torch.save(content, tmp)
     return path

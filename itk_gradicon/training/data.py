@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ..errors import ConfigError, InputError
 from ..geometry import ImageGrid, NetworkFrame, canonical_axes
-from ..imageio import read_image_header, short_error_message
+from ..imageio import atomic_output, read_image_header, short_error_message
 from ..preprocess import IntensityNormalization, apply_input_mask
 from .config import AugmentationConfig, DatasetConfig, SynthesisConfig, TrainConfig, did_you_mean
 from .synthesis import LabelMapEntry, Synthesizer, check_label_map
@@ -832,14 +831,8 @@ class VolumeLoader:
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array, allow_pickle=False)
 
 
 # ------------------------------------------------------------------------------------------------

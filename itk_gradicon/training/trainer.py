@@ -33,7 +33,6 @@ import json
 import os
 import random
 import signal
-import tempfile
 import threading
 import time
 from collections import deque
@@ -47,6 +46,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import ConfigError, GradiconError, InputError
+from ..imageio import atomic_output
 from ..losses import gradicon_sample_points
 from ..models import Model, load_model, save_model_file
 from ..network import Architecture, build_network
@@ -338,14 +338,8 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
 
 def _atomic_torch_save(content: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         torch.save(content, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:
@@ -787,11 +781,5 @@ class Trainer:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
