@@ -5,6 +5,10 @@
     python benchmarks/model_card.py --model itk_gradicon/weights/gradicon-synthbrain-96.pt \
         --accuracy-only --accuracy all.json --accuracy ours.json    # refresh the figures of an existing card
 
+A model finetuned from the bundled one (its provenance names a ``parent``) keeps the parent card's history:
+steps and stages are the parent's plus the finetune's, and ``--finetune-config`` names the finetune's
+configuration beside the parent's.
+
 The card records what ``gradicon models info NAME`` shows beside the file's own metadata: architecture,
 data (trained on and held out), steps per stage, preprocessing, the pre-alignment it expects, the
 machine it was trained on, and the figures measured with it (the validation line of the step the file
@@ -30,8 +34,10 @@ def main() -> None:
                         help="keep the existing card and replace its accuracy figures only")
     parser.add_argument("--training-log", type=Path, help="the run's log.jsonl (time and pairs per second)")
     parser.add_argument("--machine", default="2-core AMD EPYC (AVX2), no GPU")
+    parser.add_argument("--finetune-config", help="a finetuned model's configuration file, for its card")
     args = parser.parse_args()
     out = args.model.with_suffix(".json")
+    parent_card = json.loads(out.read_text()) if out.is_file() else None
     if args.accuracy_only:
         card = json.loads(out.read_text())
         card.setdefault("figures", {})["accuracy"] = accuracy_summary(args.accuracy)
@@ -74,10 +80,26 @@ def main() -> None:
         done = [r for r in log if r["step"] <= step]
         if done:
             card["steps"]["training_seconds"] = done[-1].get("elapsed_s")
+    if provenance.get("parent") and parent_card is not None and parent_card.get("name") == provenance["parent"]["name"]:
+        card = _after_parent(card, parent_card, step, provenance["parent"], args)
     if args.accuracy:
         card["figures"]["accuracy"] = accuracy_summary(args.accuracy)
     out.write_text(json.dumps(card, indent=2) + "\n")
     print(out)
+
+
+def _after_parent(card: dict, parent: dict, step: int, parent_file: dict, args) -> dict:
+    """The card of a model finetuned ``step`` steps from the model ``parent`` describes."""
+    card["steps"] = {
+        "total": int(parent["steps"]["total"]) + step,
+        "stages": [*parent["steps"]["stages"], {"name": "finetune", "steps": step}],
+        "pairs_per_step": card["steps"].get("pairs_per_step"),
+        "training_seconds": parent["steps"].get("training_seconds"),
+        "finetune_from": {"sha256": parent_file.get("sha256"), "steps": int(parent["steps"]["total"])},
+    }
+    card["config"] = f"{parent.get('config')}, then {args.finetune_config or 'a finetune'} ({step} steps)"
+    card["trained_on"] = f"{parent.get('trained_on')}; finetune: {args.machine}"
+    return card
 
 
 def accuracy_summary(paths) -> dict:
