@@ -40,6 +40,7 @@ def main() -> None:
     parent_card = json.loads(out.read_text()) if out.is_file() else None
     if args.accuracy_only:
         card = json.loads(out.read_text())
+        card["steps"]["stages"] = steps_run(card["steps"]["stages"], int(card["steps"]["total"]))
         card.setdefault("figures", {})["accuracy"] = accuracy_summary(args.accuracy)
         out.write_text(json.dumps(card, indent=2) + "\n")
         print(out)
@@ -63,7 +64,7 @@ def main() -> None:
                  for d in provenance.get("datasets", [])],
         "held_out": ["SynthSeg label maps 19 and 20 (validation)", "lapirn_oasis (images and labels)",
                      "sct_testing_data"],
-        "steps": {"total": step, "stages": provenance.get("stages", []),
+        "steps": {"total": step, "stages": steps_run(provenance.get("stages", []), step),
                   "pairs_per_step": provenance.get("pairs_per_step")},
         "objective": config.get("objective"),
         "synthesis": [d.get("synthesis") for d in config.get("datasets", []) if d.get("kind") == "synthetic"],
@@ -86,6 +87,17 @@ def main() -> None:
         card["figures"]["accuracy"] = accuracy_summary(args.accuracy)
     out.write_text(json.dumps(card, indent=2) + "\n")
     print(out)
+
+
+def steps_run(stages, total: int) -> list:
+    """The stages with the steps they ran, for a model saved after ``total`` steps: a configuration's
+    stages give their planned lengths (the last one is often open-ended), the model holds fewer."""
+    out, left = [], int(total)
+    for stage in stages:
+        ran = min(int(stage["steps"]), left)
+        out.append({**stage, "steps": ran})
+        left -= ran
+    return out
 
 
 def _after_parent(card: dict, parent: dict, step: int, parent_file: dict, args) -> dict:
