@@ -17,7 +17,6 @@ Definitions follow the papers in ``shared/papers`` (GradICON, uniGradICON, multi
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .network.sampling import sample_cube_field
+from .network.separable import product_along_axis
 from .network.operators import CubeMap, identity_on
 
 Tensor = torch.Tensor
@@ -99,11 +99,7 @@ def gaussian_blur(x: Tensor, sigma: float, size: Optional[int] = None) -> Tensor
             x = conv(x, kernel.reshape([1, 1, *shape[2:]]).expand(*shape), padding="same", groups=channels)
             x = x.contiguous()
             continue
-        matrix = _banded_matrix(n, kernel)
-        if axis == d - 1:
-            x = (x.reshape(-1, n) @ matrix.T).reshape(x.shape)
-        else:
-            x = torch.matmul(matrix, x.reshape(-1, n, math.prod(x.shape[3 + axis:]))).reshape(x.shape)
+        x = product_along_axis(x, _banded_matrix(n, kernel), axis)
     return x
 
 

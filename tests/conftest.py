@@ -56,6 +56,7 @@ def two_threads(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     monkeypatch.setattr(sampling, "MIN_POINTS_PER_THREAD", 64)
+    monkeypatch.setattr(sampling, "MIN_NATIVE_POINTS_PER_THREAD", 64)
     yield
     torch.set_num_threads(threads)
 

@@ -128,7 +128,7 @@ def _use_native(field: torch.Tensor, points: torch.Tensor) -> bool:
 
 def _point_ranges(count: int) -> List[Tuple[int, int]]:
     """One range of the ``count`` output points per thread for the C kernel (none empty)."""
-    parts = max(1, min(torch.get_num_threads(), count // min(MIN_POINTS_PER_THREAD, MIN_NATIVE_POINTS_PER_THREAD)))
+    parts = max(1, min(torch.get_num_threads(), count // MIN_NATIVE_POINTS_PER_THREAD))
     bounds = [count * k // parts for k in range(parts + 1)]
     return [(bounds[k], bounds[k + 1]) for k in range(parts) if bounds[k] < bounds[k + 1]]
 

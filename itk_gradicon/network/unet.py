@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import performance
+from .separable import product_along_axis
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -74,20 +75,9 @@ def upsample_by_products(x: torch.Tensor) -> torch.Tensor:
     14 ms and differentiated in 9 ms, against 35 and 41 ms for ``interpolate`` (more on channels-last
     input).
     """
-    d = x.dim() - 2
     x = x.contiguous()
-    for axis in range(d):
-        n = x.shape[2 + axis]
-        matrix = _upsample_matrix(n, x.device, x.dtype)
-        if axis == d - 1:
-            x = x @ matrix.T
-        else:
-            shape = list(x.shape)
-            rest = 1
-            for size in shape[3 + axis:]:
-                rest *= size
-            shape[2 + axis] = 2 * n
-            x = torch.matmul(matrix, x.reshape(-1, n, rest)).reshape(shape)
+    for axis in range(x.dim() - 2):
+        x = product_along_axis(x, _upsample_matrix(x.shape[2 + axis], x.device, x.dtype), axis)
     return x
 
 
