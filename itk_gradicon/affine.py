@@ -35,12 +35,15 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .errors import InputError
+
+Log = Callable[[str], None]
 
 #: ``initialization`` values and elastix's ``AutomaticTransformInitializationMethod`` for each.
 INITIALIZATIONS: Dict[str, Optional[str]] = {
@@ -54,7 +57,18 @@ METRICS: Dict[str, str] = {
     "ncc": "AdvancedNormalizedCorrelation",
     "mse": "AdvancedMeanSquares",
 }
+#: ``transform`` values and elastix's transform names.
+TRANSFORMS: Dict[str, str] = {
+    "affine": "AffineTransform",
+    "rigid": "EulerTransform",
+}
 DEFAULT_SEED = 20240601
+#: What an affine pre-alignment of one anatomy may do: every scale (singular value of its linear part)
+#: within these bounds, the largest at most :data:`PLAUSIBLE_ANISOTROPY` times the smallest, and no
+#: reflection. Heads of adults differ by about +-15 % along an axis (a child's head against an adult
+#: template by somewhat more); a result outside these bounds is a failed registration, not a head.
+PLAUSIBLE_SCALES = (0.75, 1.35)
+PLAUSIBLE_ANISOTROPY = 1.3
 
 
 def available_threads() -> int:
@@ -99,8 +113,8 @@ def _registration_method(fixed_type, moving_type):
 
 
 def affine_parameter_map(*, metric: str = "mi", initialization: str = "mass", iterations: int = 256,
-                         resolutions: int = 4, samples: int = 2048,
-                         seed: int = DEFAULT_SEED) -> Dict[str, Tuple[str, ...]]:
+                         resolutions: int = 4, samples: int = 2048, seed: int = DEFAULT_SEED,
+                         transform: str = "affine") -> Dict[str, Tuple[str, ...]]:
     """The elastix parameter map used by :func:`elastix_affine`.
 
     It starts from elastix's default ``affine`` map and sets what the conversion to a WORLD matrix
@@ -121,6 +135,9 @@ def affine_parameter_map(*, metric: str = "mi", initialization: str = "mass", it
         resolutions: number of resolution levels (Gaussian smoothing pyramid).
         samples: random spatial samples per iteration.
         seed: seed of elastix's random sampler.
+        transform: ``"affine"`` (elastix's ``AffineTransform``) or ``"rigid"`` (``EulerTransform``:
+            rotation and translation only, its rotation and translation steps balanced by elastix's
+            automatic scales estimation).
 
     Returns:
         ``{parameter name: tuple of strings}``, as ``itk.ParameterObject`` holds it.
@@ -131,16 +148,18 @@ def affine_parameter_map(*, metric: str = "mi", initialization: str = "mass", it
 
     if metric not in METRICS:
         raise InputError(f"unknown affine metric {metric!r}; allowed: {', '.join(METRICS)}")
+    if transform not in TRANSFORMS:
+        raise InputError(f"unknown pre-alignment transform {transform!r}; allowed: {', '.join(TRANSFORMS)}")
     if initialization not in INITIALIZATIONS:
         raise InputError(f"unknown affine initialization {initialization!r}; allowed: "
                          f"{', '.join(INITIALIZATIONS)}")
     for name, value in (("iterations", iterations), ("resolutions", resolutions), ("samples", samples)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise InputError(f"affine {name} must be a whole number >= 1, not {value!r}")
-    defaults = _parameter_object().GetDefaultParameterMap("affine")
+    defaults = _parameter_object().GetDefaultParameterMap(transform)
     params: Dict[str, Tuple[str, ...]] = {key: tuple(value) for key, value in defaults.items()}
     params.update({
-        "Transform": ("AffineTransform",),
+        "Transform": (TRANSFORMS[transform],),
         "UseDirectionCosines": ("true",),
         "Metric": (METRICS[metric],),
         "MaximumNumberOfIterations": (str(int(iterations)),),
@@ -208,23 +227,64 @@ def affine_from_elastix_parameters(parameter_map: Mapping[str, Sequence[str]]) -
         matrix = np.eye(d + 1)
         matrix[:d, d] = values[:d]
         return matrix
-    if kind != "AffineTransform":
+    if kind == "EulerTransform":
+        d = d or {3: 2, 6: 3}.get(values.size)
+        if d not in (2, 3) or values.size != {2: 3, 3: 6}[d]:
+            raise InputError(f"an elastix EulerTransform needs 3 (2-D) or 6 (3-D) parameters, got {values.size}")
+        zyx = _word(parameter_map, "ComputeZYX", "false").lower() == "true"
+        m = euler_matrix(values[: d - 1 if d == 2 else 3], zyx=zyx)
+        translation = values[1 if d == 2 else 3:]
+    elif kind == "AffineTransform":
+        if d is None:
+            d = {6: 2, 12: 3}.get(values.size)
+        if d is None or values.size != d * d + d:
+            raise InputError(f"an elastix AffineTransform needs d*d + d parameters, got {values.size}")
+        m = values[: d * d].reshape(d, d)
+        translation = values[d * d:]
+    else:
         raise InputError(f"cannot convert an elastix {kind or 'unnamed'} transform to an affine matrix; "
-                         "allowed: AffineTransform, TranslationTransform")
-    if d is None:
-        d = {6: 2, 12: 3}.get(values.size)
-    if d is None or values.size != d * d + d:
-        raise InputError(f"an elastix AffineTransform needs d*d + d parameters, got {values.size}")
+                         "allowed: AffineTransform, EulerTransform, TranslationTransform")
     center = _floats(parameter_map, "CenterOfRotationPoint") if "CenterOfRotationPoint" in parameter_map \
         else np.zeros(d)
     if center.size != d:
         raise InputError(f"CenterOfRotationPoint has {center.size} values for a {d}-D transform")
-    m = values[: d * d].reshape(d, d)
-    translation = values[d * d:]
     matrix = np.eye(d + 1)
     matrix[:d, :d] = m
     matrix[:d, d] = translation + center - m @ center
     return matrix
+
+
+def euler_matrix(angles: Sequence[float], *, zyx: bool = False) -> np.ndarray:
+    """The rotation matrix of ITK's ``Euler2DTransform`` (one angle) or ``Euler3DTransform`` (angles about
+    x, y and z, radians): ``Rz Rx Ry``, or ``Rz Ry Rx`` with ``ComputeZYX``, as ITK composes them."""
+    angles = np.asarray(angles, dtype=np.float64).ravel()
+    if angles.size == 1:
+        c, s = np.cos(angles[0]), np.sin(angles[0])
+        return np.array([[c, -s], [s, c]])
+    cx, cy, cz = np.cos(angles)
+    sx, sy, sz = np.sin(angles)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx if zyx else rz @ rx @ ry
+
+
+def implausibility(matrix: np.ndarray) -> Optional[str]:
+    """Why an affine pre-alignment (homogeneous, fixed -> moving) is implausible between two images of
+    one anatomy, or ``None`` when it is plausible (see :data:`PLAUSIBLE_SCALES`)."""
+    d = matrix.shape[0] - 1
+    linear = np.asarray(matrix, dtype=np.float64)[:d, :d]
+    scales = np.linalg.svd(linear, compute_uv=False)
+    shown = "/".join(f"{v:.2f}" for v in scales)
+    low, high = PLAUSIBLE_SCALES
+    if np.linalg.det(linear) <= 0:
+        return f"it mirrors the image (determinant {np.linalg.det(linear):.2f})"
+    if scales.max() > high or scales.min() < low:
+        return f"its scales {shown} leave {low:g}-{high:g}"
+    if scales.max() / scales.min() > PLAUSIBLE_ANISOTROPY:
+        return (f"its scales {shown} stretch one axis {scales.max() / scales.min():.2f} times more than "
+                f"another (at most {PLAUSIBLE_ANISOTROPY:g})")
+    return None
 
 
 def _elastix_log_reason(log: Path) -> Optional[str]:
@@ -257,7 +317,8 @@ def _elastix_error(err: BaseException) -> str:
 
 def elastix_affine(fixed, moving, fixed_mask=None, moving_mask=None, *, metric: str = "mi",
                    initialization: str = "mass", iterations: int = 256, resolutions: int = 4,
-                   samples: int = 2048, seed: int = DEFAULT_SEED, threads: Optional[int] = None,
+                   samples: int = 2048, seed: int = DEFAULT_SEED, transform: str = "affine",
+                   threads: Optional[int] = None,
                    parameter_map: Optional[Mapping[str, Sequence[str]]] = None,
                    log: Optional[Callable[[str], None]] = None) -> np.ndarray:
     """Affine registration of ``moving`` to ``fixed`` with elastix; returns the fixed -> moving matrix.
@@ -266,7 +327,7 @@ def elastix_affine(fixed, moving, fixed_mask=None, moving_mask=None, *, metric: 
         fixed, moving: scalar images of the same dimension (2 or 3), ``itk.Image`` (a
             ``SimpleITK.Image`` is converted), raw intensities (any pixel type; cast to float).
         fixed_mask, moving_mask: optional masks on their image's grid; only voxels > 0 are sampled.
-        metric, initialization, iterations, resolutions, samples, seed: see
+        metric, initialization, iterations, resolutions, samples, seed, transform: see
             :func:`affine_parameter_map`.
         threads: threads elastix may use (default: every core this process may run on).
         parameter_map: a complete elastix parameter map to use instead (must produce an
@@ -289,7 +350,7 @@ def elastix_affine(fixed, moving, fixed_mask=None, moving_mask=None, *, metric: 
         raise InputError(f"threads must be a whole number >= 1, not {threads!r}")
     params = dict(parameter_map) if parameter_map is not None else affine_parameter_map(
         metric=metric, initialization=initialization, iterations=iterations, resolutions=resolutions,
-        samples=samples, seed=seed)
+        samples=samples, seed=seed, transform=transform)
     result = _run_elastix(fixed_f, moving_f, masks, params, int(threads))
     if result.GetNumberOfParameterMaps() != 1:
         raise InputError(f"elastix returned {result.GetNumberOfParameterMaps()} transforms; expected one affine")
@@ -298,7 +359,8 @@ def elastix_affine(fixed, moving, fixed_mask=None, moving_mask=None, *, metric: 
         raise InputError(f"elastix returned an unusable affine transform: {matrix.tolist()}")
     if log is not None:
         linear = matrix[:d, :d]
-        log(f"affine pre-alignment (elastix): scales {np.round(np.linalg.svd(linear, compute_uv=False), 3).tolist()}, "
+        kind = {name: key for key, name in TRANSFORMS.items()}.get(_word(params, "Transform", ""), "affine")
+        log(f"{kind} pre-alignment (elastix): scales {np.round(np.linalg.svd(linear, compute_uv=False), 3).tolist()}, "
             f"translation {np.round(matrix[:d, d], 2).tolist()} mm")
     return matrix
 
@@ -364,5 +426,163 @@ def _run_elastix(fixed, moving, masks, params: Mapping[str, Sequence[str]], thre
     return method.GetTransformParameterObject()
 
 
+def pyramid_levels(*images) -> int:
+    """Resolution levels for elastix's pyramid: 4 (elastix's default) for images of 128 voxels or more
+    along every axis, fewer for small ones, so that the coarsest level (smoothed and shrunk by
+    ``2^(levels-1)``) keeps at least 16 voxels along its shortest axis. (elastix's 4 levels on a
+    42-voxel-wide spinal-cord image smooth the cord away: its rigid result moved a same-session pair
+    12 mm off.)"""
+    shortest = min(min(int(n) for n in image.GetSize()) for image in images)
+    return int(min(4, max(1, 1 + np.floor(np.log2(max(shortest, 1) / 16.0)))))
+
+
+def _sitk(image):
+    """A SimpleITK float image of ``image`` (``itk.Image`` or ``SimpleITK.Image``)."""
+    import SimpleITK as sitk
+
+    from .imageio import to_simpleitk
+
+    return sitk.Cast(to_simpleitk(image), sitk.sitkFloat32)
+
+
+def normalized_mutual_information(fixed, moving, matrix: np.ndarray, *, bins: int = 32,
+                                  spacing: float = 3.0) -> float:
+    """``(H(F) + H(M)) / H(F, M)`` of the fixed image and the moving image seen through ``matrix``
+    (fixed -> moving), on the fixed image's extent resampled to ``spacing`` mm; moving values outside
+    its field of view count as 0 (background), so a start that pushes the anatomy out is penalised.
+    Intensities are binned between their 1st and 99th percentiles. Used to choose between starts."""
+    import SimpleITK as sitk
+
+    fixed, moving = _sitk(fixed), _sitk(moving)
+    d = fixed.GetDimension()
+    size = [max(2, int(round(n * s / spacing))) for n, s in zip(fixed.GetSize(), fixed.GetSpacing())]
+    new_spacing = [n * s / m for n, s, m in zip(fixed.GetSize(), fixed.GetSpacing(), size)]
+    reference = sitk.Image(size, sitk.sitkFloat32)
+    reference.SetDirection(fixed.GetDirection())
+    reference.SetOrigin(fixed.TransformContinuousIndexToPhysicalPoint([-0.5 + 0.5 * m / n
+                                                                       for n, m in zip(size, fixed.GetSize())]))
+    reference.SetSpacing(new_spacing)
+    transform = sitk.AffineTransform(d)
+    transform.SetMatrix(np.asarray(matrix[:d, :d], dtype=float).ravel().tolist())
+    transform.SetTranslation(np.asarray(matrix[:d, d], dtype=float).tolist())
+    f = sitk.GetArrayFromImage(sitk.Resample(fixed, reference, sitk.Transform(), sitk.sitkLinear, 0.0)).ravel()
+    m = sitk.GetArrayFromImage(sitk.Resample(moving, reference, transform, sitk.sitkLinear, 0.0)).ravel()
+
+    def binned(values: np.ndarray) -> np.ndarray:
+        low, high = np.percentile(values, [1, 99])
+        scaled = (values - low) / max(high - low, 1e-12)
+        return np.clip((scaled * (bins - 1)).round(), 0, bins - 1).astype(np.int64)
+
+    joint = np.bincount(binned(f) * bins + binned(m), minlength=bins * bins).reshape(bins, bins).astype(float)
+    joint /= joint.sum()
+
+    def entropy(p: np.ndarray) -> float:
+        p = p[p > 0]
+        return float(-(p * np.log(p)).sum())
+
+    return (entropy(joint.sum(1)) + entropy(joint.sum(0))) / max(entropy(joint.ravel()), 1e-12)
+
+
+@dataclass(frozen=True)
+class Prealignment:
+    """What :func:`prealign` found.
+
+    Attributes:
+        matrix: homogeneous WORLD matrix, fixed -> moving.
+        transform: the kind written, ``"affine"`` or ``"rigid"``.
+        start: where the winning run started: ``"header"`` (the images' physical positions as stored)
+            or ``"mass"`` (intensity centres of mass aligned).
+        similarity: its normalised mutual information (:func:`normalized_mutual_information`).
+        rejected: why affine results were not used (empty when none was rejected).
+    """
+
+    matrix: np.ndarray
+    transform: str
+    start: str
+    similarity: float
+    rejected: Tuple[str, ...] = field(default_factory=tuple)
+
+    def describe(self) -> str:
+        d = self.matrix.shape[0] - 1
+        scales = "/".join(f"{v:.3f}" for v in np.linalg.svd(self.matrix[:d, :d], compute_uv=False))
+        shift = ", ".join(f"{v:.1f}" for v in self.matrix[:d, d])
+        return (f"{self.transform} pre-alignment (elastix, from the {self.start} start): scales {scales}, "
+                f"translation [{shift}] mm, NMI {self.similarity:.3f}")
+
+
+#: The starts :func:`prealign` tries: elastix's initialisation for each.
+STARTS = {"header": "none", "mass": "mass"}
+#: Centres of mass closer than this (mm) make the two starts one: only the header start runs.
+SAME_START_MM = 5.0
+
+
+def _centre_of_mass(image) -> np.ndarray:
+    import SimpleITK as sitk
+
+    image = _sitk(image)
+    array = np.clip(sitk.GetArrayViewFromImage(image).astype(np.float64), 0, None)
+    total = array.sum()
+    if total <= 0:
+        return np.asarray(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
+    index = [float((array.sum(axis=tuple(a for a in range(array.ndim) if a != axis)) * np.arange(array.shape[axis])).sum()
+                   / total) for axis in range(array.ndim)]
+    return np.asarray(image.TransformContinuousIndexToPhysicalPoint(index[::-1]))
+
+
+def prealign(fixed, moving, fixed_mask=None, moving_mask=None, *, transform: str = "affine",
+             threads: Optional[int] = None, log: Optional[Log] = None) -> Prealignment:
+    """The pre-alignment ``gradicon register`` runs: elastix from one or two starts, the result checked.
+
+    * Levels: elastix's 4-level pyramid, fewer for small images (:func:`pyramid_levels`).
+    * Starts: ``transform="affine"`` tries the images' stored positions (``header``) and their aligned
+      intensity centres of mass (``mass``, as antsRegistration's initial moving transform does) when
+      the two differ by more than :data:`SAME_START_MM`, and keeps the result with the higher
+      normalised mutual information. ``transform="rigid"`` (one subject, one scanner: the headers
+      already place the images) starts from the headers only.
+    * Check: an affine result whose scales are implausible for one anatomy (:func:`implausibility`)
+      is never used; if no start gives a plausible affine, the best rigid result is used instead and
+      ``log`` says why.
+
+    Returns:
+        the :class:`Prealignment`.
+
+    Raises:
+        InputError: as :func:`elastix_affine`.
+    """
+    if transform not in TRANSFORMS:
+        raise InputError(f"unknown pre-alignment transform {transform!r}; allowed: {', '.join(TRANSFORMS)}")
+    fixed_s, moving_s = _sitk(fixed), _sitk(moving)
+    levels = pyramid_levels(fixed_s, moving_s)
+    starts = ["header"]
+    if transform == "affine" and np.linalg.norm(_centre_of_mass(fixed_s) - _centre_of_mass(moving_s)) > SAME_START_MM:
+        starts.append("mass")
+
+    def best_of(kind: str) -> Tuple[Optional[Prealignment], List[str]]:
+        found, rejected = None, []
+        for start in starts:
+            matrix = elastix_affine(fixed, moving, fixed_mask, moving_mask, transform=kind,
+                                    initialization=STARTS[start], resolutions=levels, threads=threads)
+            reason = implausibility(matrix) if kind == "affine" else None
+            if reason is not None:
+                rejected.append(f"from the {start} start, {reason}")
+                continue
+            candidate = Prealignment(matrix, kind, start, normalized_mutual_information(fixed_s, moving_s, matrix))
+            if found is None or candidate.similarity > found.similarity:
+                found = candidate
+        return found, rejected
+
+    result, rejected = best_of(transform)
+    if result is None:
+        if log is not None:
+            log("affine pre-alignment rejected (" + "; ".join(rejected) + f"; allowed scales {PLAUSIBLE_SCALES[0]:g}-"
+                f"{PLAUSIBLE_SCALES[1]:g}, anisotropy at most {PLAUSIBLE_ANISOTROPY:g}): using a rigid one instead")
+        result, _ = best_of("rigid")
+        result = Prealignment(result.matrix, result.transform, result.start, result.similarity, tuple(rejected))
+    if log is not None:
+        log(result.describe())
+    return result
+
+
 __all__ = ["INITIALIZATIONS", "METRICS", "affine_parameter_map", "affine_from_elastix_parameters",
-           "elastix_affine", "available_threads"]
+           "elastix_affine", "available_threads", "implausibility", "prealign", "Prealignment",
+           "pyramid_levels", "normalized_mutual_information", "euler_matrix"]

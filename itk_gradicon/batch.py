@@ -355,7 +355,8 @@ def register_pairs(pairs: Sequence[Pair], *, model: Union[str, Any] = "unigradic
     options = dict(options or {})
     torch_device, batch_size = _device_and_batch_size(device, precision, batch_size)
     loaded = model if isinstance(model, Model) else load_model(model)
-    io = int(options.get("io_iterations", 0) or 0) > 0
+    iterations = options.get("io_iterations")
+    io = (loaded.refinement.iterations if iterations is None else int(iterations)) > 0
     if io and batch_size > 1:
         log(f"note: --batch-size {batch_size} applies to prediction only; with instance optimisation every pair "
             "is registered on its own")

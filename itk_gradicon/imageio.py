@@ -671,6 +671,19 @@ def to_itk(image):
     return out
 
 
+def to_simpleitk(image):
+    """A ``SimpleITK.Image`` with the voxels (copied) and grid of an ``itk.Image``; SimpleITK images as they are."""
+    if image is None or _is_simpleitk(image):
+        return image
+    import SimpleITK as sitk
+
+    from .grid import ImageGrid
+
+    out = sitk.GetImageFromArray(np.array(image_array(image)), isVector=pixel_components(image) > 1)
+    ImageGrid.from_image(image).apply_to(out)
+    return out
+
+
 def image_like(array: np.ndarray, reference):
     """A scalar image holding ``array`` (ARRAY order) on ``reference``'s grid, in its library."""
     if _is_simpleitk(reference):

@@ -48,6 +48,71 @@ TIMEOUT_ENV = "ITK_GRADICON_DOWNLOAD_TIMEOUT"
 DEFAULT_TIMEOUT_S = 15.0
 
 
+REFINEMENT_METHODS = ("field", "network")
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """The instance optimisation (IO) a model recommends after its prediction: what ``gradicon
+    register`` and :func:`~itk_gradicon.registration.register` run when the caller does not choose.
+
+    Attributes:
+        iterations: IO steps (0: prediction only).
+        method: ``"field"`` or ``"network"`` (see :mod:`itk_gradicon.instance`).
+        similarity: IO similarity for two images of one contrast (``None``: the model's training loss).
+        multimodal_similarity: IO similarity when the two images' modalities differ
+            (``--fixed-modality t1w --moving-modality t2w``, CT against MRI).
+        smoothness: diffusion weight of ``field`` IO (``None``: the package's default).
+        note: where the recommendation comes from (one line, shown to users).
+    """
+
+    iterations: int = 0
+    method: str = "field"
+    similarity: Optional[str] = None
+    multimodal_similarity: str = "mind"
+    smoothness: Optional[float] = None
+    note: str = ""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"iterations": self.iterations, "method": self.method, "similarity": self.similarity,
+                "multimodal_similarity": self.multimodal_similarity, "smoothness": self.smoothness,
+                "note": self.note}
+
+    @classmethod
+    def from_dict(cls, entry: Any, source: str) -> "Refinement":
+        """The record of a model file, checked.
+
+        Raises:
+            ModelError: a record that is not a mapping, an unknown key, or a value outside what is allowed.
+        """
+        if not isinstance(entry, Mapping):
+            raise ModelError(f"{source}: 'refinement' must be a mapping, not {type(entry).__name__}")
+        unknown = sorted(set(entry) - set(cls().to_dict()))
+        if unknown:
+            raise ModelError(f"{source}: unknown 'refinement' keys {unknown}; allowed: {', '.join(cls().to_dict())}")
+        try:
+            made = cls(**dict(entry))
+        except TypeError as err:
+            raise ModelError(f"{source}: unreadable 'refinement' record ({err})") from None
+        iterations = made.iterations
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+            raise ModelError(f"{source}: refinement iterations must be a whole number >= 0, not {iterations!r}")
+        if made.method not in REFINEMENT_METHODS:
+            raise ModelError(f"{source}: refinement method {made.method!r}; allowed: {', '.join(REFINEMENT_METHODS)}")
+        if made.smoothness is not None and not (isinstance(made.smoothness, (int, float)) and made.smoothness >= 0):
+            raise ModelError(f"{source}: refinement smoothness must be a number >= 0, not {made.smoothness!r}")
+        return made
+
+
+#: No instance optimisation: the published models' record (their papers' IO tunes the network's weights,
+#: minutes per step on a CPU at 175^3, so it stays a choice: ``--io-iterations 50``).
+NO_REFINEMENT = Refinement(note="prediction only unless --io-iterations is given")
+#: What itk_gradicon recommends for the compact models it trains (measured on the bundled model,
+#: ``benchmarks/ACCURACY.md``): 50 steps of field IO.
+FIELD_REFINEMENT = Refinement(iterations=50, method="field",
+                              note="field IO measured with this package's compact models (benchmarks/ACCURACY.md)")
+
+
 @dataclass(frozen=True)
 class PublishedModel:
     """A model that can be fetched by name."""
@@ -57,6 +122,7 @@ class PublishedModel:
     description: str
     architecture: Architecture = PUBLISHED_3D
     similarity: str = "lncc"
+    refinement: Refinement = NO_REFINEMENT
 
     @property
     def file_name(self) -> str:
@@ -133,6 +199,8 @@ class Model:
         sha256: hex digest of that file.
         preprocessing: intensity preprocessing defaults the model was trained with.
         provenance: free-form record (training data, steps, parent model, ...).
+        similarity: the similarity it was trained with.
+        refinement: the instance optimisation it recommends (:class:`Refinement`).
     """
 
     name: str
@@ -143,6 +211,7 @@ class Model:
     preprocessing: Dict[str, Any] = field(default_factory=dict)
     provenance: Dict[str, Any] = field(default_factory=dict)
     similarity: str = "lncc"
+    refinement: Refinement = NO_REFINEMENT
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,6 +445,7 @@ def load_weight_file(path: Path, *, name: Optional[str] = None, input_shape=None
     preprocessing: Dict[str, Any] = {}
     provenance: Dict[str, Any] = {}
     similarity = "lncc"
+    refinement = NO_REFINEMENT
     if content.get("format") == MODEL_FILE_FORMAT:
         version = content.get("format_version")
         if version != MODEL_FILE_VERSION:
@@ -389,6 +459,8 @@ def load_weight_file(path: Path, *, name: Optional[str] = None, input_shape=None
         preprocessing = dict(content.get("preprocessing") or {})
         provenance = dict(content.get("provenance") or {})
         similarity = str(content.get("similarity", "lncc"))
+        if content.get("refinement") is not None:
+            refinement = Refinement.from_dict(content["refinement"], f"model file '{path}'")
         name = name or str(content.get("name") or path.stem)
     else:
         state = content
@@ -398,6 +470,7 @@ def load_weight_file(path: Path, *, name: Optional[str] = None, input_shape=None
         if name in PUBLISHED:
             arch = PUBLISHED[name].architecture
             similarity = PUBLISHED[name].similarity
+            refinement = PUBLISHED[name].refinement
         else:
             arch = _infer_architecture(state, input_shape)
     with torch.device("meta"):  # no memory and no random initialisation: every tensor comes from the file
@@ -410,7 +483,7 @@ def load_weight_file(path: Path, *, name: Optional[str] = None, input_shape=None
         p.requires_grad_(False)
     return Model(name=name or path.stem, architecture=arch, network=network, source=path,
                  sha256=sha256_of(path), preprocessing=preprocessing, provenance=provenance,
-                 similarity=similarity)
+                 similarity=similarity, refinement=refinement)
 
 
 def load_model(spec: str = DEFAULT_MODEL, *, input_shape=None, progress=None) -> Model:
@@ -441,8 +514,11 @@ def load_model(spec: str = DEFAULT_MODEL, *, input_shape=None, progress=None) ->
 
 def save_model_file(path: Path, network: torch.nn.Module, architecture: Architecture, *,
                     name: str, preprocessing: Optional[Mapping[str, Any]] = None,
-                    provenance: Optional[Mapping[str, Any]] = None, similarity: str = "lncc") -> Path:
-    """Write a self-describing model file atomically (loadable with ``weights_only=True``)."""
+                    provenance: Optional[Mapping[str, Any]] = None, similarity: str = "lncc",
+                    refinement: Refinement = NO_REFINEMENT) -> Path:
+    """Write a self-describing model file atomically (loadable with ``weights_only=True``); it records
+    the instance optimisation the model recommends (``refinement``; ``gradicon train`` writes
+    :data:`FIELD_REFINEMENT`)."""
     path = Path(path)
     content = {
         "format": MODEL_FILE_FORMAT,
@@ -452,6 +528,7 @@ def save_model_file(path: Path, network: torch.nn.Module, architecture: Architec
         "preprocessing": dict(preprocessing or {}),
         "provenance": {"written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **dict(provenance or {})},
         "similarity": similarity,
+        "refinement": refinement.to_dict(),
         "state_dict": {k: v.detach().cpu().clone() for k, v in network.state_dict().items()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)

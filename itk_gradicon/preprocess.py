@@ -21,7 +21,10 @@ import numpy as np
 from .errors import InputError
 
 MODALITIES = ("ct", "mri")
-MODALITY_CHOICES = ("auto",) + MODALITIES
+#: MRI contrasts a user may name: normalised as ``mri``; naming two different ones (or CT and an MRI)
+#: tells the registration that the pair is multimodal.
+MRI_CONTRASTS = ("t1w", "t2w", "flair", "pd", "t2star")
+MODALITY_CHOICES = ("auto",) + MODALITIES + MRI_CONTRASTS
 DEFAULT_CT_WINDOW = (-1000.0, 1000.0)
 DEFAULT_MRI_UPPER_QUANTILE = 0.99
 
@@ -109,9 +112,22 @@ def resolve_modality(choice: str, array: np.ndarray) -> Tuple[str, Optional[str]
     """``choice`` if explicit, else the guess; returns ``(modality, reason or None)``."""
     if choice not in MODALITY_CHOICES:
         raise InputError(f"unknown modality {choice!r}; allowed: {', '.join(MODALITY_CHOICES)}")
+    if choice in MRI_CONTRASTS:
+        return "mri", None
     if choice != "auto":
         return choice, None
     return guess_modality(array)
+
+
+def modalities_differ(fixed: str, moving: str) -> bool:
+    """Whether two modality choices (:data:`MODALITY_CHOICES`) name different kinds of image: CT against
+    MRI, or two different MRI contrasts. ``auto`` and the generic ``mri`` name no contrast."""
+    pair = (fixed, moving)
+    if "auto" in pair:
+        return False
+    if "mri" in pair:
+        return "ct" in pair
+    return fixed != moving
 
 
 def apply_input_mask(normalized: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -42,7 +42,8 @@ from .imageio import _is_simpleitk, check_image, describe_grid, image_array, ima
 from .instance import DEFAULT_LR, DEFAULT_SMOOTHNESS, IO_METHODS, IOProgress, optimise_network, refine_fields
 from .models import DEFAULT_MODEL, PUBLISHED, Model, load_model
 from .network.inference import predict_displacements
-from .preprocess import MODALITY_CHOICES, IntensityNormalization, apply_input_mask, resolve_modality
+from .preprocess import (MODALITY_CHOICES, IntensityNormalization, apply_input_mask, modalities_differ,
+                         resolve_modality)
 from .transforms import DisplacementField
 
 MASK_MODES = ("input", "loss", "both")
@@ -259,8 +260,8 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
              ct_window: Optional[Tuple[float, float]] = None,
              quantile_range: Optional[Tuple[float, float]] = None,
              fixed_mask=None, moving_mask=None, mask_mode: str = "input",
-             io_iterations: int = 0, io_similarity: Optional[str] = None, io_lr: Optional[float] = None,
-             io_method: str = "auto", io_smoothness: float = DEFAULT_SMOOTHNESS,
+             io_iterations: Optional[int] = None, io_similarity: Optional[str] = None,
+             io_lr: Optional[float] = None, io_method: str = "auto", io_smoothness: Optional[float] = None,
              fixed_labels=None, moving_labels=None, io_dice_weight: float = 1.0,
              initial_transform=None, affine: str = "auto", orientation: str = "fixed",
              compute_inverse: bool = True, device: Union[str, torch.device] = "auto",
@@ -274,29 +275,37 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
         fixed, moving: scalar images of the model's dimension, both ``itk.Image`` or both
             ``SimpleITK.Image`` (masks and label maps in the same library).
         model: a published name, a weight/model file, or a loaded :class:`~itk_gradicon.models.Model`.
-        fixed_modality, moving_modality: ``"ct"``, ``"mri"`` or ``"auto"`` (guessed from intensities;
-            the guess is reported in ``result.messages``).
+        fixed_modality, moving_modality: ``"ct"``, ``"mri"``, an MRI contrast (``"t1w"``, ``"t2w"``,
+            ``"flair"``, ``"pd"``, ``"t2star"``: normalised as ``"mri"``; two different ones choose a
+            multimodal IO similarity) or ``"auto"`` (guessed from intensities; the guess is reported
+            in ``result.messages``).
         ct_window: HU window for CT images (default ``(-1000, 1000)``).
         quantile_range: quantiles for non-CT images (default: minimum and 99th percentile).
         fixed_mask, moving_mask: binary masks on their image's grid (voxels ``> 0`` are inside).
         mask_mode: ``"input"`` (zero the image outside the mask before the network sees it),
             ``"loss"`` (restrict the IO similarity to the mask) or ``"both"``.
-        io_iterations: instance-optimisation steps (0: prediction only).
-        io_similarity: ``"lncc"``, ``"lncc2"`` or ``"mind"`` (default: the model's training loss).
+        io_iterations: instance-optimisation steps (0: prediction only; default: the model's
+            recommendation, :class:`~itk_gradicon.models.Refinement`: 50 steps of ``field`` IO for the
+            bundled model, none for the published ones).
+        io_similarity: ``"lncc"``, ``"lncc2"`` or ``"mind"`` (default: the model's recommendation for
+            one contrast, or for two when the modalities name different contrasts, e.g. ``"t1w"`` and
+            ``"t2w"``).
         io_lr: Adam learning rate of the IO steps (default: 2e-5 for ``network``; 0.3, in network voxels,
             for ``field``).
         io_method: ``"network"`` (Adam on a copy of the network's weights, as the papers do),
             ``"field"`` (Adam on the predicted displacement fields, a few warps per step: see
-            :mod:`.instance`) or ``"auto"`` (``network`` for the published models, ``field`` for
-            every other model).
-        io_smoothness: weight of the diffusion penalty of ``field`` IO.
+            :mod:`.instance`) or ``"auto"`` (the model's recommendation; without one, ``network`` for
+            the published models and ``field`` for every other model).
+        io_smoothness: weight of the diffusion penalty of ``field`` IO (default: the model's, else 0.15).
         fixed_labels, moving_labels: label maps on their image's grid; with IO they add a soft Dice
             term over the labels present in both, weighted by ``io_dice_weight``.
         initial_transform: affine pre-alignment fixed -> moving (ITK matrix-offset transform or a
             homogeneous matrix in WORLD coordinates), composed into the result.
-        affine: without ``initial_transform``: ``"elastix"`` computes the pre-alignment with
-            :func:`itk_gradicon.affine.elastix_affine`, ``"none"`` does not, ``"auto"`` does it for a
-            model trained on affinely pre-aligned pairs (its file says ``prealignment: affine``).
+        affine: without ``initial_transform``: ``"affine"`` (or its former name ``"elastix"``) and
+            ``"rigid"`` compute the pre-alignment with :func:`itk_gradicon.affine.prealign` (an affine
+            with implausible scales falls back to rigid, and ``result.messages`` says so), ``"none"``
+            does not, ``"auto"`` is ``"affine"`` for a model trained on affinely pre-aligned pairs (its
+            file says ``prealignment: affine``).
         orientation: ``"fixed"`` (the moving image is laid out along the fixed image's axes; see
             :mod:`.geometry`) or ``"storage"`` (both as stored in their files, as the reference does).
         compute_inverse: also compute the inverse (moving -> fixed) transform.
@@ -338,19 +347,79 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
 
     from .registration_io import resolve_affine_choice
 
-    if resolve_affine_choice(affine, model, initial_transform is not None) == "elastix" and initial_transform is None:
-        from .affine import elastix_affine
+    prealignment = resolve_affine_choice(affine, model, initial_transform is not None)
+    if prealignment != "none" and initial_transform is None:
+        from .affine import prealign
 
         t = time.perf_counter()
-        request = dataclasses.replace(request, affine=elastix_affine(fixed, moving, fixed_mask=fixed_mask,
-                                                                     moving_mask=moving_mask))
+        found = prealign(fixed, moving, fixed_mask, moving_mask, transform=prealignment, log=messages.append)
+        request = dataclasses.replace(request, affine=found.matrix)
         timings["affine"] = time.perf_counter() - t
-        messages.append("affine pre-alignment: elastix")
     check_memory(estimate_memory(ImageGrid.from_image(fixed).num_voxels, ImageGrid.from_image(moving).num_voxels,
-                                 d, model.architecture.input_shape, io=io_iterations > 0, inverse=compute_inverse,
+                                 d, model.architecture.input_shape, io=request.io_iterations > 0, inverse=compute_inverse,
                                  affine=request.affine is not None), device)
     return run_request(request, device=device, progress=progress, generator=generator, predictor=predictor,
                        timings=timings, messages=messages, started=started)
+
+
+@dataclass(frozen=True)
+class IOChoice:
+    """The instance optimisation a registration runs, every default resolved.
+
+    Attributes:
+        iterations, method, similarity, smoothness, lr: as :func:`register`'s ``io_*`` options.
+        recommended: the step count came from the model file's recommendation (not from the caller).
+        why_similarity: why this similarity (shown when it is not the caller's choice).
+    """
+
+    iterations: int
+    method: str
+    similarity: str
+    smoothness: float
+    lr: float
+    recommended: bool = False
+    why_similarity: str = ""
+
+    def describe(self) -> str:
+        """One line for the user: what runs, and where each default came from."""
+        if self.iterations == 0:
+            return "instance optimisation: none (prediction only)"
+        origin = " (the model's recommendation)" if self.recommended else ""
+        why = f" ({self.why_similarity})" if self.why_similarity else ""
+        extra = f", smoothness {self.smoothness:g}" if self.method == "field" else ""
+        return (f"instance optimisation: {self.method}, {self.iterations} steps{origin}, "
+                f"similarity {self.similarity}{why}{extra}")
+
+
+def resolve_io(model: Model, *, io_iterations: Optional[int] = None, io_method: str = "auto",
+               io_similarity: Optional[str] = None, io_smoothness: Optional[float] = None,
+               io_lr: Optional[float] = None, modalities: Tuple[str, str] = ("auto", "auto")) -> IOChoice:
+    """Every ``None`` / ``"auto"`` IO option resolved against the model's recommendation
+    (:class:`~itk_gradicon.models.Refinement`): steps, method and smoothness from it; the similarity
+    from it for one contrast, its multimodal similarity when ``modalities`` name two different kinds
+    of image (:func:`~itk_gradicon.preprocess.modalities_differ`), else the model's training loss.
+
+    Raises:
+        InputError: an unknown similarity.
+    """
+    recommended = model.refinement
+    iterations = recommended.iterations if io_iterations is None else int(io_iterations)
+    if io_method == "auto":
+        io_method = recommended.method if recommended.iterations > 0 else resolve_io_method("auto", model)
+    why = ""
+    if io_similarity is None:
+        if modalities_differ(*modalities):
+            io_similarity = recommended.multimodal_similarity
+            why = f"the model's choice for two modalities, {modalities[0]} and {modalities[1]}"
+        else:
+            io_similarity = recommended.similarity or model.similarity
+    if io_similarity not in IO_SIMILARITIES:
+        raise InputError(f"unknown IO similarity {io_similarity!r}; allowed: {', '.join(IO_SIMILARITIES)}")
+    smoothness = io_smoothness if io_smoothness is not None else (
+        recommended.smoothness if recommended.smoothness is not None else DEFAULT_SMOOTHNESS)
+    return IOChoice(iterations, io_method, io_similarity, float(smoothness),
+                    DEFAULT_LR[io_method] if io_lr is None else float(io_lr),
+                    recommended=io_iterations is None and iterations > 0, why_similarity=why)
 
 
 @dataclass(frozen=True)
@@ -396,24 +465,26 @@ class RegistrationRequest:
 
     @classmethod
     def of(cls, fixed, moving, model: Model, *, io_similarity: Optional[str] = None, io_lr: Optional[float] = None,
-           io_method: str = "auto", initial_transform=None, io_iterations: int = 0,
-           messages: Optional[List[str]] = None, **options) -> "RegistrationRequest":
-        """A request for checked inputs: the IO similarity (the model's by default), method (``auto``:
-        see :func:`resolve_io_method`) and learning rate (per method) resolved, ``initial_transform``
-        as a matrix. Notes for the user are appended to ``messages``.
+           io_method: str = "auto", initial_transform=None, io_iterations: Optional[int] = None,
+           io_smoothness: Optional[float] = None, messages: Optional[List[str]] = None,
+           **options) -> "RegistrationRequest":
+        """A request for checked inputs: the IO options resolved against the model (:func:`resolve_io`),
+        ``initial_transform`` as a matrix. Notes for the user are appended to ``messages``.
 
         Raises:
             InputError: an unknown IO similarity, or an initial transform that is not an affine.
         """
         d = model.architecture.dimension
-        io_similarity = io_similarity or model.similarity
-        if io_similarity not in IO_SIMILARITIES:
-            raise InputError(f"unknown IO similarity {io_similarity!r}; allowed: {', '.join(IO_SIMILARITIES)}")
-        if io_similarity == "mind" and d != 3 and io_iterations and messages is not None:
-            messages.append("MIND-SSC in 2-D uses the 4 in-plane neighbour pairs")
-        io_method = resolve_io_method(io_method, model)
-        return cls(fixed, moving, model, io_iterations=int(io_iterations), io_similarity=io_similarity,
-                   io_method=io_method, io_lr=DEFAULT_LR[io_method] if io_lr is None else float(io_lr),
+        io = resolve_io(model, io_iterations=io_iterations, io_method=io_method, io_similarity=io_similarity,
+                        io_smoothness=io_smoothness, io_lr=io_lr,
+                        modalities=(options.get("fixed_modality", "auto"), options.get("moving_modality", "auto")))
+        if messages is not None:
+            if io.iterations and (io.recommended or io.why_similarity):
+                messages.append(io.describe())
+            if io.similarity == "mind" and d != 3 and io.iterations:
+                messages.append("MIND-SSC in 2-D uses the 4 in-plane neighbour pairs")
+        return cls(fixed, moving, model, io_iterations=io.iterations, io_similarity=io.similarity,
+                   io_method=io.method, io_lr=io.lr, io_smoothness=io.smoothness,
                    affine=_as_affine(initial_transform, d), **options)
 
 
@@ -471,8 +542,8 @@ def run_request(request: RegistrationRequest, *, device: torch.device,
     return RegistrationResult(*fields, modalities["fixed"], modalities["moving"], messages, history, timings)
 
 
-def check_options(*, mask_mode: str = "input", orientation: str = "fixed", io_iterations=0,
-                  io_method: str = "auto", io_lr=None, io_smoothness=DEFAULT_SMOOTHNESS, affine: str = "auto",
+def check_options(*, mask_mode: str = "input", orientation: str = "fixed", io_iterations=None,
+                  io_method: str = "auto", io_lr=None, io_smoothness=None, affine: str = "auto",
                   initial_transform=None, fixed_mask=None, moving_mask=None, fixed_labels=None,
                   moving_labels=None, modalities: Tuple[str, str] = ("auto", "auto"),
                   name: Callable[[str], str] = lambda option: option) -> None:
@@ -493,16 +564,17 @@ def check_options(*, mask_mode: str = "input", orientation: str = "fixed", io_it
 
     allowed("mask_mode", mask_mode, MASK_MODES)
     allowed("orientation", orientation, ORIENTATIONS)
-    if isinstance(io_iterations, bool) or not isinstance(io_iterations, (int, np.integer)) or io_iterations < 0:
+    if io_iterations is not None and (isinstance(io_iterations, bool) or not isinstance(io_iterations, (int, np.integer))
+                                      or io_iterations < 0):
         raise InputError(f"{name('io_iterations')} must be a whole number >= 0, not {io_iterations!r}")
     allowed("io_method", io_method, IO_METHOD_CHOICES)
     if io_lr is not None and not io_lr > 0:
         raise InputError(f"{name('io_lr')} must be > 0, not {io_lr!r}")
-    if not io_smoothness >= 0:
+    if io_smoothness is not None and not io_smoothness >= 0:
         raise InputError(f"{name('io_smoothness')} must be >= 0, not {io_smoothness!r}")
     allowed("affine", affine, AFFINE_CHOICES)
-    if affine == "elastix" and initial_transform is not None:
-        raise InputError(f"give either {name('affine')} elastix or {name('initial_transform')}, not both")
+    if affine not in ("auto", "none") and initial_transform is not None:
+        raise InputError(f"give either {name('affine')} {affine} or {name('initial_transform')}, not both")
     if (fixed_labels is None) != (moving_labels is None):
         raise InputError(f"{name('fixed_labels')} and {name('moving_labels')} must be given together")
     if mask_mode in ("loss", "both") and (fixed_mask is None or moving_mask is None):

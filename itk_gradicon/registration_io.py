@@ -101,8 +101,8 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
                  ct_window: Optional[Tuple[float, float]] = None,
                  quantile_range: Optional[Tuple[float, float]] = None,
                  fixed_mask: Optional[Path] = None, moving_mask: Optional[Path] = None,
-                 mask_mode: str = "input", io_iterations: int = 0, io_similarity: Optional[str] = None,
-                 io_lr: Optional[float] = None, io_method: str = "auto", io_smoothness: float = 0.15,
+                 mask_mode: str = "input", io_iterations: Optional[int] = None, io_similarity: Optional[str] = None,
+                 io_lr: Optional[float] = None, io_method: str = "auto", io_smoothness: Optional[float] = None,
                  fixed_labels: Optional[Path] = None,
                  moving_labels: Optional[Path] = None, io_dice_weight: float = 1.0,
                  affine: str = "auto", initial_transform: Optional[Path] = None,
@@ -143,7 +143,7 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
 
     from .models import load_model
     from .registration import (RegistrationRequest, check_memory, check_options, estimate_memory, resolve_device,
-                               resolve_io_method, run_request)
+                               resolve_io, run_request)
 
     outputs.validate()
     check_options(mask_mode=mask_mode, orientation=orientation, io_iterations=io_iterations,
@@ -160,24 +160,28 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
 
     model_obj = loaded_model if loaded_model is not None else load_model(model)
     affine = resolve_affine_choice(affine, model_obj, initial_transform is not None)
-    if affine == "elastix" and expects_prealignment(model_obj):
+    if affine == "affine" and expects_prealignment(model_obj):
         log(f"affine pre-alignment: elastix (model '{model_obj.name}' was trained on affinely pre-aligned "
-            "pairs; --affine none turns it off)")
-    if io_iterations > 0 and io_method == "auto":
-        io_method = resolve_io_method(io_method, model_obj)
-        why = "the papers' method, for a published model" if io_method == "network" else "for a model not published"
-        log(f"instance optimisation: {io_method} ({why}; --io-method chooses)")
+            "pairs; --affine rigid for one subject's images, --affine none turns it off)")
+    io = resolve_io(model_obj, io_iterations=io_iterations, io_method=io_method, io_similarity=io_similarity,
+                    io_smoothness=io_smoothness, io_lr=io_lr, modalities=(fixed_modality, moving_modality))
+    if io.iterations == 0:
+        log("instance optimisation: none (prediction only" + (f"; the model recommends {model_obj.refinement.iterations} "
+            f"steps of {model_obj.refinement.method} IO" if model_obj.refinement.iterations else "")
+            + "; --io-iterations N adds it)")
+    else:
+        log(io.describe() + ("; --io-iterations 0 for prediction only" if io.recommended else ""))
     d = model_obj.architecture.dimension
     for flag, header in headers.items():
         check_header(header, what=flag, dimension=d, needed_by=f"the model '{model_obj.name}'")
     check_memory(estimate_memory(headers["--fixed"].num_voxels, headers["--moving"].num_voxels, d,
-                                 model_obj.architecture.input_shape, io=io_iterations > 0,
+                                 model_obj.architecture.input_shape, io=io.iterations > 0,
                                  inverse=outputs.needs_inverse,
                                  affine=affine != "none" or initial_transform is not None,
                                  originals=outputs.needs_originals), torch_device)
 
     inputs = _read_inputs(files, d)
-    if inputs.labels["fixed_labels"] is not None and io_iterations == 0:
+    if inputs.labels["fixed_labels"] is not None and io.iterations == 0:
         log("note: --fixed-labels/--moving-labels only act during instance optimisation (--io-iterations > 0)")
     pre = _prealignment(inputs, affine, initial_transform, log)
 
@@ -185,8 +189,8 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
     messages: List[str] = []
     request = RegistrationRequest.of(
         inputs.fixed, inputs.moving, model_obj, fixed_modality=fixed_modality, moving_modality=moving_modality,
-        ct_window=ct_window, quantile_range=quantile_range, mask_mode=mask_mode, io_iterations=io_iterations,
-        io_similarity=io_similarity, io_lr=io_lr, io_method=io_method, io_smoothness=io_smoothness,
+        ct_window=ct_window, quantile_range=quantile_range, mask_mode=mask_mode, io_iterations=io.iterations,
+        io_similarity=io.similarity, io_lr=io.lr, io_method=io.method, io_smoothness=io.smoothness,
         io_dice_weight=io_dice_weight, initial_transform=pre, orientation=orientation,
         compute_inverse=outputs.needs_inverse, messages=messages, **inputs.masks, **inputs.labels)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -242,16 +246,19 @@ def _prealignment(inputs: _Inputs, affine: str, initial_transform: Optional[Path
         from .transforms import read_affine_file
 
         return read_affine_file(initial_transform)
-    if affine == "elastix":
-        from .affine import elastix_affine
+    if affine in PREALIGNMENT_TRANSFORMS:
+        from .affine import prealign
 
-        log("affine pre-alignment with elastix ...")
-        return elastix_affine(inputs.fixed, inputs.moving, fixed_mask=inputs.masks["fixed_mask"],
-                              moving_mask=inputs.masks["moving_mask"], log=log)
+        log(f"{affine} pre-alignment with elastix ...")
+        return prealign(inputs.fixed, inputs.moving, inputs.masks["fixed_mask"], inputs.masks["moving_mask"],
+                        transform=affine, log=log).matrix
     return None
 
 
-AFFINE_CHOICES = ("auto", "none", "elastix")
+#: ``--affine`` values: ``affine`` and ``rigid`` run :func:`itk_gradicon.affine.prealign`; ``elastix`` is the
+#: former spelling of ``affine``; ``auto`` is ``affine`` for a model trained on pre-aligned pairs, else ``none``.
+AFFINE_CHOICES = ("auto", "none", "affine", "rigid", "elastix")
+PREALIGNMENT_TRANSFORMS = ("affine", "rigid")
 
 
 def expects_prealignment(model) -> bool:
@@ -260,11 +267,13 @@ def expects_prealignment(model) -> bool:
 
 
 def resolve_affine_choice(choice: str, model, has_initial_transform: bool) -> str:
-    """``--affine auto`` becomes ``elastix`` for a model that expects pre-aligned pairs (unless an
-    initial transform is given), else ``none``; ``none`` and ``elastix`` stay as they are."""
+    """``--affine auto`` becomes ``affine`` for a model that expects pre-aligned pairs (unless an
+    initial transform is given), else ``none``; ``elastix`` becomes ``affine``; the others stay."""
+    if choice == "elastix":
+        return "affine"
     if choice != "auto":
         return choice
-    return "elastix" if expects_prealignment(model) and not has_initial_transform else "none"
+    return "affine" if expects_prealignment(model) and not has_initial_transform else "none"
 
 
 def write_register_outputs(result, outputs: RegisterOutputs, *, fixed_original=None, moving_original=None,

@@ -29,7 +29,7 @@ def test_each_subcommand_has_help(name):
 
 def test_register_help_states_units_and_defaults():
     text = CliRunner().invoke(main, ["register", "--help"]).output
-    for fragment in ("fixed -> moving", "default: 0", "default: 2e-5 network; 0.3 field", "Hounsfield", "default: auto",
+    for fragment in ("fixed -> moving", "default: the model's recommendation", "default: 2e-5 network; 0.3 field", "Hounsfield", "default: auto",
                      "LPS mm"):
         assert fragment in text, fragment
 

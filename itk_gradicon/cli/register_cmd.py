@@ -9,7 +9,7 @@ import click
 
 from .common import ProgressLine, device_option, format_seconds, info, model_option, quiet_option
 
-_MODALITY = click.Choice(["auto", "ct", "mri"])
+_MODALITY = click.Choice(["auto", "ct", "mri", "t1w", "t2w", "flair", "pd", "t2star"])
 
 
 @click.command("register")
@@ -40,8 +40,10 @@ _MODALITY = click.Choice(["auto", "ct", "mri"])
                    "log-Jacobian of the forward transform.")
 @model_option()
 @click.option("--fixed-modality", type=_MODALITY, default="auto", show_default=True,
-              help="ct: clip to --ct-window; mri (any non-CT image): clip to the quantile range; auto: "
-                   "guess from intensities and print the choice.")
+              help="ct: clip to --ct-window; mri (any non-CT image): clip to the quantile range; t1w, t2w, "
+                   "flair, pd, t2star: an MRI of that contrast (normalised as mri; two different contrasts, "
+                   "or CT and MRI, make instance optimisation use the model's multimodal similarity); auto: "
+                   "guess CT or MRI from intensities and print the choice.")
 @click.option("--moving-modality", type=_MODALITY, default="auto", show_default=True,
               help="As --fixed-modality, for the moving image.")
 @click.option("--ct-window", nargs=2, type=float, metavar="MIN MAX",
@@ -58,35 +60,40 @@ _MODALITY = click.Choice(["auto", "ct", "mri"])
               show_default=True,
               help="input: zero each image outside its mask before the network sees it; loss: restrict "
                    "the instance-optimisation similarity to the masks; both.")
-@click.option("--io-iterations", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--io-iterations", type=click.IntRange(min=0), default=None,
               help="Instance-optimisation steps for this pair (see --io-method; the model file is never "
-                   "changed); 0 = prediction only. The papers use 50 (network: minutes per step on a CPU "
-                   "at 175^3, about a second on a GPU).")
+                   "changed); 0 = prediction only (the fast mode).  [default: the model's recommendation: "
+                   "50 steps of field IO for gradicon-synthbrain-96, none for the published models]")
 @click.option("--io-similarity", type=click.Choice(["lncc", "lncc2", "mind"]), default=None,
               help="Similarity for instance optimisation: lncc, lncc2 (squared LNCC, multimodal), mind "
-                   "(MIND-SSC, multimodal).  [default: the model's training loss]")
+                   "(MIND-SSC, multimodal).  [default: the model's recommendation, its multimodal one when "
+                   "--fixed-modality and --moving-modality name different contrasts]")
 @click.option("--io-method", type=click.Choice(["auto", "network", "field"]), default="auto", show_default=True,
               help="Instance optimisation: network (Adam on a copy of the network's weights, as the papers "
                    "do; seconds per step on a CPU), field (Adam on the two predicted displacement fields, "
                    "kept smooth and inverse-consistent; about 0.7 s per step on 2 cores for a 96^3 model); "
-                   "auto: network for the published models, field for any other (the bundled one).")
+                   "auto: the model's recommendation (field for the bundled one), else network for the "
+                   "published models.")
 @click.option("--io-lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Adam learning rate of instance optimisation.  [default: 2e-5 network; 0.3 field, in network voxels]")
-@click.option("--io-smoothness", type=click.FloatRange(min=0), default=0.15, show_default=True,
+@click.option("--io-smoothness", type=click.FloatRange(min=0), default=None,
               help="Weight of the fields' diffusion penalty in --io-method field (larger: smoother, fewer "
-                   "folds, less gain).")
+                   "folds, less gain).  [default: the model's recommendation, else 0.15]")
 @click.option("--fixed-labels", type=click.Path(path_type=Path),
               help="Label map on the fixed grid; with --moving-labels adds a Dice term to instance "
                    "optimisation.")
 @click.option("--moving-labels", type=click.Path(path_type=Path), help="Label map on the moving grid.")
 @click.option("--io-dice-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Weight of the Dice term (relative to the similarity) when labels are given.")
-@click.option("--affine", type=click.Choice(["auto", "none", "elastix"]), default="auto", show_default=True,
-              help="Affine pre-alignment computed with elastix (itk-elastix; mutual information, "
-                   "started from the images' intensity centres of mass, restricted to the masks when given), composed "
-                   "into every transform written; the network then registers the fixed image to the "
-                   "affinely resampled moving image. auto: elastix for a model trained on affinely "
-                   "pre-aligned pairs (the bundled model), none for the published models.")
+@click.option("--affine", type=click.Choice(["auto", "none", "affine", "rigid", "elastix"]), default="auto",
+              show_default=True,
+              help="Pre-alignment with elastix (mutual information; restricted to the masks when given), "
+                   "composed into every transform written; the network then registers the fixed image to "
+                   "the pre-aligned moving image. affine: from the stored positions and from the aligned "
+                   "centres of mass, the better kept; a result with implausible scales is replaced by a "
+                   "rigid one, and the output says so. rigid: rotation and translation from the stored "
+                   "positions (one subject's images). auto: affine for a model trained on pre-aligned "
+                   "pairs (the bundled model), none for the published models. elastix: former name of affine.")
 @click.option("--initial-transform", type=click.Path(path_type=Path), metavar="FILE",
               help="An existing affine pre-alignment, fixed -> moving (ITK .tfm/.txt/.h5, ANTs .mat), "
                    "composed into every transform written.")
@@ -103,8 +110,8 @@ def register(fixed: Path, moving: Path, out_transform: Optional[Path], out_inver
              out_warped: Optional[Path], out_ants_prefix: Optional[str], out_elastix: Optional[Path],
              out_qc: Optional[Path], model: str, fixed_modality: str, moving_modality: str,
              ct_window: Optional[Tuple[float, float]], quantile_range: Optional[Tuple[float, float]],
-             fixed_mask: Optional[Path], moving_mask: Optional[Path], mask_mode: str, io_iterations: int,
-             io_similarity: Optional[str], io_method: str, io_lr: Optional[float], io_smoothness: float,
+             fixed_mask: Optional[Path], moving_mask: Optional[Path], mask_mode: str, io_iterations: Optional[int],
+             io_similarity: Optional[str], io_method: str, io_lr: Optional[float], io_smoothness: Optional[float],
              fixed_labels: Optional[Path],
              moving_labels: Optional[Path], io_dice_weight: float, affine: str,
              initial_transform: Optional[Path], orientation: str, seed: Optional[int], device: str,

@@ -48,7 +48,7 @@ from .. import __version__
 from ..errors import ConfigError, GradiconError, InputError
 from ..imageio import atomic_output
 from ..losses import gradicon_sample_points
-from ..models import Model, load_model, save_model_file
+from ..models import FIELD_REFINEMENT, Model, load_model, save_model_file
 from ..network import Architecture, build_network
 from ..preprocess import DEFAULT_CT_WINDOW
 from .config import RESUMABLE_CHANGES, TrainConfig, differences
@@ -544,7 +544,8 @@ class Trainer:
         provenance = json.loads(json.dumps(provenance))  # plain data only: the file loads with weights_only
         name = run.config.name or run.output.name
         return save_model_file(path, network, architecture, name=name, preprocessing=run.preprocessing,
-                               provenance=provenance, similarity=run.config.objective.similarity)
+                               provenance=provenance, similarity=run.config.objective.similarity,
+                               refinement=FIELD_REFINEMENT)
 
     # ---- the loop -------------------------------------------------------------------------------
     def _resume_state(self) -> Optional[Dict[str, Any]]:

@@ -1,0 +1,249 @@
+"""What a user gets without flags: the model's recommended refinement, a checked pre-alignment, and the
+similarity chosen from the pair's modalities."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from itk_gradicon import affine as affine_module
+from itk_gradicon.affine import (Prealignment, euler_matrix, implausibility, prealign, pyramid_levels,
+                                 affine_from_elastix_parameters)
+from itk_gradicon.cli import main
+from itk_gradicon.errors import ModelError
+from itk_gradicon.models import BUNDLED, NO_REFINEMENT, Refinement, load_model, save_model_file
+from itk_gradicon.preprocess import modalities_differ
+from itk_gradicon.registration import resolve_io
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples" / "data"
+
+
+# --- the rigid transform and the plausibility check ---------------------------------------------
+
+@pytest.mark.parametrize("zyx", [False, True])
+def test_euler_matrix_is_itks(zyx):
+    import itk
+
+    transform = itk.Euler3DTransform[itk.D].New()
+    transform.SetComputeZYX(zyx)
+    transform.SetRotation(0.3, -0.2, 0.7)
+    assert np.allclose(itk.array_from_matrix(transform.GetMatrix()), euler_matrix([0.3, -0.2, 0.7], zyx=zyx),
+                       atol=1e-12)
+    transform_2d = itk.Euler2DTransform[itk.D].New()
+    transform_2d.SetAngle(0.4)
+    assert np.allclose(itk.array_from_matrix(transform_2d.GetMatrix()), euler_matrix([0.4]), atol=1e-12)
+
+
+def test_elastix_euler_parameters_become_the_matrix_itk_applies():
+    """An elastix EulerTransform record, read as a matrix, moves points as ITK's Euler3DTransform does."""
+    import itk
+
+    angles, shift, centre = [0.1, 0.2, -0.3], [4.0, -2.0, 7.5], [10.0, -20.0, 5.0]
+    record = {"Transform": ("EulerTransform",), "FixedImageDimension": ("3",),
+              "TransformParameters": tuple(str(v) for v in [*angles, *shift]),
+              "CenterOfRotationPoint": tuple(str(v) for v in centre), "ComputeZYX": ("false",)}
+    matrix = affine_from_elastix_parameters(record)
+    reference = itk.Euler3DTransform[itk.D].New()
+    reference.SetCenter(centre)
+    reference.SetRotation(*angles)
+    reference.SetTranslation(shift)
+    for point in ([0.0, 0.0, 0.0], [30.0, -12.0, 44.0]):
+        expected = np.array(reference.TransformPoint(point))
+        assert np.allclose(matrix[:3, :3] @ point + matrix[:3, 3], expected, atol=1e-9)
+
+
+def test_implausible_affines_are_named():
+    stretched = np.diag([1.73, 1.22, 0.60, 1.0])
+    assert "1.73/1.22/0.60" in implausibility(stretched)
+    assert "mirrors" in implausibility(np.diag([-1.0, 1.0, 1.0, 1.0]))
+    anisotropic = np.diag([1.3, 1.0, 0.95, 1.0])
+    assert "1.37 times" in implausibility(anisotropic)
+    rotation = np.eye(4)
+    rotation[:3, :3] = euler_matrix([0.5, 0.1, -0.4])
+    rotation[:3, :3] *= 1.12
+    assert implausibility(rotation) is None
+
+
+def test_pyramid_levels_shrink_for_small_images():
+    import SimpleITK as sitk
+
+    def of(size):
+        return sitk.Image(size, sitk.sitkFloat32)
+
+    assert pyramid_levels(of([160, 192, 144]), of([182, 218, 182])) == 4
+    assert pyramid_levels(of([42, 76, 77]), of([60, 55, 52])) == 2
+    assert pyramid_levels(of([20, 20, 20]), of([160, 160, 160])) == 1
+
+
+def test_an_implausible_affine_falls_back_to_rigid_and_says_so(monkeypatch):
+    from conftest import blob_volume, make_image
+
+    rng = np.random.default_rng(0)
+    fixed = make_image(blob_volume((24, 24, 24), rng) * 100)
+    moving = make_image(blob_volume((24, 24, 24), rng) * 100)
+    rigid = np.eye(4)
+    rigid[:3, 3] = [1.0, -2.0, 0.5]
+    runs = []
+
+    def fake_elastix(fixed, moving, fixed_mask=None, moving_mask=None, *, transform, **kwargs):
+        runs.append((transform, kwargs["initialization"]))
+        return np.diag([1.73, 1.22, 0.60, 1.0]) if transform == "affine" else rigid
+
+    monkeypatch.setattr(affine_module, "elastix_affine", fake_elastix)
+    lines = []
+    found = prealign(fixed, moving, transform="affine", log=lines.append)
+    assert found.transform == "rigid" and np.array_equal(found.matrix, rigid)
+    assert found.rejected and "1.73/1.22/0.60" in found.rejected[0]
+    assert "affine pre-alignment rejected" in lines[0] and "using a rigid one instead" in lines[0]
+    assert lines[-1].startswith("rigid pre-alignment (elastix")
+    assert [kind for kind, _ in runs].count("affine") == len([kind for kind, _ in runs if kind == "rigid"])
+
+
+def test_the_start_with_the_better_similarity_wins(monkeypatch):
+    """Two starts (header, centres of mass) give two results; the one that aligns the images is kept."""
+    from conftest import blob_volume, make_image
+
+    volume = blob_volume((32, 32, 32), np.random.default_rng(5)) * 100
+    fixed = make_image(volume)
+    moving = make_image(np.roll(volume, 6, axis=0), origin=(0.0, 0.0, 20.0))  # the mass start differs by 20 mm
+    good = np.eye(4)
+    good[2, 3] = 20.0 + 6.0  # moving z-index = fixed z-index + 6, origin 20 mm further
+    bad = np.eye(4)
+    bad[2, 3] = 10.0
+
+    def fake_elastix(fixed, moving, fixed_mask=None, moving_mask=None, *, transform, initialization, **kwargs):
+        return good if initialization == "mass" else bad
+
+    monkeypatch.setattr(affine_module, "elastix_affine", fake_elastix)
+    found = prealign(fixed, moving, transform="affine")
+    assert found.start == "mass" and np.array_equal(found.matrix, good)
+
+
+def test_rigid_on_the_example_pair_is_not_worse_than_the_headers():
+    """The README's same-subject example (spinal cord T2 -> T1w, different fields of view): --affine rigid
+    keeps or improves the cord masks' overlap (elastix's default 4 levels moved it 12 mm off)."""
+    import SimpleITK as sitk
+
+    from itk_gradicon.imageio import read_image
+
+    fixed = read_image(EXAMPLES / "t1w.nii.gz", what="fixed", backend="simpleitk")
+    moving = read_image(EXAMPLES / "t2.nii.gz", what="moving", backend="simpleitk")
+    fixed_cord = sitk.ReadImage(str(EXAMPLES / "t1w_seg-manual.nii.gz"))
+    moving_cord = sitk.ReadImage(str(EXAMPLES / "t2_seg-manual.nii.gz"))
+
+    def dice(matrix):
+        transform = sitk.AffineTransform(3)
+        transform.SetMatrix(matrix[:3, :3].ravel().tolist())
+        transform.SetTranslation(matrix[:3, 3].tolist())
+        warped = sitk.GetArrayFromImage(sitk.Resample(moving_cord, fixed_cord, transform, sitk.sitkNearestNeighbor))
+        target = sitk.GetArrayFromImage(fixed_cord)
+        return 2 * np.sum((warped > 0) & (target > 0)) / (np.sum(warped > 0) + np.sum(target > 0))
+
+    found = prealign(fixed, moving, transform="rigid", threads=2)
+    assert found.transform == "rigid" and found.start == "header"
+    assert dice(found.matrix) >= dice(np.eye(4)) - 0.01
+
+
+# --- the model's recommended refinement ---------------------------------------------------------
+
+def test_refinement_records_round_trip_and_bad_ones_are_refused(tmp_path, tiny_model_file):
+    model = load_model(str(tiny_model_file))
+    assert model.refinement == NO_REFINEMENT
+    wanted = Refinement(iterations=3, method="field", similarity="lncc2", smoothness=0.2, note="test")
+    path = save_model_file(tmp_path / "m.pt", model.network, model.architecture, name="m", refinement=wanted)
+    assert load_model(str(path)).refinement == wanted
+    for bad, message in (({"iterations": -1}, "whole number >= 0"), ({"method": "magic"}, "allowed: field, network"),
+                         ({"steps": 3}, "unknown 'refinement' keys"), ({"smoothness": "x"}, "number >= 0")):
+        content = torch.load(path, weights_only=True)
+        content["refinement"] = bad
+        torch.save(content, tmp_path / "bad.pt")
+        with pytest.raises(ModelError, match=message):
+            load_model(str(tmp_path / "bad.pt"))
+
+
+def test_the_bundled_model_recommends_field_io():
+    if not BUNDLED["gradicon-synthbrain-96"].path.is_file():
+        pytest.skip("the bundled model file is not in this source tree")
+    refinement = load_model("gradicon-synthbrain-96").refinement
+    assert (refinement.iterations, refinement.method) == (50, "field") and refinement.multimodal_similarity
+
+
+def test_io_options_resolve_against_the_recommendation(tiny_model_file):
+    from dataclasses import replace
+
+    model = replace(load_model(str(tiny_model_file)),
+                    refinement=Refinement(iterations=4, method="field", smoothness=0.3, multimodal_similarity="mind"))
+    io = resolve_io(model)
+    assert (io.iterations, io.method, io.similarity, io.smoothness, io.recommended) == (4, "field", "lncc", 0.3, True)
+    assert "the model's recommendation" in io.describe()
+    assert resolve_io(model, io_iterations=0).iterations == 0
+    assert resolve_io(model, io_iterations=7).recommended is False
+    cross = resolve_io(model, modalities=("t1w", "t2w"))
+    assert cross.similarity == "mind" and "t1w and t2w" in cross.describe()
+    assert resolve_io(model, modalities=("t1w", "t2w"), io_similarity="lncc2").similarity == "lncc2"
+    plain = load_model(str(tiny_model_file))
+    assert resolve_io(plain).iterations == 0
+
+
+@pytest.mark.parametrize("fixed, moving, differ", [
+    ("auto", "t2w", False), ("mri", "t1w", False), ("t1w", "t1w", False), ("t1w", "t2w", True),
+    ("ct", "mri", True), ("ct", "flair", True), ("ct", "ct", False)])
+def test_modalities_differ(fixed, moving, differ):
+    assert modalities_differ(fixed, moving) is differ
+
+
+def test_register_follows_the_model_and_says_so(tmp_path, tiny_model_file, pair_files_io):
+    model = load_model(str(tiny_model_file))
+    path = save_model_file(tmp_path / "recommends.pt", model.network, model.architecture, name="recommends",
+                           refinement=Refinement(iterations=2, method="field"))
+    fixed, moving = pair_files_io
+    base = ["register", "--model", str(path), "--fixed", str(fixed), "--moving", str(moving),
+            "--fixed-modality", "mri", "--moving-modality", "mri", "--seed", "1"]
+    default = CliRunner().invoke(main, base + ["--out-transform", str(tmp_path / "a.nii.gz")])
+    assert default.exit_code == 0, default.output
+    assert "instance optimisation: field, 2 steps (the model's recommendation)" in default.output
+    assert "--io-iterations 0 for prediction only" in default.output
+    fast = CliRunner().invoke(main, base + ["--io-iterations", "0", "--out-transform", str(tmp_path / "b.nii.gz")])
+    assert fast.exit_code == 0, fast.output
+    assert "instance optimisation: none (prediction only; the model recommends 2 steps of field IO" in fast.output
+    import SimpleITK as sitk
+
+    refined = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a.nii.gz")))
+    predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "b.nii.gz")))
+    assert not np.array_equal(refined, predicted)
+
+
+def test_two_named_contrasts_choose_the_multimodal_similarity(tmp_path, tiny_model_file, pair_files_io):
+    model = load_model(str(tiny_model_file))
+    path = save_model_file(tmp_path / "recommends.pt", model.network, model.architecture, name="recommends",
+                           refinement=Refinement(iterations=1, method="field", multimodal_similarity="lncc2"))
+    fixed, moving = pair_files_io
+    result = CliRunner().invoke(main, ["register", "--model", str(path), "--fixed", str(fixed), "--moving",
+                                       str(moving), "--fixed-modality", "t1w", "--moving-modality", "t2w",
+                                       "--out-transform", str(tmp_path / "t.h5")])
+    assert result.exit_code == 0, result.output
+    assert "similarity lncc2 (the model's choice for two modalities, t1w and t2w)" in result.output
+
+
+@pytest.fixture
+def pair_files_io(tmp_path):
+    from conftest import blob_volume, make_image
+
+    import itk
+
+    rng = np.random.default_rng(3)
+    fixed = make_image(blob_volume((24, 24, 24), rng) * 100)
+    moving = make_image(blob_volume((24, 24, 24), rng) * 100)
+    itk.imwrite(fixed, str(tmp_path / "f.nii.gz"))
+    itk.imwrite(moving, str(tmp_path / "m.nii.gz"))
+    return tmp_path / "f.nii.gz", tmp_path / "m.nii.gz"
+
+
+def test_prealignment_describes_itself():
+    found = Prealignment(np.diag([1.1, 1.0, 0.9, 1.0]), "affine", "mass", 1.2)
+    assert found.describe().startswith("affine pre-alignment (elastix, from the mass start): scales 1.100/1.000/0.900")
