@@ -63,6 +63,9 @@ class Refinement:
         multimodal_similarity: IO similarity when the two images' modalities differ
             (``--fixed-modality t1w --moving-modality t2w``, CT against MRI).
         smoothness: diffusion weight of ``field`` IO (``None``: the package's default).
+        coarse_fraction: share of the steps of ``field`` IO run on the network grid halved along every
+            axis before the rest run on the full grid (0: all on the full grid).
+        patience: ``field`` IO ends a level once its loss has not improved in this many steps (0: never).
         note: where the recommendation comes from (one line, shown to users).
     """
 
@@ -71,12 +74,14 @@ class Refinement:
     similarity: Optional[str] = None
     multimodal_similarity: str = "mind"
     smoothness: Optional[float] = None
+    coarse_fraction: float = 0.0
+    patience: int = 0
     note: str = ""
 
     def to_dict(self) -> Dict[str, Any]:
         return {"iterations": self.iterations, "method": self.method, "similarity": self.similarity,
                 "multimodal_similarity": self.multimodal_similarity, "smoothness": self.smoothness,
-                "note": self.note}
+                "coarse_fraction": self.coarse_fraction, "patience": self.patience, "note": self.note}
 
     @classmethod
     def from_dict(cls, entry: Any, source: str) -> "Refinement":
@@ -101,6 +106,11 @@ class Refinement:
             raise ModelError(f"{source}: refinement method {made.method!r}; allowed: {', '.join(REFINEMENT_METHODS)}")
         if made.smoothness is not None and not (isinstance(made.smoothness, (int, float)) and made.smoothness >= 0):
             raise ModelError(f"{source}: refinement smoothness must be a number >= 0, not {made.smoothness!r}")
+        if not (isinstance(made.coarse_fraction, (int, float)) and 0 <= made.coarse_fraction < 1):
+            raise ModelError(f"{source}: refinement coarse_fraction must be a number in [0, 1), not "
+                             f"{made.coarse_fraction!r}")
+        if isinstance(made.patience, bool) or not isinstance(made.patience, int) or made.patience < 0:
+            raise ModelError(f"{source}: refinement patience must be a whole number >= 0, not {made.patience!r}")
         return made
 
 
@@ -108,8 +118,8 @@ class Refinement:
 #: minutes per step on a CPU at 175^3, so it stays a choice: ``--io-iterations 50``).
 NO_REFINEMENT = Refinement(note="prediction only unless --io-iterations is given")
 #: What itk_gradicon recommends for the compact models it trains (measured on the bundled model,
-#: ``benchmarks/ACCURACY.md``): 50 steps of field IO.
-FIELD_REFINEMENT = Refinement(iterations=50, method="field",
+#: ``benchmarks/ACCURACY.md``): 50 steps of field IO, 40 of them on the half-resolution grid.
+FIELD_REFINEMENT = Refinement(iterations=50, method="field", coarse_fraction=0.8, patience=5,
                               note="field IO measured with this package's compact models (benchmarks/ACCURACY.md)")
 
 

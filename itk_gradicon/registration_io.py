@@ -8,6 +8,8 @@ device, the model, the images, masks and labels. Outputs go through one
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -145,6 +147,8 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
     from .registration import (RegistrationRequest, check_memory, check_options, estimate_memory, resolve_device,
                                resolve_io, run_request)
 
+    started = time.perf_counter()
+    stage = _Stages(started)
     outputs.validate()
     check_options(mask_mode=mask_mode, orientation=orientation, io_iterations=io_iterations,
                   io_method=io_method, io_lr=io_lr, io_smoothness=io_smoothness, affine=affine,
@@ -158,7 +162,9 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
     if initial_transform is not None and not Path(initial_transform).is_file():
         raise InputError(f"--initial-transform '{initial_transform}' does not exist")
 
+    stage.done("checks")
     model_obj = loaded_model if loaded_model is not None else load_model(model)
+    stage.done("model")
     affine = resolve_affine_choice(affine, model_obj, initial_transform is not None)
     if affine == "affine" and expects_prealignment(model_obj):
         log(f"affine pre-alignment: elastix (model '{model_obj.name}' was trained on affinely pre-aligned "
@@ -176,14 +182,17 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
         check_header(header, what=flag, dimension=d, needed_by=f"the model '{model_obj.name}'")
     check_memory(estimate_memory(headers["--fixed"].num_voxels, headers["--moving"].num_voxels, d,
                                  model_obj.architecture.input_shape, io=io.iterations > 0,
-                                 inverse=outputs.needs_inverse,
+                                 inverse=outputs.needs_inverse or (io.iterations > 0 and io.method == "field"),
                                  affine=affine != "none" or initial_transform is not None,
                                  originals=outputs.needs_originals), torch_device)
 
+    stage.done("checks")
     inputs = _read_inputs(files, d)
+    stage.done("read")
     if inputs.labels["fixed_labels"] is not None and io.iterations == 0:
         log("note: --fixed-labels/--moving-labels only act during instance optimisation (--io-iterations > 0)")
     pre = _prealignment(inputs, affine, initial_transform, log)
+    stage.done("pre-alignment")
 
     # every input was checked as it was read: the registration trusts the request and scans nothing again
     messages: List[str] = []
@@ -198,13 +207,56 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
                          messages=messages)
     for message in result.messages:
         log(message)
+    stage.add(result.timings)
     originals = outputs.needs_originals
     write_register_outputs(result, outputs, fixed_original=inputs.fixed_original if originals else None,
                            moving_original=inputs.moving_original if originals else None, log=log)
-    log(f"done in {result.timings.get('total', 0.0):.1f}s (network {result.timings.get('network', 0.0):.1f}s"
-        + (f", instance optimisation {result.timings['instance_optimisation']:.1f}s"
-           if "instance_optimisation" in result.timings else "") + ")")
+    stage.done("write")
+    result.timings.update({f"stage_{name}": seconds for name, seconds in stage.seconds.items()})
+    log(stage.summary())
     return result
+
+
+class _Stages:
+    """Seconds per stage of one ``gradicon register`` run, in order, for the closing line."""
+
+    #: ``run_request``'s timings and the names the closing line gives them.
+    REQUEST = (("preprocess", "preprocessing"), ("network", "network"),
+               ("instance_optimisation", "instance optimisation"), ("fields", "fields"))
+
+    def __init__(self, started: float) -> None:
+        self.started = self.last = started
+        self.seconds: Dict[str, float] = {}
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.last
+        self.last = now
+
+    def add(self, timings: Dict[str, float]) -> None:
+        """The registration's own stages (their sum replaces the time since the last stage)."""
+        for key, name in self.REQUEST:
+            if key in timings:
+                self.seconds[name] = timings[key]
+        self.last = time.perf_counter()
+
+    def summary(self) -> str:
+        total = time.perf_counter() - self.started
+        parts = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in self.seconds.items() if seconds >= 0.05)
+        outside = process_seconds()
+        before = f"; {outside - total:.1f}s before it (interpreter and imports)" if outside is not None else ""
+        return f"done in {total:.1f}s ({parts}){before}"
+
+
+def process_seconds() -> Optional[float]:
+    """Seconds since this process started (Linux: ``/proc``), or ``None`` where that cannot be read."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        start = float(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / ticks
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return max(0.0, uptime - start)
 
 
 def flag_of(option: str) -> str:

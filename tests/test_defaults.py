@@ -247,3 +247,73 @@ def pair_files_io(tmp_path):
 def test_prealignment_describes_itself():
     found = Prealignment(np.diag([1.1, 1.0, 0.9, 1.0]), "affine", "mass", 1.2)
     assert found.describe().startswith("affine pre-alignment (elastix, from the mass start): scales 1.100/1.000/0.900")
+
+
+# --- field IO: coarse to fine, early stop --------------------------------------------------------
+
+def _shifted_blobs(shift: int = 2):
+    from conftest import blob_volume
+
+    volume = torch.from_numpy(blob_volume((24, 24, 24), np.random.default_rng(2)))[None, None]
+    return torch.roll(volume, shift, dims=2), volume
+
+
+def test_coarse_to_fine_field_io_lowers_the_loss_and_reports_every_step():
+    from itk_gradicon import losses
+    from itk_gradicon.instance import refine_fields
+
+    image_A, image_B = _shifted_blobs()
+    zero = torch.zeros(1, 3, 24, 24, 24)
+    history, seen = [], []
+    disp_AB, disp_BA = refine_fields(zero, zero.clone(), image_A, image_B, steps=12, lr=0.3,
+                                     similarity=losses.similarity_function("lncc"), coarse_steps=8,
+                                     history=history, progress=lambda p: seen.append(p.step))
+    assert disp_AB.shape == zero.shape and disp_BA.shape == zero.shape
+    assert seen == list(range(1, 13)) and len(history) == 12
+    assert history[7]["similarity"] < history[0]["similarity"]  # the coarse level already improves
+    assert history[-1]["similarity"] < history[8]["similarity"] + 1e-6 or history[-1]["total"] < history[8]["total"]
+    # A(x) = B(x - 2 voxels) along network axis 0, so phi_AB(x) = x + 2 voxels there (CUBE: 2/23)
+    assert float(disp_AB[0, 0, 8:16, 8:16, 8:16].mean()) * 23 > 1.0
+
+
+def test_patience_ends_a_level_that_no_longer_improves():
+    from itk_gradicon import losses
+    from itk_gradicon.instance import refine_fields
+
+    image, _ = _shifted_blobs(0)
+    zero = torch.zeros(1, 3, 24, 24, 24)
+    history, seen = [], []
+    refine_fields(zero, zero.clone(), image, image.clone(), steps=40, lr=0.3,
+                  similarity=losses.similarity_function("lncc"), patience=3, history=history,
+                  progress=lambda p: seen.append(p.step))
+    assert len(history) < 40 and seen[-1] == 40  # identical images: nothing to improve, the progress jumps to the end
+
+
+def test_refinement_coarse_fraction_and_patience_are_checked(tmp_path, tiny_model_file):
+    model = load_model(str(tiny_model_file))
+    path = save_model_file(tmp_path / "m.pt", model.network, model.architecture, name="m")
+    for bad, message in (({"coarse_fraction": 1.0}, r"coarse_fraction must be a number in \[0, 1\)"),
+                         ({"patience": -2}, "patience must be a whole number >= 0")):
+        content = torch.load(path, weights_only=True)
+        content["refinement"] = bad
+        torch.save(content, tmp_path / "bad.pt")
+        with pytest.raises(ModelError, match=message):
+            load_model(str(tmp_path / "bad.pt"))
+    coarse = replace_refinement(model, Refinement(iterations=10, coarse_fraction=0.8))
+    assert resolve_io(coarse).coarse_steps == 8 and resolve_io(coarse, io_iterations=5).coarse_steps == 4
+    assert resolve_io(coarse, io_method="network").coarse_steps == 0
+
+
+def replace_refinement(model, refinement):
+    from dataclasses import replace
+
+    return replace(model, refinement=refinement)
+
+
+def test_register_prints_its_stage_times(tmp_path, tiny_model_file, pair_files_io):
+    fixed, moving = pair_files_io
+    result = CliRunner().invoke(main, ["register", "--model", str(tiny_model_file), "--fixed", str(fixed), "--moving",
+                                       str(moving), "--out-transform", str(tmp_path / "t.h5")])
+    assert result.exit_code == 0, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("done in ") and "interpreter and imports" in last
