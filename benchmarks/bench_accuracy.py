@@ -25,6 +25,15 @@ Methods (rows):
   by default), no instance optimisation; labels warped through ``result.forward_transform`` (nearest
   neighbour, reference = the fixed labels' grid);
 * ``ours + IO``: the same with ``--io-iterations`` steps of instance optimisation (the model's loss).
+* ``ours default``: :func:`itk_gradicon.register` with nothing but the pair's modalities, as ``gradicon
+  register`` runs without flags: the model's pre-alignment and its recommended refinement (for the bundled
+  model 50 steps of field IO, 40 of them at half resolution), the multimodal similarity where the pair's
+  modalities differ;
+* ``ours IO N`` for each N of ``--io-budgets`` (e.g. ``0,10,25,50,100``): the default with N steps, for
+  Dice against time;
+* ``ours pre-alignment``: :func:`itk_gradicon.affine.prealign` alone (the default's first stage), labels
+  resampled through its matrix;
+* ``ANTs Affine``: ``ants.registration(type_of_transform="Affine")`` with antspyx's defaults.
 
 Both images are treated as MRI (``fixed_modality="mri"``, ``moving_modality="mri"``) for ours.
 
@@ -36,6 +45,15 @@ Pairs (``--pairs``, groups):
 * ``sct``: ``../shared/data/sct_testing_data`` T2 -> T1w of one subject (intra-subject, multimodal,
   small fields of view of the spinal cord, different grids), with the manual cord masks
   (``t2/t2_seg-manual``, ``t1/t1w_seg-manual``): Dice and HD95 of the cord;
+* ``unaligned``: two inter-subject T1 pairs from different sources, storage orientations and fields of
+  view: lapirn_oasis A (a subject, OASIS pipeline crop, RAS) -> the ICBM 2009a template (nilearn, MNI
+  space), labels 1/2 = grey/white matter (the template's probability maps > 127); and Colin27 (antspy's
+  skull-stripped ch2, AAL labels of mricron on its grid) -> MNI152 (antspy, AAL labels), with Colin27
+  moved in its header by a fixed rigid motion (14 degrees, 22 mm) so that the pair starts unaligned.
+  Dice over the labels of both maps (AAL: mean over its 116 regions; AAL on MNI152 was made from AAL on
+  Colin27, so that Dice is not an independent ground truth);
+* ``crosscontrast``: BraTS 2013 (deepmedic's copy) FLAIR of patient 1 -> T1c of patient 5, two people and
+  two contrasts (``flair`` and ``t1w`` for ours), brain masks (label 1);
 * ``synthetic``: the held-out synthetic pairs of ``validate_training.synthetic_pairs()`` (8 pairs at
   96^3, from label maps training never saw), written to temporary NIfTI files with 1 mm voxels and a
   RAS storage order (direction diag(-1, -1, 1): the ``canonical`` layout then gives the network the
@@ -85,8 +103,9 @@ from common import (  # noqa: E402, RUF100
 )
 
 SCT = SHARED_DATA / "sct_testing_data"
-GROUPS = ("oasis", "sct", "synthetic")
-METHODS = ("identity", "elastix affine", "ANTs SyN", "ours", "ours + IO")
+GROUPS = ("oasis", "sct", "unaligned", "crosscontrast", "synthetic")
+METHODS = ("identity", "elastix affine", "ANTs Affine", "ANTs SyN", "ours pre-alignment", "ours", "ours + IO",
+           "ours default")
 DEFAULT_MODEL = "gradicon-synthbrain-96"
 
 
@@ -100,8 +119,10 @@ class Pair:
     moving: Path
     fixed_labels: Path
     moving_labels: Path
-    labels: Sequence[int] | None  # None: the structures present in both label maps (synthetic)
+    labels: Sequence[int] | None  # None: the structures present in both label maps (synthetic, AAL)
     label_names: dict[int, str] | None = None
+    fixed_modality: str = "mri"
+    moving_modality: str = "mri"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,6 +149,67 @@ def sct_pairs() -> list[Pair]:
              SCT / "t2" / "t2_seg-manual.nii.gz"]
     _require(files)
     return [Pair("sct", "T2->T1w", files[0], files[1], files[2], files[3], (1,), {1: "cord"})]
+
+
+#: The rigid motion that unaligns Colin27 (header only): rotation about a tilted axis, translation (mm).
+UNALIGN_DEGREES, UNALIGN_AXIS, UNALIGN_SHIFT = 14.0, (0.3, 1.0, 0.2), (12.0, -15.0, 11.0)
+
+
+def _write(image, path: Path) -> Path:
+    import SimpleITK as sitk
+
+    sitk.WriteImage(image, str(path), True)
+    return path
+
+
+def unaligned_pairs(work: Path) -> list[Pair]:
+    """Inter-subject T1 pairs from different sources (see the module docstring), labels written to ``work``."""
+    import SimpleITK as sitk
+
+    icbm = SHARED_DATA / "nilearn_mni152_2009a"
+    icbm_t1 = icbm / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    gm, wm = (icbm / f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("gm", "wm"))
+    colin, colin_aal = SHARED_DATA / "antspy_legacy_data" / "ch2.nii.gz", SHARED_DATA / "mricron_data_debian" / "aal.nii.gz"
+    mni, mni_aal = SHARED_DATA / "antspy_legacy_data" / "mni.nii.gz", SHARED_DATA / "antspy_legacy_data" / "mnia.nii.gz"
+    oasis_a = LAPIRN / "image_A_160x192x144.nii.gz"
+    oasis_a_seg = LAPIRN / "derived" / "image_A_160x192x144_seg_resampled_to_image_grid.nii.gz"
+    _require([icbm_t1, gm, wm, colin, colin_aal, mni, mni_aal, oasis_a, oasis_a_seg])
+
+    grey, white = (sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in (gm, wm))
+    tissue = np.zeros(grey.shape, np.int16)
+    tissue[grey > 127] = 1
+    tissue[white > 127] = 2
+    tissue_image = sitk.GetImageFromArray(tissue)
+    tissue_image.CopyInformation(sitk.ReadImage(str(icbm_t1)))
+    icbm_labels = _write(tissue_image, work / "icbm2009a_tissue.nii.gz")
+
+    # Colin27 and its AAL map moved together, in their headers, by one rigid motion
+    axis = np.asarray(UNALIGN_AXIS) / np.linalg.norm(UNALIGN_AXIS)
+    angle = np.deg2rad(UNALIGN_DEGREES)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rotation = np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+    moved = {}
+    for name, path, pixel in (("colin27", colin, sitk.sitkFloat32), ("colin27_aal", colin_aal, sitk.sitkInt16)):
+        image = sitk.Cast(sitk.ReadImage(str(path)), pixel)
+        direction = rotation @ np.asarray(image.GetDirection()).reshape(3, 3)
+        image.SetDirection(direction.ravel().tolist())
+        image.SetOrigin((rotation @ np.asarray(image.GetOrigin()) + UNALIGN_SHIFT).tolist())
+        moved[name] = _write(image, work / f"{name}_moved.nii.gz")
+    mni_labels = _write(sitk.Cast(sitk.ReadImage(str(mni_aal)), sitk.sitkInt16), work / "mni152_aal.nii.gz")
+    return [Pair("unaligned", "OASIS A->ICBM2009a", icbm_t1, oasis_a, icbm_labels, oasis_a_seg, (1, 2),
+                 {1: "GM", 2: "WM"}),
+            Pair("unaligned", "Colin27->MNI152", mni, moved["colin27"], mni_labels, moved["colin27_aal"], None)]
+
+
+def crosscontrast_pairs() -> list[Pair]:
+    """FLAIR of one BraTS patient -> T1c of another, brain masks."""
+    root = SHARED_DATA / "deepmedic_brats2013"
+    moving, fixed = root / "test" / "brats_2013_pat0001_1", root / "train" / "brats_2013_pat0005_1"
+    files = [fixed / "T1c_subtrMeanDivStd.nii.gz", moving / "Flair_subtrMeanDivStd.nii.gz",
+             fixed / "brainmask.nii.gz", moving / "brainmask.nii.gz"]
+    _require(files)
+    return [Pair("crosscontrast", "FLAIR->T1c", *files, (1,), {1: "brain"}, fixed_modality="t1w",
+                 moving_modality="flair")]
 
 
 def synthetic_files(work: Path, count: int, maps: Path) -> list[Pair]:
@@ -190,7 +272,23 @@ def run_affine(data, ctx):
     return warped, folds, seconds, {"matrix": matrix.tolist()}
 
 
-def run_ants(data, ctx):
+def run_ants_affine(data, ctx):
+    return run_ants(data, ctx, kind="Affine")
+
+
+def run_prealignment(data, ctx):
+    from itk_gradicon.affine import prealign
+    from itk_gradicon.transforms import affine_to_itk
+
+    t = time.perf_counter()
+    found = prealign(data["fixed"], data["moving"], transform="affine", threads=ctx["threads"])
+    seconds = time.perf_counter() - t
+    warped = _warp_nearest(data["moving_labels"], data["fixed_labels"], affine_to_itk(found.matrix))
+    return warped, {"percent_negative": 0.0}, seconds, {"matrix": found.matrix.tolist(), "kind": found.transform,
+                                                        "start": found.start, "rejected": list(found.rejected)}
+
+
+def run_ants(data, ctx, kind: str = "SyN"):
     import ants
     import itk
 
@@ -198,9 +296,9 @@ def run_ants(data, ctx):
 
     pair: Pair = data["pair"]
     fixed, moving = ants.image_read(str(pair.fixed)), ants.image_read(str(pair.moving))
-    prefix = ctx["work"] / f"ants_{pair.group}_{pair.name.replace(' ', '_').replace('>', '')}_"
+    prefix = ctx["work"] / f"ants_{kind}_{pair.group}_{pair.name.replace(' ', '_').replace('>', '')}_"
     t = time.perf_counter()
-    reg = ants.registration(fixed, moving, type_of_transform="SyN", outprefix=str(prefix))
+    reg = ants.registration(fixed, moving, type_of_transform=kind, outprefix=str(prefix))
     seconds = time.perf_counter() - t
     warped = ants.apply_transforms(fixed=fixed, moving=ants.image_read(str(pair.moving_labels)),
                                    transformlist=reg["fwdtransforms"], interpolator="genericLabel")
@@ -213,12 +311,15 @@ def run_ants(data, ctx):
     return image, folds, seconds, {"fwdtransforms": [Path(p).name for p in reg["fwdtransforms"]]}
 
 
-def _run_ours(data, ctx, io_iterations: int):
+def _run_ours(data, ctx, io_iterations: int | None):
+    """``io_iterations=None``: the model's recommendation (the default pipeline)."""
     from itk_gradicon import register
 
+    pair: Pair = data["pair"]
     t = time.perf_counter()
     result = register(data["fixed"], data["moving"], model=ctx["model"], io_iterations=io_iterations,
-                      fixed_modality="mri", moving_modality="mri", device=ctx["device"])
+                      fixed_modality=pair.fixed_modality, moving_modality=pair.moving_modality, device=ctx["device"],
+                      compute_inverse=True)
     seconds = time.perf_counter() - t
     transform = result.forward_transform
     warped = _warp_nearest(data["moving_labels"], data["fixed_labels"], transform)
@@ -237,6 +338,15 @@ def run_ours_io(data, ctx):
     return _run_ours(data, ctx, ctx["io_iterations"])
 
 
+def run_ours_default(data, ctx):
+    return _run_ours(data, ctx, None)
+
+
+def budget_runner(steps: int):
+    """``ours IO N``: the default pipeline with ``N`` refinement steps."""
+    return lambda data, ctx: _run_ours(data, ctx, steps)
+
+
 def warm_up(ctx, methods: Sequence[str]) -> None:
     """Pay the one-off costs outside the timings: ITK loads its modules (elastix's included) on first use,
     torch sets itself up on the first forward pass. A small blob pair goes through each timed method."""
@@ -253,17 +363,18 @@ def warm_up(ctx, methods: Sequence[str]) -> None:
         # two resolutions: the pyramid's smoothing filters load on first use too (a first oasis
         # registration took 52 s instead of 4 s after a one-resolution warm-up)
         elastix_affine(blobs[0], blobs[1], iterations=4, resolutions=2, threads=ctx["threads"])
-    if "ANTs SyN" in methods:
+    if "ANTs SyN" in methods or "ANTs Affine" in methods:
         importlib.import_module("ants")  # the import alone takes seconds
     if any(m.startswith("ours") for m in methods):
         from itk_gradicon import register
 
-        register(blobs[0], blobs[1], model=ctx["model"], io_iterations=1 if "ours + IO" in methods else 0,
+        register(blobs[0], blobs[1], model=ctx["model"], io_iterations=1 if len(methods) > 1 else 0,
                  affine="none", fixed_modality="mri", moving_modality="mri", device=ctx["device"])
 
 
-RUNNERS = {"identity": run_identity, "elastix affine": run_affine, "ANTs SyN": run_ants, "ours": run_ours,
-           "ours + IO": run_ours_io}
+RUNNERS = {"identity": run_identity, "elastix affine": run_affine, "ANTs Affine": run_ants_affine,
+           "ANTs SyN": run_ants, "ours pre-alignment": run_prealignment, "ours": run_ours, "ours + IO": run_ours_io,
+           "ours default": run_ours_default}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -298,7 +409,7 @@ def evaluate(pair: Pair, method: str, data, ctx) -> dict[str, object]:
         "jacobian": {k: v for k, v in folds.items() if k != "percent_negative"},
         **extra,
     }
-    if pair.labels is None:  # synthetic: validate_training's figure (structures in both after warping)
+    if pair.group == "synthetic":  # validate_training's figure (structures in both after warping)
         from validate_training import _dice
 
         a = torch.from_numpy(np.asarray(itk.array_view_from_image(warped)).astype(np.int64))
@@ -360,6 +471,22 @@ def labelled_table(pairs: list[Pair], results, methods: Sequence[str]) -> str:
     return table(rows, header)
 
 
+def summary_table(pairs: list[Pair], results, methods: Sequence[str]) -> str:
+    """One row per (pair, method): mean Dice and HD95 over the pair's structures, folds, seconds, ranked
+    within each pair by time (Dice against time)."""
+    header = ["pair", "method", "mean Dice", "mean HD95 mm", "neg. Jacobian %", "time s"]
+    rows = []
+    for pair in pairs:
+        done = [(m, results[pair.name].get(m)) for m in methods]
+        for method, r in sorted(done, key=lambda mr: (mr[1] is None or "error" in mr[1], (mr[1] or {}).get("seconds", 0))):
+            if r is None or "error" in r:
+                rows.append([pair.name, method] + ["failed"] * 4)
+                continue
+            rows.append([pair.name, method, _f(r["mean_dice"], 3), _f(r["mean_hd95_mm"], 2),
+                         _f(r["percent_negative_jacobian"], 3), _f(r["seconds"], 1)])
+    return table(rows, header)
+
+
 def synthetic_table(pairs: list[Pair], results, methods: Sequence[str]) -> str:
     """One row per method: means over the pairs."""
     header = ["method", "pairs", "mean Dice", "min Dice", "mean HD95 mm", "neg. Jacobian %", "time s"]
@@ -388,6 +515,8 @@ def main() -> None:
     parser.add_argument("--maps", type=Path, default=None, help="held-out label maps of the synthetic pairs "
                         "(default: validate_training's, examples/lists/synthseg_validation.txt)")
     parser.add_argument("--methods", default=",".join(METHODS), help="methods, comma-separated")
+    parser.add_argument("--io-budgets", default="", help="also run 'ours IO N' for each N of this comma-separated "
+                        "list (e.g. 0,10,25,50,100): the default pipeline with N refinement steps")
     parser.add_argument("--skip-ants", action="store_true", help="leave out ANTs SyN (the slowest row)")
     parser.add_argument("--threads", type=int, default=None, help="threads of torch, ITK, ANTs and elastix "
                         "(default: every core this process may run on)")
@@ -401,8 +530,12 @@ def main() -> None:
     if unknown or not groups or not methods:
         parser.error(f"unknown or no pair group / method: {unknown}; groups: {', '.join(GROUPS)}; "
                      f"methods: {', '.join(METHODS)}")
+    budgets = [int(b) for b in args.io_budgets.split(",") if b.strip()]
+    for steps in budgets:
+        RUNNERS[f"ours IO {steps}"] = budget_runner(steps)
+        methods.append(f"ours IO {steps}")
     if args.skip_ants:
-        methods = [m for m in methods if m != "ANTs SyN"]
+        methods = [m for m in methods if not m.startswith("ANTs")]
     if args.io_iterations < 1:
         methods = [m for m in methods if m != "ours + IO"]
     if not SHARED_DATA.is_dir():
@@ -441,6 +574,10 @@ def main() -> None:
             pairs["oasis"] = oasis_pairs()
         if "sct" in groups:
             pairs["sct"] = sct_pairs()
+        if "unaligned" in groups:
+            pairs["unaligned"] = unaligned_pairs(work)
+        if "crosscontrast" in groups:
+            pairs["crosscontrast"] = crosscontrast_pairs()
         if "synthetic" in groups:
             from validate_training import VALIDATION_MAPS
 
@@ -483,14 +620,23 @@ def main() -> None:
               + (f"; IO: {args.io_iterations} steps" if "ours + IO" in methods else ""))
     titles = {"oasis": "lapirn_oasis (moving->fixed), labels 1 and 2",
               "sct": "sct_testing_data T2 -> T1w (multimodal, intra-subject), manual cord masks",
+              "unaligned": "unaligned inter-subject T1 pairs from different sources (means over each pair's "
+                           "structures; by time)",
+              "crosscontrast": "BraTS FLAIR (patient 1) -> T1c (patient 5), brain masks (by time)",
               "synthetic": "held-out synthetic pairs (96^3, 1 mm), means over pairs; Dice over the structures "
                            "in both maps"}
     for group, members in pairs.items():
         print()
         print(f"### {titles[group]}")
         print()
-        print(synthetic_table(members, results, methods) if group == "synthetic"
-              else labelled_table(members, results, methods))
+        if group == "synthetic":
+            print(synthetic_table(members, results, methods))
+        elif group in ("unaligned", "crosscontrast"):
+            print(summary_table(members, results, methods))
+        else:
+            print(labelled_table(members, results, methods))
+            print()
+            print(summary_table(members, results, methods))
 
     record = {"machine": info, "busy_cores": busy, "threads": threads, "methods": methods,
               "io_iterations": args.io_iterations,

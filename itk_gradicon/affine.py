@@ -541,7 +541,8 @@ def prealign(fixed, moving, fixed_mask=None, moving_mask=None, *, transform: str
       already place the images) starts from the headers only.
     * Check: an affine result whose scales are implausible for one anatomy (:func:`implausibility`)
       is never used; if no start gives a plausible affine, the best rigid result is used instead and
-      ``log`` says why.
+      ``log`` says why. A start on which elastix fails (e.g. images that barely overlap there) is
+      passed over; only when every start fails is its error raised.
 
     Returns:
         the :class:`Prealignment`.
@@ -559,9 +560,15 @@ def prealign(fixed, moving, fixed_mask=None, moving_mask=None, *, transform: str
 
     def best_of(kind: str) -> Tuple[Optional[Prealignment], List[str]]:
         found, rejected = None, []
+        failures = []
         for start in starts:
-            matrix = elastix_affine(fixed, moving, fixed_mask, moving_mask, transform=kind,
-                                    initialization=STARTS[start], resolutions=levels, threads=threads)
+            try:
+                matrix = elastix_affine(fixed, moving, fixed_mask, moving_mask, transform=kind,
+                                        initialization=STARTS[start], resolutions=levels, threads=threads)
+            except InputError as err:  # e.g. a start where the images barely overlap: the other may work
+                failures.append(err)
+                rejected.append(f"from the {start} start, {err}")
+                continue
             reason = implausibility(matrix) if kind == "affine" else None
             if reason is not None:
                 rejected.append(f"from the {start} start, {reason}")
@@ -569,9 +576,13 @@ def prealign(fixed, moving, fixed_mask=None, moving_mask=None, *, transform: str
             candidate = Prealignment(matrix, kind, start, normalized_mutual_information(fixed_s, moving_s, matrix))
             if found is None or candidate.similarity > found.similarity:
                 found = candidate
+        if found is None and len(failures) == len(starts):
+            raise failures[-1]
         return found, rejected
 
     result, rejected = best_of(transform)
+    if result is not None and rejected and log is not None:
+        log("pre-alignment: passed over " + "; ".join(rejected))
     if result is None:
         if log is not None:
             log("affine pre-alignment rejected (" + "; ".join(rejected) + f"; allowed scales {PLAUSIBLE_SCALES[0]:g}-"

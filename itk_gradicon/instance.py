@@ -198,6 +198,8 @@ class _FieldLevel:
         number of steps run (fewer than ``steps`` when ``patience`` stopped it)."""
         shape = tuple(self.image_A.shape[2:])
         identity = cube_identity(shape, device=self.image_A.device, dtype=fields[0].dtype)
+        similarity = (losses.against(similarity, self.image_B, self.mask_B),
+                      losses.against(similarity, self.image_A, self.mask_A))
         scale = voxel_scale(shape, fields[0])
         # the unknowns are in network voxels, so that ``lr`` means the same for every network size
         voxels = [(f.detach() * scale).clone().requires_grad_(True) for f in fields]
@@ -221,12 +223,14 @@ class _FieldLevel:
                     break
         return [(v / scale).detach() for v in voxels], step
 
-    def _objective(self, fields: List[Tensor], identity: Tensor, similarity, smoothness: float,
+    def _objective(self, fields: List[Tensor], identity: Tensor, similarity: Tuple[Callable[[Tensor], Tensor], ...],
+                   smoothness: float,
                    dice_weight: float) -> Tuple[Tensor, Dict[str, float]]:
         image_A, image_B = self.image_A, self.image_B
         u_AB = fields[0]
         grid_AB = identity + u_AB
-        sim = similarity(losses.warp(image_A, grid_AB, zero_outside=True), image_B, self.mask_B)
+        to_B, to_A = similarity
+        sim = to_B(losses.warp(image_A, grid_AB, zero_outside=True))
         reg = diffusion_penalty(u_AB)
         dice = image_A.new_zeros(())
         if self.one_A is not None:
@@ -235,7 +239,7 @@ class _FieldLevel:
         if len(fields) == 2:
             u_BA = fields[1]
             grid_BA = identity + u_BA
-            sim = sim + similarity(losses.warp(image_B, grid_BA, zero_outside=True), image_A, self.mask_A)
+            sim = sim + to_A(losses.warp(image_B, grid_BA, zero_outside=True))
             reg = reg + diffusion_penalty(u_BA)
             if self.one_A is not None:
                 dice = dice + losses.soft_dice_loss(losses.warp(self.one_B, grid_BA, zero_outside=False),

@@ -32,7 +32,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -114,6 +114,67 @@ class Refinement:
         return made
 
 
+@dataclass(frozen=True)
+class Domain:
+    """What a model was trained on, as far as a registration can check it from the images.
+
+    Attributes:
+        region: the anatomy (``"brain"``, ...), for the messages.
+        modalities: the modalities it saw (``"mri"``, ``"ct"``); empty: any.
+        extent_mm: the physical size of the images it saw, smallest and largest, per axis (mm).
+    """
+
+    region: str = ""
+    modalities: Tuple[str, ...] = ()
+    extent_mm: Optional[Tuple[float, float]] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"region": self.region, "modalities": list(self.modalities),
+                "extent_mm": None if self.extent_mm is None else list(self.extent_mm)}
+
+    @classmethod
+    def from_dict(cls, entry: Any, source: str) -> "Domain":
+        """The record of a model file, checked.
+
+        Raises:
+            ModelError: not a mapping, an unknown key, or values of the wrong kind.
+        """
+        if not isinstance(entry, Mapping) or set(entry) - {"region", "modalities", "extent_mm"}:
+            raise ModelError(f"{source}: 'domain' must be a mapping of region, modalities and extent_mm, "
+                             f"not {entry!r}")
+        extent = entry.get("extent_mm")
+        if extent is not None and not (isinstance(extent, (list, tuple)) and len(extent) == 2
+                                       and all(isinstance(v, (int, float)) and v > 0 for v in extent)
+                                       and extent[0] <= extent[1]):
+            raise ModelError(f"{source}: domain extent_mm must be [smallest, largest] in mm, not {extent!r}")
+        modalities = entry.get("modalities") or []
+        if not isinstance(modalities, (list, tuple)) or not all(isinstance(m, str) for m in modalities):
+            raise ModelError(f"{source}: domain modalities must be a list of names, not {modalities!r}")
+        return cls(str(entry.get("region") or ""), tuple(modalities),
+                   None if extent is None else (float(extent[0]), float(extent[1])))
+
+    def warnings(self, model: str, extents: Mapping[str, Sequence[float]],
+                 modalities: Mapping[str, str]) -> List[str]:
+        """One line per way a pair leaves this domain (``extents``: mm per axis of each role's image;
+        ``modalities``: the modality used for each role)."""
+        lines = []
+        what = f"the model '{model}' was trained on {self.region or 'images'}"
+        for role, extent in extents.items():
+            if self.extent_mm is None:
+                break
+            low, high = self.extent_mm
+            if min(extent) < 0.6 * low or max(extent) > 1.6 * high:
+                shown = " x ".join(f"{v:.0f}" for v in extent)
+                lines.append(f"warning: the {role} image spans {shown} mm; {what} spanning {low:.0f}-{high:.0f} mm "
+                             "per axis: this pair is outside its domain, check the result (the QC picture, "
+                             "--out-qc) or use a model trained for it")
+        for role, modality in modalities.items():
+            if self.modalities and modality not in self.modalities:
+                lines.append(f"warning: the {role} image is {modality}; {what} of modality "
+                             f"{', '.join(self.modalities)} only")
+        return lines
+
+
 #: No instance optimisation: the published models' record (their papers' IO tunes the network's weights,
 #: minutes per step on a CPU at 175^3, so it stays a choice: ``--io-iterations 50``).
 NO_REFINEMENT = Refinement(note="prediction only unless --io-iterations is given")
@@ -133,6 +194,7 @@ class PublishedModel:
     architecture: Architecture = PUBLISHED_3D
     similarity: str = "lncc"
     refinement: Refinement = NO_REFINEMENT
+    domain: Domain = Domain()
 
     @property
     def file_name(self) -> str:
@@ -211,6 +273,7 @@ class Model:
         provenance: free-form record (training data, steps, parent model, ...).
         similarity: the similarity it was trained with.
         refinement: the instance optimisation it recommends (:class:`Refinement`).
+        domain: what it was trained on (:class:`Domain`; empty: unknown, nothing is checked).
     """
 
     name: str
@@ -222,6 +285,7 @@ class Model:
     provenance: Dict[str, Any] = field(default_factory=dict)
     similarity: str = "lncc"
     refinement: Refinement = NO_REFINEMENT
+    domain: Domain = Domain()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,7 +373,8 @@ def ensure_published(name: str, *, progress=None) -> Path:
         raise ModelNotAvailableError(
             f"model '{name}' is not in the cache and {err}. On a machine with internet access, fetch "
             f"{PUBLISHED[name].url} and either place it at {path} or run "
-            f"'gradicon models import {name} FILE'") from err
+            f"'gradicon models import {name} FILE'; offline, the bundled brain MRI model works at once: "
+            f"--model {' or '.join(BUNDLED)}") from err
     try:
         load_weight_file(path, name=name)
     except ModelError as err:
@@ -456,6 +521,7 @@ def load_weight_file(path: Path, *, name: Optional[str] = None, input_shape=None
     provenance: Dict[str, Any] = {}
     similarity = "lncc"
     refinement = NO_REFINEMENT
+    domain = Domain()
     if content.get("format") == MODEL_FILE_FORMAT:
         version = content.get("format_version")
         if version != MODEL_FILE_VERSION:
@@ -471,6 +537,8 @@ def load_weight_file(path: Path, *, name: Optional[str] = None, input_shape=None
         similarity = str(content.get("similarity", "lncc"))
         if content.get("refinement") is not None:
             refinement = Refinement.from_dict(content["refinement"], f"model file '{path}'")
+        if content.get("domain") is not None:
+            domain = Domain.from_dict(content["domain"], f"model file '{path}'")
         name = name or str(content.get("name") or path.stem)
     else:
         state = content
@@ -493,7 +561,7 @@ def load_weight_file(path: Path, *, name: Optional[str] = None, input_shape=None
         p.requires_grad_(False)
     return Model(name=name or path.stem, architecture=arch, network=network, source=path,
                  sha256=sha256_of(path), preprocessing=preprocessing, provenance=provenance,
-                 similarity=similarity, refinement=refinement)
+                 similarity=similarity, refinement=refinement, domain=domain)
 
 
 def load_model(spec: str = DEFAULT_MODEL, *, input_shape=None, progress=None) -> Model:
@@ -525,7 +593,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, input_shape=None, progress=None) ->
 def save_model_file(path: Path, network: torch.nn.Module, architecture: Architecture, *,
                     name: str, preprocessing: Optional[Mapping[str, Any]] = None,
                     provenance: Optional[Mapping[str, Any]] = None, similarity: str = "lncc",
-                    refinement: Refinement = NO_REFINEMENT) -> Path:
+                    refinement: Refinement = NO_REFINEMENT, domain: Optional[Domain] = None) -> Path:
     """Write a self-describing model file atomically (loadable with ``weights_only=True``); it records
     the instance optimisation the model recommends (``refinement``; ``gradicon train`` writes
     :data:`FIELD_REFINEMENT`)."""
@@ -539,6 +607,7 @@ def save_model_file(path: Path, network: torch.nn.Module, architecture: Architec
         "provenance": {"written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **dict(provenance or {})},
         "similarity": similarity,
         "refinement": refinement.to_dict(),
+        **({"domain": domain.to_dict()} if domain is not None else {}),
         "state_dict": {k: v.detach().cpu().clone() for k, v in network.state_dict().items()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)

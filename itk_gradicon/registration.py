@@ -51,6 +51,8 @@ ORIENTATIONS = ("fixed", "storage")
 IO_SIMILARITIES = tuple(losses.SIMILARITIES)
 DEFAULT_IO_LR = DEFAULT_LR["network"]
 IO_METHOD_CHOICES = ("auto",) + IO_METHODS
+#: Where field IO starts (see :func:`register`'s ``io_start``).
+IO_STARTS = ("auto", "prediction", "prealignment")
 DEFAULT_IO_ITERATIONS_WHEN_ENABLED = 50
 
 # Measured peaks of the published network per voxel of the network grid (175^3 on CPU, float32):
@@ -264,7 +266,7 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
              io_lr: Optional[float] = None, io_method: str = "auto", io_smoothness: Optional[float] = None,
              fixed_labels=None, moving_labels=None, io_dice_weight: float = 1.0,
              initial_transform=None, affine: str = "auto", orientation: str = "fixed",
-             compute_inverse: bool = True, device: Union[str, torch.device] = "auto",
+             io_start: str = "auto", compute_inverse: bool = True, device: Union[str, torch.device] = "auto",
              progress: Optional[Callable[[IOProgress], None]] = None,
              generator: Optional[torch.Generator] = None,
              predictor: Optional[Callable[..., Tuple[torch.Tensor, Optional[torch.Tensor]]]] = None
@@ -308,6 +310,10 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
             file says ``prealignment: affine``).
         orientation: ``"fixed"`` (the moving image is laid out along the fixed image's axes; see
             :mod:`.geometry`) or ``"storage"`` (both as stored in their files, as the reference does).
+        io_start: where ``field`` instance optimisation starts: ``"prediction"`` (the network's fields),
+            ``"prealignment"`` (the pre-alignment alone: the network does not run) or ``"auto"``
+            (``prediction``, but ``prealignment`` for a pair outside the model's domain, which
+            ``result.messages`` then says; :class:`~itk_gradicon.models.Domain`).
         compute_inverse: also compute the inverse (moving -> fixed) transform.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         progress: called after each IO step with an :class:`IOProgress`.
@@ -330,7 +336,7 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
     check_options(mask_mode=mask_mode, orientation=orientation, io_iterations=io_iterations, io_method=io_method,
                   io_lr=io_lr, io_smoothness=io_smoothness, affine=affine, initial_transform=initial_transform,
                   fixed_mask=fixed_mask, moving_mask=moving_mask, fixed_labels=fixed_labels,
-                  moving_labels=moving_labels, modalities=(fixed_modality, moving_modality))
+                  moving_labels=moving_labels, modalities=(fixed_modality, moving_modality), io_start=io_start)
     if not isinstance(model, Model):
         model = load_model(model)
         timings["load_model"] = time.perf_counter() - started
@@ -343,7 +349,7 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
         ct_window=ct_window, quantile_range=quantile_range, mask_mode=mask_mode, io_iterations=io_iterations,
         io_similarity=io_similarity, io_lr=io_lr, io_method=io_method, io_smoothness=io_smoothness,
         io_dice_weight=io_dice_weight, initial_transform=initial_transform, orientation=orientation,
-        compute_inverse=compute_inverse, messages=messages)
+        io_start=io_start, compute_inverse=compute_inverse, messages=messages)
 
     from .registration_io import resolve_affine_choice
 
@@ -471,6 +477,7 @@ class RegistrationRequest:
     io_dice_weight: float = 1.0
     affine: Optional[np.ndarray] = None
     orientation: str = "fixed"
+    io_start: str = "auto"
     compute_inverse: bool = True
 
     @classmethod
@@ -520,6 +527,15 @@ def run_request(request: RegistrationRequest, *, device: torch.device,
                                         moving_modality=r.moving_modality, ct_window=r.ct_window,
                                         quantile_range=r.quantile_range, fixed_mask=r.fixed_mask,
                                         moving_mask=r.moving_mask, mask_mode=r.mask_mode, messages=messages)
+    outside = model.domain.warnings(
+        model.name, {role: [n * sp for n, sp in zip(grid.size, grid.spacing)]
+                     for role, grid in (("fixed", fixed_grid), ("moving", moving_grid))}, modalities)
+    messages.extend(outside)
+    from_prealignment = r.io_iterations > 0 and r.io_method == "field" and (
+        r.io_start == "prealignment" or (r.io_start == "auto" and bool(outside)))
+    if from_prealignment and r.io_start == "auto":
+        messages.append("instance optimisation starts from the pre-alignment, without the network's prediction, "
+                        "because the pair is outside the model's domain (--io-start prediction uses it anyway)")
     moving_net = _MovingForNetwork(r.moving, normalized["moving"], r.moving_mask, r.moving_labels)
     if r.affine is not None:
         moving_net = moving_net.prealigned(r.fixed, r.affine)
@@ -540,7 +556,8 @@ def run_request(request: RegistrationRequest, *, device: torch.device,
             io_patience=r.io_patience, mask_mode=r.mask_mode, fixed_mask=r.fixed_mask, moving_net_mask=moving_net.mask,
             fixed_labels=r.fixed_labels, moving_net_labels=moving_net.labels, io_dice_weight=r.io_dice_weight,
             fixed_frame=fixed_frame, moving_frame=moving_frame, compute_inverse=r.compute_inverse,
-            progress=progress, generator=generator, device=device, timings=timings, predictor=predictor)
+            progress=progress, generator=generator, device=device, timings=timings,
+            predictor=_no_prediction if from_prealignment else predictor)
     finally:
         net.train(was_training)
 
@@ -555,7 +572,7 @@ def run_request(request: RegistrationRequest, *, device: torch.device,
 def check_options(*, mask_mode: str = "input", orientation: str = "fixed", io_iterations=None,
                   io_method: str = "auto", io_lr=None, io_smoothness=None, affine: str = "auto",
                   initial_transform=None, fixed_mask=None, moving_mask=None, fixed_labels=None,
-                  moving_labels=None, modalities: Tuple[str, str] = ("auto", "auto"),
+                  moving_labels=None, modalities: Tuple[str, str] = ("auto", "auto"), io_start: str = "auto",
                   name: Callable[[str], str] = lambda option: option) -> None:
     """Every option of a registration that needs neither an image nor a model, checked in one place.
 
@@ -578,6 +595,7 @@ def check_options(*, mask_mode: str = "input", orientation: str = "fixed", io_it
                                       or io_iterations < 0):
         raise InputError(f"{name('io_iterations')} must be a whole number >= 0, not {io_iterations!r}")
     allowed("io_method", io_method, IO_METHOD_CHOICES)
+    allowed("io_start", io_start, IO_STARTS)
     if io_lr is not None and not io_lr > 0:
         raise InputError(f"{name('io_lr')} must be > 0, not {io_lr!r}")
     if io_smoothness is not None and not io_smoothness >= 0:
@@ -680,6 +698,13 @@ def _physical_fields(disp_AB, disp_BA, fixed_grid: ImageGrid, moving_grid: Image
             deformable_inverse = DisplacementField(fixed_grid, displacement_on_grid(
                 disp_BA, fixed_grid, moving_frame, fixed_frame))
     return forward, inverse, affine, deformable_forward, deformable_inverse
+
+
+def _no_prediction(net, image_A: torch.Tensor, image_B: torch.Tensor, *, inverse: bool):
+    """The identity in place of the network's prediction (zero displacements): instance optimisation then
+    starts from the pre-alignment."""
+    zero = image_A.new_zeros((image_A.shape[0], image_A.dim() - 2, *image_A.shape[2:]))
+    return zero, (zero.clone() if inverse else None)
 
 
 def _on_network(frame: NetworkFrame, image, device) -> Optional[torch.Tensor]:

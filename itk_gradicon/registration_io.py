@@ -108,7 +108,7 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
                  fixed_labels: Optional[Path] = None,
                  moving_labels: Optional[Path] = None, io_dice_weight: float = 1.0,
                  affine: str = "auto", initial_transform: Optional[Path] = None,
-                 orientation: str = "fixed", seed: Optional[int] = None, device: str = "auto",
+                 orientation: str = "fixed", io_start: str = "auto", seed: Optional[int] = None, device: str = "auto",
                  log: Log = lambda message: None, progress=None, loaded_model=None, predictor=None):
     """Register the files ``moving`` -> ``fixed`` and write ``outputs``; returns the result.
 
@@ -154,7 +154,7 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
                   io_method=io_method, io_lr=io_lr, io_smoothness=io_smoothness, affine=affine,
                   initial_transform=initial_transform, fixed_mask=fixed_mask, moving_mask=moving_mask,
                   fixed_labels=fixed_labels, moving_labels=moving_labels,
-                  modalities=(fixed_modality, moving_modality), name=flag_of)
+                  modalities=(fixed_modality, moving_modality), io_start=io_start, name=flag_of)
     torch_device = resolve_device(device)
     files = {"--fixed": fixed, "--moving": moving, "--fixed-mask": fixed_mask, "--moving-mask": moving_mask,
              "--fixed-labels": fixed_labels, "--moving-labels": moving_labels}
@@ -200,7 +200,7 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
         inputs.fixed, inputs.moving, model_obj, fixed_modality=fixed_modality, moving_modality=moving_modality,
         ct_window=ct_window, quantile_range=quantile_range, mask_mode=mask_mode, io_iterations=io.iterations,
         io_similarity=io.similarity, io_lr=io.lr, io_method=io.method, io_smoothness=io.smoothness,
-        io_dice_weight=io_dice_weight, initial_transform=pre, orientation=orientation,
+        io_dice_weight=io_dice_weight, initial_transform=pre, orientation=orientation, io_start=io_start,
         compute_inverse=outputs.needs_inverse, messages=messages, **inputs.masks, **inputs.labels)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     result = run_request(request, device=torch_device, progress=progress, generator=generator, predictor=predictor,

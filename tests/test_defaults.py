@@ -317,3 +317,77 @@ def test_register_prints_its_stage_times(tmp_path, tiny_model_file, pair_files_i
     assert result.exit_code == 0, result.output
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("done in ") and "interpreter and imports" in last
+
+
+# --- the model's domain ------------------------------------------------------------------------
+
+def test_a_pair_outside_the_models_domain_is_registered_with_a_warning(tmp_path, tiny_model_file):
+    from itk_gradicon.models import Domain
+
+    import itk
+
+    from conftest import blob_volume, make_image
+
+    model = load_model(str(tiny_model_file))
+    path = save_model_file(tmp_path / "brain.pt", model.network, model.architecture, name="brain",
+                           domain=Domain("brain MRI", ("mri",), (140.0, 260.0)))
+    assert load_model(str(path)).domain.extent_mm == (140.0, 260.0)
+    rng = np.random.default_rng(8)
+    small = make_image(blob_volume((24, 24, 24), rng) * 100, spacing=(2.0, 2.0, 2.0))  # 48 mm: a spinal cord's field
+    brain = make_image(blob_volume((24, 24, 24), rng) * 100, spacing=(7.0, 7.0, 7.0))  # 168 mm
+    for image, name in ((small, "small"), (brain, "brain")):
+        itk.imwrite(image, str(tmp_path / f"{name}.nii.gz"))
+    base = ["register", "--model", str(path), "--out-transform", str(tmp_path / "t.h5"), "--io-iterations", "0"]
+    result = CliRunner().invoke(main, base + ["--fixed", str(tmp_path / "small.nii.gz"), "--moving",
+                                              str(tmp_path / "brain.nii.gz"), "--moving-modality", "ct"])
+    assert result.exit_code == 0, result.output
+    assert ("warning: the fixed image spans 48 x 48 x 48 mm; the model 'brain' was trained on brain MRI spanning "
+            "140-260 mm per axis") in result.output
+    assert "warning: the moving image is ct; the model 'brain' was trained on brain MRI of modality mri only" in result.output
+    inside = CliRunner().invoke(main, base + ["--fixed", str(tmp_path / "brain.nii.gz"), "--moving",
+                                              str(tmp_path / "brain.nii.gz")])
+    assert inside.exit_code == 0 and "warning" not in inside.output
+
+
+@pytest.mark.parametrize("bad", [{"extent_mm": [200, 100]}, {"modalities": "mri"}, {"size": 3}, [1, 2]])
+def test_bad_domain_records_are_refused(tmp_path, tiny_model_file, bad):
+    model = load_model(str(tiny_model_file))
+    path = save_model_file(tmp_path / "m.pt", model.network, model.architecture, name="m")
+    content = torch.load(path, weights_only=True)
+    content["domain"] = bad
+    torch.save(content, tmp_path / "bad.pt")
+    with pytest.raises(ModelError, match="domain"):
+        load_model(str(tmp_path / "bad.pt"))
+
+
+def test_io_starts_from_the_prealignment_outside_the_models_domain(tmp_path, tiny_model_file):
+    from dataclasses import replace
+
+    from conftest import blob_volume, make_image
+    from itk_gradicon.models import Domain
+    from itk_gradicon.network.inference import predict_displacements
+    from itk_gradicon.registration import register
+
+    model = replace(load_model(str(tiny_model_file)), domain=Domain("brain MRI", ("mri",), (140.0, 260.0)),
+                    refinement=Refinement(iterations=2, method="field"))
+    rng = np.random.default_rng(9)
+    fixed = make_image(blob_volume((24, 24, 24), rng) * 100, spacing=(2.0, 2.0, 2.0))  # 48 mm: outside
+    moving = make_image(blob_volume((24, 24, 24), rng) * 100, spacing=(2.0, 2.0, 2.0))
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return predict_displacements(*args, **kwargs)
+
+    options = dict(model=model, fixed_modality="mri", moving_modality="mri", affine="none", predictor=counting)
+    result = register(fixed, moving, **options)
+    assert calls == [] and any("starts from the pre-alignment" in m for m in result.messages)
+    register(fixed, moving, io_start="prediction", **options)
+    assert calls == [1]
+    register(fixed, moving, io_iterations=0, **options)  # nothing to refine: the network predicts
+    assert calls == [1, 1]
+    inside = make_image(blob_volume((24, 24, 24), rng) * 100, spacing=(7.0, 7.0, 7.0))
+    register(inside, inside, **options)
+    assert calls == [1, 1, 1]
+    with pytest.raises(Exception, match="unknown io_start 'zero'; allowed: auto, prediction, prealignment"):
+        register(fixed, moving, io_start="zero", **options)

@@ -82,6 +82,7 @@ def test_offline_download_fails_fast_with_instructions(monkeypatch):
     assert PUBLISHED["unigradicon"].url in message
     assert str(cached_path("unigradicon")) in message
     assert "gradicon models import unigradicon FILE" in message
+    assert "offline, the bundled brain MRI model works at once: --model gradicon-synthbrain-96" in message
     assert not cached_path("unigradicon").exists()
     assert [p.name for p in cache_dir().iterdir()] == []  # nothing left behind, not even a staging folder
 

@@ -79,6 +79,12 @@ _MODALITY = click.Choice(["auto", "ct", "mri", "t1w", "t2w", "flair", "pd", "t2s
 @click.option("--io-smoothness", type=click.FloatRange(min=0), default=None,
               help="Weight of the fields' diffusion penalty in --io-method field (larger: smoother, fewer "
                    "folds, less gain).  [default: the model's recommendation, else 0.15]")
+@click.option("--io-start", type=click.Choice(["auto", "prediction", "prealignment"]), default="auto",
+              show_default=True,
+              help="Where field instance optimisation starts: prediction (the network's fields), prealignment "
+                   "(the pre-alignment alone; the network does not run), auto: prediction, but prealignment for "
+                   "a pair outside the model's domain (a field of view or modality it was not trained on; the "
+                   "output says so).")
 @click.option("--fixed-labels", type=click.Path(path_type=Path),
               help="Label map on the fixed grid; with --moving-labels adds a Dice term to instance "
                    "optimisation.")
@@ -114,7 +120,7 @@ def register(fixed: Path, moving: Path, out_transform: Optional[Path], out_inver
              io_similarity: Optional[str], io_method: str, io_lr: Optional[float], io_smoothness: Optional[float],
              fixed_labels: Optional[Path],
              moving_labels: Optional[Path], io_dice_weight: float, affine: str,
-             initial_transform: Optional[Path], orientation: str, seed: Optional[int], device: str,
+             initial_transform: Optional[Path], orientation: str, io_start: str, seed: Optional[int], device: str,
              quiet: bool) -> None:
     """Register MOVING to FIXED with a GradICON-family network.
 
@@ -153,5 +159,5 @@ def register(fixed: Path, moving: Path, out_transform: Optional[Path], out_inver
         io_similarity=io_similarity, io_method=io_method, io_lr=io_lr, io_smoothness=io_smoothness,
         fixed_labels=fixed_labels, moving_labels=moving_labels,
         io_dice_weight=io_dice_weight, affine=affine, initial_transform=initial_transform,
-        orientation=orientation, seed=seed, device=device, log=lambda m: info(m, quiet=quiet),
+        orientation=orientation, io_start=io_start, seed=seed, device=device, log=lambda m: info(m, quiet=quiet),
         progress=progress)
