@@ -199,7 +199,7 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
     request = RegistrationRequest.of(
         inputs.fixed, inputs.moving, model_obj, fixed_modality=fixed_modality, moving_modality=moving_modality,
         ct_window=ct_window, quantile_range=quantile_range, mask_mode=mask_mode, io_iterations=io.iterations,
-        io_similarity=io.similarity, io_lr=io.lr, io_method=io.method, io_smoothness=io.smoothness,
+        io_similarity=io_similarity, io_lr=io.lr, io_method=io.method, io_smoothness=io.smoothness,
         io_dice_weight=io_dice_weight, initial_transform=pre, orientation=orientation, io_start=io_start,
         compute_inverse=outputs.needs_inverse, messages=messages, **inputs.masks, **inputs.labels)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None

@@ -391,3 +391,30 @@ def test_io_starts_from_the_prealignment_outside_the_models_domain(tmp_path, tin
     assert calls == [1, 1, 1]
     with pytest.raises(Exception, match="unknown io_start 'zero'; allowed: auto, prediction, prealignment"):
         register(fixed, moving, io_start="zero", **options)
+
+
+def test_two_contrasts_are_told_from_the_intensities_when_not_named(tiny_model_file):
+    from dataclasses import replace
+
+    from conftest import blob_volume, make_image
+    from itk_gradicon.registration import intensity_correlation, register
+
+    volume = blob_volume((24, 24, 24), np.random.default_rng(10))
+    inverted = np.where(volume > 0.2, 1.2 - volume, 0.0).astype(np.float32)  # another contrast, same anatomy
+    as_tensor = lambda a: torch.from_numpy(a)[None, None]  # noqa: E731
+    assert intensity_correlation(as_tensor(volume), as_tensor(volume)) == pytest.approx(1.0)
+    assert intensity_correlation(as_tensor(volume), as_tensor(inverted)) < 0
+    assert intensity_correlation(as_tensor(volume), torch.zeros(1, 1, 24, 24, 24)) == 1.0  # no overlap: no verdict
+
+    model = replace(load_model(str(tiny_model_file)),
+                    refinement=Refinement(iterations=1, method="field", multimodal_similarity="lncc2"))
+    fixed, moving = make_image(volume * 100), make_image(inverted * 100)
+    options = dict(model=model, affine="none", fixed_modality="mri", moving_modality="mri")
+    told = register(fixed, moving, **options)
+    assert any("treated as two contrasts, instance optimisation uses lncc2" in m for m in told.messages)
+    same = register(fixed, make_image(volume * 90), **options)
+    assert not any("two contrasts" in m for m in same.messages)
+    named = register(fixed, moving, model=model, affine="none", fixed_modality="t1w", moving_modality="t1w")
+    assert not any("two contrasts" in m for m in named.messages)  # the user said one contrast
+    chosen = register(fixed, moving, io_similarity="lncc", **options)
+    assert not any("two contrasts" in m for m in chosen.messages)
