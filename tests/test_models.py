@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import functools
 import http.server
 import os
@@ -260,3 +262,5 @@ def test_models_info_cli(tiny_model_file):
     result = CliRunner().invoke(main, ["models", "info", str(tiny_model_file)])
     assert result.exit_code == 0, result.output
     assert '"levels": 2' in result.output and '"name": "tiny3d"' in result.output
+    record = json.loads(result.output)
+    assert record["refinement"]["iterations"] == 0 and record["domain"]["extent_mm"] is None

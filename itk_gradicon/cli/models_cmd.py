@@ -93,7 +93,8 @@ def import_cmd(name: str, file: Path) -> None:
 @click.argument("model", metavar="NAME|FILE")
 def info_cmd(model: str) -> None:
     """Load a model and print its card as JSON: architecture, preprocessing, expected pre-alignment,
-    provenance (data, steps) and, for a bundled model, the figures measured with it."""
+    recommended refinement (what 'gradicon register' runs by default), domain, provenance (data, steps)
+    and, for a bundled model, the figures measured with it."""
     from ..models import BUNDLED, load_model
     from ..network import count_parameters
 
@@ -103,6 +104,7 @@ def info_cmd(model: str) -> None:
         "parameters": count_parameters(loaded.network), "architecture": loaded.architecture.to_dict(),
         "similarity": loaded.similarity, "preprocessing": loaded.preprocessing,
         "prealignment": loaded.preprocessing.get("prealignment", "none"),
+        "refinement": loaded.refinement.to_dict(), "domain": loaded.domain.to_dict(),
         "provenance": loaded.provenance}
     if model in BUNDLED:
         record["card"] = BUNDLED[model].card()
