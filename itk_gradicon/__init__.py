@@ -27,6 +27,7 @@ _LAZY = {
     "RegistrationResult": "itk_gradicon.registration",
     "GradICONRegistrationMethod": "itk_gradicon.registration",
     "load_model": "itk_gradicon.models",
+    "apply_transforms_to_points": "itk_gradicon.points",
     "GradiconError": "itk_gradicon.errors",
 }
 

@@ -104,4 +104,37 @@ def warp_labels(input_path: Path, reference: Path, transforms: Sequence[str], ou
                     labels=True, quiet=quiet)
 
 
-COMMANDS = [apply_transform, warp_labels]
+@click.command("apply-transform-to-points")
+@click.option("--input", "-i", "input_path", required=True, type=click.Path(path_type=Path),
+              help="Points: ANTs CSV (x,y,z,t in LPS mm; other columns kept), elastix/ITK point set (.txt/.pts: "
+                   "'point' or 'index'), 3D Slicer markups (.mrk.json) or fiducials (.fcsv; RAS or LPS).")
+@transform_option()
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path),
+              help="Where the mapped points go, in the input's format (and coordinate system), written only "
+                   "when complete.")
+@click.option("--reference", "-r", type=click.Path(path_type=Path),
+              help="The image whose voxel indices an elastix 'index' point set holds.")
+@quiet_option()
+def apply_transform_to_points(input_path: Path, transforms: Sequence[str], output: Path, reference, quiet: bool) -> None:
+    """Map points through one or several transforms (antsApplyTransformsToPoints, transformix -def).
+
+    Which way: a transform that warps the moving image onto the fixed grid (the forward outputs of
+    'gradicon register' and antsRegistration) maps FIXED points to MOVING points; to carry points of
+    the moving image onto the fixed image, give the inverse outputs. Several --transform options compose
+    as in apply-transform ('-t T1 -t T2' maps x to T2(T1(x))).
+
+    \b
+    Examples:
+      gradicon apply-transform-to-points -i fixed_landmarks.csv -t moving_to_fixed.h5 -o on_moving.csv
+      gradicon apply-transform-to-points -i moving_points.mrk.json -t fixed_to_moving.h5 -o on_fixed.mrk.json
+      gradicon apply-transform-to-points -i moving_points.fcsv \\
+          -t '[out/subj_0GenericAffine.mat,1]' -t out/subj_1InverseWarp.nii.gz -o on_fixed.fcsv
+    """
+    from ..points import apply_transforms_to_points
+
+    done = apply_transforms_to_points(input_path, transforms, output, reference=reference)
+    info(f"wrote {output} ({len(done.points)} points, {done.kind}"
+         + (f", {done.system}" if done.kind in ("slicer-json", "fcsv") else "") + ")", quiet=quiet)
+
+
+COMMANDS = [apply_transform, warp_labels, apply_transform_to_points]
