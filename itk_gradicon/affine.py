@@ -42,6 +42,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import InputError
+from .threads import available_threads, itk_threads
 
 Log = Callable[[str], None]
 
@@ -69,14 +70,6 @@ DEFAULT_SEED = 20240601
 #: template by somewhat more); a result outside these bounds is a failed registration, not a head.
 PLAUSIBLE_SCALES = (0.75, 1.35)
 PLAUSIBLE_ANISOTROPY = 1.3
-
-
-def available_threads() -> int:
-    """Number of CPU cores this process may run on (its affinity mask, else ``os.cpu_count()``)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 # itk-elastix's classes, loaded by their own wrapping modules. Through ITK's lazy loader, the first use
@@ -329,7 +322,8 @@ def elastix_affine(fixed, moving, fixed_mask=None, moving_mask=None, *, metric: 
         fixed_mask, moving_mask: optional masks on their image's grid; only voxels > 0 are sampled.
         metric, initialization, iterations, resolutions, samples, seed, transform: see
             :func:`affine_parameter_map`.
-        threads: threads elastix may use (default: every core this process may run on).
+        threads: threads elastix may use (default: ``--threads`` or the environment, else every core this
+            process may run on; :mod:`itk_gradicon.threads`).
         parameter_map: a complete elastix parameter map to use instead (must produce an
             ``AffineTransform``); the options above are then ignored.
         log: called with one line saying what was found.
@@ -345,7 +339,7 @@ def elastix_affine(fixed, moving, fixed_mask=None, moving_mask=None, *, metric: 
     fixed_f, moving_f, masks = _elastix_inputs(fixed, moving, fixed_mask, moving_mask)
     d = int(fixed_f.GetImageDimension())
     if threads is None:
-        threads = available_threads()
+        threads = itk_threads()
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
         raise InputError(f"threads must be a whole number >= 1, not {threads!r}")
     params = dict(parameter_map) if parameter_map is not None else affine_parameter_map(

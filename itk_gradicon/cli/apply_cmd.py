@@ -12,7 +12,7 @@ from typing import Sequence
 
 import click
 
-from .common import info, quiet_option
+from .common import threads_option, info, quiet_option
 
 TRANSFORM_HELP = (
     "Transform FILE, fixed -> moving points; [FILE,1] uses the inverse of a linear transform (ANTs' "
@@ -57,6 +57,7 @@ def _resample_files(input_path: Path, reference_path: Path, transforms: Sequence
                    "smooth boundaries; the same as warp-labels).")
 @click.option("--default-value", "-f", type=float, default=0.0, show_default=True,
               help="Value of output voxels whose sample point falls outside the input image.")
+@threads_option()
 @quiet_option()
 def apply_transform(input_path: Path, reference: Path, transforms: Sequence[str], output: Path,
                     interpolation: str, default_value: float, quiet: bool) -> None:
@@ -86,6 +87,7 @@ def apply_transform(input_path: Path, reference: Path, transforms: Sequence[str]
 @transform_option()
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path),
               help="Output label map: the input's pixel type, only the input's labels (0 outside).")
+@threads_option()
 @quiet_option()
 def warp_labels(input_path: Path, reference: Path, transforms: Sequence[str], output: Path,
                 quiet: bool) -> None:
@@ -114,6 +116,7 @@ def warp_labels(input_path: Path, reference: Path, transforms: Sequence[str], ou
                    "when complete.")
 @click.option("--reference", "-r", type=click.Path(path_type=Path),
               help="The image whose voxel indices an elastix 'index' point set holds.")
+@threads_option()
 @quiet_option()
 def apply_transform_to_points(input_path: Path, transforms: Sequence[str], output: Path, reference, quiet: bool) -> None:
     """Map points through one or several transforms (antsApplyTransformsToPoints, transformix -def).

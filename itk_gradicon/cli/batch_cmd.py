@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import click
 
-from .common import device_option, format_seconds, info, model_option, quiet_option
+from .common import threads_option, device_option, format_seconds, info, model_option, quiet_option
 from .register_cmd import register as _register_command
 
 #: Options of ``gradicon register`` that apply to every pair of a batch, with the same meaning
@@ -45,6 +45,7 @@ SHARED_OPTIONS = ("fixed_modality", "moving_modality", "ct_window", "quantile_ra
               help="Do not register a pair whose outputs all exist already (resuming a killed run: a pair's "
                    "outputs are written together or not at all, so existing ones are complete).")
 @device_option()
+@threads_option()
 @quiet_option()
 def register_batch(pairs: Path, model: str, batch_size: Optional[int], precision: str, stop_on_error: bool,
                    report: Optional[Path], shard: Optional[str], skip_existing: bool, device: str, quiet: bool,

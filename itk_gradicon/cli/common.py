@@ -48,6 +48,23 @@ def device_option() -> Callable:
         help="Compute device; auto uses a GPU when PyTorch sees one.")
 
 
+def _apply_threads(ctx: click.Context, param: click.Parameter, value: Optional[int]) -> None:
+    from ..threads import apply_threads, resolve_threads
+
+    try:
+        apply_threads(resolve_threads(value))
+    except GradiconError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+def threads_option() -> Callable:
+    """``--threads N``: applied while the options are parsed, before the command's work starts."""
+    return click.option(
+        "--threads", type=click.IntRange(min=1), default=None, expose_value=False, callback=_apply_threads,
+        help="Threads of torch, ITK, SimpleITK and elastix.  [default: $OMP_NUM_THREADS for torch and "
+             "$ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS for ITK where set, else the cores this process may run on]")
+
+
 def quiet_option() -> Callable:
     return click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 

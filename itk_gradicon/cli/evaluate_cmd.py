@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import click
 
 from .apply_cmd import transform_option
-from .common import info, quiet_option
+from .common import threads_option, info, quiet_option
 
 
 @click.command("evaluate")
@@ -33,6 +33,7 @@ from .common import info, quiet_option
                    "[default: the grid of --fixed-labels, else of the first displacement field]")
 @click.option("--output-json", type=click.Path(path_type=Path),
               help="Also write the JSON printed on stdout to this file.")
+@threads_option()
 @quiet_option()
 def evaluate(transforms: Sequence[str], fixed_labels: Optional[Path], moving_labels: Optional[Path],
              label_values: Sequence[int], hd95: bool, fixed_landmarks: Optional[Path],

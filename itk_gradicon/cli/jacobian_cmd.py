@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import click
 
 from .apply_cmd import transform_option
-from .common import info, quiet_option
+from .common import threads_option, info, quiet_option
 
 
 @click.command("jacobian")
@@ -23,6 +23,7 @@ from .common import info, quiet_option
               help="Write log(max(det, 0.001)) instead of det (ANTs' clamped log-Jacobian).")
 @click.option("--summary-json", type=click.Path(path_type=Path),
               help="Also write the summary (printed on stdout) to this JSON file.")
+@threads_option()
 @quiet_option()
 def jacobian(transforms: Sequence[str], reference: Optional[Path], output: Optional[Path], log_output: bool,
              summary_json: Optional[Path], quiet: bool) -> None:

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 
 import click
 
-from .common import ProgressLine, device_option, format_seconds, info, model_option, quiet_option
+from .common import threads_option, ProgressLine, device_option, format_seconds, info, model_option, quiet_option
 
 _MODALITY = click.Choice(["auto", "ct", "mri", "t1w", "t2w", "flair", "pd", "t2star"])
 
@@ -111,6 +111,7 @@ _MODALITY = click.Choice(["auto", "ct", "mri", "t1w", "t2w", "flair", "pd", "t2s
               help="Seed of instance optimisation's random GradICON sample points (reproducible runs).  "
                    "[default: none, a new draw each run]")
 @device_option()
+@threads_option()
 @quiet_option()
 def register(fixed: Path, moving: Path, out_transform: Optional[Path], out_inverse_transform: Optional[Path],
              out_warped: Optional[Path], out_ants_prefix: Optional[str], out_elastix: Optional[Path],

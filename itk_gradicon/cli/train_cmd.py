@@ -7,7 +7,7 @@ from typing import Optional
 
 import click
 
-from .common import ProgressLine, device_option, format_seconds, info, quiet_option
+from .common import threads_option, ProgressLine, device_option, format_seconds, info, quiet_option
 
 
 @click.command("train")
@@ -27,6 +27,7 @@ from .common import ProgressLine, device_option, format_seconds, info, quiet_opt
 @click.option("--check", is_flag=True,
               help="Check the configuration and every listed file, print the plan, and exit without training.")
 @device_option()
+@threads_option()
 @quiet_option()
 def train(config_path: Path, output: Optional[Path], resume: bool, model: Optional[str], stop_after: Optional[int],
           check: bool, device: str, quiet: bool) -> None:
