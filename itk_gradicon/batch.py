@@ -43,7 +43,7 @@ from .registration_io import RegisterOutputs
 PAIR_COLUMNS = ("fixed", "moving")
 INPUT_COLUMNS = ("fixed_mask", "moving_mask", "fixed_labels", "moving_labels", "initial_transform")
 OUTPUT_COLUMNS = ("out_transform", "out_inverse_transform", "out_warped", "out_ants_prefix",
-                  "out_elastix", "out_qc")
+                  "out_elastix", "out_qc", "out_json")
 COLUMNS = PAIR_COLUMNS + INPUT_COLUMNS + OUTPUT_COLUMNS
 
 Log = Callable[[str], None]
@@ -201,7 +201,8 @@ def read_pairs(path: Union[str, Path]) -> List[Pair]:
             warped=absolute(raw["out_warped"]) if raw.get("out_warped") else None,
             ants_prefix=str(absolute(raw["out_ants_prefix"])) if raw.get("out_ants_prefix") else None,
             elastix_dir=absolute(raw["out_elastix"]) if raw.get("out_elastix") else None,
-            qc=absolute(raw["out_qc"]) if raw.get("out_qc") else None)
+            qc=absolute(raw["out_qc"]) if raw.get("out_qc") else None,
+            record=absolute(raw["out_json"]) if raw.get("out_json") else None)
         finals = outputs.final_paths()
         for final in finals:
             if final in owners:

@@ -34,6 +34,7 @@ class RegisterOutputs:
     ants_prefix: Optional[str] = None
     elastix_dir: Optional[Path] = None
     qc: Optional[Path] = None
+    record: Optional[Path] = None  # --out-json: the provenance record (itk_gradicon.provenance)
 
     def validate(self) -> None:
         """Check every destination before any work starts.
@@ -43,9 +44,10 @@ class RegisterOutputs:
                 that cannot hold the output, or two outputs with the same file name.
         """
         if not any((self.transform, self.inverse_transform, self.warped, self.ants_prefix,
-                    self.elastix_dir, self.qc)):
+                    self.elastix_dir, self.qc, self.record)):
             raise InputError("no output requested: give at least one of --out-transform, "
                              "--out-inverse-transform, --out-warped, --out-ants-prefix, --out-elastix, --out-qc")
+        # --out-json alone is allowed: a record of a registration whose transforms are not kept is still a record
         if self.transform:
             self.transform = check_output_path(self.transform, what="--out-transform",
                                                suffixes=TRANSFORM_OUTPUT_SUFFIXES)
@@ -60,6 +62,8 @@ class RegisterOutputs:
             self.elastix_dir = check_output_dir(self.elastix_dir, what="--out-elastix")
         if self.qc:
             self.qc = check_output_path(self.qc, what="--out-qc", suffixes=(".png",))
+        if self.record:
+            self.record = check_output_path(self.record, what="--out-json", suffixes=(".json",))
         finals = [str(p) for p in self.final_paths()]
         duplicates = sorted({p for p in finals if finals.count(p) > 1})
         if duplicates:
@@ -70,7 +74,7 @@ class RegisterOutputs:
         from .transforms import ELASTIX_FIELD_FILE, ELASTIX_PARAMETER_FILE, ants_file_names
 
         paths = [Path(p).expanduser().absolute()
-                 for p in (self.transform, self.inverse_transform, self.warped, self.qc) if p]
+                 for p in (self.transform, self.inverse_transform, self.warped, self.qc, self.record) if p]
         if self.ants_prefix:
             names = ants_file_names(str(self.ants_prefix))
             keys = ("affine", "warp", "inverse_warp") if with_affine else ("warp", "inverse_warp")
@@ -191,7 +195,7 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
     stage.done("read")
     if inputs.labels["fixed_labels"] is not None and io.iterations == 0:
         log("note: --fixed-labels/--moving-labels only act during instance optimisation (--io-iterations > 0)")
-    pre = _prealignment(inputs, affine, initial_transform, log)
+    pre, pre_info = _prealignment(inputs, affine, initial_transform, log)
     stage.done("pre-alignment")
 
     # every input was checked as it was read: the registration trusts the request and scans nothing again
@@ -208,9 +212,26 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
     for message in result.messages:
         log(message)
     stage.add(result.timings)
+    record = None
+    if outputs.record:
+        from .provenance import register_record
+        from .threads import itk_threads
+
+        options = {"model": model, "fixed_modality": fixed_modality, "moving_modality": moving_modality,
+                   "ct_window": ct_window, "quantile_range": quantile_range, "mask_mode": mask_mode,
+                   "affine": affine, "io_iterations": io.iterations, "io_method": io.method,
+                   "io_similarity": request.io_similarity if not result.io_history else _used_similarity(
+                       request, result), "io_smoothness": io.smoothness, "io_lr": io.lr,
+                   "io_coarse_steps": io.coarse_steps, "io_patience": io.patience, "io_start": io_start,
+                   "io_dice_weight": io_dice_weight, "orientation": orientation, "seed": seed,
+                   "device": str(torch_device), "threads": {"torch": torch.get_num_threads(), "itk": itk_threads()}}
+        record = register_record(result=result, model=model_obj, options=options, prealignment=pre_info,
+                                 inputs={k.lstrip("-").replace("-", "_"): v for k, v in files.items()}
+                                 | {"initial_transform": initial_transform},
+                                 timings=stage.seconds)
     originals = outputs.needs_originals
     write_register_outputs(result, outputs, fixed_original=inputs.fixed_original if originals else None,
-                           moving_original=inputs.moving_original if originals else None, log=log)
+                           moving_original=inputs.moving_original if originals else None, log=log, record=record)
     stage.done("write")
     result.timings.update({f"stage_{name}": seconds for name, seconds in stage.seconds.items()})
     log(stage.summary())
@@ -293,18 +314,20 @@ def _read_inputs(files: Dict[str, Optional[Path]], dimension: int) -> _Inputs:
 
 
 def _prealignment(inputs: _Inputs, affine: str, initial_transform: Optional[Path], log: Log):
-    """The affine pre-alignment (homogeneous WORLD matrix, fixed -> moving) or ``None``."""
+    """The pre-alignment (homogeneous WORLD matrix, fixed -> moving, or ``None``) and how it was found."""
     if initial_transform is not None:
         from .transforms import read_affine_file
 
-        return read_affine_file(initial_transform)
+        return read_affine_file(initial_transform), {"source": f"--initial-transform {initial_transform}"}
     if affine in PREALIGNMENT_TRANSFORMS:
         from .affine import prealign
 
         log(f"{affine} pre-alignment with elastix ...")
-        return prealign(inputs.fixed, inputs.moving, inputs.masks["fixed_mask"], inputs.masks["moving_mask"],
-                        transform=affine, log=log).matrix
-    return None
+        found = prealign(inputs.fixed, inputs.moving, inputs.masks["fixed_mask"], inputs.masks["moving_mask"],
+                         transform=affine, log=log)
+        return found.matrix, {"source": "elastix", "transform": found.transform, "start": found.start,
+                              "similarity": found.similarity, "rejected": list(found.rejected)}
+    return None, None
 
 
 #: ``--affine`` values: ``affine`` and ``rigid`` run :func:`itk_gradicon.affine.prealign`; ``elastix`` is the
@@ -328,8 +351,17 @@ def resolve_affine_choice(choice: str, model, has_initial_transform: bool) -> st
     return "affine" if expects_prealignment(model) and not has_initial_transform else "none"
 
 
+def _used_similarity(request, result) -> str:
+    """The similarity instance optimisation used: the request's, or the multimodal one the pair's
+    intensities chose (said in the messages)."""
+    chosen = request.io_multimodal_similarity
+    if chosen and any("treated as two contrasts" in m for m in result.messages):
+        return chosen
+    return request.io_similarity
+
+
 def write_register_outputs(result, outputs: RegisterOutputs, *, fixed_original=None, moving_original=None,
-                           log: Log = lambda message: None) -> List[Path]:
+                           log: Log = lambda message: None, record: Optional[dict] = None) -> List[Path]:
     """Write every requested output of one registration in a single transaction.
 
     Args:
@@ -356,7 +388,9 @@ def write_register_outputs(result, outputs: RegisterOutputs, *, fixed_original=N
         ants_inverse_missing = inverse_missing
     if (outputs.inverse_transform and inverse_missing) or (outputs.ants_prefix and ants_inverse_missing):
         raise InputError("the inverse transform was not computed (compute_inverse=False)")
-    jobs = _output_jobs(result, outputs, fixed_original, moving_original)
+    if outputs.record and record is None:
+        raise InputError("--out-json needs the registration's record")
+    jobs = _output_jobs(result, outputs, fixed_original, moving_original, record)
     current = "the outputs"
     try:
         with OutputTransaction() as out:
@@ -390,7 +424,8 @@ class _OutputJobError(Exception):
 _Job = Tuple[str, List[Path], Callable[[OutputTransaction], None]]
 
 
-def _output_jobs(result, outputs: RegisterOutputs, fixed_original, moving_original) -> List[_Job]:
+def _output_jobs(result, outputs: RegisterOutputs, fixed_original, moving_original,
+                 record: Optional[dict] = None) -> List[_Job]:
     from .transforms import ants_file_names, write_affine_file, write_elastix, write_field_image, write_transform
 
     jobs: List[_Job] = []
@@ -428,6 +463,11 @@ def _output_jobs(result, outputs: RegisterOutputs, fixed_original, moving_origin
 
         jobs.append((str(outputs.qc), [Path(outputs.qc)],
                      lambda out: write_qc(fixed_original, moving_original, result, outputs.qc, transaction=out)))
+    if outputs.record:
+        from .provenance import record_text
+
+        jobs.append((str(outputs.record), [Path(outputs.record)],
+                     lambda out: out.path(outputs.record).write_text(record_text(record), encoding="utf-8")))
     return jobs
 
 

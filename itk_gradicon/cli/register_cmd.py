@@ -38,6 +38,12 @@ _MODALITY = click.Choice(["auto", "ct", "mri", "t1w", "t2w", "flair", "pd", "t2s
               help="Quality-control picture (.png): on three orthogonal slices through the fixed image, "
                    "the moving image before and after registration, magenta/green overlays, and the "
                    "log-Jacobian of the forward transform.")
+@click.option("--out-json", type=click.Path(path_type=Path), metavar="JSON",
+              help="Provenance record (.json): package, torch, ITK, SimpleITK and itk-elastix versions; the model "
+                   "(name, sha256, recommendation); the inputs' sha256; every option as resolved; the "
+                   "pre-alignment; the instance optimisation's first and last loss; the forward transform's "
+                   "Jacobian summary; the messages; the stage times. Schema: "
+                   "itk_gradicon/schemas/register-record.schema.json.")
 @model_option()
 @click.option("--fixed-modality", type=_MODALITY, default="auto", show_default=True,
               help="ct: clip to --ct-window; mri (any non-CT image): clip to the quantile range; t1w, t2w, "
@@ -115,7 +121,7 @@ _MODALITY = click.Choice(["auto", "ct", "mri", "t1w", "t2w", "flair", "pd", "t2s
 @quiet_option()
 def register(fixed: Path, moving: Path, out_transform: Optional[Path], out_inverse_transform: Optional[Path],
              out_warped: Optional[Path], out_ants_prefix: Optional[str], out_elastix: Optional[Path],
-             out_qc: Optional[Path], model: str, fixed_modality: str, moving_modality: str,
+             out_qc: Optional[Path], out_json: Optional[Path], model: str, fixed_modality: str, moving_modality: str,
              ct_window: Optional[Tuple[float, float]], quantile_range: Optional[Tuple[float, float]],
              fixed_mask: Optional[Path], moving_mask: Optional[Path], mask_mode: str, io_iterations: Optional[int],
              io_similarity: Optional[str], io_method: str, io_lr: Optional[float], io_smoothness: Optional[float],
@@ -152,7 +158,7 @@ def register(fixed: Path, moving: Path, out_transform: Optional[Path], out_inver
 
     outputs = RegisterOutputs(transform=out_transform, inverse_transform=out_inverse_transform,
                               warped=out_warped, ants_prefix=out_ants_prefix, elastix_dir=out_elastix,
-                              qc=out_qc)
+                              qc=out_qc, record=out_json)
     run_register(
         fixed=fixed, moving=moving, outputs=outputs, model=model, fixed_modality=fixed_modality,
         moving_modality=moving_modality, ct_window=ct_window, quantile_range=quantile_range,
