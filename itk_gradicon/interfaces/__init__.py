@@ -1,0 +1,1 @@
+"""Interfaces for workflow engines (:mod:`itk_gradicon.interfaces.nipype`)."""
