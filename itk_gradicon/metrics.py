@@ -41,7 +41,6 @@ import numpy as np
 
 from .errors import InputError
 from .grid import ImageGrid, apply_affine
-from .points import transform_points
 
 PathLike = Union[str, Path]
 
@@ -301,6 +300,12 @@ def _transform_dimension(transform) -> int:
     """The dimension of an ITK Python or a SimpleITK transform."""
     get = getattr(transform, "GetInputSpaceDimension", None) or transform.GetDimension
     return int(get())
+
+
+def transform_points(transform, points: np.ndarray) -> np.ndarray:
+    """Map ``(n, d)`` WORLD points through an ITK Python or SimpleITK transform (fixed -> moving)."""
+    return np.asarray([list(transform.TransformPoint([float(v) for v in p])) for p in points],
+                      dtype=np.float64).reshape(points.shape)
 
 
 def _stats(distances: np.ndarray) -> Dict[str, float]:

@@ -36,6 +36,7 @@ import numpy as np
 from .errors import InputError
 from .grid import ImageGrid, apply_affine
 from .imageio import atomic_output
+from .metrics import transform_points
 
 PathLike = Union[str, Path]
 #: Formats by file name ending (longest first).
@@ -286,12 +287,6 @@ def write_points(point_set: PointSet, points: np.ndarray, path: PathLike) -> Pat
     with atomic_output(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
     return path
-
-
-def transform_points(transform, points: np.ndarray) -> np.ndarray:
-    """Map ``(n, d)`` WORLD points through an ITK Python or SimpleITK transform (fixed -> moving)."""
-    return np.asarray([list(transform.TransformPoint([float(v) for v in p])) for p in points],
-                      dtype=np.float64).reshape(points.shape)
 
 
 def apply_transforms_to_points(input_path: PathLike, transforms: Sequence[str], output: PathLike, *,
