@@ -133,7 +133,8 @@ def refine_fields(disp_AB: Tensor, disp_BA: Optional[Tensor], image_A: Tensor, i
     network grid halved along every axis (images and labels blurred, then sampled; fields sampled; a
     step costs about an eighth), the rest on the full grid from the upsampled result. With
     ``patience > 0`` a level ends early once its total loss has not improved by 0.1 % of its starting
-    value in ``patience`` steps (the progress then jumps to the level's end).
+    value in ``patience`` steps, but not before half of its steps have run (the progress then jumps to
+    the level's end).
     """
     history = [] if history is None else history
     fields = [disp_AB.detach()] + ([disp_BA.detach()] if disp_BA is not None else [])
@@ -219,8 +220,8 @@ class _FieldLevel:
                     best, since_best = record["total"], 0
                 else:
                     since_best += 1
-                if since_best >= patience:
-                    break
+                if since_best >= patience and step >= steps // 2:  # never in the first half: a start from
+                    break                                          # the pre-alignment rises before it falls
         return [(v / scale).detach() for v in voxels], step
 
     def _objective(self, fields: List[Tensor], identity: Tensor, similarity: Tuple[Callable[[Tensor], Tensor], ...],
