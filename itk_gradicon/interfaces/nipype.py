@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Dict
 
 from nipype.interfaces.base import (CommandLine, CommandLineInputSpec, File, InputMultiObject, OutputMultiObject,
                                     TraitedSpec, isdefined, traits)
@@ -41,7 +42,16 @@ def _command(subcommand: str) -> str:
 
 
 class _Gradicon(CommandLine):
-    """A ``gradicon`` subcommand with ANTs' ``-t`` spelling of transforms and inverse flags."""
+    """A ``gradicon`` subcommand with ANTs' ``-t`` spelling of transforms and inverse flags; each output named
+    in ``_output_files`` is the absolute path of the input (a file name) it is paired with."""
+
+    _output_files: Dict[str, str] = {}
+
+    def _list_outputs(self):
+        outputs = self.output_spec().get()
+        for output, given in self._output_files.items():
+            outputs[output] = os.path.abspath(getattr(self.inputs, given))
+        return outputs
 
     def _transform_args(self) -> str:
         transforms = self.inputs.transforms
@@ -144,11 +154,7 @@ class ApplyTransform(_Gradicon):
     _cmd = _command("apply-transform")
     input_spec = ApplyTransformInputSpec
     output_spec = ApplyTransformOutputSpec
-
-    def _list_outputs(self):
-        outputs = self.output_spec().get()
-        outputs["output_image"] = os.path.abspath(self.inputs.output_image)
-        return outputs
+    _output_files = {"output_image": "output_image"}
 
 
 class WarpLabelsInputSpec(_TransformsSpec):
@@ -181,12 +187,7 @@ class Jacobian(_Gradicon):
     _cmd = _command("jacobian")
     input_spec = JacobianInputSpec
     output_spec = JacobianOutputSpec
-
-    def _list_outputs(self):
-        outputs = self.output_spec().get()
-        outputs["jacobian_image"] = os.path.abspath(self.inputs.output_image)
-        outputs["summary_file"] = os.path.abspath(self.inputs.summary_file)
-        return outputs
+    _output_files = {"jacobian_image": "output_image", "summary_file": "summary_file"}
 
 
 class ApplyTransformToPointsInputSpec(_TransformsSpec):
@@ -206,11 +207,7 @@ class ApplyTransformToPoints(_Gradicon):
     _cmd = _command("apply-transform-to-points")
     input_spec = ApplyTransformToPointsInputSpec
     output_spec = ApplyTransformToPointsOutputSpec
-
-    def _list_outputs(self):
-        outputs = self.output_spec().get()
-        outputs["output_file"] = os.path.abspath(self.inputs.output_file)
-        return outputs
+    _output_files = {"output_file": "output_file"}
 
 
 __all__ = ["Register", "ApplyTransform", "WarpLabels", "Jacobian", "ApplyTransformToPoints"]
