@@ -10,7 +10,6 @@ one ``--seed`` and one ``--threads`` on one machine; the transforms themselves a
 
 from __future__ import annotations
 
-import hashlib
 import json
 from importlib import metadata
 from pathlib import Path
@@ -33,14 +32,6 @@ def versions() -> Dict[str, Optional[str]]:
         except metadata.PackageNotFoundError:
             found[package] = None
     return found
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _plain(value: Any) -> Any:
@@ -81,7 +72,7 @@ def register_record(*, result, model, inputs: Mapping[str, Optional[Path]], opti
         timings: seconds per stage.
     """
     from .jacobian import determinant_of_displacement, jacobian_summary
-    from .models import BUNDLED
+    from .models import BUNDLED, sha256_of
 
     history = list(result.io_history or [])
     field = result.forward_field
@@ -99,7 +90,7 @@ def register_record(*, result, model, inputs: Mapping[str, Optional[Path]], opti
             "input_shape": list(model.architecture.input_shape), "similarity": model.similarity,
             "refinement": model.refinement.to_dict(), "domain": model.domain.to_dict(),
         },
-        "inputs": {role: None if path is None else {"path": _plain(Path(path)), "sha256": file_sha256(Path(path))}
+        "inputs": {role: None if path is None else {"path": _plain(Path(path)), "sha256": sha256_of(Path(path))}
                    for role, path in inputs.items()},
         "options": _plain(dict(options)),
         "modalities": {"fixed": result.fixed_modality, "moving": result.moving_modality},
