@@ -76,6 +76,7 @@ class RegistrationResult:
         messages: what was decided on the user's behalf (modality guesses, reorientation).
         io_history: losses after each instance-optimisation step.
         timings: seconds spent per stage.
+        io_similarity: the similarity instance optimisation used (``None`` without it).
     """
 
     forward_field: DisplacementField
@@ -88,6 +89,7 @@ class RegistrationResult:
     messages: List[str] = field(default_factory=list)
     io_history: List[Dict[str, float]] = field(default_factory=list)
     timings: Dict[str, float] = field(default_factory=dict)
+    io_similarity: Optional[str] = None
     _cache: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -583,7 +585,8 @@ def run_request(request: RegistrationRequest, *, device: torch.device,
                               fixed_frame, moving_frame, r.affine)
     timings["fields"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
-    return RegistrationResult(*fields, modalities["fixed"], modalities["moving"], messages, history, timings)
+    return RegistrationResult(*fields, modalities["fixed"], modalities["moving"], messages, history, timings,
+                              io_similarity=similarity if r.io_iterations > 0 else None)
 
 
 def check_options(*, mask_mode: str = "input", orientation: str = "fixed", io_iterations=None,

@@ -220,8 +220,8 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
         options = {"model": model, "fixed_modality": fixed_modality, "moving_modality": moving_modality,
                    "ct_window": ct_window, "quantile_range": quantile_range, "mask_mode": mask_mode,
                    "affine": affine, "io_iterations": io.iterations, "io_method": io.method,
-                   "io_similarity": request.io_similarity if not result.io_history else _used_similarity(
-                       request, result), "io_smoothness": io.smoothness, "io_lr": io.lr,
+                   "io_similarity": result.io_similarity or request.io_similarity,
+                   "io_smoothness": io.smoothness, "io_lr": io.lr,
                    "io_coarse_steps": io.coarse_steps, "io_patience": io.patience, "io_start": io_start,
                    "io_dice_weight": io_dice_weight, "orientation": orientation, "seed": seed,
                    "device": str(torch_device), "threads": {"torch": torch.get_num_threads(), "itk": itk_threads()}}
@@ -349,15 +349,6 @@ def resolve_affine_choice(choice: str, model, has_initial_transform: bool) -> st
     if choice != "auto":
         return choice
     return "affine" if expects_prealignment(model) and not has_initial_transform else "none"
-
-
-def _used_similarity(request, result) -> str:
-    """The similarity instance optimisation used: the request's, or the multimodal one the pair's
-    intensities chose (said in the messages)."""
-    chosen = request.io_multimodal_similarity
-    if chosen and any("treated as two contrasts" in m for m in result.messages):
-        return chosen
-    return request.io_similarity
 
 
 def write_register_outputs(result, outputs: RegisterOutputs, *, fixed_original=None, moving_original=None,

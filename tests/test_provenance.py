@@ -111,3 +111,23 @@ def test_register_batch_writes_a_record_per_pair(tmp_path, recommending_model, p
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "r.json").read_text())
     assert record["inputs"]["moving"]["path"] == str(pair[1]) and record["instance_optimisation"]["steps_run"] == 4
+
+
+def test_the_record_names_the_similarity_the_pair_chose(tmp_path, tiny_model_file):
+    """Unnamed modalities whose intensities show two contrasts: the record gives the multimodal similarity
+    that ran, not the one-contrast default."""
+    import itk
+
+    from conftest import blob_volume, make_image
+
+    model = load_model(str(tiny_model_file))
+    path = save_model_file(tmp_path / "m.pt", model.network, model.architecture, name="m",
+                           refinement=Refinement(iterations=1, method="field", multimodal_similarity="lncc2"))
+    volume = blob_volume((24, 24, 24), np.random.default_rng(10))
+    itk.imwrite(make_image(volume * 100), str(tmp_path / "f.nii.gz"))
+    itk.imwrite(make_image(np.where(volume > 0.2, 1.2 - volume, 0.0).astype(np.float32) * 100), str(tmp_path / "m.nii.gz"))
+    result = CliRunner().invoke(main, ["register", "--model", str(path), "--fixed", str(tmp_path / "f.nii.gz"),
+                                       "--moving", str(tmp_path / "m.nii.gz"), "--affine", "none",
+                                       "--out-json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0 and "treated as two contrasts" in result.output, result.output
+    assert json.loads((tmp_path / "r.json").read_text())["options"]["io_similarity"] == "lncc2"
