@@ -245,14 +245,24 @@ def _read_point_set(path: Path, grid: Optional[ImageGrid]) -> np.ndarray:
         raise InputError(f"landmark file '{path}' announces {count} points but lists {len(rows)}")
     points = _as_points(rows, path)
     if kind == "index":
-        if grid is None:
-            raise InputError(f"landmark file '{path}' holds voxel indices ('index'); give the image they "
-                             "belong to, or convert them to physical points ('point')")
-        if points.shape[1] != grid.dimension:
-            raise InputError(f"landmark file '{path}' has {points.shape[1]}-D indices for a "
-                             f"{grid.dimension}-D image")
-        points = apply_affine(grid.index_to_world(), points)
+        points = index_points_to_world(points, grid, source=f"landmark file '{path}'",
+                                       missing="give the image they belong to, or convert them to physical "
+                                               "points ('point')")
     return points
+
+
+def index_points_to_world(points: np.ndarray, grid: Optional[ImageGrid], *, source: str, missing: str,
+                          image: str = "image") -> np.ndarray:
+    """The WORLD points of an elastix ``index`` point set on ``grid``.
+
+    Raises:
+        InputError: no grid (``missing`` says what to do), or indices of another dimension than the grid's.
+    """
+    if grid is None:
+        raise InputError(f"{source} holds voxel indices ('index'); {missing}")
+    if points.shape[1] != grid.dimension:
+        raise InputError(f"{source} has {points.shape[1]}-D indices for a {grid.dimension}-D {image}")
+    return apply_affine(grid.index_to_world(), points)
 
 
 def _read_csv_landmarks(path: Path) -> np.ndarray:

@@ -27,16 +27,16 @@ import csv
 import io
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .errors import InputError
-from .grid import ImageGrid, apply_affine
+from .grid import ImageGrid
 from .imageio import atomic_output
-from .metrics import transform_points
+from .metrics import index_points_to_world, transform_points
 
 PathLike = Union[str, Path]
 #: Formats by file name ending (longest first).
@@ -53,22 +53,26 @@ class PointSet:
     kind: str
     path: Path
     system: str = "LPS"  # the file's coordinate system (Slicer files), points are LPS whatever it is
-    document: Any = None  # csv: (header, rows, columns); slicer-json: the document; fcsv: (lines, rows, columns)
-    extra: dict = field(default_factory=dict)
+    document: Any = None  # csv: (rows, body rows, columns); slicer-json: the document; fcsv: (lines, body lines, columns)
 
     @property
     def dimension(self) -> int:
         return int(self.points.shape[1])
 
 
-def points_format(path: PathLike) -> str:
-    """The format of a point file from its name (see the module docstring)."""
+def _ending(path: PathLike) -> Tuple[str, str]:
+    """``(file name ending, format)`` of a point file (see the module docstring)."""
     name = Path(path).name.lower()
     for suffix, kind in SUFFIXES:
         if name.endswith(suffix):
-            return kind
+            return suffix, kind
     raise InputError(f"points file '{path}': unknown format; allowed endings: "
                      f"{', '.join(s for s, _ in SUFFIXES)}")
+
+
+def points_format(path: PathLike) -> str:
+    """The format of a point file from its name (see the module docstring)."""
+    return _ending(path)[1]
 
 
 def read_points(path: PathLike, *, reference: Optional[ImageGrid] = None, what: str = "points file") -> PointSet:
@@ -113,15 +117,14 @@ def _columns(header: Sequence[str], path: Path, what: str, line: int = 1) -> Lis
     return [names.index(c) for c in ("x", "y", "z") if c in names]
 
 
-def _rows_to_points(rows: Sequence[Sequence[str]], columns: List[int], first_line: int, path: Path,
-                    what: str, names=("x", "y", "z")) -> np.ndarray:
+def _points_of(body: Sequence[Tuple[int, Sequence[str]]], columns: List[int], path: Path, what: str) -> np.ndarray:
+    """The points of numbered rows ``(line, values)``, columns ``columns`` as x, y (and z)."""
     points = []
-    for offset, row in enumerate(rows):
-        line = first_line + offset
+    for line, row in body:
         if len(row) <= max(columns):
             raise InputError(f"{what} '{path}' line {line}: {len(row)} values, the header names "
                              f"{max(columns) + 1} or more")
-        points.append([_number(row[c], path, line, names[i], what) for i, c in enumerate(columns)])
+        points.append([_number(row[c], path, line, "xyz"[i], what) for i, c in enumerate(columns)])
     if not points:
         raise InputError(f"{what} '{path}' holds no point")
     return np.asarray(points, dtype=np.float64)
@@ -135,12 +138,8 @@ def _read_csv(text: str, path: Path, what: str, reference) -> PointSet:
     header_line, header = numbered[0]
     columns = _columns(header, path, what, header_line)
     body = numbered[1:]
-    points = []
-    for line, row in body:
-        points.append(_rows_to_points([row], columns, line, path, what)[0])
-    if not points:
-        raise InputError(f"{what} '{path}' holds no point")
-    return PointSet(np.asarray(points), "csv", path, document=(rows, [i - 1 for i, _ in body], columns))
+    return PointSet(_points_of(body, columns, path, what), "csv", path,
+                    document=(rows, [i - 1 for i, _ in body], columns))
 
 
 def _read_elastix(text: str, path: Path, what: str, reference: Optional[ImageGrid]) -> PointSet:
@@ -164,14 +163,10 @@ def _read_elastix(text: str, path: Path, what: str, reference: Optional[ImageGri
     if not len(points):
         raise InputError(f"{what} '{path}' holds no point")
     if kind == "index":
-        if reference is None:
-            raise InputError(f"{what} '{path}' holds voxel indices ('index'); give the image they belong to "
-                             "with --reference, or write physical points ('point')")
-        if points.shape[1] != reference.dimension:
-            raise InputError(f"{what} '{path}' has {points.shape[1]}-D indices for a {reference.dimension}-D "
-                             "reference image")
-        points = apply_affine(reference.index_to_world(), points)
-    return PointSet(points, "elastix", path, extra={"input_kind": kind})
+        points = index_points_to_world(points, reference, source=f"{what} '{path}'", image="reference image",
+                                       missing="give the image they belong to with --reference, or write "
+                                               "physical points ('point')")
+    return PointSet(points, "elastix", path)
 
 
 def _system(value: Any, path: Path, what: str, line: Optional[int] = None) -> str:
@@ -201,8 +196,11 @@ def _read_slicer_json(text: str, path: Path, what: str, reference) -> PointSet:
             position = control.get("position") if isinstance(control, dict) else None
             if not isinstance(position, list) or len(position) != 3:
                 raise InputError(f"{what} '{path}': markup {m} control point {p} has no 3-D position")
-            points.append([_number(v, path, 0, "xyz"[k], what) if not isinstance(v, (int, float)) else float(v)
-                           for k, v in enumerate(position)])
+            try:
+                points.append([float(v) for v in position])
+            except (TypeError, ValueError):
+                raise InputError(f"{what} '{path}': markup {m} control point {p} has the position {position!r}, "
+                                 "not three numbers") from None
     if not points:
         raise InputError(f"{what} '{path}' holds no control point")
     array = np.asarray(points, dtype=np.float64)
@@ -227,10 +225,7 @@ def _read_fcsv(text: str, path: Path, what: str, reference) -> PointSet:
     columns = _columns(header, path, what)
     body = [(i + 1, row) for i, row in enumerate(csv.reader(io.StringIO(text)))
             if row and not row[0].startswith("#")]
-    points = np.asarray([_rows_to_points([row], columns, line, path, what)[0] for line, row in body]) \
-        if body else np.zeros((0, 3))
-    if not len(points):
-        raise InputError(f"{what} '{path}' holds no point")
+    points = _points_of(body, columns, path, what)
     if len(columns) != 3:
         raise InputError(f"{what} '{path}': Slicer fiducials have x, y and z columns")
     if system == "RAS":
@@ -310,9 +305,10 @@ def apply_transforms_to_points(input_path: PathLike, transforms: Sequence[str], 
     from .imageio import check_output_path, read_image_header
     from .transforms import compose_transforms
 
-    if points_format(input_path) != points_format(output):
+    suffix, kind = _ending(input_path)
+    if points_format(output) != kind:
         raise InputError(f"the output '{output}' must be written in the input's format "
-                         f"({points_format(input_path)}: {_suffix_of(input_path)}); it ends differently")
+                         f"({kind}: {suffix}); it ends differently")
     output = check_output_path(output, what="--output")
     grid = None
     if reference is not None:
@@ -324,11 +320,6 @@ def apply_transforms_to_points(input_path: PathLike, transforms: Sequence[str], 
         raise InputError(f"points file '{input_path}' holds {point_set.dimension}-D points; the transforms are {d}-D")
     write_points(point_set, transform_points(transform, point_set.points), output)
     return point_set
-
-
-def _suffix_of(path: PathLike) -> str:
-    name = Path(path).name.lower()
-    return next(s for s, _ in SUFFIXES if name.endswith(s))
 
 
 __all__ = ["PointSet", "read_points", "write_points", "points_text", "transform_points",
