@@ -150,14 +150,16 @@ def refine_fields(disp_AB: Tensor, disp_BA: Optional[Tensor], image_A: Tensor, i
         if level_steps <= 0:
             continue
         level_shape = tuple(max(2, (n - 1) // shrink + 1) for n in shape) if shrink > 1 else shape
-        on = (lambda t, blur=True: _resample_cube(t, level_shape, blur=blur and shrink > 1)) \
-            if level_shape != shape else (lambda t, blur=True: t)
-        level = _FieldLevel(
-            image_A=on(image_A), image_B=on(image_B),
-            mask_A=None if mask_A is None else on(mask_A, blur=False),
-            mask_B=None if mask_B is None else on(mask_B, blur=False),
-            one_A=None if one_A is None else on(one_A), one_B=None if one_B is None else on(one_B), valid=valid)
-        fields = [on(f, blur=False) if f.shape[2:] != level_shape else f for f in fields]
+
+        def on(tensor: Optional[Tensor], blur: bool = True) -> Optional[Tensor]:
+            """``tensor`` (full network grid) on this level's grid; ``None`` stays ``None``."""
+            if tensor is None or level_shape == shape:
+                return tensor
+            return _resample_cube(tensor, level_shape, blur=blur)
+
+        level = _FieldLevel(image_A=on(image_A), image_B=on(image_B), mask_A=on(mask_A, blur=False),
+                            mask_B=on(mask_B, blur=False), one_A=on(one_A), one_B=on(one_B), valid=valid)
+        fields = [on(f, blur=False) for f in fields]  # every level starts from fields on the full grid
         fields, ran = level.optimise(fields, steps=level_steps, lr=lr, similarity=similarity,
                                      smoothness=smoothness, dice_weight=dice_weight, patience=patience,
                                      report=lambda record, k: _report(record, done + k, steps, start, progress,

@@ -22,6 +22,7 @@ cache after checking that it loads; ``$ITK_GRADICON_MIRROR`` points downloads at
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
 import shutil
@@ -159,10 +160,8 @@ class Domain:
         ``modalities``: the modality used for each role)."""
         lines = []
         what = f"the model '{model}' was trained on {self.region or 'images'}"
+        low, high = self.extent_mm or (0.0, math.inf)
         for role, extent in extents.items():
-            if self.extent_mm is None:
-                break
-            low, high = self.extent_mm
             if min(extent) < 0.6 * low or max(extent) > 1.6 * high:
                 shown = " x ".join(f"{v:.0f}" for v in extent)
                 lines.append(f"warning: the {role} image spans {shown} mm; {what} spanning {low:.0f}-{high:.0f} mm "
