@@ -546,7 +546,11 @@ def prealign(fixed, moving, fixed_mask=None, moving_mask=None, *, transform: str
     """
     if transform not in TRANSFORMS:
         raise InputError(f"unknown pre-alignment transform {transform!r}; allowed: {', '.join(TRANSFORMS)}")
+    from .imageio import to_itk
+
     fixed_s, moving_s = _sitk(fixed), _sitk(moving)
+    # elastix takes ITK images: converted once here, not again for every start
+    fixed, moving, fixed_mask, moving_mask = (to_itk(i) for i in (fixed, moving, fixed_mask, moving_mask))
     levels = pyramid_levels(fixed_s, moving_s)
     starts = ["header"]
     if transform == "affine" and np.linalg.norm(_centre_of_mass(fixed_s) - _centre_of_mass(moving_s)) > SAME_START_MM:
