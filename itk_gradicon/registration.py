@@ -377,10 +377,13 @@ class IOChoice:
 
     Attributes:
         iterations, method, similarity, smoothness, lr: as :func:`register`'s ``io_*`` options.
+        coarse_steps: steps of ``field`` IO on the half-resolution grid (the model's share of ``iterations``).
+        patience: ``field`` IO's early stop (0: none).
         recommended: the step count came from the model file's recommendation (not from the caller).
         why_similarity: why this similarity (shown when it is not the caller's choice).
         multimodal_similarity: what to use instead when the pair's intensities show two contrasts
-            (:func:`two_contrasts`); ``None`` where the caller or the modalities chose.
+            (:func:`intensity_correlation` below :data:`TWO_CONTRASTS_BELOW`); ``None`` where the caller
+            or the modalities chose.
     """
 
     iterations: int
