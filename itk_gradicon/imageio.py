@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -111,8 +113,55 @@ def check_output_dir(path: PathLike, *, what: str = "output folder", create: boo
     return path
 
 
+#: Name of a staging folder: its owner's process id and host, then mkdtemp's random part.
+STAGING_PREFIX = ".gradicon-partial-"
+_STAGING_NAME = re.compile(re.escape(STAGING_PREFIX) + r"(\d+)@(.+)\.[^.]+$")
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (one of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, it is not ours
+        return True
+    return True
+
+
+def remove_stale_staging(folder: PathLike) -> list[Path]:
+    """Remove the staging folders in ``folder`` left by writers that died (``kill -9``, a preempted job).
+
+    A staging folder is named after the process that made it (``.gradicon-partial-PID@HOST.XXXXXXXX``).
+    It is removed only when it was made on this host and no process with that id runs any more; folders
+    of live processes, of other hosts (a shared file system) and of older releases (no owner in the
+    name) are left alone.
+
+    Returns:
+        the folders removed.
+    """
+    removed = []
+    host = socket.gethostname()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        found = _STAGING_NAME.match(entry.name)
+        if found is None or found.group(2) != host or not entry.is_dir(follow_symlinks=False):
+            continue
+        pid = int(found.group(1))
+        if pid != os.getpid() and not _process_alive(pid):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+    return removed
+
+
 class OutputTransaction:
     """All-or-nothing writing of one or several files.
+
+    The first file staged in a folder also clears that folder's staging folders whose writer died
+    (:func:`remove_stale_staging`).
 
     Example:
         >>> with OutputTransaction() as out:                      # doctest: +SKIP
@@ -133,7 +182,10 @@ class OutputTransaction:
             if not parent.exists():
                 parent.mkdir()
                 self._created_dirs.append(parent)
-            self._staging[parent] = Path(tempfile.mkdtemp(prefix=".gradicon-partial-", dir=parent))
+            else:
+                remove_stale_staging(parent)
+            prefix = f"{STAGING_PREFIX}{os.getpid()}@{socket.gethostname()}."
+            self._staging[parent] = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
         return self._staging[parent]
 
     def path(self, final: PathLike) -> Path:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -280,3 +282,51 @@ def test_a_commit_replaces_every_destination_and_cleans_up(tmp_path):
             out.path(tmp_path / name).write_text(f"new {name[0]}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
     assert (tmp_path / "a.txt").read_text() == "new a"
+
+
+_STAGE_AND_HANG = """
+import sys, time
+from itk_gradicon.imageio import OutputTransaction
+out = OutputTransaction().__enter__()
+out.path(sys.argv[1]).write_bytes(b"partial")
+print("staged", flush=True)
+time.sleep(600)
+"""
+
+
+def _staging_folders(folder):
+    return sorted(p for p in folder.iterdir() if p.name.startswith(".gradicon-partial-"))
+
+
+def _stage_in_child(folder):
+    """A process that stages a file in ``folder`` and waits (a job writing its outputs)."""
+    child = subprocess.Popen([sys.executable, "-c", _STAGE_AND_HANG, str(folder / "warped.nii.gz")],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "staged"
+    return child
+
+
+def test_a_killed_writer_s_staging_folder_is_cleared_by_the_next_writer(tmp_path):
+    """kill -9 mid-write (a preempted cluster job) leaves a staging folder with a partial file; the next
+    transaction writing into that folder removes it, but never a live process's, another host's, or one
+    without an owner in its name."""
+    killed, live = _stage_in_child(tmp_path), _stage_in_child(tmp_path)
+    try:
+        killed.kill()
+        killed.wait()
+        (stale, ) = [p for p in _staging_folders(tmp_path) if p.name.startswith(f".gradicon-partial-{killed.pid}@")]
+        assert (stale / "warped.nii.gz").read_bytes() == b"partial"
+        other_host = tmp_path / f".gradicon-partial-{killed.pid}@another-host.abcd1234"
+        legacy = tmp_path / ".gradicon-partial-k2j4h5g6"
+        for kept in (other_host, legacy):
+            kept.mkdir()
+        with OutputTransaction() as out:
+            out.path(tmp_path / "result.txt").write_text("done")
+        remaining = _staging_folders(tmp_path)
+        assert stale not in remaining
+        assert other_host in remaining and legacy in remaining
+        assert any(p.name.startswith(f".gradicon-partial-{live.pid}@") for p in remaining)
+        assert (tmp_path / "result.txt").read_text() == "done"
+    finally:
+        live.kill()
+        live.wait()
