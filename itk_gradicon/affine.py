@@ -597,6 +597,27 @@ def prealign(fixed, moving, fixed_mask=None, moving_mask=None, *, transform: str
     return result
 
 
-__all__ = ["INITIALIZATIONS", "METRICS", "affine_parameter_map", "affine_from_elastix_parameters",
+#: ``--affine`` values (``elastix`` is an older name of ``affine``).
+AFFINE_CHOICES = ("auto", "none", "affine", "rigid", "elastix")
+PREALIGNMENT_TRANSFORMS = ("affine", "rigid")
+
+
+def expects_prealignment(model) -> bool:
+    """Whether ``model`` was trained on affinely pre-aligned pairs (its file says ``prealignment: affine``)."""
+    return (model.preprocessing or {}).get("prealignment") == "affine"
+
+
+def resolve_affine_choice(choice: str, model, has_initial_transform: bool) -> str:
+    """``--affine auto`` becomes ``affine`` for a model that expects pre-aligned pairs (unless an
+    initial transform is given), else ``none``; ``elastix`` becomes ``affine``; the others stay."""
+    if choice == "elastix":
+        return "affine"
+    if choice != "auto":
+        return choice
+    return "affine" if expects_prealignment(model) and not has_initial_transform else "none"
+
+
+__all__ = ["AFFINE_CHOICES", "PREALIGNMENT_TRANSFORMS", "expects_prealignment", "resolve_affine_choice",
+           "INITIALIZATIONS", "METRICS", "affine_parameter_map", "affine_from_elastix_parameters",
            "elastix_affine", "available_threads", "implausibility", "prealign", "Prealignment",
            "pyramid_levels", "normalized_mutual_information", "euler_matrix"]

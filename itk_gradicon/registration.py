@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from . import losses
+from .affine import AFFINE_CHOICES, resolve_affine_choice
 from .errors import DeviceError, InputError, ResourceError
 from .geometry import ImageGrid, NetworkFrame, displacement_on_grid
 from .imageio import _is_simpleitk, check_image, describe_grid, image_array, image_like, same_grid
@@ -53,7 +54,6 @@ DEFAULT_IO_LR = DEFAULT_LR["network"]
 IO_METHOD_CHOICES = ("auto",) + IO_METHODS
 #: Where field IO starts (see :func:`register`'s ``io_start``).
 IO_STARTS = ("auto", "prediction", "prealignment")
-DEFAULT_IO_ITERATIONS_WHEN_ENABLED = 50
 
 # Measured peaks of the published network per voxel of the network grid (175^3 on CPU, float32):
 # prediction of one direction about 1.8 GB, one IO step (both directions + backward) about 9.6 GB.
@@ -353,7 +353,6 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
         io_dice_weight=io_dice_weight, initial_transform=initial_transform, orientation=orientation,
         io_start=io_start, compute_inverse=compute_inverse, messages=messages)
 
-    from .registration_io import resolve_affine_choice
 
     prealignment = resolve_affine_choice(affine, model, initial_transform is not None)
     if prealignment != "none" and initial_transform is None:
@@ -606,7 +605,6 @@ def check_options(*, mask_mode: str = "input", orientation: str = "fixed", io_it
     Raises:
         InputError: the first option outside what is allowed, with what was received.
     """
-    from .registration_io import AFFINE_CHOICES
 
     def allowed(option: str, value, choices) -> None:
         if value not in choices:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+from .affine import AFFINE_CHOICES, PREALIGNMENT_TRANSFORMS, expects_prealignment, resolve_affine_choice  # noqa: F401
 from .errors import GradiconError, InputError, ResourceError
 from .files import read_header
 from .imageio import (VOLUME_SUFFIXES, OutputTransaction, backend_of, check_header,
@@ -332,25 +333,6 @@ def _prealignment(inputs: _Inputs, affine: str, initial_transform: Optional[Path
 
 #: ``--affine`` values: ``affine`` and ``rigid`` run :func:`itk_gradicon.affine.prealign`; ``elastix`` is the
 #: former spelling of ``affine``; ``auto`` is ``affine`` for a model trained on pre-aligned pairs, else ``none``.
-AFFINE_CHOICES = ("auto", "none", "affine", "rigid", "elastix")
-PREALIGNMENT_TRANSFORMS = ("affine", "rigid")
-
-
-def expects_prealignment(model) -> bool:
-    """Whether ``model`` was trained on affinely pre-aligned pairs (its file says ``prealignment: affine``)."""
-    return (model.preprocessing or {}).get("prealignment") == "affine"
-
-
-def resolve_affine_choice(choice: str, model, has_initial_transform: bool) -> str:
-    """``--affine auto`` becomes ``affine`` for a model that expects pre-aligned pairs (unless an
-    initial transform is given), else ``none``; ``elastix`` becomes ``affine``; the others stay."""
-    if choice == "elastix":
-        return "affine"
-    if choice != "auto":
-        return choice
-    return "affine" if expects_prealignment(model) and not has_initial_transform else "none"
-
-
 def write_register_outputs(result, outputs: RegisterOutputs, *, fixed_original=None, moving_original=None,
                            log: Log = lambda message: None, record: Optional[dict] = None) -> List[Path]:
     """Write every requested output of one registration in a single transaction.
