@@ -4,7 +4,7 @@ Both programs optimise the same published-architecture random weights on the sam
 (the OASIS pair of ``../shared/data/lapirn_oasis``, normalised and resized to 175^3 as both
 pipelines do), with LNCC, Adam and lr 2e-5, each in a fresh process:
 
-* ours: ``itk_gradicon.registration._instance_optimise`` (what ``gradicon register --io-iterations``
+* ours: ``itk_gradicon.instance.optimise_network`` (what ``gradicon register --io-iterations``
   runs: a copy of the network, BatchNorm in evaluation mode, the symmetric GradICON objective), in a
   process that keeps freed memory for reuse as the ``gradicon`` command does;
 * reference: ``unigradicon.get_unigradicon`` and the loop of ``icon_registration.itk_wrapper.
@@ -58,7 +58,7 @@ def child_ours(weights: str, steps: int, device: str) -> dict:
 
     from itk_gradicon import losses
     from itk_gradicon.models import load_model
-    from itk_gradicon.registration import _instance_optimise
+    from itk_gradicon.instance import optimise_network
 
     image_A, image_B = network_inputs(device)
     net = load_model(weights).network.to(device).eval()
@@ -70,9 +70,9 @@ def child_ours(weights: str, steps: int, device: str) -> dict:
         stamps.append(time.perf_counter())
 
     history = []
-    _instance_optimise(net, image_A, image_B, steps=steps, lr=2e-5, similarity=losses.lncc_loss, mask_A=None,
-                       mask_B=None, seg_A=None, seg_B=None, dice_weight=0.0, progress=progress, history=history,
-                       generator=torch.Generator().manual_seed(0))
+    optimise_network(net, image_A, image_B, steps=steps, lr=2e-5, similarity=losses.lncc_loss, mask_A=None,
+                     mask_B=None, seg_A=None, seg_B=None, dice_weight=0.0, progress=progress, history=history,
+                     generator=torch.Generator().manual_seed(0))
     return {"step_seconds": [b - a for a, b in zip(stamps, stamps[1:])], "losses": [h["total"] for h in history]}
 
 

@@ -41,8 +41,6 @@ IMAGE_SUFFIXES = (
 #: Endings of formats that store 2-D and 3-D images of any scalar pixel type (float included): what
 #: a warped image or a label map can be written as.
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
-#: File name endings that ITK's transform IO factories recognise.
-TRANSFORM_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt", ".mat", ".xfm")
 
 
 def compound_suffix(path: PathLike) -> str:

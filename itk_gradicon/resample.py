@@ -273,8 +273,3 @@ def _generic_label(cindex: np.ndarray, flat: np.ndarray, size: np.ndarray, strid
 
 def _largest(dtype: np.dtype):
     return np.iinfo(dtype).max if np.issubdtype(dtype, np.integer) else np.inf
-
-
-def label_set(image) -> np.ndarray:
-    """The sorted distinct values of a label map."""
-    return np.unique(_array_of(image))

@@ -462,12 +462,6 @@ def _components(transform) -> Iterator:
         yield transform
 
 
-def transform_parts(transform) -> List:
-    """The parts of a transform in ITK queue order (the last part acts on points first); nested
-    composites are flattened and every part is cast to its own class."""
-    return list(_components(transform))
-
-
 def compose_transforms(specs: Sequence[Union[str, Path, TransformSpec]], *,
                        dimension: Optional[int] = None):
     """Read several transforms and compose them as ``antsApplyTransforms -t T1 -t T2 ...`` does.
