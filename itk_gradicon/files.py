@@ -33,11 +33,11 @@ import numpy as np
 
 from .errors import InputError
 from .grid import ImageGrid
-from .imageio import (IMAGE_SUFFIXES, ImageHeader, OutputTransaction, _is_simpleitk, check_nifti_complete,
-                      check_output_path, check_resample_headers, not_an_image_error, short_error_message,
-                      unreadable_header_error)
+from .imageio import (IMAGE_SUFFIXES, ImageHeader, OutputTransaction, _is_simpleitk, check_output_path,
+                      check_resample_headers, not_an_image_error, read_simpleitk_image, unreadable_header_error)
 from .resample import (INTERPOLATIONS, as_dtype_array, check_default_value, check_interpolation, check_label_values,
                        check_scalar, resample_label_array)
+from .simpleitk_transforms import field_transform, read_field_transform, read_transform_file, transform_parts
 from .transform_specs import TransformSpec, elastix_field_path, inverse_hint, transform_file_kind
 
 PathLike = Union[str, Path]
@@ -87,91 +87,8 @@ def read_header(path: PathLike, *, what: str = "image") -> ImageHeader:
                                        for row in np.asarray(reader.GetDirection()).reshape(d, d)))
 
 
-def read_image(path: PathLike, what: str = "image"):
-    """Any image ITK reads, in its stored pixel type, as a ``SimpleITK.Image``.
-
-    Raises:
-        InputError: the file is missing, unreadable, not an image, or a truncated NIfTI file.
-    """
-    sitk = _sitk()
-    p = _readable(path, what)
-    try:
-        image = sitk.ReadImage(str(p))
-    except RuntimeError as err:
-        raise InputError(f"{what} '{path}' could not be read as an image: {short_error_message(err)}") from err
-    check_nifti_complete(p, what=what)
-    return image
-
-
 def _dimension(transform) -> int:
     return int(transform.GetDimension())
-
-
-def _parts(transform) -> List:
-    """A transform's parts in ITK queue order (nested composites flattened), each as its own class."""
-    transform = transform.Downcast()
-    if transform.GetName() == "CompositeTransform":
-        parts = []
-        for i in range(transform.GetNumberOfTransforms()):
-            parts += _parts(transform.GetNthTransform(i))
-        return parts
-    return [transform]
-
-
-def _field_transform(path: Path):
-    sitk = _sitk()
-    image = read_image(path, "displacement field")
-    d = int(image.GetDimension())
-    components = int(image.GetNumberOfComponentsPerPixel())
-    if components != d:
-        raise InputError(f"'{path}' is an image with {components} component(s) per voxel, not a "
-                         f"displacement field (a {d}-D field has {d} components, LPS mm)")
-    ImageGrid.from_image(image)  # the geometry checks of the ITK reader
-    return sitk.DisplacementFieldTransform(sitk.Cast(image, sitk.sitkVectorFloat64))
-
-
-def _itk_transform_file(path: Path):
-    """Every transform of an ITK/ANTs transform file; several (a text file listing more than one, or a
-    composite .h5) come back as one ``CompositeTransform`` that applies the last listed first, as ITK
-    composes them."""
-    sitk = _sitk()
-    try:
-        chunks = _text_transforms(path)
-        if len(chunks) > 1:  # SimpleITK reads only the first transform of such a file (with a warning)
-            return sitk.CompositeTransform([_read_text_transform(chunk, path.suffix) for chunk in chunks])
-        return sitk.ReadTransform(str(path))
-    except RuntimeError as err:
-        raise InputError(f"'{path}' could not be read as an ITK/ANTs transform file (.h5, .tfm, .txt, "
-                         ".mat): it is not a transform, or it is damaged") from err
-
-
-_TEXT_HEADER = "#Insight Transform File"
-
-
-def _text_transforms(path: Path) -> List[str]:
-    """The transforms of an ITK text transform file (``.tfm``/``.txt``), each as a file of its own;
-    ``[]`` for any other file."""
-    if path.suffix.lower() not in (".tfm", ".txt"):
-        return []
-    try:
-        text = path.read_text(encoding="ascii")
-    except (UnicodeDecodeError, OSError):
-        return []
-    lines = text.splitlines()
-    if not lines or not lines[0].startswith(_TEXT_HEADER):
-        return []
-    starts = [i for i, line in enumerate(lines) if line.startswith("#Transform ")]
-    ends = starts[1:] + [len(lines)]
-    return ["\n".join([lines[0], *lines[a:b]]) + "\n" for a, b in zip(starts, ends)]
-
-
-def _read_text_transform(chunk: str, suffix: str):
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="gradicon-tfm-") as folder:
-        single = Path(folder) / f"transform{suffix}"
-        single.write_text(chunk, encoding="ascii")
-        return _sitk().ReadTransform(str(single))
 
 
 def read_transform(spec: TransformName, *, dimension: Optional[int] = None):
@@ -182,16 +99,16 @@ def read_transform(spec: TransformName, *, dimension: Optional[int] = None):
     spec = TransformSpec.parse(spec)
     kind = transform_file_kind(spec.path)
     if kind == "field":
-        transform = _field_transform(spec.path)
+        transform = read_field_transform(spec.path)
     elif kind == "elastix":
-        transform = _field_transform(elastix_field_path(spec.path))
+        transform = read_field_transform(elastix_field_path(spec.path))
     else:
-        transform = _itk_transform_file(spec.path)
+        transform = read_transform_file(spec.path)
     d = _dimension(transform)
     if dimension is not None and d != dimension:
         raise InputError(f"transform '{spec.path}' is {d}-D; the images here are {dimension}-D")
     if spec.invert:
-        if not all(part.IsLinear() for part in _parts(transform)):
+        if not all(part.IsLinear() for part in transform_parts(transform)):
             raise InputError(f"cannot invert '{spec.path}' ([FILE,1]): it holds a displacement field, which "
                              f"neither ANTs nor gradicon inverts; {inverse_hint(spec.path)}")
         try:
@@ -215,14 +132,14 @@ def compose_transforms(specs: Sequence[TransformName], *, dimension: Optional[in
         transforms.append(transform)
     composite = sitk.CompositeTransform(dimension)
     for transform in reversed(transforms):  # ITK applies the transform added last first
-        for part in _parts(transform):
+        for part in transform_parts(transform):
             composite.AddTransform(part)
     return composite
 
 
 def first_field_grid(transform) -> Optional[ImageGrid]:
     """The grid of the displacement field nearest the fixed space in a composite, or ``None``."""
-    for part in reversed(_parts(transform)):
+    for part in reversed(transform_parts(transform)):
         if part.GetName() == "DisplacementFieldTransform":
             return ImageGrid.from_image(part.GetDisplacementField())
     return None
@@ -248,7 +165,7 @@ def sample_displacement(transform, grid: ImageGrid) -> np.ndarray:
     :func:`itk_gradicon.transforms.sample_transform` does.
     """
     sitk = _sitk()
-    parts = _parts(transform)
+    parts = transform_parts(transform)
     if len(parts) == 1 and parts[0].GetName() == "DisplacementFieldTransform":
         field = parts[0].GetDisplacementField()
         if ImageGrid.from_image(field).matches(grid, tolerance=1e-6):
@@ -338,12 +255,6 @@ def from_itk(image):
     return out
 
 
-def field_transform(field) -> object:
-    """A :class:`~itk_gradicon.transforms.DisplacementField` as a ``SimpleITK.DisplacementFieldTransform``
-    (float64 vectors, linear interpolation between nodes: what ``field.to_transform()`` is in ITK Python)."""
-    return _sitk().DisplacementFieldTransform(field.to_simpleitk_image())
-
-
 def write_warped(moving, fixed, field, path: Path) -> None:
     """``moving`` resampled onto ``fixed``'s grid through a forward field, linear, written at ``path``:
     the ``--out-warped`` image of ``gradicon register`` (``itk.Image`` inputs are converted)."""
@@ -400,8 +311,8 @@ def apply_transform_file(input_path: PathLike, reference_path: PathLike, transfo
     reference_header = read_header(reference_path, what="--reference")
     check_resample_headers(input_header, reference_header)
     transform = compose_transforms(list(transforms), dimension=reference_header.dimension)
-    image = read_image(input_path, "--input")
-    reference = read_image(reference_path, "--reference")
+    image = read_simpleitk_image(input_path, "--input")
+    reference = read_simpleitk_image(reference_path, "--reference")
     if labels:
         warped = resample_labels(image, reference, transform, default_value=default_value)
     else:
@@ -439,7 +350,7 @@ def jacobian_file(transforms: Sequence[TransformName], *, reference: Optional[Pa
     if output is not None and summary_json is not None and output == summary_json:
         raise InputError("--output and --summary-json name the same file")
     if reference is not None:
-        grid = ImageGrid.from_image(read_image(reference, "--reference"))
+        grid = ImageGrid.from_image(read_simpleitk_image(reference, "--reference"))
         transform = compose_transforms(list(transforms), dimension=grid.dimension)
     else:
         transform = compose_transforms(list(transforms))
@@ -485,9 +396,9 @@ def evaluate_files(transforms: Sequence[TransformName] = (), *, fixed_labels: Op
     _check_evaluate_options(transforms, fixed_labels, moving_labels, label_values, fixed_landmarks, moving_landmarks)
     if output_json is not None:
         output_json = check_output_path(output_json, what="--output-json", suffixes=(".json",))
-    fixed_lab = read_image(fixed_labels, "--fixed-labels") if fixed_labels is not None else None
-    moving_lab = read_image(moving_labels, "--moving-labels") if moving_labels is not None else None
-    reference_image = read_image(reference, "--reference") if reference is not None else fixed_lab
+    fixed_lab = read_simpleitk_image(fixed_labels, "--fixed-labels") if fixed_labels is not None else None
+    moving_lab = read_simpleitk_image(moving_labels, "--moving-labels") if moving_labels is not None else None
+    reference_image = read_simpleitk_image(reference, "--reference") if reference is not None else fixed_lab
     transform, grid = _evaluated_transform(transforms, reference_image, fixed_lab, moving_lab)
     labels_grid = ImageGrid.from_image(fixed_lab) if fixed_lab is not None else None
     displacement = sample_displacement(transform, grid) if transform is not None else None
@@ -546,6 +457,9 @@ def _evaluated_transform(transforms, reference_image, fixed_lab, moving_lab):
                          "--fixed-labels, or a displacement field among the transforms")
     return transform, grid
 
+
+#: :func:`itk_gradicon.imageio.read_simpleitk_image` under the name the file commands have always used.
+read_image = read_simpleitk_image
 
 __all__ = ["INTERPOLATIONS", "WarpSummary", "apply_transform_file", "compose_transforms", "evaluate_files",
            "first_field_grid", "jacobian_file", "read_header", "read_image", "read_transform",

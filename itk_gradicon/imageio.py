@@ -557,13 +557,28 @@ def backend_of(image) -> str:
     return "simpleitk" if _is_simpleitk(image) else "itk"
 
 
+def read_simpleitk_image(path: PathLike, what: str = "image"):
+    """Any image ITK reads, in its stored pixel type, as a ``SimpleITK.Image``.
+
+    Raises:
+        InputError: the file is missing, unreadable, not an image, or a truncated NIfTI file.
+    """
+    import SimpleITK as sitk  # imported on first use: importing the package stays instant
+
+    p = _check_readable_file(path, what)
+    try:
+        image = sitk.ReadImage(str(p))
+    except RuntimeError as err:
+        raise InputError(f"{what} '{path}' could not be read as an image: {short_error_message(err)}") from err
+    check_nifti_complete(p, what=what)
+    return image
+
+
 def _read_any(path: PathLike, what: str, backend: str):
     if backend not in BACKENDS:
         raise ValueError(f"unknown image backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     if backend == "simpleitk":
-        from .files import read_image as read_simpleitk
-
-        return read_simpleitk(path, what)
+        return read_simpleitk_image(path, what)
     return read_itk_image(path, what)
 
 

@@ -38,13 +38,14 @@ import functools
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from .errors import InputError
 from .grid import ImageGrid
 from .imageio import OutputTransaction, compound_suffix
+from .simpleitk_transforms import field_transform, read_transform_file, transform_parts
 from .transform_specs import (  # noqa: F401  (re-exported: the names users of this module know)
     ELASTIX_FIELD_FILE, ELASTIX_PARAMETER_FILE, FIELD_IMAGE_SUFFIXES, ITK_TRANSFORM_SUFFIXES, TRANSFORM_FILE_SUFFIXES,
     TRANSFORM_INPUT_SUFFIXES, TRANSFORM_OUTPUT_SUFFIXES, TransformSpec, ants_file_names, elastix_field_path,
@@ -185,8 +186,6 @@ def _write_field_transform(field: DisplacementField, path: Path, compression: bo
     if not compression:
         import SimpleITK as sitk
 
-        from .files import field_transform
-
         sitk.WriteTransform(field_transform(field), str(path))
         return
     transform = field.to_transform()
@@ -281,12 +280,10 @@ def read_affine_file(path: PathLike) -> np.ndarray:
     is applied to points first). Read through SimpleITK (ITK's transform readers, without ITK Python's
     module loading); the matrix and offset are the file's values exactly.
     """
-    from .files import _itk_transform_file, _parts
-
     path = Path(path)
     if not path.is_file():
         raise InputError(f"transform file '{path}' does not exist")
-    matrices = [_affine_of(part, path) for part in _parts(_itk_transform_file(path))]
+    matrices = [_affine_of(part, path) for part in transform_parts(read_transform_file(path))]
     if not matrices:
         raise InputError(f"'{path}' holds no transform")
     return compose_affines(matrices)
@@ -542,9 +539,9 @@ def sample_transform(transform, grid: ImageGrid) -> DisplacementField:
     if int(transform.GetInputSpaceDimension()) != d:
         raise InputError(f"a {int(transform.GetInputSpaceDimension())}-D transform cannot be sampled on "
                          f"a {d}-D grid")
-    field_transform = _single_field_transform(transform)
-    if field_transform is not None:
-        field_image = field_transform.GetDisplacementField()
+    field_part = _single_field_transform(transform)
+    if field_part is not None:
+        field_image = field_part.GetDisplacementField()
         if same_grid(field_image, _reference_image(grid), tolerance=1e-6):
             return DisplacementField(grid, np.array(itk.array_view_from_image(field_image), dtype=np.float64))
     vector_image = itk.Image[itk.Vector[itk.F, d], d]
