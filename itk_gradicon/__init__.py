@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "register": "itk_gradicon.registration",
     "RegistrationResult": "itk_gradicon.registration",
-    "GradICONRegistrationMethod": "itk_gradicon.registration",
+    "GradICONRegistrationMethod": "itk_gradicon.registration_method",
     "load_model": "itk_gradicon.models",
     "apply_transforms_to_points": "itk_gradicon.points",
     "GradiconError": "itk_gradicon.errors",

@@ -30,35 +30,30 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from . import losses
 from .affine import AFFINE_CHOICES, resolve_affine_choice
-from .errors import DeviceError, InputError, ResourceError
+from .devices import available_memory_bytes, check_memory, estimate_memory, resolve_device  # noqa: F401
+from .errors import InputError
 from .geometry import ImageGrid, NetworkFrame, displacement_on_grid
 from .imageio import _is_simpleitk, check_image, describe_grid, image_array, image_like, same_grid
 from .instance import DEFAULT_LR, DEFAULT_SMOOTHNESS, IO_METHODS, IOProgress, optimise_network, refine_fields
-from .models import DEFAULT_MODEL, PUBLISHED, Model, load_model
+from .models import DEFAULT_MODEL, Model, load_model
 from .network.inference import predict_displacements
-from .preprocess import (MODALITY_CHOICES, MRI_CONTRASTS, IntensityNormalization, apply_input_mask,
-                         modalities_differ, resolve_modality)
+from .preprocess import MODALITY_CHOICES, IntensityNormalization, apply_input_mask, resolve_modality
+from .refinement import TWO_CONTRASTS_BELOW, intensity_correlation, resolve_io, resolve_io_method  # noqa: F401
 from .transforms import DisplacementField
 
 MASK_MODES = ("input", "loss", "both")
 ORIENTATIONS = ("fixed", "storage")
-IO_SIMILARITIES = tuple(losses.SIMILARITIES)
 DEFAULT_IO_LR = DEFAULT_LR["network"]
 IO_METHOD_CHOICES = ("auto",) + IO_METHODS
 #: Where field IO starts (see :func:`register`'s ``io_start``).
 IO_STARTS = ("auto", "prediction", "prealignment")
-
-# Measured peaks of the published network per voxel of the network grid (175^3 on CPU, float32):
-# prediction of one direction about 1.8 GB, one IO step (both directions + backward) about 9.6 GB.
-_BYTES_PER_NETWORK_VOXEL_PREDICT = 360
-_BYTES_PER_NETWORK_VOXEL_IO = 1900
 
 
 @dataclass
@@ -107,99 +102,6 @@ class RegistrationResult:
         if "inverse" not in self._cache:
             self._cache["inverse"] = self.inverse_field.to_transform()
         return self._cache["inverse"]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise DeviceError(f"cannot use --device {name!r}: torch.cuda.is_available() is False "
-                              "(no GPU, or a CPU-only PyTorch); use --device cpu or auto")
-        device = torch.device(name)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(f"cannot use --device {name!r}: only {torch.cuda.device_count()} GPU(s)")
-        return device
-    raise DeviceError(f"unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N")
-
-
-def available_memory_bytes(device: torch.device) -> Tuple[Optional[int], str]:
-    """Free memory on ``device`` and where it was read (``None`` when the platform cannot tell; see
-    :func:`itk_gradicon.resources.available_host_memory`)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free), f"GPU {device}"
-    from .resources import available_host_memory
-
-    return available_host_memory()
-
-
-def estimate_memory(fixed_voxels: int, moving_voxels: int, dimension: int, network_shape: Sequence[int], *,
-                    io: bool, inverse: bool, affine: bool = False, originals: bool = False) -> Dict[str, int]:
-    """Peak bytes a registration needs, from the images' sizes alone (before any pixel is read).
-
-    Args:
-        fixed_voxels, moving_voxels: number of voxels of each image.
-        dimension: 2 or 3.
-        network_shape: the model's input size.
-        io: instance optimisation is run.
-        inverse: the inverse transform is computed.
-        affine: an affine pre-alignment is composed in (the moving image is resampled onto the fixed
-            grid and the deformable parts are kept as well).
-        originals: the images are also kept in their own pixel types (warped image, QC picture).
-
-    Returns:
-        ``{"network": bytes of the network's work (on the device), "host": bytes of images and fields
-        in host memory}``.
-    """
-    net_voxels = int(np.prod(network_shape, dtype=np.int64))
-    network = net_voxels * (_BYTES_PER_NETWORK_VOXEL_IO if io else _BYTES_PER_NETWORK_VOXEL_PREDICT)
-    f, m, d = int(fixed_voxels), int(moving_voxels), int(dimension)
-    # per image: float32 copy, float64 normalisation temporaries (clip + quantile partition), float32 result
-    images = 28 * (f + m)
-    if affine:
-        images += 4 * f * 3  # moving image, mask and labels resampled onto the fixed grid
-    if originals:
-        images += 8 * (f + m) + 4 * f  # pixels as stored (up to float64) and the warped image
-    # float32 fields plus the float64 copy ITK's transform holds while writing
-    fields = (4 + 8) * d * f
-    if inverse:
-        fields += (4 + 8) * d * m
-    if affine:
-        fields += 4 * d * f * (2 if inverse else 1)  # deformable parts on the fixed grid
-    fields += 6 * 8 * d * 1_000_000  # one chunk of points in flight (float64)
-    return {"network": int(network), "host": int(images + fields)}
-
-
-def check_memory(estimate: Dict[str, int], device: torch.device) -> None:
-    """Refuse work that would not fit, before it starts.
-
-    Args:
-        estimate: from :func:`estimate_memory`.
-        device: where the network runs; on a GPU its free memory must hold the network's work and
-            host memory the rest, on the CPU host memory must hold both.
-
-    Raises:
-        ResourceError: naming what is needed and what is free.
-    """
-    gib = 1024 ** 3
-    if device.type == "cuda":
-        free, where = available_memory_bytes(device)
-        if estimate["network"] > free:
-            raise ResourceError(f"not enough GPU memory: this registration needs about "
-                                f"{estimate['network'] / gib:.1f} GiB on {where}, {free / gib:.1f} GiB free")
-        needed_host = estimate["host"]
-    else:
-        needed_host = estimate["host"] + estimate["network"]
-    free, where = available_memory_bytes(torch.device("cpu"))
-    if free is None:  # the platform cannot tell: nothing to compare with (the work may still fit)
-        return
-    if needed_host > free:
-        raise ResourceError(f"images too large for the available memory: this registration needs about "
-                            f"{needed_host / gib:.1f} GiB, {where} reports {free / gib:.1f} GiB free")
 
 
 def _as_affine(initial_transform, dimension: int) -> Optional[np.ndarray]:
@@ -368,83 +270,6 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
                                  affine=request.affine is not None), device)
     return run_request(request, device=device, progress=progress, generator=generator, predictor=predictor,
                        timings=timings, messages=messages, started=started)
-
-
-@dataclass(frozen=True)
-class IOChoice:
-    """The instance optimisation a registration runs, every default resolved.
-
-    Attributes:
-        iterations, method, similarity, smoothness, lr: as :func:`register`'s ``io_*`` options.
-        coarse_steps: steps of ``field`` IO on the half-resolution grid (the model's share of ``iterations``).
-        patience: ``field`` IO's early stop (0: none).
-        recommended: the step count came from the model file's recommendation (not from the caller).
-        why_similarity: why this similarity (shown when it is not the caller's choice).
-        multimodal_similarity: what to use instead when the pair's intensities show two contrasts
-            (:func:`intensity_correlation` below :data:`TWO_CONTRASTS_BELOW`); ``None`` where the caller
-            or the modalities chose.
-    """
-
-    iterations: int
-    method: str
-    similarity: str
-    smoothness: float
-    lr: float
-    coarse_steps: int = 0
-    patience: int = 0
-    recommended: bool = False
-    why_similarity: str = ""
-    multimodal_similarity: Optional[str] = None
-
-    def describe(self) -> str:
-        """One line for the user: what runs, and where each default came from."""
-        if self.iterations == 0:
-            return "instance optimisation: none (prediction only)"
-        origin = " (the model's recommendation)" if self.recommended else ""
-        why = f" ({self.why_similarity})" if self.why_similarity else ""
-        extra = f", smoothness {self.smoothness:g}" if self.method == "field" else ""
-        if self.method == "field" and self.coarse_steps:
-            extra += f", {self.coarse_steps} of the steps at half resolution"
-        return (f"instance optimisation: {self.method}, {self.iterations} steps{origin}, "
-                f"similarity {self.similarity}{why}{extra}")
-
-
-def resolve_io(model: Model, *, io_iterations: Optional[int] = None, io_method: str = "auto",
-               io_similarity: Optional[str] = None, io_smoothness: Optional[float] = None,
-               io_lr: Optional[float] = None, modalities: Tuple[str, str] = ("auto", "auto")) -> IOChoice:
-    """Every ``None`` / ``"auto"`` IO option resolved against the model's recommendation
-    (:class:`~itk_gradicon.models.Refinement`): steps, method and smoothness from it; the similarity
-    from it for one contrast, its multimodal similarity when ``modalities`` name two different kinds
-    of image (:func:`~itk_gradicon.preprocess.modalities_differ`), else the model's training loss.
-
-    Raises:
-        InputError: an unknown similarity.
-    """
-    recommended = model.refinement
-    iterations = recommended.iterations if io_iterations is None else int(io_iterations)
-    if io_method == "auto":
-        io_method = recommended.method if recommended.iterations > 0 else resolve_io_method("auto", model)
-    why = ""
-    from_pair = None
-    if io_similarity is None:
-        if modalities_differ(*modalities):
-            io_similarity = recommended.multimodal_similarity
-            why = f"the model's choice for two modalities, {modalities[0]} and {modalities[1]}"
-        else:
-            io_similarity = recommended.similarity or model.similarity
-            if not (modalities[0] == modalities[1] and modalities[0] in MRI_CONTRASTS + ("ct",)):
-                from_pair = recommended.multimodal_similarity  # the pair's intensities decide
-    if io_similarity not in IO_SIMILARITIES:
-        raise InputError(f"unknown IO similarity {io_similarity!r}; allowed: {', '.join(IO_SIMILARITIES)}")
-    smoothness = io_smoothness if io_smoothness is not None else (
-        recommended.smoothness if recommended.smoothness is not None else DEFAULT_SMOOTHNESS)
-    field = io_method == "field"
-    return IOChoice(iterations, io_method, io_similarity, float(smoothness),
-                    DEFAULT_LR[io_method] if io_lr is None else float(io_lr),
-                    coarse_steps=int(round(recommended.coarse_fraction * iterations)) if field else 0,
-                    patience=recommended.patience if field else 0,
-                    recommended=io_iterations is None and iterations > 0, why_similarity=why,
-                    multimodal_similarity=from_pair)
 
 
 @dataclass(frozen=True)
@@ -721,26 +546,6 @@ def _physical_fields(disp_AB, disp_BA, fixed_grid: ImageGrid, moving_grid: Image
     return forward, inverse, affine, deformable_forward, deformable_inverse
 
 
-#: Below this correlation of the pre-aligned images' intensities (:func:`intensity_correlation`) a pair whose
-#: modalities were not named is treated as two contrasts. Measured after the affine stage: same-contrast T1
-#: pairs 0.64-0.66 (OASIS, Colin27 -> MNI152, OASIS -> ICBM 2009a); T2 -> T1w (spinal cord) 0.00, FLAIR -> T1c
-#: 0.15, PD -> T1 0.23; but BraTS same-contrast pairs of tumour patients 0.21-0.34, which are then refined with
-#: the multimodal similarity too.
-TWO_CONTRASTS_BELOW = 0.4
-
-
-def intensity_correlation(image_A: torch.Tensor, image_B: torch.Tensor, *, foreground: float = 0.1) -> float:
-    """Pearson correlation of two network-grid images (normalised to [0, 1]) over the voxels where both are
-    above ``foreground``; 1.0 where fewer than 100 such voxels exist (nothing to tell)."""
-    a, b = image_A.detach().reshape(-1).double(), image_B.detach().reshape(-1).double()
-    inside = (a > foreground) & (b > foreground)
-    if int(inside.sum()) < 100:
-        return 1.0
-    a, b = a[inside] - a[inside].mean(), b[inside] - b[inside].mean()
-    denominator = float(a.norm() * b.norm())
-    return float((a * b).sum()) / denominator if denominator > 0 else 1.0
-
-
 def _no_prediction(net, image_A: torch.Tensor, image_B: torch.Tensor, *, inverse: bool):
     """The identity in place of the network's prediction (zero displacements): instance optimisation then
     starts from the pre-alignment."""
@@ -751,13 +556,6 @@ def _no_prediction(net, image_A: torch.Tensor, image_B: torch.Tensor, *, inverse
 def _on_network(frame: NetworkFrame, image, device) -> Optional[torch.Tensor]:
     """A mask or label map on the network grid (nearest-neighbour resizing), or ``None``."""
     return None if image is None else frame.tensor(image_array(image), mode="nearest", device=device)
-
-
-def resolve_io_method(choice: str, model: Model) -> str:
-    """``auto`` -> ``network`` for a published model (the papers' IO), ``field`` for any other model."""
-    if choice != "auto":
-        return choice
-    return "network" if model.name in PUBLISHED else "field"
 
 
 def _predict(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor, *, io_iterations: int,
@@ -800,91 +598,3 @@ def _predict(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor,
                                          coarse_steps=io_coarse_steps, patience=io_patience, **io)
         timings["instance_optimisation"] = time.perf_counter() - t
     return disp_AB, disp_BA, history
-
-
-class GradICONRegistrationMethod:
-    """ITK-style registration method: set the inputs, ``Update()``, get the transforms.
-
-    Example:
-        >>> method = GradICONRegistrationMethod(model="unigradicon")   # doctest: +SKIP
-        >>> method.SetFixedImage(fixed); method.SetMovingImage(moving)  # doctest: +SKIP
-        >>> method.SetNumberOfIterations(50)                            # doctest: +SKIP
-        >>> method.Update()                                             # doctest: +SKIP
-        >>> transform = method.GetTransform()   # fixed -> moving       # doctest: +SKIP
-    """
-
-    def __init__(self, model: Union[str, Model] = DEFAULT_MODEL, **options: Any) -> None:
-        self._model = model
-        self._options: Dict[str, Any] = dict(options)
-        self._fixed = self._moving = None
-        self._result: Optional[RegistrationResult] = None
-
-    def _set(self, key: str, value: Any) -> None:
-        self._options[key] = value
-        self._result = None
-
-    def SetFixedImage(self, image) -> None:
-        self._fixed, self._result = image, None
-
-    def SetMovingImage(self, image) -> None:
-        self._moving, self._result = image, None
-
-    def SetModel(self, model: Union[str, Model]) -> None:
-        self._model, self._result = model, None
-
-    def SetFixedMask(self, mask) -> None:
-        self._set("fixed_mask", mask)
-
-    def SetMovingMask(self, mask) -> None:
-        self._set("moving_mask", mask)
-
-    def SetFixedLabels(self, labels) -> None:
-        self._set("fixed_labels", labels)
-
-    def SetMovingLabels(self, labels) -> None:
-        self._set("moving_labels", labels)
-
-    def SetNumberOfIterations(self, iterations: int) -> None:
-        """Instance-optimisation steps (0: prediction only)."""
-        self._set("io_iterations", iterations)
-
-    def SetLearningRate(self, lr: float) -> None:
-        self._set("io_lr", lr)
-
-    def SetOptimisationMethod(self, method: str) -> None:
-        """Instance-optimisation method: ``"auto"``, ``"network"`` or ``"field"``."""
-        self._set("io_method", method)
-
-    def SetSimilarity(self, name: str) -> None:
-        self._set("io_similarity", name)
-
-    def SetInitialTransform(self, transform) -> None:
-        """Affine pre-alignment, fixed -> moving."""
-        self._set("initial_transform", transform)
-
-    def SetDevice(self, device: str) -> None:
-        self._set("device", device)
-
-    def Update(self) -> None:
-        if self._fixed is None or self._moving is None:
-            raise InputError("set both the fixed and the moving image before Update()")
-        if not isinstance(self._model, Model):
-            self._model = load_model(self._model)
-        self._result = register(self._fixed, self._moving, model=self._model, **self._options)
-
-    def _done(self) -> RegistrationResult:
-        if self._result is None:
-            self.Update()
-        assert self._result is not None
-        return self._result
-
-    def GetTransform(self):
-        """Forward ``itk.DisplacementFieldTransform`` (fixed -> moving, fixed grid)."""
-        return self._done().forward_transform
-
-    def GetInverseTransform(self):
-        """Inverse ``itk.DisplacementFieldTransform`` (moving -> fixed, moving grid)."""
-        return self._done().inverse_transform
-
-    def GetResult(self) -> RegistrationResult:
-        return self._done()

@@ -476,7 +476,7 @@ def test_fixed_orientation_is_the_reference_for_shared_directions(model):
 # ---- the ITK-style method --------------------------------------------------------------------------------
 
 def test_itk_style_method_matches_register(pair, model):
-    from itk_gradicon.registration import GradICONRegistrationMethod
+    from itk_gradicon.registration_method import GradICONRegistrationMethod
 
     fixed, moving = pair
     method = GradICONRegistrationMethod(model=model, fixed_modality="mri", moving_modality="mri")
@@ -527,6 +527,7 @@ def test_api_refusals(pair, model):
 
 
 def test_memory_is_checked_before_the_network_runs(pair, model, monkeypatch):
+    import itk_gradicon.devices as devices
     import itk_gradicon.registration as registration
 
     fixed, moving = pair
@@ -534,7 +535,7 @@ def test_memory_is_checked_before_the_network_runs(pair, model, monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("the network ran")
 
-    monkeypatch.setattr(registration, "available_memory_bytes", lambda device: (10 * 1024 ** 2, "RAM (test)"))
+    monkeypatch.setattr(devices, "available_memory_bytes", lambda device: (10 * 1024 ** 2, "RAM (test)"))
     monkeypatch.setattr(registration, "_predict", never)
     with pytest.raises(ResourceError, match="too large for the available memory"):
         run(fixed, moving, model)

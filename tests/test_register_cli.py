@@ -397,9 +397,9 @@ def test_image_too_large_is_refused_before_reading(files, tiny_model_file, tmp_p
 
 
 def test_memory_check_with_little_memory(files, tiny_model_file, monkeypatch):
-    import itk_gradicon.registration as registration
+    import itk_gradicon.devices as devices
 
-    monkeypatch.setattr(registration, "available_memory_bytes", lambda device: (50 * 1024 ** 2, "RAM (test)"))
+    monkeypatch.setattr(devices, "available_memory_bytes", lambda device: (50 * 1024 ** 2, "RAM (test)"))
     assert_refused(invoke(base_args(files, tiny_model_file)), "too large", "RAM (test) reports 0.0 GiB",
                    out=files["out"])
 

@@ -57,9 +57,9 @@ def test_this_machine_answers():
 def test_a_platform_without_a_query_skips_the_check(monkeypatch):
     import torch
 
-    from itk_gradicon import registration
+    from itk_gradicon import devices, registration
 
-    monkeypatch.setattr(registration, "available_memory_bytes", lambda device: (None, "RAM (unknown)"))
+    monkeypatch.setattr(devices, "available_memory_bytes", lambda device: (None, "RAM (unknown)"))
     registration.check_memory({"network": 1 << 50, "host": 1 << 50}, torch.device("cpu"))  # no error
 
 
