@@ -1,0 +1,148 @@
+"""What a model file records besides its weights: the refinement it recommends (:class:`Refinement`) and
+the images it was trained on (:class:`Domain`), with the records of the published and bundled models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from .errors import ModelError
+
+
+REFINEMENT_METHODS = ("field", "network")
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """The instance optimisation (IO) a model recommends after its prediction: what ``gradicon
+    register`` and :func:`~itk_gradicon.registration.register` run when the caller does not choose.
+
+    Attributes:
+        iterations: IO steps (0: prediction only).
+        method: ``"field"`` or ``"network"`` (see :mod:`itk_gradicon.instance`).
+        similarity: IO similarity for two images of one contrast (``None``: the model's training loss).
+        multimodal_similarity: IO similarity when the two images' modalities differ
+            (``--fixed-modality t1w --moving-modality t2w``, CT against MRI).
+        smoothness: diffusion weight of ``field`` IO (``None``: the package's default).
+        coarse_fraction: share of the steps of ``field`` IO run on the network grid halved along every
+            axis before the rest run on the full grid (0: all on the full grid).
+        patience: ``field`` IO ends a level once its loss has not improved in this many steps (0: never).
+        note: where the recommendation comes from (one line, shown to users).
+    """
+
+    iterations: int = 0
+    method: str = "field"
+    similarity: Optional[str] = None
+    multimodal_similarity: str = "mind"
+    smoothness: Optional[float] = None
+    coarse_fraction: float = 0.0
+    patience: int = 0
+    note: str = ""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"iterations": self.iterations, "method": self.method, "similarity": self.similarity,
+                "multimodal_similarity": self.multimodal_similarity, "smoothness": self.smoothness,
+                "coarse_fraction": self.coarse_fraction, "patience": self.patience, "note": self.note}
+
+    @classmethod
+    def from_dict(cls, entry: Any, source: str) -> "Refinement":
+        """The record of a model file, checked.
+
+        Raises:
+            ModelError: a record that is not a mapping, an unknown key, or a value outside what is allowed.
+        """
+        if not isinstance(entry, Mapping):
+            raise ModelError(f"{source}: 'refinement' must be a mapping, not {type(entry).__name__}")
+        unknown = sorted(set(entry) - set(cls().to_dict()))
+        if unknown:
+            raise ModelError(f"{source}: unknown 'refinement' keys {unknown}; allowed: {', '.join(cls().to_dict())}")
+        try:
+            made = cls(**dict(entry))
+        except TypeError as err:
+            raise ModelError(f"{source}: unreadable 'refinement' record ({err})") from None
+        iterations = made.iterations
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+            raise ModelError(f"{source}: refinement iterations must be a whole number >= 0, not {iterations!r}")
+        if made.method not in REFINEMENT_METHODS:
+            raise ModelError(f"{source}: refinement method {made.method!r}; allowed: {', '.join(REFINEMENT_METHODS)}")
+        if made.smoothness is not None and not (isinstance(made.smoothness, (int, float)) and made.smoothness >= 0):
+            raise ModelError(f"{source}: refinement smoothness must be a number >= 0, not {made.smoothness!r}")
+        if not (isinstance(made.coarse_fraction, (int, float)) and 0 <= made.coarse_fraction < 1):
+            raise ModelError(f"{source}: refinement coarse_fraction must be a number in [0, 1), not "
+                             f"{made.coarse_fraction!r}")
+        if isinstance(made.patience, bool) or not isinstance(made.patience, int) or made.patience < 0:
+            raise ModelError(f"{source}: refinement patience must be a whole number >= 0, not {made.patience!r}")
+        return made
+
+
+@dataclass(frozen=True)
+class Domain:
+    """What a model was trained on, as far as a registration can check it from the images.
+
+    Attributes:
+        region: the anatomy (``"brain"``, ...), for the messages.
+        modalities: the modalities it saw (``"mri"``, ``"ct"``); empty: any.
+        extent_mm: the physical size of the images it saw, smallest and largest, per axis (mm).
+    """
+
+    region: str = ""
+    modalities: Tuple[str, ...] = ()
+    extent_mm: Optional[Tuple[float, float]] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"region": self.region, "modalities": list(self.modalities),
+                "extent_mm": None if self.extent_mm is None else list(self.extent_mm)}
+
+    @classmethod
+    def from_dict(cls, entry: Any, source: str) -> "Domain":
+        """The record of a model file, checked.
+
+        Raises:
+            ModelError: not a mapping, an unknown key, or values of the wrong kind.
+        """
+        if not isinstance(entry, Mapping) or set(entry) - {"region", "modalities", "extent_mm"}:
+            raise ModelError(f"{source}: 'domain' must be a mapping of region, modalities and extent_mm, "
+                             f"not {entry!r}")
+        extent = entry.get("extent_mm")
+        if extent is not None and not (isinstance(extent, (list, tuple)) and len(extent) == 2
+                                       and all(isinstance(v, (int, float)) and v > 0 for v in extent)
+                                       and extent[0] <= extent[1]):
+            raise ModelError(f"{source}: domain extent_mm must be [smallest, largest] in mm, not {extent!r}")
+        modalities = entry.get("modalities") or []
+        if not isinstance(modalities, (list, tuple)) or not all(isinstance(m, str) for m in modalities):
+            raise ModelError(f"{source}: domain modalities must be a list of names, not {modalities!r}")
+        return cls(str(entry.get("region") or ""), tuple(modalities),
+                   None if extent is None else (float(extent[0]), float(extent[1])))
+
+    def warnings(self, model: str, extents: Mapping[str, Sequence[float]],
+                 modalities: Mapping[str, str]) -> List[str]:
+        """One line per way a pair leaves this domain (``extents``: mm per axis of each role's image;
+        ``modalities``: the modality used for each role)."""
+        lines = []
+        what = f"the model '{model}' was trained on {self.region or 'images'}"
+        low, high = self.extent_mm or (0.0, math.inf)
+        for role, extent in extents.items():
+            if min(extent) < 0.6 * low or max(extent) > 1.6 * high:
+                shown = " x ".join(f"{v:.0f}" for v in extent)
+                lines.append(f"warning: the {role} image spans {shown} mm; {what} spanning {low:.0f}-{high:.0f} mm "
+                             "per axis: this pair is outside its domain, check the result (the QC picture, "
+                             "--out-qc) or use a model trained for it")
+        for role, modality in modalities.items():
+            if self.modalities and modality not in self.modalities:
+                lines.append(f"warning: the {role} image is {modality}; {what} of modality "
+                             f"{', '.join(self.modalities)} only")
+        return lines
+
+
+#: No instance optimisation: the published models' record (their papers' IO tunes the network's weights,
+#: minutes per step on a CPU at 175^3, so it stays a choice: ``--io-iterations 50``).
+NO_REFINEMENT = Refinement(note="prediction only unless --io-iterations is given")
+#: What itk_gradicon recommends for the compact models it trains (measured on the bundled model,
+#: ``benchmarks/ACCURACY.md``): 50 steps of field IO, 40 of them on the half-resolution grid.
+FIELD_REFINEMENT = Refinement(iterations=50, method="field", coarse_fraction=0.8, patience=5,
+                              note="field IO measured with this package's compact models (benchmarks/ACCURACY.md)")
+
+
+__all__ = ["Domain", "FIELD_REFINEMENT", "NO_REFINEMENT", "REFINEMENT_METHODS", "Refinement"]
