@@ -52,13 +52,15 @@ from ..models import FIELD_REFINEMENT, Model, load_model, save_model_file
 from ..network import Architecture, build_network
 from ..preprocess import DEFAULT_CT_WINDOW
 from .config import RESUMABLE_CHANGES, TrainConfig, differences
-from .data import (CompositeSet, PairDataset, StepBatchSampler, VolumeLoader, check_composite, derived_seed,
-                   scan_member, seed_worker)
+from .caching import VolumeLoader
+from .data import PairDataset, StepBatchSampler, seed_worker
+from .listing import scan_member
 from .objectives import build_objective
+from .planning import CompositeSet, check_composite
+from .seeds import PURPOSE_INIT, PURPOSE_LOADER, PURPOSE_POINTS, derived_seed
 
 CHECKPOINT_FORMAT = "itk_gradicon.checkpoint"
 CHECKPOINT_VERSION = 1
-_PURPOSE_POINTS, _PURPOSE_LOADER, _PURPOSE_INIT = 3, 4, 5
 
 
 class TrainingError(GradiconError):
@@ -435,7 +437,7 @@ def grow_network(previous: nn.Module, previous_architecture: Architecture, archi
     seeded by ``seed``.
     """
     grows_levels = architecture.levels > previous_architecture.levels
-    torch.manual_seed(derived_seed(seed, _PURPOSE_INIT, 100 + architecture.levels if grows_levels else 2))
+    torch.manual_seed(derived_seed(seed, PURPOSE_INIT, 100 + architecture.levels if grows_levels else 2))
     network = build_network(architecture)
     inner = network
     for _ in range(architecture.refinement_steps - previous_architecture.refinement_steps):
@@ -579,7 +581,7 @@ class Trainer:
         workers = int(cfg.workers)
         return torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, num_workers=workers, worker_init_fn=seed_worker,
-            generator=torch.Generator().manual_seed(derived_seed(self.run.config.seed, _PURPOSE_LOADER, start, rank)),
+            generator=torch.Generator().manual_seed(derived_seed(self.run.config.seed, PURPOSE_LOADER, start, rank)),
             pin_memory=self.run.device.type == "cuda", prefetch_factor=cfg.prefetch if workers > 0 else None)
 
     def _install_signal_handlers(self) -> Dict[int, Any]:
@@ -627,7 +629,7 @@ class Trainer:
         if state is None:  # a fresh run: every global generator starts from the seed
             random.seed(cfg.seed)
             np.random.seed(cfg.seed % 2 ** 32)
-            torch.manual_seed(derived_seed(cfg.seed, _PURPOSE_INIT, 0))
+            torch.manual_seed(derived_seed(cfg.seed, PURPOSE_INIT, 0))
         network: Optional[nn.Module] = None
         steps_this_call = 0
         start_time = time.perf_counter()
@@ -696,7 +698,7 @@ class Trainer:
             network = build_network(stage.architecture)
             network.load_state_dict(run.parent.network.state_dict(), strict=True)
         elif previous is None:
-            torch.manual_seed(derived_seed(cfg.seed, _PURPOSE_INIT, 1))
+            torch.manual_seed(derived_seed(cfg.seed, PURPOSE_INIT, 1))
             network = build_network(stage.architecture)
         else:
             network = grow_network(previous, run.stages[index - 1].architecture, stage.architecture, cfg.seed)
@@ -725,7 +727,7 @@ class Trainer:
         device = run.device
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         image = batch.get("image_B", batch.get("image_T"))
-        generator = torch.Generator().manual_seed(derived_seed(run.config.seed, _PURPOSE_POINTS, step, run.dist.rank))
+        generator = torch.Generator().manual_seed(derived_seed(run.config.seed, PURPOSE_POINTS, step, run.dist.rank))
         points = gradicon_sample_points(image.shape[2:], like=image, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         terms = model(batch, points)
