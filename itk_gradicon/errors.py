@@ -36,3 +36,13 @@ class ResourceError(GradiconError):
 
 class ConfigError(GradiconError, ValueError):
     """A training configuration that is invalid; the message names the key."""
+
+
+class TrainingError(GradiconError):
+    """Training cannot go on (the loss became non-finite, a checkpoint is unusable, ...)."""
+
+
+class TrainingStopped(GradiconError):
+    """Training was stopped on request (signal); a checkpoint was written."""
+
+    exit_code = 130

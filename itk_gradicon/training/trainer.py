@@ -7,24 +7,19 @@ sets, parent model, output folder, device) and :class:`Trainer` trains:
   refinement step(s) (``TS{Stage1, Psi}``, zero-initialised, so training starts from Stage 1's maps)
   and trains everything with a fresh Adam (GradICON's protocol). Finetuning has one stage that
   trains all of the parent model.
-* **Checkpoints** (``OUTPUT/checkpoints/step_NNNNNNN.pt``, written atomically every
-  ``checkpoint.every`` steps, at the end of every stage and when stopped) hold the network, the
-  optimiser, the step, and the Python, NumPy and torch random states. Pairs, augmentations and
-  GradICON sample points are functions of ``(seed, step)`` (see :mod:`.data`), so a run killed at
-  any point and resumed with ``--resume`` from its last checkpoint produces bit-identical weights to
-  an uninterrupted run (on the CPU; CUDA kernels such as ``grid_sample``'s backward are not
-  deterministic).
+* **Checkpoints** (:mod:`.checkpoints`) every ``checkpoint.every`` steps, at the end of every stage
+  and when stopped. Pairs, augmentations and sample points are functions of ``(seed, step)``
+  (:mod:`.seeds`), so a run resumed with ``--resume`` produces bit-identical weights to an
+  uninterrupted run (on the CPU; CUDA's ``grid_sample`` backward is not deterministic).
 * **Logs.** Every step's loss terms go to ``OUTPUT/log.jsonl`` (one JSON object per line); a
   progress callback receives step, losses, pairs/s and ETA.
-* **Several GPUs or machines** through ``torch.distributed``: started by ``torchrun``, every process
-  trains a :class:`~torch.nn.parallel.DistributedDataParallel` copy on its own share of the pair
-  stream (:class:`.data.StepBatchSampler`); rank 0 writes the outputs.
+* **Several GPUs or machines** (:mod:`.distributed`): every ``torchrun`` process trains a DDP copy on
+  its share of the pair stream (:class:`.data.StepBatchSampler`); rank 0 writes the outputs.
 * **Output.** ``OUTPUT/final.pt`` (and ``coarseN.pt`` / ``stage1.pt`` at the end of earlier stages) is a
   model file written by :func:`itk_gradicon.models.save_model_file`, usable at once with
   ``gradicon register --model``; ``OUTPUT/latest.pt``, rewritten with every checkpoint, is the network
   as it was at that checkpoint (a coarse stage's network sees a coarser grid).
-* **Coarse-to-fine.** ``schedule.coarse`` trains the coarsest levels alone first, on pooled images
-  (LapIRN's progressive training); each following stage nests the previous network inside new levels.
+* **Coarse-to-fine** (:mod:`.stages`): ``schedule.coarse`` trains the coarsest levels alone first.
 """
 
 from __future__ import annotations
@@ -45,80 +40,23 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..errors import ConfigError, GradiconError, InputError
-from ..imageio import atomic_output
+from ..errors import ConfigError, InputError, TrainingError, TrainingStopped  # noqa: F401  (re-exported)
 from ..losses import gradicon_sample_points
 from ..models import FIELD_REFINEMENT, Model, load_model, save_model_file
 from ..network import Architecture, build_network
 from ..preprocess import DEFAULT_CT_WINDOW
-from .config import RESUMABLE_CHANGES, TrainConfig, differences
 from .caching import VolumeLoader
+from .checkpoints import (  # noqa: F401  (re-exported: the names users of this module know)
+    CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_torch_save, atomic_write_text, capture_rng_state, list_checkpoints,
+    load_checkpoint, restore_rng_state)
+from .config import RESUMABLE_CHANGES, TrainConfig, differences
 from .data import PairDataset, StepBatchSampler, seed_worker
+from .distributed import DistInfo, init_distributed  # noqa: F401  (init_distributed: re-exported)
 from .listing import scan_member
 from .objectives import build_objective
 from .planning import CompositeSet, check_composite
 from .seeds import PURPOSE_INIT, PURPOSE_LOADER, PURPOSE_POINTS, derived_seed
-
-CHECKPOINT_FORMAT = "itk_gradicon.checkpoint"
-CHECKPOINT_VERSION = 1
-
-
-class TrainingError(GradiconError):
-    """Training cannot go on (the loss became non-finite, a checkpoint is unusable, ...)."""
-
-
-class TrainingStopped(GradiconError):
-    """Training was stopped on request (signal); a checkpoint was written."""
-
-    exit_code = 130
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """This process's place in a distributed run (``torchrun`` sets the environment)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @classmethod
-    def from_env(cls) -> "DistInfo":
-        """Read ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (absent: a single process)."""
-        try:
-            return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                       int(os.environ.get("LOCAL_RANK", 0)))
-        except ValueError as err:
-            raise InputError(f"malformed torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK): {err}") from None
-
-
-def init_distributed(device_name: str) -> Tuple[DistInfo, torch.device]:
-    """Join the process group when started by ``torchrun``; returns this process's place and device.
-
-    The backend is NCCL for GPUs and gloo for CPUs; with ``--device auto|cuda`` each process uses
-    the GPU ``cuda:LOCAL_RANK``.
-    """
-    import torch.distributed as dist
-
-    from ..registration import resolve_device
-
-    info = DistInfo.from_env()
-    device = resolve_device(device_name)
-    if device.type == "cuda" and info.distributed:
-        device = torch.device(f"cuda:{info.local_rank}")
-        torch.cuda.set_device(device)
-    if info.distributed and not dist.is_initialized():
-        if not dist.is_available():
-            raise InputError("this PyTorch has no torch.distributed; run one process")
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return info, device
+from .stages import coarse_architecture, data_shape, grow_network, pool_batch  # noqa: F401  (some re-exported)
 
 
 @dataclass(frozen=True)
@@ -299,66 +237,6 @@ def _check_output(run: TrainingRun, resume: bool) -> None:
     run.checkpoint = checkpoints[-1]
 
 
-def list_checkpoints(output: Path) -> List[Path]:
-    """Checkpoint files of a run, oldest first."""
-    folder = Path(output) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.glob("step_*.pt") if p.is_file())
-
-
-# ------------------------------------------------------------------------------------------------
-# random states
-# ------------------------------------------------------------------------------------------------
-
-def capture_rng_state() -> Dict[str, Any]:
-    """Python, NumPy and torch (CPU and CUDA) global random states, as tensors and plain data."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: Dict[str, Any] = {
-        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: Dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state`."""
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
-    npy = state["numpy"]
-    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _atomic_torch_save(content: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as tmp:
-        torch.save(content, tmp)
-
-
-def load_checkpoint(path: Path) -> Dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True``; :class:`TrainingError` if it is unusable."""
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for truncated or foreign files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TrainingError(f"checkpoint '{path}' cannot be read: {first}") from None
-    if not isinstance(content, dict) or content.get("format") != CHECKPOINT_FORMAT:
-        raise TrainingError(f"'{path}' is not a gradicon training checkpoint")
-    if content.get("version") != CHECKPOINT_VERSION:
-        raise TrainingError(f"checkpoint '{path}' has version {content.get('version')!r}; this version of "
-                            f"itk_gradicon reads version {CHECKPOINT_VERSION}")
-    return content
-
-
 # ------------------------------------------------------------------------------------------------
 # the trainer
 # ------------------------------------------------------------------------------------------------
@@ -386,66 +264,6 @@ class TrainResult:
     steps: int
     stopped: bool
     last_checkpoint: Optional[Path]
-
-
-def coarse_architecture(architecture: Architecture, levels: int) -> Architecture:
-    """The network of the ``levels`` coarsest levels alone, on the grid those levels see.
-
-    ``build_network`` nests ``TS{Down{net}, Psi}`` once per level, so the coarsest ``levels`` levels
-    of ``architecture`` are the module reached through ``netPhi.net`` ``architecture.levels - levels``
-    times, and they see the images average-pooled by 2 (``ceil_mode``) that many times.
-    """
-    shape = tuple(architecture.input_shape)
-    for _ in range(architecture.levels - levels):
-        shape = tuple(-(-n // 2) for n in shape)
-    return replace(architecture, levels=levels, refinement_steps=0, input_shape=shape)
-
-
-def data_shape(full: Tuple[int, ...], stage: Tuple[int, ...]) -> Tuple[int, ...]:
-    """The grid a stage's training pairs are made on: twice the resolution its network sees (then
-    average-pooled by :func:`pool_batch`, as ``Down`` pools the images at inference), or the full
-    network grid where twice would be finer."""
-    doubled = tuple(2 * int(s) for s in stage)
-    return doubled if all(d <= f for d, f in zip(doubled, full)) else tuple(int(f) for f in full)
-
-
-def pool_batch(batch: Dict[str, Any], shape: Tuple[int, ...]) -> Dict[str, Any]:
-    """A batch on a coarser network grid: images average-pooled by 2 (``ceil_mode``, as ``Down``
-    pools them) until they have ``shape``; masks and label maps take every second voxel."""
-    out = dict(batch)
-    for key, value in batch.items():
-        if not isinstance(value, torch.Tensor) or value.dim() < 3 or tuple(value.shape[2:]) == tuple(shape):
-            continue
-        while tuple(value.shape[2:]) != tuple(shape):
-            if key.startswith(("mask_", "seg_")):
-                value = value[(slice(None), slice(None)) + (slice(None, None, 2),) * (value.dim() - 2)]
-            else:
-                pool = torch.nn.functional.avg_pool3d if value.dim() == 5 else torch.nn.functional.avg_pool2d
-                value = pool(value, 2, ceil_mode=True)
-        out[key] = value
-    return out
-
-
-def grow_network(previous: nn.Module, previous_architecture: Architecture, architecture: Architecture,
-                 seed: int) -> nn.Module:
-    """The next stage's network, with the previous stage's weights inside and new steps around them.
-
-    ``build_network`` nests ``TS{Down{net}, Psi}`` once per level above the first and
-    ``TS{net, Psi}`` once per refinement step, so the previous network is the module reached through
-    ``netPhi`` once per added refinement step, then ``netPhi.net`` once per added level. New steps are
-    zero-initialised at their last layer (the identity), their other layers drawn from a generator
-    seeded by ``seed``.
-    """
-    grows_levels = architecture.levels > previous_architecture.levels
-    torch.manual_seed(derived_seed(seed, PURPOSE_INIT, 100 + architecture.levels if grows_levels else 2))
-    network = build_network(architecture)
-    inner = network
-    for _ in range(architecture.refinement_steps - previous_architecture.refinement_steps):
-        inner = inner.netPhi
-    for _ in range(architecture.levels - previous_architecture.levels):
-        inner = inner.netPhi.net
-    inner.load_state_dict(previous.state_dict(), strict=True)
-    return network
 
 
 class Trainer:
@@ -489,7 +307,7 @@ class Trainer:
         self.output.mkdir(exist_ok=True)
         (self.output / "checkpoints").mkdir(exist_ok=True)
         text = yaml.safe_dump(self.run.config.to_dict(), sort_keys=False)
-        _atomic_write_text(self.output / "config.yaml", text)
+        atomic_write_text(self.output / "config.yaml", text)
         if resume_step is not None and self.log_path.exists():
             kept = []
             for line in self.log_path.read_text(encoding="utf-8").splitlines():
@@ -498,7 +316,7 @@ class Trainer:
                         kept.append(line)
                 except json.JSONDecodeError:
                     continue  # a line cut short by the kill
-            _atomic_write_text(self.log_path, "".join(f"{line}\n" for line in kept))
+            atomic_write_text(self.log_path, "".join(f"{line}\n" for line in kept))
 
     def _write_log(self, record: Dict[str, Any]) -> None:
         if self.run.dist.is_main:
@@ -520,7 +338,7 @@ class Trainer:
             "optimizer": optimizer.state_dict(), "rng": capture_rng_state(),
         }
         path = self.output / "checkpoints" / f"step_{step:09d}.pt"
-        _atomic_torch_save(content, path)
+        atomic_torch_save(content, path)
         # a usable model of the network as it is now, for watching a long run (gradicon register --model)
         self._save_model(self.output / "latest.pt", network, self.run.stages[stage_index].architecture, step)
         for old in list_checkpoints(self.output)[:-self.run.config.checkpoint.keep]:
@@ -781,8 +599,3 @@ class Trainer:
             import torch.distributed as dist
 
             dist.barrier()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
