@@ -409,6 +409,11 @@ def test_memory_check_with_little_memory(files, tiny_model_file, monkeypatch):
 def test_failure_of_the_last_writer_leaves_nothing(files, tiny_model_file, monkeypatch):
     """The QC picture is written last; when it fails, the files staged before it are removed."""
     import itk_gradicon.qc as qc
+    import itk_gradicon.resources as resources
+
+    # one writer thread, so that the outputs are written in their order and QC really is the last
+    # (with several, what was staged before QC fails depends on the threads' timing)
+    monkeypatch.setattr(resources, "usable_cores", lambda: 1)
 
     staged = []
 
