@@ -149,7 +149,7 @@ def read_pairs(path: Union[str, Path]) -> List[Pair]:
         InputError: the file cannot be read, a column is unknown, ``fixed``/``moving`` or every
             output is missing on a row, or two rows would write the same file.
     """
-    from .training.config import did_you_mean
+    from .errors import did_you_mean
 
     path = Path(path).expanduser()
     if not path.is_file():

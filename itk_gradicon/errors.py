@@ -7,6 +7,8 @@ message and a non-zero exit code; anything else is a bug and keeps its traceback
 
 from __future__ import annotations
 
+import difflib
+
 
 class GradiconError(Exception):
     """Base class of errors caused by the input, the environment or the configuration."""
@@ -46,3 +48,9 @@ class TrainingStopped(GradiconError):
     """Training was stopped on request (signal); a checkpoint was written."""
 
     exit_code = 130
+
+
+def did_you_mean(word: str, candidates) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``candidates`` to ``word``, or ``""``."""
+    match = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""

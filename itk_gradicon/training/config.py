@@ -25,15 +25,13 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import re
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, ModelError, did_you_mean  # noqa: F401  (did_you_mean: re-exported)
+from .schema import differences, option, option_factory, parse_section, to_plain  # noqa: F401  (differences: re-exported)
 
 #: Modality names known without declaration, and the intensity normalisation each one gets
 #: (``ct``: Hounsfield window; ``mri``: quantiles, for every non-CT image; see :mod:`itk_gradicon.preprocess`).
@@ -53,23 +51,6 @@ DATASET_KINDS = ("images", "synthetic")
 LAYOUTS = ("reference", "canonical")
 RANDOMISATIONS = ("B", "F", "R")
 DEFAULT_LAMBDA = {"gradicon": 1.5, "m2m": 0.5}
-_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
-
-def _meta(*, key: Optional[str] = None, choices: Optional[Tuple[Any, ...]] = None,
-          minimum: Optional[float] = None, maximum: Optional[float] = None, above: Optional[float] = None,
-          internal: bool = False) -> Dict[str, Any]:
-    """Field metadata read by the parser: YAML key, allowed values and bounds."""
-    return {"key": key, "choices": choices, "min": minimum, "max": maximum, "above": above,
-            "internal": internal}
-
-
-def _opt(default: Any, **meta: Any) -> Any:
-    return field(default=default, metadata=_meta(**meta))
-
-
-def _opt_factory(factory: Any, **meta: Any) -> Any:
-    return field(default_factory=factory, metadata=_meta(**meta))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -90,13 +71,13 @@ class ArchitectureConfig:
             own statistics in training and at inference; for training with one pair per step).
     """
 
-    dimension: int = _opt(3, choices=(2, 3))
-    input_shape: Tuple[int, ...] = _opt((175, 175, 175))
-    levels: int = _opt(3, minimum=1)
-    refinement_steps: int = _opt(1, minimum=0)
-    down_channels: Tuple[int, ...] = _opt((16, 32, 64, 256, 512))
-    up_channels: Tuple[int, ...] = _opt((16, 32, 64, 128, 256))
-    normalization: str = _opt("batch", choices=("batch", "instance"))
+    dimension: int = option(3, choices=(2, 3))
+    input_shape: Tuple[int, ...] = option((175, 175, 175))
+    levels: int = option(3, minimum=1)
+    refinement_steps: int = option(1, minimum=0)
+    down_channels: Tuple[int, ...] = option((16, 32, 64, 256, 512))
+    up_channels: Tuple[int, ...] = option((16, 32, 64, 128, 256))
+    normalization: str = option("batch", choices=("batch", "instance"))
 
     def check(self, where: str) -> None:
         """Raise :class:`ConfigError`, naming the key under ``where``, for values that cannot work together."""
@@ -138,20 +119,20 @@ class SynthesisConfig:
         gamma_std: standard deviation of the log of the random gamma.
     """
 
-    skull_strip: float = _opt(0.5, minimum=0.0, maximum=1.0)
-    brain_labels: Tuple[int, int] = _opt((1, 99))
-    same_contrast: float = _opt(0.5, minimum=0.0, maximum=1.0)
-    shapes: float = _opt(0.0, minimum=0.0, maximum=1.0)
-    margin: Tuple[float, float] = _opt((0.02, 0.12))
-    head_margin: Tuple[float, float] = _opt((0.12, 0.25))
-    affine_std: float = _opt(0.03, minimum=0.0, maximum=0.5)
-    warp_std: float = _opt(3.0, minimum=0.0)
-    warp_control: Tuple[int, int] = _opt((4, 8))
-    texture_std: float = _opt(0.08, minimum=0.0)
-    blur: Tuple[float, float] = _opt((0.3, 1.0))
-    bias_std: float = _opt(0.3, minimum=0.0)
-    noise_std: float = _opt(0.04, minimum=0.0)
-    gamma_std: float = _opt(0.25, minimum=0.0)
+    skull_strip: float = option(0.5, minimum=0.0, maximum=1.0)
+    brain_labels: Tuple[int, int] = option((1, 99))
+    same_contrast: float = option(0.5, minimum=0.0, maximum=1.0)
+    shapes: float = option(0.0, minimum=0.0, maximum=1.0)
+    margin: Tuple[float, float] = option((0.02, 0.12))
+    head_margin: Tuple[float, float] = option((0.12, 0.25))
+    affine_std: float = option(0.03, minimum=0.0, maximum=0.5)
+    warp_std: float = option(3.0, minimum=0.0)
+    warp_control: Tuple[int, int] = option((4, 8))
+    texture_std: float = option(0.08, minimum=0.0)
+    blur: Tuple[float, float] = option((0.3, 1.0))
+    bias_std: float = option(0.3, minimum=0.0)
+    noise_std: float = option(0.04, minimum=0.0)
+    gamma_std: float = option(0.25, minimum=0.0)
 
     def check(self, where: str) -> None:
         """Raise :class:`ConfigError`, naming the key under ``where``, for values that cannot work together."""
@@ -190,21 +171,21 @@ class DatasetConfig:
         synthesis: how pairs are synthesised (``kind: synthetic`` only).
     """
 
-    name: str = _opt(None)
-    kind: str = _opt("images", choices=DATASET_KINDS)
-    images: str = _opt(None)
-    root: Optional[str] = _opt(None)
-    modality: Optional[str] = _opt(None)
-    region: str = _opt("unspecified")
-    pairing: str = _opt("inter", choices=PAIRINGS)
-    weight: float = _opt(1.0, minimum=0.0)
-    subject_pattern: Optional[str] = _opt(None)
-    mask_template: Optional[str] = _opt(None)
-    segmentation_template: Optional[str] = _opt(None)
-    mask_mode: str = _opt("input", choices=MASK_MODES)
-    ct_window: Optional[Tuple[float, float]] = _opt(None)
-    quantile_range: Optional[Tuple[float, float]] = _opt(None)
-    synthesis: Optional[SynthesisConfig] = _opt(None)
+    name: str = option(None, required=True)
+    kind: str = option("images", choices=DATASET_KINDS)
+    images: str = option(None, required=True)
+    root: Optional[str] = option(None)
+    modality: Optional[str] = option(None)
+    region: str = option("unspecified")
+    pairing: str = option("inter", choices=PAIRINGS)
+    weight: float = option(1.0, minimum=0.0)
+    subject_pattern: Optional[str] = option(None)
+    mask_template: Optional[str] = option(None)
+    segmentation_template: Optional[str] = option(None)
+    mask_mode: str = option("input", choices=MASK_MODES)
+    ct_window: Optional[Tuple[float, float]] = option(None)
+    quantile_range: Optional[Tuple[float, float]] = option(None)
+    synthesis: Optional[SynthesisConfig] = option(None)
 
     def check(self, where: str) -> None:
         """Raise :class:`ConfigError`, naming the key under ``where``, for values that cannot work together."""
@@ -255,9 +236,9 @@ class SamplingConfig:
         pairs_per_epoch: pairs per epoch in the weighted modes.
     """
 
-    mode: str = _opt("per_dataset", choices=SAMPLING_MODES)
-    pairs_per_dataset: int = _opt(1000, minimum=1)
-    pairs_per_epoch: int = _opt(4000, minimum=1)
+    mode: str = option("per_dataset", choices=SAMPLING_MODES)
+    pairs_per_dataset: int = option(1000, minimum=1)
+    pairs_per_epoch: int = option(4000, minimum=1)
 
 
 @dataclass(frozen=True)
@@ -276,10 +257,10 @@ class PreprocessingConfig:
             affine stage by default (``--affine none`` turns it off).
     """
 
-    ct_window: Optional[Tuple[float, float]] = _opt(None)
-    quantile_range: Optional[Tuple[float, float]] = _opt(None)
-    layout: Optional[str] = _opt(None, choices=LAYOUTS)
-    prealignment: Optional[str] = _opt(None, choices=("none", "affine"))
+    ct_window: Optional[Tuple[float, float]] = option(None)
+    quantile_range: Optional[Tuple[float, float]] = option(None)
+    layout: Optional[str] = option(None, choices=LAYOUTS)
+    prealignment: Optional[str] = option(None, choices=("none", "affine"))
 
     def check(self, where: str) -> None:
         """Raise :class:`ConfigError`, naming the key under ``where``, for values that cannot work together."""
@@ -299,10 +280,10 @@ class AugmentationConfig:
         invert_ct: probability of replacing a normalised CT image by ``1 - CT`` (multiGradICON).
     """
 
-    flips: bool = _opt(True)
-    permutations: bool = _opt(False)
-    affine_std: float = _opt(0.05, minimum=0.0, maximum=0.5)
-    invert_ct: float = _opt(0.0, minimum=0.0, maximum=1.0)
+    flips: bool = option(True)
+    permutations: bool = option(False)
+    affine_std: float = option(0.05, minimum=0.0, maximum=0.5)
+    invert_ct: float = option(0.0, minimum=0.0, maximum=1.0)
 
 
 @dataclass(frozen=True)
@@ -325,14 +306,14 @@ class ObjectiveConfig:
             (two co-registered images of one ``group``), whose map is then the identity.
     """
 
-    kind: str = _opt("gradicon", choices=OBJECTIVES)
-    similarity: str = _opt("lncc", choices=SIMILARITIES)
-    lmbda: Optional[float] = _opt(None, key="lambda", minimum=0.0)
-    loss_randomisation: str = _opt("B", choices=RANDOMISATIONS)
-    dice_weight: float = _opt(0.0, minimum=0.0)
-    dice_grid: int = _opt(0, minimum=0)
-    lambda_gcc: float = _opt(0.1, minimum=0.0)
-    prealigned_bridges: float = _opt(0.0, minimum=0.0, maximum=1.0)
+    kind: str = option("gradicon", choices=OBJECTIVES)
+    similarity: str = option("lncc", choices=SIMILARITIES)
+    lmbda: Optional[float] = option(None, key="lambda", minimum=0.0)
+    loss_randomisation: str = option("B", choices=RANDOMISATIONS)
+    dice_weight: float = option(0.0, minimum=0.0)
+    dice_grid: int = option(0, minimum=0)
+    lambda_gcc: float = option(0.1, minimum=0.0)
+    prealigned_bridges: float = option(0.0, minimum=0.0, maximum=1.0)
 
     @property
     def regularizer_weight(self) -> float:
@@ -354,8 +335,8 @@ class ObjectiveConfig:
 class StageLength:
     """Length of one training stage: ``steps`` (optimiser steps) or ``epochs`` (of the sampler)."""
 
-    steps: Optional[int] = _opt(None, minimum=1)
-    epochs: Optional[float] = _opt(None, above=0.0)
+    steps: Optional[int] = option(None, minimum=1)
+    epochs: Optional[float] = option(None, above=0.0)
 
     def check(self, where: str) -> None:
         """Raise :class:`ConfigError`, naming the key under ``where``, for values that cannot work together."""
@@ -377,19 +358,19 @@ class ScheduleConfig:
         finetune: finetuning a model (``model``): train all of it.
     """
 
-    coarse: Optional[List[StageLength]] = _opt(None)
-    stage1: Optional[StageLength] = _opt(None)
-    stage2: Optional[StageLength] = _opt(None)
-    finetune: Optional[StageLength] = _opt(None)
+    coarse: Optional[List[StageLength]] = option(None)
+    stage1: Optional[StageLength] = option(None)
+    stage2: Optional[StageLength] = option(None)
+    finetune: Optional[StageLength] = option(None)
 
 
 @dataclass(frozen=True)
 class OptimizerConfig:
     """Adam settings (the papers: lr 5e-5)."""
 
-    lr: float = _opt(5e-5, above=0.0)
-    betas: Tuple[float, float] = _opt((0.9, 0.999))
-    weight_decay: float = _opt(0.0, minimum=0.0)
+    lr: float = option(5e-5, above=0.0)
+    betas: Tuple[float, float] = option((0.9, 0.999))
+    weight_decay: float = option(0.0, minimum=0.0)
 
     def check(self, where: str) -> None:
         """Raise :class:`ConfigError`, naming the key under ``where``, for values that cannot work together."""
@@ -401,8 +382,8 @@ class OptimizerConfig:
 class CheckpointConfig:
     """Checkpoints: written every ``every`` steps (and at the end of each stage); ``keep`` most recent kept."""
 
-    every: int = _opt(1000, minimum=1)
-    keep: int = _opt(3, minimum=1)
+    every: int = option(1000, minimum=1)
+    keep: int = option(3, minimum=1)
 
 
 @dataclass(frozen=True)
@@ -417,10 +398,10 @@ class LoaderConfig:
         prefetch: batches each worker prepares ahead.
     """
 
-    workers: int = _opt(2, minimum=0)
-    cache_dir: Optional[str] = _opt(None)
-    memory_cache: int = _opt(8, minimum=0)
-    prefetch: int = _opt(2, minimum=1)
+    workers: int = option(2, minimum=0)
+    cache_dir: Optional[str] = option(None)
+    memory_cache: int = option(8, minimum=0)
+    prefetch: int = option(2, minimum=1)
 
 
 @dataclass(frozen=True)
@@ -439,23 +420,23 @@ class TrainConfig:
         base_dir: folder relative paths are resolved against (the YAML file's folder; not a YAML key).
     """
 
-    datasets: List[DatasetConfig] = _opt(None)
-    name: Optional[str] = _opt(None)
-    model: Optional[str] = _opt(None)
-    architecture: Optional[ArchitectureConfig] = _opt(None)
-    modalities: Dict[str, str] = _opt_factory(dict)
-    sampling: SamplingConfig = _opt_factory(SamplingConfig)
-    preprocessing: PreprocessingConfig = _opt_factory(PreprocessingConfig)
-    augmentation: AugmentationConfig = _opt_factory(AugmentationConfig)
-    objective: ObjectiveConfig = _opt_factory(ObjectiveConfig)
-    schedule: ScheduleConfig = _opt_factory(ScheduleConfig)
-    optimizer: OptimizerConfig = _opt_factory(OptimizerConfig)
-    checkpoint: CheckpointConfig = _opt_factory(CheckpointConfig)
-    loader: LoaderConfig = _opt_factory(LoaderConfig)
-    batch_size: int = _opt(4, minimum=1)
-    seed: int = _opt(0, minimum=0)
-    log_every: int = _opt(10, minimum=1)
-    base_dir: Path = _opt(Path("."), internal=True)
+    datasets: List[DatasetConfig] = option(None, required=True)
+    name: Optional[str] = option(None)
+    model: Optional[str] = option(None)
+    architecture: Optional[ArchitectureConfig] = option(None)
+    modalities: Dict[str, str] = option_factory(dict)
+    sampling: SamplingConfig = option_factory(SamplingConfig)
+    preprocessing: PreprocessingConfig = option_factory(PreprocessingConfig)
+    augmentation: AugmentationConfig = option_factory(AugmentationConfig)
+    objective: ObjectiveConfig = option_factory(ObjectiveConfig)
+    schedule: ScheduleConfig = option_factory(ScheduleConfig)
+    optimizer: OptimizerConfig = option_factory(OptimizerConfig)
+    checkpoint: CheckpointConfig = option_factory(CheckpointConfig)
+    loader: LoaderConfig = option_factory(LoaderConfig)
+    batch_size: int = option(4, minimum=1)
+    seed: int = option(0, minimum=0)
+    log_every: int = option(10, minimum=1)
+    base_dir: Path = option(Path("."), internal=True)
 
     def check(self, where: str = "") -> None:
         """Raise :class:`ConfigError`, naming the key under ``where``, for values that cannot work together."""
@@ -538,18 +519,12 @@ class TrainConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain data (YAML keys, lists, no paths): what the model's provenance and checkpoints record."""
-        return _to_plain(self)
+        return to_plain(self)
 
 
 # ------------------------------------------------------------------------------------------------
 # parsing
 # ------------------------------------------------------------------------------------------------
-
-def did_you_mean(word: str, candidates) -> str:
-    """`` (did you mean 'x'?)`` for the closest of ``candidates`` to ``word``, or ``""``."""
-    match = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
-    return f" (did you mean {match[0]!r}?)" if match else ""
-
 
 def _check_window(window, where: str) -> None:
     if window is not None and not window[0] < window[1]:
@@ -559,139 +534,6 @@ def _check_window(window, where: str) -> None:
 def _check_quantiles(quantiles, where: str) -> None:
     if quantiles is not None and not 0.0 <= quantiles[0] < quantiles[1] <= 1.0:
         raise ConfigError(f"{where}: {list(quantiles)} must be [lower, upper] with 0 <= lower < upper <= 1")
-
-
-def _yaml_key(f: dataclasses.Field) -> str:
-    return f.metadata.get("key") or f.name
-
-
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _convert(value: Any, hint: Any, where: str, meta: Mapping[str, Any]) -> Any:
-    """Check ``value`` against the type ``hint`` (and the field's metadata); return it converted."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is typing.Union and type(None) in args:
-        if value is None:
-            return None
-        inner = next(a for a in args if a is not type(None))
-        return _convert(value, inner, where, meta)
-    if value is None:
-        raise ConfigError(f"{where}: a value is required (got nothing)")
-    if dataclasses.is_dataclass(hint):
-        return parse_section(hint, value, where)
-    if origin in (list, List):
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {_describe(value)}")
-        return [_convert(v, args[0], f"{where}[{i}]", meta) for i, v in enumerate(value)]
-    if origin in (tuple, Tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {_describe(value)}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            items = [_convert(v, args[0], f"{where}[{i}]", {}) for i, v in enumerate(value)]
-            if not items:
-                raise ConfigError(f"{where}: expected a non-empty list")
-        else:
-            if len(value) != len(args):
-                raise ConfigError(f"{where}: expected a list of {len(args)} values, got {_describe(value)}")
-            items = [_convert(v, a, f"{where}[{i}]", {}) for i, (v, a) in enumerate(zip(value, args))]
-        return tuple(items)
-    if origin in (dict, Dict):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {_describe(value)}")
-        return {str(k): _convert(v, args[1], f"{where}.{k}", {}) for k, v in value.items()}
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {_describe(value)}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                value = int(value)
-            else:
-                raise ConfigError(f"{where}: expected a whole number, got {_describe(value)}")
-        return _check_bounds(value, where, meta)
-    if hint is float:
-        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
-            value = float(value)  # PyYAML reads '5e-5' (no dot) as text
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {_describe(value)}")
-        return _check_bounds(float(value), where, meta)
-    if hint is str:
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ConfigError(f"{where}: expected text, got {_describe(value)}")
-        value = str(value)
-        choices = meta.get("choices")
-        if choices:
-            if value not in choices:
-                folded = {str(c).lower(): c for c in choices}
-                if value.lower() in folded:
-                    return folded[value.lower()]
-                raise ConfigError(f"{where}: unknown value {value!r}{did_you_mean(value, choices)}; allowed: "
-                                  f"{', '.join(map(str, choices))}")
-        return value
-    raise TypeError(f"unsupported configuration type {hint!r} at {where}")  # a bug, not a user error
-
-
-def _check_bounds(value, where: str, meta: Mapping[str, Any]):
-    choices, low, high, above = meta.get("choices"), meta.get("min"), meta.get("max"), meta.get("above")
-    if choices and value not in choices:
-        raise ConfigError(f"{where}: {value!r} is not allowed; allowed: {', '.join(map(str, choices))}")
-    if low is not None and value < low:
-        raise ConfigError(f"{where}: {value!r} is too small; it must be >= {low:g}")
-    if above is not None and not value > above:
-        raise ConfigError(f"{where}: {value!r} must be > {above:g}")
-    if high is not None and value > high:
-        raise ConfigError(f"{where}: {value!r} is too large; it must be <= {high:g}")
-    return value
-
-
-def parse_section(cls, raw: Any, where: str):
-    """Build dataclass ``cls`` from the mapping ``raw``; every problem is a :class:`ConfigError`.
-
-    Args:
-        cls: one of the section dataclasses of this module.
-        raw: what ``yaml.safe_load`` produced for the section (``None`` means empty).
-        where: the key path used in error messages (``""`` for the top level).
-
-    Returns:
-        The instance, after its ``check(where)`` where it has one; it remembers which keys were given
-        in ``keys_given``.
-    """
-    label = where or "the configuration"
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{label}: expected a mapping of keys to values, got {_describe(raw)}")
-    hints = typing.get_type_hints(cls)
-    by_key = {_yaml_key(f): f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    prefix = f"{where}." if where else ""
-    for key in raw:
-        if key not in by_key:
-            raise ConfigError(f"{prefix}{key}: unknown key{did_you_mean(key, by_key)}; allowed keys"
-                              f"{' in ' + where if where else ''}: {', '.join(by_key)}")
-    values = {}
-    for key, f in by_key.items():
-        if key in raw:
-            values[f.name] = _convert(raw[key], hints[f.name], f"{prefix}{key}", f.metadata)
-        elif f.default is None and f.default_factory is dataclasses.MISSING and _required(cls, f):
-            raise ConfigError(f"{prefix}{key}: required key is missing")
-    instance = cls(**values)
-    object.__setattr__(instance, "keys_given", frozenset(raw))
-    check = getattr(instance, "check", None)
-    if check is not None:
-        check(where)
-    return instance
-
-
-def _required(cls, f: dataclasses.Field) -> bool:
-    return (cls, f.name) in _REQUIRED
-
-
-_REQUIRED = {(DatasetConfig, "name"), (DatasetConfig, "images"), (TrainConfig, "datasets")}
 
 
 def load_config(path, *, model: Optional[str] = None) -> TrainConfig:
@@ -745,36 +587,6 @@ def config_from_mapping(raw: Any, *, base_dir: Path, model: Optional[str] = None
     return cfg
 
 
-def _to_plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        out = {}
-        for f in dataclasses.fields(value):
-            if f.metadata.get("internal"):
-                continue
-            out[_yaml_key(f)] = _to_plain(getattr(value, f.name))
-        return out
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _to_plain(v) for k, v in value.items()}
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 #: Sections that may change between a run and its ``--resume`` (they do not change what is learned
 #: before the stopping point).
 RESUMABLE_CHANGES: FrozenSet[str] = frozenset({"schedule", "checkpoint", "loader", "log_every", "name"})
-
-
-def differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> List[str]:
-    """Key paths whose values differ between two :meth:`TrainConfig.to_dict` results."""
-    out: List[str] = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        path = f"{prefix}{key}"
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            out.extend(differences(a, b, path + "."))
-        elif a != b:
-            out.append(path)
-    return out

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, did_you_mean
 from ..geometry import ImageGrid
 from ..imageio import read_image_header, short_error_message
 from ..preprocess import IntensityNormalization
-from .config import DatasetConfig, TrainConfig, did_you_mean
+from .config import DatasetConfig, TrainConfig
 from .synthesis import LabelMapEntry, check_label_map
 
 CSV_COLUMNS = ("image", "subject", "modality", "group", "mask", "segmentation")
