@@ -11,8 +11,7 @@ sets, parent model, output folder, device) and :class:`Trainer` trains:
   and when stopped. Pairs, augmentations and sample points are functions of ``(seed, step)``
   (:mod:`.seeds`), so a run resumed with ``--resume`` produces bit-identical weights to an
   uninterrupted run (on the CPU; CUDA's ``grid_sample`` backward is not deterministic).
-* **Logs.** Every step's loss terms go to ``OUTPUT/log.jsonl`` (one JSON object per line); a
-  progress callback receives step, losses, pairs/s and ETA.
+* **Logs.** Every step's loss terms go to ``OUTPUT/log.jsonl``; a progress callback gets them too.
 * **Several GPUs or machines** (:mod:`.distributed`): every ``torchrun`` process trains a DDP copy on
   its share of the pair stream (:class:`.data.StepBatchSampler`); rank 0 writes the outputs.
 * **Output.** ``OUTPUT/final.pt`` (and ``coarseN.pt`` / ``stage1.pt`` at the end of earlier stages) is a
