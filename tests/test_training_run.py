@@ -88,13 +88,16 @@ RECIPES = {
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_recipe_runs_end_to_end(recipe, data, tmp_path):
-    from itk_gradicon.models import load_model
+    from itk_gradicon.models import Domain, load_model
 
     config = base_config(steps1=3, steps2=2, **RECIPES[recipe])
     out = tmp_path / recipe
     _, result = train(data, out, config)
     model = load_model(str(result.final_model))
     assert model.architecture.refinement_steps == 1 and model.architecture.input_shape == (32, 32)
+    regions = {"multigradicon": "abdomen, brain"}.get(recipe.split("_")[0], "brain")
+    kinds = ("ct", "mri") if recipe.startswith("multigradicon") else ("mri",)
+    assert model.domain == Domain(regions, kinds, (36.0, 36.0))
     assert model.similarity == config.get("objective", {}).get("similarity", "lncc")
     provenance = model.provenance
     assert provenance["steps"] == 5 and [s["name"] for s in provenance["stages"]] == ["stage1", "stage2"]
@@ -115,7 +118,7 @@ def test_recipe_runs_end_to_end(recipe, data, tmp_path):
 def test_finetuning_from_the_command_line_writes_a_registrable_model(data, tmp_path, tiny_model_file_2d):
     """The common request: finetune a model on a folder of images, then register with it."""
     from itk_gradicon.cli import main
-    from itk_gradicon.models import load_model
+    from itk_gradicon.models import Domain, load_model
 
     folder = data / "my_images"
     folder.mkdir(exist_ok=True)
@@ -138,6 +141,8 @@ def test_finetuning_from_the_command_line_writes_a_registrable_model(data, tmp_p
     parent = load_model(str(tiny_model_file_2d))
     assert model.architecture == parent.architecture
     assert model.provenance["parent"]["sha256"] == parent.sha256 and model.name == "finetuned"
+    # what it was trained on goes into the file, so that a registration outside it is warned about
+    assert model.domain == Domain("brain", ("mri",), (28.0, 30.0))
     changed = [k for k, v in model.network.state_dict().items() if not torch.equal(v, parent.network.state_dict()[k])]
     assert changed, "finetuning left every weight unchanged"
     assert any((data / "ft_cache").rglob("*.npy"))

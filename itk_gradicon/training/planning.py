@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import ConfigError
+from ..model_records import Domain
 from .config import TrainConfig
 from .listing import Member, SyntheticMember, member_where
 from .seeds import PURPOSE_EPOCH, PURPOSE_PAIR, random_stream
@@ -107,6 +108,25 @@ class CompositeSet:
     def epochs_to_steps(self, epochs: float, global_batch: int) -> int:
         """Optimiser steps that draw ``epochs`` epochs of pairs with ``global_batch`` pairs per step."""
         return max(1, int(np.ceil(epochs * self.pairs_per_epoch / global_batch)))
+
+    def domain(self) -> Domain:
+        """What a model trained on this set has seen (recorded in its file, checked at registration): the
+        members' regions (those named), the intensity kinds of their images (synthetic images count as
+        MRI), and the smallest and largest physical extent of any image axis (mm). Members of weight 0
+        are never drawn and do not count."""
+        members = [m for m in self.members if m.config.weight > 0]
+        regions = sorted({m.config.region for m in members} - {"unspecified"})
+        kinds, extents = set(), []
+        for member in members:
+            if isinstance(member, SyntheticMember):
+                kinds.add("mri")
+                grids = [entry.grid for entry in member.label_maps]
+            else:
+                kinds.update(entry.normalization.modality for entry in member.entries)
+                grids = [entry.grid for entry in member.entries]
+            extents += [n * sp for grid in grids for n, sp in zip(grid.size, grid.spacing)]
+        extent = (round(float(min(extents)), 1), round(float(max(extents)), 1)) if extents else None
+        return Domain(", ".join(regions), tuple(sorted(kinds)), extent)
 
     def describe(self) -> List[str]:
         """One line per member: images, subjects, views, modalities, region, pairing, share of pairs."""

@@ -364,7 +364,7 @@ class Trainer:
         name = run.config.name or run.output.name
         return save_model_file(path, network, architecture, name=name, preprocessing=run.preprocessing,
                                provenance=provenance, similarity=run.config.objective.similarity,
-                               refinement=FIELD_REFINEMENT)
+                               refinement=FIELD_REFINEMENT, domain=run.composite.domain())
 
     # ---- the loop -------------------------------------------------------------------------------
     def _resume_state(self) -> Optional[Dict[str, Any]]:
