@@ -7,14 +7,14 @@ are usable from Python as they are::
     from itk_gradicon.files import apply_transform_file
     apply_transform_file("moving.nii.gz", "fixed.nii.gz", ["moving_to_fixed.h5"], "warped.nii.gz")
 
-Why SimpleITK here, and ITK Python elsewhere: both run the same ITK C++ filters (ITK 5.4's
+Why SimpleITK: it and ITK Python run the same ITK C++ filters (ITK 5.4's
 ``ResampleImageFilter``, interpolators, transforms, NIfTI and HDF5 readers and writers), so the values
 are the same to the bit (``tests/test_files.py`` compares every interpolation and transform kind with
 the ITK Python functions of :mod:`itk_gradicon.resample` and :mod:`itk_gradicon.jacobian`). But
-SimpleITK is one library that loads in a quarter of a second, where ITK Python loads its wrapped
-modules one by one: reading one HDF5 transform loads the modules of every filter the displacement-field
-module depends on, about 15 s of a 20 s command on 2 cores. In-memory work on ``itk.Image`` objects
-(``itk_gradicon.register`` and friends) stays with ITK Python.
+SimpleITK is one library that loads in a fraction of a second, where ITK Python loads its wrapped
+modules one by one (reading one HDF5 transform loads the modules of every filter the displacement-field
+module depends on). ``itk.Image`` objects given to the library functions are converted at the edge
+(:func:`from_itk`).
 
 Conventions are those of the ITK Python functions: transforms map reference (fixed) points to input
 (moving) points and compose as ``antsApplyTransforms -t`` (see :mod:`itk_gradicon.transform_specs`);

@@ -76,8 +76,8 @@ _MODALITY = click.Choice(["auto", "ct", "mri", "t1w", "t2w", "flair", "pd", "t2s
                    "--fixed-modality and --moving-modality name different contrasts]")
 @click.option("--io-method", type=click.Choice(["auto", "network", "field"]), default="auto", show_default=True,
               help="Instance optimisation: network (Adam on a copy of the network's weights, as the papers "
-                   "do; seconds per step on a CPU), field (Adam on the two predicted displacement fields, "
-                   "kept smooth and inverse-consistent; about 0.7 s per step on 2 cores for a 96^3 model); "
+                   "do; slow on a CPU), field (Adam on the two predicted displacement fields, kept smooth "
+                   "and inverse-consistent; fast: no network pass, see benchmarks/ACCURACY.md); "
                    "auto: the model's recommendation (field for the bundled one), else network for the "
                    "published models.")
 @click.option("--io-lr", type=click.FloatRange(min=0, min_open=True), default=None,
