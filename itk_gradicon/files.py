@@ -37,10 +37,10 @@ from .imageio import (IMAGE_SUFFIXES, ImageHeader, OutputTransaction, _is_simple
                       check_resample_headers, not_an_image_error, read_simpleitk_image, unreadable_header_error)
 from .resample import (INTERPOLATIONS, as_dtype_array, check_default_value, check_interpolation, check_label_values,
                        check_scalar, resample_label_array)
+from .outputs import PathLike
 from .simpleitk_transforms import field_transform, read_field_transform, read_transform_file, transform_parts
 from .transform_specs import TransformSpec, elastix_field_path, inverse_hint, transform_file_kind
 
-PathLike = Union[str, Path]
 TransformName = Union[str, Path, TransformSpec]
 
 

@@ -15,17 +15,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import numpy as np
 
 from .errors import InputError
 from .grid import _is_simpleitk
 from .outputs import (  # noqa: F401  (re-exported: the names users of this module know)
-    IMAGE_SUFFIXES, STAGING_PREFIX, VOLUME_SUFFIXES, OutputTransaction, atomic_output, check_output_dir,
-    check_output_path, compound_suffix, remove_stale_staging)
+    IMAGE_SUFFIXES, STAGING_PREFIX, VOLUME_SUFFIXES, OutputTransaction, PathLike, atomic_output,
+    check_output_dir, check_output_path, compound_suffix, remove_stale_staging)
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 def _itk():

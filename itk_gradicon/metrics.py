@@ -35,14 +35,14 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from .errors import InputError
 from .grid import ImageGrid, apply_affine
+from .outputs import PathLike
 
-PathLike = Union[str, Path]
 
 
 # --------------------------------------------------------------------------------------------

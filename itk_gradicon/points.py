@@ -29,7 +29,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -37,8 +37,8 @@ from .errors import InputError
 from .grid import ImageGrid
 from .imageio import atomic_output
 from .metrics import index_points_to_world, transform_points
+from .outputs import PathLike
 
-PathLike = Union[str, Path]
 #: Formats by file name ending (longest first).
 SUFFIXES = ((".mrk.json", "slicer-json"), (".fcsv", "fcsv"), (".csv", "csv"), (".txt", "elastix"),
             (".pts", "elastix"))

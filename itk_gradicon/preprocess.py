@@ -20,6 +20,10 @@ import numpy as np
 
 from .errors import InputError
 
+#: What a mask does: ``input`` (zeroes the image outside it), ``loss`` (the similarity is measured inside it
+#: only), ``both``.
+MASK_MODES = ("input", "loss", "both")
+
 MODALITIES = ("ct", "mri")
 #: MRI contrasts a user may name: normalised as ``mri``; naming two different ones (or CT and an MRI)
 #: tells the registration that the pair is multimodal.

@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .geometry import ImageGrid, best_axis_alignment
+from .outputs import PathLike
 
-PathLike = Union[str, Path]
 
 COLUMNS = ("FIXED", "MOVING BEFORE", "MOVING AFTER", "OVERLAY BEFORE", "OVERLAY AFTER", "LOG JACOBIAN")
 #: Largest side of one panel, in display pixels.

@@ -44,11 +44,10 @@ from .imageio import _is_simpleitk, check_image, describe_grid, image_array, ima
 from .instance import DEFAULT_LR, DEFAULT_SMOOTHNESS, IO_METHODS, IOProgress, optimise_network, refine_fields
 from .models import DEFAULT_MODEL, Model, load_model
 from .network.inference import predict_displacements
-from .preprocess import MODALITY_CHOICES, IntensityNormalization, apply_input_mask, resolve_modality
+from .preprocess import MASK_MODES, MODALITY_CHOICES, IntensityNormalization, apply_input_mask, resolve_modality
 from .refinement import TWO_CONTRASTS_BELOW, intensity_correlation, resolve_io, resolve_io_method  # noqa: F401
 from .transforms import DisplacementField
 
-MASK_MODES = ("input", "loss", "both")
 ORIENTATIONS = ("fixed", "storage")
 DEFAULT_IO_LR = DEFAULT_LR["network"]
 IO_METHOD_CHOICES = ("auto",) + IO_METHODS

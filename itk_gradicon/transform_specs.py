@@ -19,8 +19,8 @@ from typing import Dict, List, Union
 
 from .errors import InputError
 from .imageio import compound_suffix
+from .outputs import PathLike
 
-PathLike = Union[str, Path]
 
 FIELD_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 TRANSFORM_FILE_SUFFIXES = (".h5", ".hdf5")

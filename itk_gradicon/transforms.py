@@ -45,13 +45,13 @@ import numpy as np
 from .errors import InputError
 from .grid import ImageGrid
 from .imageio import OutputTransaction, compound_suffix
+from .outputs import PathLike
 from .simpleitk_transforms import field_transform, read_transform_file, transform_parts
 from .transform_specs import (  # noqa: F401  (re-exported: the names users of this module know)
     ELASTIX_FIELD_FILE, ELASTIX_PARAMETER_FILE, FIELD_IMAGE_SUFFIXES, ITK_TRANSFORM_SUFFIXES, TRANSFORM_FILE_SUFFIXES,
     TRANSFORM_INPUT_SUFFIXES, TRANSFORM_OUTPUT_SUFFIXES, TransformSpec, ants_file_names, elastix_field_path,
     inverse_hint, read_elastix_parameters, transform_file_kind)
 
-PathLike = Union[str, Path]
 
 
 

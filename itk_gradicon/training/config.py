@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 from ..errors import ConfigError, ModelError, did_you_mean  # noqa: F401  (did_you_mean: re-exported)
+from ..preprocess import MASK_MODES
 from .schema import differences, option, option_factory, parse_section, to_plain  # noqa: F401  (differences: re-exported)
 
 #: Modality names known without declaration, and the intensity normalisation each one gets
@@ -44,7 +45,6 @@ BUILTIN_MODALITIES: Dict[str, str] = {
 NORMALIZATIONS = ("ct", "mri")
 PAIRINGS = ("inter", "intra")
 SAMPLING_MODES = ("per_dataset", "weighted", "region")
-MASK_MODES = ("input", "loss", "both")
 OBJECTIVES = ("gradicon", "m2m")
 SIMILARITIES = ("lncc", "lncc2", "mind")
 DATASET_KINDS = ("images", "synthetic")
