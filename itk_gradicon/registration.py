@@ -396,13 +396,9 @@ def run_request(request: RegistrationRequest, *, device: torch.device,
     net.eval()  # BatchNorm uses its running statistics and never updates them
     try:
         disp_AB, disp_BA, history = _predict(
-            net, image_A, image_B, io_iterations=r.io_iterations, io_lr=r.io_lr, io_similarity=similarity,
-            io_method=r.io_method, io_smoothness=r.io_smoothness, io_coarse_steps=r.io_coarse_steps,
-            io_patience=r.io_patience, mask_mode=r.mask_mode, fixed_mask=r.fixed_mask, moving_net_mask=moving_net.mask,
-            fixed_labels=r.fixed_labels, moving_net_labels=moving_net.labels, io_dice_weight=r.io_dice_weight,
-            fixed_frame=fixed_frame, moving_frame=moving_frame, compute_inverse=r.compute_inverse,
-            progress=progress, generator=generator, device=device, timings=timings,
-            predictor=_no_prediction if from_prealignment else predictor)
+            net, image_A, image_B, r, similarity=similarity, moving_net=moving_net,
+            frames=(fixed_frame, moving_frame), progress=progress, generator=generator, device=device,
+            timings=timings, predictor=_no_prediction if from_prealignment else predictor)
     finally:
         net.train(was_training)
 
@@ -557,12 +553,9 @@ def _on_network(frame: NetworkFrame, image, device) -> Optional[torch.Tensor]:
     return None if image is None else frame.tensor(image_array(image), mode="nearest", device=device)
 
 
-def _predict(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor, *, io_iterations: int,
-             io_lr: float, io_similarity: str, io_method: str, io_smoothness: float, io_coarse_steps: int,
-             io_patience: int, mask_mode: str,
-             fixed_mask, moving_net_mask, fixed_labels, moving_net_labels, io_dice_weight: float,
-             fixed_frame: NetworkFrame, moving_frame: NetworkFrame, compute_inverse: bool, progress, generator,
-             device, timings: Dict[str, float], predictor=None):
+def _predict(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor, r: "RegistrationRequest", *,
+             similarity: str, moving_net: _MovingForNetwork, frames: Tuple[NetworkFrame, NetworkFrame], progress,
+             generator, device, timings: Dict[str, float], predictor=None):
     """Network displacements ``phi_AB`` (and ``phi_BA``) in CUBE units, with optional IO.
 
     ``A`` is the moving image, ``B`` the fixed one. Returns ``(disp_AB, disp_BA or None, io history)``.
@@ -570,30 +563,31 @@ def _predict(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor,
     predicted displacements.
     """
     history: List[Dict[str, float]] = []
+    fixed_frame, moving_frame = frames
     io = {}
-    if io_iterations > 0:
-        loss_masks = mask_mode in ("loss", "both") and fixed_mask is not None and moving_net_mask is not None
-        io = dict(steps=io_iterations, lr=io_lr, similarity=losses.similarity_function(io_similarity),
-                  mask_A=_on_network(moving_frame, moving_net_mask, device) if loss_masks else None,
-                  mask_B=_on_network(fixed_frame, fixed_mask, device) if loss_masks else None,
-                  seg_A=_on_network(moving_frame, moving_net_labels, device),
-                  seg_B=_on_network(fixed_frame, fixed_labels, device),
-                  dice_weight=io_dice_weight if fixed_labels is not None else 0.0,
+    if r.io_iterations > 0:
+        loss_masks = r.mask_mode in ("loss", "both") and r.fixed_mask is not None and moving_net.mask is not None
+        io = dict(steps=r.io_iterations, lr=r.io_lr, similarity=losses.similarity_function(similarity),
+                  mask_A=_on_network(moving_frame, moving_net.mask, device) if loss_masks else None,
+                  mask_B=_on_network(fixed_frame, r.fixed_mask, device) if loss_masks else None,
+                  seg_A=_on_network(moving_frame, moving_net.labels, device),
+                  seg_B=_on_network(fixed_frame, r.fixed_labels, device),
+                  dice_weight=r.io_dice_weight if r.fixed_labels is not None else 0.0,
                   progress=progress, history=history)
-    if io and io_method == "network":
+    if io and r.io_method == "network":
         t = time.perf_counter()
         net = optimise_network(net, image_A, image_B, generator=generator, **io)
         timings["instance_optimisation"] = time.perf_counter() - t
     t = time.perf_counter()
     predict = predictor if predictor is not None else predict_displacements
-    field_io = bool(io) and io_method == "field"
+    field_io = bool(io) and r.io_method == "field"
     # field IO refines both directions whatever is asked for: its inverse-consistency term is what keeps a
     # refined field regular (lapirn_oasis, 50 steps: 0.15-0.2 % negative Jacobians forward-only, 0.01-0.02 % both)
-    disp_AB, disp_BA = predict(net, image_A, image_B, inverse=compute_inverse or field_io)
+    disp_AB, disp_BA = predict(net, image_A, image_B, inverse=r.compute_inverse or field_io)
     timings["network"] = time.perf_counter() - t
     if field_io:
         t = time.perf_counter()
-        disp_AB, disp_BA = refine_fields(disp_AB, disp_BA, image_A, image_B, smoothness=io_smoothness,
-                                         coarse_steps=io_coarse_steps, patience=io_patience, **io)
+        disp_AB, disp_BA = refine_fields(disp_AB, disp_BA, image_A, image_B, smoothness=r.io_smoothness,
+                                         coarse_steps=r.io_coarse_steps, patience=r.io_patience, **io)
         timings["instance_optimisation"] = time.perf_counter() - t
     return disp_AB, disp_BA, history
