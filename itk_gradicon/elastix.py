@@ -15,10 +15,10 @@ translation ``t``, and a ``CenterOfRotationPoint`` ``c``; it maps a fixed point 
 in physical coordinates (``UseDirectionCosines "true"``, elastix's default since 4.8, which we set
 explicitly). Hence ``A = [[M, t + c - M c], [0, 1]]``.
 
-The registration is multi-resolution (4 levels of Gaussian smoothing), Mattes mutual information
-(so multimodal pairs work; ``metric="ncc"`` or ``"mse"`` for same-modality pairs), adaptive stochastic
-gradient descent on 2,048 random samples per iteration, started from the alignment of the two images'
-geometric centres. Its random sampling is seeded, so a run is reproducible. The number of threads is
+The registration is multi-resolution (Gaussian smoothing; :func:`pyramid_levels` chooses the levels),
+Mattes mutual information with :data:`HISTOGRAM_BINS` bins (so multimodal pairs work; ``metric="ncc"`` or
+``"mse"`` for same-modality pairs), adaptive stochastic gradient descent on 2,048 random samples per
+iteration, started by default from the alignment of the two images' intensity centres of mass. Its random sampling is seeded, so a run is reproducible. The number of threads is
 set explicitly (all the cores this process may use): itk-elastix otherwise picks its own, and one of
 its 3-D runs once crashed here with a thread count it chose.
 

@@ -15,6 +15,7 @@ from typing import List
 from .errors import InputError
 from .grid import ImageGrid
 from .imageio import read_simpleitk_image
+from .transform_specs import check_field_components
 
 
 def _sitk():
@@ -39,11 +40,7 @@ def read_field_transform(path: Path):
     ``SimpleITK.DisplacementFieldTransform``."""
     sitk = _sitk()
     image = read_simpleitk_image(path, "displacement field")
-    d = int(image.GetDimension())
-    components = int(image.GetNumberOfComponentsPerPixel())
-    if components != d:
-        raise InputError(f"'{path}' is an image with {components} component(s) per voxel, not a "
-                         f"displacement field (a {d}-D field has {d} components, LPS mm)")
+    check_field_components(path, int(image.GetDimension()), int(image.GetNumberOfComponentsPerPixel()))
     ImageGrid.from_image(image)  # the geometry checks of the ITK reader
     return sitk.DisplacementFieldTransform(sitk.Cast(image, sitk.sitkVectorFloat64))
 

@@ -179,6 +179,13 @@ def elastix_field_path(path: Path) -> Path:
     return field_path
 
 
+def check_field_components(path: Path, dimension: int, components: int) -> None:
+    """Refuse an image read as a displacement field whose voxels do not hold one component per axis."""
+    if components != dimension:
+        raise InputError(f"'{path}' is an image with {components} component(s) per voxel, not a "
+                         f"displacement field (a {dimension}-D field has {dimension} components, LPS mm)")
+
+
 def inverse_hint(path: Path) -> str:
     name = path.name
     if "InverseWarp" in name or name.startswith("Inverse"):

@@ -49,8 +49,8 @@ from .outputs import PathLike
 from .simpleitk_transforms import field_transform, read_transform_file, transform_parts
 from .transform_specs import (  # noqa: F401  (re-exported: the names users of this module know)
     ELASTIX_FIELD_FILE, ELASTIX_PARAMETER_FILE, FIELD_IMAGE_SUFFIXES, ITK_TRANSFORM_SUFFIXES, TRANSFORM_FILE_SUFFIXES,
-    TRANSFORM_INPUT_SUFFIXES, TRANSFORM_OUTPUT_SUFFIXES, TransformSpec, ants_file_names, elastix_field_path,
-    inverse_hint, read_elastix_parameters, transform_file_kind)
+    TRANSFORM_INPUT_SUFFIXES, TRANSFORM_OUTPUT_SUFFIXES, TransformSpec, ants_file_names, check_field_components,
+    elastix_field_path, inverse_hint, read_elastix_parameters, transform_file_kind)
 
 
 
@@ -424,11 +424,7 @@ def _read_field_transform(path: Path):
     from .imageio import read_itk_image
 
     image = read_itk_image(path, "displacement field")
-    d = int(image.GetImageDimension())
-    components = int(image.GetNumberOfComponentsPerPixel())
-    if components != d:
-        raise InputError(f"'{path}' is an image with {components} component(s) per voxel, not a "
-                         f"displacement field (a {d}-D field has {d} components, LPS mm)")
+    check_field_components(path, int(image.GetImageDimension()), int(image.GetNumberOfComponentsPerPixel()))
     return DisplacementField.from_image(image).to_transform()
 
 
