@@ -17,6 +17,8 @@ Definitions follow the papers in ``shared/papers`` (GradICON, uniGradICON, multi
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -227,12 +229,16 @@ def _check_same_shape(a: Tensor, b: Tensor, mask: Optional[Tensor]) -> None:
 SIMILARITIES = {"lncc": lncc_loss, "lncc2": squared_lncc_loss, "mind": mind_loss}
 
 
-def similarity_function(name: str) -> Callable[..., Tensor]:
-    """The similarity loss called ``name`` (one of ``lncc``, ``lncc2``, ``mind``)."""
+def similarity_function(name: str, *, lncc_sigma: Optional[float] = None) -> Callable[..., Tensor]:
+    """The similarity loss called ``name`` (one of ``lncc``, ``lncc2``, ``mind``); ``lncc_sigma`` sets the
+    window of the two LNCC losses (``None``: :data:`LNCC_SIGMA`; MIND has no window and ignores it)."""
     try:
-        return SIMILARITIES[name]
+        function = SIMILARITIES[name]
     except KeyError:
         raise ValueError(f"unknown similarity {name!r}; allowed: {', '.join(SIMILARITIES)}") from None
+    if lncc_sigma is None or function is mind_loss:
+        return function
+    return functools.partial(function, sigma=float(lncc_sigma))
 
 
 # ----------------------------------------------------------------------------------------------

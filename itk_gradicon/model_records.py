@@ -25,7 +25,12 @@ class Refinement:
         similarity: IO similarity for two images of one contrast (``None``: the model's training loss).
         multimodal_similarity: IO similarity when the two images' modalities differ
             (``--fixed-modality t1w --moving-modality t2w``, CT against MRI).
-        smoothness: diffusion weight of ``field`` IO (``None``: the package's default).
+        smoothness: diffusion weight of ``field`` IO with the one-contrast similarity (``None``: the
+            package's default).
+        multimodal_smoothness: diffusion weight of ``field`` IO with the multimodal similarity (``None``:
+            ``smoothness``).
+        lncc_sigma: Gaussian window (sigma, network voxels) of the LNCC similarities in ``field`` IO
+            (``None``: the training loss's window, :data:`~itk_gradicon.losses.LNCC_SIGMA`).
         coarse_fraction: share of the steps of ``field`` IO run on the network grid halved along every
             axis before the rest run on the full grid (0: all on the full grid).
         patience: ``field`` IO ends a level once its loss has not improved in this many steps (0: never).
@@ -40,11 +45,14 @@ class Refinement:
     coarse_fraction: float = 0.0
     patience: int = 0
     note: str = ""
+    multimodal_smoothness: Optional[float] = None
+    lncc_sigma: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return {"iterations": self.iterations, "method": self.method, "similarity": self.similarity,
                 "multimodal_similarity": self.multimodal_similarity, "smoothness": self.smoothness,
-                "coarse_fraction": self.coarse_fraction, "patience": self.patience, "note": self.note}
+                "coarse_fraction": self.coarse_fraction, "patience": self.patience, "note": self.note,
+                "multimodal_smoothness": self.multimodal_smoothness, "lncc_sigma": self.lncc_sigma}
 
     @classmethod
     def from_dict(cls, entry: Any, source: str) -> "Refinement":
@@ -67,8 +75,13 @@ class Refinement:
             raise ModelError(f"{source}: refinement iterations must be a whole number >= 0, not {iterations!r}")
         if made.method not in REFINEMENT_METHODS:
             raise ModelError(f"{source}: refinement method {made.method!r}; allowed: {', '.join(REFINEMENT_METHODS)}")
-        if made.smoothness is not None and not (isinstance(made.smoothness, (int, float)) and made.smoothness >= 0):
-            raise ModelError(f"{source}: refinement smoothness must be a number >= 0, not {made.smoothness!r}")
+        for key in ("smoothness", "multimodal_smoothness"):
+            value = getattr(made, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0):
+                raise ModelError(f"{source}: refinement {key} must be a number >= 0, not {value!r}")
+        sigma = made.lncc_sigma
+        if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0):
+            raise ModelError(f"{source}: refinement lncc_sigma must be a number > 0 (network voxels), not {sigma!r}")
         if not (isinstance(made.coarse_fraction, (int, float)) and 0 <= made.coarse_fraction < 1):
             raise ModelError(f"{source}: refinement coarse_fraction must be a number in [0, 1), not "
                              f"{made.coarse_fraction!r}")
@@ -140,8 +153,10 @@ class Domain:
 #: minutes per step on a CPU at 175^3, so it stays a choice: ``--io-iterations 50``).
 NO_REFINEMENT = Refinement(note="prediction only unless --io-iterations is given")
 #: What itk_gradicon recommends for the compact models it trains (measured on the bundled model,
-#: ``benchmarks/ACCURACY.md``): 50 steps of field IO, 40 of them on the half-resolution grid.
-FIELD_REFINEMENT = Refinement(iterations=50, method="field", coarse_fraction=0.8, patience=5,
+#: ``benchmarks/ACCURACY.md``): 50 steps of field IO, 40 of them on the half-resolution grid; LNCC with a
+#: window of sigma 2 network voxels and smoothness 0.2 for one contrast (run 8), MIND with 0.15 for two.
+FIELD_REFINEMENT = Refinement(iterations=50, method="field", coarse_fraction=0.8, patience=5, smoothness=0.2,
+                              multimodal_smoothness=0.15, lncc_sigma=2.0,
                               note="field IO measured with this package's compact models (benchmarks/ACCURACY.md)")
 
 

@@ -25,6 +25,7 @@ class IOChoice:
 
     Attributes:
         iterations, method, similarity, smoothness, lr: as :func:`itk_gradicon.register`'s ``io_*`` options.
+        lncc_sigma: the LNCC window of ``field`` IO (network voxels; ``None``: the training loss's).
         coarse_steps: steps of ``field`` IO on the half-resolution grid (the model's share of ``iterations``).
         patience: ``field`` IO's early stop (0: none).
         recommended: the step count came from the model file's recommendation (not from the caller).
@@ -32,6 +33,8 @@ class IOChoice:
         multimodal_similarity: what to use instead when the pair's intensities show two contrasts
             (:func:`intensity_correlation` below :data:`TWO_CONTRASTS_BELOW`); ``None`` where the caller
             or the modalities chose.
+        multimodal_smoothness: the smoothness that goes with ``multimodal_similarity`` (``None``: keep
+            ``smoothness``; always ``None`` where the caller chose the smoothness).
     """
 
     iterations: int
@@ -44,6 +47,8 @@ class IOChoice:
     recommended: bool = False
     why_similarity: str = ""
     multimodal_similarity: Optional[str] = None
+    lncc_sigma: Optional[float] = None
+    multimodal_smoothness: Optional[float] = None
 
     def describe(self) -> str:
         """One line for the user: what runs, and where each default came from."""
@@ -52,6 +57,8 @@ class IOChoice:
         origin = " (the model's recommendation)" if self.recommended else ""
         why = f" ({self.why_similarity})" if self.why_similarity else ""
         extra = f", smoothness {self.smoothness:g}" if self.method == "field" else ""
+        if self.method == "field" and self.lncc_sigma is not None and self.similarity in ("lncc", "lncc2"):
+            extra += f", window sigma {self.lncc_sigma:g} network voxels"
         if self.method == "field" and self.coarse_steps:
             extra += f", {self.coarse_steps} of the steps at half resolution"
         return (f"instance optimisation: {self.method}, {self.iterations} steps{origin}, "
@@ -75,8 +82,10 @@ def resolve_io(model: Model, *, io_iterations: Optional[int] = None, io_method: 
         io_method = recommended.method if recommended.iterations > 0 else resolve_io_method("auto", model)
     why = ""
     from_pair = None
+    two_contrasts = False
     if io_similarity is None:
         if modalities_differ(*modalities):
+            two_contrasts = True
             io_similarity = recommended.multimodal_similarity
             why = f"the model's choice for two modalities, {modalities[0]} and {modalities[1]}"
         else:
@@ -85,15 +94,17 @@ def resolve_io(model: Model, *, io_iterations: Optional[int] = None, io_method: 
                 from_pair = recommended.multimodal_similarity  # the pair's intensities decide
     if io_similarity not in IO_SIMILARITIES:
         raise InputError(f"unknown IO similarity {io_similarity!r}; allowed: {', '.join(IO_SIMILARITIES)}")
-    smoothness = io_smoothness if io_smoothness is not None else (
-        recommended.smoothness if recommended.smoothness is not None else DEFAULT_SMOOTHNESS)
+    one_contrast = recommended.smoothness if recommended.smoothness is not None else DEFAULT_SMOOTHNESS
+    two = recommended.multimodal_smoothness if recommended.multimodal_smoothness is not None else one_contrast
+    smoothness = io_smoothness if io_smoothness is not None else (two if two_contrasts else one_contrast)
     field = io_method == "field"
     return IOChoice(iterations, io_method, io_similarity, float(smoothness),
                     DEFAULT_LR[io_method] if io_lr is None else float(io_lr),
                     coarse_steps=int(round(recommended.coarse_fraction * iterations)) if field else 0,
                     patience=recommended.patience if field else 0,
                     recommended=io_iterations is None and iterations > 0, why_similarity=why,
-                    multimodal_similarity=from_pair)
+                    multimodal_similarity=from_pair, lncc_sigma=recommended.lncc_sigma if field else None,
+                    multimodal_smoothness=float(two) if from_pair is not None and io_smoothness is None else None)
 
 
 def resolve_io_method(choice: str, model: Model) -> str:

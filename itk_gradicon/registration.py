@@ -71,6 +71,7 @@ class RegistrationResult:
         io_history: losses after each instance-optimisation step.
         timings: seconds spent per stage.
         io_similarity: the similarity instance optimisation used (``None`` without it).
+        io_smoothness: the diffusion weight ``field`` IO used (``None`` without it).
     """
 
     forward_field: DisplacementField
@@ -84,6 +85,7 @@ class RegistrationResult:
     io_history: List[Dict[str, float]] = field(default_factory=list)
     timings: Dict[str, float] = field(default_factory=dict)
     io_similarity: Optional[str] = None
+    io_smoothness: Optional[float] = None
     _cache: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -310,6 +312,8 @@ class RegistrationRequest:
     io_coarse_steps: int = 0
     io_patience: int = 0
     io_multimodal_similarity: Optional[str] = None
+    io_multimodal_smoothness: Optional[float] = None
+    io_lncc_sigma: Optional[float] = None
     io_dice_weight: float = 1.0
     affine: Optional[np.ndarray] = None
     orientation: str = "fixed"
@@ -339,7 +343,7 @@ class RegistrationRequest:
         return cls(fixed, moving, model, io_iterations=io.iterations, io_similarity=io.similarity,
                    io_method=io.method, io_lr=io.lr, io_smoothness=io.smoothness, io_coarse_steps=io.coarse_steps,
                    io_patience=io.patience, io_multimodal_similarity=io.multimodal_similarity,
-                   affine=_as_affine(initial_transform, d), **options)
+                   io_multimodal_smoothness=io.multimodal_smoothness, io_lncc_sigma=io.lncc_sigma, affine=_as_affine(initial_transform, d), **options)
 
 
 def run_request(request: RegistrationRequest, *, device: torch.device,
@@ -387,6 +391,8 @@ def run_request(request: RegistrationRequest, *, device: torch.device,
         correlation = intensity_correlation(image_A, image_B)
         if correlation < TWO_CONTRASTS_BELOW:
             similarity = r.io_multimodal_similarity
+            if r.io_multimodal_smoothness is not None:
+                r = dataclasses.replace(r, io_smoothness=r.io_multimodal_smoothness)
             messages.append(f"the pre-aligned images' intensities correlate at {correlation:.2f} (below "
                             f"{TWO_CONTRASTS_BELOW:g}): treated as two contrasts, instance optimisation uses "
                             f"{similarity} (name the modalities, e.g. t1w and t2w, or the similarity to choose)")
@@ -408,7 +414,8 @@ def run_request(request: RegistrationRequest, *, device: torch.device,
     timings["fields"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
     return RegistrationResult(*fields, modalities["fixed"], modalities["moving"], messages, history, timings,
-                              io_similarity=similarity if r.io_iterations > 0 else None)
+                              io_similarity=similarity if r.io_iterations > 0 else None,
+                              io_smoothness=r.io_smoothness if r.io_iterations > 0 and r.io_method == "field" else None)
 
 
 def check_options(*, mask_mode: str = "input", orientation: str = "fixed", io_iterations=None,
@@ -567,7 +574,8 @@ def _predict(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor,
     io = {}
     if r.io_iterations > 0:
         loss_masks = r.mask_mode in ("loss", "both") and r.fixed_mask is not None and moving_net.mask is not None
-        io = dict(steps=r.io_iterations, lr=r.io_lr, similarity=losses.similarity_function(similarity),
+        window = r.io_lncc_sigma if r.io_method == "field" else None  # network IO keeps the training loss
+        io = dict(steps=r.io_iterations, lr=r.io_lr, similarity=losses.similarity_function(similarity, lncc_sigma=window),
                   mask_A=_on_network(moving_frame, moving_net.mask, device) if loss_masks else None,
                   mask_B=_on_network(fixed_frame, r.fixed_mask, device) if loss_masks else None,
                   seg_A=_on_network(moving_frame, moving_net.labels, device),

@@ -204,7 +204,7 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
     request = RegistrationRequest.of(
         inputs.fixed, inputs.moving, model_obj, fixed_modality=fixed_modality, moving_modality=moving_modality,
         ct_window=ct_window, quantile_range=quantile_range, mask_mode=mask_mode, io_iterations=io.iterations,
-        io_similarity=io_similarity, io_lr=io.lr, io_method=io.method, io_smoothness=io.smoothness,
+        io_similarity=io_similarity, io_lr=io.lr, io_method=io.method, io_smoothness=io_smoothness,
         io_dice_weight=io_dice_weight, initial_transform=pre, orientation=orientation, io_start=io_start,
         compute_inverse=outputs.needs_inverse, messages=messages, **inputs.masks, **inputs.labels)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -222,7 +222,8 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
                    "ct_window": ct_window, "quantile_range": quantile_range, "mask_mode": mask_mode,
                    "affine": affine, "io_iterations": io.iterations, "io_method": io.method,
                    "io_similarity": result.io_similarity or request.io_similarity,
-                   "io_smoothness": io.smoothness, "io_lr": io.lr,
+                   "io_smoothness": result.io_smoothness if result.io_smoothness is not None else io.smoothness,
+                   "io_lr": io.lr, "io_lncc_sigma": io.lncc_sigma,
                    "io_coarse_steps": io.coarse_steps, "io_patience": io.patience, "io_start": io_start,
                    "io_dice_weight": io_dice_weight, "orientation": orientation, "seed": seed,
                    "device": str(torch_device), "threads": {"torch": torch.get_num_threads(), "itk": itk_threads()}}

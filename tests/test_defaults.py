@@ -154,11 +154,14 @@ def test_rigid_on_the_example_pair_is_not_worse_than_the_headers():
 def test_refinement_records_round_trip_and_bad_ones_are_refused(tmp_path, tiny_model_file):
     model = load_model(str(tiny_model_file))
     assert model.refinement == NO_REFINEMENT
-    wanted = Refinement(iterations=3, method="field", similarity="lncc2", smoothness=0.2, note="test")
+    wanted = Refinement(iterations=3, method="field", similarity="lncc2", smoothness=0.2, note="test",
+                        multimodal_smoothness=0.1, lncc_sigma=2.0)
     path = save_model_file(tmp_path / "m.pt", model.network, model.architecture, name="m", refinement=wanted)
     assert load_model(str(path)).refinement == wanted
     for bad, message in (({"iterations": -1}, "whole number >= 0"), ({"method": "magic"}, "allowed: field, network"),
-                         ({"steps": 3}, "unknown 'refinement' keys"), ({"smoothness": "x"}, "number >= 0")):
+                         ({"steps": 3}, "unknown 'refinement' keys"), ({"smoothness": "x"}, "number >= 0"),
+                         ({"multimodal_smoothness": -1.0}, "multimodal_smoothness must be a number >= 0"),
+                         ({"lncc_sigma": 0}, "lncc_sigma must be a number > 0")):
         content = torch.load(path, weights_only=True)
         content["refinement"] = bad
         torch.save(content, tmp_path / "bad.pt")
@@ -171,6 +174,19 @@ def test_the_bundled_model_recommends_field_io():
         pytest.skip("the bundled model file is not in this source tree")
     refinement = load_model("gradicon-synthbrain-96").refinement
     assert (refinement.iterations, refinement.method) == (50, "field") and refinement.multimodal_similarity
+    # one contrast: a narrow LNCC window with a stiffer field; two contrasts: MIND with the softer one
+    assert (refinement.lncc_sigma, refinement.smoothness, refinement.multimodal_smoothness) == (2.0, 0.2, 0.15)
+
+
+def test_the_lncc_window_of_field_io_is_the_model_s_and_mind_has_none():
+    from itk_gradicon import losses
+
+    a, b = torch.rand(1, 1, 12, 12, 12, generator=torch.Generator().manual_seed(0)), torch.rand(1, 1, 12, 12, 12)
+    assert losses.similarity_function("lncc") is losses.lncc_loss
+    narrow = losses.similarity_function("lncc", lncc_sigma=1.5)
+    assert float(narrow(a, b)) == pytest.approx(float(losses.lncc_loss(a, b, sigma=1.5)))
+    assert float(narrow(a, b)) != pytest.approx(float(losses.lncc_loss(a, b)))
+    assert losses.similarity_function("mind", lncc_sigma=1.5) is losses.mind_loss
 
 
 def test_io_options_resolve_against_the_recommendation(tiny_model_file):
@@ -188,6 +204,25 @@ def test_io_options_resolve_against_the_recommendation(tiny_model_file):
     assert resolve_io(model, modalities=("t1w", "t2w"), io_similarity="lncc2").similarity == "lncc2"
     plain = load_model(str(tiny_model_file))
     assert resolve_io(plain).iterations == 0
+
+
+def test_each_similarity_gets_the_smoothness_the_model_gives_it(tiny_model_file):
+    from dataclasses import replace
+
+    model = replace(load_model(str(tiny_model_file)),
+                    refinement=Refinement(iterations=4, method="field", smoothness=0.2, multimodal_smoothness=0.1,
+                                          lncc_sigma=2.0))
+    one = resolve_io(model, modalities=("t1w", "t1w"))
+    assert (one.similarity, one.smoothness, one.lncc_sigma, one.multimodal_smoothness) == ("lncc", 0.2, 2.0, None)
+    assert "window sigma 2 network voxels" in one.describe()
+    two = resolve_io(model, modalities=("t1w", "t2w"))
+    assert (two.similarity, two.smoothness) == ("mind", 0.1) and "window" not in two.describe()
+    unnamed = resolve_io(model)  # the pair's intensities decide later, with the smoothness that goes with it
+    assert (unnamed.smoothness, unnamed.multimodal_similarity, unnamed.multimodal_smoothness) == (0.2, "mind", 0.1)
+    mine = resolve_io(model, io_smoothness=0.5)
+    assert (mine.smoothness, mine.multimodal_smoothness) == (0.5, None)
+    assert resolve_io(model, modalities=("t1w", "t2w"), io_smoothness=0.5).smoothness == 0.5
+    assert resolve_io(model, io_method="network").lncc_sigma is None  # network IO keeps the training loss
 
 
 @pytest.mark.parametrize("fixed, moving, differ", [
@@ -412,6 +447,10 @@ def test_two_contrasts_are_told_from_the_intensities_when_not_named(tiny_model_f
     options = dict(model=model, affine="none", fixed_modality="mri", moving_modality="mri")
     told = register(fixed, moving, **options)
     assert any("treated as two contrasts, instance optimisation uses lncc2" in m for m in told.messages)
+    assert (told.io_similarity, told.io_smoothness) == ("lncc2", 0.15)
+    softer = replace(model, refinement=replace(model.refinement, smoothness=0.3, multimodal_smoothness=0.05))
+    assert register(fixed, moving, **{**options, "model": softer}).io_smoothness == 0.05
+    assert register(fixed, make_image(volume * 90), **{**options, "model": softer}).io_smoothness == 0.3
     same = register(fixed, make_image(volume * 90), **options)
     assert not any("two contrasts" in m for m in same.messages)
     named = register(fixed, moving, model=model, affine="none", fixed_modality="t1w", moving_modality="t1w")
