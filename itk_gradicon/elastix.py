@@ -15,9 +15,10 @@ translation ``t``, and a ``CenterOfRotationPoint`` ``c``; it maps a fixed point 
 in physical coordinates (``UseDirectionCosines "true"``, elastix's default since 4.8, which we set
 explicitly). Hence ``A = [[M, t + c - M c], [0, 1]]``.
 
-The registration is multi-resolution (Gaussian smoothing; :func:`pyramid_levels` chooses the levels),
+The registration is multi-resolution (images smoothed and shrunk by 2 per level; :func:`pyramid_levels`
+chooses the levels),
 Mattes mutual information with :data:`HISTOGRAM_BINS` bins (so multimodal pairs work; ``metric="ncc"`` or
-``"mse"`` for same-modality pairs), adaptive stochastic gradient descent on 2,048 random samples per
+``"mse"`` for same-modality pairs), adaptive stochastic gradient descent (:data:`ITERATIONS` per level) on 2,048 random samples per
 iteration, started by default from the alignment of the two images' intensity centres of mass. Its random sampling is seeded, so a run is reproducible. The number of threads is
 set explicitly (all the cores this process may use): itk-elastix otherwise picks its own, and one of
 its 3-D runs once crashed here with a thread count it chose.
@@ -63,6 +64,12 @@ DEFAULT_SEED = 20240601
 #: Joint-histogram bins of the mutual information (elastix's default: 32; the choice is measured in
 #: ``benchmarks/ACCURACY.md``, run 6).
 HISTOGRAM_BINS = 64
+#: Optimiser iterations per pyramid level (elastix's default: 256; ``benchmarks/ACCURACY.md``, run 9).
+ITERATIONS = 512
+#: elastix's pyramids: each level smoothed *and* shrunk (``Recursive``), where elastix's default map only
+#: smooths (``Smoothing``) and so filters and samples full-resolution images at every level: 3x the time
+#: for the same Dice (run 9).
+PYRAMIDS = ("FixedRecursiveImagePyramid", "MovingRecursiveImagePyramid")
 
 
 # itk-elastix's classes, loaded by their own wrapping modules. Through ITK's lazy loader, the first use
@@ -98,15 +105,15 @@ def _registration_method(fixed_type, moving_type):
         return itk.ElastixRegistrationMethod[fixed_type, moving_type].New()
 
 
-def affine_parameter_map(*, metric: str = "mi", initialization: str = "mass", iterations: int = 256,
+def affine_parameter_map(*, metric: str = "mi", initialization: str = "mass", iterations: int = ITERATIONS,
                          resolutions: int = 4, samples: int = 2048, seed: int = DEFAULT_SEED,
                          transform: str = "affine") -> Dict[str, Tuple[str, ...]]:
     """The elastix parameter map used by :func:`elastix_affine`.
 
     It starts from elastix's default ``affine`` map and sets what the conversion to a WORLD matrix
     relies on (``AffineTransform``, direction cosines used), the options below, :data:`HISTOGRAM_BINS`
-    bins for mutual information, masks used as given (not eroded at coarse resolutions), and writes no
-    result image.
+    bins for mutual information, shrinking pyramids (:data:`PYRAMIDS`), masks used as given (not eroded at
+    coarse resolutions), and writes no result image.
 
     Args:
         metric: ``"mi"`` (Mattes mutual information, any modalities), ``"ncc"`` (normalised
@@ -146,6 +153,8 @@ def affine_parameter_map(*, metric: str = "mi", initialization: str = "mass", it
         "UseDirectionCosines": ("true",),
         "Metric": (METRICS[metric],),
         "NumberOfHistogramBins": (str(HISTOGRAM_BINS),),
+        "FixedImagePyramid": (PYRAMIDS[0],),
+        "MovingImagePyramid": (PYRAMIDS[1],),
         "MaximumNumberOfIterations": (str(int(iterations)),),
         "NumberOfResolutions": (str(int(resolutions)),),
         "NumberOfSpatialSamples": (str(int(samples)),),
@@ -282,7 +291,7 @@ def _elastix_error(err: BaseException) -> str:
 
 
 def elastix_affine(fixed, moving, fixed_mask=None, moving_mask=None, *, metric: str = "mi",
-                   initialization: str = "mass", iterations: int = 256, resolutions: int = 4,
+                   initialization: str = "mass", iterations: int = ITERATIONS, resolutions: int = 4,
                    samples: int = 2048, seed: int = DEFAULT_SEED, transform: str = "affine",
                    threads: Optional[int] = None,
                    parameter_map: Optional[Mapping[str, Sequence[str]]] = None,
@@ -403,5 +412,5 @@ def pyramid_levels(*images) -> int:
     return int(min(4, max(1, 1 + np.floor(np.log2(max(shortest, 1) / 16.0)))))
 
 
-__all__ = ["DEFAULT_SEED", "HISTOGRAM_BINS", "INITIALIZATIONS", "METRICS", "TRANSFORMS", "affine_from_elastix_parameters",
+__all__ = ["DEFAULT_SEED", "HISTOGRAM_BINS", "ITERATIONS", "PYRAMIDS", "INITIALIZATIONS", "METRICS", "TRANSFORMS", "affine_from_elastix_parameters",
            "affine_parameter_map", "elastix_affine", "euler_matrix", "pyramid_levels"]

@@ -316,3 +316,14 @@ def test_elastix_is_stable_on_an_oblique_real_pair(shared_data):
     np.testing.assert_array_equal(first, second)
     scales = np.linalg.svd(first[:3, :3], compute_uv=False)
     assert np.all(np.abs(scales - 1.0) < 0.03), scales
+
+
+def test_the_parameter_map_shrinks_its_pyramids_and_runs_the_measured_iterations():
+    from itk_gradicon.elastix import HISTOGRAM_BINS, ITERATIONS, affine_parameter_map
+
+    params = affine_parameter_map()
+    assert params["FixedImagePyramid"] == ("FixedRecursiveImagePyramid",)
+    assert params["MovingImagePyramid"] == ("MovingRecursiveImagePyramid",)
+    assert params["MaximumNumberOfIterations"] == (str(ITERATIONS),) == ("512",)
+    assert params["NumberOfHistogramBins"] == (str(HISTOGRAM_BINS),)
+    assert affine_parameter_map(iterations=64)["MaximumNumberOfIterations"] == ("64",)
