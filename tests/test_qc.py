@@ -41,7 +41,7 @@ def marker_volume():
     array[5:25, 5:29, 5:33] = 10.0
     array[13:18, 24:29, 5:10] = 100.0  # axial slice k=15: anterior, left
     array[20:25, 15:20, 5:10] = 100.0  # coronal slice j=17: superior, left
-    array[20:25, 24:29, 17:22] = 100.0  # sagittal slice i=19: superior, anterior
+    array[20:25, 24:29, 13:22] = 100.0  # sagittal slice i=15 (off the centre i=19): superior, anterior
     return make_image(array, spacing=(1.0, 1.5, 2.0), origin=(20.0, 30.0, -10.0), direction=LPS_FROM_RAS)
 
 
@@ -86,6 +86,27 @@ def test_display_does_not_depend_on_storage(perm, flips):
     other = restored(image, perm, flips)
     for a, b in zip(fixed_panels(image), fixed_panels(other)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("perm,flips", [((0, 1, 2), (False, False, False)), ((0, 1, 2), (True, False, False)),
+                                        ((2, 0, 1), (True, False, True))])
+def test_the_sagittal_slice_is_off_the_midline_towards_the_patient_s_left(perm, flips):
+    from itk_gradicon.geometry import ImageGrid
+    from itk_gradicon.qc import SAGITTAL_OFFSET, slice_views
+
+    image = restored(marker_volume(), perm, flips)
+    grid = ImageGrid.from_image(image)
+    sagittal = slice_views(grid)[2]
+    index = np.array([(n - 1) / 2 for n in image.GetLargestPossibleRegion().GetSize()])
+
+    def world_x(at):
+        return float((np.asarray(image.GetOrigin()) + grid.direction_matrix @ (np.asarray(image.GetSpacing()) * at))[0])
+
+    centre_x = world_x(index)
+    index[sagittal.axis] = sagittal.index
+    x = world_x(index)
+    # LPS: the patient's left is +x; 38 voxels of 1 mm along x, a tenth of them off the centre
+    assert SAGITTAL_OFFSET * 38 - 1 <= x - centre_x <= SAGITTAL_OFFSET * 38 + 1
 
 
 def test_text_bitmap():
