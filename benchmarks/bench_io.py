@@ -70,9 +70,8 @@ def child_ours(weights: str, steps: int, device: str) -> dict:
         stamps.append(time.perf_counter())
 
     history = []
-    optimise_network(net, image_A, image_B, steps=steps, lr=2e-5, similarity=losses.lncc_loss, mask_A=None,
-                     mask_B=None, seg_A=None, seg_B=None, dice_weight=0.0, progress=progress, history=history,
-                     generator=torch.Generator().manual_seed(0))
+    optimise_network(net, image_A, image_B, steps=steps, lr=2e-5, similarity=losses.lncc_loss,
+                     progress=progress, history=history, generator=torch.Generator().manual_seed(0))
     return {"step_seconds": [b - a for a, b in zip(stamps, stamps[1:])], "losses": [h["total"] for h in history]}
 
 

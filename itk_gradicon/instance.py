@@ -62,8 +62,7 @@ Progress = Optional[Callable[[IOProgress], None]]
 
 
 def optimise_network(net: torch.nn.Module, image_A: Tensor, image_B: Tensor, *, steps: int, lr: float,
-                     similarity, mask_A=None, mask_B=None, seg_A=None, seg_B=None, dice_weight: float = 0.0,
-                     progress: Progress = None, history: Optional[List[Dict[str, float]]] = None,
+                     similarity, guidance: losses.Guidance = losses.NO_GUIDANCE, progress: Progress = None, history: Optional[List[Dict[str, float]]] = None,
                      generator: Optional[torch.Generator] = None) -> torch.nn.Module:
     """Adam steps of the full symmetric objective on a copy of ``net``; returns the tuned copy.
 
@@ -78,9 +77,8 @@ def optimise_network(net: torch.nn.Module, image_A: Tensor, image_B: Tensor, *, 
     start = time.perf_counter()
     for step in range(1, steps + 1):
         optimizer.zero_grad(set_to_none=True)
-        terms = losses.gradicon_objective(tuned, image_A, image_B, similarity=similarity,
-                                          mask_A=mask_A, mask_B=mask_B, seg_A=seg_A, seg_B=seg_B,
-                                          dice_weight=dice_weight, generator=generator)
+        terms = losses.gradicon_objective(tuned, image_A, image_B, similarity=similarity, guidance=guidance,
+                                          generator=generator)
         terms.total.backward()
         optimizer.step()
         _report(terms.as_floats(), step, steps, start, progress, history)
@@ -118,8 +116,7 @@ def inverse_consistency_penalty(disp_AB: Tensor, disp_BA: Tensor, identity: Tens
 
 def refine_fields(disp_AB: Tensor, disp_BA: Optional[Tensor], image_A: Tensor, image_B: Tensor, *,
                   steps: int, lr: float, similarity, smoothness: float = DEFAULT_SMOOTHNESS,
-                  mask_A=None, mask_B=None, seg_A=None, seg_B=None, dice_weight: float = 0.0,
-                  coarse_steps: int = 0, patience: int = 0,
+                  guidance: losses.Guidance = losses.NO_GUIDANCE, coarse_steps: int = 0, patience: int = 0,
                   progress: Progress = None, history: Optional[List[Dict[str, float]]] = None
                   ) -> Tuple[Tensor, Optional[Tensor]]:
     """Adam steps on the predicted displacements; returns the refined ``(disp_AB, disp_BA)``.
@@ -144,8 +141,9 @@ def refine_fields(disp_AB: Tensor, disp_BA: Optional[Tensor], image_A: Tensor, i
     start = time.perf_counter()
     done = 0
     one_A = one_B = valid = None
+    dice_weight = guidance.dice_weight
     if dice_weight > 0:
-        one_A, one_B, valid = losses.shared_one_hot(seg_A, seg_B)
+        one_A, one_B, valid = losses.shared_one_hot(guidance.seg_A, guidance.seg_B)
     for shrink, level_steps in levels:
         if level_steps <= 0:
             continue
@@ -157,8 +155,8 @@ def refine_fields(disp_AB: Tensor, disp_BA: Optional[Tensor], image_A: Tensor, i
                 return tensor
             return _resample_cube(tensor, level_shape, blur=blur)
 
-        level = _FieldLevel(image_A=on(image_A), image_B=on(image_B), mask_A=on(mask_A, blur=False),
-                            mask_B=on(mask_B, blur=False), one_A=on(one_A), one_B=on(one_B), valid=valid)
+        level = _FieldLevel(image_A=on(image_A), image_B=on(image_B), mask_A=on(guidance.mask_A, blur=False),
+                            mask_B=on(guidance.mask_B, blur=False), one_A=on(one_A), one_B=on(one_B), valid=valid)
         fields = [on(f, blur=False) for f in fields]  # every level starts from fields on the full grid
         fields, ran = level.optimise(fields, steps=level_steps, lr=lr, similarity=similarity,
                                      smoothness=smoothness, dice_weight=dice_weight, patience=patience,

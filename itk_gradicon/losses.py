@@ -360,12 +360,31 @@ def warp(image: Tensor, points: Tensor, *, zero_outside: bool) -> Tensor:
     return sample_cube_field(padded, (points * (nodes - 1) + 1) / (nodes + 1))
 
 
+@dataclass(frozen=True)
+class Guidance:
+    """What a pair's loss may use besides its two images.
+
+    Attributes:
+        mask_A, mask_B: loss masks on each image's grid: the similarity counts only their voxels.
+        seg_A, seg_B: label maps of the two images.
+        dice_weight: weight of a soft Dice term on the labels both maps share (0: none; > 0 needs both maps).
+    """
+
+    mask_A: Optional[Tensor] = None
+    mask_B: Optional[Tensor] = None
+    seg_A: Optional[Tensor] = None
+    seg_B: Optional[Tensor] = None
+    dice_weight: float = 0.0
+
+
+#: Nothing but the images.
+NO_GUIDANCE = Guidance()
+
+
 def gradicon_objective(net: torch.nn.Module, image_A: Tensor, image_B: Tensor, *,
                        similarity: Callable[..., Tensor] = lncc_loss,
                        lmbda: float = GRADICON_LAMBDA,
-                       mask_A: Optional[Tensor] = None, mask_B: Optional[Tensor] = None,
-                       seg_A: Optional[Tensor] = None, seg_B: Optional[Tensor] = None,
-                       dice_weight: float = 0.0,
+                       guidance: Guidance = NO_GUIDANCE,
                        loss_A: Optional[Tensor] = None, loss_B: Optional[Tensor] = None,
                        points: Optional[Tensor] = None,
                        generator: Optional[torch.Generator] = None) -> LossTerms:
@@ -377,8 +396,7 @@ def gradicon_objective(net: torch.nn.Module, image_A: Tensor, image_B: Tensor, *
         net: network ``(A, B) -> CubeMap``.
         image_A, image_B: network inputs ``[B, C, *shape]``.
         similarity: loss ``(warped, target, mask) -> scalar`` (:func:`lncc_loss`, ...).
-        mask_A, mask_B: loss masks on each image's grid (loss masking).
-        seg_A, seg_B: label maps; with ``dice_weight > 0`` a soft Dice term on shared labels.
+        guidance: loss masks, label maps and the Dice weight (:class:`Guidance`).
         loss_A, loss_B: images the similarity is computed on, when they differ from the network
             inputs (multiGradICON's loss randomisation); default the inputs.
         points: GradICON sample points (default: drawn with :func:`gradicon_sample_points`).
@@ -390,19 +408,20 @@ def gradicon_objective(net: torch.nn.Module, image_A: Tensor, image_B: Tensor, *
     grid_BA = phi_BA.on_grid(shape)
     target_A = image_A if loss_A is None else loss_A
     target_B = image_B if loss_B is None else loss_B
-    sim = (similarity(warp(target_A, grid_AB, zero_outside=True), target_B, mask_B)
-           + similarity(warp(target_B, grid_BA, zero_outside=True), target_A, mask_A))
+    g = guidance
+    sim = (similarity(warp(target_A, grid_AB, zero_outside=True), target_B, g.mask_B)
+           + similarity(warp(target_B, grid_BA, zero_outside=True), target_A, g.mask_A))
     if points is None:
         points = gradicon_sample_points(shape, like=image_A, generator=generator)
     reg = gradicon_regularizer(phi_AB, phi_BA, points)
     dice = image_A.new_zeros(())
-    if dice_weight > 0:
-        if seg_A is None or seg_B is None:
+    if g.dice_weight > 0:
+        if g.seg_A is None or g.seg_B is None:
             raise ValueError("a Dice term needs label maps of both images")
-        one_A, one_B, valid = shared_one_hot(seg_A, seg_B)
+        one_A, one_B, valid = shared_one_hot(g.seg_A, g.seg_B)
         dice = (soft_dice_loss(warp(one_A, grid_AB, zero_outside=False), one_B, valid)
                 + soft_dice_loss(warp(one_B, grid_BA, zero_outside=False), one_A, valid))
-    total = sim + lmbda * reg + dice_weight * dice
+    total = sim + lmbda * reg + g.dice_weight * dice
     return LossTerms(total, sim, reg, dice, phi_AB, phi_BA)
 
 
@@ -432,7 +451,7 @@ def fraction_folded(grid_map: Tensor) -> float:
 
 
 __all__ = [
-    "masked_mean", "gaussian_blur", "lncc_map", "lncc_loss", "squared_lncc_loss", "mind_ssc", "mind_loss",
+    "Guidance", "NO_GUIDANCE", "masked_mean", "gaussian_blur", "lncc_map", "lncc_loss", "squared_lncc_loss", "mind_ssc", "mind_loss",
     "similarity_function", "SIMILARITIES", "gradicon_sample_points", "cycle_gradient_penalty",
     "gradicon_regularizer", "soft_dice_loss", "shared_one_hot", "LossTerms", "gradicon_objective",
     "warp", "jacobian_determinant_cube", "fraction_folded",

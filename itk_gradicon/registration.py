@@ -576,11 +576,12 @@ def _predict(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor,
         loss_masks = r.mask_mode in ("loss", "both") and r.fixed_mask is not None and moving_net.mask is not None
         window = r.io_lncc_sigma if r.io_method == "field" else None  # network IO keeps the training loss
         io = dict(steps=r.io_iterations, lr=r.io_lr, similarity=losses.similarity_function(similarity, lncc_sigma=window),
-                  mask_A=_on_network(moving_frame, moving_net.mask, device) if loss_masks else None,
-                  mask_B=_on_network(fixed_frame, r.fixed_mask, device) if loss_masks else None,
-                  seg_A=_on_network(moving_frame, moving_net.labels, device),
-                  seg_B=_on_network(fixed_frame, r.fixed_labels, device),
-                  dice_weight=r.io_dice_weight if r.fixed_labels is not None else 0.0,
+                  guidance=losses.Guidance(
+                      mask_A=_on_network(moving_frame, moving_net.mask, device) if loss_masks else None,
+                      mask_B=_on_network(fixed_frame, r.fixed_mask, device) if loss_masks else None,
+                      seg_A=_on_network(moving_frame, moving_net.labels, device),
+                      seg_B=_on_network(fixed_frame, r.fixed_labels, device),
+                      dice_weight=r.io_dice_weight if r.fixed_labels is not None else 0.0),
                   progress=progress, history=history)
     if io and r.io_method == "network":
         t = time.perf_counter()

@@ -239,8 +239,8 @@ def test_masked_objective_and_dice_match_reference():
     torch.manual_seed(11)
     with torch.no_grad():
         r = ref(a, b, mask_A=mask_a, mask_B=mask_b, segmentation_A=seg_a, segmentation_B=seg_b)
-        o = L.gradicon_objective(net, a, b, mask_A=mask_a, mask_B=mask_b, seg_A=seg_a, seg_B=seg_b,
-                                 dice_weight=0.7, points=points)
+        o = L.gradicon_objective(net, a, b, guidance=L.Guidance(mask_A=mask_a, mask_B=mask_b, seg_A=seg_a,
+                                                                 seg_B=seg_b, dice_weight=0.7), points=points)
     assert abs(r.similarity_loss.item() - o.similarity.item()) < LOSS_TOLERANCE
     assert abs(r.dice_loss.item() - o.dice.item()) < LOSS_TOLERANCE
     assert abs(r.all_loss.item() - o.total.item()) < LOSS_TOLERANCE

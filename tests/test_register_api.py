@@ -298,7 +298,8 @@ def _spy_objective(monkeypatch):
     real = losses.gradicon_objective
 
     def spy(net, image_A, image_B, **kwargs):
-        calls.append({k: kwargs.get(k) for k in ("mask_A", "mask_B", "seg_A", "seg_B", "dice_weight")})
+        guidance = kwargs.get("guidance", losses.NO_GUIDANCE)
+        calls.append({k: getattr(guidance, k) for k in ("mask_A", "mask_B", "seg_A", "seg_B", "dice_weight")})
         return real(net, image_A, image_B, **kwargs)
 
     monkeypatch.setattr(losses, "gradicon_objective", spy)

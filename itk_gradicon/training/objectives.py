@@ -130,7 +130,7 @@ class GradICONObjective(nn.Module):
         image_A, image_B = batch["image_A"], batch["image_B"]
         terms = losses.gradicon_objective(
             self.network, image_A, image_B, similarity=self.similarity, lmbda=self.lmbda,
-            mask_A=_loss_mask(batch, "A"), mask_B=_loss_mask(batch, "B"),
+            guidance=losses.Guidance(mask_A=_loss_mask(batch, "A"), mask_B=_loss_mask(batch, "B")),
             loss_A=batch.get("loss_A"), loss_B=batch.get("loss_B"), points=points, generator=generator)
         dice = image_A.new_zeros(())
         if self.dice_weight > 0 and "seg_A" in batch:
