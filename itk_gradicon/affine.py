@@ -16,6 +16,7 @@ from .elastix import (  # noqa: F401  (re-exported: the names users of this modu
     DEFAULT_SEED, HISTOGRAM_BINS, INITIALIZATIONS, METRICS, TRANSFORMS, affine_from_elastix_parameters,
     affine_parameter_map, elastix_affine, euler_matrix, pyramid_levels)
 from .errors import InputError
+from .options import AFFINE_CHOICES  # noqa: F401  (re-exported: its former home)
 from .threads import available_threads  # noqa: F401  (re-exported)
 
 Log = Callable[[str], None]
@@ -208,8 +209,6 @@ def prealign(fixed, moving, fixed_mask=None, moving_mask=None, *, transform: str
     return result
 
 
-#: ``--affine`` values (``elastix`` is an older name of ``affine``).
-AFFINE_CHOICES = ("auto", "none", "affine", "rigid", "elastix")
 PREALIGNMENT_TRANSFORMS = ("affine", "rigid")
 
 

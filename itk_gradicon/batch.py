@@ -337,8 +337,9 @@ def register_pairs(pairs: Sequence[Pair], *, model: Union[str, Any] = "unigradic
             batch is not faster and needs more memory); only prediction-only runs are batched.
         precision: ``float32``, or ``bfloat16`` / ``float16`` (CUDA only) for the prediction.
         stop_on_error: stop at the first pair that fails (pairs already running finish).
-        options: keyword arguments of :func:`~itk_gradicon.registration_io.run_register` shared by
-            every pair (modalities, instance optimisation, ...).
+        options: the options shared by every pair, as the flat keywords of
+            :class:`~itk_gradicon.options.RegistrationOptions` (modalities, instance optimisation, ...),
+            and ``seed``.
         skip_existing: a pair whose outputs all exist is not registered again (a resumed run: outputs
             are written all together or not at all, so existing outputs are complete).
         log: receives one-line messages.
@@ -351,9 +352,12 @@ def register_pairs(pairs: Sequence[Pair], *, model: Union[str, Any] = "unigradic
         GradiconError: a problem shared by every pair (model, device, precision).
     """
     from .models import Model, load_model
-    from .registration_io import run_register
+    from .options import RegistrationOptions
+    from .registration_io import RegisterFiles, run_register
 
     options = dict(options or {})
+    seed = options.pop("seed", None)
+    shared = RegistrationOptions.from_keywords(**options)
     torch_device, batch_size = _device_and_batch_size(device, precision, batch_size)
     loaded = model if isinstance(model, Model) else load_model(model)
     iterations = options.get("io_iterations")
@@ -368,10 +372,9 @@ def register_pairs(pairs: Sequence[Pair], *, model: Union[str, Any] = "unigradic
         if skip_existing and outputs_exist(pair):
             return PairResult(pair, True, 0.0, "outputs exist", [], skipped=True)
         try:
-            run_register(fixed=pair.fixed, moving=pair.moving, outputs=pair.outputs, model=loaded.name,
-                         device=str(torch_device), log=lambda m: log(f"{pair.origin}: {m}"),
-                         loaded_model=loaded, predictor=predictor,
-                         **{k: v for k, v in pair.inputs.items() if v is not None}, **options)
+            run_register(RegisterFiles(pair.fixed, pair.moving, **pair.inputs), pair.outputs, shared, model=loaded.name,
+                         seed=seed, device=str(torch_device), log=lambda m: log(f"{pair.origin}: {m}"),
+                         loaded_model=loaded, predictor=predictor)
         except (GradiconError, RuntimeError, MemoryError, OSError, ValueError) as err:
             return PairResult(pair, False, time.perf_counter() - t, _one_line(err))
         return PairResult(pair, True, time.perf_counter() - t, "", pair.outputs.final_paths())

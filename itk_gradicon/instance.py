@@ -30,9 +30,9 @@ import torch
 from torch import Tensor
 
 from . import losses
+from .options import IO_METHODS  # noqa: F401  (re-exported: its former home)
 from .network.sampling import cube_identity, sample_cube_field
 
-IO_METHODS = ("network", "field")
 #: Adam learning rate per method: the papers' value for the network's weights; for the fields,
 #: network voxels per step (the same for every network size).
 DEFAULT_LR = {"network": 2e-5, "field": 0.3}

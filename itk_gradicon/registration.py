@@ -36,23 +36,22 @@ import numpy as np
 import torch
 
 from . import losses
-from .affine import AFFINE_CHOICES, resolve_affine_choice
+from .affine import resolve_affine_choice
 from .devices import available_memory_bytes, check_memory, estimate_memory, resolve_device  # noqa: F401
 from .errors import InputError
 from .geometry import ImageGrid, NetworkFrame, displacement_on_grid
 from .imageio import _is_simpleitk, check_image, describe_grid, image_array, image_like, same_grid
-from .instance import DEFAULT_LR, DEFAULT_SMOOTHNESS, IO_METHODS, IOProgress, optimise_network, refine_fields
+from .instance import DEFAULT_LR, DEFAULT_SMOOTHNESS, IOProgress, optimise_network, refine_fields
 from .models import DEFAULT_MODEL, Model, load_model
 from .network.inference import predict_displacements
-from .preprocess import MASK_MODES, MODALITY_CHOICES, IntensityNormalization, apply_input_mask, resolve_modality
+from .options import (  # noqa: F401  (the choices and the check are re-exported: their former home)
+    AFFINE_CHOICES, INPUT_KEYWORDS, IO_METHOD_CHOICES, IO_METHODS, IO_STARTS, MASK_MODES, MODALITY_CHOICES,
+    ORIENTATIONS, RegistrationOptions, check_options)
+from .preprocess import IntensityNormalization, apply_input_mask, resolve_modality
 from .refinement import TWO_CONTRASTS_BELOW, intensity_correlation, resolve_io, resolve_io_method  # noqa: F401
 from .transforms import DisplacementField
 
-ORIENTATIONS = ("fixed", "storage")
 DEFAULT_IO_LR = DEFAULT_LR["network"]
-IO_METHOD_CHOICES = ("auto",) + IO_METHODS
-#: Where field IO starts (see :func:`register`'s ``io_start``).
-IO_STARTS = ("auto", "prediction", "prealignment")
 
 
 @dataclass
@@ -163,25 +162,21 @@ def _check_on_grid(mask, image, what: str, image_what: str) -> None:
 
 
 def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
-             fixed_modality: str = "auto", moving_modality: str = "auto",
-             ct_window: Optional[Tuple[float, float]] = None,
-             quantile_range: Optional[Tuple[float, float]] = None,
-             fixed_mask=None, moving_mask=None, mask_mode: str = "input",
-             io_iterations: Optional[int] = None, io_similarity: Optional[str] = None,
-             io_lr: Optional[float] = None, io_method: str = "auto", io_smoothness: Optional[float] = None,
-             fixed_labels=None, moving_labels=None, io_dice_weight: float = 1.0,
-             initial_transform=None, affine: str = "auto", orientation: str = "fixed",
-             io_start: str = "auto", compute_inverse: bool = True, device: Union[str, torch.device] = "auto",
-             progress: Optional[Callable[[IOProgress], None]] = None,
+             options: Optional[RegistrationOptions] = None, initial_transform=None,
+             device: Union[str, torch.device] = "auto", progress: Optional[Callable[[IOProgress], None]] = None,
              generator: Optional[torch.Generator] = None,
-             predictor: Optional[Callable[..., Tuple[torch.Tensor, Optional[torch.Tensor]]]] = None
-             ) -> RegistrationResult:
+             predictor: Optional[Callable[..., Tuple[torch.Tensor, Optional[torch.Tensor]]]] = None,
+             **keywords) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with a GradICON-family network.
+
+    Every option can be given as a keyword below or, typed and grouped, as ``options``
+    (:class:`~itk_gradicon.options.RegistrationOptions`; keywords given beside it replace its fields).
 
     Args:
         fixed, moving: scalar images of the model's dimension, both ``itk.Image`` or both
             ``SimpleITK.Image`` (masks and label maps in the same library).
         model: a published name, a weight/model file, or a loaded :class:`~itk_gradicon.models.Model`.
+        options: the options as one object (default: every default).
         fixed_modality, moving_modality: ``"ct"``, ``"mri"``, an MRI contrast (``"t1w"``, ``"t2w"``,
             ``"flair"``, ``"pd"``, ``"t2star"``: normalised as ``"mri"``; two different ones choose a
             multimodal IO similarity) or ``"auto"`` (guessed from intensities; the guess is reported
@@ -238,36 +233,31 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
     messages: List[str] = []
     if isinstance(device, str):
         device = resolve_device(device)
-    check_options(mask_mode=mask_mode, orientation=orientation, io_iterations=io_iterations, io_method=io_method,
-                  io_lr=io_lr, io_smoothness=io_smoothness, affine=affine, initial_transform=initial_transform,
-                  fixed_mask=fixed_mask, moving_mask=moving_mask, fixed_labels=fixed_labels,
-                  moving_labels=moving_labels, modalities=(fixed_modality, moving_modality), io_start=io_start)
+    inputs = {key: keywords.pop(key, None) for key in INPUT_KEYWORDS}
+    options = RegistrationOptions.from_keywords(options, **keywords)
+    check_options(options, {**inputs, "initial_transform": initial_transform})
     if not isinstance(model, Model):
         model = load_model(model)
         timings["load_model"] = time.perf_counter() - started
     d = model.architecture.dimension
-    fixed, moving = _check_inputs(fixed, moving, d, fixed_mask=fixed_mask, moving_mask=moving_mask,
-                                  fixed_labels=fixed_labels, moving_labels=moving_labels)
-    request = RegistrationRequest.of(
-        fixed, moving, model, fixed_mask=fixed_mask, moving_mask=moving_mask, fixed_labels=fixed_labels,
-        moving_labels=moving_labels, fixed_modality=fixed_modality, moving_modality=moving_modality,
-        ct_window=ct_window, quantile_range=quantile_range, mask_mode=mask_mode, io_iterations=io_iterations,
-        io_similarity=io_similarity, io_lr=io_lr, io_method=io_method, io_smoothness=io_smoothness,
-        io_dice_weight=io_dice_weight, initial_transform=initial_transform, orientation=orientation,
-        io_start=io_start, compute_inverse=compute_inverse, messages=messages)
-
-
+    fixed, moving = _check_inputs(fixed, moving, d, **inputs)
+    flat = options.keywords()
+    affine = flat.pop("affine")
+    request = RegistrationRequest.of(fixed, moving, model, initial_transform=initial_transform, messages=messages,
+                                     **inputs, **flat)
     prealignment = resolve_affine_choice(affine, model, initial_transform is not None)
     if prealignment != "none" and initial_transform is None:
         from .affine import prealign
 
         t = time.perf_counter()
-        found = prealign(fixed, moving, fixed_mask, moving_mask, transform=prealignment, log=messages.append)
+        found = prealign(fixed, moving, inputs["fixed_mask"], inputs["moving_mask"], transform=prealignment,
+                         log=messages.append)
         request = dataclasses.replace(request, affine=found.matrix)
         timings["affine"] = time.perf_counter() - t
     check_memory(estimate_memory(ImageGrid.from_image(fixed).num_voxels, ImageGrid.from_image(moving).num_voxels,
                                  d, model.architecture.input_shape, io=request.io_iterations > 0,
-                                 inverse=compute_inverse or (request.io_iterations > 0 and request.io_method == "field"),
+                                 inverse=options.compute_inverse or (request.io_iterations > 0
+                                                                     and request.io_method == "field"),
                                  affine=request.affine is not None), device)
     return run_request(request, device=device, progress=progress, generator=generator, predictor=predictor,
                        timings=timings, messages=messages, started=started)
@@ -416,47 +406,6 @@ def run_request(request: RegistrationRequest, *, device: torch.device,
     return RegistrationResult(*fields, modalities["fixed"], modalities["moving"], messages, history, timings,
                               io_similarity=similarity if r.io_iterations > 0 else None,
                               io_smoothness=r.io_smoothness if r.io_iterations > 0 and r.io_method == "field" else None)
-
-
-def check_options(*, mask_mode: str = "input", orientation: str = "fixed", io_iterations=None,
-                  io_method: str = "auto", io_lr=None, io_smoothness=None, affine: str = "auto",
-                  initial_transform=None, fixed_mask=None, moving_mask=None, fixed_labels=None,
-                  moving_labels=None, modalities: Tuple[str, str] = ("auto", "auto"), io_start: str = "auto",
-                  name: Callable[[str], str] = lambda option: option) -> None:
-    """Every option of a registration that needs neither an image nor a model, checked in one place.
-
-    :func:`register` calls it with the keyword names; ``gradicon register`` (and ``register-batch``) with
-    ``name`` giving the command-line flags (``"io_iterations"`` -> ``"--io-iterations"``), so that each
-    message names what the user typed. ``initial_transform`` is anything given (a file or a transform).
-
-    Raises:
-        InputError: the first option outside what is allowed, with what was received.
-    """
-
-    def allowed(option: str, value, choices) -> None:
-        if value not in choices:
-            raise InputError(f"unknown {name(option)} {value!r}; allowed: {', '.join(choices)}")
-
-    allowed("mask_mode", mask_mode, MASK_MODES)
-    allowed("orientation", orientation, ORIENTATIONS)
-    if io_iterations is not None and (isinstance(io_iterations, bool) or not isinstance(io_iterations, (int, np.integer))
-                                      or io_iterations < 0):
-        raise InputError(f"{name('io_iterations')} must be a whole number >= 0, not {io_iterations!r}")
-    allowed("io_method", io_method, IO_METHOD_CHOICES)
-    allowed("io_start", io_start, IO_STARTS)
-    if io_lr is not None and not io_lr > 0:
-        raise InputError(f"{name('io_lr')} must be > 0, not {io_lr!r}")
-    if io_smoothness is not None and not io_smoothness >= 0:
-        raise InputError(f"{name('io_smoothness')} must be >= 0, not {io_smoothness!r}")
-    allowed("affine", affine, AFFINE_CHOICES)
-    if affine not in ("auto", "none") and initial_transform is not None:
-        raise InputError(f"give either {name('affine')} {affine} or {name('initial_transform')}, not both")
-    if (fixed_labels is None) != (moving_labels is None):
-        raise InputError(f"{name('fixed_labels')} and {name('moving_labels')} must be given together")
-    if mask_mode in ("loss", "both") and (fixed_mask is None or moving_mask is None):
-        raise InputError(f"{name('mask_mode')} {mask_mode} needs both {name('fixed_mask')} and {name('moving_mask')}")
-    for option, choice in zip(("fixed_modality", "moving_modality"), modalities):
-        allowed(option, choice, MODALITY_CHOICES)
 
 
 def _check_inputs(fixed, moving, dimension: int, *, fixed_mask, moving_mask, fixed_labels, moving_labels):

@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from .affine import AFFINE_CHOICES, PREALIGNMENT_TRANSFORMS, expects_prealignment, resolve_affine_choice  # noqa: F401
 from .errors import GradiconError, InputError, ResourceError
 from .files import read_header
+from .options import INPUT_KEYWORDS, RegistrationOptions, check_options
 from .imageio import (VOLUME_SUFFIXES, OutputTransaction, backend_of, check_header,
                       check_output_dir, check_output_path, describe_grid, image_dimension, read_image,
                       read_label_image, read_mask_on_grid, same_grid)
@@ -103,17 +104,26 @@ def _read_labels_on(path: Path, image, what: str):
     return labels
 
 
-def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: str = "unigradicon",
-                 fixed_modality: str = "auto", moving_modality: str = "auto",
-                 ct_window: Optional[Tuple[float, float]] = None,
-                 quantile_range: Optional[Tuple[float, float]] = None,
-                 fixed_mask: Optional[Path] = None, moving_mask: Optional[Path] = None,
-                 mask_mode: str = "input", io_iterations: Optional[int] = None, io_similarity: Optional[str] = None,
-                 io_lr: Optional[float] = None, io_method: str = "auto", io_smoothness: Optional[float] = None,
-                 fixed_labels: Optional[Path] = None,
-                 moving_labels: Optional[Path] = None, io_dice_weight: float = 1.0,
-                 affine: str = "auto", initial_transform: Optional[Path] = None,
-                 orientation: str = "fixed", io_start: str = "auto", seed: Optional[int] = None, device: str = "auto",
+@dataclass(frozen=True)
+class RegisterFiles:
+    """The input files of one ``gradicon register``: the two images, optional masks and label maps on their
+    image's grid, and an optional affine transform file (fixed -> moving) to start from."""
+
+    fixed: Path
+    moving: Path
+    fixed_mask: Optional[Path] = None
+    moving_mask: Optional[Path] = None
+    fixed_labels: Optional[Path] = None
+    moving_labels: Optional[Path] = None
+    initial_transform: Optional[Path] = None
+
+    def by_flag(self) -> Dict[str, Optional[Path]]:
+        """The image files under their command-line flags (``--fixed``, ..., ``--moving-labels``)."""
+        return {flag_of(key): getattr(self, key) for key in ("fixed", "moving") + INPUT_KEYWORDS}
+
+
+def run_register(files: RegisterFiles, outputs: RegisterOutputs, options: Optional[RegistrationOptions] = None, *,
+                 model: str = "unigradicon", seed: Optional[int] = None, device: str = "auto",
                  log: Log = lambda message: None, progress=None, loaded_model=None, predictor=None):
     """Register the files ``moving`` -> ``fixed`` and write ``outputs``; returns the result.
 
@@ -123,16 +133,12 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
     only then are the pixels read.
 
     Args:
-        fixed, moving: image files.
+        files: the input files.
         outputs: the destinations.
+        options: the registration's options (default: every default); the inverse is computed when an
+            output needs it, whatever ``options.compute_inverse`` says.
         model: ``--model NAME|FILE``.
-        fixed_modality, moving_modality, ct_window, quantile_range, mask_mode, io_iterations,
-            io_similarity, io_lr, io_method, io_smoothness, io_dice_weight, orientation, device: as
-            :func:`~itk_gradicon.registration.register`.
-        fixed_mask, moving_mask, fixed_labels, moving_labels: files on their image's grid.
-        affine: ``"auto"`` (``elastix`` for a model trained on affinely pre-aligned pairs, else
-            ``none``), ``"none"`` or ``"elastix"`` (affine pre-alignment with :mod:`.affine`).
-        initial_transform: an affine transform file (fixed -> moving) instead.
+        device: as :func:`~itk_gradicon.registration.register`.
         seed: seed of instance optimisation's random sample points.
         log: receives one-line messages.
         progress: called after every instance-optimisation step.
@@ -149,33 +155,33 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
     import torch
 
     from .models import load_model
-    from .registration import (RegistrationRequest, check_memory, check_options, estimate_memory, resolve_device,
-                               resolve_io, run_request)
+    from .registration import (RegistrationRequest, check_memory, estimate_memory, resolve_device, resolve_io,
+                               run_request)
 
     started = time.perf_counter()
     stage = _Stages(started)
     outputs.validate()
-    check_options(mask_mode=mask_mode, orientation=orientation, io_iterations=io_iterations,
-                  io_method=io_method, io_lr=io_lr, io_smoothness=io_smoothness, affine=affine,
-                  initial_transform=initial_transform, fixed_mask=fixed_mask, moving_mask=moving_mask,
-                  fixed_labels=fixed_labels, moving_labels=moving_labels,
-                  modalities=(fixed_modality, moving_modality), io_start=io_start, name=flag_of)
+    options = RegistrationOptions() if options is None else options
+    check_options(options, {key: getattr(files, key) for key in INPUT_KEYWORDS + ("initial_transform",)},
+                  name=flag_of)
+    intensity, io_options = options.intensity, options.refinement
+    initial_transform = files.initial_transform
     torch_device = resolve_device(device)
-    files = {"--fixed": fixed, "--moving": moving, "--fixed-mask": fixed_mask, "--moving-mask": moving_mask,
-             "--fixed-labels": fixed_labels, "--moving-labels": moving_labels}
-    headers = {flag: read_header(path, what=flag) for flag, path in files.items() if path is not None}
+    by_flag = files.by_flag()
+    headers = {flag: read_header(path, what=flag) for flag, path in by_flag.items() if path is not None}
     if initial_transform is not None and not Path(initial_transform).is_file():
         raise InputError(f"--initial-transform '{initial_transform}' does not exist")
 
     stage.done("checks")
     model_obj = loaded_model if loaded_model is not None else load_model(model)
     stage.done("model")
-    affine = resolve_affine_choice(affine, model_obj, initial_transform is not None)
+    affine = resolve_affine_choice(options.prealignment.affine, model_obj, initial_transform is not None)
     if affine == "affine" and expects_prealignment(model_obj):
         log(f"affine pre-alignment: elastix (model '{model_obj.name}' was trained on affinely pre-aligned "
             "pairs; --affine rigid for one subject's images, --affine none turns it off)")
-    io = resolve_io(model_obj, io_iterations=io_iterations, io_method=io_method, io_similarity=io_similarity,
-                    io_smoothness=io_smoothness, io_lr=io_lr, modalities=(fixed_modality, moving_modality))
+    io = resolve_io(model_obj, io_iterations=io_options.iterations, io_method=io_options.method,
+                    io_similarity=io_options.similarity, io_smoothness=io_options.smoothness, io_lr=io_options.lr,
+                    modalities=options.modalities)
     if io.iterations == 0:
         log("instance optimisation: none (prediction only" + (f"; the model recommends {model_obj.refinement.iterations} "
             f"steps of {model_obj.refinement.method} IO" if model_obj.refinement.iterations else "")
@@ -192,7 +198,7 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
                                  originals=outputs.needs_originals), torch_device)
 
     stage.done("checks")
-    inputs = _read_inputs(files, d)
+    inputs = _read_inputs(by_flag, d)
     stage.done("read")
     if inputs.labels["fixed_labels"] is not None and io.iterations == 0:
         log("note: --fixed-labels/--moving-labels only act during instance optimisation (--io-iterations > 0)")
@@ -202,11 +208,13 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
     # every input was checked as it was read: the registration trusts the request and scans nothing again
     messages: List[str] = []
     request = RegistrationRequest.of(
-        inputs.fixed, inputs.moving, model_obj, fixed_modality=fixed_modality, moving_modality=moving_modality,
-        ct_window=ct_window, quantile_range=quantile_range, mask_mode=mask_mode, io_iterations=io.iterations,
-        io_similarity=io_similarity, io_lr=io.lr, io_method=io.method, io_smoothness=io_smoothness,
-        io_dice_weight=io_dice_weight, initial_transform=pre, orientation=orientation, io_start=io_start,
-        compute_inverse=outputs.needs_inverse, messages=messages, **inputs.masks, **inputs.labels)
+        inputs.fixed, inputs.moving, model_obj, fixed_modality=intensity.fixed_modality,
+        moving_modality=intensity.moving_modality, ct_window=intensity.ct_window,
+        quantile_range=intensity.quantile_range, mask_mode=options.mask_mode, io_iterations=io.iterations,
+        io_similarity=io_options.similarity, io_lr=io.lr, io_method=io.method, io_smoothness=io_options.smoothness,
+        io_dice_weight=io_options.dice_weight, initial_transform=pre, orientation=options.prealignment.orientation,
+        io_start=io_options.start, compute_inverse=outputs.needs_inverse, messages=messages, **inputs.masks,
+        **inputs.labels)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     result = run_request(request, device=torch_device, progress=progress, generator=generator, predictor=predictor,
                          messages=messages)
@@ -218,17 +226,19 @@ def run_register(*, fixed: Path, moving: Path, outputs: RegisterOutputs, model: 
         from .provenance import register_record
         from .threads import itk_threads
 
-        options = {"model": model, "fixed_modality": fixed_modality, "moving_modality": moving_modality,
-                   "ct_window": ct_window, "quantile_range": quantile_range, "mask_mode": mask_mode,
-                   "affine": affine, "io_iterations": io.iterations, "io_method": io.method,
-                   "io_similarity": result.io_similarity or request.io_similarity,
-                   "io_smoothness": result.io_smoothness if result.io_smoothness is not None else io.smoothness,
-                   "io_lr": io.lr, "io_lncc_sigma": io.lncc_sigma,
-                   "io_coarse_steps": io.coarse_steps, "io_patience": io.patience, "io_start": io_start,
-                   "io_dice_weight": io_dice_weight, "orientation": orientation, "seed": seed,
-                   "device": str(torch_device), "threads": {"torch": torch.get_num_threads(), "itk": itk_threads()}}
-        record = register_record(result=result, model=model_obj, options=options, prealignment=pre_info,
-                                 inputs={k.lstrip("-").replace("-", "_"): v for k, v in files.items()}
+        used = {"model": model, "fixed_modality": intensity.fixed_modality,
+                "moving_modality": intensity.moving_modality, "ct_window": intensity.ct_window,
+                "quantile_range": intensity.quantile_range, "mask_mode": options.mask_mode,
+                "affine": affine, "io_iterations": io.iterations, "io_method": io.method,
+                "io_similarity": result.io_similarity or request.io_similarity,
+                "io_smoothness": result.io_smoothness if result.io_smoothness is not None else io.smoothness,
+                "io_lr": io.lr, "io_lncc_sigma": io.lncc_sigma,
+                "io_coarse_steps": io.coarse_steps, "io_patience": io.patience, "io_start": io_options.start,
+                "io_dice_weight": io_options.dice_weight, "orientation": options.prealignment.orientation,
+                "seed": seed, "device": str(torch_device),
+                "threads": {"torch": torch.get_num_threads(), "itk": itk_threads()}}
+        record = register_record(result=result, model=model_obj, options=used, prealignment=pre_info,
+                                 inputs={k.lstrip("-").replace("-", "_"): v for k, v in by_flag.items()}
                                  | {"initial_transform": initial_transform},
                                  timings=stage.seconds)
     originals = outputs.needs_originals

@@ -550,7 +550,8 @@ def test_inputs_are_checked_once(pair, model, tmp_path, monkeypatch):
 
     import itk_gradicon.imageio as imageio
     import itk_gradicon.registration as registration
-    from itk_gradicon.registration_io import RegisterOutputs, run_register
+    from itk_gradicon.options import RegistrationOptions
+    from itk_gradicon.registration_io import RegisterFiles, RegisterOutputs, run_register
 
     counts = {"scan": 0, "memory": 0}
     real_check, real_memory = imageio.check_image, registration.check_memory
@@ -574,9 +575,10 @@ def test_inputs_are_checked_once(pair, model, tmp_path, monkeypatch):
     itk.imwrite(fixed, str(paths["fixed"]))
     itk.imwrite(moving, str(paths["moving"]))
     counts.update(scan=0, memory=0)
-    from_files = run_register(fixed=paths["fixed"], moving=paths["moving"], model=model.name, loaded_model=model,
-                              outputs=RegisterOutputs(transform=tmp_path / "t.h5"), fixed_modality="mri",
-                              moving_modality="mri", affine="none")
+    from_files = run_register(RegisterFiles(paths["fixed"], paths["moving"]), RegisterOutputs(transform=tmp_path / "t.h5"),
+                              RegistrationOptions.from_keywords(fixed_modality="mri", moving_modality="mri",
+                                                                affine="none"),
+                              model=model.name, loaded_model=model)
     assert counts == {"scan": 2, "memory": 1}
     assert max_distance(in_memory.forward_field.array, from_files.forward_field.array) < 1e-4
 

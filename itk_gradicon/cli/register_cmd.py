@@ -7,9 +7,11 @@ from typing import Optional, Tuple
 
 import click
 
+from ..options import (AFFINE_CHOICES, IO_METHOD_CHOICES, IO_SIMILARITY_CHOICES, IO_STARTS, MASK_MODES,
+                       MODALITY_CHOICES, ORIENTATIONS)
 from .common import threads_option, ProgressLine, device_option, format_seconds, info, model_option, quiet_option
 
-_MODALITY = click.Choice(["auto", "ct", "mri", "t1w", "t2w", "flair", "pd", "t2star"])
+_MODALITY = click.Choice(MODALITY_CHOICES)
 
 
 @click.command("register")
@@ -62,7 +64,7 @@ _MODALITY = click.Choice(["auto", "ct", "mri", "t1w", "t2w", "flair", "pd", "t2s
                    "voxels > 0 are inside).")
 @click.option("--moving-mask", type=click.Path(path_type=Path),
               help="Binary mask on the moving image's grid (voxels > 0 are inside).")
-@click.option("--mask-mode", type=click.Choice(["input", "loss", "both"]), default="input",
+@click.option("--mask-mode", type=click.Choice(MASK_MODES), default="input",
               show_default=True,
               help="input: zero each image outside its mask before the network sees it; loss: restrict "
                    "the instance-optimisation similarity to the masks; both.")
@@ -70,11 +72,11 @@ _MODALITY = click.Choice(["auto", "ct", "mri", "t1w", "t2w", "flair", "pd", "t2s
               help="Instance-optimisation steps for this pair (see --io-method; the model file is never "
                    "changed); 0 = prediction only (the fast mode).  [default: the model's recommendation: "
                    "50 steps of field IO for gradicon-synthbrain-96, none for the published models]")
-@click.option("--io-similarity", type=click.Choice(["lncc", "lncc2", "mind"]), default=None,
+@click.option("--io-similarity", type=click.Choice(IO_SIMILARITY_CHOICES), default=None,
               help="Similarity for instance optimisation: lncc, lncc2 (squared LNCC, multimodal), mind "
                    "(MIND-SSC, multimodal).  [default: the model's recommendation, its multimodal one when "
                    "--fixed-modality and --moving-modality name different contrasts]")
-@click.option("--io-method", type=click.Choice(["auto", "network", "field"]), default="auto", show_default=True,
+@click.option("--io-method", type=click.Choice(IO_METHOD_CHOICES), default="auto", show_default=True,
               help="Instance optimisation: network (Adam on a copy of the network's weights, as the papers "
                    "do; slow on a CPU), field (Adam on the two predicted displacement fields, kept smooth "
                    "and inverse-consistent; fast: no network pass, see benchmarks/ACCURACY.md); "
@@ -85,7 +87,7 @@ _MODALITY = click.Choice(["auto", "ct", "mri", "t1w", "t2w", "flair", "pd", "t2s
 @click.option("--io-smoothness", type=click.FloatRange(min=0), default=None,
               help="Weight of the fields' diffusion penalty in --io-method field (larger: smoother, fewer "
                    "folds, less gain).  [default: the model's recommendation, else 0.15]")
-@click.option("--io-start", type=click.Choice(["auto", "prediction", "prealignment"]), default="auto",
+@click.option("--io-start", type=click.Choice(IO_STARTS), default="auto",
               show_default=True,
               help="Where field instance optimisation starts: prediction (the network's fields), prealignment "
                    "(the pre-alignment alone; the network does not run), auto: prediction, but prealignment for "
@@ -97,7 +99,7 @@ _MODALITY = click.Choice(["auto", "ct", "mri", "t1w", "t2w", "flair", "pd", "t2s
 @click.option("--moving-labels", type=click.Path(path_type=Path), help="Label map on the moving grid.")
 @click.option("--io-dice-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Weight of the Dice term (relative to the similarity) when labels are given.")
-@click.option("--affine", type=click.Choice(["auto", "none", "affine", "rigid", "elastix"]), default="auto",
+@click.option("--affine", type=click.Choice(AFFINE_CHOICES), default="auto",
               show_default=True,
               help="Pre-alignment with elastix (mutual information; restricted to the masks when given), "
                    "composed into every transform written; the network then registers the fixed image to "
@@ -109,7 +111,7 @@ _MODALITY = click.Choice(["auto", "ct", "mri", "t1w", "t2w", "flair", "pd", "t2s
 @click.option("--initial-transform", type=click.Path(path_type=Path), metavar="FILE",
               help="An existing affine pre-alignment, fixed -> moving (ITK .tfm/.txt/.h5, ANTs .mat), "
                    "composed into every transform written.")
-@click.option("--orientation", type=click.Choice(["fixed", "storage"]), default="fixed", show_default=True,
+@click.option("--orientation", type=click.Choice(ORIENTATIONS), default="fixed", show_default=True,
               help="fixed: lay the moving image out along the fixed image's axes before the network "
                    "sees it (physically consistent); storage: feed both as stored in their files "
                    "(the reference implementation's behaviour).")
@@ -145,7 +147,8 @@ def register(fixed: Path, moving: Path, out_transform: Optional[Path], out_inver
       gradicon register --fixed t1.nii.gz --moving t2.nii.gz --out-transform t2_to_t1.h5 \\
           --out-warped t2_on_t1.nii.gz --io-iterations 50
     """
-    from ..registration_io import RegisterOutputs, run_register
+    from ..options import RegistrationOptions
+    from ..registration_io import RegisterFiles, RegisterOutputs, run_register
 
     line = ProgressLine(quiet)
 
@@ -159,12 +162,12 @@ def register(fixed: Path, moving: Path, out_transform: Optional[Path], out_inver
     outputs = RegisterOutputs(transform=out_transform, inverse_transform=out_inverse_transform,
                               warped=out_warped, ants_prefix=out_ants_prefix, elastix_dir=out_elastix,
                               qc=out_qc, record=out_json)
-    run_register(
-        fixed=fixed, moving=moving, outputs=outputs, model=model, fixed_modality=fixed_modality,
-        moving_modality=moving_modality, ct_window=ct_window, quantile_range=quantile_range,
-        fixed_mask=fixed_mask, moving_mask=moving_mask, mask_mode=mask_mode, io_iterations=io_iterations,
-        io_similarity=io_similarity, io_method=io_method, io_lr=io_lr, io_smoothness=io_smoothness,
-        fixed_labels=fixed_labels, moving_labels=moving_labels,
-        io_dice_weight=io_dice_weight, affine=affine, initial_transform=initial_transform,
-        orientation=orientation, io_start=io_start, seed=seed, device=device, log=lambda m: info(m, quiet=quiet),
-        progress=progress)
+    options = RegistrationOptions.from_keywords(
+        fixed_modality=fixed_modality, moving_modality=moving_modality, ct_window=ct_window,
+        quantile_range=quantile_range, mask_mode=mask_mode, io_iterations=io_iterations, io_similarity=io_similarity,
+        io_method=io_method, io_lr=io_lr, io_smoothness=io_smoothness, io_dice_weight=io_dice_weight, affine=affine,
+        orientation=orientation, io_start=io_start)
+    files = RegisterFiles(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask, fixed_labels=fixed_labels,
+                          moving_labels=moving_labels, initial_transform=initial_transform)
+    run_register(files, outputs, options, model=model, seed=seed, device=device, log=lambda m: info(m, quiet=quiet),
+                 progress=progress)
