@@ -290,24 +290,21 @@ def _elastix_error(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def elastix_affine(fixed, moving, fixed_mask=None, moving_mask=None, *, metric: str = "mi",
-                   initialization: str = "mass", iterations: int = ITERATIONS, resolutions: int = 4,
-                   samples: int = 2048, seed: int = DEFAULT_SEED, transform: str = "affine",
-                   threads: Optional[int] = None,
+def elastix_affine(fixed, moving, fixed_mask=None, moving_mask=None, *, threads: Optional[int] = None,
                    parameter_map: Optional[Mapping[str, Sequence[str]]] = None,
-                   log: Optional[Callable[[str], None]] = None) -> np.ndarray:
+                   log: Optional[Callable[[str], None]] = None, **settings) -> np.ndarray:
     """Affine registration of ``moving`` to ``fixed`` with elastix; returns the fixed -> moving matrix.
 
     Args:
         fixed, moving: scalar images of the same dimension (2 or 3), ``itk.Image`` (a
             ``SimpleITK.Image`` is converted), raw intensities (any pixel type; cast to float).
         fixed_mask, moving_mask: optional masks on their image's grid; only voxels > 0 are sampled.
-        metric, initialization, iterations, resolutions, samples, seed, transform: see
-            :func:`affine_parameter_map`.
+        settings: the keywords of :func:`affine_parameter_map` (``metric``, ``initialization``,
+            ``iterations``, ``resolutions``, ``samples``, ``seed``, ``transform``; its defaults where not given).
         threads: threads elastix may use (default: ``--threads`` or the environment, else every core this
             process may run on; :mod:`itk_gradicon.threads`).
         parameter_map: a complete elastix parameter map to use instead (must produce an
-            ``AffineTransform``); the options above are then ignored.
+            ``AffineTransform``); ``settings`` are then ignored.
         log: called with one line saying what was found.
 
     Returns:
@@ -324,9 +321,7 @@ def elastix_affine(fixed, moving, fixed_mask=None, moving_mask=None, *, metric: 
         threads = itk_threads()
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
         raise InputError(f"threads must be a whole number >= 1, not {threads!r}")
-    params = dict(parameter_map) if parameter_map is not None else affine_parameter_map(
-        metric=metric, initialization=initialization, iterations=iterations, resolutions=resolutions,
-        samples=samples, seed=seed, transform=transform)
+    params = dict(parameter_map) if parameter_map is not None else affine_parameter_map(**settings)
     result = _run_elastix(fixed_f, moving_f, masks, params, int(threads))
     if result.GetNumberOfParameterMaps() != 1:
         raise InputError(f"elastix returned {result.GetNumberOfParameterMaps()} transforms; expected one affine")

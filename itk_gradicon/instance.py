@@ -114,17 +114,33 @@ def inverse_consistency_penalty(disp_AB: Tensor, disp_BA: Tensor, identity: Tens
     return ((forward * scale).pow(2).sum(1).mean() + (backward * scale).pow(2).sum(1).mean())
 
 
+@dataclass(frozen=True)
+class FieldSettings:
+    """How ``field`` IO runs, besides its steps and learning rate.
+
+    Attributes:
+        smoothness: weight of the diffusion penalty (:func:`diffusion_penalty`).
+        coarse_steps: the first this many steps run on the network grid halved along every axis.
+        patience: a level ends once its loss has not improved in this many steps (0: never).
+    """
+
+    smoothness: float = DEFAULT_SMOOTHNESS
+    coarse_steps: int = 0
+    patience: int = 0
+
+
 def refine_fields(disp_AB: Tensor, disp_BA: Optional[Tensor], image_A: Tensor, image_B: Tensor, *,
-                  steps: int, lr: float, similarity, smoothness: float = DEFAULT_SMOOTHNESS,
-                  guidance: losses.Guidance = losses.NO_GUIDANCE, coarse_steps: int = 0, patience: int = 0,
-                  progress: Progress = None, history: Optional[List[Dict[str, float]]] = None
-                  ) -> Tuple[Tensor, Optional[Tensor]]:
+                  steps: int, lr: float, similarity, settings: FieldSettings = FieldSettings(),
+                  guidance: losses.Guidance = losses.NO_GUIDANCE, progress: Progress = None,
+                  history: Optional[List[Dict[str, float]]] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """Adam steps on the predicted displacements; returns the refined ``(disp_AB, disp_BA)``.
 
     ``lr`` is in network voxels per step.
     ``disp_AB`` maps the grid of ``B`` into ``A`` (``A o phi_AB`` resembles ``B``). With ``disp_BA``
     both directions are refined together and kept inverse-consistent; with ``None`` only ``disp_AB``
     (no inverse-consistency term). Deterministic: no random sample points.
+
+    ``settings`` (:class:`FieldSettings`): the smoothness, the coarse steps and the patience.
 
     Coarse to fine: with ``coarse_steps > 0``, the first ``coarse_steps`` of the ``steps`` run on the
     network grid halved along every axis (images and labels blurred, then sampled; fields sampled; a
@@ -134,6 +150,7 @@ def refine_fields(disp_AB: Tensor, disp_BA: Optional[Tensor], image_A: Tensor, i
     the level's end).
     """
     history = [] if history is None else history
+    smoothness, coarse_steps, patience = settings.smoothness, settings.coarse_steps, settings.patience
     fields = [disp_AB.detach()] + ([disp_BA.detach()] if disp_BA is not None else [])
     levels = [(2, min(coarse_steps, steps)), (1, steps - min(coarse_steps, steps))] if coarse_steps > 0 \
         else [(1, steps)]

@@ -41,7 +41,7 @@ from .devices import available_memory_bytes, check_memory, estimate_memory, reso
 from .errors import InputError
 from .geometry import ImageGrid, NetworkFrame, displacement_on_grid
 from .imageio import _is_simpleitk, check_image, describe_grid, image_array, image_like, same_grid
-from .instance import DEFAULT_LR, DEFAULT_SMOOTHNESS, IOProgress, optimise_network, refine_fields
+from .instance import DEFAULT_LR, DEFAULT_SMOOTHNESS, FieldSettings, IOProgress, optimise_network, refine_fields
 from .models import DEFAULT_MODEL, Model, load_model
 from .network.inference import predict_displacements
 from .options import (  # noqa: F401  (the choices and the check are re-exported: their former home)
@@ -543,7 +543,7 @@ def _predict(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor,
     timings["network"] = time.perf_counter() - t
     if field_io:
         t = time.perf_counter()
-        disp_AB, disp_BA = refine_fields(disp_AB, disp_BA, image_A, image_B, smoothness=r.io_smoothness,
-                                         coarse_steps=r.io_coarse_steps, patience=r.io_patience, **io)
+        settings = FieldSettings(r.io_smoothness, coarse_steps=r.io_coarse_steps, patience=r.io_patience)
+        disp_AB, disp_BA = refine_fields(disp_AB, disp_BA, image_A, image_B, settings=settings, **io)
         timings["instance_optimisation"] = time.perf_counter() - t
     return disp_AB, disp_BA, history

@@ -295,13 +295,13 @@ def _shifted_blobs(shift: int = 2):
 
 def test_coarse_to_fine_field_io_lowers_the_loss_and_reports_every_step():
     from itk_gradicon import losses
-    from itk_gradicon.instance import refine_fields
+    from itk_gradicon.instance import FieldSettings, refine_fields
 
     image_A, image_B = _shifted_blobs()
     zero = torch.zeros(1, 3, 24, 24, 24)
     history, seen = [], []
     disp_AB, disp_BA = refine_fields(zero, zero.clone(), image_A, image_B, steps=12, lr=0.3,
-                                     similarity=losses.similarity_function("lncc"), coarse_steps=8,
+                                     similarity=losses.similarity_function("lncc"), settings=FieldSettings(coarse_steps=8),
                                      history=history, progress=lambda p: seen.append(p.step))
     assert disp_AB.shape == zero.shape and disp_BA.shape == zero.shape
     assert seen == list(range(1, 13)) and len(history) == 12
@@ -313,13 +313,13 @@ def test_coarse_to_fine_field_io_lowers_the_loss_and_reports_every_step():
 
 def test_patience_ends_a_level_that_no_longer_improves():
     from itk_gradicon import losses
-    from itk_gradicon.instance import refine_fields
+    from itk_gradicon.instance import FieldSettings, refine_fields
 
     image, _ = _shifted_blobs(0)
     zero = torch.zeros(1, 3, 24, 24, 24)
     history, seen = [], []
     refine_fields(zero, zero.clone(), image, image.clone(), steps=40, lr=0.3,
-                  similarity=losses.similarity_function("lncc"), patience=3, history=history,
+                  similarity=losses.similarity_function("lncc"), settings=FieldSettings(patience=3), history=history,
                   progress=lambda p: seen.append(p.step))
     assert len(history) < 40 and seen[-1] == 40  # identical images: nothing to improve, the progress jumps to the end
 
