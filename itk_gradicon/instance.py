@@ -12,9 +12,8 @@ Two methods, both on the network grid (CUBE coordinates, ``A`` = moving, ``B`` =
   network grid, in voxels per voxel) and an inverse-consistency penalty (``mean |phi_BA(phi_AB(x)) - x|^2``
   and the reverse, in network voxels, weighted :data:`INVERSE_CONSISTENCY`) that keeps the two fields
   inverse to each other. No network pass, so a step costs a few warps of the images; in the spirit of
-  the Adam instance optimisation of ConvexAdam (Siebert et al., 2021). Measured on lapirn_oasis
-  (160x192x144, 2 CPU cores, the bundled model, 50 steps): 36 s, mean Dice 0.67 -> 0.77 (ANTs SyN
-  0.74), 0.02 % negative Jacobian determinants (``benchmarks/ACCURACY.md``).
+  the Adam instance optimisation of ConvexAdam (Siebert et al., 2021). Its accuracy, time and
+  folding against ANTs SyN: ``benchmarks/ACCURACY.md``.
 
 Both report an :class:`IOProgress` after each step and append the step's loss terms to ``history``.
 """
@@ -36,9 +35,9 @@ from .network.sampling import cube_identity, sample_cube_field
 #: Adam learning rate per method: the papers' value for the network's weights; for the fields,
 #: network voxels per step (the same for every network size).
 DEFAULT_LR = {"network": 2e-5, "field": 0.3}
-#: Weight of the diffusion penalty of ``field`` IO (measured on lapirn_oasis with the bundled model,
-#: 50 steps: 0.15 keeps negative Jacobian determinants near 0.02 % where 0.015 let 1 % fold;
-#: 0.6 gives up most of the Dice gain).
+#: Weight of the diffusion penalty of ``field`` IO where the model file recommends none (models record
+#: their own, per similarity: :class:`~itk_gradicon.models.Refinement`; the choices are measured in
+#: ``benchmarks/ACCURACY.md``).
 DEFAULT_SMOOTHNESS = 0.15
 #: Weight of the inverse-consistency penalty of ``field`` IO (network voxels squared).
 INVERSE_CONSISTENCY = 0.1
@@ -106,8 +105,8 @@ def diffusion_penalty(displacement: Tensor) -> Tensor:
 
 def inverse_consistency_penalty(disp_AB: Tensor, disp_BA: Tensor, identity: Tensor) -> Tensor:
     """``mean |phi_BA(phi_AB(x)) - x|^2 + mean |phi_AB(phi_BA(x)) - x|^2`` in network voxels squared,
-    over every grid point ``x``. (Evaluating it on every 2nd voxel along each axis saves about 0.15 s
-    of a 0.8 s step, but on lapirn_oasis let 3-4x more voxels fold: 0.09 % instead of 0.03 %.)"""
+    over every grid point ``x`` (on every 2nd voxel only, about a fifth faster, 3-4x more voxels folded on
+    lapirn_oasis)."""
     scale = voxel_scale(disp_AB.shape[2:], disp_AB)
     forward = disp_AB + sample_cube_field(disp_BA, identity + disp_AB)
     backward = disp_BA + sample_cube_field(disp_AB, identity + disp_BA)
