@@ -45,12 +45,17 @@ INVERSE_CONSISTENCY = 0.1
 
 @dataclass
 class IOProgress:
-    """Reported after every instance-optimisation step."""
+    """Reported after every instance-optimisation step.
+
+    ``level`` names the grid of a coarse-to-fine ``field`` IO (``"half resolution"``, ``"full resolution"``;
+    empty with one grid): the losses are measured on that level's grid, so they jump where it changes.
+    """
 
     step: int
     total: int
     losses: Dict[str, float]
     elapsed_s: float
+    level: str = ""
 
     @property
     def eta_s(self) -> float:
@@ -164,6 +169,7 @@ def refine_fields(disp_AB: Tensor, disp_BA: Optional[Tensor], image_A: Tensor, i
         if level_steps <= 0:
             continue
         level_shape = tuple(max(2, (n - 1) // shrink + 1) for n in shape) if shrink > 1 else shape
+        name = "" if len(levels) == 1 else ("half resolution" if shrink > 1 else "full resolution")
 
         def on(tensor: Optional[Tensor], blur: bool = True) -> Optional[Tensor]:
             """``tensor`` (full network grid) on this level's grid; ``None`` stays ``None``."""
@@ -177,10 +183,10 @@ def refine_fields(disp_AB: Tensor, disp_BA: Optional[Tensor], image_A: Tensor, i
         fields, ran = level.optimise(fields, steps=level_steps, lr=lr, similarity=similarity,
                                      smoothness=smoothness, dice_weight=dice_weight, patience=patience,
                                      report=lambda record, k: _report(record, done + k, steps, start, progress,
-                                                                      history))
+                                                                      history, name))
         done += level_steps
         if ran < level_steps and progress is not None:  # stopped early: the progress jumps to the level's end
-            progress(IOProgress(done, steps, history[-1], time.perf_counter() - start))
+            progress(IOProgress(done, steps, history[-1], time.perf_counter() - start, name))
         if level_shape != shape:
             fields = [_resample_cube(f, shape, blur=False) for f in fields]
     return fields[0], (fields[1] if len(fields) == 2 else None)
@@ -270,7 +276,7 @@ class _FieldLevel:
 
 
 def _report(record: Dict[str, float], step: int, steps: int, start: float, progress: Progress,
-            history: List[Dict[str, float]]) -> None:
+            history: List[Dict[str, float]], level: str = "") -> None:
     history.append(record)
     if progress is not None:
-        progress(IOProgress(step, steps, record, time.perf_counter() - start))
+        progress(IOProgress(step, steps, record, time.perf_counter() - start, level))

@@ -302,9 +302,11 @@ def test_coarse_to_fine_field_io_lowers_the_loss_and_reports_every_step():
     history, seen = [], []
     disp_AB, disp_BA = refine_fields(zero, zero.clone(), image_A, image_B, steps=12, lr=0.3,
                                      similarity=losses.similarity_function("lncc"), settings=FieldSettings(coarse_steps=8),
-                                     history=history, progress=lambda p: seen.append(p.step))
+                                     history=history, progress=lambda p: seen.append((p.step, p.level)))
     assert disp_AB.shape == zero.shape and disp_BA.shape == zero.shape
-    assert seen == list(range(1, 13)) and len(history) == 12
+    # the progress names the grid: the losses of the two levels are measured on different grids
+    assert seen == [(k, "half resolution") for k in range(1, 9)] + [(k, "full resolution") for k in range(9, 13)]
+    assert len(history) == 12
     assert history[7]["similarity"] < history[0]["similarity"]  # the coarse level already improves
     assert history[-1]["similarity"] < history[8]["similarity"] + 1e-6 or history[-1]["total"] < history[8]["total"]
     # A(x) = B(x - 2 voxels) along network axis 0, so phi_AB(x) = x + 2 voxels there (CUBE: 2/23)

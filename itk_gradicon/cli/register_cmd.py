@@ -155,7 +155,8 @@ def register(fixed: Path, moving: Path, out_transform: Optional[Path], out_inver
     def progress(p) -> None:
         terms = "  ".join(f"{k} {v:.4f}" for k, v in p.losses.items()
                            if k not in ("dice", "inverse_consistency") or v)
-        line.update(f"instance optimisation {p.step}/{p.total}  {terms}  "
+        level = f" ({p.level})" if p.level else ""
+        line.update(f"instance optimisation {p.step}/{p.total}{level}  {terms}  "
                     f"elapsed {format_seconds(p.elapsed_s)}  ETA {format_seconds(p.eta_s)}",
                     final=p.step == p.total)
 
