@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
@@ -76,8 +77,8 @@ class RegistrationResult:
     forward_field: DisplacementField
     inverse_field: Optional[DisplacementField]
     affine: Optional[np.ndarray]
-    deformable_forward_field: Optional[DisplacementField]
-    deformable_inverse_field: Optional[DisplacementField]
+    _deformable_forward: Union[None, DisplacementField, Callable[[], DisplacementField]]
+    _deformable_inverse: Union[None, DisplacementField, Callable[[], DisplacementField]]
     fixed_modality: str
     moving_modality: str
     messages: List[str] = field(default_factory=list)
@@ -86,6 +87,23 @@ class RegistrationResult:
     io_similarity: Optional[str] = None
     io_smoothness: Optional[float] = None
     _cache: Dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def deformable_forward_field(self) -> Optional[DisplacementField]:
+        return self._computed("_deformable_forward")
+
+    @property
+    def deformable_inverse_field(self) -> Optional[DisplacementField]:
+        return self._computed("_deformable_inverse")
+
+    def _computed(self, name: str) -> Optional[DisplacementField]:
+        """A field given as a function is computed on first use (the deformable parts are needed only for
+        ANTs' ``1Warp`` / ``1InverseWarp``: on a 200^3 grid each costs most of a second)."""
+        value = getattr(self, name)
+        if callable(value):
+            value = value()
+            setattr(self, name, value)
+        return value
 
     @property
     def forward_transform(self):
@@ -480,7 +498,8 @@ def _network_frames(model: Model, fixed_grid: ImageGrid, moving_grid: ImageGrid,
 def _physical_fields(disp_AB, disp_BA, fixed_grid: ImageGrid, moving_grid: ImageGrid, fixed_frame: NetworkFrame,
                      moving_frame: NetworkFrame, affine: Optional[np.ndarray]) -> tuple:
     """``(forward, inverse, affine, deformable forward, deformable inverse)`` as :class:`RegistrationResult`
-    holds them; the inverse ones ``None`` without ``disp_BA``, the deformable ones without an affine."""
+    holds them; the inverse ones ``None`` without ``disp_BA``, the deformable ones without an affine (and,
+    with one, functions that compute them when first asked for)."""
     forward = DisplacementField(fixed_grid, displacement_on_grid(
         disp_AB, fixed_grid, fixed_frame, moving_frame, postaffine=affine))
     inverse = deformable_forward = deformable_inverse = None
@@ -488,13 +507,17 @@ def _physical_fields(disp_AB, disp_BA, fixed_grid: ImageGrid, moving_grid: Image
         inverse_affine = None if affine is None else np.linalg.inv(affine)
         inverse = DisplacementField(moving_grid, displacement_on_grid(
             disp_BA, moving_grid, moving_frame, fixed_frame, preaffine=inverse_affine))
-    if affine is not None:
-        deformable_forward = DisplacementField(fixed_grid, displacement_on_grid(
-            disp_AB, fixed_grid, fixed_frame, moving_frame))
+    if affine is not None:  # computed when first asked for (RegistrationResult._computed)
+        deformable_forward = functools.partial(_field_on, fixed_grid, disp_AB, fixed_frame, moving_frame)
         if disp_BA is not None:
-            deformable_inverse = DisplacementField(fixed_grid, displacement_on_grid(
-                disp_BA, fixed_grid, moving_frame, fixed_frame))
+            deformable_inverse = functools.partial(_field_on, fixed_grid, disp_BA, moving_frame, fixed_frame)
     return forward, inverse, affine, deformable_forward, deformable_inverse
+
+
+def _field_on(grid: ImageGrid, displacement: torch.Tensor, source: NetworkFrame, target: NetworkFrame
+              ) -> DisplacementField:
+    """The network map ``displacement`` (``source`` -> ``target`` frame) as a WORLD field on ``grid``."""
+    return DisplacementField(grid, displacement_on_grid(displacement, grid, source, target))
 
 
 def _no_prediction(net, image_A: torch.Tensor, image_B: torch.Tensor, *, inverse: bool):
