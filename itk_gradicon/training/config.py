@@ -42,7 +42,7 @@ BUILTIN_MODALITIES: Dict[str, str] = {
     "adc": "mri", "fa": "mri", "md": "mri", "swi": "mri", "mra": "mri", "dixon_fat": "mri",
     "dixon_water": "mri", "pet": "mri", "spect": "mri", "us": "mri", "cbct": "mri", "xray": "mri",
 }
-NORMALIZATIONS = ("ct", "mri")
+INTENSITY_NORMALIZATIONS = ("ct", "mri")
 PAIRINGS = ("inter", "intra")
 SAMPLING_MODES = ("per_dataset", "weighted", "region")
 OBJECTIVES = ("gradicon", "m2m")
@@ -451,9 +451,9 @@ class TrainConfig:
             raise ConfigError(f"{prefix}datasets: every data set has weight 0, so no pair can be drawn; "
                               "give at least one data set a weight > 0")
         for name, normalization in self.modalities.items():
-            if normalization not in NORMALIZATIONS:
+            if normalization not in INTENSITY_NORMALIZATIONS:
                 raise ConfigError(f"{prefix}modalities.{name}: unknown normalisation {normalization!r}; "
-                                  f"allowed: {', '.join(NORMALIZATIONS)}")
+                                  f"allowed: {', '.join(INTENSITY_NORMALIZATIONS)}")
             if name in ("ct", "mri"):
                 raise ConfigError(f"{prefix}modalities.{name}: 'ct' and 'mri' cannot be redefined")
             if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):

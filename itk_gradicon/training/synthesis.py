@@ -202,8 +202,10 @@ def _identity(shape: Sequence[int]) -> torch.Tensor:
     return torch.stack(torch.meshgrid(*axes, indexing="ij"))
 
 
-def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of a ``[*shape]`` tensor (``sigma`` in voxels, reflect padding)."""
+def blur_edge_replicated(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of a ``[*shape]`` tensor (``sigma`` in voxels, kernel radius ``3 sigma``), the
+    edge values repeated outside the image (replicate padding; :func:`itk_gradicon.losses.gaussian_blur` is
+    the similarities' blur of ``[B, C, *shape]`` batches, with zeros outside)."""
     if sigma <= 0.05:
         return image
     radius = max(1, int(np.ceil(3 * sigma)))
@@ -378,7 +380,7 @@ class Synthesizer:
         rows = value_index[subject.labels]
         image = means[rows] + spreads[rows] * torch.from_numpy(
             rng.standard_normal(self.shape).astype(np.float32))
-        image = gaussian_blur(image, float(rng.uniform(*s.blur)))
+        image = blur_edge_replicated(image, float(rng.uniform(*s.blur)))
         if s.bias_std > 0:
             bias = smooth_noise(rng, self.shape, int(rng.integers(2, 6)))[0]
             image = image * torch.exp(float(rng.uniform(0.0, s.bias_std)) * bias)
