@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .errors import GradiconError, InputError
 from .registration_io import RegisterOutputs
+from .tables import read_rows, row_values
 
 PAIR_COLUMNS = ("fixed", "moving")
 INPUT_COLUMNS = ("fixed_mask", "moving_mask", "fixed_labels", "moving_labels", "initial_transform")
@@ -154,14 +155,10 @@ def read_pairs(path: Union[str, Path]) -> List[Pair]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise InputError(f"--pairs '{path}' does not exist or is not a file")
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            table = [row for row in csv.reader(fh, delimiter=delimiter)]
+        numbered = read_rows(path)
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise InputError(f"cannot read --pairs '{path}' as CSV: {err}") from None
-    numbered = [(n, row) for n, row in enumerate(table, start=1)
-                if any(c.strip() for c in row) and not row[0].lstrip().startswith("#")]
     if not numbered:
         raise InputError(f"--pairs '{path}' is empty; it needs a header row with at least the columns "
                          f"fixed, moving and one of {', '.join(OUTPUT_COLUMNS)}")
@@ -187,9 +184,9 @@ def read_pairs(path: Union[str, Path]) -> List[Pair]:
     owners: Dict[Path, str] = {}
     for line, values in numbered[1:]:
         origin = f"{path.name} line {line}"
-        if len(values) > len(header):
+        raw = row_values(header, values)
+        if raw is None:
             raise InputError(f"{origin} has {len(values)} values for {len(header)} columns")
-        raw = {h: (values[i].strip() if i < len(values) else "") for i, h in enumerate(header)}
         for column in PAIR_COLUMNS:
             if not raw.get(column):
                 raise InputError(f"{origin} has no {column} image")

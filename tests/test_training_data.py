@@ -342,3 +342,17 @@ def test_masks_zero_inputs_or_restrict_the_loss(folder, mask_mode):
             assert image[mask == 0].abs().mean() < 0.5 * unmasked[mask == 0].abs().mean()
     else:
         assert not sample["has_mask"] and torch.all(mask == 1)
+
+
+def test_image_list_errors_name_the_file_s_own_line(tmp_path):
+    """Comment and blank lines count: the line a message names is the line the user opens."""
+    from itk_gradicon.errors import ConfigError
+    from itk_gradicon.training.listing import _read_csv
+
+    listing = tmp_path / "images.csv"
+    listing.write_text("# images of the cohort\nimage,mask\n\na.nii.gz,m.nii.gz\nb.nii.gz,m.nii.gz,extra\n")
+    with pytest.raises(ConfigError, match="images.csv line 5 has 3 values for 2 columns"):
+        _read_csv(listing, tmp_path, "datasets[0]")
+    listing.write_text("image\n# a comment\na.nii.gz\n")
+    rows = _read_csv(listing, tmp_path, "datasets[0]")
+    assert [r["origin"] for r in rows] == ["images.csv line 3"]

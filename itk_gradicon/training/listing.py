@@ -20,6 +20,7 @@ from ..errors import ConfigError, InputError, did_you_mean
 from ..geometry import ImageGrid
 from ..imageio import read_image_header, short_error_message
 from ..preprocess import IntensityNormalization
+from ..tables import read_rows, row_values
 from .config import DatasetConfig, TrainConfig
 from .synthesis import LabelMapEntry, check_label_map
 
@@ -210,17 +211,13 @@ def _read_list(path: Path, base: Path, where: str) -> List[Dict[str, Any]]:
 
 
 def _read_csv(path: Path, base: Path, where: str) -> List[Dict[str, Any]]:
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.reader(fh, delimiter=delimiter)
-            table = [r for r in reader]
+        table = read_rows(path)
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise ConfigError(f"{where}.images: cannot read '{path}' as CSV: {err}") from None
-    table = [r for r in table if any(c.strip() for c in r) and not r[0].lstrip().startswith("#")]
     if not table:
         return []
-    header = [h.strip().lower() for h in table[0]]
+    header = [h.strip().lower() for h in table[0][1]]
     for h in header:
         if h not in CSV_COLUMNS:
             raise ConfigError(f"{where}.images: '{path.name}' has an unknown column {h!r}"
@@ -229,11 +226,11 @@ def _read_csv(path: Path, base: Path, where: str) -> List[Dict[str, Any]]:
         raise ConfigError(f"{where}.images: '{path.name}' needs a header row with an 'image' column "
                           f"(allowed columns: {', '.join(CSV_COLUMNS)})")
     rows = []
-    for number, values in enumerate(table[1:], start=2):
-        if len(values) > len(header):
+    for number, values in table[1:]:  # the file's own line numbers, comments and blank lines counted
+        raw = row_values(header, values)
+        if raw is None:
             raise ConfigError(f"{where}.images: {path.name} line {number} has {len(values)} values for "
                               f"{len(header)} columns")
-        raw = {h: (values[i].strip() if i < len(values) else "") for i, h in enumerate(header)}
         if not raw["image"]:
             raise ConfigError(f"{where}.images: {path.name} line {number} has no image path")
         row: Dict[str, Any] = {"origin": f"{path.name} line {number}"}
