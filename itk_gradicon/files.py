@@ -34,7 +34,7 @@ import numpy as np
 from .errors import InputError
 from .grid import ImageGrid
 from .imageio import (IMAGE_SUFFIXES, ImageHeader, OutputTransaction, _is_simpleitk, check_output_path,
-                      check_resample_headers, not_an_image_error, read_simpleitk_image, unreadable_header_error)
+                      check_resample_headers, read_image_header, read_simpleitk_image)
 from .resample import (INTERPOLATIONS, as_dtype_array, check_default_value, check_interpolation, check_label_values,
                        check_scalar, resample_label_array)
 from .outputs import PathLike
@@ -61,30 +61,13 @@ def _readable(path: PathLike, what: str) -> Path:
 
 
 def read_header(path: PathLike, *, what: str = "image") -> ImageHeader:
-    """An image file's header (dimension, size, components, geometry) without its pixels.
+    """An image file's header (dimension, size, components, geometry) without its pixels: the one header
+    reader, :func:`itk_gradicon.imageio.read_image_header`.
 
     Raises:
-        InputError: the file is missing, unreadable, or not an image ITK recognises (the messages of
-            :func:`itk_gradicon.imageio.read_image_header`).
+        InputError: the file is missing, unreadable, or not an image ITK recognises.
     """
-    sitk = _sitk()
-    p = _readable(path, what)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(p))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as err:
-        if "Unable to determine ImageIO reader" in str(err):
-            raise not_an_image_error(path, what) from None
-        raise unreadable_header_error(path, what, err) from err
-    d = int(reader.GetDimension())
-    return ImageHeader(path=p, dimension=d, size=tuple(int(s) for s in reader.GetSize()),
-                       components=int(reader.GetNumberOfComponents()),
-                       component_type=sitk.GetPixelIDValueAsString(reader.GetPixelID()),
-                       spacing=tuple(float(s) for s in reader.GetSpacing()),
-                       origin=tuple(float(s) for s in reader.GetOrigin()),
-                       direction=tuple(tuple(float(v) for v in row)
-                                       for row in np.asarray(reader.GetDirection()).reshape(d, d)))
+    return read_image_header(path, what=what)
 
 
 def _dimension(transform) -> int:

@@ -108,8 +108,19 @@ def check_resample_headers(input_header: "ImageHeader", reference_header: "Image
                          "they must match")
 
 
+#: SimpleITK's names of pixel component types -> ITK's (``ImageIOBase::GetComponentTypeAsString``).
+_ITK_COMPONENT_NAMES = {
+    "8-bit unsigned integer": "unsigned_char", "8-bit signed integer": "char",
+    "16-bit unsigned integer": "unsigned_short", "16-bit signed integer": "short",
+    "32-bit unsigned integer": "unsigned_int", "32-bit signed integer": "int",
+    "64-bit unsigned integer": "unsigned_long", "64-bit signed integer": "long",
+    "32-bit float": "float", "64-bit float": "double",
+}
+
+
 def read_image_header(path: PathLike, *, what: str = "image") -> ImageHeader:
-    """Read an image file's header only (fast, whatever the image's size).
+    """Read an image file's header only (fast, whatever the image's size), through SimpleITK's reader (ITK's
+    image IO without loading ITK Python).
 
     Args:
         path: any format ITK reads.
@@ -121,26 +132,27 @@ def read_image_header(path: PathLike, *, what: str = "image") -> ImageHeader:
     Raises:
         InputError: the file is missing, unreadable, or not an image ITK recognises.
     """
-    itk = _itk()
+    import SimpleITK as sitk  # imported on first use: importing the package stays instant
+
     p = _check_readable_file(path, what)
-    io = itk.ImageIOFactory.CreateImageIO(str(p), itk.CommonEnums.IOFileMode_ReadMode)
-    if io is None:
-        raise not_an_image_error(path, what)
-    io.SetFileName(str(p))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
     try:
-        io.ReadImageInformation()
-    except (RuntimeError, OSError) as err:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        if "Unable to determine ImageIO reader" in str(err):
+            raise not_an_image_error(path, what) from None
         raise unreadable_header_error(path, what, err) from err
-    d = int(io.GetNumberOfDimensions())
-    # io.GetDirection(a) is the WORLD direction of index axis a: column a of the direction matrix
-    columns = [tuple(float(v) for v in io.GetDirection(a))[:d] for a in range(d)]
-    return ImageHeader(path=p, dimension=d,
-                       size=tuple(int(io.GetDimensions(a)) for a in range(d)),
-                       components=int(io.GetNumberOfComponents()),
-                       component_type=str(io.GetComponentTypeAsString(io.GetComponentType())),
-                       spacing=tuple(float(io.GetSpacing(a)) for a in range(d)),
-                       origin=tuple(float(io.GetOrigin(a)) for a in range(d)),
-                       direction=tuple(tuple(columns[a][r] for a in range(d)) for r in range(d)))
+    d = int(reader.GetDimension())
+    pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    component = pixel[len("vector of "):] if pixel.startswith("vector of ") else pixel
+    return ImageHeader(path=p, dimension=d, size=tuple(int(n) for n in reader.GetSize()),
+                       components=int(reader.GetNumberOfComponents()),
+                       component_type=_ITK_COMPONENT_NAMES.get(component, component),
+                       spacing=tuple(float(v) for v in reader.GetSpacing()),
+                       origin=tuple(float(v) for v in reader.GetOrigin()),
+                       direction=tuple(tuple(float(v) for v in row)
+                                       for row in np.asarray(reader.GetDirection()).reshape(d, d)))
 
 
 def check_header(header: ImageHeader, *, what: str, dimension: Optional[int] = None,

@@ -330,3 +330,23 @@ def test_a_killed_writer_s_staging_folder_is_cleared_by_the_next_writer(tmp_path
     finally:
         live.kill()
         live.wait()
+
+
+def test_one_header_reader_names_components_as_itk_does(tmp_path):
+    """imageio.read_image_header and files.read_header are one reader (SimpleITK's, without ITK Python), and
+    name the stored component type as ITK's ImageIO does."""
+    import SimpleITK as sitk
+
+    from itk_gradicon import files
+
+    short = sitk.Image([5, 4, 3], sitk.sitkInt16)
+    short.SetDirection([0, 1, 0, -1, 0, 0, 0, 0, 1])
+    sitk.WriteImage(short, str(tmp_path / "short.nii.gz"))
+    vectors = sitk.Image([5, 4, 3], sitk.sitkVectorFloat32, 3)
+    sitk.WriteImage(vectors, str(tmp_path / "field.nii.gz"))
+    header = read_image_header(tmp_path / "short.nii.gz")
+    assert header.component_type == "short" and header.size == (5, 4, 3)
+    assert header.direction == ((0.0, 1.0, 0.0), (-1.0, 0.0, 0.0), (0.0, 0.0, 1.0))
+    assert files.read_header(tmp_path / "short.nii.gz") == header
+    field = read_image_header(tmp_path / "field.nii.gz")
+    assert (field.component_type, field.components) == ("float", 3)
