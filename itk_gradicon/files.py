@@ -34,9 +34,9 @@ import numpy as np
 from .errors import InputError
 from .grid import ImageGrid
 from .imageio import (IMAGE_SUFFIXES, ImageHeader, OutputTransaction, _is_simpleitk, check_output_path,
-                      check_resample_headers, read_image_header, read_simpleitk_image)
-from .resample import (INTERPOLATIONS, as_dtype_array, check_default_value, check_interpolation, check_label_values,
-                       check_scalar, resample_label_array)
+                      check_resample_headers, image_array, read_image_header, read_simpleitk_image)
+from .resample import (INTERPOLATIONS, check_default_value, check_interpolation, check_label_values, check_scalar,
+                       resample_label_array, with_dtype)
 from .outputs import PathLike
 from .simpleitk_transforms import field_transform, read_field_transform, read_transform_file, transform_parts
 from .transform_specs import TransformSpec, elastix_field_path, inverse_hint, transform_file_kind
@@ -166,28 +166,13 @@ _NEAREST_NATIVE = {np.dtype(np.uint8), np.dtype(np.int16), np.dtype(np.uint16), 
                    np.dtype(np.float64)}
 
 
-def _array(image) -> np.ndarray:
-    return _sitk().GetArrayViewFromImage(image)
-
-
-def _as_dtype(image, dtype: np.dtype):
-    """``image`` with voxels of ``dtype`` (integers rounded and clamped), same geometry."""
-    sitk = _sitk()
-    array = _array(image)
-    if array.dtype == dtype:
-        return image
-    out = sitk.GetImageFromArray(as_dtype_array(array, dtype))
-    out.CopyInformation(image)
-    return out
-
-
 def resample_image(image, reference, transform, *, interpolation: str = "linear", default_value: float = 0.0):
     """``image`` resampled onto ``reference``'s grid (``SimpleITK`` objects); the rules and values of
     :func:`itk_gradicon.resample.resample_image`."""
     sitk = _sitk()
     check_interpolation(interpolation)
     check_scalar(image, "the image to resample")
-    dtype = _array(image).dtype
+    dtype = image_array(image).dtype
     default_value = check_default_value(default_value, dtype)
     if interpolation == "label":
         return resample_labels(image, reference, transform, default_value=default_value)
@@ -199,10 +184,10 @@ def resample_image(image, reference, transform, *, interpolation: str = "linear"
         pixel = sitk.sitkFloat32 if interpolation == "linear" and low_precision else sitk.sitkFloat64
         work = sitk.Cast(image, pixel)
         interpolator = sitk.sitkBSpline3 if interpolation == "bspline" else sitk.sitkLinear
-    integer_work = np.issubdtype(_array(work).dtype, np.integer)
+    integer_work = np.issubdtype(image_array(work).dtype, np.integer)
     out = sitk.Resample(work, reference, transform, interpolator,
                         float(int(default_value)) if integer_work else default_value, work.GetPixelID())
-    return _as_dtype(out, dtype)
+    return with_dtype(out, dtype)
 
 
 def resample_labels(labels, reference, transform, *, default_value: float = 0.0,
@@ -212,7 +197,7 @@ def resample_labels(labels, reference, transform, *, default_value: float = 0.0,
     sampled on ``reference``'s grid (:func:`sample_displacement`), if the caller has it."""
     sitk = _sitk()
     check_scalar(labels, "the label map to resample")
-    array = np.asarray(_array(labels))
+    array = np.asarray(image_array(labels))
     check_label_values(array, "the label map to resample")
     default_value = check_default_value(default_value, array.dtype)
     out_grid = ImageGrid.from_image(reference)
@@ -305,7 +290,7 @@ def apply_transform_file(input_path: PathLike, reference_path: PathLike, transfo
         _write(warped, out.path(output))
     if interpolation != "label":
         return WarpSummary(output)
-    return WarpSummary(output, np.unique(_array(image)).tolist(), np.unique(_array(warped)).tolist())
+    return WarpSummary(output, np.unique(image_array(image)).tolist(), np.unique(image_array(warped)).tolist())
 
 
 def jacobian_file(transforms: Sequence[TransformName], *, reference: Optional[PathLike] = None,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import InputError
+from .imageio import image_array, image_like
 
 INTERPOLATIONS = ("linear", "nearest", "bspline", "label")
 
@@ -41,12 +42,6 @@ def check_interpolation(name: str) -> str:
     if name not in INTERPOLATIONS:
         raise InputError(f"unknown interpolation {name!r}; allowed: {', '.join(INTERPOLATIONS)}")
     return name
-
-
-def _array_of(image) -> np.ndarray:
-    import itk
-
-    return itk.array_view_from_image(image)
 
 
 def check_scalar(image, what: str) -> None:
@@ -103,7 +98,7 @@ def resample_image(image, reference, transform, *, interpolation: str = "linear"
 
     check_interpolation(interpolation)
     check_scalar(image, "the image to resample")
-    dtype = _array_of(image).dtype
+    dtype = image_array(image).dtype
     default_value = check_default_value(default_value, dtype)
     if interpolation == "label":
         return resample_labels(image, reference, transform, default_value=default_value)
@@ -114,11 +109,11 @@ def resample_image(image, reference, transform, *, interpolation: str = "linear"
         work = cast_image(image, itk.D if interpolation == "bspline" else _compute_type(dtype))
         interpolator = (itk.BSplineInterpolateImageFunction.New(work, spline_order=3)
                         if interpolation == "bspline" else itk.LinearInterpolateImageFunction.New(work))
-    integer_work = np.issubdtype(_array_of(work).dtype, np.integer)
+    integer_work = np.issubdtype(image_array(work).dtype, np.integer)
     out = itk.resample_image_filter(work, transform=transform, interpolator=interpolator,
                                     use_reference_image=True, reference_image=reference,
                                     default_pixel_value=int(default_value) if integer_work else default_value)
-    return _as_dtype(out, dtype)
+    return with_dtype(out, dtype)
 
 
 def as_dtype_array(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -129,16 +124,13 @@ def as_dtype_array(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.ascontiguousarray(array.astype(dtype))
 
 
-def _as_dtype(image, dtype: np.dtype):
-    """``image`` with voxels of ``dtype`` (integers rounded and clamped), same geometry."""
-    import itk
-
-    array = _array_of(image)
+def with_dtype(image, dtype: np.dtype):
+    """``image`` (``itk.Image`` or ``SimpleITK.Image``) with voxels of ``dtype`` (integers rounded and clamped),
+    same geometry and library; ``image`` itself when it already has them."""
+    array = image_array(image)
     if array.dtype == dtype:
         return image
-    out = itk.image_from_array(as_dtype_array(array, dtype))
-    out.CopyInformation(image)
-    return out
+    return image_like(as_dtype_array(array, dtype), image)
 
 
 def check_label_values(array: np.ndarray, what: str) -> None:
@@ -177,7 +169,7 @@ def resample_labels(labels, reference, transform, *, default_value: float = 0.0)
     from .transforms import sample_transform
 
     check_scalar(labels, "the label map to resample")
-    array = np.asarray(_array_of(labels))
+    array = np.asarray(image_array(labels))
     check_label_values(array, "the label map to resample")
     default_value = check_default_value(default_value, array.dtype)
     out_grid = ImageGrid.from_image(reference)
