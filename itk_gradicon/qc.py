@@ -1,4 +1,4 @@
-"""Quality-control picture of one registration, written as a PNG with ITK (no plotting library).
+"""Quality-control picture of one registration, written as a PNG through SimpleITK (ITK's PNG writer; no plotting library).
 
 :func:`write_qc` draws, for three orthogonal slices of the FIXED image (axial and coronal through its
 centre, sagittal a tenth of its field of view off the midline; one row each; a single row for 2-D
@@ -304,35 +304,25 @@ def _log_jacobian_colors(log_det: np.ndarray, folded: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 def _slab(image, view: SliceView, lo: int, hi: int):
-    """The part ``[lo, hi)`` along ``view.axis`` of an ITK image, keeping its physical placement."""
-    import itk
+    """The part ``[lo, hi)`` along ``view.axis`` of a ``SimpleITK.Image``, keeping its physical placement."""
+    import SimpleITK as sitk
 
-    d = int(image.GetImageDimension())
-    region = itk.ImageRegion[d]()
-    start = [0] * d
-    size = [int(s) for s in image.GetLargestPossibleRegion().GetSize()]
+    start = [0] * image.GetDimension()
+    size = list(image.GetSize())
     if view.axis is not None:
         start[view.axis] = lo
         size[view.axis] = hi - lo
-    region.SetIndex(start)
-    region.SetSize(size)
-    slab = itk.region_of_interest_image_filter(image, region_of_interest=region)
-    slab.DisconnectPipeline()  # its own buffer: using it later never re-runs (and reallocates) the filter
-    return slab
+    return sitk.RegionOfInterest(image, size, start)
 
 
 def _sample(moving, reference, transform) -> np.ndarray:
-    """``moving`` sampled at the voxel centres of ``reference`` through ``transform`` (linear, 0 outside)."""
-    import itk
+    """``moving`` sampled at the voxel centres of ``reference`` through ``transform`` (linear, 0 outside;
+    ``SimpleITK`` objects)."""
+    import SimpleITK as sitk
 
-    from .imageio import cast_image
-
-    moving_f = cast_image(moving, itk.F)
-    kwargs = {} if transform is None else {"transform": transform}
-    out = itk.resample_image_filter(moving_f, use_reference_image=True, reference_image=reference,
-                                    default_pixel_value=0.0,
-                                    interpolator=itk.LinearInterpolateImageFunction.New(moving_f), **kwargs)
-    return np.asarray(itk.array_from_image(out), dtype=np.float64)
+    out = sitk.Resample(sitk.Cast(moving, sitk.sitkFloat32), reference,
+                        sitk.Transform() if transform is None else transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return np.asarray(sitk.GetArrayViewFromImage(out), dtype=np.float64)
 
 
 def _log_jacobian_slice(field, fixed, view: SliceView, d: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -369,26 +359,28 @@ def qc_picture(fixed, moving, result) -> np.ndarray:
     Args:
         fixed: the fixed ``itk.Image`` or ``SimpleITK.Image`` (any scalar pixel type), whose grid the
             forward field lives on.
-        moving: the moving ``itk.Image``.
+        moving: the moving image, of either library.
         result: a :class:`~itk_gradicon.registration.RegistrationResult` of this pair.
 
     Returns:
         The picture described in the module docstring.
     """
-    import itk
+    import SimpleITK as sitk
 
-    from .imageio import to_itk
+    from .imageio import to_simpleitk
+    from .simpleitk_transforms import field_transform
 
-    fixed, moving = to_itk(fixed), to_itk(moving)  # SimpleITK images (as the command reads them) converted
-    d = int(fixed.GetImageDimension())
+    fixed, moving = to_simpleitk(fixed), to_simpleitk(moving)  # ITK Python images converted; the command's as read
+    d = int(fixed.GetDimension())
     grid = ImageGrid.from_image(fixed)
     if grid != result.forward_field.grid and not _grids_close(grid, result.forward_field.grid):
         from .errors import InputError
 
         raise InputError("the QC picture needs the fixed image the registration was computed on "
                          "(its grid differs from the forward field's)")
-    fixed_array = itk.array_view_from_image(fixed)
-    moving_array = itk.array_view_from_image(moving)
+    fixed_array = sitk.GetArrayViewFromImage(fixed)
+    moving_array = sitk.GetArrayViewFromImage(moving)
+    forward = field_transform(result.forward_field)
     fixed_window, moving_window = _window(fixed_array), _window(moving_array)
     views = slice_views(grid)
 
@@ -398,11 +390,9 @@ def qc_picture(fixed, moving, result) -> np.ndarray:
             reference = fixed
         else:
             reference = _slab(fixed, view, view.index, view.index + 1)
-        # a copy: a float64 view would share the slab's buffer, which ITK may reallocate when the
-        # slab is used as a reference image below (the plane then read freed memory: NaN in the picture)
-        fixed_plane = np.array(itk.array_view_from_image(reference), dtype=np.float64)
+        fixed_plane = np.array(sitk.GetArrayViewFromImage(reference), dtype=np.float64)
         before = _sample(moving, reference, None)
-        after = _sample(moving, reference, result.forward_transform)
+        after = _sample(moving, reference, forward)
         log_det, folded = _log_jacobian_slice(result.forward_field, fixed, view, d)
         on_slab = view if d == 2 else dataclasses.replace(view, index=0)
         planes = [_plane(a, on_slab, d) for a in (fixed_plane, before, after, log_det, folded.astype(np.float64))]
@@ -463,7 +453,7 @@ def write_qc(fixed, moving, result, path: PathLike, *, transaction=None) -> Path
     """Write the QC picture of a registration as a PNG.
 
     Args:
-        fixed, moving: the registered ``itk.Image`` pair (original intensities are fine).
+        fixed, moving: the registered pair, ``itk.Image`` or ``SimpleITK.Image`` (original intensities are fine).
         result: the :class:`~itk_gradicon.registration.RegistrationResult`.
         path: destination ``.png``.
         transaction: an :class:`~itk_gradicon.imageio.OutputTransaction` to stage the file in;
@@ -472,18 +462,18 @@ def write_qc(fixed, moving, result, path: PathLike, *, transaction=None) -> Path
     Returns:
         The final path.
     """
-    import itk
+    import SimpleITK as sitk
 
     from .imageio import OutputTransaction
 
     picture = qc_picture(fixed, moving, result)
-    image = itk.image_view_from_array(np.ascontiguousarray(picture), ttype=itk.Image[itk.RGBPixel[itk.UC], 2])
+    image = sitk.GetImageFromArray(np.ascontiguousarray(picture), isVector=True)  # 8-bit RGB
     path = Path(path).expanduser().absolute()
     if transaction is None:
         with OutputTransaction() as out:
-            itk.imwrite(image, str(out.path(path)))
+            sitk.WriteImage(image, str(out.path(path)))
     else:
-        itk.imwrite(image, str(transaction.path(path)))
+        sitk.WriteImage(image, str(transaction.path(path)))
     return path
 
 

@@ -58,13 +58,16 @@ def fixed_panels(fixed):
 
     import itk
 
+    import SimpleITK as sitk
+
     from itk_gradicon.geometry import ImageGrid
+    from itk_gradicon.imageio import to_simpleitk
     from itk_gradicon.qc import _plane, _slab, slice_views
 
     out = []
     for view in slice_views(ImageGrid.from_image(fixed)):
-        slab = _slab(fixed, view, view.index, view.index + 1)
-        out.append(_plane(itk.array_from_image(slab), dataclasses.replace(view, index=0), 3))
+        slab = _slab(to_simpleitk(fixed), view, view.index, view.index + 1)  # the picture's helpers take SimpleITK
+        out.append(_plane(sitk.GetArrayFromImage(slab), dataclasses.replace(view, index=0), 3))
     return out
 
 
@@ -189,19 +192,24 @@ def test_float64_fixed_image_gives_the_float32_picture(identity_model):
         pictures = [qc_picture(image, as32, result) for image in (as64, as32, as64)]
     np.testing.assert_array_equal(pictures[0], pictures[1])
     np.testing.assert_array_equal(pictures[2], pictures[1])
+    from itk_gradicon.imageio import to_simpleitk
+
     view = slice_views(ImageGrid.from_image(as64))[0]
-    assert _slab(as64, view, view.index, view.index + 1).GetSource() is None  # its own buffer
+    assert _slab(to_simpleitk(as64), view, view.index, view.index + 1).GetSize()[view.axis] == 1
 
 
 def test_after_panel_is_the_warped_moving_image(tiny_model_file, rng):
-    """The 'MOVING AFTER' plane is the moving image resampled by ITK through the forward transform."""
+    """The 'MOVING AFTER' plane (SimpleITK, the forward field as a SimpleITK transform) is the moving image
+    resampled by ITK Python through the result's ITK forward transform."""
     import dataclasses
 
     import itk
 
     from itk_gradicon.geometry import ImageGrid
+    from itk_gradicon.imageio import to_simpleitk
     from itk_gradicon.qc import _plane, _sample, _slab, slice_views
     from itk_gradicon.registration import register
+    from itk_gradicon.simpleitk_transforms import field_transform
 
     fixed = make_image(blob_volume(SHAPE, rng) * 100, spacing=(1.0, 1.5, 2.0), direction=LPS_FROM_RAS)
     moving = make_image(blob_volume(SHAPE, rng) * 100, spacing=(1.0, 1.5, 2.0), direction=LPS_FROM_RAS)
@@ -209,9 +217,9 @@ def test_after_panel_is_the_warped_moving_image(tiny_model_file, rng):
     warped = itk.resample_image_filter(moving, transform=result.forward_transform, use_reference_image=True,
                                        reference_image=fixed)
     for view in slice_views(ImageGrid.from_image(fixed)):
-        slab = _slab(fixed, view, view.index, view.index + 1)
+        slab = _slab(to_simpleitk(fixed), view, view.index, view.index + 1)
         on_slab = dataclasses.replace(view, index=0)
-        ours = _plane(_sample(moving, slab, result.forward_transform), on_slab, 3)
+        ours = _plane(_sample(to_simpleitk(moving), slab, field_transform(result.forward_field)), on_slab, 3)
         theirs = _plane(itk.array_from_image(warped), view, 3)
         np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
