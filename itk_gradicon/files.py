@@ -54,12 +54,6 @@ def _sitk():
 # Reading
 # --------------------------------------------------------------------------------------------
 
-def _readable(path: PathLike, what: str) -> Path:
-    from .imageio import _check_readable_file
-
-    return _check_readable_file(path, what)
-
-
 def read_header(path: PathLike, *, what: str = "image") -> ImageHeader:
     """An image file's header (dimension, size, components, geometry) without its pixels: the one header
     reader, :func:`itk_gradicon.imageio.read_image_header`.

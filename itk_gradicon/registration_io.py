@@ -342,8 +342,6 @@ def _prealignment(inputs: _Inputs, affine: str, initial_transform: Optional[Path
     return None, None
 
 
-#: ``--affine`` values: ``affine`` and ``rigid`` run :func:`itk_gradicon.affine.prealign`; ``elastix`` is the
-#: former spelling of ``affine``; ``auto`` is ``affine`` for a model trained on pre-aligned pairs, else ``none``.
 def write_register_outputs(result, outputs: RegisterOutputs, *, fixed_original=None, moving_original=None,
                            log: Log = lambda message: None, record: Optional[dict] = None) -> List[Path]:
     """Write every requested output of one registration in a single transaction.
