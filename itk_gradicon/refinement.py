@@ -10,13 +10,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import losses
 from .errors import InputError
 from .instance import DEFAULT_LR, DEFAULT_SMOOTHNESS
 from .models import PUBLISHED, Model
+from .options import IO_SIMILARITY_CHOICES as IO_SIMILARITIES
 from .preprocess import MRI_CONTRASTS, modalities_differ
-
-IO_SIMILARITIES = tuple(losses.SIMILARITIES)
 
 
 @dataclass(frozen=True)
