@@ -259,11 +259,9 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
         timings["load_model"] = time.perf_counter() - started
     d = model.architecture.dimension
     fixed, moving = _check_inputs(fixed, moving, d, **inputs)
-    flat = options.keywords()
-    affine = flat.pop("affine")
-    request = RegistrationRequest.of(fixed, moving, model, initial_transform=initial_transform, messages=messages,
-                                     **inputs, **flat)
-    prealignment = resolve_affine_choice(affine, model, initial_transform is not None)
+    request = RegistrationRequest.from_options(fixed, moving, model, options, initial_transform=initial_transform,
+                                               messages=messages, inputs=inputs)
+    prealignment = resolve_affine_choice(options.prealignment.affine, model, initial_transform is not None)
     if prealignment != "none" and initial_transform is None:
         from .affine import prealign
 
@@ -351,7 +349,20 @@ class RegistrationRequest:
         return cls(fixed, moving, model, io_iterations=io.iterations, io_similarity=io.similarity,
                    io_method=io.method, io_lr=io.lr, io_smoothness=io.smoothness, io_coarse_steps=io.coarse_steps,
                    io_patience=io.patience, io_multimodal_similarity=io.multimodal_similarity,
-                   io_multimodal_smoothness=io.multimodal_smoothness, io_lncc_sigma=io.lncc_sigma, affine=_as_affine(initial_transform, d), **options)
+                   io_multimodal_smoothness=io.multimodal_smoothness, io_lncc_sigma=io.lncc_sigma,
+                   affine=_as_affine(initial_transform, d), **options)
+
+    @classmethod
+    def from_options(cls, fixed, moving, model: Model, options: RegistrationOptions, *, initial_transform=None,
+                     messages: Optional[List[str]] = None, inputs: Optional[Dict[str, Any]] = None,
+                     **resolved) -> "RegistrationRequest":
+        """:meth:`of` for a :class:`~itk_gradicon.options.RegistrationOptions` (whose ``affine`` choice is not
+        the request's matrix: ``initial_transform`` is). ``inputs``: the masks and label maps; ``resolved``:
+        options the caller has already resolved (``io_iterations=...``), which replace the given ones."""
+        flat = options.keywords()
+        del flat["affine"]
+        return cls.of(fixed, moving, model, initial_transform=initial_transform, messages=messages,
+                      **(inputs or {}), **{**flat, **resolved})
 
 
 def run_request(request: RegistrationRequest, *, device: torch.device,

@@ -207,14 +207,12 @@ def run_register(files: RegisterFiles, outputs: RegisterOutputs, options: Option
 
     # every input was checked as it was read: the registration trusts the request and scans nothing again
     messages: List[str] = []
-    request = RegistrationRequest.of(
-        inputs.fixed, inputs.moving, model_obj, fixed_modality=intensity.fixed_modality,
-        moving_modality=intensity.moving_modality, ct_window=intensity.ct_window,
-        quantile_range=intensity.quantile_range, mask_mode=options.mask_mode, io_iterations=io.iterations,
-        io_similarity=io_options.similarity, io_lr=io.lr, io_method=io.method, io_smoothness=io_options.smoothness,
-        io_dice_weight=io_options.dice_weight, initial_transform=pre, orientation=options.prealignment.orientation,
-        io_start=io_options.start, compute_inverse=outputs.needs_inverse, messages=messages, **inputs.masks,
-        **inputs.labels)
+    # the IO steps, method and rate as resolved and logged above (given unresolved, the request would log the
+    # model's recommendation a second time)
+    request = RegistrationRequest.from_options(
+        inputs.fixed, inputs.moving, model_obj, options, initial_transform=pre, messages=messages,
+        inputs={**inputs.masks, **inputs.labels}, io_iterations=io.iterations, io_lr=io.lr, io_method=io.method,
+        compute_inverse=outputs.needs_inverse)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     result = run_request(request, device=torch_device, progress=progress, generator=generator, predictor=predictor,
                          messages=messages)
