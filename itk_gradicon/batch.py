@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .errors import GradiconError, InputError
 from .registration_io import RegisterOutputs
-from .tables import read_rows, row_values
+from .tables import read_rows, row_values, table_path
 
 PAIR_COLUMNS = ("fixed", "moving")
 INPUT_COLUMNS = ("fixed_mask", "moving_mask", "fixed_labels", "moving_labels", "initial_transform")
@@ -176,10 +176,6 @@ def read_pairs(path: Union[str, Path]) -> List[Pair]:
                          f"{', '.join(OUTPUT_COLUMNS)}; its header is {', '.join(header)}")
     base = path.resolve().parent
 
-    def absolute(text: str) -> Path:
-        p = Path(text).expanduser()
-        return p if p.is_absolute() else base / p
-
     pairs: List[Pair] = []
     owners: Dict[Path, str] = {}
     for line, values in numbered[1:]:
@@ -192,14 +188,12 @@ def read_pairs(path: Union[str, Path]) -> List[Pair]:
                 raise InputError(f"{origin} has no {column} image")
         if not any(raw.get(c) for c in OUTPUT_COLUMNS):
             raise InputError(f"{origin} has no output: fill at least one of {', '.join(OUTPUT_COLUMNS)}")
+        paths = {column: table_path(raw.get(column), base) for column in COLUMNS}  # every column is a path
+        ants_prefix = paths["out_ants_prefix"]
         outputs = RegisterOutputs(
-            transform=absolute(raw["out_transform"]) if raw.get("out_transform") else None,
-            inverse_transform=absolute(raw["out_inverse_transform"]) if raw.get("out_inverse_transform") else None,
-            warped=absolute(raw["out_warped"]) if raw.get("out_warped") else None,
-            ants_prefix=str(absolute(raw["out_ants_prefix"])) if raw.get("out_ants_prefix") else None,
-            elastix_dir=absolute(raw["out_elastix"]) if raw.get("out_elastix") else None,
-            qc=absolute(raw["out_qc"]) if raw.get("out_qc") else None,
-            record=absolute(raw["out_json"]) if raw.get("out_json") else None)
+            transform=paths["out_transform"], inverse_transform=paths["out_inverse_transform"],
+            warped=paths["out_warped"], ants_prefix=str(ants_prefix) if ants_prefix else None,
+            elastix_dir=paths["out_elastix"], qc=paths["out_qc"], record=paths["out_json"])
         finals = outputs.final_paths()
         for final in finals:
             if final in owners:
@@ -207,10 +201,8 @@ def read_pairs(path: Union[str, Path]) -> List[Pair]:
         if len(set(finals)) != len(finals):
             raise InputError(f"{origin}: two outputs would be written to the same file")
         owners.update({final: origin for final in finals})
-        pairs.append(Pair(number=len(pairs) + 1, origin=origin, fixed=absolute(raw["fixed"]),
-                          moving=absolute(raw["moving"]),
-                          inputs={c: absolute(raw[c]) if raw.get(c) else None for c in INPUT_COLUMNS},
-                          outputs=outputs))
+        pairs.append(Pair(number=len(pairs) + 1, origin=origin, fixed=paths["fixed"], moving=paths["moving"],
+                          inputs={c: paths[c] for c in INPUT_COLUMNS}, outputs=outputs))
     if not pairs:
         raise InputError(f"--pairs '{path.name}' lists no pairs (only a header row)")
     return pairs

@@ -2,8 +2,8 @@
 lists of ``gradicon train`` (CSV; tab-separated with a ``.tsv`` name).
 
 :func:`read_rows` returns the rows with their line numbers, so that every message can name the line a user
-has to fix; :func:`row_values` pairs a row with its header. The callers check the columns they allow and
-raise their own errors.
+has to fix; :func:`row_values` pairs a row with its header; :func:`table_path` reads a path in a cell as
+relative to the table's folder. The callers check the columns they allow and raise their own errors.
 """
 
 from __future__ import annotations
@@ -34,4 +34,13 @@ def row_values(header: Sequence[str], cells: Sequence[str]) -> Optional[Dict[str
     return {column: (cells[i].strip() if i < len(cells) else "") for i, column in enumerate(header)}
 
 
-__all__ = ["read_rows", "row_values"]
+def table_path(value: Optional[str], base: Path) -> Optional[Path]:
+    """A path as a table (or list) gives it: ``~`` expanded, relative to ``base`` (the table's folder) unless
+    absolute; ``None`` for an empty cell."""
+    if value is None or not value.strip():
+        return None
+    path = Path(value.strip()).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+__all__ = ["read_rows", "row_values", "table_path"]

@@ -20,7 +20,7 @@ from ..errors import ConfigError, InputError, did_you_mean
 from ..geometry import ImageGrid
 from ..imageio import read_image_header, short_error_message
 from ..preprocess import IntensityNormalization
-from ..tables import read_rows, row_values
+from ..tables import read_rows, row_values, table_path
 from .config import DatasetConfig, TrainConfig
 from .synthesis import LabelMapEntry, check_label_map
 
@@ -191,11 +191,6 @@ def _from_template(template: str, image: Path) -> Path:
     return Path(template.format(dir=str(image.parent), stem=_stem(image), name=image.name)).expanduser()
 
 
-def _absolute(value: str, base: Path) -> Path:
-    p = Path(value.strip()).expanduser()
-    return p if p.is_absolute() else base / p
-
-
 def _read_list(path: Path, base: Path, where: str) -> List[Dict[str, Any]]:
     rows = []
     try:
@@ -206,7 +201,7 @@ def _read_list(path: Path, base: Path, where: str) -> List[Dict[str, Any]]:
         text = line.strip()
         if not text or text.startswith("#"):
             continue
-        rows.append({"image": _absolute(text, base), "origin": f"{path.name} line {number}"})
+        rows.append({"image": table_path(text, base), "origin": f"{path.name} line {number}"})
     return rows
 
 
@@ -237,7 +232,7 @@ def _read_csv(path: Path, base: Path, where: str) -> List[Dict[str, Any]]:
         for key in CSV_COLUMNS:
             value = raw.get(key) or None
             if value is not None and key in ("image", "mask", "segmentation"):
-                value = _absolute(value, base)
+                value = table_path(value, base)
             row[key] = value
         rows.append(row)
     return rows
