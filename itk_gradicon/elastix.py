@@ -16,12 +16,12 @@ in physical coordinates (``UseDirectionCosines "true"``, elastix's default since
 explicitly). Hence ``A = [[M, t + c - M c], [0, 1]]``.
 
 The registration is multi-resolution (images smoothed and shrunk by 2 per level; :func:`pyramid_levels`
-chooses the levels),
-Mattes mutual information with :data:`HISTOGRAM_BINS` bins (so multimodal pairs work; ``metric="ncc"`` or
-``"mse"`` for same-modality pairs), adaptive stochastic gradient descent (:data:`ITERATIONS` per level) on 2,048 random samples per
-iteration, started by default from the alignment of the two images' intensity centres of mass. Its random sampling is seeded, so a run is reproducible. The number of threads is
-set explicitly (all the cores this process may use): itk-elastix otherwise picks its own, and one of
-its 3-D runs once crashed here with a thread count it chose.
+chooses the levels), Mattes mutual information with :data:`HISTOGRAM_BINS` bins (so multimodal pairs work;
+``metric="ncc"`` or ``"mse"`` for same-modality pairs), adaptive stochastic gradient descent
+(:data:`ITERATIONS` per level) on 2,048 random samples per iteration, started by default from the alignment
+of the two images' intensity centres of mass. Its random sampling is seeded, so a run is reproducible. The
+number of threads is set explicitly (all the cores this process may use): itk-elastix otherwise picks its
+own, and one of its 3-D runs once crashed here with a thread count it chose.
 
 Example:
     >>> import itk
@@ -407,5 +407,6 @@ def pyramid_levels(*images) -> int:
     return int(min(4, max(1, 1 + np.floor(np.log2(max(shortest, 1) / 16.0)))))
 
 
-__all__ = ["DEFAULT_SEED", "HISTOGRAM_BINS", "ITERATIONS", "PYRAMIDS", "INITIALIZATIONS", "METRICS", "TRANSFORMS", "affine_from_elastix_parameters",
-           "affine_parameter_map", "elastix_affine", "euler_matrix", "pyramid_levels"]
+__all__ = ["DEFAULT_SEED", "HISTOGRAM_BINS", "ITERATIONS", "PYRAMIDS", "INITIALIZATIONS", "METRICS", "TRANSFORMS",
+           "affine_from_elastix_parameters", "affine_parameter_map", "elastix_affine", "euler_matrix",
+           "pyramid_levels"]

@@ -66,7 +66,8 @@ Progress = Optional[Callable[[IOProgress], None]]
 
 
 def optimise_network(net: torch.nn.Module, image_A: Tensor, image_B: Tensor, *, steps: int, lr: float,
-                     similarity, guidance: losses.Guidance = losses.NO_GUIDANCE, progress: Progress = None, history: Optional[List[Dict[str, float]]] = None,
+                     similarity, guidance: losses.Guidance = losses.NO_GUIDANCE, progress: Progress = None,
+                     history: Optional[List[Dict[str, float]]] = None,
                      generator: Optional[torch.Generator] = None) -> torch.nn.Module:
     """Adam steps of the full symmetric objective on a copy of ``net``; returns the tuned copy.
 

@@ -18,7 +18,6 @@ Definitions follow the papers in ``shared/papers`` (GradICON, uniGradICON, multi
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -451,7 +450,8 @@ def fraction_folded(grid_map: Tensor) -> float:
 
 
 __all__ = [
-    "Guidance", "NO_GUIDANCE", "masked_mean", "gaussian_blur", "lncc_map", "lncc_loss", "squared_lncc_loss", "mind_ssc", "mind_loss",
+    "Guidance", "NO_GUIDANCE", "masked_mean", "gaussian_blur", "lncc_map", "lncc_loss", "squared_lncc_loss",
+    "mind_ssc", "mind_loss",
     "similarity_function", "SIMILARITIES", "gradicon_sample_points", "cycle_gradient_penalty",
     "gradicon_regularizer", "soft_dice_loss", "shared_one_hot", "LossTerms", "gradicon_objective",
     "warp", "jacobian_determinant_cube", "fraction_folded",

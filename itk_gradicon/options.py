@@ -196,8 +196,8 @@ def check_options(options: RegistrationOptions, inputs: Mapping[str, Any] = {},
     io, given = options.refinement, {key: inputs.get(key) for key in INPUT_KEYWORDS + ("initial_transform",)}
     allowed("mask_mode", options.mask_mode, MASK_MODES)
     allowed("orientation", options.prealignment.orientation, ORIENTATIONS)
-    if io.iterations is not None and (isinstance(io.iterations, bool) or not isinstance(io.iterations, (int, np.integer))
-                                      or io.iterations < 0):
+    whole = isinstance(io.iterations, (int, np.integer)) and not isinstance(io.iterations, bool)
+    if io.iterations is not None and (not whole or io.iterations < 0):
         raise InputError(f"{name('io_iterations')} must be a whole number >= 0, not {io.iterations!r}")
     allowed("io_method", io.method, IO_METHOD_CHOICES)
     allowed("io_start", io.start, IO_STARTS)

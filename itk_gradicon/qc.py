@@ -1,4 +1,5 @@
-"""Quality-control picture of one registration, written as a PNG through SimpleITK (ITK's PNG writer; no plotting library).
+"""Quality-control picture of one registration, written as a PNG through SimpleITK (ITK's PNG writer; no
+plotting library).
 
 :func:`write_qc` draws, for three orthogonal slices of the FIXED image (axial and coronal through its
 centre, sagittal a tenth of its field of view off the midline; one row each; a single row for 2-D

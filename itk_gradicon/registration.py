@@ -432,9 +432,10 @@ def run_request(request: RegistrationRequest, *, device: torch.device,
                               fixed_frame, moving_frame, r.affine)
     timings["fields"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
+    field_io_ran = r.io_iterations > 0 and r.io_method == "field"
     return RegistrationResult(*fields, modalities["fixed"], modalities["moving"], messages, history, timings,
                               io_similarity=similarity if r.io_iterations > 0 else None,
-                              io_smoothness=r.io_smoothness if r.io_iterations > 0 and r.io_method == "field" else None)
+                              io_smoothness=r.io_smoothness if field_io_ran else None)
 
 
 def _check_inputs(fixed, moving, dimension: int, *, fixed_mask, moving_mask, fixed_labels, moving_labels):
@@ -563,8 +564,8 @@ def _predict(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor,
         guidance = losses.Guidance(*masks, _on_network(moving_frame, moving_net.labels, device),
                                    _on_network(fixed_frame, r.fixed_labels, device),
                                    r.io_dice_weight if r.fixed_labels is not None else 0.0)
-        io = dict(steps=r.io_iterations, lr=r.io_lr, similarity=losses.similarity_function(similarity, lncc_sigma=window),
-                  guidance=guidance, progress=progress, history=history)
+        io = dict(steps=r.io_iterations, lr=r.io_lr, guidance=guidance, progress=progress, history=history,
+                  similarity=losses.similarity_function(similarity, lncc_sigma=window))
     if io and r.io_method == "network":
         t = time.perf_counter()
         net = optimise_network(net, image_A, image_B, generator=generator, **io)

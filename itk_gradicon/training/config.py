@@ -32,7 +32,8 @@ from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 from ..errors import ConfigError, ModelError, did_you_mean  # noqa: F401  (did_you_mean: re-exported)
 from ..preprocess import MASK_MODES
-from .schema import differences, option, option_factory, parse_section, to_plain  # noqa: F401  (differences: re-exported)
+from .schema import (  # noqa: F401  (differences: re-exported)
+    differences, option, option_factory, parse_section, to_plain)
 
 #: Modality names known without declaration, and the intensity normalisation each one gets
 #: (``ct``: Hounsfield window; ``mri``: quantiles, for every non-CT image; see :mod:`itk_gradicon.preprocess`).
