@@ -41,6 +41,8 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import InputError
+from .imageio import check_image, image_dimension, same_grid
+from .itk_bridge import to_itk, to_simpleitk
 from .threads import itk_threads
 
 #: ``initialization`` values and elastix's ``AutomaticTransformInitializationMethod`` for each.
@@ -337,17 +339,16 @@ def elastix_affine(fixed, moving, fixed_mask=None, moving_mask=None, *, threads:
 
 
 def _elastix_inputs(fixed, moving, fixed_mask, moving_mask):
-    """``(fixed, moving, [fixed_mask, moving_mask])`` as elastix takes them: float ITK images and
-    ``unsigned char`` masks (or ``None``), after checking dimensions, grids and that masks are not empty."""
-    import itk
+    """``(fixed, moving, [fixed_mask, moving_mask])`` as elastix takes them: float ``itk.Image`` objects
+    and ``unsigned char`` masks (or ``None``), after checking dimensions, grids and that masks are not
+    empty. The checks run on SimpleITK images; elastix's ITK images are made at the end, by the bridge."""
+    import SimpleITK as sitk
 
-    from .imageio import cast_image, check_image, same_grid, to_itk
-
-    fixed, moving, fixed_mask, moving_mask = (to_itk(i) for i in (fixed, moving, fixed_mask, moving_mask))
-    d = int(fixed.GetImageDimension())
-    if int(moving.GetImageDimension()) != d:
+    fixed, moving, fixed_mask, moving_mask = (to_simpleitk(i) for i in (fixed, moving, fixed_mask, moving_mask))
+    d = image_dimension(fixed)
+    if image_dimension(moving) != d:
         raise InputError(f"the fixed image is {d}-D and the moving image "
-                         f"{int(moving.GetImageDimension())}-D; an affine needs two images of one dimension")
+                         f"{image_dimension(moving)}-D; an affine needs two images of one dimension")
     fixed_f = check_image(fixed, what="fixed image", dimension=d)
     moving_f = check_image(moving, what="moving image", dimension=d)
     masks = []
@@ -357,13 +358,13 @@ def _elastix_inputs(fixed, moving, fixed_mask, moving_mask):
             continue
         if not same_grid(mask, image):
             raise InputError(f"the {what} is not on its image's grid")
-        array = (itk.array_view_from_image(mask) > 0).astype(np.uint8)
+        array = (sitk.GetArrayViewFromImage(mask) > 0).astype(np.uint8)
         if not array.any():
             raise InputError(f"the {what} is empty (no voxel > 0)")
-        as_uc = itk.image_from_array(array)
+        as_uc = sitk.GetImageFromArray(array)
         as_uc.CopyInformation(image)
-        masks.append(cast_image(as_uc, itk.UC))
-    return fixed_f, moving_f, masks
+        masks.append(to_itk(as_uc))
+    return to_itk(fixed_f), to_itk(moving_f), masks
 
 
 def _run_elastix(fixed, moving, masks, params: Mapping[str, Sequence[str]], threads: int):

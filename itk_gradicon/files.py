@@ -27,21 +27,21 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from .errors import InputError
 from .grid import ImageGrid
-from .imageio import (IMAGE_SUFFIXES, ImageHeader, OutputTransaction, _is_simpleitk, check_output_path,
-                      check_resample_headers, image_array, read_image_header, read_simpleitk_image)
-from .resample import (INTERPOLATIONS, check_default_value, check_interpolation, check_label_values, check_scalar,
-                       resample_label_array, with_dtype)
+from .imageio import (IMAGE_SUFFIXES, ImageHeader, OutputTransaction, check_output_path, check_resample_headers,
+                      image_array, read_image_header, read_simpleitk_image)
+from .itk_bridge import to_simpleitk as from_itk  # noqa: F401  (its former name here)
+from .resample import (  # noqa: F401  (resample_image, resample_labels: the one resampler, re-exported)
+    INTERPOLATIONS, check_interpolation, resample_image, resample_labels)
 from .outputs import PathLike
-from .simpleitk_transforms import field_transform, read_field_transform, read_transform_file, transform_parts
-from .transform_specs import TransformSpec, elastix_field_path, inverse_hint, transform_file_kind
-
-TransformName = Union[str, Path, TransformSpec]
+from .simpleitk_transforms import (  # noqa: F401  (re-exported: the transform reader's names, their former home)
+    TransformName, compose_transforms, field_transform, first_field_grid, read_transform, sample_displacement,
+    transform_parts)
 
 
 def _sitk():
@@ -64,158 +64,9 @@ def read_header(path: PathLike, *, what: str = "image") -> ImageHeader:
     return read_image_header(path, what=what)
 
 
-def _dimension(transform) -> int:
-    return int(transform.GetDimension())
-
-
-def read_transform(spec: TransformName, *, dimension: Optional[int] = None):
-    """One transform a user names (``FILE`` or ``[FILE,1]``), as a SimpleITK transform.
-
-    Accepts what :func:`itk_gradicon.transforms.read_transform` accepts, with the same errors.
-    """
-    spec = TransformSpec.parse(spec)
-    kind = transform_file_kind(spec.path)
-    if kind == "field":
-        transform = read_field_transform(spec.path)
-    elif kind == "elastix":
-        transform = read_field_transform(elastix_field_path(spec.path))
-    else:
-        transform = read_transform_file(spec.path)
-    d = _dimension(transform)
-    if dimension is not None and d != dimension:
-        raise InputError(f"transform '{spec.path}' is {d}-D; the images here are {dimension}-D")
-    if spec.invert:
-        if not all(part.IsLinear() for part in transform_parts(transform)):
-            raise InputError(f"cannot invert '{spec.path}' ([FILE,1]): it holds a displacement field, which "
-                             f"neither ANTs nor gradicon inverts; {inverse_hint(spec.path)}")
-        try:
-            transform = transform.GetInverse()
-        except RuntimeError:
-            raise InputError(f"cannot invert '{spec.path}': its matrix is singular") from None
-    return transform
-
-
-def compose_transforms(specs: Sequence[TransformName], *, dimension: Optional[int] = None):
-    """Several transforms composed as ``antsApplyTransforms -t T1 -t T2 ...``: a point ``x`` goes to
-    ``Tn(...T1(x))``; a ``SimpleITK.CompositeTransform`` (see
-    :func:`itk_gradicon.transforms.compose_transforms`)."""
-    sitk = _sitk()
-    if not specs:
-        raise InputError("no transform given; give at least one transform file")
-    transforms = []
-    for spec in specs:
-        transform = read_transform(spec, dimension=dimension)
-        dimension = _dimension(transform)
-        transforms.append(transform)
-    composite = sitk.CompositeTransform(dimension)
-    for transform in reversed(transforms):  # ITK applies the transform added last first
-        for part in transform_parts(transform):
-            composite.AddTransform(part)
-    return composite
-
-
-def first_field_grid(transform) -> Optional[ImageGrid]:
-    """The grid of the displacement field nearest the fixed space in a composite, or ``None``."""
-    for part in reversed(transform_parts(transform)):
-        if part.GetName() == "DisplacementFieldTransform":
-            return ImageGrid.from_image(part.GetDisplacementField())
-    return None
-
-
 # --------------------------------------------------------------------------------------------
 # Sampling and resampling
 # --------------------------------------------------------------------------------------------
-
-def _blank(grid: ImageGrid):
-    """A one-byte image carrying ``grid`` (the reference of filters that read only the geometry)."""
-    sitk = _sitk()
-    image = sitk.Image([int(s) for s in grid.size], sitk.sitkUInt8)
-    grid.apply_to(image)
-    return image
-
-
-def sample_displacement(transform, grid: ImageGrid) -> np.ndarray:
-    """``T(p) - p`` at every voxel centre of ``grid`` (``grid.array_shape + (d,)``, float64, LPS mm).
-
-    A single displacement field already on ``grid`` is returned exactly; anything else is evaluated by
-    ITK's ``TransformToDisplacementFieldFilter`` in float32, as
-    :func:`itk_gradicon.transforms.sample_transform` does.
-    """
-    sitk = _sitk()
-    parts = transform_parts(transform)
-    if len(parts) == 1 and parts[0].GetName() == "DisplacementFieldTransform":
-        field = parts[0].GetDisplacementField()
-        if ImageGrid.from_image(field).matches(grid, tolerance=1e-6):
-            return np.array(sitk.GetArrayViewFromImage(field), dtype=np.float64)
-    sampler = sitk.TransformToDisplacementFieldFilter()
-    sampler.SetOutputPixelType(sitk.sitkVectorFloat32)
-    sampler.SetReferenceImage(_blank(grid))
-    sampled = sampler.Execute(transform)
-    return np.array(sitk.GetArrayViewFromImage(sampled), dtype=np.float64)
-
-
-#: numpy dtypes that ITK Python resamples in their own type with nearest-neighbour interpolation (the
-#: rest goes through float64): the same choice, so that both give the same values.
-_NEAREST_NATIVE = {np.dtype(np.uint8), np.dtype(np.int16), np.dtype(np.uint16), np.dtype(np.float32),
-                   np.dtype(np.float64)}
-
-
-def resample_image(image, reference, transform, *, interpolation: str = "linear", default_value: float = 0.0):
-    """``image`` resampled onto ``reference``'s grid (``SimpleITK`` objects); the rules and values of
-    :func:`itk_gradicon.resample.resample_image`."""
-    sitk = _sitk()
-    check_interpolation(interpolation)
-    check_scalar(image, "the image to resample")
-    dtype = image_array(image).dtype
-    default_value = check_default_value(default_value, dtype)
-    if interpolation == "label":
-        return resample_labels(image, reference, transform, default_value=default_value)
-    if interpolation == "nearest":
-        work = image if dtype in _NEAREST_NATIVE else sitk.Cast(image, sitk.sitkFloat64)
-        interpolator = sitk.sitkNearestNeighbor
-    else:
-        low_precision = dtype == np.float32 or (np.issubdtype(dtype, np.integer) and dtype.itemsize <= 2)
-        pixel = sitk.sitkFloat32 if interpolation == "linear" and low_precision else sitk.sitkFloat64
-        work = sitk.Cast(image, pixel)
-        interpolator = sitk.sitkBSpline3 if interpolation == "bspline" else sitk.sitkLinear
-    integer_work = np.issubdtype(image_array(work).dtype, np.integer)
-    out = sitk.Resample(work, reference, transform, interpolator,
-                        float(int(default_value)) if integer_work else default_value, work.GetPixelID())
-    return with_dtype(out, dtype)
-
-
-def resample_labels(labels, reference, transform, *, default_value: float = 0.0,
-                    displacement: Optional[np.ndarray] = None):
-    """Label-preserving resampling (ANTs' ``GenericLabel``) of ``SimpleITK`` objects; the rules and
-    values of :func:`itk_gradicon.resample.resample_labels`. ``displacement``: the transform already
-    sampled on ``reference``'s grid (:func:`sample_displacement`), if the caller has it."""
-    sitk = _sitk()
-    check_scalar(labels, "the label map to resample")
-    array = np.asarray(image_array(labels))
-    check_label_values(array, "the label map to resample")
-    default_value = check_default_value(default_value, array.dtype)
-    out_grid = ImageGrid.from_image(reference)
-    if displacement is None:
-        displacement = sample_displacement(transform, out_grid)
-    out = resample_label_array(array, ImageGrid.from_image(labels), out_grid, displacement, default_value)
-    image = sitk.GetImageFromArray(out)
-    out_grid.apply_to(image)
-    return image
-
-
-def from_itk(image):
-    """An ``itk.Image`` (scalar or vector) as a ``SimpleITK.Image``: the same voxels (copied) and grid.
-    A ``SimpleITK.Image`` is returned as it is."""
-    if _is_simpleitk(image):
-        return image
-    import itk
-
-    sitk = _sitk()
-    vector = image.GetNumberOfComponentsPerPixel() > 1
-    out = sitk.GetImageFromArray(np.array(itk.array_view_from_image(image)), isVector=vector)
-    ImageGrid.from_image(image).apply_to(out)
-    return out
-
 
 def write_warped(moving, fixed, field, path: Path) -> None:
     """``moving`` resampled onto ``fixed``'s grid through a forward field, linear, written at ``path``:

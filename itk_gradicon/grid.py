@@ -11,7 +11,7 @@ Coordinate frames, named as everywhere in this package:
 
 This module needs numpy only (no torch, no itk at import), so that the file commands start fast; the
 network's frames (``CUBE``) live in :mod:`itk_gradicon.geometry`. :meth:`ImageGrid.from_image` reads
-``itk.Image`` and ``SimpleITK.Image`` objects alike.
+``SimpleITK.Image`` objects, and ``itk.Image`` objects through :mod:`itk_gradicon.itk_bridge`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,8 @@ from typing import Tuple
 import numpy as np
 
 from .errors import InputError
-
-
-def _is_simpleitk(image) -> bool:
-    return type(image).__module__.startswith("SimpleITK")
+from .itk_bridge import is_simpleitk as _is_simpleitk  # noqa: F401  (its former name here)
+from .itk_bridge import itk_geometry, set_itk_geometry
 
 
 @dataclass(frozen=True)
@@ -50,19 +48,15 @@ class ImageGrid:
         """The grid of an ``itk.Image`` or a ``SimpleITK.Image`` (validated)."""
         if _is_simpleitk(image):
             d = int(image.GetDimension())
-            direction = np.asarray(image.GetDirection(), dtype=np.float64)
-            size = image.GetSize()
-        else:
-            import itk
-
-            d = int(image.GetImageDimension())
-            direction = itk.array_from_matrix(image.GetDirection()).astype(np.float64)
-            size = image.GetLargestPossibleRegion().GetSize()
+            size, spacing, origin = image.GetSize(), image.GetSpacing(), image.GetOrigin()
+            direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(d, d)
+        else:  # an itk.Image, read through the bridge
+            size, spacing, origin, direction = itk_geometry(image)
         grid = cls(
             size=tuple(int(s) for s in size),
-            spacing=tuple(float(s) for s in image.GetSpacing()),
-            origin=tuple(float(s) for s in image.GetOrigin()),
-            direction=tuple(tuple(float(v) for v in row) for row in direction.reshape(d, d)),
+            spacing=tuple(float(s) for s in spacing),
+            origin=tuple(float(s) for s in origin),
+            direction=tuple(tuple(float(v) for v in row) for row in direction),
         )
         grid.validate()
         return grid
@@ -126,14 +120,12 @@ class ImageGrid:
     def apply_to(self, image) -> None:
         """Give an image of this grid's size (``itk.Image`` or ``SimpleITK.Image``) this grid's origin,
         spacing and direction."""
+        if not _is_simpleitk(image):
+            set_itk_geometry(image, self.spacing, self.origin, self.direction_matrix)
+            return
         image.SetOrigin([float(v) for v in self.origin])
         image.SetSpacing([float(v) for v in self.spacing])
-        if _is_simpleitk(image):
-            image.SetDirection([float(v) for v in self.direction_matrix.reshape(-1)])
-        else:
-            import itk
-
-            image.SetDirection(itk.matrix_from_array(self.direction_matrix.copy()))
+        image.SetDirection([float(v) for v in self.direction_matrix.reshape(-1)])
 
     def world_points(self, array_slice: slice = slice(None)) -> np.ndarray:
         """WORLD coordinates of the voxel centres, shape ``array_shape + (d,)``.

@@ -2,9 +2,13 @@
 
 Reading: :func:`read_image_header` reads only a file's header (dimension, size, components), so that
 a wrong file or an image too large for the memory is refused before any pixel is read;
-:func:`read_image` returns an ``itk.Image`` of float32 pixels after checking everything a
-registration needs (the file exists and is an image, the dimension is the one asked for, one
-component per pixel, finite, not constant). Label maps and masks keep an integer pixel type.
+:func:`read_image` returns an image of float32 pixels after checking everything a registration needs
+(the file exists and is an image, the dimension is the one asked for, one component per pixel, finite,
+not constant). Label maps and masks keep an integer pixel type.
+
+Every file is read by SimpleITK (:func:`read_simpleitk_image`); ``backend="itk"`` hands the result to
+ITK Python users as an ``itk.Image`` through :mod:`itk_gradicon.itk_bridge`, the one module that
+converts between the two. The helpers below (:func:`image_array`, :func:`same_grid`, ...) accept both.
 
 Writing (:class:`OutputTransaction` and the destination checks) lives in :mod:`itk_gradicon.outputs`; its
 names stay importable from here.
@@ -20,17 +24,13 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .errors import InputError
-from .grid import _is_simpleitk
+from .grid import ImageGrid
+from .itk_bridge import cast_image, is_simpleitk as _is_simpleitk, itk_array, like_input  # noqa: F401
+from .itk_bridge import to_itk, to_simpleitk  # noqa: F401  (re-exported: their former home)
 from .outputs import (  # noqa: F401  (re-exported: the names users of this module know)
     IMAGE_SUFFIXES, STAGING_PREFIX, VOLUME_SUFFIXES, OutputTransaction, PathLike, atomic_output,
     check_output_dir, check_output_path, compound_suffix, remove_stale_staging)
 
-
-
-def _itk():
-    import itk  # imported lazily: importing itk costs seconds
-
-    return itk
 
 
 def _check_readable_file(path: PathLike, what: str) -> Path:
@@ -179,24 +179,13 @@ def check_header(header: ImageHeader, *, what: str, dimension: Optional[int] = N
 
 
 def read_itk_image(path: PathLike, what: str = "image"):
-    """Read any image ITK reads, in its stored pixel type (scalar or vector), with user-facing errors.
-
-    Args:
-        path: the file.
-        what: how the file is named in error messages (``"--reference"``).
+    """Any image ITK reads, in its stored pixel type (scalar or vector), as an ``itk.Image``: read by
+    :func:`read_simpleitk_image` (the same ITK readers, the same errors) and converted.
 
     Raises:
         InputError: the file is missing, unreadable, not an image, or a truncated NIfTI file.
     """
-    itk = _itk()
-    p = _check_readable_file(path, what)
-    try:
-        image = itk.imread(str(p))
-    except (RuntimeError, OSError, KeyError, ValueError, TypeError) as err:
-        reason = short_error_message(err)
-        raise InputError(f"{what} '{path}' could not be read as an image: {reason}") from err
-    check_nifti_complete(p, what=what)
-    return image
+    return to_itk(read_simpleitk_image(path, what))
 
 
 def _nifti_layout(head: bytes) -> Optional[Tuple[int, int]]:
@@ -303,7 +292,7 @@ def image_array(image) -> np.ndarray:
         import SimpleITK as sitk
 
         return sitk.GetArrayViewFromImage(image)
-    return _itk().array_view_from_image(image)
+    return itk_array(image)
 
 
 #: Image libraries the readers return: ITK Python (``itk.Image``) or SimpleITK (``SimpleITK.Image``:
@@ -333,12 +322,13 @@ def read_simpleitk_image(path: PathLike, what: str = "image"):
     return image
 
 
-def _read_any(path: PathLike, what: str, backend: str):
+def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown image backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-    if backend == "simpleitk":
-        return read_simpleitk_image(path, what)
-    return read_itk_image(path, what)
+
+
+def _in_backend(image, backend: str):
+    return to_itk(image) if backend == "itk" else image
 
 
 def read_image(path: PathLike, *, what: str = "image", dimension: Optional[int] = None,
@@ -360,9 +350,12 @@ def read_image(path: PathLike, *, what: str = "image", dimension: Optional[int] 
     Raises:
         InputError: with a one-line reason naming the file and what was expected.
     """
-    image = _read_any(path, what, backend)
+    _check_backend(backend)
+    image = read_simpleitk_image(path, what)
     checked = check_image(image, what=f"{what} '{path}'", dimension=dimension, check_constant=check_constant)
-    return (checked, image) if return_original else checked
+    if return_original:
+        return _in_backend(checked, backend), _in_backend(image, backend)
+    return _in_backend(checked, backend)
 
 
 def check_image(image, *, what: str = "image", dimension: Optional[int] = None,
@@ -372,9 +365,11 @@ def check_image(image, *, what: str = "image", dimension: Optional[int] = None,
 
     ``what`` names the image in error messages.
     """
-    simpleitk = _is_simpleitk(image)
-    if not simpleitk and not hasattr(image, "GetImageDimension"):
-        raise InputError(f"{what} must be an itk.Image or a SimpleITK.Image, not {type(image).__name__}")
+    if not _is_simpleitk(image):
+        if not hasattr(image, "GetImageDimension"):
+            raise InputError(f"{what} must be an itk.Image or a SimpleITK.Image, not {type(image).__name__}")
+        return like_input(check_image(to_simpleitk(image), what=what, dimension=dimension,
+                                      check_constant=check_constant), image)
     _check_scalar_and_dimension(image, what, dimension)
     _check_grid(image, what)
     array = image_array(image)
@@ -384,11 +379,9 @@ def check_image(image, *, what: str = "image", dimension: Optional[int] = None,
     if check_constant and array.size and float(array.min()) == float(array.max()):
         raise InputError(f"{what} is constant (every voxel is {float(array.min()):g}); "
                          "there is nothing to register")
-    if simpleitk:
-        import SimpleITK as sitk
+    import SimpleITK as sitk
 
-        return image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
-    return cast_image(image, _itk().F)
+    return image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
 
 
 def read_label_image(path: PathLike, *, what: str = "label map", dimension: Optional[int] = None,
@@ -400,7 +393,8 @@ def read_label_image(path: PathLike, *, what: str = "label map", dimension: Opti
     otherwise an :class:`InputError` names the first non-integer value. ``backend`` as in
     :func:`read_image`.
     """
-    image = _read_any(path, what, backend)
+    _check_backend(backend)
+    image = read_simpleitk_image(path, what)
     _check_scalar_and_dimension(image, f"{what} '{path}'", dimension)
     array = image_array(image)
     if np.issubdtype(array.dtype, np.floating):
@@ -412,19 +406,14 @@ def read_label_image(path: PathLike, *, what: str = "label map", dimension: Opti
                              f"such as {float(frac.flat[0]):g}")
         lo, hi = float(array.min()), float(array.max())
         small = -32768 <= lo and hi <= 32767
-        if _is_simpleitk(image):
-            import SimpleITK as sitk
+        import SimpleITK as sitk
 
-            return sitk.Cast(image, sitk.sitkInt16 if small else sitk.sitkInt32)
-        itk = _itk()
-        image = cast_image(image, itk.SS if small else itk.SI)
-    return image
+        image = sitk.Cast(image, sitk.sitkInt16 if small else sitk.sitkInt32)
+    return _in_backend(image, backend)
 
 
 def _check_grid(image, what: str) -> None:
     """Refuse grids ITK can hold but no registration can use (zero spacing, singular direction)."""
-    from .grid import ImageGrid
-
     try:
         ImageGrid.from_image(image)
     except InputError as err:
@@ -443,20 +432,8 @@ def _check_scalar_and_dimension(image, what, dimension):
                          f"this needs a {' or '.join(f'{d}-D' for d in allowed)} image")
 
 
-def cast_image(image, pixel_type):
-    """Cast an ITK image to another scalar pixel type, keeping its geometry."""
-    itk = _itk()
-    dim = image_dimension(image)
-    target = itk.Image[pixel_type, dim]
-    if type(image) is target:
-        return image
-    return itk.cast_image_filter(image, ttype=(type(image), target))
-
-
 def same_grid(a, b, *, tolerance: float = 1e-4) -> bool:
     """Whether two images share size, origin, spacing and direction (see :meth:`ImageGrid.matches`)."""
-    from .grid import ImageGrid
-
     if image_dimension(a) != image_dimension(b):
         return False
     return ImageGrid.from_image(a).matches(ImageGrid.from_image(b), tolerance=tolerance)
@@ -484,44 +461,21 @@ def read_mask_on_grid(path: PathLike, reference, *, what: str = "mask"):
     return image_like(array, reference)
 
 
-def to_itk(image):
-    """An ``itk.Image`` with the voxels (copied) and grid of a ``SimpleITK.Image``; ITK images as they are."""
-    if image is None or not _is_simpleitk(image):
-        return image
-    from .grid import ImageGrid
-
-    out = _itk().image_from_array(np.array(image_array(image)), is_vector=image.GetNumberOfComponentsPerPixel() > 1)
-    ImageGrid.from_image(image).apply_to(out)
-    return out
-
-
-def to_simpleitk(image):
-    """A ``SimpleITK.Image`` with the voxels (copied) and grid of an ``itk.Image``; SimpleITK images as they are."""
-    if image is None or _is_simpleitk(image):
-        return image
-    import SimpleITK as sitk
-
-    from .grid import ImageGrid
-
-    out = sitk.GetImageFromArray(np.array(image_array(image)), isVector=pixel_components(image) > 1)
-    ImageGrid.from_image(image).apply_to(out)
-    return out
-
-
 def image_like(array: np.ndarray, reference):
     """A scalar image holding ``array`` (ARRAY order) on ``reference``'s grid, in its library."""
-    if _is_simpleitk(reference):
-        import SimpleITK as sitk
+    import SimpleITK as sitk
 
-        out = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    else:
-        out = _itk().image_from_array(np.ascontiguousarray(array))
-    out.CopyInformation(reference)
-    return out
+    out = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    if _is_simpleitk(reference):
+        out.CopyInformation(reference)
+        return out
+    ImageGrid.from_image(reference).apply_to(out)
+    return to_itk(out)
 
 
 def write_image(image, path: PathLike, *, compress: bool = True) -> None:
-    """Write an ITK image atomically (see :class:`OutputTransaction`)."""
-    itk = _itk()
+    """Write an image (``SimpleITK.Image`` or ``itk.Image``) atomically (see :class:`OutputTransaction`)."""
+    import SimpleITK as sitk
+
     with atomic_output(path) as tmp:
-        itk.imwrite(image, str(tmp), compression=compress)
+        sitk.WriteImage(to_simpleitk(image), str(tmp), useCompression=compress)

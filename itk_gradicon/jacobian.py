@@ -37,7 +37,9 @@ import numpy as np
 
 from .errors import InputError
 from .grid import ImageGrid
+from .itk_bridge import like_input
 from .resources import for_each_slab
+from .transforms import sample_transform
 
 #: ANTs' floor of the determinant before a log.
 LOG_FLOOR = 1e-3
@@ -102,17 +104,15 @@ def determinant_of_displacement(displacement: np.ndarray, grid: ImageGrid) -> np
 
 
 def jacobian_determinant(transform, grid: ImageGrid) -> np.ndarray:
-    """Determinant of the physical Jacobian of an ITK transform at the voxel centres of ``grid``.
+    """Determinant of the physical Jacobian of a transform at the voxel centres of ``grid``.
 
     Args:
-        transform: any ITK transform (a displacement field, an affine, a composite of them).
+        transform: any transform, ITK Python or SimpleITK (a displacement field, an affine, a composite).
         grid: the reference grid, normally the fixed image's.
 
     Returns:
         float64 array of ``grid.array_shape`` (ARRAY order).
     """
-    from .transforms import sample_transform
-
     return determinant_of_displacement(sample_transform(transform, grid).array, grid)
 
 
@@ -158,18 +158,19 @@ def jacobian_image(transform, reference, *, log: bool = False):
     """The Jacobian determinant (or its clamped log) as a float32 image on ``reference``'s grid.
 
     Args:
-        transform: any ITK transform (fixed -> moving).
-        reference: ITK image whose grid is used.
+        transform: any transform, ITK Python or SimpleITK (fixed -> moving).
+        reference: image whose grid is used (``SimpleITK.Image`` or ``itk.Image``).
         log: write ``log(max(det, 0.001))`` instead of ``det``.
 
     Returns:
-        ``(image, det)``: the ``itk.Image[itk.F, d]`` and the float64 determinants (for a summary).
+        ``(image, det)``: a float32 image in ``reference``'s library and the float64 determinants (for a
+        summary).
     """
-    import itk
+    import SimpleITK as sitk
 
     grid = ImageGrid.from_image(reference)
     det = jacobian_determinant(transform, grid)
     values = log_jacobian(det) if log else det
-    image = itk.image_from_array(np.ascontiguousarray(values, dtype=np.float32))
+    image = sitk.GetImageFromArray(np.ascontiguousarray(values, dtype=np.float32))
     grid.apply_to(image)
-    return image, det
+    return like_input(image, reference), det

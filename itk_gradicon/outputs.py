@@ -25,6 +25,13 @@ from .errors import InputError
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+#: ITK's transform writers go through the HDF5 library that ITK (and SimpleITK) bundle, built without
+#: thread safety: two transform files written at once from two threads crashed the process (a
+#: segmentation fault in ``WriteTransform``, seen when ``gradicon register`` wrote its outputs in
+#: parallel). Every transform file is written under this lock; image files (NIfTI) need none.
+TRANSFORM_WRITE_LOCK = threading.Lock()
+
+
 #: File name endings that ITK's image IO factories recognise for writing.
 IMAGE_SUFFIXES = (
     ".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".hdr", ".img", ".img.gz", ".vtk", ".tif",

@@ -41,7 +41,8 @@ from .affine import resolve_affine_choice
 from .devices import available_memory_bytes, check_memory, estimate_memory, resolve_device  # noqa: F401
 from .errors import InputError
 from .geometry import ImageGrid, NetworkFrame, displacement_on_grid
-from .imageio import _is_simpleitk, check_image, describe_grid, image_array, image_like, same_grid
+from .imageio import check_image, describe_grid, image_array, image_like, same_grid
+from .itk_bridge import affine_from_itk, is_itk_image, to_simpleitk
 from .instance import DEFAULT_LR, DEFAULT_SMOOTHNESS, FieldSettings, IOProgress, optimise_network, refine_fields
 from .models import DEFAULT_MODEL, Model, load_model
 from .network.inference import predict_displacements
@@ -50,7 +51,7 @@ from .options import (  # noqa: F401  (the choices and the check are re-exported
     ORIENTATIONS, RegistrationOptions, check_options)
 from .preprocess import IntensityNormalization, apply_input_mask, resolve_modality
 from .refinement import TWO_CONTRASTS_BELOW, intensity_correlation, resolve_io, resolve_io_method  # noqa: F401
-from .transforms import DisplacementField
+from .transforms import DisplacementField, affine_to_simpleitk
 
 DEFAULT_IO_LR = DEFAULT_LR["network"]
 
@@ -131,8 +132,6 @@ def _as_affine(initial_transform, dimension: int) -> Optional[np.ndarray]:
             raise InputError(f"an affine pre-alignment must be a {dimension + 1}x{dimension + 1} "
                              f"homogeneous matrix, not {matrix.shape}")
     else:
-        from .transforms import affine_from_itk
-
         try:
             matrix = affine_from_itk(initial_transform)
         except (AttributeError, TypeError) as err:
@@ -150,27 +149,15 @@ def _as_affine(initial_transform, dimension: int) -> Optional[np.ndarray]:
 
 def _resample_on(image, reference, affine: np.ndarray, *, nearest: bool, default: float = 0.0):
     """``image`` sampled at ``affine(p)`` for every voxel ``p`` of ``reference``'s grid (ITK's
-    resampler, linear or nearest neighbour), in ``image``'s library (ITK Python or SimpleITK)."""
-    if _is_simpleitk(image):
-        import SimpleITK as sitk
+    resampler through SimpleITK, linear or nearest neighbour)."""
+    import SimpleITK as sitk
 
-        from .transforms import affine_to_simpleitk
-
-        grid = ImageGrid.from_image(reference)
-        return sitk.Resample(image, [int(n) for n in grid.size], affine_to_simpleitk(affine),
-                             sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear,
-                             [float(v) for v in grid.origin], [float(v) for v in grid.spacing],
-                             [float(v) for row in grid.direction for v in row], float(default),
-                             image.GetPixelID())
-    import itk
-
-    from .transforms import affine_to_itk
-
-    interpolator = (itk.NearestNeighborInterpolateImageFunction if nearest
-                    else itk.LinearInterpolateImageFunction).New(image)
-    return itk.resample_image_filter(image, transform=affine_to_itk(affine), interpolator=interpolator,
-                                     use_reference_image=True, reference_image=reference,
-                                     default_pixel_value=default)
+    grid = ImageGrid.from_image(reference)
+    return sitk.Resample(image, [int(n) for n in grid.size], affine_to_simpleitk(affine),
+                         sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear,
+                         [float(v) for v in grid.origin], [float(v) for v in grid.spacing],
+                         [float(v) for row in grid.direction for v in row], float(default),
+                         image.GetPixelID())
 
 
 def _check_on_grid(mask, image, what: str, image_what: str) -> None:
@@ -191,8 +178,8 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
     (:class:`~itk_gradicon.options.RegistrationOptions`; keywords given beside it replace its fields).
 
     Args:
-        fixed, moving: scalar images of the model's dimension, both ``itk.Image`` or both
-            ``SimpleITK.Image`` (masks and label maps in the same library).
+        fixed, moving: scalar images of the model's dimension, ``itk.Image`` or ``SimpleITK.Image`` (as
+            masks and label maps; ``itk.Image`` objects are converted once, on the way in).
         model: a published name, a weight/model file, or a loaded :class:`~itk_gradicon.models.Model`.
         options: the options as one object (default: every default).
         fixed_modality, moving_modality: ``"ct"``, ``"mri"``, an MRI contrast (``"t1w"``, ``"t2w"``,
@@ -258,6 +245,7 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
         model = load_model(model)
         timings["load_model"] = time.perf_counter() - started
     d = model.architecture.dimension
+    fixed, moving, inputs = _inside(fixed), _inside(moving), {key: _inside(value) for key, value in inputs.items()}
     fixed, moving = _check_inputs(fixed, moving, d, **inputs)
     request = RegistrationRequest.from_options(fixed, moving, model, options, initial_transform=initial_transform,
                                                messages=messages, inputs=inputs)
@@ -289,7 +277,7 @@ class RegistrationRequest:
 
     Attributes:
         fixed, moving: float32 scalar images of the model's dimension, finite and not constant
-            (``itk.Image`` or ``SimpleITK.Image``, both of one library).
+            (``SimpleITK.Image``: :func:`register` converts ``itk.Image`` inputs on the way in).
         model: the loaded model.
         fixed_mask, moving_mask, fixed_labels, moving_labels: on their image's grid (masks not empty),
             or ``None``.
@@ -436,6 +424,12 @@ def run_request(request: RegistrationRequest, *, device: torch.device,
     return RegistrationResult(*fields, modalities["fixed"], modalities["moving"], messages, history, timings,
                               io_similarity=similarity if r.io_iterations > 0 else None,
                               io_smoothness=r.io_smoothness if field_io_ran else None)
+
+
+def _inside(image):
+    """An ``itk.Image`` as the ``SimpleITK.Image`` every step works on (:mod:`.itk_bridge`); anything else
+    as it is (its checks name what was given)."""
+    return to_simpleitk(image) if is_itk_image(image) else image
 
 
 def _check_inputs(fixed, moving, dimension: int, *, fixed_mask, moving_mask, fixed_labels, moving_labels):

@@ -1,4 +1,4 @@
-"""Warping images and label maps with ITK transforms onto a reference grid.
+"""Warping images and label maps with ITK transforms onto a reference grid: the one resampler.
 
 Output voxel ``p`` of the reference grid takes ``image(transform(p))``: ``transform`` maps reference
 (fixed) points to image (moving) points, as every transform this package writes does. The output has
@@ -19,6 +19,11 @@ Interpolations (``INTERPOLATIONS``):
 
 Points outside the input image (ITK's rule: continuous index outside ``[-0.5, n - 0.5)``) take
 ``default_value``.
+
+The work is done by SimpleITK (ITK's ``ResampleImageFilter`` and interpolators). ``itk.Image`` inputs
+and ITK Python transforms are converted on the way in and the output handed back as an ``itk.Image``
+(:mod:`itk_gradicon.itk_bridge`): the same values as ITK Python's own ``resample_image_filter``, which
+``tests/test_files.py`` checks for every interpolation and transform kind.
 """
 
 from __future__ import annotations
@@ -26,13 +31,18 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import InputError
+from .grid import ImageGrid, apply_affine
 from .imageio import image_array, image_like
+from .itk_bridge import like_input, to_simpleitk, to_simpleitk_transform
+from .resources import for_each_slab
+from .simpleitk_transforms import sample_displacement
 
 INTERPOLATIONS = ("linear", "nearest", "bspline", "label")
 
-#: numpy dtypes that ITK Python can resample directly.
-_ITK_NATIVE = {np.dtype(np.uint8), np.dtype(np.int16), np.dtype(np.uint16), np.dtype(np.float32),
-               np.dtype(np.float64)}
+#: numpy dtypes resampled in their own type with nearest-neighbour interpolation (the pixel types ITK
+#: Python wraps; the rest goes through float64, exact for integers below 2**53).
+_NEAREST_NATIVE = {np.dtype(np.uint8), np.dtype(np.int16), np.dtype(np.uint16), np.dtype(np.float32),
+                   np.dtype(np.float64)}
 #: voxels per chunk of label interpolation (bounds its memory to about 1 GB).
 _LABEL_CHUNK_VOXELS = 1_000_000
 
@@ -63,28 +73,20 @@ def check_default_value(default_value: float, dtype: np.dtype) -> float:
     return float(default_value)
 
 
-def _compute_type(dtype: np.dtype):
-    """ITK pixel type to interpolate in: float32 where exact enough, else float64."""
-    import itk
-
-    if dtype == np.float32 or (np.issubdtype(dtype, np.integer) and dtype.itemsize <= 2):
-        return itk.F
-    return itk.D
-
-
 def resample_image(image, reference, transform, *, interpolation: str = "linear",
                    default_value: float = 0.0):
     """``image`` resampled onto ``reference``'s grid: output voxel ``p`` takes ``image(transform(p))``.
 
     Args:
-        image: scalar ``itk.Image`` of any pixel type ITK reads.
+        image: scalar image (``SimpleITK.Image`` or ``itk.Image``) of any pixel type ITK reads.
         reference: image whose grid (size, origin, spacing, direction) the output gets.
-        transform: an ITK transform mapping reference points to image points (fixed -> moving).
+        transform: a transform (SimpleITK or ITK Python) mapping reference points to image points
+            (fixed -> moving).
         interpolation: one of ``linear``, ``nearest``, ``bspline``, ``label``.
         default_value: value outside the input image; must fit the input's pixel type.
 
     Returns:
-        An ``itk.Image`` of the input's pixel type on the reference grid.
+        An image of the input's pixel type on the reference grid, in the input's library.
 
     Raises:
         InputError: unknown interpolation, a vector image, or a default value the pixel type cannot hold.
@@ -92,28 +94,28 @@ def resample_image(image, reference, transform, *, interpolation: str = "linear"
     Example:
         >>> warped = resample_image(moving, fixed, result.forward_transform)   # doctest: +SKIP
     """
-    import itk
-
-    from .imageio import cast_image
+    import SimpleITK as sitk
 
     check_interpolation(interpolation)
     check_scalar(image, "the image to resample")
+    given, image, reference = image, to_simpleitk(image), to_simpleitk(reference)
+    transform = to_simpleitk_transform(transform)
     dtype = image_array(image).dtype
     default_value = check_default_value(default_value, dtype)
     if interpolation == "label":
-        return resample_labels(image, reference, transform, default_value=default_value)
+        return like_input(resample_labels(image, reference, transform, default_value=default_value), given)
     if interpolation == "nearest":
-        work = image if dtype in _ITK_NATIVE else cast_image(image, itk.D)
-        interpolator = itk.NearestNeighborInterpolateImageFunction.New(work)
-    else:
-        work = cast_image(image, itk.D if interpolation == "bspline" else _compute_type(dtype))
-        interpolator = (itk.BSplineInterpolateImageFunction.New(work, spline_order=3)
-                        if interpolation == "bspline" else itk.LinearInterpolateImageFunction.New(work))
+        work = image if dtype in _NEAREST_NATIVE else sitk.Cast(image, sitk.sitkFloat64)
+        interpolator = sitk.sitkNearestNeighbor
+    else:  # float32 for float32 and <= 16-bit integers (exact enough), float64 for the rest and B-splines
+        low_precision = dtype == np.float32 or (np.issubdtype(dtype, np.integer) and dtype.itemsize <= 2)
+        pixel = sitk.sitkFloat32 if interpolation == "linear" and low_precision else sitk.sitkFloat64
+        work = sitk.Cast(image, pixel)
+        interpolator = sitk.sitkBSpline3 if interpolation == "bspline" else sitk.sitkLinear
     integer_work = np.issubdtype(image_array(work).dtype, np.integer)
-    out = itk.resample_image_filter(work, transform=transform, interpolator=interpolator,
-                                    use_reference_image=True, reference_image=reference,
-                                    default_pixel_value=int(default_value) if integer_work else default_value)
-    return with_dtype(out, dtype)
+    out = sitk.Resample(work, reference, transform, interpolator,
+                        float(int(default_value)) if integer_work else default_value, work.GetPixelID())
+    return like_input(with_dtype(out, dtype), given)
 
 
 def as_dtype_array(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -143,7 +145,7 @@ def check_label_values(array: np.ndarray, what: str) -> None:
                              f"{float(frac.flat[0]):g}")
 
 
-def resample_labels(labels, reference, transform, *, default_value: float = 0.0):
+def resample_labels(labels, reference, transform, *, default_value: float = 0.0, displacement=None):
     """Label-preserving resampling (ANTs' ``GenericLabel``); keeps the pixel type and the label set.
 
     For each output voxel the sample point's continuous index in ``labels`` is found, and each of the
@@ -158,26 +160,26 @@ def resample_labels(labels, reference, transform, *, default_value: float = 0.0)
         reference: image whose grid the output gets.
         transform: reference (fixed) points -> label-map (moving) points.
         default_value: label outside the input (0).
+        displacement: the transform already sampled on ``reference``'s grid
+            (:func:`~itk_gradicon.simpleitk_transforms.sample_displacement`), if the caller has it.
 
     Returns:
-        ``itk.Image`` of the input's pixel type on the reference grid; its labels are a subset of the
-        input's, plus ``default_value`` where points fall outside.
+        An image of the input's pixel type and library on the reference grid; its labels are a subset of
+        the input's, plus ``default_value`` where points fall outside.
     """
-    import itk
-
-    from .grid import ImageGrid
-    from .transforms import sample_transform
+    import SimpleITK as sitk
 
     check_scalar(labels, "the label map to resample")
     array = np.asarray(image_array(labels))
     check_label_values(array, "the label map to resample")
     default_value = check_default_value(default_value, array.dtype)
     out_grid = ImageGrid.from_image(reference)
-    out = resample_label_array(array, ImageGrid.from_image(labels), out_grid,
-                               sample_transform(transform, out_grid).array, default_value)
-    image = itk.image_from_array(np.ascontiguousarray(out))
+    if displacement is None:
+        displacement = sample_displacement(to_simpleitk_transform(transform), out_grid)
+    out = resample_label_array(array, ImageGrid.from_image(labels), out_grid, displacement, default_value)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(out))
     out_grid.apply_to(image)
-    return image
+    return like_input(image, labels)
 
 
 def resample_label_array(array: np.ndarray, in_grid, out_grid, displacement: np.ndarray,
@@ -193,9 +195,6 @@ def resample_label_array(array: np.ndarray, in_grid, out_grid, displacement: np.
     Returns:
         The output labels, ``out_grid.array_shape``, the input's dtype.
     """
-    from .grid import apply_affine
-    from .resources import for_each_slab
-
     world_to_index = in_grid.world_to_index()
     d = out_grid.dimension
     size = np.asarray(in_grid.size)

@@ -1,21 +1,28 @@
-"""ITK/ANTs transform files and displacement fields as SimpleITK transforms.
+"""The one transform reader: ITK/ANTs transform files and displacement fields as SimpleITK transforms.
 
-The readers under :mod:`itk_gradicon.files` (the file commands) and :mod:`itk_gradicon.transforms`
-(affine files) share these: one file's transforms (several in one text file or composite .h5 come back
-as one ``CompositeTransform``), a composite's parts in ITK queue order, a displacement-field image or a
-:class:`~itk_gradicon.transforms.DisplacementField` as a ``DisplacementFieldTransform``.
+Everything that reads a transform goes through here: the file commands (:mod:`itk_gradicon.files`),
+affine files (:mod:`itk_gradicon.transforms`), landmarks, and the ITK Python functions
+:func:`itk_gradicon.transforms.read_transform` / :func:`~itk_gradicon.transforms.compose_transforms`, which
+hand the result over through :mod:`itk_gradicon.itk_bridge`. Here: one file's transforms (several in one
+text file or composite .h5 come back as one ``CompositeTransform``), a composite's parts in ITK queue order,
+a displacement-field image or a :class:`~itk_gradicon.transforms.DisplacementField` as a
+``DisplacementFieldTransform``, a transform a user names (``FILE`` / ``[FILE,1]``), several composed as
+``antsApplyTransforms -t`` does, and a transform sampled on a grid.
 """
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import List
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
 
 from .errors import InputError
 from .grid import ImageGrid
 from .imageio import read_simpleitk_image
-from .transform_specs import check_field_components
+from .transform_specs import (TransformSpec, check_field_components, elastix_field_path, inverse_hint,
+                              transform_file_kind)
 
 
 def _sitk():
@@ -93,4 +100,103 @@ def field_transform(field) -> object:
     return _sitk().DisplacementFieldTransform(field.to_simpleitk_image())
 
 
-__all__ = ["field_transform", "read_field_transform", "read_transform_file", "transform_parts"]
+
+# --------------------------------------------------------------------------------------------
+# A transform a user names, and several composed as antsApplyTransforms does
+# --------------------------------------------------------------------------------------------
+
+TransformName = Union[str, Path, TransformSpec]
+
+
+def _dimension(transform) -> int:
+    return int(transform.GetDimension())
+
+
+def read_transform(spec: TransformName, *, dimension: Optional[int] = None):
+    """One transform a user names (``FILE`` or ``[FILE,1]``), as a SimpleITK transform.
+
+    Accepts what :func:`itk_gradicon.transforms.read_transform` accepts, with the same errors.
+    """
+    spec = TransformSpec.parse(spec)
+    kind = transform_file_kind(spec.path)
+    if kind == "field":
+        transform = read_field_transform(spec.path)
+    elif kind == "elastix":
+        transform = read_field_transform(elastix_field_path(spec.path))
+    else:
+        transform = read_transform_file(spec.path)
+    d = _dimension(transform)
+    if dimension is not None and d != dimension:
+        raise InputError(f"transform '{spec.path}' is {d}-D; the images here are {dimension}-D")
+    if spec.invert:
+        if not all(part.IsLinear() for part in transform_parts(transform)):
+            raise InputError(f"cannot invert '{spec.path}' ([FILE,1]): it holds a displacement field, which "
+                             f"neither ANTs nor gradicon inverts; {inverse_hint(spec.path)}")
+        try:
+            transform = transform.GetInverse()
+        except RuntimeError:
+            raise InputError(f"cannot invert '{spec.path}': its matrix is singular") from None
+    return transform
+
+
+def compose_transforms(specs: Sequence[TransformName], *, dimension: Optional[int] = None):
+    """Several transforms composed as ``antsApplyTransforms -t T1 -t T2 ...``: a point ``x`` goes to
+    ``Tn(...T1(x))``; a ``SimpleITK.CompositeTransform`` (see
+    :func:`itk_gradicon.transforms.compose_transforms`)."""
+    sitk = _sitk()
+    if not specs:
+        raise InputError("no transform given; give at least one transform file")
+    transforms = []
+    for spec in specs:
+        transform = read_transform(spec, dimension=dimension)
+        dimension = _dimension(transform)
+        transforms.append(transform)
+    composite = sitk.CompositeTransform(dimension)
+    for transform in reversed(transforms):  # ITK applies the transform added last first
+        for part in transform_parts(transform):
+            composite.AddTransform(part)
+    return composite
+
+
+def first_field_grid(transform) -> Optional[ImageGrid]:
+    """The grid of the displacement field nearest the fixed space in a composite, or ``None``."""
+    for part in reversed(transform_parts(transform)):
+        if part.GetName() == "DisplacementFieldTransform":
+            return ImageGrid.from_image(part.GetDisplacementField())
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+
+def _blank(grid: ImageGrid):
+    """A one-byte image carrying ``grid`` (the reference of filters that read only the geometry)."""
+    sitk = _sitk()
+    image = sitk.Image([int(s) for s in grid.size], sitk.sitkUInt8)
+    grid.apply_to(image)
+    return image
+
+
+def sample_displacement(transform, grid: ImageGrid) -> np.ndarray:
+    """``T(p) - p`` at every voxel centre of ``grid`` (``grid.array_shape + (d,)``, float64, LPS mm).
+
+    A single displacement field already on ``grid`` is returned exactly; anything else is evaluated by
+    ITK's ``TransformToDisplacementFieldFilter`` in float32, as
+    :func:`itk_gradicon.transforms.sample_transform` does.
+    """
+    sitk = _sitk()
+    parts = transform_parts(transform)
+    if len(parts) == 1 and parts[0].GetName() == "DisplacementFieldTransform":
+        field = parts[0].GetDisplacementField()
+        if ImageGrid.from_image(field).matches(grid, tolerance=1e-6):
+            return np.array(sitk.GetArrayViewFromImage(field), dtype=np.float64)
+    sampler = sitk.TransformToDisplacementFieldFilter()
+    sampler.SetOutputPixelType(sitk.sitkVectorFloat32)
+    sampler.SetReferenceImage(_blank(grid))
+    sampled = sampler.Execute(transform)
+    return np.array(sitk.GetArrayViewFromImage(sampled), dtype=np.float64)
+
+
+__all__ = ["TransformName", "compose_transforms", "field_transform", "first_field_grid", "read_field_transform",
+           "read_transform", "read_transform_file", "sample_displacement", "transform_parts"]

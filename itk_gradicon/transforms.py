@@ -34,19 +34,22 @@ the reverse order, because ITK applies the transform added last first.
 
 from __future__ import annotations
 
-import functools
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from .errors import InputError
 from .grid import ImageGrid
 from .imageio import OutputTransaction, compound_suffix
-from .outputs import PathLike
-from .simpleitk_transforms import field_transform, read_transform_file, transform_parts
+from .outputs import TRANSFORM_WRITE_LOCK, PathLike  # noqa: F401  (the lock: re-exported, its former home)
+from . import simpleitk_transforms
+from .imageio import image_array
+from .itk_bridge import (  # noqa: F401  (affine_*_itk, the type: re-exported, their former home)
+    affine_from_itk, affine_to_itk, displacement_field_transform_type, is_simpleitk, itk_displacement_field_transform,
+    to_itk_transform, to_simpleitk_transform, write_compressed_transform)
+from .simpleitk_transforms import field_transform, read_transform_file, sample_displacement, transform_parts
 from .transform_specs import (  # noqa: F401  (re-exported: the names users of this module know)
     ELASTIX_FIELD_FILE, ELASTIX_PARAMETER_FILE, FIELD_IMAGE_SUFFIXES, ITK_TRANSFORM_SUFFIXES, TRANSFORM_FILE_SUFFIXES,
     TRANSFORM_INPUT_SUFFIXES, TRANSFORM_OUTPUT_SUFFIXES, TransformSpec, ants_file_names, check_field_components,
@@ -72,15 +75,6 @@ class DisplacementField:
         if tuple(self.array.shape) != expected:
             raise ValueError(f"field array has shape {self.array.shape}, expected {expected}")
 
-    def to_itk_image(self, pixel=None):
-        """The field as an ITK vector image with the grid's geometry (double components by default)."""
-        import itk
-
-        dtype = np.float32 if pixel is not None and pixel == itk.F else np.float64
-        image = itk.image_from_array(np.ascontiguousarray(self.array, dtype=dtype), is_vector=True)
-        self.grid.apply_to(image)
-        return image
-
     def to_simpleitk_image(self, dtype=np.float64):
         """The field as a ``SimpleITK`` vector image with the grid's geometry (``dtype`` components)."""
         import SimpleITK as sitk
@@ -90,25 +84,19 @@ class DisplacementField:
         return image
 
     def to_transform(self):
-        """An ``itk.DisplacementFieldTransform[itk.D, d]`` holding this field."""
-        transform = displacement_field_transform_type(self.grid.dimension).New()
-        transform.SetDisplacementField(self.to_itk_image())
-        return transform
+        """An ``itk.DisplacementFieldTransform[itk.D, d]`` holding this field (for ITK Python users)."""
+        grid = self.grid
+        return itk_displacement_field_transform(self.array, grid.spacing, grid.origin, grid.direction_matrix)
 
     @classmethod
     def from_transform(cls, transform) -> "DisplacementField":
-        """Read the field out of an ``itk.DisplacementFieldTransform``."""
-        import itk
-
-        field = transform.GetDisplacementField()
-        return cls(ImageGrid.from_image(field), np.array(itk.array_view_from_image(field), dtype=np.float64))
+        """Read the field out of a ``DisplacementFieldTransform`` (ITK Python or SimpleITK)."""
+        return cls.from_image(transform.GetDisplacementField())
 
     @classmethod
     def from_image(cls, image) -> "DisplacementField":
-        """Wrap an ITK vector image (e.g. an ANTs ``Warp.nii.gz``)."""
-        import itk
-
-        array = np.array(itk.array_view_from_image(image), dtype=np.float64)
+        """Wrap a vector image (``SimpleITK.Image`` or ``itk.Image``; e.g. an ANTs ``Warp.nii.gz``)."""
+        array = np.array(image_array(image), dtype=np.float64)
         grid = ImageGrid.from_image(image)
         if array.shape != grid.array_shape + (grid.dimension,):
             raise InputError(f"a displacement field needs {grid.dimension} components per voxel, "
@@ -128,43 +116,6 @@ def write_field_image(field: DisplacementField, path: Path) -> None:
     import SimpleITK as sitk
 
     sitk.WriteImage(field.to_simpleitk_image(np.float32), str(path), useCompression=True)
-
-
-# ITK's Python package loads its wrapping lazily, by module group: the first use of
-# ``itk.DisplacementFieldTransform`` imports the whole ITKDisplacementField group and every group it
-# depends on (smoothing, convolution, FFT, thresholding, ...), and ``itk.transformwrite`` does the
-# same for the transform IO groups: about 25 s of a 2-core machine's time in a process that needs
-# two classes. The classes' own wrapping modules import in a fraction of a second. These helpers use
-# them, and fall back to the public names wherever a future ITK lays its wrapping out differently.
-
-def displacement_field_transform_type(dimension: int):
-    """ITK's ``DisplacementFieldTransform[double, dimension]`` class (see the note above)."""
-    try:
-        from itk import itkDisplacementFieldTransformPython as wrapping
-
-        return getattr(wrapping, f"itkDisplacementFieldTransformD{dimension}")
-    except (ImportError, AttributeError):
-        import itk
-
-        return itk.DisplacementFieldTransform[itk.D, dimension]
-
-
-@functools.lru_cache(maxsize=None)
-def _hdf5_transform_writer_type():
-    """``TransformFileWriterTemplate[double]`` with ITK's HDF5 transform IO registered, or ``None``."""
-    try:
-        from itk import itkHDF5TransformIOPython, itkTransformFileWriterPython
-    except ImportError:
-        return None
-    itkHDF5TransformIOPython.itkHDF5TransformIOFactory.RegisterOneFactory()
-    return itkTransformFileWriterPython.itkTransformFileWriterTemplateD
-
-
-#: ITK's transform writers go through the HDF5 library that ITK (and SimpleITK) bundle, built without
-#: thread safety: two transform files written at once from two threads crashed the process (a
-#: segmentation fault in ``WriteTransform``, seen when ``gradicon register`` wrote its outputs in
-#: parallel). Every transform file is written under this lock; image files (NIfTI) need none.
-TRANSFORM_WRITE_LOCK = threading.Lock()
 
 
 def write_transform_file(field: DisplacementField, path: Path, *, compression: bool = False) -> None:
@@ -188,18 +139,7 @@ def _write_field_transform(field: DisplacementField, path: Path, compression: bo
 
         sitk.WriteTransform(field_transform(field), str(path))
         return
-    transform = field.to_transform()
-    writer_type = _hdf5_transform_writer_type()
-    if writer_type is None:
-        import itk
-
-        itk.transformwrite([transform], str(path), compression=compression)
-        return
-    writer = writer_type.New()
-    writer.SetFileName(str(path))
-    writer.SetInput(transform)
-    writer.SetUseCompression(bool(compression))
-    writer.Update()
+    write_compressed_transform(field.to_transform(), path)
 
 
 def write_transform(field: DisplacementField, path: PathLike,
@@ -223,17 +163,6 @@ def write_transform(field: DisplacementField, path: PathLike,
         write_field_image(field, staged)
 
 
-def affine_to_itk(matrix: np.ndarray):
-    """A homogeneous WORLD matrix as an ``itk.AffineTransform[itk.D, d]``."""
-    import itk
-
-    d = matrix.shape[0] - 1
-    transform = itk.AffineTransform[itk.D, d].New()
-    transform.SetMatrix(itk.matrix_from_array(np.ascontiguousarray(matrix[:d, :d], dtype=np.float64)))
-    transform.SetTranslation([float(v) for v in matrix[:d, d]])
-    return transform
-
-
 def affine_to_simpleitk(matrix: np.ndarray):
     """A homogeneous WORLD matrix as a ``SimpleITK.AffineTransform`` (the same matrix and translation)."""
     import SimpleITK as sitk
@@ -243,17 +172,6 @@ def affine_to_simpleitk(matrix: np.ndarray):
     transform.SetMatrix([float(v) for v in np.asarray(matrix[:d, :d], dtype=np.float64).ravel()])
     transform.SetTranslation([float(v) for v in matrix[:d, d]])
     return transform
-
-
-def affine_from_itk(transform) -> np.ndarray:
-    """The homogeneous WORLD matrix of an ITK matrix-offset transform (affine, rigid, Euler, ...)."""
-    import itk
-
-    d = int(transform.GetInputSpaceDimension())
-    m = np.eye(d + 1)
-    m[:d, :d] = itk.array_from_matrix(transform.GetMatrix())
-    m[:d, d] = np.asarray(transform.GetOffset(), dtype=np.float64)
-    return m
 
 
 def compose_affines(matrices: Sequence[np.ndarray]) -> np.ndarray:
@@ -382,77 +300,12 @@ def read_transform(spec: Union[str, Path, TransformSpec], *, dimension: Optional
             than ``dimension``, or an inverse asked of a displacement field (the message names the
             inverse-warp file to use instead).
     """
-    spec = TransformSpec.parse(spec)
-    kind = transform_file_kind(spec.path)
-    if kind == "field":
-        transform = _read_field_transform(spec.path)
-    elif kind == "elastix":
-        transform = _read_field_transform(elastix_field_path(spec.path))
-    else:
-        transform = _read_itk_transform_file(spec.path)
-    d = int(transform.GetInputSpaceDimension())
-    if dimension is not None and d != dimension:
-        raise InputError(f"transform '{spec.path}' is {d}-D; the images here are {dimension}-D")
-    if spec.invert:
-        transform = _inverse_of(transform, spec.path)
-    return transform
-
-
-def _read_itk_transform_file(path: Path):
-    import itk
-
-    try:
-        transforms = list(itk.transformread(str(path)))
-    except (RuntimeError, OSError, ValueError, TypeError) as err:
-        raise InputError(f"'{path}' could not be read as an ITK/ANTs transform file (.h5, .tfm, .txt, "
-                         ".mat): it is not a transform, or it is damaged") from err
-    if not transforms:
-        raise InputError(f"'{path}' holds no transform")
-    if len(transforms) == 1:
-        return transforms[0]
-    dims = {int(t.GetInputSpaceDimension()) for t in transforms}
-    if len(dims) != 1:
-        raise InputError(f"'{path}' mixes transforms of dimensions {sorted(dims)}")
-    composite = itk.CompositeTransform[itk.D, dims.pop()].New()
-    for t in transforms:  # ITK's reading of a list: the last one listed acts on points first
-        composite.AddTransform(t)
-    return composite
-
-
-def _read_field_transform(path: Path):
-    """A displacement-field image (ANTs' Warp format) as an ``itk.DisplacementFieldTransform``."""
-    from .imageio import read_itk_image
-
-    image = read_itk_image(path, "displacement field")
-    check_field_components(path, int(image.GetImageDimension()), int(image.GetNumberOfComponentsPerPixel()))
-    return DisplacementField.from_image(image).to_transform()
+    return to_itk_transform(simpleitk_transforms.read_transform(spec, dimension=dimension))
 
 
 def is_linear(transform) -> bool:
-    """Whether an ITK transform (composite ones included) is linear (affine, rigid, ...)."""
+    """Whether a transform (ITK Python or SimpleITK; composite ones included) is linear (affine, rigid, ...)."""
     return bool(transform.IsLinear())
-
-
-def _inverse_of(transform, path: Path):
-    if not is_linear(transform):
-        raise InputError(f"cannot invert '{path}' ([FILE,1]): it holds a displacement field, which "
-                         f"neither ANTs nor gradicon inverts; {inverse_hint(path)}")
-    inverse = transform.GetInverseTransform()
-    if inverse is None:
-        raise InputError(f"cannot invert '{path}': its matrix is singular")
-    return inverse
-
-
-def _components(transform) -> Iterator:
-    """A transform's parts in ITK queue order (nested composites flattened)."""
-    import itk
-
-    transform = itk.down_cast(transform)  # parts come back typed as the Transform base class
-    if transform.GetNameOfClass() == "CompositeTransform":
-        for i in range(transform.GetNumberOfTransforms()):
-            yield from _components(transform.GetNthTransform(i))
-    else:
-        yield transform
 
 
 def compose_transforms(specs: Sequence[Union[str, Path, TransformSpec]], *,
@@ -479,71 +332,23 @@ def compose_transforms(specs: Sequence[Union[str, Path, TransformSpec]], *,
         >>> t = compose_transforms(["out/s_1Warp.nii.gz", "out/s_0GenericAffine.mat"])  # doctest: +SKIP
         >>> t.TransformPoint([0.0, 0.0, 0.0])   # affine(warp(0))                          # doctest: +SKIP
     """
-    import itk
-
-    if not specs:
-        raise InputError("no transform given; give at least one transform file")
-    transforms = []
-    for spec in specs:
-        transform = read_transform(spec, dimension=dimension)
-        dimension = int(transform.GetInputSpaceDimension())
-        transforms.append(transform)
-    composite = itk.CompositeTransform[itk.D, dimension].New()
-    for transform in reversed(transforms):
-        for part in _components(transform):
-            composite.AddTransform(part)
-    return composite
-
-
-def _reference_image(grid: ImageGrid):
-    """An unallocated ITK image carrying ``grid`` (for filters that only read the geometry)."""
-    import itk
-
-    image = itk.Image[itk.UC, grid.dimension].New()
-    image.SetRegions([int(s) for s in grid.size])
-    grid.apply_to(image)
-    return image
-
-
-def _single_field_transform(transform):
-    """The ``DisplacementFieldTransform`` a transform is made of, or ``None``."""
-    parts = list(_components(transform))
-    if len(parts) != 1:
-        return None
-    part = parts[0]
-    return part if hasattr(part, "GetDisplacementField") else None
+    return to_itk_transform(simpleitk_transforms.compose_transforms(specs, dimension=dimension))
 
 
 def sample_transform(transform, grid: ImageGrid) -> DisplacementField:
-    """The displacement ``T(p) - p`` of any ITK transform at every voxel centre ``p`` of ``grid``.
+    """The displacement ``T(p) - p`` of any transform at every voxel centre ``p`` of ``grid``.
 
     A displacement field already on ``grid`` is returned exactly (double precision); anything else is
     evaluated by ITK's ``TransformToDisplacementFieldFilter`` (float32 vectors).
 
     Args:
-        transform: an ITK transform (affine, displacement field, composite ...).
+        transform: an ITK Python or SimpleITK transform (affine, displacement field, composite ...).
         grid: where to sample it.
 
     Returns:
         A :class:`DisplacementField` on ``grid``.
     """
-    import itk
-
-    from .imageio import same_grid
-
-    d = grid.dimension
-    if int(transform.GetInputSpaceDimension()) != d:
-        raise InputError(f"a {int(transform.GetInputSpaceDimension())}-D transform cannot be sampled on "
-                         f"a {d}-D grid")
-    field_part = _single_field_transform(transform)
-    if field_part is not None:
-        field_image = field_part.GetDisplacementField()
-        if same_grid(field_image, _reference_image(grid), tolerance=1e-6):
-            return DisplacementField(grid, np.array(itk.array_view_from_image(field_image), dtype=np.float64))
-    vector_image = itk.Image[itk.Vector[itk.F, d], d]
-    sampler = itk.TransformToDisplacementFieldFilter[vector_image, itk.D].New()
-    sampler.SetTransform(transform)
-    sampler.SetReferenceImage(_reference_image(grid))
-    sampler.SetUseReferenceImage(True)
-    sampler.Update()
-    return DisplacementField(grid, np.array(itk.array_view_from_image(sampler.GetOutput()), dtype=np.float64))
+    given = int(transform.GetDimension() if is_simpleitk(transform) else transform.GetInputSpaceDimension())
+    if given != grid.dimension:
+        raise InputError(f"a {given}-D transform cannot be sampled on a {grid.dimension}-D grid")
+    return DisplacementField(grid, sample_displacement(to_simpleitk_transform(transform), grid))

@@ -84,6 +84,29 @@ def test_resample_equals_itk_python(files_, kind, interpolation, pixel):
 
 
 @pytest.mark.parametrize("kind", ["h5", "ants pair", "inverse affine"])
+@pytest.mark.parametrize("interpolation,pixel",
+                         [("linear", np.float32), ("nearest", np.int16), ("bspline", np.float64)])
+def test_resample_equals_itk_resample_image_filter(files_, kind, interpolation, pixel):
+    """The one resampler (SimpleITK inside, ITK Python objects converted at the edge) against ITK Python's
+    own ``resample_image_filter`` with its interpolator classes, on ITK Python objects throughout."""
+    import itk
+
+    image, reference = _itk_inputs(files_, pixel)
+    transform = compose_transforms(_transform_lists(files_)[kind])
+    interpolator = {"linear": itk.LinearInterpolateImageFunction.New(image),
+                    "nearest": itk.NearestNeighborInterpolateImageFunction.New(image),
+                    "bspline": itk.BSplineInterpolateImageFunction.New(image, spline_order=3)}[interpolation]
+    expected = _itk_array(itk.resample_image_filter(image, transform=transform, interpolator=interpolator,
+                                                    use_reference_image=True, reference_image=reference,
+                                                    default_pixel_value=7))
+    got_image = resample_image(image, reference, transform, interpolation=interpolation, default_value=7)
+    assert type(got_image) is type(image)  # ITK Python in, ITK Python out
+    got = _itk_array(got_image)
+    assert got.dtype == expected.dtype == np.dtype(pixel)
+    assert np.array_equal(got, expected), np.abs(got.astype(float) - expected).max()
+
+
+@pytest.mark.parametrize("kind", ["h5", "ants pair", "inverse affine"])
 def test_label_resampling_equals_itk_python(files_, kind):
     import itk
     import SimpleITK as sitk

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..geometry import NetworkFrame
-from ..imageio import atomic_output
+from ..imageio import atomic_output, image_array, read_image, read_label_image
 from ..preprocess import apply_input_mask
 from .listing import ImageEntry
 
@@ -89,21 +89,18 @@ class VolumeLoader:
         return tensor
 
     def _compute(self, kind: str, entry: ImageEntry, frame: NetworkFrame, input_mask: bool) -> np.ndarray:
-        import itk
-
-        from ..imageio import read_image, read_label_image
-
         if kind == "image":
-            image = read_image(entry.path, what=f"training image ({entry.origin})", dimension=self.dimension)
-            array = itk.array_view_from_image(image)
+            image = read_image(entry.path, what=f"training image ({entry.origin})", dimension=self.dimension,
+                               backend="simpleitk")
+            array = image_array(image)
             normalized = entry.normalization(array, what=f"training image '{entry.path}' ({entry.origin})")
             if input_mask and entry.mask is not None:
-                mask = read_label_image(entry.mask, what="training mask", dimension=self.dimension)
-                normalized = apply_input_mask(normalized, itk.array_view_from_image(mask))
+                mask = read_label_image(entry.mask, what="training mask", dimension=self.dimension, backend="simpleitk")
+                normalized = apply_input_mask(normalized, image_array(mask))
             return frame.tensor(normalized)[0, 0].numpy()
         path = entry.mask if kind == "mask" else entry.segmentation
-        labels = read_label_image(path, what=f"training {kind}", dimension=self.dimension)
-        array = np.asarray(itk.array_view_from_image(labels))
+        labels = read_label_image(path, what=f"training {kind}", dimension=self.dimension, backend="simpleitk")
+        array = np.asarray(image_array(labels))
         if kind == "mask":
             array = (array > 0).astype(np.float32)
         return frame.tensor(array.astype(np.float32), mode="nearest")[0, 0].numpy()

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..geometry import ImageGrid, NetworkFrame
+from ..imageio import image_array, read_image
 from ..preprocess import IntensityNormalization
 
 #: Most distinct labels a label map may hold (class indices are stored as int16).
@@ -84,12 +85,8 @@ def read_label_values(path: Path, *, what: str, dimension: int) -> Tuple[np.ndar
     A label map holds whole numbers (any integer or floating pixel type whose values are whole)
     and at least two labels besides the background 0.
     """
-    import itk
-
-    from ..imageio import read_image
-
-    image = read_image(path, what=what, dimension=dimension)
-    array = itk.array_from_image(image)  # a copy: a view would outlive the image
+    image = read_image(path, what=what, dimension=dimension, backend="simpleitk")
+    array = np.array(image_array(image))  # a copy: a view would outlive the image
     grid = ImageGrid.from_image(image)
     if array.dtype.kind == "f":
         if not np.all(np.isfinite(array)):
