@@ -35,9 +35,10 @@ import numpy as np
 
 from .errors import InputError
 from .grid import ImageGrid
-from .imageio import atomic_output
+from .imageio import atomic_output, check_output_path, read_image_header
 from .metrics import index_points_to_world, transform_points
 from .outputs import PathLike
+from .simpleitk_transforms import compose_transforms
 
 #: Formats by file name ending (longest first).
 SUFFIXES = ((".mrk.json", "slicer-json"), (".fcsv", "fcsv"), (".csv", "csv"), (".txt", "elastix"),
@@ -299,12 +300,9 @@ def apply_transforms_to_points(input_path: PathLike, transforms: Sequence[str], 
         The input :class:`PointSet` (its ``points`` are the input points).
 
     Raises:
-        InputError: see :func:`read_points` and :func:`itk_gradicon.transforms.compose_transforms`; a
+        InputError: see :func:`read_points` and :func:`itk_gradicon.simpleitk_transforms.compose_transforms`; a
             point dimension other than the transforms'; an output of another format.
     """
-    from .imageio import check_output_path, read_image_header
-    from .transforms import compose_transforms
-
     suffix, kind = _ending(input_path)
     if points_format(output) != kind:
         raise InputError(f"the output '{output}' must be written in the input's format "
@@ -315,7 +313,7 @@ def apply_transforms_to_points(input_path: PathLike, transforms: Sequence[str], 
         grid = read_image_header(reference, what="--reference").grid
     point_set = read_points(input_path, reference=grid)
     transform = compose_transforms(list(transforms))
-    d = int(transform.GetInputSpaceDimension())
+    d = int(transform.GetDimension())
     if point_set.dimension != d:
         raise InputError(f"points file '{input_path}' holds {point_set.dimension}-D points; the transforms are {d}-D")
     write_points(point_set, transform_points(transform, point_set.points), output)
