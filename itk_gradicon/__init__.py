@@ -13,11 +13,21 @@ Example:
 
 Heavy modules (torch, itk) are imported on first use of the names below, so that
 ``import itk_gradicon`` and ``gradicon --help`` stay fast.
+
+Layout (README, "Architecture"): ``io/`` (files, grids, the ITK bridge), ``spatial/`` (frames, fields,
+resampling, Jacobians), ``pipeline/`` (options and the steps of a registration), ``evaluation/``, ``network/``,
+``training/``, ``cli/``; the API (:mod:`.registration`), the command drivers and the file commands on top.
+Modules that lived at the top before the subpackages (``itk_gradicon.imageio``, ``itk_gradicon.transforms``
+...) stay importable under their former names for one release (:data:`MOVED`): the former name is the same
+module object as the new one.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 from typing import Any
 
 __version__ = "0.1.0"
@@ -32,6 +42,44 @@ _LAZY = {
 }
 
 __all__ = ["__version__", *_LAZY]
+
+#: Former module names (before the subpackages; kept for one release) -> the module's home now.
+MOVED = {
+    "outputs": "io.outputs", "imageio": "io.images", "itk_bridge": "io.itk_bridge",
+    "transform_specs": "io.transform_specs", "simpleitk_transforms": "io.transform_files", "tables": "io.tables",
+    "grid": "io.grid", "geometry": "spatial.frames", "transforms": "spatial.transforms",
+    "resample": "spatial.resample", "jacobian": "spatial.jacobian", "options": "pipeline.options",
+    "preprocess": "pipeline.preprocess", "affine": "pipeline.affine", "elastix": "pipeline.elastix",
+    "instance": "pipeline.instance", "refinement": "pipeline.refinement", "losses": "pipeline.losses",
+    "metrics": "evaluation.metrics", "qc": "evaluation.qc", "provenance": "evaluation.provenance",
+}
+
+
+class _FormerName(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports ``itk_gradicon.<former name>`` as the module at its new home (the same object, so that
+    ``monkeypatch`` and ``isinstance`` see one module)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        package, _, name = fullname.partition(".")
+        if package != __name__ or name not in MOVED:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def __init__(self) -> None:
+        self._specs = {}
+
+    def create_module(self, spec):
+        module = importlib.import_module(f"{__name__}.{MOVED[spec.name.partition('.')[2]]}")
+        self._specs[spec.name] = module.__spec__  # the import system sets the former name's spec on it next
+        return module
+
+    def exec_module(self, module) -> None:
+        """The module ran at its new home: only its own spec is given back to it."""
+        module.__spec__ = self._specs.pop(module.__spec__.name, module.__spec__)
+
+
+if not any(isinstance(finder, _FormerName) for finder in sys.meta_path):
+    sys.meta_path.append(_FormerName())
 
 
 def __getattr__(name: str) -> Any:

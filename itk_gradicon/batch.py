@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .errors import GradiconError, InputError
+from .io.tables import read_rows, row_values, table_path
 from .registration_io import RegisterOutputs
-from .tables import read_rows, row_values, table_path
 
 PAIR_COLUMNS = ("fixed", "moving")
 INPUT_COLUMNS = ("fixed_mask", "moving_mask", "fixed_labels", "moving_labels", "initial_transform")
@@ -327,7 +327,7 @@ def register_pairs(pairs: Sequence[Pair], *, model: Union[str, Any] = "unigradic
         precision: ``float32``, or ``bfloat16`` / ``float16`` (CUDA only) for the prediction.
         stop_on_error: stop at the first pair that fails (pairs already running finish).
         options: the options shared by every pair, as the flat keywords of
-            :class:`~itk_gradicon.options.RegistrationOptions` (modalities, instance optimisation, ...),
+            :class:`~itk_gradicon.pipeline.options.RegistrationOptions` (modalities, instance optimisation, ...),
             and ``seed``.
         skip_existing: a pair whose outputs all exist is not registered again (a resumed run: outputs
             are written all together or not at all, so existing outputs are complete).
@@ -341,7 +341,7 @@ def register_pairs(pairs: Sequence[Pair], *, model: Union[str, Any] = "unigradic
         GradiconError: a problem shared by every pair (model, device, precision).
     """
     from .models import Model, load_model
-    from .options import RegistrationOptions
+    from .pipeline.options import RegistrationOptions
     from .registration_io import RegisterFiles, run_register
 
     options = dict(options or {})
@@ -468,7 +468,7 @@ REPORT_HEADER = ["pair", "origin", "fixed", "moving", "status", "seconds", "mess
 def write_report(summary: BatchSummary, path: Union[str, Path]) -> Path:
     """Write one CSV row per pair (number, origin, fixed, moving, status ``ok``/``failed``/``skipped``,
     seconds, message), atomically; the reports of several shards merge with :func:`merge_reports`."""
-    from .imageio import atomic_output, check_output_path
+    from .io.images import atomic_output, check_output_path
 
     path = check_output_path(path, what="--report", suffixes=(".csv",))
     with atomic_output(path) as tmp:
@@ -487,7 +487,7 @@ def merge_reports(reports: Sequence[Union[str, Path]], path: Union[str, Path]) -
     Raises:
         InputError: a file is missing or not a report, or two reports hold the same pair.
     """
-    from .imageio import atomic_output, check_output_path
+    from .io.images import atomic_output, check_output_path
 
     rows: Dict[int, List[str]] = {}
     where: Dict[int, str] = {}

@@ -10,15 +10,15 @@ are usable from Python as they are::
 Why SimpleITK: it and ITK Python run the same ITK C++ filters (ITK 5.4's
 ``ResampleImageFilter``, interpolators, transforms, NIfTI and HDF5 readers and writers), so the values
 are the same to the bit (``tests/test_files.py`` compares every interpolation and transform kind with
-the ITK Python functions of :mod:`itk_gradicon.resample` and :mod:`itk_gradicon.jacobian`). But
+the ITK Python functions of :mod:`itk_gradicon.spatial.resample` and :mod:`itk_gradicon.spatial.jacobian`). But
 SimpleITK is one library that loads in a fraction of a second, where ITK Python loads its wrapped
 modules one by one (reading one HDF5 transform loads the modules of every filter the displacement-field
 module depends on). ``itk.Image`` objects given to the library functions are converted at the edge
 (:func:`from_itk`).
 
 Conventions are those of the ITK Python functions: transforms map reference (fixed) points to input
-(moving) points and compose as ``antsApplyTransforms -t`` (see :mod:`itk_gradicon.transform_specs`);
-outputs are written all-or-nothing through :class:`~itk_gradicon.imageio.OutputTransaction`.
+(moving) points and compose as ``antsApplyTransforms -t`` (see :mod:`itk_gradicon.io.transform_specs`);
+outputs are written all-or-nothing through :class:`~itk_gradicon.io.images.OutputTransaction`.
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .errors import InputError
-from .grid import ImageGrid
-from .imageio import (IMAGE_SUFFIXES, ImageHeader, OutputTransaction, check_output_path, check_resample_headers,
+from .io.grid import ImageGrid
+from .io.images import (IMAGE_SUFFIXES, ImageHeader, OutputTransaction, check_output_path, check_resample_headers,
                       image_array, read_image_header, read_simpleitk_image)
-from .itk_bridge import to_simpleitk as from_itk  # noqa: F401  (its former name here)
-from .resample import (  # noqa: F401  (resample_image, resample_labels: the one resampler, re-exported)
+from .io.itk_bridge import to_simpleitk as from_itk  # noqa: F401  (its former name here)
+from .spatial.resample import (  # noqa: F401  (resample_image, resample_labels: the one resampler, re-exported)
     INTERPOLATIONS, check_interpolation, resample_image, resample_labels)
-from .outputs import PathLike
-from .simpleitk_transforms import (  # noqa: F401  (re-exported: the transform reader's names, their former home)
+from .io.outputs import PathLike
+from .io.transform_files import (  # noqa: F401  (re-exported: the transform reader's names, their former home)
     TransformName, compose_transforms, field_transform, first_field_grid, read_transform, sample_displacement,
     transform_parts)
 
@@ -56,7 +56,7 @@ def _sitk():
 
 def read_header(path: PathLike, *, what: str = "image") -> ImageHeader:
     """An image file's header (dimension, size, components, geometry) without its pixels: the one header
-    reader, :func:`itk_gradicon.imageio.read_image_header`.
+    reader, :func:`itk_gradicon.io.images.read_image_header`.
 
     Raises:
         InputError: the file is missing, unreadable, or not an image ITK recognises.
@@ -105,7 +105,7 @@ def apply_transform_file(input_path: PathLike, reference_path: PathLike, transfo
         reference_path: the image whose grid the output gets.
         transforms: ``FILE`` / ``[FILE,1]`` names, composed as ``antsApplyTransforms -t``.
         output: the output image file.
-        interpolation: one of :data:`~itk_gradicon.resample.INTERPOLATIONS`.
+        interpolation: one of :data:`~itk_gradicon.spatial.resample.INTERPOLATIONS`.
         default_value: value of voxels whose sample point falls outside the input.
         labels: warp a label map (``label`` interpolation; values must be integers).
 
@@ -153,7 +153,7 @@ def jacobian_file(transforms: Sequence[TransformName], *, reference: Optional[Pa
     Returns:
         The summary: ``{"transforms": [...], **jacobian_summary}``.
     """
-    from .jacobian import determinant_of_displacement, jacobian_summary, log_jacobian
+    from .spatial.jacobian import determinant_of_displacement, jacobian_summary, log_jacobian
 
     sitk = _sitk()
     if output is not None:
@@ -196,15 +196,16 @@ def evaluate_files(transforms: Sequence[TransformName] = (), *, fixed_labels: Op
         fixed_labels, moving_labels: label maps; the moving one is warped onto the fixed grid (GenericLabel).
         label_values: labels to evaluate (default: every non-zero label in either map).
         hd95: also compute HD95 (mm).
-        fixed_landmarks, moving_landmarks: corresponding points (see :func:`itk_gradicon.metrics.read_landmarks`).
+        fixed_landmarks, moving_landmarks: corresponding points (see
+            :func:`itk_gradicon.evaluation.metrics.read_landmarks`).
         reference: the fixed image: grid of the Jacobian and of ``index`` landmarks.
         output_json: also write the report there.
 
     Returns:
         The report: ``transforms``, and ``labels``, ``landmarks``, ``jacobian`` where their inputs are given.
     """
-    from .jacobian import determinant_of_displacement, jacobian_summary
-    from .metrics import label_overlap, read_landmarks, target_registration_error
+    from .spatial.jacobian import determinant_of_displacement, jacobian_summary
+    from .evaluation.metrics import label_overlap, read_landmarks, target_registration_error
 
     _check_evaluate_options(transforms, fixed_labels, moving_labels, label_values, fixed_landmarks, moving_landmarks)
     if output_json is not None:
@@ -271,7 +272,7 @@ def _evaluated_transform(transforms, reference_image, fixed_lab, moving_lab):
     return transform, grid
 
 
-#: :func:`itk_gradicon.imageio.read_simpleitk_image` under the name the file commands have always used.
+#: :func:`itk_gradicon.io.images.read_simpleitk_image` under the name the file commands have always used.
 read_image = read_simpleitk_image
 
 __all__ = ["INTERPOLATIONS", "WarpSummary", "apply_transform_file", "compose_transforms", "evaluate_files",

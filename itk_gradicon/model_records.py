@@ -21,7 +21,7 @@ class Refinement:
 
     Attributes:
         iterations: IO steps (0: prediction only).
-        method: ``"field"`` or ``"network"`` (see :mod:`itk_gradicon.instance`).
+        method: ``"field"`` or ``"network"`` (see :mod:`itk_gradicon.pipeline.instance`).
         similarity: IO similarity for two images of one contrast (``None``: the model's training loss).
         multimodal_similarity: IO similarity when the two images' modalities differ
             (``--fixed-modality t1w --moving-modality t2w``, CT against MRI).
@@ -30,7 +30,7 @@ class Refinement:
         multimodal_smoothness: diffusion weight of ``field`` IO with the multimodal similarity (``None``:
             ``smoothness``).
         lncc_sigma: Gaussian window (sigma, network voxels) of the LNCC similarities in ``field`` IO
-            (``None``: the training loss's window, :data:`~itk_gradicon.losses.LNCC_SIGMA`).
+            (``None``: the training loss's window, :data:`~itk_gradicon.pipeline.losses.LNCC_SIGMA`).
         coarse_fraction: share of the steps of ``field`` IO run on the network grid halved along every
             axis before the rest run on the full grid (0: all on the full grid).
         patience: ``field`` IO ends a level once its loss has not improved in this many steps (0: never).

@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 
 from .errors import ModelError, ModelNotAvailableError
-from .imageio import atomic_output
+from .io.images import atomic_output
 from .model_records import (  # noqa: F401  (re-exported: the names users of this module know)
     FIELD_REFINEMENT, NO_REFINEMENT, REFINEMENT_METHODS, Domain, Refinement)
 from .network.builders import PUBLISHED_3D, Architecture, build_network

@@ -34,11 +34,11 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import InputError
-from .grid import ImageGrid
-from .imageio import atomic_output, check_output_path, read_image_header
-from .metrics import index_points_to_world, transform_points
-from .outputs import PathLike
-from .simpleitk_transforms import compose_transforms
+from .evaluation.metrics import index_points_to_world, transform_points
+from .io.grid import ImageGrid
+from .io.images import atomic_output, check_output_path, read_image_header
+from .io.outputs import PathLike
+from .io.transform_files import compose_transforms
 
 #: Formats by file name ending (longest first).
 SUFFIXES = ((".mrk.json", "slicer-json"), (".fcsv", "fcsv"), (".csv", "csv"), (".txt", "elastix"),
@@ -300,7 +300,7 @@ def apply_transforms_to_points(input_path: PathLike, transforms: Sequence[str], 
         The input :class:`PointSet` (its ``points`` are the input points).
 
     Raises:
-        InputError: see :func:`read_points` and :func:`itk_gradicon.simpleitk_transforms.compose_transforms`; a
+        InputError: see :func:`read_points` and :func:`itk_gradicon.io.transform_files.compose_transforms`; a
             point dimension other than the transforms'; an output of another format.
     """
     suffix, kind = _ending(input_path)

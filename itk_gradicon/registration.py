@@ -36,22 +36,23 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from . import losses
-from .affine import resolve_affine_choice
 from .devices import available_memory_bytes, check_memory, estimate_memory, resolve_device  # noqa: F401
 from .errors import InputError
-from .geometry import ImageGrid, NetworkFrame, displacement_on_grid
-from .imageio import check_image, describe_grid, image_array, image_like, same_grid
-from .itk_bridge import affine_from_itk, is_itk_image, to_simpleitk
-from .instance import DEFAULT_LR, DEFAULT_SMOOTHNESS, FieldSettings, IOProgress, optimise_network, refine_fields
+from .io.images import check_image, describe_grid, image_array, image_like, same_grid
+from .io.itk_bridge import affine_from_itk, is_itk_image, to_simpleitk
 from .models import DEFAULT_MODEL, Model, load_model
 from .network.inference import predict_displacements
-from .options import (  # noqa: F401  (the choices and the check are re-exported: their former home)
+from .pipeline import losses
+from .pipeline.affine import resolve_affine_choice
+from .pipeline.instance import (DEFAULT_LR, DEFAULT_SMOOTHNESS, FieldSettings, IOProgress, optimise_network,
+                                refine_fields)
+from .pipeline.options import (  # noqa: F401  (the choices and the check are re-exported: their former home)
     AFFINE_CHOICES, INPUT_KEYWORDS, IO_METHOD_CHOICES, IO_METHODS, IO_STARTS, MASK_MODES, MODALITY_CHOICES,
     ORIENTATIONS, RegistrationOptions, check_options)
-from .preprocess import IntensityNormalization, apply_input_mask, resolve_modality
-from .refinement import TWO_CONTRASTS_BELOW, intensity_correlation, resolve_io, resolve_io_method  # noqa: F401
-from .transforms import DisplacementField, affine_to_simpleitk
+from .pipeline.preprocess import IntensityNormalization, apply_input_mask, resolve_modality
+from .pipeline.refinement import TWO_CONTRASTS_BELOW, intensity_correlation, resolve_io, resolve_io_method  # noqa: F401
+from .spatial.frames import ImageGrid, NetworkFrame, displacement_on_grid
+from .spatial.transforms import DisplacementField, affine_to_simpleitk
 
 DEFAULT_IO_LR = DEFAULT_LR["network"]
 
@@ -175,7 +176,7 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
     """Register ``moving`` to ``fixed`` with a GradICON-family network.
 
     Every option can be given as a keyword below or, typed and grouped, as ``options``
-    (:class:`~itk_gradicon.options.RegistrationOptions`; keywords given beside it replace its fields).
+    (:class:`~itk_gradicon.pipeline.options.RegistrationOptions`; keywords given beside it replace its fields).
 
     Args:
         fixed, moving: scalar images of the model's dimension, ``itk.Image`` or ``SimpleITK.Image`` (as
@@ -209,7 +210,7 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
         initial_transform: affine pre-alignment fixed -> moving (ITK matrix-offset transform or a
             homogeneous matrix in WORLD coordinates), composed into the result.
         affine: without ``initial_transform``: ``"affine"`` (or its former name ``"elastix"``) and
-            ``"rigid"`` compute the pre-alignment with :func:`itk_gradicon.affine.prealign` (an affine
+            ``"rigid"`` compute the pre-alignment with :func:`itk_gradicon.pipeline.affine.prealign` (an affine
             with implausible scales falls back to rigid, and ``result.messages`` says so), ``"none"``
             does not, ``"auto"`` is ``"affine"`` for a model trained on affinely pre-aligned pairs (its
             file says ``prealignment: affine``).
@@ -251,7 +252,7 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
                                                messages=messages, inputs=inputs)
     prealignment = resolve_affine_choice(options.prealignment.affine, model, initial_transform is not None)
     if prealignment != "none" and initial_transform is None:
-        from .affine import prealign
+        from .pipeline.affine import prealign
 
         t = time.perf_counter()
         found = prealign(fixed, moving, inputs["fixed_mask"], inputs["moving_mask"], transform=prealignment,
@@ -344,7 +345,7 @@ class RegistrationRequest:
     def from_options(cls, fixed, moving, model: Model, options: RegistrationOptions, *, initial_transform=None,
                      messages: Optional[List[str]] = None, inputs: Optional[Dict[str, Any]] = None,
                      **resolved) -> "RegistrationRequest":
-        """:meth:`of` for a :class:`~itk_gradicon.options.RegistrationOptions` (whose ``affine`` choice is not
+        """:meth:`of` for a :class:`~itk_gradicon.pipeline.options.RegistrationOptions` (whose ``affine`` choice is not
         the request's matrix: ``initial_transform`` is). ``inputs``: the masks and label maps; ``resolved``:
         options the caller has already resolved (``io_iterations=...``), which replace the given ones."""
         flat = options.keywords()

@@ -3,7 +3,7 @@
 This is what ``gradicon register`` (and ``gradicon register-batch`` for each pair) runs. Everything
 that can be checked without the network is checked first: output folders, file name endings, the
 device, the model, the images, masks and labels. Outputs go through one
-:class:`~itk_gradicon.imageio.OutputTransaction`: all of them appear, or none.
+:class:`~itk_gradicon.io.images.OutputTransaction`: all of them appear, or none.
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .affine import AFFINE_CHOICES, PREALIGNMENT_TRANSFORMS, expects_prealignment, resolve_affine_choice  # noqa: F401
 from .errors import GradiconError, InputError, ResourceError
 from .files import read_header
-from .options import INPUT_KEYWORDS, RegistrationOptions, check_options
-from .imageio import (VOLUME_SUFFIXES, OutputTransaction, backend_of, check_header,
+from .io.images import (VOLUME_SUFFIXES, OutputTransaction, backend_of, check_header,
                       check_output_dir, check_output_path, describe_grid, image_dimension, read_image,
                       read_label_image, read_mask_on_grid, same_grid)
-from .transforms import TRANSFORM_OUTPUT_SUFFIXES
+from .pipeline.affine import (  # noqa: F401
+    AFFINE_CHOICES, PREALIGNMENT_TRANSFORMS, expects_prealignment, resolve_affine_choice)
+from .pipeline.options import INPUT_KEYWORDS, RegistrationOptions, check_options
+from .spatial.transforms import TRANSFORM_OUTPUT_SUFFIXES
 
 Log = Callable[[str], None]
 
@@ -36,7 +37,7 @@ class RegisterOutputs:
     ants_prefix: Optional[str] = None
     elastix_dir: Optional[Path] = None
     qc: Optional[Path] = None
-    record: Optional[Path] = None  # --out-json: the provenance record (itk_gradicon.provenance)
+    record: Optional[Path] = None  # --out-json: the provenance record (itk_gradicon.evaluation.provenance)
 
     def validate(self) -> None:
         """Check every destination before any work starts.
@@ -73,7 +74,7 @@ class RegisterOutputs:
 
     def final_paths(self, *, with_affine: bool = True) -> List[Path]:
         """Every file these outputs may create (absolute paths)."""
-        from .transforms import ELASTIX_FIELD_FILE, ELASTIX_PARAMETER_FILE, ants_file_names
+        from .spatial.transforms import ELASTIX_FIELD_FILE, ELASTIX_PARAMETER_FILE, ants_file_names
 
         paths = [Path(p).expanduser().absolute()
                  for p in (self.transform, self.inverse_transform, self.warped, self.qc, self.record) if p]
@@ -221,7 +222,7 @@ def run_register(files: RegisterFiles, outputs: RegisterOutputs, options: Option
     stage.add(result.timings)
     record = None
     if outputs.record:
-        from .provenance import register_record
+        from .evaluation.provenance import register_record
         from .threads import itk_threads
 
         used = {"model": model, "fixed_modality": intensity.fixed_modality,
@@ -326,11 +327,11 @@ def _read_inputs(files: Dict[str, Optional[Path]], dimension: int) -> _Inputs:
 def _prealignment(inputs: _Inputs, affine: str, initial_transform: Optional[Path], log: Log):
     """The pre-alignment (homogeneous WORLD matrix, fixed -> moving, or ``None``) and how it was found."""
     if initial_transform is not None:
-        from .transforms import read_affine_file
+        from .spatial.transforms import read_affine_file
 
         return read_affine_file(initial_transform), {"source": f"--initial-transform {initial_transform}"}
     if affine in PREALIGNMENT_TRANSFORMS:
-        from .affine import prealign
+        from .pipeline.affine import prealign
 
         log(f"{affine} pre-alignment with elastix ...")
         found = prealign(inputs.fixed, inputs.moving, inputs.masks["fixed_mask"], inputs.masks["moving_mask"],
@@ -357,7 +358,7 @@ def write_register_outputs(result, outputs: RegisterOutputs, *, fixed_original=N
         ResourceError: a file could not be written (disk full, permissions changed, ...); then no
             output at all is left behind.
     """
-    from .imageio import short_error_message
+    from .io.images import short_error_message
 
     if outputs.needs_originals and (fixed_original is None or moving_original is None):
         raise InputError("--out-warped and --out-qc need the fixed and moving images")
@@ -406,7 +407,8 @@ _Job = Tuple[str, List[Path], Callable[[OutputTransaction], None]]
 
 def _output_jobs(result, outputs: RegisterOutputs, fixed_original, moving_original,
                  record: Optional[dict] = None) -> List[_Job]:
-    from .transforms import ants_file_names, write_affine_file, write_elastix, write_field_image, write_transform
+    from .spatial.transforms import (ants_file_names, write_affine_file, write_elastix, write_field_image,
+                                     write_transform)
 
     jobs: List[_Job] = []
     if outputs.transform:
@@ -439,12 +441,12 @@ def _output_jobs(result, outputs: RegisterOutputs, fixed_original, moving_origin
                      lambda out: write_warped(moving_original, fixed_original, result.forward_field,
                                               out.path(outputs.warped))))
     if outputs.qc:
-        from .qc import write_qc
+        from .evaluation.qc import write_qc
 
         jobs.append((str(outputs.qc), [Path(outputs.qc)],
                      lambda out: write_qc(fixed_original, moving_original, result, outputs.qc, transaction=out)))
     if outputs.record:
-        from .provenance import record_text
+        from .evaluation.provenance import record_text
 
         jobs.append((str(outputs.record), [Path(outputs.record)],
                      lambda out: out.path(outputs.record).write_text(record_text(record), encoding="utf-8")))
@@ -455,7 +457,7 @@ def _run_output_jobs(jobs: List[_Job], out: OutputTransaction) -> List[Path]:
     """Run the jobs, several at a time on a machine with several cores (each output is compressed
     and written by ITK's writers, which release the GIL); returns the paths written, in job order.
     The jobs stage their files through ``out.path``, which is safe from several threads; transform
-    files are written one at a time (:data:`~itk_gradicon.transforms.TRANSFORM_WRITE_LOCK`).
+    files are written one at a time (:data:`~itk_gradicon.spatial.transforms.TRANSFORM_WRITE_LOCK`).
     """
     from concurrent.futures import ThreadPoolExecutor
 

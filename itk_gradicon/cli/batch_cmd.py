@@ -65,7 +65,7 @@ def register_batch(pairs: Path, model: str, batch_size: Optional[int], precision
       gradicon register-batch --pairs pairs.csv --report report.csv
     """
     from ..batch import BatchError, parse_shard, read_pairs, register_pairs, select_shard, write_report
-    from ..imageio import check_output_path
+    from ..io.images import check_output_path
 
     jobs = read_pairs(pairs)
     listed = len(jobs)

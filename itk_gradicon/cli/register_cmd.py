@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 
 import click
 
-from ..options import (AFFINE_CHOICES, IO_METHOD_CHOICES, IO_SIMILARITY_CHOICES, IO_STARTS, MASK_MODES,
+from ..pipeline.options import (AFFINE_CHOICES, IO_METHOD_CHOICES, IO_SIMILARITY_CHOICES, IO_STARTS, MASK_MODES,
                        MODALITY_CHOICES, ORIENTATIONS)
 from .common import threads_option, ProgressLine, device_option, format_seconds, info, model_option, quiet_option
 
@@ -147,7 +147,7 @@ def register(fixed: Path, moving: Path, out_transform: Optional[Path], out_inver
       gradicon register --fixed t1.nii.gz --moving t2.nii.gz --out-transform t2_to_t1.h5 \\
           --out-warped t2_on_t1.nii.gz --io-iterations 50
     """
-    from ..options import RegistrationOptions
+    from ..pipeline.options import RegistrationOptions
     from ..registration_io import RegisterFiles, RegisterOutputs, run_register
 
     line = ProgressLine(quiet)

@@ -3,7 +3,7 @@
 A separable linear filter or resampling of a network-grid tensor is a product with one small matrix
 per axis. PyTorch's CPU kernels for depthwise 3-D convolutions and for ``interpolate`` (and their
 backward passes) are slow where the same sums as matrix products run on the BLAS kernels:
-:func:`itk_gradicon.losses.gaussian_blur` and :func:`itk_gradicon.network.unet.upsample_by_products`
+:func:`itk_gradicon.pipeline.losses.gaussian_blur` and :func:`itk_gradicon.network.unet.upsample_by_products`
 are both built on :func:`product_along_axis`.
 """
 

@@ -14,9 +14,9 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from ..geometry import NetworkFrame
-from ..imageio import atomic_output, image_array, read_image, read_label_image
-from ..preprocess import apply_input_mask
+from ..io.images import atomic_output, image_array, read_image, read_label_image
+from ..pipeline.preprocess import apply_input_mask
+from ..spatial.frames import NetworkFrame
 from .listing import ImageEntry
 
 CACHE_VERSION = 1

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import TrainingError
-from ..imageio import atomic_output
+from ..io.images import atomic_output
 
 CHECKPOINT_FORMAT = "itk_gradicon.checkpoint"
 CHECKPOINT_VERSION = 1

@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 from ..errors import ConfigError, ModelError, did_you_mean  # noqa: F401  (did_you_mean: re-exported)
-from ..preprocess import MASK_MODES
+from ..pipeline.preprocess import MASK_MODES
 from .schema import (  # noqa: F401  (differences: re-exported)
     differences, option, option_factory, parse_section, to_plain)
 
 #: Modality names known without declaration, and the intensity normalisation each one gets
-#: (``ct``: Hounsfield window; ``mri``: quantiles, for every non-CT image; see :mod:`itk_gradicon.preprocess`).
+#: (``ct``: Hounsfield window; ``mri``: quantiles, for every non-CT image; see :mod:`itk_gradicon.pipeline.preprocess`).
 BUILTIN_MODALITIES: Dict[str, str] = {
     "ct": "ct",
     "mri": "mri", "t1w": "mri", "t1c": "mri", "t2w": "mri", "flair": "mri", "pd": "mri", "dwi": "mri",
@@ -244,14 +244,14 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class PreprocessingConfig:
-    """Intensity normalisation, as at registration (:class:`itk_gradicon.preprocess.IntensityNormalization`).
+    """Intensity normalisation, as at registration (:class:`itk_gradicon.pipeline.preprocess.IntensityNormalization`).
 
     Attributes:
         ct_window: HU window of CT images (default -1000, 1000, or the parent model's).
         quantile_range: quantiles of non-CT images (default minimum and 0.99, or the parent model's).
         layout: how images are laid out on the network grid: ``reference`` (the fixed image's array as
             stored, as the published models), ``canonical`` (network axes along the world axes closest to
-            superior, anterior, right, whatever the storage; :data:`itk_gradicon.geometry.CANONICAL_AXES`),
+            superior, anterior, right, whatever the storage; :data:`itk_gradicon.spatial.frames.CANONICAL_AXES`),
             or the parent model's. Recorded in the model file; ``gradicon register`` follows it.
         prealignment: the pre-alignment the model expects before the network (``none`` or ``affine``;
             default: the parent model's, else ``none``). ``affine`` makes ``gradicon register`` run its

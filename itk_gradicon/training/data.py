@@ -16,10 +16,10 @@ DataLoader workers, so any number of workers, and a run resumed at any step, see
 pairs. Distributed training shards the index stream (see :class:`StepBatchSampler`).
 
 Every image reaches the network exactly as at registration: read and checked by
-:func:`itk_gradicon.imageio.read_image`, normalised by
-:class:`itk_gradicon.preprocess.IntensityNormalization` (masked by
-:func:`itk_gradicon.preprocess.apply_input_mask` for input masking), and laid out by
-:class:`itk_gradicon.geometry.NetworkFrame`: the pair's target image (``B``; ``T`` in an M2M cycle)
+:func:`itk_gradicon.io.images.read_image`, normalised by
+:class:`itk_gradicon.pipeline.preprocess.IntensityNormalization` (masked by
+:func:`itk_gradicon.pipeline.preprocess.apply_input_mask` for input masking), and laid out by
+:class:`itk_gradicon.spatial.frames.NetworkFrame`: the pair's target image (``B``; ``T`` in an M2M cycle)
 keeps the reference layout and every other image is laid out along its axes, as
 :func:`itk_gradicon.register` lays the moving image out along the fixed image's axes.
 """
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..geometry import NetworkFrame, canonical_axes
+from ..spatial.frames import NetworkFrame, canonical_axes
 from .augmentation import Augmentation, apply_augmentation, draw_augmentation  # noqa: F401  (Augmentation: re-exported)
 from .caching import VolumeLoader
 from .config import AugmentationConfig, SynthesisConfig

@@ -17,10 +17,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 
 from ..errors import ConfigError, InputError, did_you_mean
-from ..geometry import ImageGrid
-from ..imageio import read_image_header, short_error_message
-from ..preprocess import IntensityNormalization
-from ..tables import read_rows, row_values, table_path
+from ..io.images import read_image_header, short_error_message
+from ..io.tables import read_rows, row_values, table_path
+from ..pipeline.preprocess import IntensityNormalization
+from ..spatial.frames import ImageGrid
 from .config import DatasetConfig, TrainConfig
 from .synthesis import LabelMapEntry, check_label_map
 

@@ -12,7 +12,7 @@ GradICON / uniGradICON / multiGradICON (:class:`GradICONObjective`)::
 
 where ``(A_L, B_L)`` are the loss images (the inputs ``(A, B)`` for variant B, co-registered images
 of the same views for the randomised variants F and R; see :func:`.data.draw_pair`). It is
-:func:`itk_gradicon.losses.gradicon_objective` plus a Dice term restricted to the pairs that have
+:func:`itk_gradicon.pipeline.losses.gradicon_objective` plus a Dice term restricted to the pairs that have
 segmentations.
 
 M2M-Reg (:class:`M2MObjective`, paper eq. 2, 3, 6), with ``Phi^XY = net(X, Y)``::
@@ -33,8 +33,8 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
-from .. import losses
 from ..network.operators import CubeMap
+from ..pipeline import losses
 
 Tensor = torch.Tensor
 
@@ -54,7 +54,7 @@ def dice_term(seg_A: Tensor, seg_B: Tensor, has_seg: Tensor, phi_AB: CubeMap, ph
     """Symmetric soft Dice loss over the pairs whose ``has_seg`` is true (0 when there are none).
 
     Labels are compared as one-hot maps of the labels both images of a pair contain
-    (:func:`itk_gradicon.losses.shared_one_hot`); the warped maps are linearly interpolated.
+    (:func:`itk_gradicon.pipeline.losses.shared_one_hot`); the warped maps are linearly interpolated.
 
     Args:
         seg_A, seg_B: label maps ``[N, 1, *shape]`` on the network grid.
@@ -99,7 +99,7 @@ class GradICONObjective(nn.Module):
 
     Args:
         network: registration network ``(A, B) -> CubeMap``.
-        similarity: ``(warped, target, mask) -> loss``, e.g. :func:`itk_gradicon.losses.lncc_loss`.
+        similarity: ``(warped, target, mask) -> loss``, e.g. :func:`itk_gradicon.pipeline.losses.lncc_loss`.
         lmbda: GradICON weight (1.5 in the papers).
         dice_weight: weight of the Dice term (0: none).
 
@@ -243,7 +243,7 @@ def build_objective(kind: str, network: nn.Module, *, similarity: str, lmbda: fl
     Args:
         kind: ``gradicon`` or ``m2m``.
         network: the network to train.
-        similarity: ``lncc``, ``lncc2`` or ``mind`` (see :data:`itk_gradicon.losses.SIMILARITIES`).
+        similarity: ``lncc``, ``lncc2`` or ``mind`` (see :data:`itk_gradicon.pipeline.losses.SIMILARITIES`).
         lmbda: GradICON weight.
         dice_weight: Dice weight.
         lambda_gcc: GradCyCon weight (``m2m``).

@@ -12,7 +12,7 @@ fly from one label map (``pairing: intra``) or two (``pairing: inter``):
 2. **Contrast.** Every label gets a random mean intensity and spread, with the same table for both
    images (``same_contrast``) or independent ones; then Gaussian blur, a smooth multiplicative bias
    field, Gaussian noise and a random gamma. The result is normalised as an MRI image is at
-   registration (:class:`itk_gradicon.preprocess.IntensityNormalization`).
+   registration (:class:`itk_gradicon.pipeline.preprocess.IntensityNormalization`).
 3. **Skull.** With probability ``skull_strip`` both images keep only the brain's labels
    (``brain_labels``) and are cropped around the brain, as skull-stripped images are; otherwise they
    show the whole head.
@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..geometry import ImageGrid, NetworkFrame
-from ..imageio import image_array, read_image
-from ..preprocess import IntensityNormalization
+from ..io.images import image_array, read_image
+from ..pipeline.preprocess import IntensityNormalization
+from ..spatial.frames import ImageGrid, NetworkFrame
 
 #: Most distinct labels a label map may hold (class indices are stored as int16).
 MAX_LABELS = 32767
@@ -201,7 +201,7 @@ def _identity(shape: Sequence[int]) -> torch.Tensor:
 
 def blur_edge_replicated(image: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of a ``[*shape]`` tensor (``sigma`` in voxels, kernel radius ``3 sigma``), the
-    edge values repeated outside the image (replicate padding; :func:`itk_gradicon.losses.gaussian_blur` is
+    edge values repeated outside the image (replicate padding; :func:`itk_gradicon.pipeline.losses.gaussian_blur` is
     the similarities' blur of ``[B, C, *shape]`` batches, with zeros outside)."""
     if sigma <= 0.05:
         return image
@@ -244,7 +244,7 @@ class Synthesizer:
         entries: the data set's label maps.
         settings: its :class:`~itk_gradicon.training.config.SynthesisConfig`.
         shape: the network input shape.
-        layout_axes: world axes the network axes follow (see :class:`~itk_gradicon.geometry.NetworkFrame`).
+        layout_axes: world axes the network axes follow (see :class:`~itk_gradicon.spatial.frames.NetworkFrame`).
         memory_items: label maps kept in memory by each process.
     """
 

@@ -40,10 +40,10 @@ from torch import nn
 
 from .. import __version__
 from ..errors import ConfigError, InputError, TrainingError, TrainingStopped  # noqa: F401  (re-exported)
-from ..losses import gradicon_sample_points
 from ..models import FIELD_REFINEMENT, Model, load_model, save_model_file
 from ..network import Architecture, build_network
-from ..preprocess import DEFAULT_CT_WINDOW
+from ..pipeline.losses import gradicon_sample_points
+from ..pipeline.preprocess import DEFAULT_CT_WINDOW
 from .caching import VolumeLoader
 from .checkpoints import (  # noqa: F401  (re-exported: the names users of this module know)
     CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_torch_save, atomic_write_text, capture_rng_state, list_checkpoints,

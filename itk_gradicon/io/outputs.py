@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
-from .errors import InputError
+from ..errors import InputError
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -22,7 +22,7 @@ Points outside the input image (ITK's rule: continuous index outside ``[-0.5, n 
 
 The work is done by SimpleITK (ITK's ``ResampleImageFilter`` and interpolators). ``itk.Image`` inputs
 and ITK Python transforms are converted on the way in and the output handed back as an ``itk.Image``
-(:mod:`itk_gradicon.itk_bridge`): the same values as ITK Python's own ``resample_image_filter``, which
+(:mod:`itk_gradicon.io.itk_bridge`): the same values as ITK Python's own ``resample_image_filter``, which
 ``tests/test_files.py`` checks for every interpolation and transform kind.
 """
 
@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InputError
-from .grid import ImageGrid, apply_affine
-from .imageio import image_array, image_like
-from .itk_bridge import like_input, to_simpleitk, to_simpleitk_transform
-from .resources import for_each_slab
-from .simpleitk_transforms import sample_displacement
+from ..errors import InputError
+from ..io.grid import ImageGrid, apply_affine
+from ..io.images import image_array, image_like
+from ..io.itk_bridge import like_input, to_simpleitk, to_simpleitk_transform
+from ..io.transform_files import sample_displacement
+from ..resources import for_each_slab
 
 INTERPOLATIONS = ("linear", "nearest", "bspline", "label")
 
@@ -161,7 +161,7 @@ def resample_labels(labels, reference, transform, *, default_value: float = 0.0,
         transform: reference (fixed) points -> label-map (moving) points.
         default_value: label outside the input (0).
         displacement: the transform already sampled on ``reference``'s grid
-            (:func:`~itk_gradicon.simpleitk_transforms.sample_displacement`), if the caller has it.
+            (:func:`~itk_gradicon.io.transform_files.sample_displacement`), if the caller has it.
 
     Returns:
         An image of the input's pixel type and library on the reference grid; its labels are a subset of
@@ -188,7 +188,7 @@ def resample_label_array(array: np.ndarray, in_grid, out_grid, displacement: np.
 
     Args:
         array: the label map's voxels (ARRAY order) on ``in_grid``.
-        in_grid, out_grid: :class:`~itk_gradicon.grid.ImageGrid` of the input and of the output.
+        in_grid, out_grid: :class:`~itk_gradicon.io.grid.ImageGrid` of the input and of the output.
         displacement: ``T(p) - p`` (WORLD, mm) at every voxel centre ``p`` of ``out_grid``.
         default_value: label of points outside the input.
 

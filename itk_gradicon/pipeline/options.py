@@ -17,7 +17,7 @@ group and field of each, :meth:`RegistrationOptions.from_keywords` and :meth:`Re
 convert, and :func:`check_options` checks a set of options before any image is read.
 
 Example:
-    >>> from itk_gradicon.options import RefinementOptions, RegistrationOptions
+    >>> from itk_gradicon.pipeline.options import RefinementOptions, RegistrationOptions
     >>> options = RegistrationOptions(refinement=RefinementOptions(iterations=0))   # prediction only
     >>> options == RegistrationOptions.from_keywords(io_iterations=0)
     True
@@ -31,22 +31,22 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from .errors import InputError, did_you_mean
+from ..errors import InputError, did_you_mean
 from .preprocess import MASK_MODES, MODALITY_CHOICES
 
 # The choices, written once: the library checks against them and the command line's click.Choice lists them
 # (this module loads no torch, ITK or SimpleITK, so that ``gradicon --help`` stays fast).
 
-#: ``affine``: ``affine`` and ``rigid`` run :func:`itk_gradicon.affine.prealign`; ``elastix`` is the former
+#: ``affine``: ``affine`` and ``rigid`` run :func:`itk_gradicon.pipeline.affine.prealign`; ``elastix`` is the former
 #: spelling of ``affine``; ``auto`` is ``affine`` for a model trained on pre-aligned pairs, else ``none``.
 AFFINE_CHOICES = ("auto", "none", "affine", "rigid", "elastix")
 #: ``orientation``: the moving image laid out along the fixed image's axes, or both as stored.
 ORIENTATIONS = ("fixed", "storage")
-#: The instance-optimisation methods (:mod:`itk_gradicon.instance`).
+#: The instance-optimisation methods (:mod:`itk_gradicon.pipeline.instance`).
 IO_METHODS = ("network", "field")
-#: ``io_method``: ``auto`` resolves against the model (:func:`~itk_gradicon.refinement.resolve_io_method`).
+#: ``io_method``: ``auto`` resolves against the model (:func:`~itk_gradicon.pipeline.refinement.resolve_io_method`).
 IO_METHOD_CHOICES = ("auto",) + IO_METHODS
-#: ``io_similarity`` (the names of :data:`itk_gradicon.losses.SIMILARITIES`).
+#: ``io_similarity`` (the names of :data:`itk_gradicon.pipeline.losses.SIMILARITIES`).
 IO_SIMILARITY_CHOICES = ("lncc", "lncc2", "mind")
 #: ``io_start``: where field IO starts (the network's prediction, the pre-alignment, or as the domain says).
 IO_STARTS = ("auto", "prediction", "prealignment")
@@ -71,7 +71,7 @@ class IntensityOptions:
 
 @dataclass(frozen=True)
 class RefinementOptions:
-    """Instance optimisation after the network's prediction (:mod:`itk_gradicon.instance`).
+    """Instance optimisation after the network's prediction (:mod:`itk_gradicon.pipeline.instance`).
 
     Attributes:
         iterations: steps (0: prediction only; ``None``: the model's recommendation).

@@ -28,9 +28,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..network.sampling import cube_identity, sample_cube_field
 from . import losses
 from .options import IO_METHODS  # noqa: F401  (re-exported: its former home)
-from .network.sampling import cube_identity, sample_cube_field
 
 #: Adam learning rate per method: the papers' value for the network's weights; for the fields,
 #: network voxels per step (the same for every network size).

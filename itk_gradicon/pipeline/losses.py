@@ -24,9 +24,9 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .network.sampling import sample_cube_field
-from .network.separable import product_along_axis
-from .network.operators import CubeMap, identity_on
+from ..network.operators import CubeMap, identity_on
+from ..network.sampling import sample_cube_field
+from ..network.separable import product_along_axis
 
 Tensor = torch.Tensor
 MapFn = Callable[[Tensor], Tensor]

@@ -1,11 +1,12 @@
 """The one transform reader: ITK/ANTs transform files and displacement fields as SimpleITK transforms.
 
 Everything that reads a transform goes through here: the file commands (:mod:`itk_gradicon.files`),
-affine files (:mod:`itk_gradicon.transforms`), landmarks, and the ITK Python functions
-:func:`itk_gradicon.transforms.read_transform` / :func:`~itk_gradicon.transforms.compose_transforms`, which
-hand the result over through :mod:`itk_gradicon.itk_bridge`. Here: one file's transforms (several in one
+affine files (:mod:`itk_gradicon.spatial.transforms`), landmarks, and the ITK Python functions
+:func:`itk_gradicon.spatial.transforms.read_transform` /
+:func:`~itk_gradicon.spatial.transforms.compose_transforms`, which
+hand the result over through :mod:`itk_gradicon.io.itk_bridge`. Here: one file's transforms (several in one
 text file or composite .h5 come back as one ``CompositeTransform``), a composite's parts in ITK queue order,
-a displacement-field image or a :class:`~itk_gradicon.transforms.DisplacementField` as a
+a displacement-field image or a :class:`~itk_gradicon.spatial.transforms.DisplacementField` as a
 ``DisplacementFieldTransform``, a transform a user names (``FILE`` / ``[FILE,1]``), several composed as
 ``antsApplyTransforms -t`` does, and a transform sampled on a grid.
 """
@@ -18,9 +19,9 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 from .grid import ImageGrid
-from .imageio import read_simpleitk_image
+from .images import read_simpleitk_image
 from .transform_specs import (TransformSpec, check_field_components, elastix_field_path, inverse_hint,
                               transform_file_kind)
 
@@ -95,7 +96,7 @@ def _read_text_transform(chunk: str, suffix: str):
 
 
 def field_transform(field) -> object:
-    """A :class:`~itk_gradicon.transforms.DisplacementField` as a ``SimpleITK.DisplacementFieldTransform``
+    """A :class:`~itk_gradicon.spatial.transforms.DisplacementField` as a ``SimpleITK.DisplacementFieldTransform``
     (float64 vectors, linear interpolation between nodes: what ``field.to_transform()`` is in ITK Python)."""
     return _sitk().DisplacementFieldTransform(field.to_simpleitk_image())
 
@@ -115,7 +116,7 @@ def _dimension(transform) -> int:
 def read_transform(spec: TransformName, *, dimension: Optional[int] = None):
     """One transform a user names (``FILE`` or ``[FILE,1]``), as a SimpleITK transform.
 
-    Accepts what :func:`itk_gradicon.transforms.read_transform` accepts, with the same errors.
+    Accepts what :func:`itk_gradicon.spatial.transforms.read_transform` accepts, with the same errors.
     """
     spec = TransformSpec.parse(spec)
     kind = transform_file_kind(spec.path)
@@ -142,7 +143,7 @@ def read_transform(spec: TransformName, *, dimension: Optional[int] = None):
 def compose_transforms(specs: Sequence[TransformName], *, dimension: Optional[int] = None):
     """Several transforms composed as ``antsApplyTransforms -t T1 -t T2 ...``: a point ``x`` goes to
     ``Tn(...T1(x))``; a ``SimpleITK.CompositeTransform`` (see
-    :func:`itk_gradicon.transforms.compose_transforms`)."""
+    :func:`itk_gradicon.spatial.transforms.compose_transforms`)."""
     sitk = _sitk()
     if not specs:
         raise InputError("no transform given; give at least one transform file")
@@ -183,7 +184,7 @@ def sample_displacement(transform, grid: ImageGrid) -> np.ndarray:
 
     A single displacement field already on ``grid`` is returned exactly; anything else is evaluated by
     ITK's ``TransformToDisplacementFieldFilter`` in float32, as
-    :func:`itk_gradicon.transforms.sample_transform` does.
+    :func:`itk_gradicon.spatial.transforms.sample_transform` does.
     """
     sitk = _sitk()
     parts = transform_parts(transform)

@@ -25,7 +25,7 @@ own, and one of its 3-D runs once crashed here with a thread count it chose.
 
 Example:
     >>> import itk
-    >>> from itk_gradicon.elastix import elastix_affine
+    >>> from itk_gradicon.pipeline.elastix import elastix_affine
     >>> from itk_gradicon import register
     >>> fixed, moving = itk.imread("t1.nii.gz", itk.F), itk.imread("t2.nii.gz", itk.F)  # doctest: +SKIP
     >>> A = elastix_affine(fixed, moving)                        # fixed -> moving      # doctest: +SKIP
@@ -40,10 +40,10 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import InputError
-from .imageio import check_image, image_dimension, same_grid
-from .itk_bridge import to_itk, to_simpleitk
-from .threads import itk_threads
+from ..errors import InputError
+from ..io.images import check_image, image_dimension, same_grid
+from ..io.itk_bridge import to_itk, to_simpleitk
+from ..threads import itk_threads
 
 #: ``initialization`` values and elastix's ``AutomaticTransformInitializationMethod`` for each.
 INITIALIZATIONS: Dict[str, Optional[str]] = {

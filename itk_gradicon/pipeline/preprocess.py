@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 #: What a mask does: ``input`` (zeroes the image outside it), ``loss`` (the similarity is measured inside it
 #: only), ``both``.

@@ -1,6 +1,6 @@
-"""The network's frames: how an image grid (:mod:`itk_gradicon.grid`) reaches the network and back.
+"""The network's frames: how an image grid (:mod:`itk_gradicon.io.grid`) reaches the network and back.
 
-The WORLD, INDEX and ARRAY frames are defined in :mod:`itk_gradicon.grid` (the one place that reads
+The WORLD, INDEX and ARRAY frames are defined in :mod:`itk_gradicon.io.grid` (the one place that reads
 origin, spacing and direction); this module adds the network's:
 
 ``CUBE``
@@ -34,10 +34,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
-from .grid import ImageGrid, apply_affine, best_axis_alignment, canonical_axes  # noqa: F401  (re-exported)
-from .network.sampling import cube_identity  # noqa: F401  (re-exported)
-from .network.sampling import sample_cube_field as fast_sample
+from ..errors import InputError
+from ..io.grid import ImageGrid, apply_affine, best_axis_alignment, canonical_axes  # noqa: F401  (re-exported)
+from ..network.sampling import cube_identity  # noqa: F401  (re-exported)
+from ..network.sampling import sample_cube_field as fast_sample
 
 
 

@@ -40,17 +40,16 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import InputError
-from .grid import ImageGrid
-from .imageio import OutputTransaction, compound_suffix
-from .outputs import TRANSFORM_WRITE_LOCK, PathLike  # noqa: F401  (the lock: re-exported, its former home)
-from . import simpleitk_transforms
-from .imageio import image_array
-from .itk_bridge import (  # noqa: F401  (affine_*_itk, the type: re-exported, their former home)
+from ..errors import InputError
+from ..io import transform_files
+from ..io.grid import ImageGrid
+from ..io.images import OutputTransaction, compound_suffix, image_array
+from ..io.itk_bridge import (  # noqa: F401  (affine_*_itk, the type: re-exported, their former home)
     affine_from_itk, affine_to_itk, displacement_field_transform_type, is_simpleitk, itk_displacement_field_transform,
     to_itk_transform, to_simpleitk_transform, write_compressed_transform)
-from .simpleitk_transforms import field_transform, read_transform_file, sample_displacement, transform_parts
-from .transform_specs import (  # noqa: F401  (re-exported: the names users of this module know)
+from ..io.outputs import TRANSFORM_WRITE_LOCK, PathLike  # noqa: F401  (the lock: re-exported, its former home)
+from ..io.transform_files import field_transform, read_transform_file, sample_displacement, transform_parts
+from ..io.transform_specs import (  # noqa: F401  (re-exported: the names users of this module know)
     ELASTIX_FIELD_FILE, ELASTIX_PARAMETER_FILE, FIELD_IMAGE_SUFFIXES, ITK_TRANSFORM_SUFFIXES, TRANSFORM_FILE_SUFFIXES,
     TRANSFORM_INPUT_SUFFIXES, TRANSFORM_OUTPUT_SUFFIXES, TransformSpec, ants_file_names, check_field_components,
     elastix_field_path, inverse_hint, read_elastix_parameters, transform_file_kind)
@@ -300,7 +299,7 @@ def read_transform(spec: Union[str, Path, TransformSpec], *, dimension: Optional
             than ``dimension``, or an inverse asked of a displacement field (the message names the
             inverse-warp file to use instead).
     """
-    return to_itk_transform(simpleitk_transforms.read_transform(spec, dimension=dimension))
+    return to_itk_transform(transform_files.read_transform(spec, dimension=dimension))
 
 
 def is_linear(transform) -> bool:
@@ -332,7 +331,7 @@ def compose_transforms(specs: Sequence[Union[str, Path, TransformSpec]], *,
         >>> t = compose_transforms(["out/s_1Warp.nii.gz", "out/s_0GenericAffine.mat"])  # doctest: +SKIP
         >>> t.TransformPoint([0.0, 0.0, 0.0])   # affine(warp(0))                          # doctest: +SKIP
     """
-    return to_itk_transform(simpleitk_transforms.compose_transforms(specs, dimension=dimension))
+    return to_itk_transform(transform_files.compose_transforms(specs, dimension=dimension))
 
 
 def sample_transform(transform, grid: ImageGrid) -> DisplacementField:

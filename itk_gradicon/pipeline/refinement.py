@@ -10,9 +10,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
+from ..models import PUBLISHED, Model
 from .instance import DEFAULT_LR, DEFAULT_SMOOTHNESS
-from .models import PUBLISHED, Model
 from .options import IO_SIMILARITY_CHOICES as IO_SIMILARITIES
 from .preprocess import MRI_CONTRASTS, modalities_differ
 
@@ -69,7 +69,7 @@ def resolve_io(model: Model, *, io_iterations: Optional[int] = None, io_method: 
     """Every ``None`` / ``"auto"`` IO option resolved against the model's recommendation
     (:class:`~itk_gradicon.models.Refinement`): steps, method and smoothness from it; the similarity
     from it for one contrast, its multimodal similarity when ``modalities`` name two different kinds
-    of image (:func:`~itk_gradicon.preprocess.modalities_differ`), else the model's training loss.
+    of image (:func:`~itk_gradicon.pipeline.preprocess.modalities_differ`), else the model's training loss.
 
     Raises:
         InputError: an unknown similarity.

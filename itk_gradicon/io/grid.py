@@ -10,8 +10,8 @@ Coordinate frames, named as everywhere in this package:
     numpy/ITK array order, which reverses the index: ``array[k, j, i]``.
 
 This module needs numpy only (no torch, no itk at import), so that the file commands start fast; the
-network's frames (``CUBE``) live in :mod:`itk_gradicon.geometry`. :meth:`ImageGrid.from_image` reads
-``SimpleITK.Image`` objects, and ``itk.Image`` objects through :mod:`itk_gradicon.itk_bridge`.
+network's frames (``CUBE``) live in :mod:`itk_gradicon.spatial.frames`. :meth:`ImageGrid.from_image` reads
+``SimpleITK.Image`` objects, and ``itk.Image`` objects through :mod:`itk_gradicon.io.itk_bridge`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Tuple
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 from .itk_bridge import is_simpleitk as _is_simpleitk  # noqa: F401  (its former name here)
 from .itk_bridge import itk_geometry, set_itk_geometry
 

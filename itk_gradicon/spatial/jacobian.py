@@ -22,8 +22,8 @@ that clamped log.
 
 Example:
     >>> import itk
-    >>> from itk_gradicon.geometry import ImageGrid
-    >>> from itk_gradicon.transforms import read_transform
+    >>> from itk_gradicon.spatial.frames import ImageGrid
+    >>> from itk_gradicon.spatial.transforms import read_transform
     >>> det = jacobian_determinant(read_transform("moving_to_fixed.h5"),
     ...                            ImageGrid.from_image(itk.imread("fixed.nii.gz")))   # doctest: +SKIP
     >>> jacobian_summary(det)["percent_negative"]                                       # doctest: +SKIP
@@ -35,10 +35,10 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .errors import InputError
-from .grid import ImageGrid
-from .itk_bridge import like_input
-from .resources import for_each_slab
+from ..errors import InputError
+from ..io.grid import ImageGrid
+from ..io.itk_bridge import like_input
+from ..resources import for_each_slab
 from .transforms import sample_transform
 
 #: ANTs' floor of the determinant before a log.

@@ -7,10 +7,10 @@ a wrong file or an image too large for the memory is refused before any pixel is
 not constant). Label maps and masks keep an integer pixel type.
 
 Every file is read by SimpleITK (:func:`read_simpleitk_image`); ``backend="itk"`` hands the result to
-ITK Python users as an ``itk.Image`` through :mod:`itk_gradicon.itk_bridge`, the one module that
+ITK Python users as an ``itk.Image`` through :mod:`itk_gradicon.io.itk_bridge`, the one module that
 converts between the two. The helpers below (:func:`image_array`, :func:`same_grid`, ...) accept both.
 
-Writing (:class:`OutputTransaction` and the destination checks) lives in :mod:`itk_gradicon.outputs`; its
+Writing (:class:`OutputTransaction` and the destination checks) lives in :mod:`itk_gradicon.io.outputs`; its
 names stay importable from here.
 """
 
@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 from .grid import ImageGrid
 from .itk_bridge import cast_image, is_simpleitk as _is_simpleitk, itk_array, like_input  # noqa: F401
 from .itk_bridge import to_itk, to_simpleitk  # noqa: F401  (re-exported: their former home)
@@ -74,7 +74,7 @@ class ImageHeader:
 
     @property
     def grid(self):
-        """The :class:`~itk_gradicon.geometry.ImageGrid` the header describes (validated)."""
+        """The :class:`~itk_gradicon.spatial.frames.ImageGrid` the header describes (validated)."""
         from .grid import ImageGrid
 
         grid = ImageGrid(size=self.size, spacing=self.spacing, origin=self.origin, direction=self.direction)

@@ -19,7 +19,7 @@ import numpy as np
 
 RECORD_FORMAT = "itk_gradicon.register-record"
 RECORD_VERSION = 1
-SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "register-record.schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "register-record.schema.json"
 PACKAGES = ("itk_gradicon", "torch", "itk", "SimpleITK", "itk-elastix", "numpy")
 
 
@@ -71,8 +71,8 @@ def register_record(*, result, model, inputs: Mapping[str, Optional[Path]], opti
         prealignment: how the pre-alignment was found (``None``: the result's matrix alone, if any).
         timings: seconds per stage.
     """
-    from .jacobian import determinant_of_displacement, jacobian_summary
-    from .models import BUNDLED, sha256_of
+    from ..spatial.jacobian import determinant_of_displacement, jacobian_summary
+    from ..models import BUNDLED, sha256_of
 
     history = list(result.io_history or [])
     field = result.forward_field

@@ -3,7 +3,7 @@
 Conventions:
 
 * Label maps are compared on one grid (the fixed image's): warp the moving labels first
-  (:func:`itk_gradicon.resample.resample_labels`). Background is 0 and is not a label.
+  (:func:`itk_gradicon.spatial.resample.resample_labels`). Background is 0 and is not a label.
 * Distances are in millimetres, in physical space. Because direction matrices are orthonormal, the
   distance between two voxel centres is ``|diag(spacing) (i - j)|`` whatever the direction.
 * HD95 of a label: the surface of a label is its voxels with a face neighbour (or the image edge)
@@ -13,7 +13,7 @@ Conventions:
   through it and compared with its moving landmark ``m``: ``|T(f) - m|``. The error before
   registration is ``|f - m|``.
 * Folding and smoothness: % of voxels with a negative Jacobian determinant and SDlogJ, computed in
-  physical space (:mod:`itk_gradicon.jacobian`).
+  physical space (:mod:`itk_gradicon.spatial.jacobian`).
 
 Landmark files (:func:`read_landmarks`), one landmark per line, fixed and moving files in the same order:
 
@@ -39,9 +39,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .errors import InputError
-from .grid import ImageGrid, apply_affine
-from .outputs import PathLike
+from ..errors import InputError
+from ..io.grid import ImageGrid, apply_affine
+from ..io.outputs import PathLike
 
 
 
@@ -169,7 +169,7 @@ def label_overlap(reference, labels, *, label_values: Optional[Sequence[int]] = 
     Raises:
         InputError: the maps are not on one grid, or no label is found.
     """
-    from .imageio import describe_grid, image_array, same_grid
+    from ..io.images import describe_grid, image_array, same_grid
 
     if not same_grid(reference, labels):
         raise InputError(f"the label maps are not on one grid ({describe_grid(labels)} vs "
@@ -357,7 +357,7 @@ def target_registration_error(fixed_points: np.ndarray, moving_points: np.ndarra
 
 def folding(transform, grid: ImageGrid, mask: Optional[np.ndarray] = None) -> Dict[str, float]:
     """% negative Jacobian determinant, SDlogJ and the other statistics of
-    :func:`itk_gradicon.jacobian.jacobian_summary`, on ``grid`` (within ``mask`` if given)."""
-    from .jacobian import jacobian_determinant, jacobian_summary
+    :func:`itk_gradicon.spatial.jacobian.jacobian_summary`, on ``grid`` (within ``mask`` if given)."""
+    from ..spatial.jacobian import jacobian_determinant, jacobian_summary
 
     return jacobian_summary(jacobian_determinant(transform, grid), mask)

@@ -1,6 +1,6 @@
 """Naming and recognising transform files, without reading them (numpy-free, itk-free).
 
-Shared by the readers built on ITK Python (:mod:`itk_gradicon.transforms`) and on SimpleITK
+Shared by the readers built on ITK Python (:mod:`itk_gradicon.spatial.transforms`) and on SimpleITK
 (:mod:`itk_gradicon.files`), so that both accept the same names and say the same things.
 
 A transform is named as in ANTs: ``FILE`` or ``[FILE,1]`` for its inverse (linear transforms only).
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Union
 
-from .errors import InputError
-from .imageio import compound_suffix
+from ..errors import InputError
+from .images import compound_suffix
 from .outputs import PathLike
 
 

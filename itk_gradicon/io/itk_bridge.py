@@ -3,14 +3,14 @@
 Inside the package images are ``SimpleITK.Image`` and transforms are SimpleITK transforms: the same
 ITK C++ readers, filters and transforms as ITK Python, in one library that loads in a fraction of a
 second. Users of ITK Python hand ``itk.Image`` objects and ITK transforms to the public functions
-(:func:`itk_gradicon.register`, :func:`itk_gradicon.resample.resample_image`, ...) and get ITK objects
+(:func:`itk_gradicon.register`, :func:`itk_gradicon.spatial.resample.resample_image`, ...) and get ITK objects
 back; those functions convert here, once, on the way in and on the way out.
 
 Conversions are exact: voxels are copied in their pixel type, origin, spacing and direction as doubles,
 and a transform keeps its class and its parameters (a displacement field its float64 vectors), so a
 result does not depend on the library the caller used.
 
-This module imports nothing of the package but :mod:`itk_gradicon.outputs` (for the HDF5 lock), so
+This module imports nothing of the package but :mod:`itk_gradicon.io.outputs` (for the HDF5 lock), so
 that every other module may use it; ITK Python itself is imported on first use (it costs seconds).
 """
 
@@ -286,7 +286,7 @@ def _through_file(transform, *, to_itk: bool):
 
 def write_compressed_transform(transform, path) -> None:
     """Write an ITK Python transform to an HDF5 transform file with deflate compression (an option only
-    ITK Python's writer offers). The caller holds :data:`~itk_gradicon.outputs.TRANSFORM_WRITE_LOCK`."""
+    ITK Python's writer offers). The caller holds :data:`~itk_gradicon.io.outputs.TRANSFORM_WRITE_LOCK`."""
     writer_type = _hdf5_transform_writer_type()
     if writer_type is None:
         _itk().transformwrite([transform], str(path), compression=True)

@@ -2,7 +2,7 @@
 result checked for plausibility, a rigid fallback (:func:`prealign`); and the ``--affine`` choices.
 
 The elastix runs themselves (parameter maps, the conversion of elastix's result to a homogeneous WORLD
-matrix) are in :mod:`itk_gradicon.elastix`; its names stay importable from here.
+matrix) are in :mod:`itk_gradicon.pipeline.elastix`; its names stay importable from here.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import numpy as np
 from .elastix import (  # noqa: F401  (re-exported: the names users of this module know)
     DEFAULT_SEED, HISTOGRAM_BINS, INITIALIZATIONS, METRICS, TRANSFORMS, affine_from_elastix_parameters,
     affine_parameter_map, elastix_affine, euler_matrix, pyramid_levels)
-from .errors import InputError
+from ..errors import InputError
+from ..threads import available_threads  # noqa: F401  (re-exported)
 from .options import AFFINE_CHOICES  # noqa: F401  (re-exported: its former home)
-from .threads import available_threads  # noqa: F401  (re-exported)
 
 Log = Callable[[str], None]
 
@@ -51,7 +51,7 @@ def _sitk(image):
     """A SimpleITK float image of ``image`` (``itk.Image`` or ``SimpleITK.Image``)."""
     import SimpleITK as sitk
 
-    from .imageio import to_simpleitk
+    from ..io.images import to_simpleitk
 
     return sitk.Cast(to_simpleitk(image), sitk.sitkFloat32)
 
@@ -163,7 +163,7 @@ def prealign(fixed, moving, fixed_mask=None, moving_mask=None, *, transform: str
     """
     if transform not in TRANSFORMS:
         raise InputError(f"unknown pre-alignment transform {transform!r}; allowed: {', '.join(TRANSFORMS)}")
-    from .imageio import to_itk
+    from ..io.images import to_itk
 
     fixed_s, moving_s = _sitk(fixed), _sitk(moving)
     # elastix takes ITK images: converted once here, not again for every start

@@ -26,7 +26,7 @@ the right of the picture; coronal and sagittal slices with superior up. Each ima
 span its 1st to 99th percentile.
 
 Example:
-    >>> from itk_gradicon.qc import write_qc
+    >>> from itk_gradicon.evaluation.qc import write_qc
     >>> write_qc(fixed, moving, result, "qc.png")          # doctest: +SKIP
 """
 
@@ -38,8 +38,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .geometry import ImageGrid, best_axis_alignment
-from .outputs import PathLike
+from ..io.outputs import PathLike
+from ..spatial.frames import ImageGrid, best_axis_alignment
 
 
 COLUMNS = ("FIXED", "MOVING BEFORE", "MOVING AFTER", "OVERLAY BEFORE", "OVERLAY AFTER", "LOG JACOBIAN")
@@ -328,7 +328,7 @@ def _sample(moving, reference, transform) -> np.ndarray:
 
 def _log_jacobian_slice(field, fixed, view: SliceView, d: int) -> Tuple[np.ndarray, np.ndarray]:
     """``log(max(det J, 0.001))`` and ``det J <= 0`` on one slice, from a 3-slice slab of the field."""
-    from .jacobian import determinant_of_displacement, log_jacobian
+    from ..spatial.jacobian import determinant_of_displacement, log_jacobian
 
     grid = field.grid
     if d == 2:
@@ -368,14 +368,14 @@ def qc_picture(fixed, moving, result) -> np.ndarray:
     """
     import SimpleITK as sitk
 
-    from .imageio import to_simpleitk
-    from .simpleitk_transforms import field_transform
+    from ..io.images import to_simpleitk
+    from ..io.transform_files import field_transform
 
     fixed, moving = to_simpleitk(fixed), to_simpleitk(moving)  # ITK Python images converted; the command's as read
     d = int(fixed.GetDimension())
     grid = ImageGrid.from_image(fixed)
     if grid != result.forward_field.grid and not _grids_close(grid, result.forward_field.grid):
-        from .errors import InputError
+        from ..errors import InputError
 
         raise InputError("the QC picture needs the fixed image the registration was computed on "
                          "(its grid differs from the forward field's)")
@@ -457,7 +457,7 @@ def write_qc(fixed, moving, result, path: PathLike, *, transaction=None) -> Path
         fixed, moving: the registered pair, ``itk.Image`` or ``SimpleITK.Image`` (original intensities are fine).
         result: the :class:`~itk_gradicon.registration.RegistrationResult`.
         path: destination ``.png``.
-        transaction: an :class:`~itk_gradicon.imageio.OutputTransaction` to stage the file in;
+        transaction: an :class:`~itk_gradicon.io.images.OutputTransaction` to stage the file in;
             without one the file is written atomically at once.
 
     Returns:
@@ -465,7 +465,7 @@ def write_qc(fixed, moving, result, path: PathLike, *, transaction=None) -> Path
     """
     import SimpleITK as sitk
 
-    from .imageio import OutputTransaction
+    from ..io.images import OutputTransaction
 
     picture = qc_picture(fixed, moving, result)
     image = sitk.GetImageFromArray(np.ascontiguousarray(picture), isVector=True)  # 8-bit RGB
