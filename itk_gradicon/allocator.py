@@ -3,12 +3,12 @@
 A registration at 175^3 creates and frees hundreds of tensors of 20 to 200 MB. glibc's malloc
 serves every block above its mmap threshold (at most 32 MB by default) from fresh pages that the
 kernel must map and zero on first touch, and returns them to the kernel when the tensor is freed:
-on 2 CPU cores this page-fault work took 15% of a prediction and 25% of an instance-optimisation
-step (`benchmarks/README.md`). :func:`keep_freed_memory` makes malloc serve large blocks from its
-heap (mmap threshold 2 GiB), keep freed memory there instead of giving it back (trim threshold
-2 GiB), and use that one heap from every thread (one arena: the sampling threads' outputs would
-otherwise be mapped afresh in per-thread arenas, whose heaps hold at most 64 MB). Measured on a
-175^3 prediction: 18% faster, with a 5% higher peak (2.09 GB against 1.99 GB).
+this page-fault work is a noticeable share of a prediction and of an instance-optimisation step
+(figures: ``benchmarks/README.md``, "Design figures"). :func:`keep_freed_memory` makes malloc serve
+large blocks from its heap (mmap threshold 2 GiB), keep freed memory there instead of giving it back
+(trim threshold 2 GiB), and use that one heap from every thread (one arena: the sampling threads'
+outputs would otherwise be mapped afresh in per-thread arenas, whose heaps hold at most 64 MB): faster,
+for a slightly higher peak.
 
 The ``gradicon`` command calls :func:`keep_freed_memory` when it starts. Library users can call it
 themselves. It does nothing where the C library is not glibc, when the environment already tunes

@@ -1,13 +1,13 @@
 """Linear sampling of network-grid tensors at CUBE points, using every CPU core.
 
-PyTorch's CPU kernel for 3-D ``grid_sample`` (and its backward) runs on one thread. Sampling a
-3-channel field at the 175^3 nodes of the published network takes about 0.6 s on one core, and a
-prediction samples eight such tensors; instance optimisation samples more and differentiates them.
+PyTorch's CPU kernel for 3-D ``grid_sample`` (and its backward) runs on one thread, and a prediction
+samples eight 3-channel fields at the nodes of the network grid; instance optimisation samples more and
+differentiates them (figures: ``benchmarks/README.md``, "Design figures").
 :func:`sample_cube_field` computes exactly what :func:`grid_sample_cube_field` (PyTorch's ``grid_sample``)
 computes, faster on the CPU:
 
 * float32 3-D tensors on the CPU go through ``itk_gradicon._linear``, a small C kernel with
-  ``grid_sample``'s arithmetic (bitwise the same values, 3-4 times faster per core), run on one
+  ``grid_sample``'s arithmetic (bitwise the same values, several times faster per core), run on one
   range of points per thread; with autograd (instance optimisation) its backward kernel computes
   ``grid_sample``'s gradients the same way (the field's gradient summed over one buffer per thread).
   It is an optional part of the build: where it was not compiled, :data:`NATIVE` is ``None`` and

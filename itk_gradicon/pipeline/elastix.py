@@ -69,8 +69,8 @@ HISTOGRAM_BINS = 64
 #: Optimiser iterations per pyramid level (elastix's default: 256; ``benchmarks/ACCURACY.md``, run 9).
 ITERATIONS = 512
 #: elastix's pyramids: each level smoothed *and* shrunk (``Recursive``), where elastix's default map only
-#: smooths (``Smoothing``) and so filters and samples full-resolution images at every level: 3x the time
-#: for the same Dice (run 9).
+#: smooths (``Smoothing``) and so filters and samples full-resolution images at every level, for the same
+#: Dice (``benchmarks/ACCURACY.md``, run 9).
 PYRAMIDS = ("FixedRecursiveImagePyramid", "MovingRecursiveImagePyramid")
 
 

@@ -111,8 +111,8 @@ def diffusion_penalty(displacement: Tensor) -> Tensor:
 
 def inverse_consistency_penalty(disp_AB: Tensor, disp_BA: Tensor, identity: Tensor) -> Tensor:
     """``mean |phi_BA(phi_AB(x)) - x|^2 + mean |phi_AB(phi_BA(x)) - x|^2`` in network voxels squared,
-    over every grid point ``x`` (on every 2nd voxel only, about a fifth faster, 3-4x more voxels folded on
-    lapirn_oasis)."""
+    over every grid point ``x`` (on every 2nd voxel only it was a little faster and folded several times
+    more voxels: ``benchmarks/README.md``, "Design figures")."""
     scale = voxel_scale(disp_AB.shape[2:], disp_AB)
     forward = disp_AB + sample_cube_field(disp_BA, identity + disp_AB)
     backward = disp_BA + sample_cube_field(disp_AB, identity + disp_BA)

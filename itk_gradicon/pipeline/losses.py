@@ -82,10 +82,10 @@ def gaussian_blur(x: Tensor, sigma: float, size: Optional[int] = None) -> Tensor
     """Separable Gaussian blur of every channel, zero padding, output the size of the input.
 
     Along each axis of up to :data:`BANDED_BLUR_MAX_LENGTH` voxels the 1-D convolution is a product
-    with a banded ``n x n`` matrix, which runs on the BLAS matrix kernels (forward and backward); on
-    2 CPU cores it blurs five 175^3 channels in 0.2 s where PyTorch's depthwise ``conv3d`` takes 1.8 s
-    (6.5 s against 0.4 s with the backward pass). Longer axes use a depthwise convolution. Both
-    compute the same sums; only the order of the float additions may differ.
+    with a banded ``n x n`` matrix, which runs on the BLAS matrix kernels (forward and backward), several
+    times faster than PyTorch's depthwise ``conv3d`` on a CPU (figures: ``benchmarks/README.md``, "Design
+    figures"). Longer axes use a depthwise convolution. Both compute the same sums; only the order of the
+    float additions may differ.
     """
     d = x.dim() - 2
     kernel = gaussian_kernel1d(sigma, size, device=x.device, dtype=x.dtype)
@@ -161,7 +161,7 @@ def _replicate_box_matrix(length: int, radius: int, *, device=None, dtype=torch.
 def box_mean(x: Tensor, radius: int) -> Tensor:
     """Mean over the ``(2 radius + 1)^d`` box around every voxel, replicate padding, every channel: the
     values of ``avg_pool(pad(x, radius, "replicate"), 2 radius + 1, stride=1)`` as one banded matrix product
-    per axis (on 2 CPU cores, twelve 96^3 channels: 0.05 + 0.06 s forward and backward against 0.3 + 0.34 s)."""
+    per axis (faster on a CPU, forward and backward: ``benchmarks/README.md``, "Design figures")."""
     x = x.contiguous()
     for axis in range(x.dim() - 2):
         x = product_along_axis(x, _replicate_box_matrix(x.shape[2 + axis], radius, device=x.device, dtype=x.dtype),

@@ -121,8 +121,8 @@ def write_transform_file(field: DisplacementField, path: Path, *, compression: b
     """Write a field as an ITK ``DisplacementFieldTransform`` in an HDF5 transform file.
 
     Uncompressed by default, as ``itk.transformwrite`` and antsRegistration write ``.h5`` files:
-    ``compression`` (HDF5 deflate) halves the file (55 instead of 106 MB for a 160x192x144 field) but
-    costs about 3 s on one core. A ``.nii.gz`` field image is the compact alternative.
+    ``compression`` (HDF5 deflate) halves the file but costs seconds (``benchmarks/README.md``, "Design
+    figures"). A ``.nii.gz`` field image is the compact alternative.
 
     Written through SimpleITK (ITK's own HDF5 transform writer, the same values as ``itk.transformwrite``;
     SimpleITK loads in a fraction of a second) unless ``compression`` is asked for, which only ITK
