@@ -90,11 +90,11 @@ def test_an_implausible_affine_falls_back_to_rigid_and_says_so(monkeypatch):
     rigid[:3, 3] = [1.0, -2.0, 0.5]
     runs = []
 
-    def fake_elastix(fixed, moving, fixed_mask=None, moving_mask=None, *, transform, **kwargs):
+    def fake_elastix(inputs, *, transform, **kwargs):
         runs.append((transform, kwargs["initialization"]))
         return np.diag([1.73, 1.22, 0.60, 1.0]) if transform == "affine" else rigid
 
-    monkeypatch.setattr(affine_module, "elastix_affine", fake_elastix)
+    monkeypatch.setattr(affine_module.ElastixInputs, "affine", fake_elastix)
     lines = []
     found = prealign(fixed, moving, transform="affine", log=lines.append)
     assert found.transform == "rigid" and np.array_equal(found.matrix, rigid)
@@ -116,10 +116,10 @@ def test_the_start_with_the_better_similarity_wins(monkeypatch):
     bad = np.eye(4)
     bad[2, 3] = 10.0
 
-    def fake_elastix(fixed, moving, fixed_mask=None, moving_mask=None, *, transform, initialization, **kwargs):
+    def fake_elastix(inputs, *, transform, initialization, **kwargs):
         return good if initialization == "mass" else bad
 
-    monkeypatch.setattr(affine_module, "elastix_affine", fake_elastix)
+    monkeypatch.setattr(affine_module.ElastixInputs, "affine", fake_elastix)
     found = prealign(fixed, moving, transform="affine")
     assert found.start == "mass" and np.array_equal(found.matrix, good)
 

@@ -13,7 +13,7 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 
 from .elastix import (  # noqa: F401  (re-exported: the names users of this module know)
-    DEFAULT_SEED, HISTOGRAM_BINS, INITIALIZATIONS, METRICS, TRANSFORMS, affine_from_elastix_parameters,
+    DEFAULT_SEED, HISTOGRAM_BINS, INITIALIZATIONS, METRICS, TRANSFORMS, ElastixInputs, affine_from_elastix_parameters,
     affine_parameter_map, elastix_affine, euler_matrix, pyramid_levels)
 from ..errors import InputError
 from ..threads import available_threads  # noqa: F401  (re-exported)
@@ -163,11 +163,8 @@ def prealign(fixed, moving, fixed_mask=None, moving_mask=None, *, transform: str
     """
     if transform not in TRANSFORMS:
         raise InputError(f"unknown pre-alignment transform {transform!r}; allowed: {', '.join(TRANSFORMS)}")
-    from ..io.images import to_itk
-
     fixed_s, moving_s = _sitk(fixed), _sitk(moving)
-    # elastix takes ITK images: converted once here, not again for every start
-    fixed, moving, fixed_mask, moving_mask = (to_itk(i) for i in (fixed, moving, fixed_mask, moving_mask))
+    elastix_inputs = ElastixInputs.of(fixed_s, moving_s, fixed_mask, moving_mask)  # checked and converted once
     levels = pyramid_levels(fixed_s, moving_s)
     starts = ["header"]
     if transform == "affine" and np.linalg.norm(_centre_of_mass(fixed_s) - _centre_of_mass(moving_s)) > SAME_START_MM:
@@ -178,8 +175,8 @@ def prealign(fixed, moving, fixed_mask=None, moving_mask=None, *, transform: str
         failures = []
         for start in starts:
             try:
-                matrix = elastix_affine(fixed, moving, fixed_mask, moving_mask, transform=kind,
-                                        initialization=STARTS[start], resolutions=levels, threads=threads)
+                matrix = elastix_inputs.affine(transform=kind, initialization=STARTS[start], resolutions=levels,
+                                               threads=threads)
             except InputError as err:  # e.g. a start where the images barely overlap: the other may work
                 failures.append(err)
                 rejected.append(f"from the {start} start, {err}")

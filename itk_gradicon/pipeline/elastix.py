@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -317,25 +318,8 @@ def elastix_affine(fixed, moving, fixed_mask=None, moving_mask=None, *, threads:
         InputError: images of different dimension, an option outside the allowed values, or
             elastix failing on these images (e.g. masks too small to sample).
     """
-    fixed_f, moving_f, masks = _elastix_inputs(fixed, moving, fixed_mask, moving_mask)
-    d = int(fixed_f.GetImageDimension())
-    if threads is None:
-        threads = itk_threads()
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
-        raise InputError(f"threads must be a whole number >= 1, not {threads!r}")
-    params = dict(parameter_map) if parameter_map is not None else affine_parameter_map(**settings)
-    result = _run_elastix(fixed_f, moving_f, masks, params, int(threads))
-    if result.GetNumberOfParameterMaps() != 1:
-        raise InputError(f"elastix returned {result.GetNumberOfParameterMaps()} transforms; expected one affine")
-    matrix = affine_from_elastix_parameters(result.GetParameterMap(0))
-    if matrix.shape != (d + 1, d + 1) or not np.all(np.isfinite(matrix)):
-        raise InputError(f"elastix returned an unusable affine transform: {matrix.tolist()}")
-    if log is not None:
-        linear = matrix[:d, :d]
-        kind = {name: key for key, name in TRANSFORMS.items()}.get(_word(params, "Transform", ""), "affine")
-        log(f"{kind} pre-alignment (elastix): scales {np.round(np.linalg.svd(linear, compute_uv=False), 3).tolist()}, "
-            f"translation {np.round(matrix[:d, d], 2).tolist()} mm")
-    return matrix
+    inputs = ElastixInputs.of(fixed, moving, fixed_mask, moving_mask)
+    return inputs.affine(threads=threads, parameter_map=parameter_map, log=log, **settings)
 
 
 def _elastix_inputs(fixed, moving, fixed_mask, moving_mask):
@@ -365,6 +349,46 @@ def _elastix_inputs(fixed, moving, fixed_mask, moving_mask):
         as_uc.CopyInformation(image)
         masks.append(to_itk(as_uc))
     return to_itk(fixed_f), to_itk(moving_f), masks
+
+
+@dataclass(frozen=True)
+class ElastixInputs:
+    """Two images (and their masks) as elastix takes them, checked and converted to ITK once: a
+    pre-alignment that runs elastix from several starts prepares them once (:func:`ElastixInputs.of`)."""
+
+    fixed: Any
+    moving: Any
+    masks: Tuple[Any, Any]
+
+    @classmethod
+    def of(cls, fixed, moving, fixed_mask=None, moving_mask=None) -> "ElastixInputs":
+        """Check and convert (see :func:`elastix_affine` for what is accepted)."""
+        fixed_f, moving_f, masks = _elastix_inputs(fixed, moving, fixed_mask, moving_mask)
+        return cls(fixed_f, moving_f, (masks[0], masks[1]))
+
+    def affine(self, *, threads: Optional[int] = None, parameter_map: Optional[Mapping[str, Sequence[str]]] = None,
+               log: Optional[Callable[[str], None]] = None, **settings) -> np.ndarray:
+        """:func:`elastix_affine` on these inputs."""
+        fixed_f, moving_f, masks = self.fixed, self.moving, list(self.masks)
+        d = int(fixed_f.GetImageDimension())
+        if threads is None:
+            threads = itk_threads()
+        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+            raise InputError(f"threads must be a whole number >= 1, not {threads!r}")
+        params = dict(parameter_map) if parameter_map is not None else affine_parameter_map(**settings)
+        result = _run_elastix(fixed_f, moving_f, masks, params, int(threads))
+        if result.GetNumberOfParameterMaps() != 1:
+            raise InputError(f"elastix returned {result.GetNumberOfParameterMaps()} transforms; expected one affine")
+        matrix = affine_from_elastix_parameters(result.GetParameterMap(0))
+        if matrix.shape != (d + 1, d + 1) or not np.all(np.isfinite(matrix)):
+            raise InputError(f"elastix returned an unusable affine transform: {matrix.tolist()}")
+        if log is not None:
+            linear = matrix[:d, :d]
+            kind = {name: key for key, name in TRANSFORMS.items()}.get(_word(params, "Transform", ""), "affine")
+            scales = np.round(np.linalg.svd(linear, compute_uv=False), 3).tolist()
+            translation = np.round(matrix[:d, d], 2).tolist()
+            log(f"{kind} pre-alignment (elastix): scales {scales}, translation {translation} mm")
+        return matrix
 
 
 def _run_elastix(fixed, moving, masks, params: Mapping[str, Sequence[str]], threads: int):
@@ -409,5 +433,5 @@ def pyramid_levels(*images) -> int:
 
 
 __all__ = ["DEFAULT_SEED", "HISTOGRAM_BINS", "ITERATIONS", "PYRAMIDS", "INITIALIZATIONS", "METRICS", "TRANSFORMS",
-           "affine_from_elastix_parameters", "affine_parameter_map", "elastix_affine", "euler_matrix",
+           "ElastixInputs", "affine_from_elastix_parameters", "affine_parameter_map", "elastix_affine", "euler_matrix",
            "pyramid_levels"]
