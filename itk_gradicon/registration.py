@@ -496,7 +496,7 @@ def _network_frames(model: Model, fixed_grid: ImageGrid, moving_grid: ImageGrid,
     if orientation == "storage":
         return fixed_frame, NetworkFrame.reference_layout(moving_grid, shape)
     moving_frame = fixed_frame.companion(moving_grid)
-    if moving_frame.axes != fixed_frame.axes or any(moving_frame.flips):
+    if (moving_frame.axes, moving_frame.flips) != (fixed_frame.axes, fixed_frame.flips):  # stored otherwise
         messages.append(f"moving image reordered to the fixed image's axes (index axes "
                         f"{moving_frame.axes}, flips {moving_frame.flips})")
     return fixed_frame, moving_frame

@@ -179,3 +179,23 @@ def test_oblique_and_flipped_grids_are_accepted():
     c, s = np.cos(0.3), np.sin(0.3)
     ImageGrid((2, 2), (0.5, 2.0), (-3.0, 7.0), ((c, -s), (s, c))).validate()
     ImageGrid((2, 2), (1.0, 1.0), (0.0, 0.0), ((-1.0, 0.0), (0.0, 1.0))).validate()
+
+
+def test_the_reordering_message_names_only_a_moving_image_stored_otherwise():
+    """With a model that lays images out along canonical axes, a pair stored alike is laid out alike
+    (the fixed frame's flips are not news); a moving image stored along other axes is reported."""
+    from types import SimpleNamespace
+
+    from itk_gradicon.registration import _network_frames
+
+    model = SimpleNamespace(architecture=SimpleNamespace(input_shape=(8, 8, 8)), preprocessing={"layout": "canonical"})
+    stored = ImageGrid(size=(10, 12, 14), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+                       direction=((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
+    messages = []
+    fixed_frame, moving_frame = _network_frames(model, stored, stored, "fixed", messages)
+    assert any(fixed_frame.flips) and moving_frame.flips == fixed_frame.flips
+    assert messages == []
+    other = ImageGrid(size=(14, 12, 10), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+                      direction=((0.0, 0.0, 1.0), (0.0, 1.0, 0.0), (1.0, 0.0, 0.0)))
+    _network_frames(model, stored, other, "fixed", messages)
+    assert len(messages) == 1 and messages[0].startswith("moving image reordered to the fixed image's axes")
