@@ -127,25 +127,19 @@ def is_itk_transform(obj: Any) -> bool:
     return not is_simpleitk(obj) and hasattr(obj, "TransformPoint") and hasattr(obj, "GetNameOfClass")
 
 
-def itk_parts(transform) -> List:
-    """An ITK transform's parts in queue order (nested composites flattened), each as its own class."""
-    transform = _itk().down_cast(transform)  # parts come back typed as the Transform base class
-    if transform.GetNameOfClass() == "CompositeTransform":
-        parts = []
-        for i in range(transform.GetNumberOfTransforms()):
-            parts += itk_parts(transform.GetNthTransform(i))
-        return parts
-    return [transform]
-
-
-def _sitk_parts(transform) -> List:
-    transform = transform.Downcast()
-    if transform.GetName() == "CompositeTransform":
-        parts = []
-        for i in range(transform.GetNumberOfTransforms()):
-            parts += _sitk_parts(transform.GetNthTransform(i))
-        return parts
-    return [transform]
+def transform_parts(transform) -> List:
+    """A transform's parts in ITK queue order (nested composites flattened), each as its own class; for
+    SimpleITK and ITK Python transforms alike."""
+    if is_simpleitk(transform):
+        transform = transform.Downcast()
+        name = transform.GetName()
+    else:
+        transform = _itk().down_cast(transform)  # parts come back typed as the Transform base class
+        name = transform.GetNameOfClass()
+    if name != "CompositeTransform":
+        return [transform]
+    return [part for i in range(transform.GetNumberOfTransforms())
+            for part in transform_parts(transform.GetNthTransform(i))]
 
 
 def itk_displacement_field_transform(vectors: np.ndarray, spacing: Sequence[float], origin: Sequence[float],
@@ -180,7 +174,7 @@ def to_itk_transform(transform):
     An ITK transform is returned as it is."""
     if not is_simpleitk(transform):
         return transform
-    parts = [_itk_part(part) for part in _sitk_parts(transform)]
+    parts = [_itk_part(part) for part in transform_parts(transform)]
     if len(parts) == 1 and transform.Downcast().GetName() != "CompositeTransform":
         return parts[0]
     itk = _itk()
@@ -236,7 +230,7 @@ def to_simpleitk_transform(transform):
     keep their order. A SimpleITK transform is returned as it is."""
     if transform is None or is_simpleitk(transform):
         return transform
-    parts = [_sitk_part(part) for part in itk_parts(transform)]
+    parts = [_sitk_part(part) for part in transform_parts(transform)]
     if len(parts) == 1 and _itk().down_cast(transform).GetNameOfClass() != "CompositeTransform":
         return parts[0]
     d = int(transform.GetInputSpaceDimension())
@@ -331,5 +325,5 @@ def affine_from_itk(transform) -> np.ndarray:
 
 __all__ = ["affine_from_itk", "affine_to_itk", "cast_image", "displacement_field_transform_type", "is_itk_image",
            "is_itk_transform", "is_simpleitk", "itk_array", "itk_displacement_field_transform", "itk_geometry",
-           "itk_parts", "like_input", "set_itk_geometry", "to_itk", "to_itk_transform", "to_simpleitk",
-           "to_simpleitk_transform", "write_compressed_transform"]
+           "like_input", "set_itk_geometry", "to_itk", "to_itk_transform", "to_simpleitk",
+           "to_simpleitk_transform", "transform_parts", "write_compressed_transform"]

@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import InputError
 from .grid import ImageGrid
 from .images import read_simpleitk_image
+from .itk_bridge import transform_parts
 from .transform_specs import (TransformSpec, check_field_components, elastix_field_path, inverse_hint,
                               transform_file_kind)
 
@@ -30,17 +31,6 @@ def _sitk():
     import SimpleITK as sitk  # imported on first use: importing the package stays instant
 
     return sitk
-
-
-def transform_parts(transform) -> List:
-    """A transform's parts in ITK queue order (nested composites flattened), each as its own class."""
-    transform = transform.Downcast()
-    if transform.GetName() == "CompositeTransform":
-        parts = []
-        for i in range(transform.GetNumberOfTransforms()):
-            parts += transform_parts(transform.GetNthTransform(i))
-        return parts
-    return [transform]
 
 
 def read_field_transform(path: Path):
