@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -114,10 +114,31 @@ def lncc_map(image_I: Tensor, image_J: Tensor, sigma: float = LNCC_SIGMA) -> Ten
     moments = gaussian_blur(torch.cat([image_I, image_J, image_I * image_J, image_I * image_I, image_J * image_J],
                                       dim=1), sigma)
     mu_i, mu_j, blur_ij, blur_ii, blur_jj = moments.split(channels, dim=1)
+    return _lncc_from_moments(mu_i, blur_ii, blur_ij, mu_j, blur_jj)
+
+
+def _lncc_from_moments(mu_i: Tensor, blur_ii: Tensor, blur_ij: Tensor, mu_j: Tensor, blur_jj: Tensor) -> Tensor:
     cov = blur_ij - mu_i * mu_j
     var_i = torch.relu(blur_ii - mu_i ** 2) + LNCC_EPS
     var_j = torch.relu(blur_jj - mu_j ** 2) + LNCC_EPS
     return cov / torch.sqrt(var_i * var_j)
+
+
+class _LNCCAgainst:
+    """``lncc_map(warped, target, sigma)`` for a target that stays the same over many steps: the target's
+    local moments (its windowed mean and mean square) are blurred once, and a step blurs the three
+    channels that depend on the warped image (``I``, ``I J``, ``I^2``) instead of five."""
+
+    def __init__(self, target: Tensor, sigma: float) -> None:
+        self.target, self.sigma = target, sigma
+        self.mu_j, self.blur_jj = gaussian_blur(torch.cat([target, target * target], dim=1), sigma).split(
+            target.shape[1], dim=1)
+
+    def __call__(self, warped: Tensor) -> Tensor:
+        channels = warped.shape[1]
+        mu_i, blur_ij, blur_ii = gaussian_blur(torch.cat([warped, warped * self.target, warped * warped], dim=1),
+                                               self.sigma).split(channels, dim=1)
+        return _lncc_from_moments(mu_i, blur_ii, blur_ij, self.mu_j, self.blur_jj)
 
 
 def lncc_loss(warped: Tensor, target: Tensor, mask: Optional[Tensor] = None,
@@ -210,12 +231,37 @@ def mind_loss(warped: Tensor, target: Tensor, mask: Optional[Tensor] = None,
 def against(similarity: Callable[..., Tensor], target: Tensor, mask: Optional[Tensor] = None
             ) -> Callable[[Tensor], Tensor]:
     """``similarity(warped, target, mask)`` as a function of ``warped`` alone, for a target that stays the
-    same over many steps (instance optimisation): MIND-SSC's target descriptors are computed once."""
+    same over many steps (instance optimisation): MIND-SSC's target descriptors, and the LNCC losses'
+    blurred target moments, are computed once."""
     if similarity is mind_loss:
         descriptors = mind_ssc(target)
         _check_same_shape(target, target, mask)
         return lambda warped: masked_mean((mind_ssc(warped) - descriptors) ** 2, mask)
+    function, sigma = _lncc_parts(similarity)
+    if function is not None:
+        _check_same_shape(target, target, mask)
+        lncc = _LNCCAgainst(target, sigma)
+        if function is lncc_loss:
+            return lambda warped: 1 - masked_mean(lncc(_same_shape(warped, target)), mask)
+        return lambda warped: 1 - masked_mean(lncc(_same_shape(warped, target)) ** 2, mask)
     return lambda warped: similarity(warped, target, mask)
+
+
+def _lncc_parts(similarity) -> Tuple[Optional[Callable[..., Tensor]], float]:
+    """``(lncc_loss or squared_lncc_loss, sigma)`` for those two (plain, or with their ``sigma`` bound by
+    :func:`similarity_function`); ``(None, 0)`` for any other similarity."""
+    sigma = LNCC_SIGMA
+    if isinstance(similarity, functools.partial) and not similarity.args and set(similarity.keywords) <= {"sigma"}:
+        sigma = similarity.keywords.get("sigma", LNCC_SIGMA)
+        similarity = similarity.func
+    if similarity is lncc_loss or similarity is squared_lncc_loss:
+        return similarity, float(sigma)
+    return None, 0.0
+
+
+def _same_shape(warped: Tensor, target: Tensor) -> Tensor:
+    _check_same_shape(warped, target, None)
+    return warped
 
 
 def _check_same_shape(a: Tensor, b: Tensor, mask: Optional[Tensor]) -> None:
