@@ -203,3 +203,25 @@ def test_field_io_in_2d_with_every_similarity_and_loss_masks(tiny_model_file_2d,
     history = result.io_history
     assert len(history) == 10 and history[-1]["total"] < history[0]["total"]
     assert result.forward_field.array.shape == (28, 32, 2) and result.inverse_field is not None
+
+
+@pytest.mark.parametrize("name", ["lncc", "lncc2", "mind"])
+@pytest.mark.parametrize("sigma", [None, 2.0])
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_similarity_against_a_fixed_target_is_the_similarity(name, sigma, masked):
+    """``losses.against`` (the target's moments or descriptors computed once, as IO uses it) gives the
+    similarity's values and gradients, bitwise."""
+    from itk_gradicon.pipeline import losses
+
+    generator = torch.Generator().manual_seed(3)
+    warped = losses.gaussian_blur(torch.rand(1, 1, 20, 22, 24, generator=generator), 2.0)
+    target = losses.gaussian_blur(torch.rand(1, 1, 20, 22, 24, generator=generator), 2.0)
+    mask = (torch.rand(1, 1, 20, 22, 24, generator=generator) > 0.3).float() if masked else None
+    similarity = losses.similarity_function(name, lncc_sigma=sigma)
+    direct, fixed = warped.clone().requires_grad_(True), warped.clone().requires_grad_(True)
+    expected = similarity(direct, target, mask)
+    got = losses.against(similarity, target, mask)(fixed)
+    expected.backward()
+    got.backward()
+    assert torch.equal(got.detach(), expected.detach())
+    assert torch.equal(fixed.grad, direct.grad)
