@@ -122,11 +122,6 @@ def like_input(image, given):
 # Transforms
 # --------------------------------------------------------------------------------------------
 
-def is_itk_transform(obj: Any) -> bool:
-    """Whether ``obj`` is an ITK Python transform (anything with ``TransformPoint`` that is not SimpleITK)."""
-    return not is_simpleitk(obj) and hasattr(obj, "TransformPoint") and hasattr(obj, "GetNameOfClass")
-
-
 def transform_parts(transform) -> List:
     """A transform's parts in ITK queue order (nested composites flattened), each as its own class; for
     SimpleITK and ITK Python transforms alike."""
@@ -324,6 +319,6 @@ def affine_from_itk(transform) -> np.ndarray:
 
 
 __all__ = ["affine_from_itk", "affine_to_itk", "cast_image", "displacement_field_transform_type", "is_itk_image",
-           "is_itk_transform", "is_simpleitk", "itk_array", "itk_displacement_field_transform", "itk_geometry",
+           "is_simpleitk", "itk_array", "itk_displacement_field_transform", "itk_geometry",
            "like_input", "set_itk_geometry", "to_itk", "to_itk_transform", "to_simpleitk",
            "to_simpleitk_transform", "transform_parts", "write_compressed_transform"]
