@@ -42,3 +42,27 @@ def test_itk_python_is_imported_only_by_the_bridge_and_the_elastix_runner():
     found = sorted(str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
                    if importing.search(path.read_text(encoding="utf-8")))
     assert found == ["io/itk_bridge.py", "pipeline/elastix.py"]
+
+
+def test_every_python_name_the_readme_documents_imports():
+    """``from itk_gradicon... import ...`` lines of the README's code blocks, and the dotted names its text
+    cites (``itk_gradicon.spatial.resample.resample_image`` ...), all resolve."""
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    imports = re.findall(r"^from (itk_gradicon[\w.]*) import ([\w, ]+)$", readme, re.MULTILINE)
+    assert imports
+    for module, names in imports:
+        loaded = importlib.import_module(module)
+        for name in (n.strip() for n in names.split(",")):
+            assert hasattr(loaded, name) or importlib.import_module(f"{module}.{name}"), (module, name)
+    cited = set(re.findall(r"`(itk_gradicon(?:\.\w+)+)`", readme))
+    assert cited
+    for dotted in cited:
+        parts = dotted.split(".")
+        for cut in range(len(parts), 0, -1):  # the longest importable module, then attributes
+            try:
+                target = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            for attribute in parts[cut:]:
+                target = getattr(target, attribute)
+            break
