@@ -14,9 +14,10 @@ Example:
 Heavy modules (torch, itk) are imported on first use of the names below, so that
 ``import itk_gradicon`` and ``gradicon --help`` stay fast.
 
-Layout (README, "Architecture"): ``io/`` (files, grids, the ITK bridge), ``spatial/`` (frames, fields,
-resampling, Jacobians), ``pipeline/`` (options and the steps of a registration), ``evaluation/``, ``network/``,
-``training/``, ``cli/``; the API (:mod:`.registration`), the command drivers and the file commands on top.
+Layout (README, "Architecture"): ``cli/`` (the click commands) over ``commands/`` (what each command runs:
+``register``, ``register-batch``, the file commands, points), the API (:mod:`.registration`), ``training/``,
+``evaluation/``, ``pipeline/`` (options and the steps of a registration), ``spatial/`` (frames, fields,
+resampling, Jacobians), ``io/`` (files, grids, the ITK bridge) and ``network/``.
 Modules that lived at the top before the subpackages (``itk_gradicon.imageio``, ``itk_gradicon.transforms``
 ...) stay importable under their former names for one release (:data:`MOVED`): the former name is the same
 module object as the new one.
@@ -36,7 +37,7 @@ _LAZY = {
     "RegistrationResult": "itk_gradicon.registration",
     "GradICONRegistrationMethod": "itk_gradicon.registration_method",
     "load_model": "itk_gradicon.models",
-    "apply_transforms_to_points": "itk_gradicon.points",
+    "apply_transforms_to_points": "itk_gradicon.commands.points",
     "GradiconError": "itk_gradicon.errors",
 }
 
@@ -51,6 +52,8 @@ MOVED = {
     "preprocess": "pipeline.preprocess", "affine": "pipeline.affine", "elastix": "pipeline.elastix",
     "instance": "pipeline.instance", "refinement": "pipeline.refinement", "losses": "pipeline.losses",
     "metrics": "evaluation.metrics", "qc": "evaluation.qc", "provenance": "evaluation.provenance",
+    "registration_io": "commands.register", "batch": "commands.batch", "files": "commands.files",
+    "points": "commands.points",
 }
 
 

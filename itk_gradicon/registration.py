@@ -226,7 +226,7 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
         generator: random generator for the IO's GradICON sample points (reproducible runs).
         predictor: ``(net, image_A, image_B, *, inverse) -> (disp_AB, disp_BA)`` run on the network
             grid (default :func:`itk_gradicon.network.inference.predict_displacements`); a cohort
-            passes one that batches several pairs (:mod:`itk_gradicon.batch`).
+            passes one that batches several pairs (:mod:`itk_gradicon.commands.batch`).
 
     Returns:
         :class:`RegistrationResult`; ``result.forward_transform`` is the ITK transform.
@@ -273,7 +273,7 @@ class RegistrationRequest:
     """One registration whose inputs and options are checked: what :func:`run_request` computes.
 
     :func:`register` checks what it is given and builds one; ``gradicon register`` builds one from what
-    its file readers have checked (:func:`itk_gradicon.registration_io.run_register`), so that no image
+    its file readers have checked (:func:`itk_gradicon.commands.register.run_register`), so that no image
     is scanned twice. :meth:`of` resolves the model-dependent defaults; it does not look at pixels.
 
     Attributes:

@@ -30,8 +30,8 @@ def transform_option(required: bool = True):
 
 def _resample_files(input_path: Path, reference_path: Path, transforms: Sequence[str], output: Path,
                     *, interpolation: str, default_value: float, labels: bool, quiet: bool) -> None:
-    """The shared body of both commands: :func:`itk_gradicon.files.apply_transform_file`, then a report."""
-    from ..files import apply_transform_file
+    """The shared body of both commands: :func:`itk_gradicon.commands.files.apply_transform_file`, then a report."""
+    from ..commands.files import apply_transform_file
 
     done = apply_transform_file(input_path, reference_path, transforms, output, interpolation=interpolation,
                                 default_value=default_value, labels=labels)
@@ -133,7 +133,7 @@ def apply_transform_to_points(input_path: Path, transforms: Sequence[str], outpu
       gradicon apply-transform-to-points -i moving_points.fcsv \\
           -t '[out/subj_0GenericAffine.mat,1]' -t out/subj_1InverseWarp.nii.gz -o on_fixed.fcsv
     """
-    from ..points import apply_transforms_to_points
+    from ..commands.points import apply_transforms_to_points
 
     done = apply_transforms_to_points(input_path, transforms, output, reference=reference)
     info(f"wrote {output} ({len(done.points)} points, {done.kind}"

@@ -64,7 +64,7 @@ def register_batch(pairs: Path, model: str, batch_size: Optional[int], precision
     \b
       gradicon register-batch --pairs pairs.csv --report report.csv
     """
-    from ..batch import BatchError, parse_shard, read_pairs, register_pairs, select_shard, write_report
+    from ..commands.batch import BatchError, parse_shard, read_pairs, register_pairs, select_shard, write_report
     from ..io.images import check_output_path
 
     jobs = read_pairs(pairs)
@@ -137,7 +137,7 @@ def merge_reports_command(out: Path, reports, quiet: bool) -> None:
     \b
       gradicon merge-reports --out report.csv reports/shard_*.csv
     """
-    from ..batch import merge_reports
+    from ..commands.batch import merge_reports
 
     path, rows = merge_reports(reports, out)
     info(f"{rows} pair(s) from {len(reports)} report(s): {path}", quiet=quiet)

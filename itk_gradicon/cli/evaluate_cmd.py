@@ -55,7 +55,7 @@ def evaluate(transforms: Sequence[str], fixed_labels: Optional[Path], moving_lab
       gradicon evaluate -t moving_to_fixed.h5 --fixed-labels fixed_seg.nii.gz \\
           --moving-labels moving_seg.nii.gz --output-json eval.json
     """
-    from ..files import evaluate_files
+    from ..commands.files import evaluate_files
 
     report = evaluate_files(list(transforms), fixed_labels=fixed_labels, moving_labels=moving_labels,
                             label_values=list(label_values) or None, hd95=hd95, fixed_landmarks=fixed_landmarks,

@@ -39,7 +39,7 @@ def jacobian(transforms: Sequence[str], reference: Optional[Path], output: Optio
     Example:
       gradicon jacobian -t moving_to_fixed.h5 -r fixed.nii.gz -o jacobian.nii.gz --summary-json jac.json
     """
-    from ..files import jacobian_file
+    from ..commands.files import jacobian_file
 
     summary = jacobian_file(list(transforms), reference=reference, output=output, summary_json=summary_json,
                             log=log_output)

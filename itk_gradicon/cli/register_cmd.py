@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 import click
 
 from ..pipeline.options import (AFFINE_CHOICES, IO_METHOD_CHOICES, IO_SIMILARITY_CHOICES, IO_STARTS, MASK_MODES,
-                       MODALITY_CHOICES, ORIENTATIONS)
+                                MODALITY_CHOICES, ORIENTATIONS)
 from .common import threads_option, ProgressLine, device_option, format_seconds, info, model_option, quiet_option
 
 _MODALITY = click.Choice(MODALITY_CHOICES)
@@ -148,7 +148,7 @@ def register(fixed: Path, moving: Path, out_transform: Optional[Path], out_inver
           --out-warped t2_on_t1.nii.gz --io-iterations 50
     """
     from ..pipeline.options import RegistrationOptions
-    from ..registration_io import RegisterFiles, RegisterOutputs, run_register
+    from ..commands.register import RegisterFiles, RegisterOutputs, run_register
 
     line = ProgressLine(quiet)
 

@@ -1,6 +1,6 @@
 """The one transform reader: ITK/ANTs transform files and displacement fields as SimpleITK transforms.
 
-Everything that reads a transform goes through here: the file commands (:mod:`itk_gradicon.files`),
+Everything that reads a transform goes through here: the file commands (:mod:`itk_gradicon.commands.files`),
 affine files (:mod:`itk_gradicon.spatial.transforms`), landmarks, and the ITK Python functions
 :func:`itk_gradicon.spatial.transforms.read_transform` /
 :func:`~itk_gradicon.spatial.transforms.compose_transforms`, which

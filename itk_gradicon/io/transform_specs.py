@@ -1,7 +1,7 @@
 """Naming and recognising transform files, without reading them (numpy-free, itk-free).
 
 Shared by the readers built on ITK Python (:mod:`itk_gradicon.spatial.transforms`) and on SimpleITK
-(:mod:`itk_gradicon.files`), so that both accept the same names and say the same things.
+(:mod:`itk_gradicon.commands.files`), so that both accept the same names and say the same things.
 
 A transform is named as in ANTs: ``FILE`` or ``[FILE,1]`` for its inverse (linear transforms only).
 Files recognised (:func:`transform_file_kind`): ITK transform files ``.h5``/``.hdf5``/``.tfm``/``.txt``/

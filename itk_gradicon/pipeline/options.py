@@ -1,7 +1,7 @@
 """The options of one registration: typed, grouped, every default written once.
 
 :class:`RegistrationOptions` is what :func:`~itk_gradicon.registration.register`, ``gradicon register``,
-``gradicon register-batch`` and :func:`~itk_gradicon.registration_io.run_register` share. Its frozen groups:
+``gradicon register-batch`` and :func:`~itk_gradicon.commands.register.run_register` share. Its frozen groups:
 
 * :class:`IntensityOptions`: the modalities and how the intensities are normalised;
 * :class:`RefinementOptions`: the instance optimisation (IO) after the network's prediction;

@@ -14,15 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .errors import GradiconError, InputError, ResourceError
-from .files import read_header
-from .io.images import (VOLUME_SUFFIXES, OutputTransaction, backend_of, check_header,
-                      check_output_dir, check_output_path, describe_grid, image_dimension, read_image,
-                      read_label_image, read_mask_on_grid, same_grid)
-from .pipeline.affine import (  # noqa: F401
+from ..errors import GradiconError, InputError, ResourceError
+from ..io.images import (VOLUME_SUFFIXES, OutputTransaction, backend_of, check_header,
+                         check_output_dir, check_output_path, describe_grid, image_dimension, read_image,
+                         read_label_image, read_mask_on_grid, same_grid)
+from ..pipeline.affine import (  # noqa: F401
     AFFINE_CHOICES, PREALIGNMENT_TRANSFORMS, expects_prealignment, resolve_affine_choice)
-from .pipeline.options import INPUT_KEYWORDS, RegistrationOptions, check_options
-from .spatial.transforms import TRANSFORM_OUTPUT_SUFFIXES
+from ..pipeline.options import INPUT_KEYWORDS, RegistrationOptions, check_options
+from ..spatial.transforms import TRANSFORM_OUTPUT_SUFFIXES
+from .files import read_header
 
 Log = Callable[[str], None]
 
@@ -74,7 +74,7 @@ class RegisterOutputs:
 
     def final_paths(self, *, with_affine: bool = True) -> List[Path]:
         """Every file these outputs may create (absolute paths)."""
-        from .spatial.transforms import ELASTIX_FIELD_FILE, ELASTIX_PARAMETER_FILE, ants_file_names
+        from ..spatial.transforms import ELASTIX_FIELD_FILE, ELASTIX_PARAMETER_FILE, ants_file_names
 
         paths = [Path(p).expanduser().absolute()
                  for p in (self.transform, self.inverse_transform, self.warped, self.qc, self.record) if p]
@@ -155,9 +155,9 @@ def run_register(files: RegisterFiles, outputs: RegisterOutputs, options: Option
     """
     import torch
 
-    from .models import load_model
-    from .registration import (RegistrationRequest, check_memory, estimate_memory, resolve_device, resolve_io,
-                               run_request)
+    from ..models import load_model
+    from ..registration import (RegistrationRequest, check_memory, estimate_memory, resolve_device, resolve_io,
+                                run_request)
 
     started = time.perf_counter()
     stage = _Stages(started)
@@ -222,8 +222,8 @@ def run_register(files: RegisterFiles, outputs: RegisterOutputs, options: Option
     stage.add(result.timings)
     record = None
     if outputs.record:
-        from .evaluation.provenance import register_record
-        from .threads import itk_threads
+        from ..evaluation.provenance import register_record
+        from ..threads import itk_threads
 
         used = {"model": model, "fixed_modality": intensity.fixed_modality,
                 "moving_modality": intensity.moving_modality, "ct_window": intensity.ct_window,
@@ -327,11 +327,11 @@ def _read_inputs(files: Dict[str, Optional[Path]], dimension: int) -> _Inputs:
 def _prealignment(inputs: _Inputs, affine: str, initial_transform: Optional[Path], log: Log):
     """The pre-alignment (homogeneous WORLD matrix, fixed -> moving, or ``None``) and how it was found."""
     if initial_transform is not None:
-        from .spatial.transforms import read_affine_file
+        from ..spatial.transforms import read_affine_file
 
         return read_affine_file(initial_transform), {"source": f"--initial-transform {initial_transform}"}
     if affine in PREALIGNMENT_TRANSFORMS:
-        from .pipeline.affine import prealign
+        from ..pipeline.affine import prealign
 
         log(f"{affine} pre-alignment with elastix ...")
         found = prealign(inputs.fixed, inputs.moving, inputs.masks["fixed_mask"], inputs.masks["moving_mask"],
@@ -358,7 +358,7 @@ def write_register_outputs(result, outputs: RegisterOutputs, *, fixed_original=N
         ResourceError: a file could not be written (disk full, permissions changed, ...); then no
             output at all is left behind.
     """
-    from .io.images import short_error_message
+    from ..io.images import short_error_message
 
     if outputs.needs_originals and (fixed_original is None or moving_original is None):
         raise InputError("--out-warped and --out-qc need the fixed and moving images")
@@ -407,8 +407,8 @@ _Job = Tuple[str, List[Path], Callable[[OutputTransaction], None]]
 
 def _output_jobs(result, outputs: RegisterOutputs, fixed_original, moving_original,
                  record: Optional[dict] = None) -> List[_Job]:
-    from .spatial.transforms import (ants_file_names, write_affine_file, write_elastix, write_field_image,
-                                     write_transform)
+    from ..spatial.transforms import (ants_file_names, write_affine_file, write_elastix, write_field_image,
+                                      write_transform)
 
     jobs: List[_Job] = []
     if outputs.transform:
@@ -441,12 +441,12 @@ def _output_jobs(result, outputs: RegisterOutputs, fixed_original, moving_origin
                      lambda out: write_warped(moving_original, fixed_original, result.forward_field,
                                               out.path(outputs.warped))))
     if outputs.qc:
-        from .evaluation.qc import write_qc
+        from ..evaluation.qc import write_qc
 
         jobs.append((str(outputs.qc), [Path(outputs.qc)],
                      lambda out: write_qc(fixed_original, moving_original, result, outputs.qc, transaction=out)))
     if outputs.record:
-        from .evaluation.provenance import record_text
+        from ..evaluation.provenance import record_text
 
         jobs.append((str(outputs.record), [Path(outputs.record)],
                      lambda out: out.path(outputs.record).write_text(record_text(record), encoding="utf-8")))
@@ -461,7 +461,7 @@ def _run_output_jobs(jobs: List[_Job], out: OutputTransaction) -> List[Path]:
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from .resources import usable_cores
+    from ..resources import usable_cores
 
     def run(job: _Job):
         target, _, write = job

@@ -33,12 +33,12 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import InputError
-from .evaluation.metrics import index_points_to_world, transform_points
-from .io.grid import ImageGrid
-from .io.images import atomic_output, check_output_path, read_image_header
-from .io.outputs import PathLike
-from .io.transform_files import compose_transforms
+from ..errors import InputError
+from ..evaluation.metrics import index_points_to_world, transform_points
+from ..io.grid import ImageGrid
+from ..io.images import atomic_output, check_output_path, read_image_header
+from ..io.outputs import PathLike
+from ..io.transform_files import compose_transforms
 
 #: Formats by file name ending (longest first).
 SUFFIXES = ((".mrk.json", "slicer-json"), (".fcsv", "fcsv"), (".csv", "csv"), (".txt", "elastix"),

@@ -10,7 +10,7 @@ or ``-``)::
     sub02_t1.nii.gz,sub02_t2.nii.gz,out/sub02_t2_to_t1.h5,out/sub02_t2_on_t1.nii.gz
 
 Relative paths are relative to the CSV file's folder. Each pair is registered by
-:func:`~itk_gradicon.registration_io.run_register`, so each pair's inputs are checked before its work
+:func:`~itk_gradicon.commands.register.run_register`, so each pair's inputs are checked before its work
 and its outputs are written in one transaction (all of them or none). A pair that fails is reported
 and the batch goes on (unless ``stop_on_error``).
 
@@ -20,7 +20,7 @@ running statistics). Instance optimisation tunes a copy of the network per pair,
 one after the other.
 
 Example:
-    >>> from itk_gradicon.batch import read_pairs, register_pairs       # doctest: +SKIP
+    >>> from itk_gradicon.commands.batch import read_pairs, register_pairs       # doctest: +SKIP
     >>> pairs = read_pairs("pairs.csv")                                   # doctest: +SKIP
     >>> summary = register_pairs(pairs, model="unigradicon", device="cuda")  # doctest: +SKIP
     >>> summary.failed                                                    # doctest: +SKIP
@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from .errors import GradiconError, InputError
-from .io.tables import read_rows, row_values, table_path
-from .registration_io import RegisterOutputs
+from ..errors import GradiconError, InputError
+from ..io.tables import read_rows, row_values, table_path
+from .register import RegisterOutputs
 
 PAIR_COLUMNS = ("fixed", "moving")
 INPUT_COLUMNS = ("fixed_mask", "moving_mask", "fixed_labels", "moving_labels", "initial_transform")
@@ -150,7 +150,7 @@ def read_pairs(path: Union[str, Path]) -> List[Pair]:
         InputError: the file cannot be read, a column is unknown, ``fixed``/``moving`` or every
             output is missing on a row, or two rows would write the same file.
     """
-    from .errors import did_you_mean
+    from ..errors import did_you_mean
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -276,7 +276,7 @@ class BatchingPredictor:
             self._cond.notify_all()
 
     def _run(self, batch: List[_Request]) -> None:
-        from .network.inference import predict_displacements
+        from ..network.inference import predict_displacements
 
         import torch
 
@@ -340,9 +340,9 @@ def register_pairs(pairs: Sequence[Pair], *, model: Union[str, Any] = "unigradic
     Raises:
         GradiconError: a problem shared by every pair (model, device, precision).
     """
-    from .models import Model, load_model
-    from .pipeline.options import RegistrationOptions
-    from .registration_io import RegisterFiles, run_register
+    from ..models import Model, load_model
+    from ..pipeline.options import RegistrationOptions
+    from .register import RegisterFiles, run_register
 
     options = dict(options or {})
     seed = options.pop("seed", None)
@@ -378,8 +378,8 @@ def register_pairs(pairs: Sequence[Pair], *, model: Union[str, Any] = "unigradic
 
 def _device_and_batch_size(device: str, precision: str, batch_size: Optional[int]):
     """The torch device and the batch size of a cohort, after checking the precision against the device."""
-    from .network.inference import PRECISIONS
-    from .registration import resolve_device
+    from ..network.inference import PRECISIONS
+    from ..registration import resolve_device
 
     torch_device = resolve_device(device)
     if precision not in PRECISIONS:
@@ -403,7 +403,7 @@ def _predictor(batch_size: int, pairs: int, precision: str):
         return batcher, batcher
     if precision == "float32":
         return None, None
-    from .network.inference import predict_displacements
+    from ..network.inference import predict_displacements
 
     def reduced_precision(net, image_A, image_B, *, inverse):
         return predict_displacements(net, image_A, image_B, inverse=inverse, precision=precision)
@@ -468,7 +468,7 @@ REPORT_HEADER = ["pair", "origin", "fixed", "moving", "status", "seconds", "mess
 def write_report(summary: BatchSummary, path: Union[str, Path]) -> Path:
     """Write one CSV row per pair (number, origin, fixed, moving, status ``ok``/``failed``/``skipped``,
     seconds, message), atomically; the reports of several shards merge with :func:`merge_reports`."""
-    from .io.images import atomic_output, check_output_path
+    from ..io.images import atomic_output, check_output_path
 
     path = check_output_path(path, what="--report", suffixes=(".csv",))
     with atomic_output(path) as tmp:
@@ -487,7 +487,7 @@ def merge_reports(reports: Sequence[Union[str, Path]], path: Union[str, Path]) -
     Raises:
         InputError: a file is missing or not a report, or two reports hold the same pair.
     """
-    from .io.images import atomic_output, check_output_path
+    from ..io.images import atomic_output, check_output_path
 
     rows: Dict[int, List[str]] = {}
     where: Dict[int, str] = {}

@@ -4,7 +4,7 @@ evaluation, from files to files, through SimpleITK.
 ``gradicon apply-transform``, ``warp-labels``, ``jacobian`` and ``evaluate`` are these functions; they
 are usable from Python as they are::
 
-    from itk_gradicon.files import apply_transform_file
+    from itk_gradicon.commands.files import apply_transform_file
     apply_transform_file("moving.nii.gz", "fixed.nii.gz", ["moving_to_fixed.h5"], "warped.nii.gz")
 
 Why SimpleITK: it and ITK Python run the same ITK C++ filters (ITK 5.4's
@@ -31,15 +31,15 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .errors import InputError
-from .io.grid import ImageGrid
-from .io.images import (IMAGE_SUFFIXES, ImageHeader, OutputTransaction, check_output_path, check_resample_headers,
-                      image_array, read_image_header, read_simpleitk_image)
-from .io.itk_bridge import to_simpleitk as from_itk  # noqa: F401  (its former name here)
-from .spatial.resample import (  # noqa: F401  (resample_image, resample_labels: the one resampler, re-exported)
+from ..errors import InputError
+from ..io.grid import ImageGrid
+from ..io.images import (IMAGE_SUFFIXES, ImageHeader, OutputTransaction, check_output_path, check_resample_headers,
+                         image_array, read_image_header, read_simpleitk_image)
+from ..io.itk_bridge import to_simpleitk as from_itk  # noqa: F401  (its former name here)
+from ..spatial.resample import (  # noqa: F401  (resample_image, resample_labels: the one resampler, re-exported)
     INTERPOLATIONS, check_interpolation, resample_image, resample_labels)
-from .io.outputs import PathLike
-from .io.transform_files import (  # noqa: F401  (re-exported: the transform reader's names, their former home)
+from ..io.outputs import PathLike
+from ..io.transform_files import (  # noqa: F401  (re-exported: the transform reader's names, their former home)
     TransformName, compose_transforms, field_transform, first_field_grid, read_transform, sample_displacement,
     transform_parts)
 
@@ -153,7 +153,7 @@ def jacobian_file(transforms: Sequence[TransformName], *, reference: Optional[Pa
     Returns:
         The summary: ``{"transforms": [...], **jacobian_summary}``.
     """
-    from .spatial.jacobian import determinant_of_displacement, jacobian_summary, log_jacobian
+    from ..spatial.jacobian import determinant_of_displacement, jacobian_summary, log_jacobian
 
     sitk = _sitk()
     if output is not None:
@@ -204,8 +204,8 @@ def evaluate_files(transforms: Sequence[TransformName] = (), *, fixed_labels: Op
     Returns:
         The report: ``transforms``, and ``labels``, ``landmarks``, ``jacobian`` where their inputs are given.
     """
-    from .spatial.jacobian import determinant_of_displacement, jacobian_summary
-    from .evaluation.metrics import label_overlap, read_landmarks, target_registration_error
+    from ..spatial.jacobian import determinant_of_displacement, jacobian_summary
+    from ..evaluation.metrics import label_overlap, read_landmarks, target_registration_error
 
     _check_evaluate_options(transforms, fixed_labels, moving_labels, label_values, fixed_landmarks, moving_landmarks)
     if output_json is not None:
