@@ -408,3 +408,26 @@ def test_multi_sequence_real_images_train_with_loss_randomisation(shared_data, t
     result = register(itk.imread(held[0]["image"], itk.F), itk.imread(held[3]["image"], itk.F),
                       model=str(out / "final.pt"), fixed_modality="mri", moving_modality="mri", device="cpu")
     assert result.forward_field.array.shape[:3] == (155, 240, 240)
+
+
+def test_resume_goes_on_from_a_model_file_whose_record_changed_but_not_its_weights():
+    """A finetuning run resumes when the model file it started from was rewritten with the same weights (a
+    newer itk_gradicon's record), and says so; other weights, or a checkpoint that does not know the
+    weights it started from, are refused."""
+    from types import SimpleNamespace
+
+    from itk_gradicon.errors import ConfigError
+    from itk_gradicon.training.checkpoints import check_parent, weights_sha256
+
+    network = torch.nn.Conv3d(1, 2, 3)
+    state = {"parent_sha256": "a" * 64, "parent_weights_sha256": weights_sha256(network)}
+    assert check_parent(state, SimpleNamespace(sha256="a" * 64, network=network), "m") is None
+    rewritten = SimpleNamespace(sha256="b" * 64, network=network)
+    note = check_parent(state, rewritten, "m")
+    assert "same weights" in note and "resuming" in note
+    other = torch.nn.Conv3d(1, 2, 3)
+    with pytest.raises(ConfigError, match=r"sha256 differs, and so do its weights"):
+        check_parent(state, SimpleNamespace(sha256="b" * 64, network=other), "m")
+    with pytest.raises(ConfigError, match=r"\(sha256 differs\)$"):  # a checkpoint written before the digest
+        check_parent({"parent_sha256": "a" * 64}, rewritten, "m")
+    assert check_parent(state, None, "m") is None

@@ -46,9 +46,9 @@ from ..pipeline.losses import gradicon_sample_points
 from ..pipeline.preprocess import DEFAULT_CT_WINDOW
 from .caching import VolumeLoader
 from .checkpoints import (  # noqa: F401  (re-exported: the names users of this module know)
-    CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_torch_save, atomic_write_text, capture_rng_state, list_checkpoints,
-    load_checkpoint, restore_rng_state)
-from .config import RESUMABLE_CHANGES, TrainConfig, differences
+    CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_torch_save, atomic_write_text, capture_rng_state, check_resumable,
+    list_checkpoints, load_checkpoint, restore_rng_state, weights_sha256)
+from .config import TrainConfig
 from .data import PairDataset, StepBatchSampler, seed_worker
 from .distributed import DistInfo, init_distributed  # noqa: F401  (init_distributed: re-exported)
 from .listing import scan_member
@@ -288,6 +288,7 @@ class Trainer:
         self._stop_requested = False
         self._durations: deque = deque(maxlen=25)
         self._last_checkpoint: Optional[Path] = None
+        self._parent_weights = weights_sha256(run.parent.network) if run.parent is not None else None
 
     # ---- outputs --------------------------------------------------------------------------------
     @property
@@ -333,6 +334,7 @@ class Trainer:
             "config": self.run.config.to_dict(), "world_size": self.run.dist.world_size,
             "architecture": self.run.stages[stage_index].architecture.to_dict(),
             "parent_sha256": parent.sha256 if parent is not None else None,
+            "parent_weights_sha256": self._parent_weights,
             "network": {k: v.detach().cpu().clone() for k, v in network.state_dict().items()},
             "optimizer": optimizer.state_dict(), "rng": capture_rng_state(),
         }
@@ -372,23 +374,9 @@ class Trainer:
         if path is None:
             return None
         state = load_checkpoint(path)
-        run = self.run
-        changed = [k for k in differences(state["config"], run.config.to_dict())
-                   if k.split(".")[0].split("[")[0] not in RESUMABLE_CHANGES]
-        if changed:
-            raise ConfigError(f"--resume: the configuration differs from the one the run in '{run.output}' was "
-                              f"started with, at {', '.join(changed[:5])}; only "
-                              f"{', '.join(sorted(RESUMABLE_CHANGES))} may change")
-        if state["world_size"] != run.dist.world_size:
-            raise ConfigError(f"--resume: the run used {state['world_size']} process(es), this one "
-                              f"{run.dist.world_size}; resume with the same number (the pair stream depends on it)")
-        if run.parent is not None and state["parent_sha256"] != run.parent.sha256:
-            raise ConfigError(f"--resume: model {run.config.model!r} is not the file the run started from "
-                              "(sha256 differs)")
-        stage = int(state["stage"])
-        if stage >= len(run.stages) or run.stages[stage].architecture.to_dict() != state["architecture"]:
-            raise ConfigError(f"--resume: the checkpoint's stage {state.get('stage_name')!r} does not match the "
-                              "configured stages")
+        note = check_resumable(state, self.run)
+        if note:
+            self.log(note)
         return state
 
     def _loader(self, dataset: PairDataset, start: int, end: int) -> torch.utils.data.DataLoader:
