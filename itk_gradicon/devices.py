@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .errors import DeviceError, ResourceError
+from .resources import available_host_memory
 
 # Measured peaks of the published network per voxel of the network grid (175^3 on CPU, float32):
 # prediction of one direction about 1.8 GB, one IO step (both directions + backward) about 9.6 GB.
@@ -43,8 +44,6 @@ def available_memory_bytes(device: torch.device) -> Tuple[Optional[int], str]:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free), f"GPU {device}"
-    from .resources import available_host_memory
-
     return available_host_memory()
 
 

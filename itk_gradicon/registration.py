@@ -43,6 +43,7 @@ from .io.itk_bridge import affine_from_itk, is_itk_image, to_simpleitk
 from .models import DEFAULT_MODEL, Model, load_model
 from .network.inference import predict_displacements
 from .pipeline import losses
+from .pipeline import affine as affine_stage  # prealign called through the module (tests replace it there)
 from .pipeline.affine import resolve_affine_choice
 from .pipeline.instance import (DEFAULT_LR, DEFAULT_SMOOTHNESS, FieldSettings, IOProgress, optimise_network,
                                 refine_fields)
@@ -252,11 +253,9 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
                                                messages=messages, inputs=inputs)
     prealignment = resolve_affine_choice(options.prealignment.affine, model, initial_transform is not None)
     if prealignment != "none" and initial_transform is None:
-        from .pipeline.affine import prealign
-
         t = time.perf_counter()
-        found = prealign(fixed, moving, inputs["fixed_mask"], inputs["moving_mask"], transform=prealignment,
-                         log=messages.append)
+        found = affine_stage.prealign(fixed, moving, inputs["fixed_mask"], inputs["moving_mask"],
+                                      transform=prealignment, log=messages.append)
         request = dataclasses.replace(request, affine=found.matrix)
         timings["affine"] = time.perf_counter() - t
     check_memory(estimate_memory(ImageGrid.from_image(fixed).num_voxels, ImageGrid.from_image(moving).num_voxels,

@@ -41,7 +41,9 @@ import numpy as np
 
 from ..errors import InputError
 from ..io.grid import ImageGrid, apply_affine
+from ..io.images import describe_grid, image_array, same_grid
 from ..io.outputs import PathLike
+from ..spatial.jacobian import jacobian_determinant, jacobian_summary
 
 
 
@@ -169,8 +171,6 @@ def label_overlap(reference, labels, *, label_values: Optional[Sequence[int]] = 
     Raises:
         InputError: the maps are not on one grid, or no label is found.
     """
-    from ..io.images import describe_grid, image_array, same_grid
-
     if not same_grid(reference, labels):
         raise InputError(f"the label maps are not on one grid ({describe_grid(labels)} vs "
                          f"{describe_grid(reference)}); warp one onto the other first "
@@ -358,6 +358,4 @@ def target_registration_error(fixed_points: np.ndarray, moving_points: np.ndarra
 def folding(transform, grid: ImageGrid, mask: Optional[np.ndarray] = None) -> Dict[str, float]:
     """% negative Jacobian determinant, SDlogJ and the other statistics of
     :func:`itk_gradicon.spatial.jacobian.jacobian_summary`, on ``grid`` (within ``mask`` if given)."""
-    from ..spatial.jacobian import jacobian_determinant, jacobian_summary
-
     return jacobian_summary(jacobian_determinant(transform, grid), mask)

@@ -17,6 +17,8 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
+from ..spatial.jacobian import determinant_of_displacement, jacobian_summary
+
 RECORD_FORMAT = "itk_gradicon.register-record"
 RECORD_VERSION = 1
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "register-record.schema.json"
@@ -71,8 +73,7 @@ def register_record(*, result, model, inputs: Mapping[str, Optional[Path]], opti
         prealignment: how the pre-alignment was found (``None``: the result's matrix alone, if any).
         timings: seconds per stage.
     """
-    from ..spatial.jacobian import determinant_of_displacement, jacobian_summary
-    from ..models import BUNDLED, sha256_of
+    from ..models import BUNDLED, sha256_of  # imports torch: only when a record is written
 
     history = list(result.io_history or [])
     field = result.forward_field

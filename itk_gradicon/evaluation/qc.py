@@ -38,8 +38,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..errors import InputError
+from ..io.images import OutputTransaction, to_simpleitk
 from ..io.outputs import PathLike
+from ..io.transform_files import field_transform
 from ..spatial.frames import ImageGrid, best_axis_alignment
+from ..spatial.jacobian import determinant_of_displacement, log_jacobian
 
 
 COLUMNS = ("FIXED", "MOVING BEFORE", "MOVING AFTER", "OVERLAY BEFORE", "OVERLAY AFTER", "LOG JACOBIAN")
@@ -328,8 +332,6 @@ def _sample(moving, reference, transform) -> np.ndarray:
 
 def _log_jacobian_slice(field, fixed, view: SliceView, d: int) -> Tuple[np.ndarray, np.ndarray]:
     """``log(max(det J, 0.001))`` and ``det J <= 0`` on one slice, from a 3-slice slab of the field."""
-    from ..spatial.jacobian import determinant_of_displacement, log_jacobian
-
     grid = field.grid
     if d == 2:
         if min(grid.size) < 2:
@@ -368,15 +370,10 @@ def qc_picture(fixed, moving, result) -> np.ndarray:
     """
     import SimpleITK as sitk
 
-    from ..io.images import to_simpleitk
-    from ..io.transform_files import field_transform
-
     fixed, moving = to_simpleitk(fixed), to_simpleitk(moving)  # ITK Python images converted; the command's as read
     d = int(fixed.GetDimension())
     grid = ImageGrid.from_image(fixed)
     if grid != result.forward_field.grid and not _grids_close(grid, result.forward_field.grid):
-        from ..errors import InputError
-
         raise InputError("the QC picture needs the fixed image the registration was computed on "
                          "(its grid differs from the forward field's)")
     fixed_array = sitk.GetArrayViewFromImage(fixed)
@@ -464,8 +461,6 @@ def write_qc(fixed, moving, result, path: PathLike, *, transaction=None) -> Path
         The final path.
     """
     import SimpleITK as sitk
-
-    from ..io.images import OutputTransaction
 
     picture = qc_picture(fixed, moving, result)
     image = sitk.GetImageFromArray(np.ascontiguousarray(picture), isVector=True)  # 8-bit RGB

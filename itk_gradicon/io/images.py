@@ -75,8 +75,6 @@ class ImageHeader:
     @property
     def grid(self):
         """The :class:`~itk_gradicon.spatial.frames.ImageGrid` the header describes (validated)."""
-        from .grid import ImageGrid
-
         grid = ImageGrid(size=self.size, spacing=self.spacing, origin=self.origin, direction=self.direction)
         grid.validate()
         return grid

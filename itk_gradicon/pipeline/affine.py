@@ -16,6 +16,7 @@ from .elastix import (  # noqa: F401  (re-exported: the names users of this modu
     DEFAULT_SEED, HISTOGRAM_BINS, INITIALIZATIONS, METRICS, TRANSFORMS, ElastixInputs, affine_from_elastix_parameters,
     affine_parameter_map, elastix_affine, euler_matrix, pyramid_levels)
 from ..errors import InputError
+from ..io.images import to_simpleitk
 from ..threads import available_threads  # noqa: F401  (re-exported)
 from .options import AFFINE_CHOICES  # noqa: F401  (re-exported: its former home)
 
@@ -50,8 +51,6 @@ def implausibility(matrix: np.ndarray) -> Optional[str]:
 def _sitk(image):
     """A SimpleITK float image of ``image`` (``itk.Image`` or ``SimpleITK.Image``)."""
     import SimpleITK as sitk
-
-    from ..io.images import to_simpleitk
 
     return sitk.Cast(to_simpleitk(image), sitk.sitkFloat32)
 
