@@ -64,7 +64,8 @@ class RegistrationResult:
 
     Attributes:
         forward_field: fixed -> moving, on the fixed grid (affine pre-alignment included).
-        inverse_field: moving -> fixed, on the moving grid (``None`` when not computed).
+        inverse_field: moving -> fixed, on the moving grid (``None`` when not computed); computed on first
+            use (``has_inverse`` says whether there is one without computing it).
         affine: homogeneous WORLD matrix of the pre-alignment (fixed -> moving), or ``None``.
         deformable_forward_field, deformable_inverse_field: with an affine, the deformable part
             alone (both on the fixed grid), as ANTs writes ``1Warp``/``1InverseWarp`` next to
@@ -78,7 +79,7 @@ class RegistrationResult:
     """
 
     forward_field: DisplacementField
-    inverse_field: Optional[DisplacementField]
+    _inverse: Union[None, DisplacementField, Callable[[], DisplacementField]]
     affine: Optional[np.ndarray]
     _deformable_forward: Union[None, DisplacementField, Callable[[], DisplacementField]]
     _deformable_inverse: Union[None, DisplacementField, Callable[[], DisplacementField]]
@@ -92,6 +93,15 @@ class RegistrationResult:
     _cache: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
+    def inverse_field(self) -> Optional[DisplacementField]:
+        return self._computed("_inverse")
+
+    @property
+    def has_inverse(self) -> bool:
+        """Whether the inverse was computed (or can be, on first use of :attr:`inverse_field`)."""
+        return self._inverse is not None
+
+    @property
     def deformable_forward_field(self) -> Optional[DisplacementField]:
         return self._computed("_deformable_forward")
 
@@ -100,8 +110,8 @@ class RegistrationResult:
         return self._computed("_deformable_inverse")
 
     def _computed(self, name: str) -> Optional[DisplacementField]:
-        """A field given as a function is computed on first use (the deformable parts are needed only for
-        ANTs' ``1Warp`` / ``1InverseWarp``: on a 200^3 grid each costs most of a second)."""
+        """A field given as a function is computed on first use (the inverse only for an inverse output or
+        landmarks, the deformable parts only for ANTs' ``1Warp`` / ``1InverseWarp``)."""
         value = getattr(self, name)
         if callable(value):
             value = value()
@@ -118,7 +128,7 @@ class RegistrationResult:
     @property
     def inverse_transform(self):
         """``itk.DisplacementFieldTransform`` moving -> fixed on the moving grid."""
-        if self.inverse_field is None:
+        if not self.has_inverse:
             raise ValueError("the inverse was not computed (compute_inverse=False)")
         if "inverse" not in self._cache:
             self._cache["inverse"] = self.inverse_field.to_transform()
@@ -504,20 +514,25 @@ def _network_frames(model: Model, fixed_grid: ImageGrid, moving_grid: ImageGrid,
 def _physical_fields(disp_AB, disp_BA, fixed_grid: ImageGrid, moving_grid: ImageGrid, fixed_frame: NetworkFrame,
                      moving_frame: NetworkFrame, affine: Optional[np.ndarray]) -> tuple:
     """``(forward, inverse, affine, deformable forward, deformable inverse)`` as :class:`RegistrationResult`
-    holds them; the inverse ones ``None`` without ``disp_BA``, the deformable ones without an affine (and,
-    with one, functions that compute them when first asked for)."""
+    holds them: the forward field computed; the inverse ones ``None`` without ``disp_BA``, the deformable ones
+    without an affine, and otherwise functions that compute them when first asked for."""
     forward = DisplacementField(fixed_grid, displacement_on_grid(
         disp_AB, fixed_grid, fixed_frame, moving_frame, postaffine=affine))
     inverse = deformable_forward = deformable_inverse = None
     if disp_BA is not None:
-        inverse_affine = None if affine is None else np.linalg.inv(affine)
-        inverse = DisplacementField(moving_grid, displacement_on_grid(
-            disp_BA, moving_grid, moving_frame, fixed_frame, preaffine=inverse_affine))
+        inverse = functools.partial(_inverse_on, moving_grid, disp_BA, moving_frame, fixed_frame,
+                                    None if affine is None else np.linalg.inv(affine))
     if affine is not None:  # computed when first asked for (RegistrationResult._computed)
         deformable_forward = functools.partial(_field_on, fixed_grid, disp_AB, fixed_frame, moving_frame)
         if disp_BA is not None:
             deformable_inverse = functools.partial(_field_on, fixed_grid, disp_BA, moving_frame, fixed_frame)
     return forward, inverse, affine, deformable_forward, deformable_inverse
+
+
+def _inverse_on(grid: ImageGrid, displacement: torch.Tensor, source: NetworkFrame, target: NetworkFrame,
+                preaffine: Optional[np.ndarray]) -> DisplacementField:
+    """The inverse map as a WORLD field on the moving ``grid``, the pre-alignment's inverse applied first."""
+    return DisplacementField(grid, displacement_on_grid(displacement, grid, source, target, preaffine=preaffine))
 
 
 def _field_on(grid: ImageGrid, displacement: torch.Tensor, source: NetworkFrame, target: NetworkFrame

@@ -596,3 +596,21 @@ def test_memory_estimates_match_the_measured_peaks():
     big = estimate_memory(256 ** 3, 256 ** 3, 3, (175, 175, 175), io=False, inverse=True, affine=True,
                           originals=True)
     assert 3 * gib < big["host"] < 8 * gib
+
+
+def test_the_inverse_field_is_computed_when_first_asked_for(pair, model):
+    """The inverse (moving grid) costs a resampling of the network's map that a forward-only output does not
+    need: it is computed on first use, once, and ``has_inverse`` answers without computing it."""
+    from itk_gradicon import register
+    from itk_gradicon.io.grid import ImageGrid
+
+    fixed, moving = pair
+    result = register(fixed, moving, model=model, affine="none", io_iterations=0)
+    assert result.has_inverse and callable(result._inverse)
+    first = result.inverse_field
+    assert first.grid == ImageGrid.from_image(moving) and result.inverse_field is first
+    assert result.inverse_transform.GetDisplacementField() is not None
+    forward_only = register(fixed, moving, model=model, affine="none", io_iterations=0, compute_inverse=False)
+    assert not forward_only.has_inverse and forward_only.inverse_field is None
+    with pytest.raises(ValueError, match="compute_inverse=False"):
+        forward_only.inverse_transform

@@ -362,7 +362,7 @@ def write_register_outputs(result, outputs: RegisterOutputs, *, fixed_original=N
 
     if outputs.needs_originals and (fixed_original is None or moving_original is None):
         raise InputError("--out-warped and --out-qc need the fixed and moving images")
-    inverse_missing = result.inverse_field is None
+    inverse_missing = not result.has_inverse
     if outputs.ants_prefix and result.affine is not None:
         ants_inverse_missing = result.deformable_inverse_field is None
     else:
