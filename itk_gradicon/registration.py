@@ -1,8 +1,9 @@
 """Registration of one image pair: ITK images in, ITK displacement-field transforms out.
 
-Data path: intensity normalisation (:mod:`.preprocess`) -> optional affine pre-alignment -> layout on
-the network grid (:mod:`.geometry`) -> network prediction, optionally after instance optimisation
-(IO) -> fields on the fixed grid (forward) and the moving grid (inverse) (:mod:`.transforms`).
+Data path: intensity normalisation (:mod:`itk_gradicon.pipeline.preprocess`) -> optional affine
+pre-alignment -> layout on the network grid (:mod:`itk_gradicon.spatial.frames`) -> network prediction,
+optionally after instance optimisation (IO) -> fields on the fixed grid (forward) and the moving grid
+(inverse) (:mod:`itk_gradicon.spatial.transforms`).
 
 Conventions:
 
@@ -13,7 +14,7 @@ Conventions:
 * with an affine pre-alignment ``A`` (fixed -> moving), the network registers the fixed image to the
   moving image resampled through ``A``, and the written transforms are ``A o phi`` and
   ``phi^-1 o A^-1``;
-* instance optimisation (:mod:`.instance`) tunes a copy of the network (``network``) or refines the
+* instance optimisation (:mod:`itk_gradicon.pipeline.instance`) tunes a copy of the network (``network``) or refines the
   predicted fields (``field``): the loaded model is never changed.
 
 Example:
@@ -213,8 +214,8 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
             for ``field``).
         io_method: ``"network"`` (Adam on a copy of the network's weights, as the papers do),
             ``"field"`` (Adam on the predicted displacement fields, a few warps per step: see
-            :mod:`.instance`) or ``"auto"`` (the model's recommendation; without one, ``network`` for
-            the published models and ``field`` for every other model).
+            :mod:`itk_gradicon.pipeline.instance`) or ``"auto"`` (the model's recommendation; without one,
+            ``network`` for the published models and ``field`` for every other model).
         io_smoothness: weight of the diffusion penalty of ``field`` IO (default: the model's, else 0.15).
         fixed_labels, moving_labels: label maps on their image's grid; with IO they add a soft Dice
             term over the labels present in both, weighted by ``io_dice_weight``.
@@ -226,7 +227,7 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
             does not, ``"auto"`` is ``"affine"`` for a model trained on affinely pre-aligned pairs (its
             file says ``prealignment: affine``).
         orientation: ``"fixed"`` (the moving image is laid out along the fixed image's axes; see
-            :mod:`.geometry`) or ``"storage"`` (both as stored in their files, as the reference does).
+            :mod:`itk_gradicon.spatial.frames`) or ``"storage"`` (both as stored in their files, as the reference does).
         io_start: where ``field`` instance optimisation starts: ``"prediction"`` (the network's fields),
             ``"prealignment"`` (the pre-alignment alone: the network does not run) or ``"auto"``
             (``prediction``, but ``prealignment`` for a pair outside the model's domain, which
@@ -437,8 +438,8 @@ def run_request(request: RegistrationRequest, *, device: torch.device,
 
 
 def _inside(image):
-    """An ``itk.Image`` as the ``SimpleITK.Image`` every step works on (:mod:`.itk_bridge`); anything else
-    as it is (its checks name what was given)."""
+    """An ``itk.Image`` as the ``SimpleITK.Image`` every step works on (:mod:`itk_gradicon.io.itk_bridge`);
+    anything else as it is (its checks name what was given)."""
     return to_simpleitk(image) if is_itk_image(image) else image
 
 

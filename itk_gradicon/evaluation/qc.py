@@ -16,7 +16,7 @@ images), six panels on the fixed grid:
     fixed in magenta, moving in green: aligned structures turn grey/white, misaligned ones keep
     their colour;
 ``LOG JACOBIAN``
-    ``log(max(det J, 0.001))`` of the forward transform in physical space (:mod:`.jacobian`), blue
+    ``log(max(det J, 0.001))`` of the forward transform in physical space (:mod:`itk_gradicon.spatial.jacobian`), blue
     for contraction (-1 and below) through white (0, volume kept) to red for expansion (+1 and
     above); voxels where ``det J <= 0`` (folds) are yellow.
 
