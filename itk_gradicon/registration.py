@@ -521,7 +521,7 @@ def _physical_fields(disp_AB, disp_BA, fixed_grid: ImageGrid, moving_grid: Image
         disp_AB, fixed_grid, fixed_frame, moving_frame, postaffine=affine))
     inverse = deformable_forward = deformable_inverse = None
     if disp_BA is not None:
-        inverse = functools.partial(_inverse_on, moving_grid, disp_BA, moving_frame, fixed_frame,
+        inverse = functools.partial(_field_on, moving_grid, disp_BA, moving_frame, fixed_frame,
                                     None if affine is None else np.linalg.inv(affine))
     if affine is not None:  # computed when first asked for (RegistrationResult._computed)
         deformable_forward = functools.partial(_field_on, fixed_grid, disp_AB, fixed_frame, moving_frame)
@@ -530,16 +530,11 @@ def _physical_fields(disp_AB, disp_BA, fixed_grid: ImageGrid, moving_grid: Image
     return forward, inverse, affine, deformable_forward, deformable_inverse
 
 
-def _inverse_on(grid: ImageGrid, displacement: torch.Tensor, source: NetworkFrame, target: NetworkFrame,
-                preaffine: Optional[np.ndarray]) -> DisplacementField:
-    """The inverse map as a WORLD field on the moving ``grid``, the pre-alignment's inverse applied first."""
+def _field_on(grid: ImageGrid, displacement: torch.Tensor, source: NetworkFrame, target: NetworkFrame,
+              preaffine: Optional[np.ndarray] = None) -> DisplacementField:
+    """The network map ``displacement`` (``source`` -> ``target`` frame) as a WORLD field on ``grid``, after
+    ``preaffine`` where given (the inverse: the pre-alignment's inverse first)."""
     return DisplacementField(grid, displacement_on_grid(displacement, grid, source, target, preaffine=preaffine))
-
-
-def _field_on(grid: ImageGrid, displacement: torch.Tensor, source: NetworkFrame, target: NetworkFrame
-              ) -> DisplacementField:
-    """The network map ``displacement`` (``source`` -> ``target`` frame) as a WORLD field on ``grid``."""
-    return DisplacementField(grid, displacement_on_grid(displacement, grid, source, target))
 
 
 def _no_prediction(net, image_A: torch.Tensor, image_B: torch.Tensor, *, inverse: bool):

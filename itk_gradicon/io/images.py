@@ -32,7 +32,6 @@ from .outputs import (  # noqa: F401  (re-exported: the names users of this modu
     check_output_dir, check_output_path, compound_suffix, remove_stale_staging)
 
 
-
 def _check_readable_file(path: PathLike, what: str) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
@@ -395,19 +394,26 @@ def read_label_image(path: PathLike, *, what: str = "label map", dimension: Opti
     image = read_simpleitk_image(path, what)
     _check_scalar_and_dimension(image, f"{what} '{path}'", dimension)
     array = image_array(image)
+    check_label_values(array, f"{what} '{path}'", nan_note="")
     if np.issubdtype(array.dtype, np.floating):
-        if not np.all(np.isfinite(array)):
-            raise InputError(f"{what} '{path}' has NaN or infinite values")
-        frac = array[array != np.round(array)]
-        if frac.size:
-            raise InputError(f"{what} '{path}' is not a label map: it holds non-integer values "
-                             f"such as {float(frac.flat[0]):g}")
         lo, hi = float(array.min()), float(array.max())
         small = -32768 <= lo and hi <= 32767
         import SimpleITK as sitk
 
         image = sitk.Cast(image, sitk.sitkInt16 if small else sitk.sitkInt32)
     return _in_backend(image, backend)
+
+
+def check_label_values(array: np.ndarray, what: str, *, nan_note: str = "; a label map holds integers") -> None:
+    """Refuse a floating-point label array that holds NaN, infinities or values that are not whole numbers
+    (integer arrays always pass); ``what`` names it in the message, ``nan_note`` ends the NaN one."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return
+    if not np.all(np.isfinite(array)):
+        raise InputError(f"{what} has NaN or infinite values{nan_note}")
+    frac = array[array != np.round(array)]
+    if frac.size:
+        raise InputError(f"{what} is not a label map: it holds non-integer values such as {float(frac.flat[0]):g}")
 
 
 def _check_grid(image, what: str) -> None:

@@ -86,10 +86,14 @@ def to_simpleitk(image):
     sitk = _sitk()
     out = sitk.GetImageFromArray(np.array(itk_array(image)), isVector=int(image.GetNumberOfComponentsPerPixel()) > 1)
     _, spacing, origin, direction = itk_geometry(image)
-    out.SetOrigin([float(v) for v in origin])
-    out.SetSpacing([float(v) for v in spacing])
-    out.SetDirection([float(v) for v in direction.reshape(-1)])
+    _set_sitk_geometry(out, spacing, origin, direction)
     return out
+
+
+def _set_sitk_geometry(image, spacing: Sequence[float], origin: Sequence[float], direction: np.ndarray) -> None:
+    image.SetOrigin([float(v) for v in origin])
+    image.SetSpacing([float(v) for v in spacing])
+    image.SetDirection([float(v) for v in np.asarray(direction, dtype=np.float64).reshape(-1)])
 
 
 def to_itk(image):
@@ -240,10 +244,7 @@ def _sitk_part(part):
     if name == "DisplacementFieldTransform":
         field = part.GetDisplacementField()
         image = sitk.GetImageFromArray(np.array(itk_array(field), dtype=np.float64), isVector=True)
-        _, spacing, origin, direction = itk_geometry(field)
-        image.SetOrigin([float(v) for v in origin])
-        image.SetSpacing([float(v) for v in spacing])
-        image.SetDirection([float(v) for v in direction.reshape(-1)])
+        _set_sitk_geometry(image, *itk_geometry(field)[1:])
         return sitk.DisplacementFieldTransform(image)
     if name == "IdentityTransform":
         return sitk.Transform(d, sitk.sitkIdentity)

@@ -91,7 +91,6 @@ def field_transform(field) -> object:
     return _sitk().DisplacementFieldTransform(field.to_simpleitk_image())
 
 
-
 # --------------------------------------------------------------------------------------------
 # A transform a user names, and several composed as antsApplyTransforms does
 # --------------------------------------------------------------------------------------------

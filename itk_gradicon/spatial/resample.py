@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io.grid import ImageGrid, apply_affine
-from ..io.images import image_array, image_like
+from ..io.images import check_label_values, image_array, image_like
 from ..io.itk_bridge import like_input, to_simpleitk, to_simpleitk_transform
 from ..io.transform_files import sample_displacement
 from ..resources import for_each_slab
@@ -133,16 +133,6 @@ def with_dtype(image, dtype: np.dtype):
     if array.dtype == dtype:
         return image
     return image_like(as_dtype_array(array, dtype), image)
-
-
-def check_label_values(array: np.ndarray, what: str) -> None:
-    if np.issubdtype(array.dtype, np.floating):
-        if not np.all(np.isfinite(array)):
-            raise InputError(f"{what} has NaN or infinite values; a label map holds integers")
-        frac = array[array != np.round(array)]
-        if frac.size:
-            raise InputError(f"{what} is not a label map: it holds non-integer values such as "
-                             f"{float(frac.flat[0]):g}")
 
 
 def resample_labels(labels, reference, transform, *, default_value: float = 0.0, displacement=None):
