@@ -1,6 +1,6 @@
 """``python -m itk_gradicon``: the ``gradicon`` command."""
 
-from .cli import main
+from .cli import run
 
 if __name__ == "__main__":
-    main(prog_name="gradicon")
+    run()

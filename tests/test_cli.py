@@ -39,6 +39,46 @@ def test_shim_and_console_script_agree(tmp_path):
     assert shim.returncode == 0 and "gradicon" in shim.stdout
 
 
+def _command(*args: str) -> subprocess.CompletedProcess:
+    """The command as users run it (``run``, the console script's entry), in a child process."""
+    return subprocess.run([sys.executable, "-m", "itk_gradicon", *args], capture_output=True, text=True)
+
+
+def test_prompt_exit_keeps_status_and_every_line_written_to_a_pipe():
+    listed = _command("models", "list")
+    assert listed.returncode == 0
+    assert listed.stdout == CliRunner().invoke(main, ["models", "list"]).stdout  # nothing lost in the pipe
+    refused = _command("register", "--fixed", "missing.nii.gz", "--moving", "missing.nii.gz",
+                       "--out-transform", "t.h5")
+    assert refused.returncode == 2 and refused.stderr.startswith("Error:") and "Traceback" not in refused.stderr
+    assert _command("regster").returncode == 2
+
+
+def test_exit_status_follows_sys_exit():
+    from itk_gradicon.cli import _exit_status
+
+    assert _exit_status(SystemExit(None)) == 0 and _exit_status(SystemExit(3)) == 3
+    assert _exit_status(SystemExit("stopped")) == 1
+
+
+@pytest.mark.skipif(sys.gettrace() is not None or sys.getprofile() is not None, reason="traced run (coverage)")
+def test_shutdown_kept_while_a_child_process_lives():
+    import multiprocessing
+    import time
+
+    from itk_gradicon.cli import _teardown_needed
+
+    assert not _teardown_needed()
+    child = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(60,))
+    child.start()
+    try:
+        assert _teardown_needed()
+    finally:
+        child.terminate()
+        child.join()
+    assert not _teardown_needed()
+
+
 def test_unknown_subcommand_is_a_usage_error():
     result = CliRunner().invoke(main, ["regster"])
     assert result.exit_code == 2 and "No such command" in result.output
