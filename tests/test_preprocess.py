@@ -20,6 +20,33 @@ def test_quantile_is_the_references_kth_value():
     assert quantile(values, 0.001) == 1.0
 
 
+@pytest.mark.parametrize("kind", ["smooth", "few values", "constant", "sorted", "with nan"])
+def test_quantile_of_a_large_image_is_the_exact_kth_value(kind):
+    """Above ``QUANTILE_SAMPLE_ABOVE`` voxels the value is looked for near a sample's estimate: the same
+    value as partitioning everything, for every kind of intensity distribution."""
+    rng = np.random.default_rng(7)
+    n = 1_300_000
+    values = {"smooth": rng.gamma(2.0, 50.0, n), "few values": rng.integers(0, 4, n).astype(float),
+              "constant": np.full(n, 3.0), "sorted": np.arange(n, dtype=float),
+              "with nan": np.where(rng.random(n) < 0.01, np.nan, rng.normal(size=n))}[kind].astype(np.float32)
+
+    def partitioned(q):
+        k = max(1, min(int(q * n), n))
+        return float(np.partition(values, k - 1)[k - 1])
+
+    for q in (0.0, 0.003, 0.01, 0.5, 0.98, 0.99, 0.999, 1.0):
+        got, expected = quantile(values, q), partitioned(q)
+        assert got == expected or (np.isnan(got) and np.isnan(expected)), (q, got, expected)
+
+
+def test_normalisation_computes_in_double_precision():
+    """The [lo, hi] scaling runs in float64 and rounds once to float32 (the reference's arithmetic)."""
+    values = np.array([0.0, 1.0, 2.0, 3.0, 1e7 + 1.0], dtype=np.float32)
+    out = IntensityNormalization("mri", quantile_range=(0.0, 1.0))(values)
+    expected = ((np.clip(values.astype(np.float64), 0.0, 1e7 + 1.0) - 0.0) / (1e7 + 1.0)).astype(np.float32)
+    assert out.dtype == np.float32 and np.array_equal(out, expected)
+
+
 def test_ct_window_by_hand():
     norm = IntensityNormalization("ct")
     out = norm(np.array([-3000, -1000, 0, 500, 1000, 3000], dtype=np.float32))

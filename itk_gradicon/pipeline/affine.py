@@ -130,12 +130,14 @@ def _centre_of_mass(image) -> np.ndarray:
     import SimpleITK as sitk
 
     image = _sitk(image)
-    array = np.clip(sitk.GetArrayViewFromImage(image).astype(np.float64), 0, None)
-    total = array.sum()
+    array = sitk.GetArrayViewFromImage(image)  # negative intensities weigh nothing; sums in float64
+    if array.size and array.min() < 0:
+        array = np.maximum(array, 0)
+    total = array.sum(dtype=np.float64)
     if total <= 0:
         return np.asarray(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
-    index = [float((array.sum(axis=tuple(a for a in range(array.ndim) if a != axis)) * np.arange(array.shape[axis])).sum()
-                   / total) for axis in range(array.ndim)]
+    index = [float((array.sum(axis=tuple(a for a in range(array.ndim) if a != axis), dtype=np.float64)
+                    * np.arange(array.shape[axis])).sum() / total) for axis in range(array.ndim)]
     return np.asarray(image.TransformContinuousIndexToPhysicalPoint(index[::-1]))
 
 

@@ -75,10 +75,21 @@ class DisplacementField:
             raise ValueError(f"field array has shape {self.array.shape}, expected {expected}")
 
     def to_simpleitk_image(self, dtype=np.float64):
-        """The field as a ``SimpleITK`` vector image with the grid's geometry (``dtype`` components)."""
+        """The field as a ``SimpleITK`` vector image with the grid's geometry (``dtype`` components:
+        ``float32`` or ``float64``).
+
+        The vectors are copied once as stored and converted by SimpleITK (multi-threaded, in place of a
+        second full-size copy in numpy); float32 -> float64 is exact.
+        """
         import SimpleITK as sitk
 
-        image = sitk.GetImageFromArray(np.ascontiguousarray(self.array, dtype=dtype), isVector=True)
+        wanted = {np.dtype(np.float32): sitk.sitkVectorFloat32, np.dtype(np.float64): sitk.sitkVectorFloat64}
+        if np.dtype(dtype) not in wanted:
+            raise ValueError(f"field components must be float32 or float64, got {np.dtype(dtype)}")
+        array = self.array if self.array.dtype in wanted else self.array.astype(dtype)
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=True)
+        if image.GetPixelID() != wanted[np.dtype(dtype)]:
+            image = sitk.Cast(image, wanted[np.dtype(dtype)])
         self.grid.apply_to(image)
         return image
 
