@@ -124,6 +124,55 @@ def test_the_start_with_the_better_similarity_wins(monkeypatch):
     assert found.start == "mass" and np.array_equal(found.matrix, good)
 
 
+def test_a_moving_image_that_covers_too_little_is_sampled_instead(monkeypatch):
+    """Where elastix's samples (drawn from the fixed image) fall outside the moving image, the start runs
+    again with the roles swapped and its inverse is used; the centres-of-mass start is not tried then."""
+    from conftest import blob_volume, make_image
+    from itk_gradicon.pipeline.elastix import SamplesOutsideMoving
+
+    rng = np.random.default_rng(2)
+    fixed = make_image(blob_volume((32, 32, 32), rng) * 100)
+    moving = make_image(blob_volume((8, 32, 32), rng) * 100, origin=(0.0, 0.0, 30.0))  # a slab, masses 30 mm apart
+    moving_to_fixed = np.eye(4)
+    moving_to_fixed[:3, 3] = [1.0, 2.0, -3.0]
+    runs = []
+
+    class FakeInputs:
+        def __init__(self, swapped: bool) -> None:
+            self.swapped = swapped
+
+        def affine(self, *, transform, initialization, **kwargs):
+            runs.append((self.swapped, initialization))
+            if not self.swapped:
+                raise SamplesOutsideMoving("elastix could not compute the affine pre-alignment: Too many samples "
+                                           "map outside moving image buffer: 90 / 2048")
+            return moving_to_fixed
+
+    monkeypatch.setattr(affine_module.ElastixInputs, "of",
+                        classmethod(lambda cls, f, m, *masks: FakeInputs(swapped=f.GetSize()[2] == 8)))
+    lines = []
+    found = prealign(fixed, moving, transform="affine", log=lines.append)
+    assert found.roles_swapped and found.start == "header"
+    assert np.allclose(found.matrix, np.linalg.inv(moving_to_fixed))
+    assert runs == [(False, "none"), (True, "none")]  # no mass start
+    assert "sampling the moving image" in lines[-1]
+
+
+def test_a_slab_registers_to_the_whole_volume_with_real_elastix():
+    """A slab cut from a volume (its own header kept) against the whole volume: elastix cannot sample
+    the slab from the whole volume's grid, the swapped run finds the stored alignment again."""
+    from conftest import make_image
+    from test_affine import textured_phantom
+
+    volume = textured_phantom((48, 48, 48), np.random.default_rng(3))
+    fixed = make_image(volume)
+    moving = make_image(volume[20:30].copy(), origin=(0.0, 0.0, 20.0))  # z slices 20-29, where they were
+    found = prealign(fixed, moving, transform="rigid", threads=2)
+    assert found.roles_swapped
+    corners = np.array([[x, y, z, 1.0] for x in (0, 47) for y in (0, 47) for z in (20, 29)])
+    assert np.abs((corners @ (found.matrix - np.eye(4)).T)[:, :3]).max() < 1.0  # mm, the voxel size
+
+
 def test_rigid_on_the_example_pair_is_not_worse_than_the_headers():
     """The README's same-subject example (spinal cord T2 -> T1w, different fields of view): --affine rigid
     keeps or improves the cord masks' overlap (elastix's default 4 levels moved it 12 mm off)."""

@@ -337,7 +337,8 @@ def _prealignment(inputs: _Inputs, affine: str, initial_transform: Optional[Path
         found = prealign(inputs.fixed, inputs.moving, inputs.masks["fixed_mask"], inputs.masks["moving_mask"],
                          transform=affine, log=log)
         return found.matrix, {"source": "elastix", "transform": found.transform, "start": found.start,
-                              "similarity": found.similarity, "rejected": list(found.rejected)}
+                              "similarity": found.similarity, "rejected": list(found.rejected),
+                              "roles_swapped": found.roles_swapped}
     return None, None
 
 

@@ -13,8 +13,8 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 
 from .elastix import (  # noqa: F401  (re-exported: the names users of this module know)
-    DEFAULT_SEED, HISTOGRAM_BINS, INITIALIZATIONS, METRICS, TRANSFORMS, ElastixInputs, affine_from_elastix_parameters,
-    affine_parameter_map, elastix_affine, euler_matrix, pyramid_levels)
+    DEFAULT_SEED, HISTOGRAM_BINS, INITIALIZATIONS, METRICS, TRANSFORMS, ElastixInputs, SamplesOutsideMoving,
+    affine_from_elastix_parameters, affine_parameter_map, elastix_affine, euler_matrix, pyramid_levels)
 from ..errors import InputError
 from ..io.images import to_simpleitk
 from ..threads import available_threads  # noqa: F401  (re-exported)
@@ -104,6 +104,9 @@ class Prealignment:
             or ``"mass"`` (intensity centres of mass aligned).
         similarity: its normalised mutual information (:func:`normalized_mutual_information`).
         rejected: why affine results were not used (empty when none was rejected).
+        roles_swapped: elastix registered the fixed image to the moving one (sampling the moving image,
+            which covers too little of the fixed one for elastix's samples) and ``matrix`` is the inverse
+            of its result.
     """
 
     matrix: np.ndarray
@@ -111,12 +114,15 @@ class Prealignment:
     start: str
     similarity: float
     rejected: Tuple[str, ...] = field(default_factory=tuple)
+    roles_swapped: bool = False
 
     def describe(self) -> str:
         d = self.matrix.shape[0] - 1
         scales = "/".join(f"{v:.3f}" for v in np.linalg.svd(self.matrix[:d, :d], compute_uv=False))
         shift = ", ".join(f"{v:.1f}" for v in self.matrix[:d, d])
-        return (f"{self.transform} pre-alignment (elastix, from the {self.start} start): scales {scales}, "
+        swapped = (", sampling the moving image: it covers too little of the fixed one for elastix's samples"
+                   if self.roles_swapped else "")
+        return (f"{self.transform} pre-alignment (elastix, from the {self.start} start{swapped}): scales {scales}, "
                 f"translation [{shift}] mm, NMI {self.similarity:.3f}")
 
 
@@ -155,6 +161,10 @@ def prealign(fixed, moving, fixed_mask=None, moving_mask=None, *, transform: str
       is never used; if no start gives a plausible affine, the best rigid result is used instead and
       ``log`` says why. A start on which elastix fails (e.g. images that barely overlap there) is
       passed over; only when every start fails is its error raised.
+    * Roles: where too few of elastix's samples, drawn from the fixed image, fall inside the moving
+      image (a slab or a small field of view registered to a whole head), that start runs again with
+      the roles swapped (the moving image sampled) and the inverse of its result is used; the ``mass``
+      start is then not tried (the centre of mass of a part is not the whole's).
 
     Returns:
         the :class:`Prealignment`.
@@ -171,13 +181,29 @@ def prealign(fixed, moving, fixed_mask=None, moving_mask=None, *, transform: str
     if transform == "affine" and np.linalg.norm(_centre_of_mass(fixed_s) - _centre_of_mass(moving_s)) > SAME_START_MM:
         starts.append("mass")
 
+    swapped_inputs: List[ElastixInputs] = []  # the roles swapped, converted on first need
+
+    def run(kind: str, start: str) -> Tuple[np.ndarray, bool]:
+        """elastix's fixed -> moving matrix from ``start``, and whether it came with the roles swapped."""
+        settings = dict(transform=kind, initialization=STARTS[start], resolutions=levels, threads=threads)
+        try:
+            return elastix_inputs.affine(**settings), False
+        except SamplesOutsideMoving as err:
+            if not swapped_inputs:
+                swapped_inputs.append(ElastixInputs.of(moving_s, fixed_s, moving_mask, fixed_mask))
+            try:
+                return np.linalg.inv(swapped_inputs[0].affine(**settings)), True
+            except InputError:
+                raise err from None  # the first failure explains the pair
+
     def best_of(kind: str) -> Tuple[Optional[Prealignment], List[str]]:
         found, rejected = None, []
         failures = []
         for start in starts:
+            if start == "mass" and swapped_inputs:  # one image holds a part of the other's anatomy: their
+                continue                             # centres of mass do not correspond
             try:
-                matrix = elastix_inputs.affine(transform=kind, initialization=STARTS[start], resolutions=levels,
-                                               threads=threads)
+                matrix, swapped = run(kind, start)
             except InputError as err:  # e.g. a start where the images barely overlap: the other may work
                 failures.append(err)
                 rejected.append(f"from the {start} start, {err}")
@@ -186,7 +212,8 @@ def prealign(fixed, moving, fixed_mask=None, moving_mask=None, *, transform: str
             if reason is not None:
                 rejected.append(f"from the {start} start, {reason}")
                 continue
-            candidate = Prealignment(matrix, kind, start, normalized_mutual_information(fixed_s, moving_s, matrix))
+            candidate = Prealignment(matrix, kind, start, normalized_mutual_information(fixed_s, moving_s, matrix),
+                                     roles_swapped=swapped)
             if found is None or candidate.similarity > found.similarity:
                 found = candidate
         if found is None and len(failures) == len(starts):
@@ -201,7 +228,8 @@ def prealign(fixed, moving, fixed_mask=None, moving_mask=None, *, transform: str
             log("affine pre-alignment rejected (" + "; ".join(rejected) + f"; allowed scales {PLAUSIBLE_SCALES[0]:g}-"
                 f"{PLAUSIBLE_SCALES[1]:g}, anisotropy at most {PLAUSIBLE_ANISOTROPY:g}): using a rigid one instead")
         result, _ = best_of("rigid")
-        result = Prealignment(result.matrix, result.transform, result.start, result.similarity, tuple(rejected))
+        result = Prealignment(result.matrix, result.transform, result.start, result.similarity, tuple(rejected),
+                              result.roles_swapped)
     if log is not None:
         log(result.describe())
     return result

@@ -391,6 +391,16 @@ class ElastixInputs:
         return matrix
 
 
+class SamplesOutsideMoving(InputError):
+    """elastix gave up because too few of its fixed-image samples fell inside the moving image (a moving
+    image that covers a small part of the fixed one, e.g. a slab): the same pair may register with the
+    roles swapped, sampling the smaller image."""
+
+
+#: How elastix words that failure (its metrics' "Too many samples map outside moving image buffer").
+SAMPLES_OUTSIDE = "samples map outside moving image"
+
+
 def _run_elastix(fixed, moving, masks, params: Mapping[str, Sequence[str]], threads: int):
     """Run elastix with one parameter map; returns its transform parameter object.
 
@@ -417,8 +427,9 @@ def _run_elastix(fixed, moving, masks, params: Mapping[str, Sequence[str]], thre
             method.Update()
         except RuntimeError as err:
             reason = _elastix_log_reason(Path(work) / "elastix.log") or _elastix_error(err)
-            raise InputError(f"elastix could not compute the affine pre-alignment: {reason} "
-                             "(check the masks, or register without an affine)") from err
+            kind = SamplesOutsideMoving if SAMPLES_OUTSIDE in reason.lower() else InputError
+            raise kind(f"elastix could not compute the affine pre-alignment: {reason} "
+                       "(check the masks, or register without an affine)") from err
     return method.GetTransformParameterObject()
 
 
@@ -433,5 +444,5 @@ def pyramid_levels(*images) -> int:
 
 
 __all__ = ["DEFAULT_SEED", "HISTOGRAM_BINS", "ITERATIONS", "PYRAMIDS", "INITIALIZATIONS", "METRICS", "TRANSFORMS",
-           "ElastixInputs", "affine_from_elastix_parameters", "affine_parameter_map", "elastix_affine", "euler_matrix",
+           "ElastixInputs", "SamplesOutsideMoving", "affine_from_elastix_parameters", "affine_parameter_map", "elastix_affine", "euler_matrix",
            "pyramid_levels"]
