@@ -14,7 +14,7 @@ from itk_gradicon import affine as affine_module
 from itk_gradicon.affine import (Prealignment, euler_matrix, implausibility, prealign, pyramid_levels,
                                  affine_from_elastix_parameters)
 from itk_gradicon.cli import main
-from itk_gradicon.errors import ModelError
+from itk_gradicon.errors import InputError, ModelError
 from itk_gradicon.models import BUNDLED, NO_REFINEMENT, Refinement, load_model, save_model_file
 from itk_gradicon.preprocess import modalities_differ
 from itk_gradicon.registration import resolve_io
@@ -156,6 +156,36 @@ def test_a_moving_image_that_covers_too_little_is_sampled_instead(monkeypatch):
     assert np.allclose(found.matrix, np.linalg.inv(moving_to_fixed))
     assert runs == [(False, "none"), (True, "none")]  # no mass start
     assert "sampling the moving image" in lines[-1]
+
+
+def test_when_the_swapped_run_fails_too_the_other_start_still_counts(monkeypatch):
+    """The header start fails both ways; the centres-of-mass start gives an implausible affine: the rigid
+    fallback runs from the centres of mass (a run that fails never ends in a traceback)."""
+    from conftest import blob_volume, make_image
+    from itk_gradicon.pipeline.elastix import SamplesOutsideMoving
+
+    rng = np.random.default_rng(4)
+    fixed = make_image(blob_volume((32, 32, 32), rng) * 100)
+    moving = make_image(blob_volume((8, 32, 32), rng) * 100, origin=(0.0, 0.0, 30.0))
+    rigid = np.eye(4)
+    rigid[:3, 3] = [0.0, 0.0, 12.0]
+
+    class FakeInputs:
+        def __init__(self, swapped: bool) -> None:
+            self.swapped = swapped
+
+        def affine(self, *, transform, initialization, **kwargs):
+            if initialization == "none":
+                raise (InputError("swapped: elastix could not compute it") if self.swapped else
+                       SamplesOutsideMoving("Too many samples map outside moving image buffer: 9 / 2048"))
+            return np.diag([1.9, 1.0, 1.0, 1.0]) if transform == "affine" else rigid
+
+    monkeypatch.setattr(affine_module.ElastixInputs, "of",
+                        classmethod(lambda cls, f, m, *masks: FakeInputs(swapped=f.GetSize()[2] == 8)))
+    found = prealign(fixed, moving, transform="affine")
+    assert found.transform == "rigid" and found.start == "mass" and not found.roles_swapped
+    assert np.array_equal(found.matrix, rigid)
+    assert any("Too many samples" in reason for reason in found.rejected)
 
 
 def test_a_slab_registers_to_the_whole_volume_with_real_elastix():

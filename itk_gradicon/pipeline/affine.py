@@ -181,7 +181,8 @@ def prealign(fixed, moving, fixed_mask=None, moving_mask=None, *, transform: str
     if transform == "affine" and np.linalg.norm(_centre_of_mass(fixed_s) - _centre_of_mass(moving_s)) > SAME_START_MM:
         starts.append("mass")
 
-    swapped_inputs: List[ElastixInputs] = []  # the roles swapped, converted on first need
+    swapped: List[ElastixInputs] = []  # the roles swapped, converted on first need
+    part_of_the_other: List[bool] = []  # set once a swapped run worked: one image covers a part of the other
 
     def run(kind: str, start: str) -> Tuple[np.ndarray, bool]:
         """elastix's fixed -> moving matrix from ``start``, and whether it came with the roles swapped."""
@@ -189,21 +190,24 @@ def prealign(fixed, moving, fixed_mask=None, moving_mask=None, *, transform: str
         try:
             return elastix_inputs.affine(**settings), False
         except SamplesOutsideMoving as err:
-            if not swapped_inputs:
-                swapped_inputs.append(ElastixInputs.of(moving_s, fixed_s, moving_mask, fixed_mask))
+            if not swapped:
+                swapped.append(ElastixInputs.of(moving_s, fixed_s, moving_mask, fixed_mask))
             try:
-                return np.linalg.inv(swapped_inputs[0].affine(**settings)), True
+                matrix = np.linalg.inv(swapped[0].affine(**settings))
             except InputError:
                 raise err from None  # the first failure explains the pair
+            part_of_the_other.append(True)
+            return matrix, True
 
     def best_of(kind: str) -> Tuple[Optional[Prealignment], List[str]]:
         found, rejected = None, []
-        failures = []
+        tried, failures = 0, []
         for start in starts:
-            if start == "mass" and swapped_inputs:  # one image holds a part of the other's anatomy: their
-                continue                             # centres of mass do not correspond
+            if start == "mass" and part_of_the_other:  # the centre of mass of a part is not the whole's
+                continue
+            tried += 1
             try:
-                matrix, swapped = run(kind, start)
+                matrix, roles_swapped = run(kind, start)
             except InputError as err:  # e.g. a start where the images barely overlap: the other may work
                 failures.append(err)
                 rejected.append(f"from the {start} start, {err}")
@@ -213,10 +217,10 @@ def prealign(fixed, moving, fixed_mask=None, moving_mask=None, *, transform: str
                 rejected.append(f"from the {start} start, {reason}")
                 continue
             candidate = Prealignment(matrix, kind, start, normalized_mutual_information(fixed_s, moving_s, matrix),
-                                     roles_swapped=swapped)
+                                     roles_swapped=roles_swapped)
             if found is None or candidate.similarity > found.similarity:
                 found = candidate
-        if found is None and len(failures) == len(starts):
+        if found is None and len(failures) == tried:
             raise failures[-1]
         return found, rejected
 
