@@ -176,6 +176,32 @@ def test_mind_descriptors_match_reference(image_pair):
 
 
 @pytest.mark.parametrize("dimension", [2, 3])
+def test_mind_backward_written_out_equals_autograds(dimension):
+    """MIND-SSC's last step has its backward pass written out: the same values, and gradients equal to
+    autograd's through the plain expression (and to finite differences)."""
+    generator = torch.Generator().manual_seed(11)
+    distances = torch.rand(2, 6, *([5] * dimension), dtype=torch.float64, generator=generator)
+    distances[0, :, 0] = 0.5  # ties for the minimum, and a window with no variance (clamped)
+    weights = torch.rand(distances.shape, dtype=torch.float64, generator=generator)
+
+    def plain(values):
+        mind = values - values.min(dim=1, keepdim=True).values
+        variance = mind.mean(dim=1, keepdim=True)
+        level = variance.mean().item()
+        return torch.exp(-mind / variance.clamp(level * 0.001, level * 1000))
+
+    ours, theirs = (distances.clone().requires_grad_(True) for _ in range(2))
+    written = L._MINDFromDistances.apply(ours)
+    assert torch.equal(written, plain(theirs))
+    (written * weights).sum().backward()
+    (plain(theirs) * weights).sum().backward()
+    assert (ours.grad - theirs.grad).abs().max().item() < 1e-12
+    assert torch.autograd.gradcheck(L._MINDFromDistances.apply, (torch.rand(1, 4, *([4] * dimension),
+                                                                           dtype=torch.float64,
+                                                                           requires_grad=True),))
+
+
+@pytest.mark.parametrize("dimension", [2, 3])
 def test_box_mean_is_the_replicate_padded_average_pool(dimension):
     import torch.nn.functional as F
 

@@ -212,12 +212,37 @@ def mind_ssc(image: Tensor, radius: int = 2, dilation: int = 2) -> Tensor:
         return padded[tuple(index)]
 
     diffs = torch.cat([(shifted(a) - shifted(b)) ** 2 for a, b in _neighbour_pairs(d)], dim=1)
-    ssd = box_mean(diffs, radius)
-    mind = ssd - ssd.min(dim=1, keepdim=True).values
-    variance = mind.mean(dim=1, keepdim=True)
-    level = variance.mean().item()
-    variance = variance.clamp(level * 0.001, level * 1000)
-    return torch.exp(-mind / variance)
+    return _MINDFromDistances.apply(box_mean(diffs, radius))
+
+
+class _MINDFromDistances(torch.autograd.Function):
+    """MIND-SSC's last step, ``exp(-(D - min_c D) / clamp(mean_c(D - min_c D)))`` of the patch distances
+    ``D`` ``[B, P, ...]``, with its backward pass written out: the same values as autograd through the
+    chain of ``min``, ``mean``, ``clamp``, ``div`` and ``exp`` (gradients equal to float rounding), in
+    fewer passes over the ``P`` channels (figures: ``benchmarks/README.md``, "Design figures").
+    The clamp bounds (0.001 and 1000 times the global mean variance) are constants, as ``.item()``
+    makes them in the autograd form."""
+
+    @staticmethod
+    def forward(ctx, distances: Tensor) -> Tensor:
+        lowest, index = distances.min(dim=1, keepdim=True)
+        mind = distances - lowest
+        variance = mind.mean(dim=1, keepdim=True)
+        level = variance.mean().item()
+        low, high = level * 0.001, level * 1000
+        clamped = variance.clamp(low, high)
+        out = torch.exp(-mind / clamped)
+        ctx.save_for_backward(out, mind, clamped, index, (variance >= low) & (variance <= high))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        out, mind, variance, index, unclamped = ctx.saved_tensors
+        weighted = grad * out                                    # dL/dy * y
+        through_variance = (weighted * mind).sum(1, keepdim=True) / (variance * variance)
+        grad_mind = through_variance * unclamped / mind.shape[1] - weighted / variance
+        grad_mind.scatter_add_(1, index, -grad_mind.sum(1, keepdim=True))  # the minimum's share
+        return grad_mind
 
 
 def mind_loss(warped: Tensor, target: Tensor, mask: Optional[Tensor] = None,
