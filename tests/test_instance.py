@@ -186,6 +186,29 @@ def test_penalties_are_zero_for_the_identity_and_grow_with_roughness():
     assert float(inverse_consistency_penalty(shift, shift, identity)) == pytest.approx(2 * (0.1 * 7) ** 2, rel=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(5, 6, 4), (7, 5), (6, 1, 4)])
+def test_diffusion_gradient_written_out_equals_autograds(shape):
+    """The diffusion penalty's hand-written backward: autograd's gradient of the plain expression, and
+    finite differences (2-D, 3-D, an axis of one voxel)."""
+    from itk_gradicon.instance import diffusion_penalty, voxel_scale
+
+    generator = torch.Generator().manual_seed(2)
+    u = torch.rand(2, len(shape), *shape, dtype=torch.float64, generator=generator)
+
+    def plain(displacement):
+        voxels = displacement * voxel_scale(displacement.shape[2:], displacement)
+        return sum(torch.diff(voxels, dim=2 + axis).pow(2).sum(1).mean()
+                   for axis in range(len(shape)) if shape[axis] > 1)
+
+    ours, theirs = (u.clone().requires_grad_(True) for _ in range(2))
+    value = diffusion_penalty(ours)
+    assert float(value.detach()) == pytest.approx(float(plain(theirs).detach()), rel=1e-12)
+    (3.0 * value).backward()
+    (3.0 * plain(theirs)).backward()
+    assert (ours.grad - theirs.grad).abs().max().item() < 1e-12
+    assert torch.autograd.gradcheck(diffusion_penalty, (u[:1].clone().requires_grad_(True),))
+
+
 @pytest.mark.parametrize("similarity", ["lncc", "lncc2", "mind"])
 def test_field_io_in_2d_with_every_similarity_and_loss_masks(tiny_model_file_2d, similarity):
     """2-D images, each IO similarity, loss masks: the refinement runs and lowers its objective."""
