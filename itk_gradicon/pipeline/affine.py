@@ -181,29 +181,30 @@ def prealign(fixed, moving, fixed_mask=None, moving_mask=None, *, transform: str
     if transform == "affine" and np.linalg.norm(_centre_of_mass(fixed_s) - _centre_of_mass(moving_s)) > SAME_START_MM:
         starts.append("mass")
 
-    swapped: List[ElastixInputs] = []  # the roles swapped, converted on first need
-    part_of_the_other: List[bool] = []  # set once a swapped run worked: one image covers a part of the other
+    swapped_inputs: Optional[ElastixInputs] = None  # the roles swapped, converted on first need
+    moving_is_a_part = False  # set once a swapped run worked: the moving image covers a part of the fixed one
 
     def run(kind: str, start: str) -> Tuple[np.ndarray, bool]:
         """elastix's fixed -> moving matrix from ``start``, and whether it came with the roles swapped."""
+        nonlocal swapped_inputs, moving_is_a_part
         settings = dict(transform=kind, initialization=STARTS[start], resolutions=levels, threads=threads)
         try:
             return elastix_inputs.affine(**settings), False
         except SamplesOutsideMoving as err:
-            if not swapped:
-                swapped.append(ElastixInputs.of(moving_s, fixed_s, moving_mask, fixed_mask))
+            if swapped_inputs is None:
+                swapped_inputs = ElastixInputs.of(moving_s, fixed_s, moving_mask, fixed_mask)
             try:
-                matrix = np.linalg.inv(swapped[0].affine(**settings))
+                matrix = np.linalg.inv(swapped_inputs.affine(**settings))
             except InputError:
                 raise err from None  # the first failure explains the pair
-            part_of_the_other.append(True)
+            moving_is_a_part = True
             return matrix, True
 
     def best_of(kind: str) -> Tuple[Optional[Prealignment], List[str]]:
         found, rejected = None, []
         tried, failures = 0, []
         for start in starts:
-            if start == "mass" and part_of_the_other:  # the centre of mass of a part is not the whole's
+            if start == "mass" and moving_is_a_part:  # the centre of mass of a part is not the whole's
                 continue
             tried += 1
             try:
