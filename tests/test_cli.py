@@ -54,6 +54,18 @@ def test_prompt_exit_keeps_status_and_every_line_written_to_a_pipe():
     assert _command("regster").returncode == 2
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="C stdio through ctypes: Linux")
+def test_prompt_exit_keeps_what_c_code_printed():
+    """Text that C or C++ code left in stdio's buffer (a pipe is fully buffered) reaches the pipe."""
+    import os
+
+    code = ("import ctypes, sys; ctypes.CDLL(None).printf(b'printed by C\\n'); "
+            "sys.argv = ['gradicon', '--version']; from itk_gradicon.cli import run; run()")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}  # which unbuffers C stdio
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and "printed by C" in done.stdout and "gradicon" in done.stdout
+
+
 def test_exit_status_follows_sys_exit():
     from itk_gradicon.cli import _exit_status
 

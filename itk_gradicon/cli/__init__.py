@@ -6,6 +6,7 @@ import torch and itk only when they run, so ``gradicon --help`` answers at once.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -55,8 +56,18 @@ def run() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()
+        _flush_c_streams()
         os._exit(status)
     sys.exit(status)
+
+
+def _flush_c_streams() -> None:
+    """Flush the C library's output buffers (what ITK, elastix or any C/C++ code printed with stdio or
+    ``std::cout``), which :func:`os._exit` would otherwise drop when the output goes to a file or a pipe."""
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):  # no process-wide C symbol table here (Windows)
+        pass
 
 
 def _exit_status(done: SystemExit) -> int:
