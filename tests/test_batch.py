@@ -115,6 +115,8 @@ def test_register_batch_matches_register_pair_by_pair(cohort, tiny_model_file):
                      "--report", str(cohort / "report.csv")])
     assert result.exit_code == 0, result.output
     assert "3 of 3 pair(s) registered" in result.output
+    closing = [line for line in result.output.splitlines() if ": done in " in line]
+    assert len(closing) == 3 and not any("interpreter and imports" in line for line in closing)  # not per pair
     single = cohort / "single"
     single.mkdir()
     for name in ("a", "b", "c"):

@@ -245,7 +245,7 @@ def run_register(files: RegisterFiles, outputs: RegisterOutputs, options: Option
                            moving_original=inputs.moving_original if originals else None, log=log, record=record)
     stage.done("write")
     result.timings.update({f"stage_{name}": seconds for name, seconds in stage.seconds.items()})
-    log(stage.summary())
+    log(stage.summary(startup=loaded_model is None))  # a cohort's process start is not this pair's
     return result
 
 
@@ -272,10 +272,12 @@ class _Stages:
                 self.seconds[name] = timings[key]
         self.last = time.perf_counter()
 
-    def summary(self) -> str:
+    def summary(self, *, startup: bool = True) -> str:
+        """The closing line; with ``startup``, the process's seconds before the run (one registration per
+        process: interpreter and imports)."""
         total = time.perf_counter() - self.started
         parts = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in self.seconds.items() if seconds >= 0.05)
-        outside = process_seconds()
+        outside = process_seconds() if startup else None
         before = f"; {outside - total:.1f}s before it (interpreter and imports)" if outside is not None else ""
         return f"done in {total:.1f}s ({parts}){before}"
 
