@@ -66,6 +66,11 @@ def test_the_record_validates_and_says_what_ran(tmp_path, recommending_model, pa
     assert io["steps_run"] == 4 and [level["steps_run"] for level in io["levels"]] == [2, 2]
     assert record["jacobian"]["percent_negative"] >= 0 and record["inputs"]["fixed"]["sha256"]
     assert {"read", "network", "instance optimisation"} <= set(record["timings"])
+    elastix = {"matrix": record["prealignment"]["matrix"], "source": "elastix", "transform": "affine",
+               "start": "header", "similarity": 1.2, "rejected": [], "roles_swapped": True}
+    jsonschema.validate({**record, "prealignment": elastix}, load_schema())  # what an elastix run records
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**record, "prealignment": {**elastix, "roles_swapped": "yes"}}, load_schema())
 
 
 def test_two_runs_with_one_seed_give_the_same_outputs(tmp_path, recommending_model, pair):

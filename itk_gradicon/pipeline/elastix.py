@@ -444,5 +444,5 @@ def pyramid_levels(*images) -> int:
 
 
 __all__ = ["DEFAULT_SEED", "HISTOGRAM_BINS", "ITERATIONS", "PYRAMIDS", "INITIALIZATIONS", "METRICS", "TRANSFORMS",
-           "ElastixInputs", "SamplesOutsideMoving", "affine_from_elastix_parameters", "affine_parameter_map", "elastix_affine", "euler_matrix",
-           "pyramid_levels"]
+           "ElastixInputs", "SamplesOutsideMoving", "affine_from_elastix_parameters", "affine_parameter_map",
+           "elastix_affine", "euler_matrix", "pyramid_levels"]
