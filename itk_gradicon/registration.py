@@ -45,7 +45,7 @@ from .models import DEFAULT_MODEL, Model, load_model
 from .network.inference import predict_displacements
 from .pipeline import losses
 from .pipeline import affine as affine_stage  # prealign called through the module (tests replace it there)
-from .pipeline.coverage import COVERAGE_STRIDE, coverage_warning, foreground_coverage
+from .pipeline.coverage import prealigned_coverage_warning
 from .pipeline.affine import resolve_affine_choice
 from .pipeline.instance import (DEFAULT_LR, DEFAULT_SMOOTHNESS, FieldSettings, IOProgress, optimise_network,
                                 refine_fields)
@@ -406,8 +406,7 @@ def run_request(request: RegistrationRequest, *, device: torch.device,
     image_B = fixed_frame.tensor(normalized["fixed"], device=device)
     image_A = moving_frame.tensor(moving_net.array, device=device)
     if r.affine is not None:  # both on the fixed grid: are their foregrounds alike?
-        inside = _inside_field_of_view(fixed_frame, moving_grid, r.affine, stride=COVERAGE_STRIDE, device=device)
-        warning = coverage_warning(foreground_coverage(image_A, image_B, inside, stride=COVERAGE_STRIDE))
+        warning = prealigned_coverage_warning(image_A, image_B, fixed_frame, moving_grid, r.affine)
         if warning:
             messages.append(warning)
     similarity = r.io_similarity
@@ -516,21 +515,6 @@ def _network_frames(model: Model, fixed_grid: ImageGrid, moving_grid: ImageGrid,
         messages.append(f"moving image reordered to the fixed image's axes (index axes "
                         f"{moving_frame.axes}, flips {moving_frame.flips})")
     return fixed_frame, moving_frame
-
-
-def _inside_field_of_view(fixed_frame: NetworkFrame, moving_grid: ImageGrid, affine: np.ndarray, *,
-                          stride: int, device) -> torch.Tensor:
-    """Boolean on every ``stride``-th node of the fixed image's network grid: whether the node's point, through
-    the pre-alignment ``affine`` (fixed -> moving WORLD), lies within the moving image's voxels (their outer
-    edges included)."""
-    d = fixed_frame.dimension
-    to_index = moving_grid.world_to_index() @ affine @ fixed_frame.cube_to_world()
-    axes = [torch.arange(0, n, stride, dtype=torch.float64) / (n - 1) for n in fixed_frame.shape]
-    nodes = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
-    index = torch.from_numpy(to_index[:d, :d]) @ nodes.reshape(d, -1) + torch.from_numpy(to_index[:d, d:])
-    size = torch.tensor(moving_grid.size, dtype=torch.float64).reshape(d, 1)
-    inside = ((index >= -0.5) & (index <= size - 0.5)).all(dim=0)
-    return inside.reshape(nodes.shape[1:]).to(device)
 
 
 def _physical_fields(disp_AB, disp_BA, fixed_grid: ImageGrid, moving_grid: ImageGrid, fixed_frame: NetworkFrame,

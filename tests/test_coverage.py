@@ -58,7 +58,7 @@ def test_too_little_foreground_tells_nothing():
 
 def test_the_field_of_view_on_the_network_grid():
     from itk_gradicon.io.grid import ImageGrid
-    from itk_gradicon.registration import _inside_field_of_view
+    from itk_gradicon.pipeline.coverage import inside_field_of_view
     from itk_gradicon.spatial.frames import NetworkFrame
 
     fixed = ImageGrid(size=(40, 40, 40), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
@@ -66,13 +66,13 @@ def test_the_field_of_view_on_the_network_grid():
     moving = ImageGrid(size=(40, 40, 20), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 10.0),
                        direction=tuple(map(tuple, np.eye(3))))  # z from 9.5 to 29.5 mm: the middle half
     frame = NetworkFrame.reference_layout(fixed, (32, 32, 32))
-    inside = _inside_field_of_view(frame, moving, np.eye(4), stride=1, device="cpu")
+    inside = inside_field_of_view(frame, moving, np.eye(4), stride=1)
     assert inside.shape == (32, 32, 32)
     assert inside.float().mean().item() == pytest.approx(0.5, abs=0.05)
     assert bool(inside[16:, :, :].any()) and not bool(inside[0].any()) and not bool(inside[-1].any())
     shifted = np.eye(4)
     shifted[2, 3] = 100.0  # the pre-alignment maps every fixed point beyond the moving image
-    assert not bool(_inside_field_of_view(frame, moving, shifted, stride=2, device="cpu").any())
+    assert not bool(inside_field_of_view(frame, moving, shifted).any())
 
 
 def test_register_says_it_after_a_prealignment(tiny_model_file):

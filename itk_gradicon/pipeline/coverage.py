@@ -21,7 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
+
+from ..io.grid import ImageGrid
+from ..spatial.frames import NetworkFrame
 
 #: Normalised intensity above which a voxel counts as foreground.
 FOREGROUND = 0.05
@@ -78,5 +82,30 @@ def coverage_warning(coverage: Optional[Coverage]) -> Optional[str]:
             f"the fixed image outside a brain mask (--fixed-mask); check the result (--out-qc)")
 
 
+
+def inside_field_of_view(fixed_frame: NetworkFrame, moving_grid: ImageGrid, affine: np.ndarray, *,
+                         stride: int = COVERAGE_STRIDE, device=None) -> torch.Tensor:
+    """Boolean on every ``stride``-th node of the fixed image's network grid: whether the node's point, through
+    the pre-alignment ``affine`` (fixed -> moving WORLD), lies within the moving image's voxels (their outer
+    edges included)."""
+    d = fixed_frame.dimension
+    to_index = moving_grid.world_to_index() @ affine @ fixed_frame.cube_to_world()
+    axes = [torch.arange(0, n, stride, dtype=torch.float64) / (n - 1) for n in fixed_frame.shape]
+    nodes = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
+    index = torch.from_numpy(to_index[:d, :d]) @ nodes.reshape(d, -1) + torch.from_numpy(to_index[:d, d:])
+    size = torch.tensor(moving_grid.size, dtype=torch.float64).reshape(d, 1)
+    inside = ((index >= -0.5) & (index <= size - 0.5)).all(dim=0)
+    return inside.reshape(nodes.shape[1:]).to(device)
+
+
+def prealigned_coverage_warning(moving: torch.Tensor, fixed: torch.Tensor, fixed_frame: NetworkFrame,
+                                moving_grid: ImageGrid, affine: np.ndarray) -> Optional[str]:
+    """The check of a registration: ``moving`` and ``fixed`` on the fixed image's network grid (``fixed_frame``),
+    the moving one resampled through the pre-alignment ``affine`` from its own grid ``moving_grid``; the
+    warning of :func:`coverage_warning`, or ``None``."""
+    inside = inside_field_of_view(fixed_frame, moving_grid, affine, device=moving.device)
+    return coverage_warning(foreground_coverage(moving, fixed, inside))
+
+
 __all__ = ["COVERAGE_STRIDE", "Coverage", "FIXED_COVERED_BELOW", "FOREGROUND", "MOVING_INSIDE", "coverage_warning",
-           "foreground_coverage"]
+           "foreground_coverage", "inside_field_of_view", "prealigned_coverage_warning"]
