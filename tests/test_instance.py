@@ -248,3 +248,23 @@ def test_a_similarity_against_a_fixed_target_is_the_similarity(name, sigma, mask
     got.backward()
     assert torch.equal(got.detach(), expected.detach())
     assert torch.equal(fixed.grad, direct.grad)
+
+
+def test_the_alternating_inverse_consistency_adds_up_to_the_penalty_over_two_steps():
+    from itk_gradicon.instance import alternating_inverse_consistency, inverse_consistency_penalty, voxel_scale
+    from itk_gradicon.network.sampling import cube_identity, sample_cube_field
+
+    generator = torch.Generator().manual_seed(3)
+    identity = cube_identity((9, 10, 11))
+    u_AB = 0.02 * torch.randn(1, 3, 9, 10, 11, generator=generator)
+    u_BA = 0.03 * torch.randn(1, 3, 9, 10, 11, generator=generator)
+    full = float(inverse_consistency_penalty(u_AB, u_BA, identity))
+    odd, even = (float(alternating_inverse_consistency(u_AB, u_BA, identity, step)) for step in (1, 2))
+    assert odd + even == pytest.approx(2 * full, rel=1e-6)
+    assert odd != pytest.approx(even, rel=1e-3)  # one composition each, not the same term twice
+    assert float(alternating_inverse_consistency(u_AB, u_BA, identity, 3)) == odd
+    swapped = float(alternating_inverse_consistency(u_BA, u_AB, identity, 2))
+    assert swapped == pytest.approx(odd, rel=1e-6)  # step 2 composes the other way round
+    forward_first = u_AB + sample_cube_field(u_BA, identity + u_AB)  # phi_BA(phi_AB(x)) - x, on even steps
+    assert even == pytest.approx(float(2 * (forward_first * voxel_scale((9, 10, 11), u_AB)).pow(2).sum(1).mean()),
+                                 rel=1e-6)
