@@ -268,3 +268,29 @@ def test_the_alternating_inverse_consistency_adds_up_to_the_penalty_over_two_ste
     forward_first = u_AB + sample_cube_field(u_BA, identity + u_AB)  # phi_BA(phi_AB(x)) - x, on even steps
     assert even == pytest.approx(float(2 * (forward_first * voxel_scale((9, 10, 11), u_AB)).pow(2).sum(1).mean()),
                                  rel=1e-6)
+
+
+@pytest.mark.parametrize("lr", [0.3, 1e-3])
+def test_field_adam_leaves_the_bits_torch_adam_leaves(lr):
+    from itk_gradicon.instance import FieldAdam
+
+    generator = torch.Generator().manual_seed(5)
+    start = [torch.randn(1, 3, 6, 7, 8, generator=generator), torch.randn(2, 5, generator=generator)]
+    ours = [t.clone().requires_grad_(True) for t in start]
+    theirs = [t.clone().requires_grad_(True) for t in start]
+    mine, reference = FieldAdam(ours, lr=lr), torch.optim.Adam(theirs, lr=lr)
+    for step in range(12):
+        grads = [torch.randn(t.shape, generator=generator) * 10 ** (step % 4 - 2) for t in start]
+        mine.zero_grad()
+        reference.zero_grad(set_to_none=True)
+        for a, b, g in zip(ours, theirs, grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        if step == 5:  # a tensor without a gradient is skipped by both, its step count too
+            ours[1].grad = theirs[1].grad = None
+        mine.step()
+        reference.step()
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b)
+    assert all(t.grad is not None for t in ours)
+    mine.zero_grad()
+    assert all(t.grad is None for t in ours)
