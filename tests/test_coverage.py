@@ -91,3 +91,19 @@ def test_register_says_it_after_a_prealignment(tiny_model_file):
         assert not any("foreground covers" in m for m in register(fixed, moving, **options).messages)
     unaligned = register(head, brain, model=model, io_iterations=0, affine="none")
     assert not any("foreground covers" in m for m in unaligned.messages)  # no common grid to compare on
+
+
+def test_the_check_runs_in_2d():
+    from itk_gradicon.io.grid import ImageGrid
+    from itk_gradicon.pipeline.coverage import prealigned_coverage_warning
+    from itk_gradicon.spatial.frames import NetworkFrame
+
+    y, x = np.indices((64, 64)) - 31.5
+    radius = np.hypot(y, x)
+    brain = np.where(radius <= 18, 0.8, 0.0).astype(np.float32)
+    head = np.where((radius >= 22) & (radius <= 30), 0.5, brain).astype(np.float32)
+    grid = ImageGrid(size=(64, 64), spacing=(3.0, 3.0), origin=(0.0, 0.0), direction=((1.0, 0.0), (0.0, 1.0)))
+    frame = NetworkFrame.reference_layout(grid, (64, 64))
+    warning = prealigned_coverage_warning(_tensor(brain), _tensor(head), frame, grid, np.eye(3))
+    assert warning is not None and "foreground covers only" in warning
+    assert prealigned_coverage_warning(_tensor(head), _tensor(head), frame, grid, np.eye(3)) is None
