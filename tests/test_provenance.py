@@ -71,6 +71,10 @@ def test_the_record_validates_and_says_what_ran(tmp_path, recommending_model, pa
     jsonschema.validate({**record, "prealignment": elastix}, load_schema())  # what an elastix run records
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**record, "prealignment": {**elastix, "roles_swapped": "yes"}}, load_schema())
+    turned = {**elastix, "start": "rotated", "rotation": "180 degrees about S"}
+    jsonschema.validate({**record, "prealignment": turned}, load_schema())  # a start found by the rotation search
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**record, "prealignment": {**turned, "start": "turned"}}, load_schema())
 
 
 def test_two_runs_with_one_seed_give_the_same_outputs(tmp_path, recommending_model, pair):

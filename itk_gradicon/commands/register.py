@@ -338,9 +338,9 @@ def _prealignment(inputs: _Inputs, affine: str, initial_transform: Optional[Path
         log(f"{affine} pre-alignment with elastix ...")
         found = prealign(inputs.fixed, inputs.moving, inputs.masks["fixed_mask"], inputs.masks["moving_mask"],
                          transform=affine, log=log)
-        return found.matrix, {"source": "elastix", "transform": found.transform, "start": found.start,
-                              "similarity": found.similarity, "rejected": list(found.rejected),
-                              "roles_swapped": found.roles_swapped}
+        info = {"source": "elastix", "transform": found.transform, "start": found.start,
+                "similarity": found.similarity, "rejected": list(found.rejected), "roles_swapped": found.roles_swapped}
+        return found.matrix, ({**info, "rotation": found.rotation} if found.rotation else info)
     return None, None
 
 

@@ -107,6 +107,8 @@ class Prealignment:
         roles_swapped: elastix registered the fixed image to the moving one (sampling the moving image,
             which covers too little of the fixed one for elastix's samples) and ``matrix`` is the inverse
             of its result.
+        rotation: for ``start="rotated"``, the rotation of the start (``"90 degrees about S"``): the centres of
+            mass aligned and the moving image turned about its own (:func:`rotation_search`).
     """
 
     matrix: np.ndarray
@@ -115,6 +117,7 @@ class Prealignment:
     similarity: float
     rejected: Tuple[str, ...] = field(default_factory=tuple)
     roles_swapped: bool = False
+    rotation: str = ""
 
     def describe(self) -> str:
         d = self.matrix.shape[0] - 1
@@ -122,7 +125,8 @@ class Prealignment:
         shift = ", ".join(f"{v:.1f}" for v in self.matrix[:d, d])
         swapped = (", sampling the moving image: it covers too little of the fixed one for elastix's samples"
                    if self.roles_swapped else "")
-        return (f"{self.transform} pre-alignment (elastix, from the {self.start} start{swapped}): scales {scales}, "
+        start = f"a start rotated {self.rotation}" if self.start == "rotated" else f"the {self.start} start"
+        return (f"{self.transform} pre-alignment (elastix, from {start}{swapped}): scales {scales}, "
                 f"translation [{shift}] mm, NMI {self.similarity:.3f}")
 
 
@@ -235,8 +239,190 @@ def prealign(fixed, moving, fixed_mask=None, moving_mask=None, *, transform: str
         result, _ = best_of("rigid")
         result = Prealignment(result.matrix, result.transform, result.start, result.similarity, tuple(rejected),
                               result.roles_swapped)
+    if transform == "affine" and not moving_is_a_part:  # inter-subject: the images may be turned far apart
+        result = _rotated_start(result, fixed_s, moving_s, fixed_mask, moving_mask, levels=levels, threads=threads,
+                                log=log)
     if log is not None:
         log(result.describe())
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Starts turned far from the stored positions (antsAI's search, in brief)
+# --------------------------------------------------------------------------------------------
+
+#: Spacing (mm) of the grid on which :func:`rotation_search` scores the rotated starts.
+SEARCH_SPACING_MM = 4.0
+#: A rotated start is run only when its score, before any registration, beats the registered result's by
+#: more than this factor: the right basin, registered, outscores every unregistered start.
+SEARCH_MARGIN = 1.0
+#: The best this-many turned starts are refined by turns of :data:`SEARCH_REFINE_DEGREES` about each axis.
+SEARCH_REFINE_BEST, SEARCH_REFINE_DEGREES = 3, 30.0
+
+
+def _turn(dimension: int, axis: int, degrees: float) -> np.ndarray:
+    """A rotation by ``degrees`` about WORLD axis ``axis`` (``dimension`` x ``dimension``; in 2-D the one axis)."""
+    if dimension == 2:
+        return euler_matrix([np.deg2rad(degrees)])
+    angles = [0.0, 0.0, 0.0]
+    angles[axis] = np.deg2rad(degrees)
+    return euler_matrix(angles)
+
+
+def start_rotations(dimension: int) -> List[Tuple[str, np.ndarray]]:
+    """The turns :func:`rotation_search` tries, with names for the log: the proper rotations of a cube about
+    the WORLD axes (24 in 3-D, 4 in 2-D; the identity first) and 45 degrees either way about each axis.
+    elastix's affine registration recovers turns of about 30 degrees from any of them."""
+    axes = "LPS"[:dimension]
+    found: List[Tuple[str, np.ndarray]] = []
+
+    def add(name: str, matrix: np.ndarray) -> None:
+        if not any(np.allclose(matrix, other) for _, other in found):
+            found.append((name, matrix))
+
+    def turn(axis: int, degrees: float) -> np.ndarray:
+        return _turn(dimension, axis, degrees)
+
+    add("0 degrees", np.eye(dimension))
+    singles = [(f"{a} degrees about {axes[axis]}", turn(axis, a)) for axis in (range(3) if dimension == 3 else [0])
+               for a in (90, 180, 270)]
+    for name, matrix in singles:
+        add(name, matrix)
+    if dimension == 3:  # the cube's other rotations: one turn after another
+        for first_name, first in singles:
+            for second_name, second in singles:
+                add(f"{first_name}, then {second_name}", second @ first)
+    for axis in (range(3) if dimension == 3 else [0]):
+        for a in (45, -45):
+            add(f"{a} degrees about {axes[axis]}", turn(axis, a))
+    return found
+
+
+class _NMIScore:
+    """:func:`normalized_mutual_information` of many matrices against one pair, the fixed image's samples
+    taken once."""
+
+    def __init__(self, fixed, moving, *, spacing: float, bins: int = 32) -> None:
+        import SimpleITK as sitk
+
+        d = fixed.GetDimension()
+        size = [max(2, int(round(n * s / spacing))) for n, s in zip(fixed.GetSize(), fixed.GetSpacing())]
+        self.reference = sitk.Image(size, sitk.sitkFloat32)
+        self.reference.SetDirection(fixed.GetDirection())
+        self.reference.SetOrigin(fixed.TransformContinuousIndexToPhysicalPoint(
+            [-0.5 + 0.5 * m / n for n, m in zip(size, fixed.GetSize())]))
+        self.reference.SetSpacing([n * s / m for n, s, m in zip(fixed.GetSize(), fixed.GetSpacing(), size)])
+        self.moving, self.bins, self.d = moving, bins, d
+        values = sitk.GetArrayFromImage(sitk.Resample(fixed, self.reference, sitk.Transform(), sitk.sitkLinear, 0.0))
+        self.fixed_bins = self._binned(values.ravel())
+
+    def _binned(self, values: np.ndarray) -> np.ndarray:
+        low, high = np.percentile(values, [1, 99])
+        scaled = (values - low) / max(high - low, 1e-12)
+        return np.clip((scaled * (self.bins - 1)).round(), 0, self.bins - 1).astype(np.int64)
+
+    def __call__(self, matrix: np.ndarray) -> float:
+        import SimpleITK as sitk
+
+        d = self.d
+        transform = sitk.AffineTransform(d)
+        transform.SetMatrix(np.asarray(matrix[:d, :d], dtype=float).ravel().tolist())
+        transform.SetTranslation(np.asarray(matrix[:d, d], dtype=float).tolist())
+        values = sitk.GetArrayFromImage(sitk.Resample(self.moving, self.reference, transform, sitk.sitkLinear, 0.0))
+        joint = np.bincount(self.fixed_bins * self.bins + self._binned(values.ravel()),
+                            minlength=self.bins * self.bins).astype(float)
+        joint /= joint.sum()
+        joint = joint.reshape(self.bins, self.bins)
+
+        def entropy(p: np.ndarray) -> float:
+            p = p[p > 0]
+            return float(-(p * np.log(p)).sum())
+
+        return (entropy(joint.sum(1)) + entropy(joint.sum(0))) / max(entropy(joint.ravel()), 1e-12)
+
+
+def rotation_search(fixed, moving, registered: np.ndarray) -> Optional[Tuple[str, np.ndarray, float, float]]:
+    """The best start turned far from the stored positions, where it scores higher than ``registered``
+    (the pre-alignment found, fixed -> moving) does.
+
+    Every turn of :func:`start_rotations` is scored as a start: the intensity centres of mass aligned and the
+    moving image turned about its own, scored by normalised mutual information on a
+    :data:`SEARCH_SPACING_MM` grid before any registration. A registration that found the right basin scores
+    higher than every unregistered start, so the search gives ``None`` for a pair whose stored orientations
+    were near; only when a turned start beats the registered result (a pair turned 60 degrees or more apart,
+    where elastix from the headers or the centres ends in a wrong basin) it returns
+    ``(name, start matrix fixed -> moving, its score, the registered result's score)``.
+    """
+    fixed, moving = _sitk(fixed), _sitk(moving)
+    d = fixed.GetDimension()
+    score = _NMIScore(fixed, moving, spacing=SEARCH_SPACING_MM)
+    centre_f, centre_m = _centre_of_mass(fixed), _centre_of_mass(moving)
+
+    def scored(name: str, rotation: np.ndarray) -> Tuple[float, str, np.ndarray]:
+        start = np.eye(d + 1)
+        start[:d, :d] = rotation
+        start[:d, d] = centre_m - rotation @ centre_f
+        return score(start), name, start
+
+    turns = start_rotations(d)
+    coarse = sorted((scored(name, rotation) for name, rotation in turns[1:]), key=lambda t: -t[0])
+    # around the best few, finer turns (SEARCH_REFINE_DEGREES about each axis): no start is then farther
+    # than about that from the truth, within elastix's reach
+    finer = [scored(f"{name}, then {step:+g} degrees about {'LPS'[axis]}", _turn(d, axis, step) @ start[:d, :d])
+             for _, name, start in coarse[:SEARCH_REFINE_BEST]
+             for axis in range(3 if d == 3 else 1) for step in (SEARCH_REFINE_DEGREES, -SEARCH_REFINE_DEGREES)]
+    value, name, start = max(coarse + finer, key=lambda t: t[0])
+    base = score(registered)
+    return (name, start, value, base) if value > base * SEARCH_MARGIN else None
+
+
+def _placed_through(image, start: np.ndarray):
+    """A copy of a SimpleITK image whose voxels sit where ``start`` (a rigid WORLD map into ``image``'s space)
+    takes them from: for a point ``x`` of the copy's space, ``start(x)`` is the same voxel in ``image``'s.
+    Only the header changes (origin and direction), so nothing is resampled."""
+    import SimpleITK as sitk
+
+    if image is None:
+        return None
+    d = image.GetDimension()
+    rotation, shift = start[:d, :d], start[:d, d]
+    out = sitk.Image(image)
+    out.SetDirection((rotation.T @ np.asarray(image.GetDirection(), dtype=float).reshape(d, d)).ravel().tolist())
+    out.SetOrigin((rotation.T @ (np.asarray(image.GetOrigin(), dtype=float) - shift)).tolist())
+    return out
+
+
+def _rotated_start(result: Prealignment, fixed, moving, fixed_mask, moving_mask, *, levels: int,
+                   threads: Optional[int], log: Optional[Log]) -> Prealignment:
+    """``result``, or the registration from a turned start where :func:`rotation_search` finds one that
+    outscores it and elastix from there ends with a plausible affine of higher normalised mutual
+    information (a rigid one where the affine is implausible)."""
+    found = rotation_search(fixed, moving, result.matrix)
+    if found is None:
+        return result
+    name, start, value, base = found
+    if log is not None:
+        log(f"pre-alignment: a start rotated {name} scores higher before registration (NMI {value:.3f}) than the "
+            f"result did after it ({base:.3f}): registering from there too")
+    mask = to_simpleitk(moving_mask) if moving_mask is not None else None
+    inputs = ElastixInputs.of(fixed, _placed_through(moving, start), fixed_mask, _placed_through(mask, start))
+    candidate = None
+    for kind in ("affine", "rigid"):
+        try:
+            matrix = start @ inputs.affine(transform=kind, initialization="none", resolutions=levels, threads=threads)
+        except InputError as err:
+            if log is not None:
+                log(f"pre-alignment: the start rotated {name} failed ({err}); keeping the other")
+            return result
+        if kind == "rigid" or implausibility(matrix) is None:
+            candidate = Prealignment(matrix, kind, "rotated", normalized_mutual_information(fixed, moving, matrix),
+                                     result.rejected, rotation=name)
+            break
+    if candidate.similarity > result.similarity:
+        return candidate
+    if log is not None:
+        log(f"pre-alignment: from the start rotated {name}, NMI {candidate.similarity:.3f}; keeping the "
+            f"{result.start} start's {result.similarity:.3f}")
     return result
 
 
@@ -261,4 +447,5 @@ def resolve_affine_choice(choice: str, model, has_initial_transform: bool) -> st
 __all__ = ["AFFINE_CHOICES", "PREALIGNMENT_TRANSFORMS", "expects_prealignment", "resolve_affine_choice",
            "INITIALIZATIONS", "METRICS", "affine_parameter_map", "affine_from_elastix_parameters",
            "elastix_affine", "available_threads", "implausibility", "prealign", "Prealignment",
-           "pyramid_levels", "normalized_mutual_information", "euler_matrix"]
+           "pyramid_levels", "normalized_mutual_information", "euler_matrix", "rotation_search",
+           "start_rotations"]
