@@ -669,3 +669,22 @@ def test_a_real_brain_turned_135_degrees_is_found_again(shared_data):
     transform.SetTranslation(found.matrix[:3, 3].tolist())
     warped = sitk.Resample(labels, fixed_labels, transform, sitk.sitkNearestNeighbor, 0)
     assert label_overlap(fixed_labels, warped, label_values=[1, 2])["mean_dice"] > 0.64
+
+
+def test_a_turned_2d_phantom_is_found_again():
+    import SimpleITK as sitk
+
+    from itk_gradicon.affine import _placed_through, _turn
+    from test_affine import textured_phantom
+
+    fixed = sitk.GetImageFromArray(textured_phantom((3, 64, 72), np.random.default_rng(6))[1])
+    fixed.SetSpacing((2.0, 2.0))
+    centre = np.asarray(fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()]))
+    turn = np.eye(3)
+    turn[:2, :2] = _turn(2, 0, 120.0)
+    turn[:2, 2] = centre - turn[:2, :2] @ centre
+    moving = _placed_through(fixed, turn)
+    found = prealign(fixed, moving, transform="affine", threads=2)
+    assert found.start == "rotated"
+    corners = np.array([[x, y, 1.0] for x in (0, 142) for y in (0, 126)])
+    assert np.abs((corners @ (found.matrix - np.linalg.inv(turn)).T)[:, :2]).max() < 2.0  # mm, a voxel
