@@ -28,9 +28,14 @@ from __future__ import annotations
 import importlib
 import importlib.machinery
 import sys
+import time
 from typing import Any
 
 __version__ = "0.1.0"
+
+#: When this package was first imported (``time.perf_counter``): the start of the imports a command's
+#: closing line counts, where the process itself began long before Python (a shell's ``exec``).
+IMPORTED_AT = time.perf_counter()
 
 _LAZY = {
     "register": "itk_gradicon.registration",

@@ -439,6 +439,26 @@ def test_register_prints_its_stage_times(tmp_path, tiny_model_file, pair_files_i
     assert last.startswith("done in ") and "interpreter and imports" in last
 
 
+def test_the_seconds_before_a_run_count_from_python_not_from_a_shell_that_ran_first(monkeypatch):
+    """``bash -c "pip install ... && gradicon register ..."`` execs gradicon in the shell's process, which began
+    before the installation: the seconds before the run then count from this package's import."""
+    import time
+
+    import itk_gradicon
+    from itk_gradicon.commands import register as register_module
+
+    monkeypatch.setattr(itk_gradicon, "IMPORTED_AT", float("-inf"))  # as if imported before the process began
+    age = register_module.process_seconds()  # the process's own age
+    if age is None:
+        pytest.skip("no /proc: process start times are not read here")
+    gap = min(register_module.BEFORE_PYTHON_S, age / 4)
+    monkeypatch.setattr(register_module, "BEFORE_PYTHON_S", gap)
+    monkeypatch.setattr(itk_gradicon, "IMPORTED_AT", time.perf_counter() - age + gap / 2)  # as Python began
+    assert register_module.process_seconds() == pytest.approx(age, abs=0.2)
+    monkeypatch.setattr(itk_gradicon, "IMPORTED_AT", time.perf_counter() - age / 2)  # long after the start
+    assert register_module.process_seconds() == pytest.approx(age / 2, abs=0.2)
+
+
 # --- the model's domain ------------------------------------------------------------------------
 
 def test_a_pair_outside_the_models_domain_is_registered_with_a_warning(tmp_path, tiny_model_file):

@@ -282,15 +282,26 @@ class _Stages:
         return f"done in {total:.1f}s ({parts}){before}"
 
 
+#: More seconds than this between the process's start and this package's first import are not Python's start:
+#: the process ran something else first (``bash -c "pip install ... && gradicon register ..."`` execs the last
+#: command in the shell's own process, whose start time then counts the installation).
+BEFORE_PYTHON_S = 2.0
+
+
 def process_seconds() -> Optional[float]:
-    """Seconds since this process started (Linux: ``/proc``), or ``None`` where that cannot be read."""
+    """Seconds since this process started (Linux: ``/proc``), or ``None`` where that cannot be read; since this
+    package's first import where the process began more than :data:`BEFORE_PYTHON_S` before it."""
+    from .. import IMPORTED_AT
+
+    since_import = time.perf_counter() - IMPORTED_AT
     try:
         ticks = os.sysconf("SC_CLK_TCK")
         start = float(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / ticks
         uptime = float(Path("/proc/uptime").read_text().split()[0])
     except (OSError, ValueError, IndexError, AttributeError):
         return None
-    return max(0.0, uptime - start)
+    age = max(0.0, uptime - start)
+    return since_import if age - since_import > BEFORE_PYTHON_S else age
 
 
 def flag_of(option: str) -> str:
