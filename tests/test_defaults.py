@@ -681,6 +681,9 @@ def test_prealign_registers_from_the_turned_start_with_real_elastix():
     assert any("scores higher before registration" in line for line in lines)
     corners = np.array([[x, y, z, 1.0] for x in (0, 141) for y in (0, 129) for z in (0, 117)])
     assert np.abs((corners @ (found.matrix - truth).T)[:, :3]).max() < 3.0  # mm, a voxel
+    masks = [sitk.Cast(image > 5, sitk.sitkUInt8) for image in (fixed, moving)]  # the moving mask turns with it
+    masked = prealign(fixed, moving, *masks, transform="affine", threads=2)
+    assert masked.start == "rotated" and np.abs((corners @ (masked.matrix - truth).T)[:, :3]).max() < 3.0
 
 
 @pytest.mark.slow

@@ -239,7 +239,8 @@ def prealign(fixed, moving, fixed_mask=None, moving_mask=None, *, transform: str
         result, _ = best_of("rigid")
         result = Prealignment(result.matrix, result.transform, result.start, result.similarity, tuple(rejected),
                               result.roles_swapped)
-    if transform == "affine" and not moving_is_a_part:  # inter-subject: the images may be turned far apart
+    if transform == "affine":  # inter-subject: the images may be turned far apart (a start too far off can
+        # also look like a moving image that covers a part: the search runs either way)
         result = _rotated_start(result, fixed_s, moving_s, fixed_mask, moving_mask, levels=levels, threads=threads,
                                 log=log)
     if log is not None:
