@@ -61,36 +61,7 @@ def normalized_mutual_information(fixed, moving, matrix: np.ndarray, *, bins: in
     (fixed -> moving), on the fixed image's extent resampled to ``spacing`` mm; moving values outside
     its field of view count as 0 (background), so a start that pushes the anatomy out is penalised.
     Intensities are binned between their 1st and 99th percentiles. Used to choose between starts."""
-    import SimpleITK as sitk
-
-    fixed, moving = _sitk(fixed), _sitk(moving)
-    d = fixed.GetDimension()
-    size = [max(2, int(round(n * s / spacing))) for n, s in zip(fixed.GetSize(), fixed.GetSpacing())]
-    new_spacing = [n * s / m for n, s, m in zip(fixed.GetSize(), fixed.GetSpacing(), size)]
-    reference = sitk.Image(size, sitk.sitkFloat32)
-    reference.SetDirection(fixed.GetDirection())
-    reference.SetOrigin(fixed.TransformContinuousIndexToPhysicalPoint([-0.5 + 0.5 * m / n
-                                                                       for n, m in zip(size, fixed.GetSize())]))
-    reference.SetSpacing(new_spacing)
-    transform = sitk.AffineTransform(d)
-    transform.SetMatrix(np.asarray(matrix[:d, :d], dtype=float).ravel().tolist())
-    transform.SetTranslation(np.asarray(matrix[:d, d], dtype=float).tolist())
-    f = sitk.GetArrayFromImage(sitk.Resample(fixed, reference, sitk.Transform(), sitk.sitkLinear, 0.0)).ravel()
-    m = sitk.GetArrayFromImage(sitk.Resample(moving, reference, transform, sitk.sitkLinear, 0.0)).ravel()
-
-    def binned(values: np.ndarray) -> np.ndarray:
-        low, high = np.percentile(values, [1, 99])
-        scaled = (values - low) / max(high - low, 1e-12)
-        return np.clip((scaled * (bins - 1)).round(), 0, bins - 1).astype(np.int64)
-
-    joint = np.bincount(binned(f) * bins + binned(m), minlength=bins * bins).reshape(bins, bins).astype(float)
-    joint /= joint.sum()
-
-    def entropy(p: np.ndarray) -> float:
-        p = p[p > 0]
-        return float(-(p * np.log(p)).sum())
-
-    return (entropy(joint.sum(1)) + entropy(joint.sum(0))) / max(entropy(joint.ravel()), 1e-12)
+    return _NMIScore(_sitk(fixed), _sitk(moving), spacing=spacing, bins=bins)(matrix)
 
 
 @dataclass(frozen=True)
@@ -182,7 +153,8 @@ def prealign(fixed, moving, fixed_mask=None, moving_mask=None, *, transform: str
     elastix_inputs = ElastixInputs.of(fixed_s, moving_s, fixed_mask, moving_mask)  # checked and converted once
     levels = pyramid_levels(fixed_s, moving_s)
     starts = ["header"]
-    if transform == "affine" and np.linalg.norm(_centre_of_mass(fixed_s) - _centre_of_mass(moving_s)) > SAME_START_MM:
+    centres = (_centre_of_mass(fixed_s), _centre_of_mass(moving_s)) if transform == "affine" else None
+    if centres is not None and np.linalg.norm(centres[0] - centres[1]) > SAME_START_MM:
         starts.append("mass")
 
     swapped_inputs: Optional[ElastixInputs] = None  # the roles swapped, converted on first need
@@ -241,8 +213,8 @@ def prealign(fixed, moving, fixed_mask=None, moving_mask=None, *, transform: str
                               result.roles_swapped)
     if transform == "affine":  # inter-subject: the images may be turned far apart (a start too far off can
         # also look like a moving image that covers a part: the search runs either way)
-        result = _rotated_start(result, fixed_s, moving_s, fixed_mask, moving_mask, levels=levels, threads=threads,
-                                log=log)
+        result = _rotated_start(result, fixed_s, moving_s, fixed_mask, moving_mask, centres=centres, levels=levels,
+                                threads=threads, log=log)
     if log is not None:
         log(result.describe())
     return result
@@ -346,7 +318,8 @@ class _NMIScore:
         return (entropy(joint.sum(1)) + entropy(joint.sum(0))) / max(entropy(joint.ravel()), 1e-12)
 
 
-def rotation_search(fixed, moving, registered: np.ndarray) -> Optional[Tuple[str, np.ndarray, float, float]]:
+def rotation_search(fixed, moving, registered: np.ndarray, centres: Optional[Tuple[np.ndarray, np.ndarray]] = None
+                    ) -> Optional[Tuple[str, np.ndarray, float, float]]:
     """The best start turned far from the stored positions, where it scores higher than ``registered``
     (the pre-alignment found, fixed -> moving) does.
 
@@ -356,12 +329,13 @@ def rotation_search(fixed, moving, registered: np.ndarray) -> Optional[Tuple[str
     higher than every unregistered start, so the search gives ``None`` for a pair whose stored orientations
     were near; only when a turned start beats the registered result by more than :data:`SEARCH_MARGIN` (a pair
     turned 45 degrees or more apart, where elastix from the headers or the centres ends in a wrong basin) it
-    returns ``(name, start matrix fixed -> moving, its score, the registered result's score)``.
+    returns ``(name, start matrix fixed -> moving, its score, the registered result's score)``. ``centres``: the
+    two images' intensity centres of mass where the caller has them (found here otherwise).
     """
     fixed, moving = _sitk(fixed), _sitk(moving)
     d = fixed.GetDimension()
     score = _NMIScore(fixed, moving, spacing=SEARCH_SPACING_MM)
-    centre_f, centre_m = _centre_of_mass(fixed), _centre_of_mass(moving)
+    centre_f, centre_m = centres if centres is not None else (_centre_of_mass(fixed), _centre_of_mass(moving))
 
     def scored(name: str, rotation: np.ndarray) -> Tuple[float, str, np.ndarray]:
         start = np.eye(d + 1)
@@ -400,20 +374,20 @@ def _placed_through(image, start: np.ndarray):
     return out
 
 
-def _rotated_start(result: Prealignment, fixed, moving, fixed_mask, moving_mask, *, levels: int,
+def _rotated_start(result: Prealignment, fixed, moving, fixed_mask, moving_mask, *, centres, levels: int,
                    threads: Optional[int], log: Optional[Log]) -> Prealignment:
     """``result``, or the registration from a turned start where :func:`rotation_search` finds one that
     outscores it and elastix from there ends with a plausible affine of higher normalised mutual
     information (a rigid one where the affine is implausible)."""
-    found = rotation_search(fixed, moving, result.matrix)
+    found = rotation_search(fixed, moving, result.matrix, centres)
     if found is None:
         return result
     name, start, value, base = found
     if log is not None:
         log(f"pre-alignment: a start rotated {name} scores higher before registration (NMI {value:.3f}) than the "
             f"result did after it ({base:.3f}): registering from there too")
-    mask = to_simpleitk(moving_mask) if moving_mask is not None else None
-    inputs = ElastixInputs.of(fixed, _placed_through(moving, start), fixed_mask, _placed_through(mask, start))
+    inputs = ElastixInputs.of(fixed, _placed_through(moving, start), fixed_mask,
+                              _placed_through(to_simpleitk(moving_mask), start))
     candidate = None
     for kind in ("affine", "rigid"):
         try:

@@ -82,7 +82,6 @@ def coverage_warning(coverage: Optional[Coverage]) -> Optional[str]:
             f"the fixed image outside a brain mask (--fixed-mask); check the result (--out-qc)")
 
 
-
 def inside_field_of_view(fixed_frame: NetworkFrame, moving_grid: ImageGrid, affine: np.ndarray, *,
                          stride: int = COVERAGE_STRIDE, device=None) -> torch.Tensor:
     """Boolean on every ``stride``-th node of the fixed image's network grid: whether the node's point, through

@@ -149,10 +149,13 @@ def inverse_consistency_penalty(disp_AB: Tensor, disp_BA: Tensor, identity: Tens
     """``mean |phi_BA(phi_AB(x)) - x|^2 + mean |phi_AB(phi_BA(x)) - x|^2`` in network voxels squared,
     over every grid point ``x`` (on every 2nd voxel only it was a little faster and folded several times
     more voxels: ``benchmarks/README.md``, "Design figures")."""
-    scale = voxel_scale(disp_AB.shape[2:], disp_AB)
-    forward = disp_AB + sample_cube_field(disp_BA, identity + disp_AB)
-    backward = disp_BA + sample_cube_field(disp_AB, identity + disp_BA)
-    return ((forward * scale).pow(2).sum(1).mean() + (backward * scale).pow(2).sum(1).mean())
+    return _round_trip(disp_AB, disp_BA, identity) + _round_trip(disp_BA, disp_AB, identity)
+
+
+def _round_trip(first: Tensor, second: Tensor, identity: Tensor) -> Tensor:
+    """``mean |phi_second(phi_first(x)) - x|^2`` in network voxels squared, over every grid point ``x``."""
+    composed = first + sample_cube_field(second, identity + first)
+    return (composed * voxel_scale(first.shape[2:], first)).pow(2).sum(1).mean()
 
 
 def alternating_inverse_consistency(disp_AB: Tensor, disp_BA: Tensor, identity: Tensor, step: int) -> Tensor:
@@ -162,9 +165,7 @@ def alternating_inverse_consistency(disp_AB: Tensor, disp_BA: Tensor, identity: 
     samples one 3-channel field instead of two, about a fifth of a field-IO step; the Dice, folding and SDlogJ
     of the default refinement stay those of the full penalty (``benchmarks/ACCURACY.md``, run 17)."""
     first, second = (disp_AB, disp_BA) if step % 2 == 0 else (disp_BA, disp_AB)
-    scale = voxel_scale(first.shape[2:], first)
-    composed = first + sample_cube_field(second, identity + first)
-    return 2 * (composed * scale).pow(2).sum(1).mean()
+    return 2 * _round_trip(first, second, identity)
 
 
 class FieldAdam:
