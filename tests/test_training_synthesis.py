@@ -149,6 +149,39 @@ def test_synthetic_options_are_checked(tmp_path):
     assert result.exit_code == 2 and "modality: not used by a synthetic data set" in result.output
 
 
+def test_the_config_a_run_writes_loads_back(tmp_path):
+    # `train --resume` reads the config.yaml the run wrote, every key spelled out with its value; a synthetic
+    # data set's unused keys are there at their defaults (null, input) and are not a request.
+    import yaml
+
+    from itk_gradicon.training.config import config_from_mapping
+
+    config = config_from_mapping(synthetic_config(3), base_dir=tmp_path)
+    written = yaml.safe_load(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    assert written["datasets"][0]["ct_window"] is None and written["datasets"][0]["mask_mode"] == "input"
+    assert config_from_mapping(written, base_dir=tmp_path).to_dict() == config.to_dict()
+
+
+def test_null_preprocessing_keys_inherit_the_parent_models(tmp_path):
+    # The written config.yaml spells the preprocessing keys out as null; resuming a finetune with it must
+    # keep the parent model's quantiles and window, as the first start did.
+    from types import SimpleNamespace
+
+    from itk_gradicon.training.config import config_from_mapping
+    from itk_gradicon.training.trainer import resolve_preprocessing
+
+    parent = SimpleNamespace(preprocessing={"ct_window": (-200.0, 300.0), "quantile_range": (0.01, 0.99),
+                                            "layout": "canonical", "prealignment": "affine"})
+    raw = synthetic_config(3)
+    absent = resolve_preprocessing(config_from_mapping(raw, base_dir=tmp_path), parent)
+    raw["preprocessing"] = {"ct_window": None, "quantile_range": None, "layout": None, "prealignment": None}
+    assert resolve_preprocessing(config_from_mapping(raw, base_dir=tmp_path), parent) == absent
+    assert tuple(absent["quantile_range"]) == (0.01, 0.99) and tuple(absent["ct_window"]) == (-200.0, 300.0)
+    raw["preprocessing"] = {"quantile_range": [0.0, 0.95]}
+    assert tuple(resolve_preprocessing(config_from_mapping(raw, base_dir=tmp_path), parent)["quantile_range"]) \
+        == (0.0, 0.95)
+
+
 def test_check_describes_a_synthetic_data_set(label_maps):
     result = _train_check(label_maps, synthetic_config(3))
     assert result.exit_code == 0, result.output

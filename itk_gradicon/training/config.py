@@ -26,7 +26,7 @@ Example:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
@@ -191,9 +191,12 @@ class DatasetConfig:
     def check(self, where: str) -> None:
         """Raise :class:`ConfigError`, naming the key under ``where``, for values that cannot work together."""
         if self.kind == "synthetic":
+            # A key written with its default value (as in the config.yaml a run writes) is not a request.
             given = getattr(self, "keys_given", frozenset())
-            unused = sorted(given & {"mask_template", "segmentation_template", "modality", "ct_window",
-                                     "quantile_range", "mask_mode"})
+            defaults = {f.name: f.default for f in fields(self)}
+            unused = sorted(key for key in given & {"mask_template", "segmentation_template", "modality",
+                                                   "ct_window", "quantile_range", "mask_mode"}
+                            if getattr(self, key) != defaults[key])
             if unused:
                 raise ConfigError(f"{where}.{unused[0]}: not used by a synthetic data set (its images are "
                                   "synthesised from label maps)")

@@ -136,13 +136,13 @@ class TrainingRun:
 def resolve_preprocessing(config: TrainConfig, parent: Optional[Model]) -> Dict[str, Any]:
     """``ct_window``, ``quantile_range``, ``layout`` and ``prealignment``: the configuration's, else the
     parent model's, else the defaults."""
-    given = getattr(config.preprocessing, "keys_given", frozenset())
+    # null is "not given" (as in the config.yaml a run writes and `--resume` reads back): the parent's value.
     inherited = dict(parent.preprocessing) if parent is not None else {}
-    if "ct_window" in given and config.preprocessing.ct_window is not None:
+    if config.preprocessing.ct_window is not None:
         window = tuple(config.preprocessing.ct_window)
     else:
         window = tuple(inherited.get("ct_window") or DEFAULT_CT_WINDOW)
-    if "quantile_range" in given:
+    if config.preprocessing.quantile_range is not None:
         quantiles = config.preprocessing.quantile_range
     else:
         quantiles = inherited.get("quantile_range")
