@@ -247,10 +247,10 @@ def _warp_nearest(labels, reference, transform):
 
 
 def _negative_jacobian_pct(transform, fixed) -> dict[str, float]:
-    from itk_gradicon.geometry import ImageGrid
+    from itk_gradicon.io.itk_bridge import grid_of
     from itk_gradicon.metrics import folding
 
-    return folding(transform, ImageGrid.from_image(fixed))
+    return folding(transform, grid_of(fixed))
 
 
 def run_identity(data, ctx):

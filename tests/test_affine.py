@@ -10,6 +10,7 @@ import pytest
 
 from conftest import make_image, random_rotation
 from itk_gradicon.errors import InputError
+from itk_gradicon.io.itk_bridge import grid_of
 
 RNG_SEED = 5
 
@@ -40,7 +41,7 @@ def known_affine(center, rng=None):
 def world_points(image):
     from itk_gradicon.geometry import ImageGrid
 
-    return ImageGrid.from_image(image).world_points().reshape(-1, 3)
+    return grid_of(image).world_points().reshape(-1, 3)
 
 
 def max_error_mm(a, b, points):
@@ -61,7 +62,7 @@ def pair():
     direction = random_rotation(rng, max_angle_deg=25) @ np.diag([-1.0, -1.0, 1.0])
     fixed = make_image(textured_phantom((40, 44, 48), rng), spacing=(1.0, 1.2, 1.5), origin=(-10, 5, 3),
                        direction=direction)
-    grid = ImageGrid.from_image(fixed)
+    grid = grid_of(fixed)
     center = apply_affine(grid.index_to_world(), (np.asarray(grid.size) - 1) / 2.0)
     affine = known_affine(center)
     moving = itk.resample_image_filter(fixed, transform=affine_to_itk(np.linalg.inv(affine)),
@@ -220,10 +221,10 @@ def test_affine_with_an_identity_network_is_exactly_the_affine(pair, identity_mo
     fixed, moving, affine = pair["fixed"], pair["moving"], pair["affine"]
     result = register(fixed, moving, model=str(identity_model_file), initial_transform=affine,
                       fixed_modality="mri", moving_modality="mri")
-    fixed_points = ImageGrid.from_image(fixed).world_points()
+    fixed_points = grid_of(fixed).world_points()
     np.testing.assert_allclose(fixed_points + result.forward_field.array, apply_affine(affine, fixed_points),
                                atol=1e-4)
-    moving_points = ImageGrid.from_image(moving).world_points()
+    moving_points = grid_of(moving).world_points()
     np.testing.assert_allclose(moving_points + result.inverse_field.array,
                                apply_affine(np.linalg.inv(affine), moving_points), atol=1e-4)
     np.testing.assert_allclose(result.deformable_forward_field.array, 0.0, atol=1e-5)
@@ -256,7 +257,7 @@ def test_written_forward_transform_is_affine_after_deformation(tmp_path, pair, t
     # smaller scale (about 2 mm at the corners); on real brains it is within 0.5 mm (test below)
     assert max_error_mm(affine, pair["affine"], world_points(pair["fixed"])) < 3.0
 
-    grid = ImageGrid.from_image(pair["fixed"])
+    grid = grid_of(pair["fixed"])
     points = grid.world_points()
     phi = itk.array_from_image(itk.imread(str(out / "a_1Warp.nii.gz")))
     forward = itk.transformread(str(out / "fwd.h5"))[0]
@@ -292,7 +293,7 @@ def test_mutual_information_recovers_a_known_affine_on_a_real_brain(shared_data)
 
     brain = itk.imread(str(shared_data / "lapirn_oasis" / "image_A_160x192x144.nii.gz"), itk.F)
     brain = itk.bin_shrink_image_filter(brain, shrink_factors=[2, 2, 2])
-    grid = ImageGrid.from_image(brain)
+    grid = grid_of(brain)
     affine = known_affine(apply_affine(grid.index_to_world(), (np.asarray(grid.size) - 1) / 2.0))
     moving = itk.resample_image_filter(brain, transform=affine_to_itk(np.linalg.inv(affine)),
                                        use_reference_image=True, reference_image=brain)

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from conftest import blob_volume, make_image, random_rotation
 from itk_gradicon.cli import main
 from itk_gradicon.geometry import ImageGrid
-from itk_gradicon.imageio import same_grid
 from itk_gradicon.transforms import DisplacementField, write_affine_file, write_transform
+from itk_gradicon.io.itk_bridge import grid_of
 
 
 def run(*args: str):
@@ -44,7 +44,7 @@ def files(tmp_path):
     rng = np.random.default_rng(21)
     fixed = make_image(np.zeros((14, 16, 18), np.float32), spacing=(1.5, 1.2, 1.3), origin=(-10, 5, 3),
                        direction=random_rotation(rng) @ np.diag([-1.0, -1.0, 1.0]))
-    grid = ImageGrid.from_image(fixed)
+    grid = grid_of(fixed)
     centre = grid.world_points().reshape(-1, 3).mean(0)
     direction = random_rotation(rng)
     spacing = np.array([1.4, 1.3, 1.2])
@@ -86,7 +86,7 @@ def test_apply_transform_keeps_type_and_reference_grid(files, interpolation):
     assert result.exit_code == 0, result.output
     warped = itk.imread(str(out))
     assert itk.array_from_image(warped).dtype == np.int16
-    assert same_grid(warped, itk.imread(str(files["fixed"])), tolerance=1e-6)
+    assert grid_of(warped).matches(grid_of(itk.imread(str(files["fixed"]))), tolerance=1e-6)
     assert itk.array_from_image(warped).max() > 300  # it sampled the blobs
     if interpolation in ("nearest", "label"):
         moving_values = set(np.unique(itk.array_from_image(itk.imread(str(files["moving"])))).tolist())
@@ -164,7 +164,7 @@ def test_evaluate_labels_landmarks_and_folding(files):
     assert run("warp-labels", "-i", files["labels"], "-r", files["fixed"], "-t", files["field"],
                "-o", fixed_labels).exit_code == 0
     transform = read_transform(files["field"])
-    grid = ImageGrid.from_image(itk.imread(str(files["fixed"])))
+    grid = grid_of(itk.imread(str(files["fixed"])))
     fixed_points = grid.world_points()[5:9:2, 6:10:2, 7:11:2].reshape(-1, 3)
     moving_points = np.array([list(transform.TransformPoint(p)) for p in fixed_points])
     moving_points[0] += [0.0, 3.0, 4.0]  # one landmark 5 mm off
@@ -317,7 +317,7 @@ def test_warp_aal_labels_on_mni(shared_data, tmp_path):
 
     folder = shared_data / "antspy_legacy_data"
     mni = itk.imread(str(folder / "mni.nii.gz"))
-    grid = ImageGrid.from_image(mni)
+    grid = grid_of(mni)
     coarse = ImageGrid(size=(24, 28, 24), spacing=tuple(s * 8 for s in grid.spacing), origin=grid.origin,
                        direction=grid.direction)  # a field on a coarse grid covering the image
     points = coarse.world_points()

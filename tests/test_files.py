@@ -15,12 +15,12 @@ import pytest
 
 from itk_gradicon import files
 from itk_gradicon.errors import InputError
-from itk_gradicon.grid import ImageGrid
 from itk_gradicon.jacobian import jacobian_determinant, jacobian_summary
 from itk_gradicon.metrics import label_overlap
 from itk_gradicon.resample import resample_image, resample_labels
 from itk_gradicon.transforms import compose_transforms, write_elastix
 from test_apply_cli import files as files_fixture  # noqa: F401  (the same fixture as the CLI tests)
+from itk_gradicon.io.itk_bridge import grid_of
 
 files_ = files_fixture
 
@@ -132,7 +132,7 @@ def test_apply_transform_file_writes_what_itk_python_writes(files_, tmp_path):
     itk.imwrite(expected, str(reference), compression=True)
     written = itk.imread(str(out))
     assert np.array_equal(_itk_array(written), _itk_array(expected))
-    assert ImageGrid.from_image(written) == ImageGrid.from_image(itk.imread(str(reference)))
+    assert grid_of(written) == grid_of(itk.imread(str(reference)))
     assert out.read_bytes() == reference.read_bytes()  # the same ITK NIfTI writer, header and all
 
 
@@ -148,7 +148,7 @@ def test_jacobian_equals_itk_python(files_, tmp_path, kind):
     import itk
 
     specs = _transform_lists(files_)[kind]
-    grid = ImageGrid.from_image(itk.imread(str(files_["fixed"])))
+    grid = grid_of(itk.imread(str(files_["fixed"])))
     expected = jacobian_determinant(compose_transforms(specs), grid)
     out = tmp_path / "jac.nii.gz"
     summary = files.jacobian_file(specs, reference=files_["fixed"], output=out, summary_json=tmp_path / "j.json")
@@ -176,7 +176,7 @@ def test_evaluate_equals_itk_python(files_):
     # the fixed labels here lie on the moving grid: warp the labels onto that grid, as evaluate does
     warped = resample_labels(fixed_labels, fixed_labels, compose_transforms(specs))
     assert report["labels"] == label_overlap(fixed_labels, warped)
-    grid = ImageGrid.from_image(fixed_labels)
+    grid = grid_of(fixed_labels)
     assert report["jacobian"] == jacobian_summary(jacobian_determinant(compose_transforms(specs), grid))
 
 
@@ -224,7 +224,7 @@ def test_register_warped_output_equals_itk_python(files_, tmp_path):
     files.write_warped(moving, fixed, field, tmp_path / "warped.nii.gz")
     written = itk.imread(str(tmp_path / "warped.nii.gz"))
     assert np.array_equal(_itk_array(written), _itk_array(expected))
-    assert ImageGrid.from_image(written).matches(ImageGrid.from_image(fixed), tolerance=1e-6)
+    assert grid_of(written).matches(grid_of(fixed), tolerance=1e-6)
 
 
 def test_a_text_file_listing_several_transforms_is_read_whole(tmp_path):

@@ -12,6 +12,7 @@ import torch
 
 from conftest import blob_volume, make_image, random_rotation
 from itk_gradicon.geometry import ImageGrid, NetworkFrame, apply_affine, displacement_on_grid
+from itk_gradicon.io.itk_bridge import grid_of
 
 
 def _continuous_index(values):
@@ -46,7 +47,7 @@ def test_image_grid_matches_itk(seed):
 
     rng = np.random.default_rng(seed)
     image = _random_image(rng)
-    grid = ImageGrid.from_image(image)
+    grid = grid_of(image)
     index = rng.uniform(-2, 40, size=(20, 3))
     ours = apply_affine(grid.index_to_world(), index)
     theirs = np.array([list(image.TransformContinuousIndexToPhysicalPoint(_continuous_index(i))) for i in index])
@@ -63,7 +64,7 @@ def test_cube_to_world_matches_itk_continuous_index(seed):
     align_corners=False resizing. ITK then takes that index to the same WORLD point."""
     rng = np.random.default_rng(100 + seed)
     image = _random_image(rng)
-    grid = ImageGrid.from_image(image)
+    grid = grid_of(image)
     frame = _random_frame(grid, rng)
     nodes = _nodes(frame.shape)
     cube = nodes / (np.asarray(frame.shape) - 1)
@@ -87,7 +88,7 @@ def test_tensor_samples_the_image_where_the_frame_says(seed):
 
     rng = np.random.default_rng(200 + seed)
     image = _random_image(rng)
-    grid = ImageGrid.from_image(image)
+    grid = grid_of(image)
     frame = _random_frame(grid, rng)
     tensor = frame.tensor(itk.array_from_image(image))[0, 0].numpy().reshape(-1)
     cube = _nodes(frame.shape) / (np.asarray(frame.shape) - 1)
@@ -108,7 +109,7 @@ def test_tensor_without_resizing_is_an_exact_reordering():
 
     rng = np.random.default_rng(7)
     image = _random_image(rng)
-    grid = ImageGrid.from_image(image)
+    grid = grid_of(image)
     axes_frame = _random_frame(grid, rng)
     shape = tuple(grid.size[a] for a in axes_frame.axes)
     frame = NetworkFrame(grid, shape, axes_frame.axes, axes_frame.flips)

@@ -13,6 +13,7 @@ from itk_gradicon.geometry import ImageGrid
 from itk_gradicon.jacobian import (LOG_FLOOR, determinant_of_displacement, jacobian_determinant,
                                    jacobian_image, jacobian_summary, log_jacobian)
 from itk_gradicon.transforms import DisplacementField, affine_to_itk, write_field_image
+from itk_gradicon.io.itk_bridge import grid_of
 
 # Largest |ours - ANTs| allowed at voxels two or more voxels from the grid's faces. ANTs uses
 # fourth-order central differences, we use second-order ones; on the smooth fields below the two
@@ -34,7 +35,7 @@ GRIDS = {
 
 
 def grid_with(direction: np.ndarray, size=(12, 11, 10), spacing=(1.0, 1.5, 2.0)) -> ImageGrid:
-    return ImageGrid.from_image(make_image(np.zeros(size[::-1], np.float32), spacing=spacing,
+    return grid_of(make_image(np.zeros(size[::-1], np.float32), spacing=spacing,
                                            origin=(4.0, -7.0, 12.0), direction=direction))
 
 
@@ -84,7 +85,7 @@ def test_two_dimensional_rotation():
     image = itk.image_from_array(np.zeros((9, 8), np.float32))
     image.SetSpacing([1.0, 2.0])
     image.SetDirection(itk.matrix_from_array(np.array([[0.0, -1.0], [1.0, 0.0]])))
-    grid = ImageGrid.from_image(image)
+    grid = grid_of(image)
     a = np.deg2rad(25)
     rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
     points = grid.world_points()
@@ -175,7 +176,7 @@ def test_image_output_and_log():
     np.testing.assert_allclose(itk.array_from_image(image), 2.0, atol=1e-6)
     log_image, _ = jacobian_image(field.to_transform(), reference, log=True)
     np.testing.assert_allclose(itk.array_from_image(log_image), np.log(2.0), atol=1e-6)
-    assert ImageGrid.from_image(image) == grid
+    assert grid_of(image) == grid
     with pytest.raises(InputError, match="at least 2 voxels"):
         determinant_of_displacement(np.zeros((1, 3, 3, 3)), ImageGrid((3, 3, 1), (1.0,) * 3, (0.0,) * 3,
                                                                       ((1.0, 0, 0), (0, 1.0, 0), (0, 0, 1.0))))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import blob_volume, make_image
+from itk_gradicon.io.itk_bridge import grid_of
 
 SHAPE = (30, 34, 38)  # ARRAY order (k, j, i)
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -65,7 +66,7 @@ def fixed_panels(fixed):
     from itk_gradicon.qc import _plane, _slab, slice_views
 
     out = []
-    for view in slice_views(ImageGrid.from_image(fixed)):
+    for view in slice_views(grid_of(fixed)):
         slab = _slab(to_simpleitk(fixed), view, view.index, view.index + 1)  # the picture's helpers take SimpleITK
         out.append(_plane(sitk.GetArrayFromImage(slab), dataclasses.replace(view, index=0), 3))
     return out
@@ -98,7 +99,7 @@ def test_the_sagittal_slice_is_off_the_midline_towards_the_patient_s_left(perm, 
     from itk_gradicon.qc import SAGITTAL_OFFSET, slice_views
 
     image = restored(marker_volume(), perm, flips)
-    grid = ImageGrid.from_image(image)
+    grid = grid_of(image)
     sagittal = slice_views(grid)[2]
     index = np.array([(n - 1) / 2 for n in image.GetLargestPossibleRegion().GetSize()])
 
@@ -194,7 +195,7 @@ def test_float64_fixed_image_gives_the_float32_picture(identity_model):
     np.testing.assert_array_equal(pictures[2], pictures[1])
     from itk_gradicon.imageio import to_simpleitk
 
-    view = slice_views(ImageGrid.from_image(as64))[0]
+    view = slice_views(grid_of(as64))[0]
     assert _slab(to_simpleitk(as64), view, view.index, view.index + 1).GetSize()[view.axis] == 1
 
 
@@ -216,7 +217,7 @@ def test_after_panel_is_the_warped_moving_image(tiny_model_file, rng):
     result = register(fixed, moving, model=str(tiny_model_file), compute_inverse=False)
     warped = itk.resample_image_filter(moving, transform=result.forward_transform, use_reference_image=True,
                                        reference_image=fixed)
-    for view in slice_views(ImageGrid.from_image(fixed)):
+    for view in slice_views(grid_of(fixed)):
         slab = _slab(to_simpleitk(fixed), view, view.index, view.index + 1)
         on_slab = dataclasses.replace(view, index=0)
         ours = _plane(_sample(to_simpleitk(moving), slab, field_transform(result.forward_field)), on_slab, 3)

@@ -10,6 +10,7 @@ import torch
 
 from conftest import blob_volume, make_image, random_rotation
 from itk_gradicon.errors import InputError, ResourceError
+from itk_gradicon.io.itk_bridge import grid_of
 
 SHAPE = (22, 24, 26)  # ARRAY order (k, j, i)
 REFERENCE_LAYOUT_TOLERANCE_MM = 3e-5  # measured: 2.4e-6 mm (AMD EPYC, 2 cores)
@@ -211,7 +212,7 @@ def test_forward_after_inverse_is_the_identity_for_an_inverse_consistent_network
 
     fixed, moving = pair
     shape = model.architecture.input_shape
-    fixed_grid, moving_grid = ImageGrid.from_image(fixed), ImageGrid.from_image(moving)
+    fixed_grid, moving_grid = grid_of(fixed), grid_of(moving)
     fixed_frame = NetworkFrame.reference_layout(fixed_grid, shape)
     moving_frame = NetworkFrame.aligned_to(moving_grid, shape, fixed_frame.world_axes())
     moving_tensor = moving_frame.tensor(IntensityNormalization("mri")(itk.array_view_from_image(moving)))
@@ -331,8 +332,8 @@ def test_loss_masks_reach_the_objective(pair, model, monkeypatch):
     masked = run(fixed, moving, model, io_method="network", io_iterations=2, io_lr=1e-3, fixed_mask=fixed_mask, moving_mask=moving_mask,
                  mask_mode="loss", generator=torch.Generator().manual_seed(3))
     shape = model.architecture.input_shape
-    fixed_frame = NetworkFrame.reference_layout(ImageGrid.from_image(fixed), shape)
-    moving_frame = NetworkFrame.aligned_to(ImageGrid.from_image(moving), shape, fixed_frame.world_axes())
+    fixed_frame = NetworkFrame.reference_layout(grid_of(fixed), shape)
+    moving_frame = NetworkFrame.aligned_to(grid_of(moving), shape, fixed_frame.world_axes())
     expected_B = fixed_frame.tensor(itk.array_view_from_image(fixed_mask), mode="nearest")
     expected_A = moving_frame.tensor(itk.array_view_from_image(moving_mask), mode="nearest")
     assert len(calls) == 2
@@ -441,7 +442,7 @@ def _reference_transform(fixed, moving, model):
 def _transform_at_fixed_voxels(transform, fixed):
     from itk_gradicon.geometry import ImageGrid
 
-    points = ImageGrid.from_image(fixed).world_points().reshape(-1, 3)
+    points = grid_of(fixed).world_points().reshape(-1, 3)
     return np.array([transform.TransformPoint([float(v) for v in p]) for p in points])
 
 
@@ -608,7 +609,7 @@ def test_the_inverse_field_is_computed_when_first_asked_for(pair, model):
     result = register(fixed, moving, model=model, affine="none", io_iterations=0)
     assert result.has_inverse and callable(result._inverse)
     first = result.inverse_field
-    assert first.grid == ImageGrid.from_image(moving) and result.inverse_field is first
+    assert first.grid == grid_of(moving) and result.inverse_field is first
     assert result.inverse_transform.GetDisplacementField() is not None
     forward_only = register(fixed, moving, model=model, affine="none", io_iterations=0, compute_inverse=False)
     assert not forward_only.has_inverse and forward_only.inverse_field is None

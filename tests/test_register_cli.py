@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from conftest import blob_volume, make_image
 from itk_gradicon.cli import main
+from itk_gradicon.io.itk_bridge import grid_of
 
 SHAPE = (20, 22, 24)  # ARRAY order (k, j, i)
 
@@ -318,7 +319,7 @@ def test_initial_transform_that_is_not_affine(files, tiny_model_file, tmp_path):
     from itk_gradicon.geometry import ImageGrid
     from itk_gradicon.transforms import DisplacementField
 
-    grid = ImageGrid.from_image(itk.imread(str(files["fixed"])))
+    grid = grid_of(itk.imread(str(files["fixed"])))
     field = DisplacementField(grid, np.zeros(grid.array_shape + (3,)))
     itk.transformwrite([field.to_transform()], str(tmp_path / "field.h5"))
     args = base_args(files, tiny_model_file) + ["--initial-transform", str(tmp_path / "field.h5")]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from test_training_support import base_config, make_subjects, one_torch_thread, write_csv  # noqa: F401 (autouse)
+from itk_gradicon.io.itk_bridge import grid_of
 
 EXAMPLE_DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 
@@ -66,7 +67,7 @@ def test_header_grid_equals_the_grid_of_the_read_image(name):
     from itk_gradicon.training.data import read_grid
 
     grid, components = read_grid(EXAMPLE_DATA / name)
-    expected = ImageGrid.from_image(itk.imread(str(EXAMPLE_DATA / name)))
+    expected = grid_of(itk.imread(str(EXAMPLE_DATA / name)))
     assert components == 1 and grid.size == expected.size
     np.testing.assert_allclose(grid.spacing, expected.spacing)
     np.testing.assert_allclose(grid.origin, expected.origin)

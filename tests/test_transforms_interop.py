@@ -29,6 +29,7 @@ from itk_gradicon.imageio import OutputTransaction
 from itk_gradicon.transforms import (DisplacementField, TransformSpec, ants_file_names, compose_transforms,
                                      read_transform, sample_transform, write_affine_file, write_elastix,
                                      write_field_image, write_transform)
+from itk_gradicon.io.itk_bridge import grid_of
 
 TOLERANCE = 1e-5  # of the intensity range (1.0); measured: 3e-7
 TRANSFORMIX = shutil.which("transformix")
@@ -54,7 +55,7 @@ def random_pair(seed: int):
     flip = np.diag([-1.0, -1.0, 1.0])
     fixed = make_image(np.zeros(size[::-1], np.float32), spacing=rng.uniform(1.0, 2.5, 3),
                        origin=rng.uniform(-40, 40, 3), direction=random_rotation(rng) @ flip)
-    fixed_grid = ImageGrid.from_image(fixed)
+    fixed_grid = grid_of(fixed)
     centre = fixed_grid.world_points().reshape(-1, 3).mean(0)
     extent = float(np.ptp(fixed_grid.world_points().reshape(-1, 3), axis=0).max())
     moving_size = np.array([int(v) for v in rng.integers(20, 40, 3)])
@@ -68,7 +69,7 @@ def random_pair(seed: int):
 
 def inner_mask(field: DisplacementField, moving, margin: int, transform=None) -> np.ndarray:
     """Fixed voxels whose sample point lies at least ``margin`` voxels inside the moving image."""
-    grid = ImageGrid.from_image(moving)
+    grid = grid_of(moving)
     displacement = field.array if transform is None else sample_transform(transform, field.grid).array
     index = apply_affine(grid.world_to_index(), field.grid.world_points() + displacement)
     return np.all((index >= margin) & (index <= np.asarray(grid.size) - 1 - margin), axis=-1)

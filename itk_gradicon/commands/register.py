@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 from ..errors import GradiconError, InputError, ResourceError
-from ..io.images import (VOLUME_SUFFIXES, OutputTransaction, backend_of, check_header,
+from ..io.images import (VOLUME_SUFFIXES, OutputTransaction, check_header,
                          check_output_dir, check_output_path, describe_grid, image_dimension, read_image,
                          read_label_image, read_mask_on_grid, same_grid)
 from ..pipeline.affine import (  # noqa: F401
@@ -98,7 +98,7 @@ class RegisterOutputs:
 
 
 def _read_labels_on(path: Path, image, what: str):
-    labels = read_label_image(path, what=what, dimension=image_dimension(image), backend=backend_of(image))
+    labels = read_label_image(path, what=what, dimension=image_dimension(image), backend="simpleitk")
     if not same_grid(labels, image):
         raise InputError(f"{what} '{path}' is not on its image's grid: {describe_grid(labels)} vs "
                          f"{describe_grid(image)}")

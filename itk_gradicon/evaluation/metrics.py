@@ -42,6 +42,7 @@ import numpy as np
 from ..errors import InputError
 from ..io.grid import ImageGrid, apply_affine
 from ..io.images import describe_grid, image_array, same_grid
+from ..io.itk_bridge import to_simpleitk
 from ..io.outputs import PathLike
 from ..spatial.jacobian import jacobian_determinant, jacobian_summary
 
@@ -171,6 +172,7 @@ def label_overlap(reference, labels, *, label_values: Optional[Sequence[int]] = 
     Raises:
         InputError: the maps are not on one grid, or no label is found.
     """
+    reference, labels = to_simpleitk(reference), to_simpleitk(labels)
     if not same_grid(reference, labels):
         raise InputError(f"the label maps are not on one grid ({describe_grid(labels)} vs "
                          f"{describe_grid(reference)}); warp one onto the other first "

@@ -11,7 +11,8 @@ Coordinate frames, named as everywhere in this package:
 
 This module needs numpy only (no torch, no itk at import), so that the file commands start fast; the
 network's frames (``CUBE``) live in :mod:`itk_gradicon.spatial.frames`. :meth:`ImageGrid.from_image` reads
-``SimpleITK.Image`` objects, and ``itk.Image`` objects through :mod:`itk_gradicon.io.itk_bridge`.
+``SimpleITK.Image`` objects, the package's one image type; the grid of an ``itk.Image`` is
+:func:`itk_gradicon.io.itk_bridge.grid_of`.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from typing import Tuple
 import numpy as np
 
 from ..errors import InputError
-from .itk_bridge import is_simpleitk as _is_simpleitk  # noqa: F401  (its former name here)
-from .itk_bridge import itk_geometry, set_itk_geometry
 
 
 @dataclass(frozen=True)
@@ -45,13 +44,14 @@ class ImageGrid:
 
     @classmethod
     def from_image(cls, image) -> "ImageGrid":
-        """The grid of an ``itk.Image`` or a ``SimpleITK.Image`` (validated)."""
-        if _is_simpleitk(image):
-            d = int(image.GetDimension())
-            size, spacing, origin = image.GetSize(), image.GetSpacing(), image.GetOrigin()
-            direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(d, d)
-        else:  # an itk.Image, read through the bridge
-            size, spacing, origin, direction = itk_geometry(image)
+        """The grid of a ``SimpleITK.Image`` (validated)."""
+        d = int(image.GetDimension())
+        direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(d, d)
+        return cls.from_geometry(image.GetSize(), image.GetSpacing(), image.GetOrigin(), direction)
+
+    @classmethod
+    def from_geometry(cls, size, spacing, origin, direction) -> "ImageGrid":
+        """The grid of a size, a spacing, an origin (index order) and a ``d x d`` direction (validated)."""
         grid = cls(
             size=tuple(int(s) for s in size),
             spacing=tuple(float(s) for s in spacing),
@@ -118,11 +118,7 @@ class ImageGrid:
         return np.linalg.inv(self.index_to_world())
 
     def apply_to(self, image) -> None:
-        """Give an image of this grid's size (``itk.Image`` or ``SimpleITK.Image``) this grid's origin,
-        spacing and direction."""
-        if not _is_simpleitk(image):
-            set_itk_geometry(image, self.spacing, self.origin, self.direction_matrix)
-            return
+        """Give a ``SimpleITK.Image`` of this grid's size this grid's origin, spacing and direction."""
         image.SetOrigin([float(v) for v in self.origin])
         image.SetSpacing([float(v) for v in self.spacing])
         image.SetDirection([float(v) for v in self.direction_matrix.reshape(-1)])

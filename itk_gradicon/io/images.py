@@ -8,7 +8,8 @@ not constant). Label maps and masks keep an integer pixel type.
 
 Every file is read by SimpleITK (:func:`read_simpleitk_image`); ``backend="itk"`` hands the result to
 ITK Python users as an ``itk.Image`` through :mod:`itk_gradicon.io.itk_bridge`, the one module that
-converts between the two. The helpers below (:func:`image_array`, :func:`same_grid`, ...) accept both.
+converts between the two. The helpers below (:func:`image_array`, :func:`same_grid`, ...) take the package's
+one image type, ``SimpleITK.Image``; public functions convert an ``itk.Image`` at their door.
 
 Writing (:class:`OutputTransaction` and the destination checks) lives in :mod:`itk_gradicon.io.outputs`; its
 names stay importable from here.
@@ -25,7 +26,7 @@ import numpy as np
 
 from ..errors import InputError
 from .grid import ImageGrid
-from .itk_bridge import cast_image, is_simpleitk as _is_simpleitk, itk_array, like_input  # noqa: F401
+from .itk_bridge import cast_image, itk_array, like_input  # noqa: F401
 from .itk_bridge import to_itk, to_simpleitk  # noqa: F401  (re-exported: their former home)
 from .outputs import (  # noqa: F401  (re-exported: the names users of this module know)
     IMAGE_SUFFIXES, STAGING_PREFIX, VOLUME_SUFFIXES, OutputTransaction, PathLike, atomic_output,
@@ -273,33 +274,25 @@ def pixel_components(image) -> int:
 
 
 def image_dimension(image) -> int:
-    """The dimension of an ``itk.Image`` or a ``SimpleITK.Image``."""
-    return int(image.GetDimension() if _is_simpleitk(image) else image.GetImageDimension())
+    """The dimension of a ``SimpleITK.Image``."""
+    return int(image.GetDimension())
 
 
 def image_size(image) -> Tuple[int, ...]:
-    """Voxels along each index axis of an ``itk.Image`` or a ``SimpleITK.Image``."""
-    size = image.GetSize() if _is_simpleitk(image) else image.GetLargestPossibleRegion().GetSize()
-    return tuple(int(s) for s in size)
+    """Voxels along each index axis of a ``SimpleITK.Image``."""
+    return tuple(int(s) for s in image.GetSize())
 
 
 def image_array(image) -> np.ndarray:
-    """A numpy view (ARRAY order) of an ``itk.Image`` or a ``SimpleITK.Image``'s voxels."""
-    if _is_simpleitk(image):
-        import SimpleITK as sitk
+    """A numpy view (ARRAY order) of a ``SimpleITK.Image``'s voxels."""
+    import SimpleITK as sitk
 
-        return sitk.GetArrayViewFromImage(image)
-    return itk_array(image)
+    return sitk.GetArrayViewFromImage(image)
 
 
 #: Image libraries the readers return: ITK Python (``itk.Image``) or SimpleITK (``SimpleITK.Image``:
 #: the same ITK readers and filters, loaded in a fraction of a second; what the commands use).
 BACKENDS = ("itk", "simpleitk")
-
-
-def backend_of(image) -> str:
-    """The library an in-memory image belongs to: ``"simpleitk"`` or ``"itk"``."""
-    return "simpleitk" if _is_simpleitk(image) else "itk"
 
 
 def read_simpleitk_image(path: PathLike, what: str = "image"):
@@ -357,16 +350,15 @@ def read_image(path: PathLike, *, what: str = "image", dimension: Optional[int] 
 
 def check_image(image, *, what: str = "image", dimension: Optional[int] = None,
                 check_constant: bool = True):
-    """Check an in-memory image (``itk.Image`` or ``SimpleITK.Image``) as :func:`read_image` checks
-    files; returns it as float32, in the same library.
+    """Check an in-memory ``SimpleITK.Image`` as :func:`read_image` checks files; returns it as float32.
+    (:func:`itk_gradicon.register` converts an ``itk.Image`` before it comes here.)
 
     ``what`` names the image in error messages.
     """
-    if not _is_simpleitk(image):
-        if not hasattr(image, "GetImageDimension"):
-            raise InputError(f"{what} must be an itk.Image or a SimpleITK.Image, not {type(image).__name__}")
-        return like_input(check_image(to_simpleitk(image), what=what, dimension=dimension,
-                                      check_constant=check_constant), image)
+    import SimpleITK as sitk
+
+    if not isinstance(image, sitk.Image):
+        raise InputError(f"{what} must be an itk.Image or a SimpleITK.Image, not {type(image).__name__}")
     _check_scalar_and_dimension(image, what, dimension)
     _check_grid(image, what)
     array = image_array(image)
@@ -376,8 +368,6 @@ def check_image(image, *, what: str = "image", dimension: Optional[int] = None,
     if check_constant and array.size and float(array.min()) == float(array.max()):
         raise InputError(f"{what} is constant (every voxel is {float(array.min()):g}); "
                          "there is nothing to register")
-    import SimpleITK as sitk
-
     return image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
 
 
@@ -452,9 +442,9 @@ def describe_grid(image) -> str:
 
 
 def read_mask_on_grid(path: PathLike, reference, *, what: str = "mask"):
-    """Read a mask and check that it lies on ``reference``'s grid; returns a uint8 0/1 image in
-    ``reference``'s library (``itk`` or ``SimpleITK``)."""
-    mask = read_label_image(path, what=what, dimension=image_dimension(reference), backend=backend_of(reference))
+    """Read a mask and check that it lies on ``reference``'s grid (a ``SimpleITK.Image``); returns a
+    uint8 0/1 ``SimpleITK.Image``."""
+    mask = read_label_image(path, what=what, dimension=image_dimension(reference), backend="simpleitk")
     if not same_grid(mask, reference):
         raise InputError(f"{what} '{path}' is not on its image's grid: mask has "
                          f"{describe_grid(mask)}, image has {describe_grid(reference)} "
@@ -466,15 +456,12 @@ def read_mask_on_grid(path: PathLike, reference, *, what: str = "mask"):
 
 
 def image_like(array: np.ndarray, reference):
-    """A scalar image holding ``array`` (ARRAY order) on ``reference``'s grid, in its library."""
+    """A scalar ``SimpleITK.Image`` holding ``array`` (ARRAY order) on ``reference``'s grid."""
     import SimpleITK as sitk
 
     out = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    if _is_simpleitk(reference):
-        out.CopyInformation(reference)
-        return out
-    ImageGrid.from_image(reference).apply_to(out)
-    return to_itk(out)
+    out.CopyInformation(reference)
+    return out
 
 
 def write_image(image, path: PathLike, *, compress: bool = True) -> None:

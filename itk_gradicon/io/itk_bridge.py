@@ -10,8 +10,9 @@ Conversions are exact: voxels are copied in their pixel type, origin, spacing an
 and a transform keeps its class and its parameters (a displacement field its float64 vectors), so a
 result does not depend on the library the caller used.
 
-This module imports nothing of the package but :mod:`itk_gradicon.io.outputs` (for the HDF5 lock), so
-that every other module may use it; ITK Python itself is imported on first use (it costs seconds).
+This module imports nothing of the package but :mod:`itk_gradicon.io.outputs` (for the HDF5 lock) and
+:mod:`itk_gradicon.io.grid` (numpy only), so that every other module may use it; ITK Python itself is
+imported on first use (it costs seconds). It is the one module that asks which library an object belongs to.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, List, Sequence, Tuple
 
 import numpy as np
 
+from .grid import ImageGrid
 from .outputs import TRANSFORM_WRITE_LOCK
 
 
@@ -58,6 +60,13 @@ def itk_geometry(image) -> Tuple[Tuple[int, ...], Tuple[float, ...], Tuple[float
     direction = _itk().array_from_matrix(image.GetDirection()).astype(np.float64).reshape(d, d)
     size = tuple(int(s) for s in image.GetLargestPossibleRegion().GetSize())
     return size, tuple(float(s) for s in image.GetSpacing()), tuple(float(s) for s in image.GetOrigin()), direction
+
+
+def grid_of(image) -> ImageGrid:
+    """The grid of an ``itk.Image`` or a ``SimpleITK.Image`` (validated): for callers that hold either."""
+    if is_simpleitk(image):
+        return ImageGrid.from_image(image)
+    return ImageGrid.from_geometry(*itk_geometry(image))
 
 
 def set_itk_geometry(image, spacing: Sequence[float], origin: Sequence[float], direction: np.ndarray) -> None:

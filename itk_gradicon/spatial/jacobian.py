@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io.grid import ImageGrid
-from ..io.itk_bridge import like_input
+from ..io.itk_bridge import grid_of, like_input
 from ..resources import for_each_slab
 from .transforms import sample_transform
 
@@ -168,7 +168,7 @@ def jacobian_image(transform, reference, *, log: bool = False):
     """
     import SimpleITK as sitk
 
-    grid = ImageGrid.from_image(reference)
+    grid = grid_of(reference)
     det = jacobian_determinant(transform, grid)
     values = log_jacobian(det) if log else det
     image = sitk.GetImageFromArray(np.ascontiguousarray(values, dtype=np.float32))

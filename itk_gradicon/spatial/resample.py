@@ -33,7 +33,7 @@ import numpy as np
 from ..errors import InputError
 from ..io.grid import ImageGrid, apply_affine
 from ..io.images import check_label_values, image_array, image_like
-from ..io.itk_bridge import like_input, to_simpleitk, to_simpleitk_transform
+from ..io.itk_bridge import grid_of, like_input, to_simpleitk, to_simpleitk_transform
 from ..io.transform_files import sample_displacement
 from ..resources import for_each_slab
 
@@ -159,17 +159,18 @@ def resample_labels(labels, reference, transform, *, default_value: float = 0.0,
     """
     import SimpleITK as sitk
 
+    given, labels = labels, to_simpleitk(labels)
     check_scalar(labels, "the label map to resample")
     array = np.asarray(image_array(labels))
     check_label_values(array, "the label map to resample")
     default_value = check_default_value(default_value, array.dtype)
-    out_grid = ImageGrid.from_image(reference)
+    out_grid = grid_of(reference)
     if displacement is None:
         displacement = sample_displacement(to_simpleitk_transform(transform), out_grid)
     out = resample_label_array(array, ImageGrid.from_image(labels), out_grid, displacement, default_value)
     image = sitk.GetImageFromArray(np.ascontiguousarray(out))
     out_grid.apply_to(image)
-    return like_input(image, labels)
+    return like_input(image, given)
 
 
 def resample_label_array(array: np.ndarray, in_grid, out_grid, displacement: np.ndarray,

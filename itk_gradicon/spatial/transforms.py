@@ -45,8 +45,8 @@ from ..io import transform_files
 from ..io.grid import ImageGrid
 from ..io.images import OutputTransaction, compound_suffix, image_array
 from ..io.itk_bridge import (  # noqa: F401  (affine_*_itk, the type: re-exported, their former home)
-    affine_from_itk, affine_to_itk, displacement_field_transform_type, is_simpleitk, itk_displacement_field_transform,
-    to_itk_transform, to_simpleitk_transform, write_compressed_transform)
+    affine_from_itk, affine_to_itk, displacement_field_transform_type, itk_displacement_field_transform,
+    to_itk_transform, to_simpleitk, to_simpleitk_transform, write_compressed_transform)
 from ..io.outputs import TRANSFORM_WRITE_LOCK, PathLike  # noqa: F401  (the lock: re-exported, its former home)
 from ..io.transform_files import field_transform, read_transform_file, sample_displacement, transform_parts
 from ..io.transform_specs import (  # noqa: F401  (re-exported: the names users of this module know)
@@ -106,6 +106,7 @@ class DisplacementField:
     @classmethod
     def from_image(cls, image) -> "DisplacementField":
         """Wrap a vector image (``SimpleITK.Image`` or ``itk.Image``; e.g. an ANTs ``Warp.nii.gz``)."""
+        image = to_simpleitk(image)
         array = np.array(image_array(image), dtype=np.float64)
         grid = ImageGrid.from_image(image)
         if array.shape != grid.array_shape + (grid.dimension,):
@@ -358,7 +359,8 @@ def sample_transform(transform, grid: ImageGrid) -> DisplacementField:
     Returns:
         A :class:`DisplacementField` on ``grid``.
     """
-    given = int(transform.GetDimension() if is_simpleitk(transform) else transform.GetInputSpaceDimension())
+    transform = to_simpleitk_transform(transform)
+    given = int(transform.GetDimension())
     if given != grid.dimension:
         raise InputError(f"a {given}-D transform cannot be sampled on a {grid.dimension}-D grid")
-    return DisplacementField(grid, sample_displacement(to_simpleitk_transform(transform), grid))
+    return DisplacementField(grid, sample_displacement(transform, grid))
