@@ -20,7 +20,7 @@ from itk_gradicon.metrics import label_overlap
 from itk_gradicon.resample import resample_image, resample_labels
 from itk_gradicon.transforms import compose_transforms, write_elastix
 from test_apply_cli import files as files_fixture  # noqa: F401  (the same fixture as the CLI tests)
-from itk_gradicon.io.itk_bridge import grid_of
+from itk_gradicon.io.itk_bridge import grid_of, to_simpleitk
 
 files_ = files_fixture
 
@@ -221,7 +221,7 @@ def test_register_warped_output_equals_itk_python(files_, tmp_path):
     field = DisplacementField.from_transform(read_transform(files_["h5"]))
     moving, fixed = itk.imread(str(files_["moving"])), itk.imread(str(files_["fixed"]))
     expected = resample_image(moving, fixed, field.to_transform(), interpolation="linear")
-    files.write_warped(moving, fixed, field, tmp_path / "warped.nii.gz")
+    files.write_warped(to_simpleitk(moving), to_simpleitk(fixed), field, tmp_path / "warped.nii.gz")  # as read
     written = itk.imread(str(tmp_path / "warped.nii.gz"))
     assert np.array_equal(_itk_array(written), _itk_array(expected))
     assert grid_of(written).matches(grid_of(fixed), tolerance=1e-6)

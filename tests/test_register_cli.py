@@ -390,7 +390,7 @@ def test_image_too_large_is_refused_before_reading(files, tiny_model_file, tmp_p
     def no_pixels(*args, **kwargs):
         raise AssertionError("pixels were read before the memory check")
 
-    monkeypatch.setattr(registration_io, "read_image", no_pixels)
+    monkeypatch.setattr(registration_io, "read_float32", no_pixels)
     args = base_args(files, tiny_model_file)
     args[3] = str(huge)
     line = assert_refused(invoke(args), "too large for the available memory", "GiB", out=files["out"])

@@ -269,7 +269,7 @@ def test_network_inputs_are_laid_out_exactly_as_registration_lays_them_out(tmp_p
 
 
 def test_disk_cache_is_reused_and_keyed_by_preprocessing(folder, tmp_path, monkeypatch):
-    from itk_gradicon import imageio
+    from itk_gradicon.training import caching
     from itk_gradicon.training.data import PairDataset, VolumeLoader
 
     comp, cfg = composite(folder, [{"name": "ct", "images": "ct.csv"}])
@@ -278,7 +278,8 @@ def test_disk_cache_is_reused_and_keyed_by_preprocessing(folder, tmp_path, monke
     first = PairDataset(comp, shape, cfg.augmentation, VolumeLoader(2, cache, 0))[5]
     files = sorted(cache.rglob("*.npy"))
     assert len(files) == 4  # the two images of the pair and their segmentations
-    monkeypatch.setattr(imageio, "read_image", lambda *a, **k: pytest.fail("read instead of cached"))
+    for name in ("read_float32", "read_label_map"):
+        monkeypatch.setattr(caching, name, lambda *a, **k: pytest.fail("read instead of cached"))
     again = PairDataset(comp, shape, cfg.augmentation, VolumeLoader(2, cache, 0))[5]
     for key in ("image_A", "image_B"):
         assert torch.equal(first[key], again[key])

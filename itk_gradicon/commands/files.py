@@ -37,7 +37,7 @@ from ..io.images import (IMAGE_SUFFIXES, ImageHeader, OutputTransaction, check_o
                          image_array, read_image_header, read_simpleitk_image)
 from ..io.itk_bridge import to_simpleitk as from_itk  # noqa: F401  (its former name here)
 from ..spatial.resample import (  # noqa: F401  (resample_image, resample_labels: the one resampler, re-exported)
-    INTERPOLATIONS, check_interpolation, resample_image, resample_labels)
+    INTERPOLATIONS, check_interpolation, resample_image, resample_labels, resample_labels_on_grid, resample_simpleitk)
 from ..io.outputs import PathLike
 from ..io.transform_files import (  # noqa: F401  (re-exported: the transform reader's names, their former home)
     TransformName, compose_transforms, field_transform, first_field_grid, read_transform, sample_displacement,
@@ -70,8 +70,8 @@ def read_header(path: PathLike, *, what: str = "image") -> ImageHeader:
 
 def write_warped(moving, fixed, field, path: Path) -> None:
     """``moving`` resampled onto ``fixed``'s grid through a forward field, linear, written at ``path``:
-    the ``--out-warped`` image of ``gradicon register`` (``itk.Image`` inputs are converted)."""
-    _write(resample_image(from_itk(moving), from_itk(fixed), field_transform(field), interpolation="linear"), path)
+    the ``--out-warped`` image of ``gradicon register`` (``SimpleITK.Image`` inputs)."""
+    _write(resample_simpleitk(moving, fixed, field_transform(field), interpolation="linear"), path)
 
 
 def _write(image, path: Path) -> None:
@@ -127,10 +127,11 @@ def apply_transform_file(input_path: PathLike, reference_path: PathLike, transfo
     image = read_simpleitk_image(input_path, "--input")
     reference = read_simpleitk_image(reference_path, "--reference")
     if labels:
-        warped = resample_labels(image, reference, transform, default_value=default_value)
+        warped = resample_labels_on_grid(image, ImageGrid.from_image(reference), transform,
+                                         default_value=default_value)
     else:
-        warped = resample_image(image, reference, transform, interpolation=interpolation,
-                                default_value=default_value)
+        warped = resample_simpleitk(image, reference, transform, interpolation=interpolation,
+                                    default_value=default_value)
     with OutputTransaction() as out:
         _write(warped, out.path(output))
     if interpolation != "label":
@@ -224,8 +225,8 @@ def evaluate_files(transforms: Sequence[TransformName] = (), *, fixed_labels: Op
         if fixed_lab is not None:
             compared = moving_lab
             if transform is not None:
-                compared = resample_labels(moving_lab, fixed_lab, transform,
-                                           displacement=displacement if labels_grid == grid else None)
+                compared = resample_labels_on_grid(moving_lab, labels_grid, transform,
+                                                   displacement=displacement if labels_grid == grid else None)
             report["labels"] = label_overlap(fixed_lab, compared, label_values=list(label_values or ()) or None,
                                              with_hd95=hd95)
         if fixed_landmarks is not None:

@@ -16,8 +16,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from ..errors import GradiconError, InputError, ResourceError
 from ..io.images import (VOLUME_SUFFIXES, OutputTransaction, check_header,
-                         check_output_dir, check_output_path, describe_grid, image_dimension, read_image,
-                         read_label_image, read_mask_on_grid, same_grid)
+                         check_output_dir, check_output_path, describe_grid, image_dimension, read_float32,
+                         read_label_map, read_mask_on_grid, same_grid)
 from ..pipeline.affine import (  # noqa: F401
     AFFINE_CHOICES, PREALIGNMENT_TRANSFORMS, expects_prealignment, resolve_affine_choice)
 from ..pipeline.options import INPUT_KEYWORDS, RegistrationOptions, check_options
@@ -98,7 +98,7 @@ class RegisterOutputs:
 
 
 def _read_labels_on(path: Path, image, what: str):
-    labels = read_label_image(path, what=what, dimension=image_dimension(image), backend="simpleitk")
+    labels = read_label_map(path, what=what, dimension=image_dimension(image))
     if not same_grid(labels, image):
         raise InputError(f"{what} '{path}' is not on its image's grid: {describe_grid(labels)} vs "
                          f"{describe_grid(image)}")
@@ -325,10 +325,8 @@ class _Inputs:
 def _read_inputs(files: Dict[str, Optional[Path]], dimension: int) -> _Inputs:
     """Read every input file through SimpleITK (ITK's readers without ITK Python's seconds of
     module loading), checking each against its image's grid."""
-    fixed, fixed_original = read_image(files["--fixed"], what="--fixed", dimension=dimension,
-                                       return_original=True, backend="simpleitk")
-    moving, moving_original = read_image(files["--moving"], what="--moving", dimension=dimension,
-                                         return_original=True, backend="simpleitk")
+    fixed, fixed_original = read_float32(files["--fixed"], what="--fixed", dimension=dimension)
+    moving, moving_original = read_float32(files["--moving"], what="--moving", dimension=dimension)
     on = {"fixed": fixed, "moving": moving}
     masks = {f"{role}_mask": read_mask_on_grid(files[f"--{role}-mask"], image, what=f"--{role}-mask")
              if files[f"--{role}-mask"] else None for role, image in on.items()}

@@ -341,11 +341,17 @@ def read_image(path: PathLike, *, what: str = "image", dimension: Optional[int] 
         InputError: with a one-line reason naming the file and what was expected.
     """
     _check_backend(backend)
-    image = read_simpleitk_image(path, what)
-    checked = check_image(image, what=f"{what} '{path}'", dimension=dimension, check_constant=check_constant)
+    checked, image = read_float32(path, what=what, dimension=dimension, check_constant=check_constant)
     if return_original:
         return _in_backend(checked, backend), _in_backend(image, backend)
     return _in_backend(checked, backend)
+
+
+def read_float32(path: PathLike, *, what: str = "image", dimension: Optional[int] = None,
+                 check_constant: bool = True):
+    """:func:`read_image` inside the package: ``(float32 SimpleITK.Image, the image as stored)``."""
+    image = read_simpleitk_image(path, what)
+    return check_image(image, what=f"{what} '{path}'", dimension=dimension, check_constant=check_constant), image
 
 
 def check_image(image, *, what: str = "image", dimension: Optional[int] = None,
@@ -381,6 +387,11 @@ def read_label_image(path: PathLike, *, what: str = "label map", dimension: Opti
     :func:`read_image`.
     """
     _check_backend(backend)
+    return _in_backend(read_label_map(path, what=what, dimension=dimension), backend)
+
+
+def read_label_map(path: PathLike, *, what: str = "label map", dimension: Optional[int] = None):
+    """:func:`read_label_image` inside the package: a ``SimpleITK.Image``."""
     image = read_simpleitk_image(path, what)
     _check_scalar_and_dimension(image, f"{what} '{path}'", dimension)
     array = image_array(image)
@@ -391,7 +402,7 @@ def read_label_image(path: PathLike, *, what: str = "label map", dimension: Opti
         import SimpleITK as sitk
 
         image = sitk.Cast(image, sitk.sitkInt16 if small else sitk.sitkInt32)
-    return _in_backend(image, backend)
+    return image
 
 
 def check_label_values(array: np.ndarray, what: str, *, nan_note: str = "; a label map holds integers") -> None:
@@ -444,7 +455,7 @@ def describe_grid(image) -> str:
 def read_mask_on_grid(path: PathLike, reference, *, what: str = "mask"):
     """Read a mask and check that it lies on ``reference``'s grid (a ``SimpleITK.Image``); returns a
     uint8 0/1 ``SimpleITK.Image``."""
-    mask = read_label_image(path, what=what, dimension=image_dimension(reference), backend="simpleitk")
+    mask = read_label_map(path, what=what, dimension=image_dimension(reference))
     if not same_grid(mask, reference):
         raise InputError(f"{what} '{path}' is not on its image's grid: mask has "
                          f"{describe_grid(mask)}, image has {describe_grid(reference)} "

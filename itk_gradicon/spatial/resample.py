@@ -94,16 +94,22 @@ def resample_image(image, reference, transform, *, interpolation: str = "linear"
     Example:
         >>> warped = resample_image(moving, fixed, result.forward_transform)   # doctest: +SKIP
     """
+    check_interpolation(interpolation)
+    resampled = resample_simpleitk(to_simpleitk(image), to_simpleitk(reference), to_simpleitk_transform(transform),
+                                   interpolation=interpolation, default_value=default_value)
+    return like_input(resampled, image)
+
+
+def resample_simpleitk(image, reference, transform, *, interpolation: str = "linear", default_value: float = 0.0):
+    """:func:`resample_image` of a scalar ``SimpleITK.Image`` through a SimpleITK transform (the commands'
+    resampler; interpolation already checked)."""
     import SimpleITK as sitk
 
-    check_interpolation(interpolation)
     check_scalar(image, "the image to resample")
-    given, image, reference = image, to_simpleitk(image), to_simpleitk(reference)
-    transform = to_simpleitk_transform(transform)
     dtype = image_array(image).dtype
     default_value = check_default_value(default_value, dtype)
     if interpolation == "label":
-        return like_input(resample_labels(image, reference, transform, default_value=default_value), given)
+        return resample_labels_on_grid(image, ImageGrid.from_image(reference), transform, default_value=default_value)
     if interpolation == "nearest":
         work = image if dtype in _NEAREST_NATIVE else sitk.Cast(image, sitk.sitkFloat64)
         interpolator = sitk.sitkNearestNeighbor
@@ -115,7 +121,7 @@ def resample_image(image, reference, transform, *, interpolation: str = "linear"
     integer_work = np.issubdtype(image_array(work).dtype, np.integer)
     out = sitk.Resample(work, reference, transform, interpolator,
                         float(int(default_value)) if integer_work else default_value, work.GetPixelID())
-    return like_input(with_dtype(out, dtype), given)
+    return with_dtype(out, dtype)
 
 
 def as_dtype_array(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -127,8 +133,8 @@ def as_dtype_array(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def with_dtype(image, dtype: np.dtype):
-    """``image`` (``itk.Image`` or ``SimpleITK.Image``) with voxels of ``dtype`` (integers rounded and clamped),
-    same geometry and library; ``image`` itself when it already has them."""
+    """A ``SimpleITK.Image`` with voxels of ``dtype`` (integers rounded and clamped), same geometry;
+    ``image`` itself when it already has them."""
     array = image_array(image)
     if array.dtype == dtype:
         return image
@@ -157,20 +163,27 @@ def resample_labels(labels, reference, transform, *, default_value: float = 0.0,
         An image of the input's pixel type and library on the reference grid; its labels are a subset of
         the input's, plus ``default_value`` where points fall outside.
     """
+    resampled = resample_labels_on_grid(to_simpleitk(labels), grid_of(reference), to_simpleitk_transform(transform),
+                                        default_value=default_value, displacement=displacement)
+    return like_input(resampled, labels)
+
+
+def resample_labels_on_grid(labels, out_grid: ImageGrid, transform, *, default_value: float = 0.0,
+                            displacement=None):
+    """:func:`resample_labels` of a ``SimpleITK.Image`` label map onto ``out_grid`` through a SimpleITK
+    transform (or ``displacement`` already sampled on that grid)."""
     import SimpleITK as sitk
 
-    given, labels = labels, to_simpleitk(labels)
     check_scalar(labels, "the label map to resample")
     array = np.asarray(image_array(labels))
     check_label_values(array, "the label map to resample")
     default_value = check_default_value(default_value, array.dtype)
-    out_grid = grid_of(reference)
     if displacement is None:
-        displacement = sample_displacement(to_simpleitk_transform(transform), out_grid)
+        displacement = sample_displacement(transform, out_grid)
     out = resample_label_array(array, ImageGrid.from_image(labels), out_grid, displacement, default_value)
     image = sitk.GetImageFromArray(np.ascontiguousarray(out))
     out_grid.apply_to(image)
-    return like_input(image, given)
+    return image
 
 
 def resample_label_array(array: np.ndarray, in_grid, out_grid, displacement: np.ndarray,

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from ..io.images import atomic_output, image_array, read_image, read_label_image
+from ..io.images import atomic_output, image_array, read_float32, read_label_map
 from ..pipeline.preprocess import apply_input_mask
 from ..spatial.frames import NetworkFrame
 from .listing import ImageEntry
@@ -90,16 +90,15 @@ class VolumeLoader:
 
     def _compute(self, kind: str, entry: ImageEntry, frame: NetworkFrame, input_mask: bool) -> np.ndarray:
         if kind == "image":
-            image = read_image(entry.path, what=f"training image ({entry.origin})", dimension=self.dimension,
-                               backend="simpleitk")
+            image, _ = read_float32(entry.path, what=f"training image ({entry.origin})", dimension=self.dimension)
             array = image_array(image)
             normalized = entry.normalization(array, what=f"training image '{entry.path}' ({entry.origin})")
             if input_mask and entry.mask is not None:
-                mask = read_label_image(entry.mask, what="training mask", dimension=self.dimension, backend="simpleitk")
+                mask = read_label_map(entry.mask, what="training mask", dimension=self.dimension)
                 normalized = apply_input_mask(normalized, image_array(mask))
             return frame.tensor(normalized)[0, 0].numpy()
         path = entry.mask if kind == "mask" else entry.segmentation
-        labels = read_label_image(path, what=f"training {kind}", dimension=self.dimension, backend="simpleitk")
+        labels = read_label_map(path, what=f"training {kind}", dimension=self.dimension)
         array = np.asarray(image_array(labels))
         if kind == "mask":
             array = (array > 0).astype(np.float32)

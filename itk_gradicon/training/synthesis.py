@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..io.images import image_array, read_image
+from ..io.images import image_array, read_float32
 from ..pipeline.preprocess import IntensityNormalization
 from ..spatial.frames import ImageGrid, NetworkFrame
 
@@ -85,7 +85,7 @@ def read_label_values(path: Path, *, what: str, dimension: int) -> Tuple[np.ndar
     A label map holds whole numbers (any integer or floating pixel type whose values are whole)
     and at least two labels besides the background 0.
     """
-    image = read_image(path, what=what, dimension=dimension, backend="simpleitk")
+    image, _ = read_float32(path, what=what, dimension=dimension)
     array = np.array(image_array(image))  # a copy: a view would outlive the image
     grid = ImageGrid.from_image(image)
     if array.dtype.kind == "f":
