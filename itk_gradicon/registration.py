@@ -52,7 +52,7 @@ from .pipeline.instance import (DEFAULT_LR, DEFAULT_SMOOTHNESS, FieldSettings, I
 from .pipeline.options import (  # noqa: F401  (the choices and the check are re-exported: their former home)
     AFFINE_CHOICES, INPUT_KEYWORDS, IO_METHOD_CHOICES, IO_METHODS, IO_STARTS, MASK_MODES, MODALITY_CHOICES,
     ORIENTATIONS, RegistrationOptions, check_options)
-from .pipeline.preprocess import IntensityNormalization, apply_input_mask, resolve_modality
+from .pipeline.preprocess import DEFAULT_CT_WINDOW, IntensityNormalization, apply_input_mask, resolve_modality
 from .pipeline.refinement import TWO_CONTRASTS_BELOW, intensity_correlation, resolve_io, resolve_io_method  # noqa: F401
 from .spatial.frames import ImageGrid, NetworkFrame, displacement_on_grid
 from .spatial.transforms import DisplacementField, affine_to_simpleitk
@@ -467,7 +467,7 @@ def _normalize(model: Model, fixed, moving, *, fixed_modality: str, moving_modal
     """Both images' intensities mapped to [0, 1] (model defaults unless given), zeroed outside input
     masks; returns ``({"fixed": array, "moving": array}, {"fixed": modality, "moving": modality})``."""
     defaults = model.preprocessing or {}
-    window = tuple(ct_window) if ct_window is not None else tuple(defaults.get("ct_window") or (-1000.0, 1000.0))
+    window = tuple(ct_window) if ct_window is not None else tuple(defaults.get("ct_window") or DEFAULT_CT_WINDOW)
     quantiles = quantile_range if quantile_range is not None else defaults.get("quantile_range")
     quantiles = tuple(quantiles) if quantiles is not None else None
     modalities, normalized = {}, {}

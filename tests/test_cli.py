@@ -94,3 +94,20 @@ def test_shutdown_kept_while_a_child_process_lives():
 def test_unknown_subcommand_is_a_usage_error():
     result = CliRunner().invoke(main, ["regster"])
     assert result.exit_code == 2 and "No such command" in result.output
+
+
+def test_register_help_names_the_library_defaults():
+    """The defaults that `register --help` names come from the constants the library uses (written once)."""
+    from itk_gradicon.cli.common import format_number
+    from itk_gradicon.pipeline import instance, options, preprocess
+
+    assert [format_number(v) for v in (-1000.0, 0.99, 2e-5, 0.3, 0.15, 1e-12, 250)] == \
+        ["-1000", "0.99", "2e-5", "0.3", "0.15", "1e-12", "250"]
+    assert instance.DEFAULT_LR is options.DEFAULT_LR and instance.DEFAULT_SMOOTHNESS == options.DEFAULT_SMOOTHNESS
+    text = " ".join(CliRunner().invoke(main, ["register", "--help"], terminal_width=400).output.split())
+    window = " ".join(format_number(v) for v in preprocess.DEFAULT_CT_WINDOW)
+    assert f"[default: {window}]" in text
+    assert f"[default: minimum and {format_number(preprocess.DEFAULT_MRI_UPPER_QUANTILE)}]" in text
+    assert (f"[default: {format_number(options.DEFAULT_LR['network'])} network; "
+            f"{format_number(options.DEFAULT_LR['field'])} field, in network voxels]") in text
+    assert f"else {format_number(options.DEFAULT_SMOOTHNESS)}]" in text

@@ -73,6 +73,13 @@ def existing_file(**kwargs) -> click.Path:
     return click.Path(exists=True, dir_okay=False, readable=True, **kwargs)
 
 
+def format_number(value: float) -> str:
+    """A number as a person writes it in a help text: ``-1000``, ``0.99``, ``2e-5``."""
+    text = f"{value:g}"
+    mantissa, e, exponent = text.partition("e")
+    return f"{mantissa}e{int(exponent)}" if e else text
+
+
 def format_seconds(seconds: float) -> str:
     seconds = max(0.0, float(seconds))
     if seconds < 60:

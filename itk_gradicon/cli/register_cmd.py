@@ -7,9 +7,11 @@ from typing import Optional, Tuple
 
 import click
 
-from ..pipeline.options import (AFFINE_CHOICES, IO_METHOD_CHOICES, IO_SIMILARITY_CHOICES, IO_STARTS, MASK_MODES,
+from ..pipeline.options import (AFFINE_CHOICES, DEFAULT_CT_WINDOW, DEFAULT_LR, DEFAULT_MRI_UPPER_QUANTILE,
+                                DEFAULT_SMOOTHNESS, IO_METHOD_CHOICES, IO_SIMILARITY_CHOICES, IO_STARTS, MASK_MODES,
                                 MODALITY_CHOICES, ORIENTATIONS)
-from .common import threads_option, ProgressLine, device_option, format_seconds, info, model_option, quiet_option
+from .common import (threads_option, ProgressLine, device_option, format_number, format_seconds, info, model_option,
+                     quiet_option)
 
 _MODALITY = click.Choice(MODALITY_CHOICES)
 
@@ -55,10 +57,10 @@ _MODALITY = click.Choice(MODALITY_CHOICES)
 @click.option("--moving-modality", type=_MODALITY, default="auto", show_default=True,
               help="As --fixed-modality, for the moving image.")
 @click.option("--ct-window", nargs=2, type=float, metavar="MIN MAX",
-              help="CT window in Hounsfield units.  [default: -1000 1000]")
+              help=f"CT window in Hounsfield units.  [default: {' '.join(map(format_number, DEFAULT_CT_WINDOW))}]")
 @click.option("--quantile-range", nargs=2, type=float, metavar="LOWER UPPER",
               help="Intensity quantiles (0-1) mapped to 0 and 1 for non-CT images.  "
-                   "[default: minimum and 0.99]")
+                   f"[default: minimum and {format_number(DEFAULT_MRI_UPPER_QUANTILE)}]")
 @click.option("--fixed-mask", type=click.Path(path_type=Path),
               help="Binary mask on the fixed image's grid (same size, origin, spacing and direction; "
                    "voxels > 0 are inside).")
@@ -83,10 +85,12 @@ _MODALITY = click.Choice(MODALITY_CHOICES)
                    "auto: the model's recommendation (field for the bundled one), else network for the "
                    "published models.")
 @click.option("--io-lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Adam learning rate of instance optimisation.  [default: 2e-5 network; 0.3 field, in network voxels]")
+              help=f"Adam learning rate of instance optimisation.  [default: {format_number(DEFAULT_LR['network'])} "
+                   f"network; {format_number(DEFAULT_LR['field'])} field, in network voxels]")
 @click.option("--io-smoothness", type=click.FloatRange(min=0), default=None,
               help="Weight of the fields' diffusion penalty in --io-method field (larger: smoother, fewer "
-                   "folds, less gain).  [default: the model's recommendation, else 0.15]")
+                   "folds, less gain).  [default: the model's recommendation, else "
+                   f"{format_number(DEFAULT_SMOOTHNESS)}]")
 @click.option("--io-start", type=click.Choice(IO_STARTS), default="auto",
               show_default=True,
               help="Where field instance optimisation starts: prediction (the network's fields), prealignment "

@@ -31,15 +31,8 @@ from torch import Tensor
 
 from ..network.sampling import cube_identity, sample_cube_field
 from . import losses
-from .options import IO_METHODS  # noqa: F401  (re-exported: its former home)
+from .options import DEFAULT_LR, DEFAULT_SMOOTHNESS, IO_METHODS  # noqa: F401  (IO_METHODS: re-exported)
 
-#: Adam learning rate per method: the papers' value for the network's weights; for the fields,
-#: network voxels per step (the same for every network size).
-DEFAULT_LR = {"network": 2e-5, "field": 0.3}
-#: Weight of the diffusion penalty of ``field`` IO where the model file recommends none (models record
-#: their own, per similarity: :class:`~itk_gradicon.models.Refinement`; the choices are measured in
-#: ``benchmarks/ACCURACY.md``).
-DEFAULT_SMOOTHNESS = 0.15
 #: Weight of the inverse-consistency penalty of ``field`` IO (network voxels squared).
 INVERSE_CONSISTENCY = 0.1
 

@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from ..errors import InputError, did_you_mean
-from .preprocess import MASK_MODES, MODALITY_CHOICES
+from .preprocess import DEFAULT_CT_WINDOW, DEFAULT_MRI_UPPER_QUANTILE, MASK_MODES, MODALITY_CHOICES  # noqa: F401
 
 # The choices, written once: the library checks against them and the command line's click.Choice lists them
 # (this module loads no torch, ITK or SimpleITK, so that ``gradicon --help`` stays fast).
@@ -50,6 +50,16 @@ IO_METHOD_CHOICES = ("auto",) + IO_METHODS
 IO_SIMILARITY_CHOICES = ("lncc", "lncc2", "mind")
 #: ``io_start``: where field IO starts (the network's prediction, the pre-alignment, or as the domain says).
 IO_STARTS = ("auto", "prediction", "prealignment")
+
+# The defaults that the command line's help names, written once (the library uses the same constants).
+
+#: Adam learning rate per method: the papers' value for the network's weights; for the fields,
+#: network voxels per step (the same for every network size).
+DEFAULT_LR = {"network": 2e-5, "field": 0.3}
+#: Weight of the diffusion penalty of ``field`` IO where the model file recommends none (models record
+#: their own, per similarity: :class:`~itk_gradicon.models.Refinement`; the choices are measured in
+#: ``benchmarks/ACCURACY.md``).
+DEFAULT_SMOOTHNESS = 0.15
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import InputError
 from ..models import PUBLISHED, Model
-from .instance import DEFAULT_LR, DEFAULT_SMOOTHNESS
+from .options import DEFAULT_LR, DEFAULT_SMOOTHNESS
 from .options import IO_SIMILARITY_CHOICES as IO_SIMILARITIES
 from .preprocess import MRI_CONTRASTS, modalities_differ
 
