@@ -406,3 +406,48 @@ def test_evaluate_matches_overlaps_computed_by_hand(tmp_path):
     report = json.loads(undone.stdout)
     assert report["labels"]["dice"]["1"] == 1.0 and report["labels"]["hd95_mm"]["1"] == 0.0
     assert report["jacobian"]["min"] == pytest.approx(1.0) and report["jacobian"]["max"] == pytest.approx(1.0)
+
+
+def test_a_field_that_misses_the_reference_is_said(files):
+    """A displacement field is zero outside its domain (ITK, ANTs): a transform given with a reference it
+    does not cover moves nothing there, silently in antsApplyTransforms. The file commands say so, and
+    still write (it may be meant); a transform that covers its reference says nothing."""
+    import itk
+
+    fixed = itk.imread(str(files["fixed"]))
+    far = itk.image_duplicator(fixed)
+    far.SetOrigin([float(v) + 500.0 for v in fixed.GetOrigin()])  # the same grid, 50 cm away
+    itk.imwrite(far, str(files["dir"] / "far.nii.gz"))
+    chain = ("-t", files["warp"], "-t", files["affine"])
+    for reference, expected in ((files["fixed"], None), (files["dir"] / "far.nii.gz", "covers 0 %")):
+        out = files["dir"] / f"out_{reference.name}"
+        result = run("apply-transform", "-i", files["moving"], "-r", reference, *chain, "-o", out)
+        assert result.exit_code == 0 and out.exists(), result.output
+        warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+        if expected is None:
+            assert warnings == [], result.stderr
+        else:
+            assert len(warnings) == 1 and expected in warnings[0] and "a displacement field among" in warnings[0]
+            assert "origin (" in warnings[0] and "a forward transform covers its fixed image's grid" in warnings[0]
+    result = run("jacobian", "-t", files["h5"], "-r", files["dir"] / "far.nii.gz")
+    assert result.exit_code == 0, result.output
+    assert "the displacement field of" in json.loads(result.stdout)["warnings"][0]
+    assert "warnings" not in json.loads(run("jacobian", "-t", files["h5"], "-r", files["fixed"]).stdout)
+
+
+def test_field_coverage_follows_the_parts_applied_before_the_field(files):
+    import SimpleITK as sitk
+
+    from itk_gradicon.io.transform_files import compose_transforms, field_coverage, read_transform
+
+    grid = grid_of(sitk.ReadImage(str(files["fixed"])))
+    ((share, field_grid),) = field_coverage(read_transform(str(files["h5"])), grid)
+    assert share == 1.0 and field_grid.matches(grid, tolerance=1e-5)
+    extent = np.asarray(grid.size) * np.asarray(grid.spacing)
+    half = sitk.TranslationTransform(3, [float(v) for v in grid.direction_matrix @ (extent * [0.5, 0, 0])])
+    sitk.WriteTransform(half, str(files["dir"] / "half.tfm"))
+    # '-t shift -t field': x goes to field(shift(x)): the shift carries half of the points out of the domain
+    ((share, _),) = field_coverage(compose_transforms([files["dir"] / "half.tfm", files["h5"]]), grid)
+    assert 0.35 < share < 0.65
+    ((share, _),) = field_coverage(compose_transforms([files["h5"], files["dir"] / "half.tfm"]), grid)
+    assert share == 1.0  # the field first, on its own grid

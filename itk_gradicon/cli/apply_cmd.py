@@ -35,6 +35,8 @@ def _resample_files(input_path: Path, reference_path: Path, transforms: Sequence
 
     done = apply_transform_file(input_path, reference_path, transforms, output, interpolation=interpolation,
                                 default_value=default_value, labels=labels)
+    for warning in done.warnings:
+        info(f"warning: {warning}", quiet=quiet)
     info(f"wrote {done.output}", quiet=quiet)
     if done.labels_in is not None:
         lost = done.lost_labels

@@ -60,6 +60,8 @@ def evaluate(transforms: Sequence[str], fixed_labels: Optional[Path], moving_lab
     report = evaluate_files(list(transforms), fixed_labels=fixed_labels, moving_labels=moving_labels,
                             label_values=list(label_values) or None, hd95=hd95, fixed_landmarks=fixed_landmarks,
                             moving_landmarks=moving_landmarks, reference=reference, output_json=output_json)
+    for warning in report.get("warnings", ()):
+        info(f"warning: {warning}", quiet=quiet)
     click.echo(json.dumps(report, indent=2))
     if output_json is not None:
         info(f"wrote {Path(output_json).expanduser().absolute()}", quiet=quiet)

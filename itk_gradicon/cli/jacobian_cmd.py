@@ -43,6 +43,8 @@ def jacobian(transforms: Sequence[str], reference: Optional[Path], output: Optio
 
     summary = jacobian_file(list(transforms), reference=reference, output=output, summary_json=summary_json,
                             log=log_output)
+    for warning in summary.get("warnings", ()):
+        info(f"warning: {warning}", quiet=quiet)
     click.echo(json.dumps(summary, indent=2))
     for path in (output, summary_json):
         if path is not None:

@@ -27,7 +27,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -40,8 +40,8 @@ from ..spatial.resample import (  # noqa: F401  (resample_image, resample_labels
     INTERPOLATIONS, check_interpolation, resample_image, resample_labels, resample_labels_on_grid, resample_simpleitk)
 from ..io.outputs import PathLike
 from ..io.transform_files import (  # noqa: F401  (re-exported: the transform reader's names, their former home)
-    TransformName, compose_transforms, field_transform, first_field_grid, read_transform, sample_displacement,
-    transform_parts)
+    TransformName, compose_transforms, describe_coverage, field_transform, first_field_grid, read_transform,
+    sample_displacement, transform_parts)
 
 
 def _sitk():
@@ -89,6 +89,7 @@ class WarpSummary:
     output: Path
     labels_in: Optional[List] = None
     labels_out: Optional[List] = None
+    warnings: Tuple[str, ...] = ()
 
     @property
     def lost_labels(self) -> List:
@@ -132,11 +133,13 @@ def apply_transform_file(input_path: PathLike, reference_path: PathLike, transfo
     else:
         warped = resample_simpleitk(image, reference, transform, interpolation=interpolation,
                                     default_value=default_value)
+    warnings = tuple(describe_coverage(transform, ImageGrid.from_image(reference), list(transforms)))
     with OutputTransaction() as out:
         _write(warped, out.path(output))
     if interpolation != "label":
-        return WarpSummary(output)
-    return WarpSummary(output, np.unique(image_array(image)).tolist(), np.unique(image_array(warped)).tolist())
+        return WarpSummary(output, warnings=warnings)
+    return WarpSummary(output, np.unique(image_array(image)).tolist(), np.unique(image_array(warped)).tolist(),
+                       warnings)
 
 
 def jacobian_file(transforms: Sequence[TransformName], *, reference: Optional[PathLike] = None,
@@ -174,6 +177,8 @@ def jacobian_file(transforms: Sequence[TransformName], *, reference: Optional[Pa
                              "--reference (the fixed image)")
     det = determinant_of_displacement(sample_displacement(transform, grid), grid)
     summary = {"transforms": [str(t) for t in transforms], **jacobian_summary(det)}
+    if reference is not None:  # (the grid of the first field otherwise: covered by it)
+        summary.update(_warnings(describe_coverage(transform, grid, list(transforms))))
     with OutputTransaction() as out:
         if output is not None:
             values = log_jacobian(det) if log else det
@@ -236,6 +241,8 @@ def evaluate_files(transforms: Sequence[TransformName] = (), *, fixed_labels: Op
                 transform)
         if folding is not None:
             report["jacobian"] = folding.result()
+    if transform is not None:
+        report.update(_warnings(describe_coverage(transform, grid, list(transforms))))
     if output_json is not None:
         with OutputTransaction() as out:
             out.path(output_json).write_text(json.dumps(report, indent=2) + "\n")
@@ -271,6 +278,11 @@ def _evaluated_transform(transforms, reference_image, fixed_lab, moving_lab):
         raise InputError("the Jacobian needs a grid: give --reference (the fixed image) or "
                          "--fixed-labels, or a displacement field among the transforms")
     return transform, grid
+
+
+def _warnings(lines: List[str]) -> Dict[str, List[str]]:
+    """``{"warnings": lines}`` for a JSON report, or nothing where there is none."""
+    return {"warnings": lines} if lines else {}
 
 
 #: :func:`itk_gradicon.io.images.read_simpleitk_image` under the name the file commands have always used.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -156,6 +156,57 @@ def first_field_grid(transform) -> Optional[ImageGrid]:
     return None
 
 
+#: Below this share of a grid's points inside a displacement field's domain the file commands warn: a field
+#: is zero outside its domain (ITK, ANTs), so the points outside are silently not moved. A field written by
+#: ``gradicon register`` or ANTs covers its fixed image's grid whole.
+FIELD_COVERAGE_WARNING = 0.5
+
+
+def field_coverage(transform, grid: ImageGrid, *, per_axis: int = 16) -> List[Tuple[float, ImageGrid]]:
+    """For each displacement field in ``transform`` (a SimpleITK transform, composites in the order ITK
+    applies them): the share of ``grid``'s points that reach it inside its domain (continuous index within
+    ``[-0.5, n - 0.5]``, the points carried by the parts applied before it), and the field's grid.
+    The points are a lattice of at most ``per_axis`` voxel centres along each axis of ``grid``."""
+    axes = [np.unique(np.linspace(0, n - 1, min(n, per_axis)).round()) for n in grid.size]
+    index = np.stack([a.ravel() for a in np.meshgrid(*axes, indexing="ij")], axis=-1)
+    to_world = grid.index_to_world()
+    points = index @ to_world[:-1, :-1].T + to_world[:-1, -1]
+    parts = list(reversed(transform_parts(transform)))
+    fields = [i for i, part in enumerate(parts) if part.GetName() == "DisplacementFieldTransform"]
+    found = []
+    for part in parts[:fields[-1] + 1] if fields else ():
+        if part.GetName() == "DisplacementFieldTransform":
+            field_grid = ImageGrid.from_image(part.GetDisplacementField())
+            to_index = field_grid.world_to_index()
+            at = points @ to_index[:-1, :-1].T + to_index[:-1, -1]
+            inside = np.all((at >= -0.5) & (at <= np.asarray(field_grid.size) - 0.5), axis=1)
+            found.append((float(inside.mean()), field_grid))
+            if len(found) == len(fields):
+                break
+        points = np.array([part.TransformPoint([float(v) for v in p]) for p in points])
+    return found
+
+
+def describe_coverage(transform, grid: ImageGrid, names: Sequence[TransformName]) -> List[str]:
+    """A warning for each displacement field of ``transform`` that covers less than
+    :data:`FIELD_COVERAGE_WARNING` of ``grid`` (``names``: the files, to name a lone one)."""
+    warnings = []
+    for share, field_grid in field_coverage(transform, grid):
+        if share >= FIELD_COVERAGE_WARNING:
+            continue
+        which = (f"the displacement field of '{TransformSpec.parse(names[0]).path}'" if len(names) == 1
+                 else "a displacement field among the transforms")
+        warnings.append(f"{which} covers {100 * share:.0f} % of the reference grid; points outside the field are "
+                        f"not moved (field: {_extent(field_grid)}; reference: {_extent(grid)}). Check that the "
+                        "transform belongs to this reference: a forward transform covers its fixed image's grid")
+    return warnings
+
+
+def _extent(grid: ImageGrid) -> str:
+    return (f"size {tuple(grid.size)}, spacing {tuple(round(s, 4) for s in grid.spacing)}, "
+            f"origin {tuple(round(o, 1) for o in grid.origin)}")
+
+
 # --------------------------------------------------------------------------------------------
 # Sampling
 # --------------------------------------------------------------------------------------------
@@ -188,5 +239,6 @@ def sample_displacement(transform, grid: ImageGrid) -> np.ndarray:
     return np.array(sitk.GetArrayViewFromImage(sampled), dtype=np.float64)
 
 
-__all__ = ["TransformName", "compose_transforms", "field_transform", "first_field_grid", "read_field_transform",
+__all__ = ["FIELD_COVERAGE_WARNING", "TransformName", "compose_transforms", "describe_coverage", "field_coverage",
+           "field_transform", "first_field_grid", "read_field_transform",
            "read_transform", "read_transform_file", "sample_displacement", "transform_parts"]
