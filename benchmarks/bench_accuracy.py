@@ -426,9 +426,9 @@ def load_pair(pair: Pair):
             "fixed": itk.imread(str(pair.fixed), itk.F), "moving": itk.imread(str(pair.moving), itk.F),
             "fixed_labels": itk.imread(str(pair.fixed_labels), itk.SS),
             "moving_labels": itk.imread(str(pair.moving_labels), itk.SS)}
-    from itk_gradicon.imageio import same_grid
+    from itk_gradicon.io.itk_bridge import grid_of
 
-    if not same_grid(data["fixed_labels"], data["fixed"]):
+    if not grid_of(data["fixed_labels"]).matches(grid_of(data["fixed"])):
         sys.exit(f"bench_accuracy: {pair.fixed_labels} is not on the grid of {pair.fixed}")
     data["structures"] = _structures(pair, data)
     return data
