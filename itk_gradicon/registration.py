@@ -47,11 +47,10 @@ from .pipeline import losses
 from .pipeline import affine as affine_stage  # prealign called through the module (tests replace it there)
 from .pipeline.coverage import prealigned_coverage_warning
 from .pipeline.affine import resolve_affine_choice
-from .pipeline.instance import (DEFAULT_LR, DEFAULT_SMOOTHNESS, FieldSettings, IOProgress, optimise_network,
-                                refine_fields)
+from .pipeline.instance import FieldSettings, IOProgress, optimise_network, refine_fields
 from .pipeline.options import (  # noqa: F401  (the choices and the check are re-exported: their former home)
-    AFFINE_CHOICES, INPUT_KEYWORDS, IO_METHOD_CHOICES, IO_METHODS, IO_STARTS, MASK_MODES, MODALITY_CHOICES,
-    ORIENTATIONS, RegistrationOptions, check_options)
+    AFFINE_CHOICES, DEFAULT_LR, DEFAULT_SMOOTHNESS, INPUT_KEYWORDS, IO_METHOD_CHOICES, IO_METHODS, IO_STARTS,
+    MASK_MODES, MODALITY_CHOICES, ORIENTATIONS, RegistrationOptions, check_options)
 from .pipeline.preprocess import DEFAULT_CT_WINDOW, IntensityNormalization, apply_input_mask, resolve_modality
 from .pipeline.refinement import TWO_CONTRASTS_BELOW, intensity_correlation, resolve_io, resolve_io_method  # noqa: F401
 from .spatial.frames import ImageGrid, NetworkFrame, displacement_on_grid

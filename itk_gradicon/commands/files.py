@@ -127,13 +127,13 @@ def apply_transform_file(input_path: PathLike, reference_path: PathLike, transfo
     transform = compose_transforms(list(transforms), dimension=reference_header.dimension)
     image = read_simpleitk_image(input_path, "--input")
     reference = read_simpleitk_image(reference_path, "--reference")
+    reference_grid = ImageGrid.from_image(reference)
     if labels:
-        warped = resample_labels_on_grid(image, ImageGrid.from_image(reference), transform,
-                                         default_value=default_value)
+        warped = resample_labels_on_grid(image, reference_grid, transform, default_value=default_value)
     else:
         warped = resample_simpleitk(image, reference, transform, interpolation=interpolation,
                                     default_value=default_value)
-    warnings = tuple(describe_coverage(transform, ImageGrid.from_image(reference), list(transforms)))
+    warnings = tuple(describe_coverage(transform, reference_grid, list(transforms)))
     with OutputTransaction() as out:
         _write(warped, out.path(output))
     if interpolation != "label":

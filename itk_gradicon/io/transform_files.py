@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..errors import InputError
-from .grid import ImageGrid
+from .grid import ImageGrid, apply_affine
 from .images import read_simpleitk_image
 from .itk_bridge import transform_parts
 from .transform_specs import (TransformSpec, check_field_components, elastix_field_path, inverse_hint,
@@ -169,20 +169,18 @@ def field_coverage(transform, grid: ImageGrid, *, per_axis: int = 16) -> List[Tu
     The points are a lattice of at most ``per_axis`` voxel centres along each axis of ``grid``."""
     axes = [np.unique(np.linspace(0, n - 1, min(n, per_axis)).round()) for n in grid.size]
     index = np.stack([a.ravel() for a in np.meshgrid(*axes, indexing="ij")], axis=-1)
-    to_world = grid.index_to_world()
-    points = index @ to_world[:-1, :-1].T + to_world[:-1, -1]
+    points = apply_affine(grid.index_to_world(), index)
     parts = list(reversed(transform_parts(transform)))
-    fields = [i for i, part in enumerate(parts) if part.GetName() == "DisplacementFieldTransform"]
-    found = []
-    for part in parts[:fields[-1] + 1] if fields else ():
-        if part.GetName() == "DisplacementFieldTransform":
+    is_field = [part.GetName() == "DisplacementFieldTransform" for part in parts]
+    fields, found = sum(is_field), []
+    for part, field in zip(parts, is_field):
+        if field:
             field_grid = ImageGrid.from_image(part.GetDisplacementField())
-            to_index = field_grid.world_to_index()
-            at = points @ to_index[:-1, :-1].T + to_index[:-1, -1]
+            at = apply_affine(field_grid.world_to_index(), points)
             inside = np.all((at >= -0.5) & (at <= np.asarray(field_grid.size) - 0.5), axis=1)
             found.append((float(inside.mean()), field_grid))
-            if len(found) == len(fields):
-                break
+        if len(found) == fields:
+            break  # no field left to reach: the points need not go further
         points = np.array([part.TransformPoint([float(v) for v in p]) for p in points])
     return found
 
