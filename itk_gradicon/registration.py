@@ -53,6 +53,7 @@ from .pipeline.options import (  # noqa: F401  (the choices and the check are re
     MASK_MODES, MODALITY_CHOICES, ORIENTATIONS, RegistrationOptions, check_options)
 from .pipeline.preprocess import DEFAULT_CT_WINDOW, IntensityNormalization, apply_input_mask, resolve_modality
 from .pipeline.refinement import TWO_CONTRASTS_BELOW, intensity_correlation, resolve_io, resolve_io_method  # noqa: F401
+from .pipeline.region import describe_box, foreground_box
 from .spatial.frames import ImageGrid, NetworkFrame, displacement_on_grid
 from .spatial.transforms import DisplacementField, affine_to_simpleitk
 
@@ -402,6 +403,12 @@ def run_request(request: RegistrationRequest, *, device: torch.device,
 
     fixed_frame, moving_frame = _network_frames(model, fixed_grid, ImageGrid.from_image(moving_net.image),
                                                 r.orientation, messages)
+    if r.affine is not None:  # both images on the fixed grid: the network sees the box of their foreground
+        box = foreground_box((normalized["fixed"], moving_net.array), fixed_grid)
+        if box is not None:
+            fixed_frame, moving_frame = fixed_frame.cropped(box), moving_frame.cropped(box)
+            messages.append(f"network grid over the images' foreground, {describe_box(box, fixed_grid)} "
+                            "(the displacement continues beyond it)")
     image_B = fixed_frame.tensor(normalized["fixed"], device=device)
     image_A = moving_frame.tensor(moving_net.array, device=device)
     if r.affine is not None:  # both on the fixed grid: are their foregrounds alike?

@@ -139,6 +139,31 @@ class ImageGrid:
         return np.stack(mesh[::-1], axis=-1) if d > 1 else mesh[0][..., None]
 
 
+@dataclass(frozen=True)
+class IndexBox:
+    """A box of an image's voxels: ``start`` (inclusive) and ``stop`` (exclusive) along each INDEX axis."""
+
+    start: Tuple[int, ...]
+    stop: Tuple[int, ...]
+
+    @property
+    def size(self) -> Tuple[int, ...]:
+        return tuple(b - a for a, b in zip(self.start, self.stop))
+
+    def array_slices(self) -> Tuple[slice, ...]:
+        """The box as slices of a voxel array (ARRAY order)."""
+        return tuple(slice(a, b) for a, b in zip(reversed(self.start), reversed(self.stop)))
+
+    def grid_within(self, grid: ImageGrid) -> ImageGrid:
+        """The sub-grid of ``grid`` that the box's voxels form (same spacing and direction)."""
+        if len(self.start) != grid.dimension or any(
+                not 0 <= a < b <= n for a, b, n in zip(self.start, self.stop, grid.size)):
+            raise InputError(f"index box {self.start}..{self.stop} does not lie within a grid of size {grid.size}")
+        origin = apply_affine(grid.index_to_world(), np.asarray(self.start, dtype=np.float64))
+        return ImageGrid(size=self.size, spacing=grid.spacing, origin=tuple(float(v) for v in origin),
+                         direction=grid.direction)
+
+
 def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Apply a homogeneous ``(d+1) x (d+1)`` matrix to points of shape ``(..., d)``."""
     d = matrix.shape[0] - 1

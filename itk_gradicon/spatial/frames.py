@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..io.grid import ImageGrid, apply_affine, best_axis_alignment, canonical_axes  # noqa: F401  (re-exported)
+from ..io.grid import ImageGrid, IndexBox, apply_affine, best_axis_alignment, canonical_axes  # noqa: F401  (re-exported)
 from ..network.sampling import cube_identity  # noqa: F401  (re-exported)
 from ..network.sampling import sample_cube_field as fast_sample
 
@@ -50,12 +50,15 @@ class NetworkFrame:
         shape: network spatial shape ``(n_0, ..., n_{d-1})`` in tensor order.
         axes: ``axes[c]`` is the image INDEX axis that network axis ``c`` runs along.
         flips: ``flips[c]`` reverses that axis.
+        source_box: where ``grid`` lies in the image whose arrays :meth:`tensor` is given (see
+            :meth:`cropped`); ``None``: ``grid`` is that image's grid.
     """
 
     grid: ImageGrid
     shape: Tuple[int, ...]
     axes: Tuple[int, ...]
     flips: Tuple[bool, ...]
+    source_box: Optional[IndexBox] = None
 
     @classmethod
     def reference_layout(cls, grid: ImageGrid, shape: Sequence[int]) -> "NetworkFrame":
@@ -87,6 +90,14 @@ class NetworkFrame:
         network axes follow this frame's world axes as closely as possible. The one rule by which
         registration (the moving image) and training (every image of a pair) lay out a pair."""
         return NetworkFrame.aligned_to(grid, self.shape, self.world_axes())
+
+    def cropped(self, box: IndexBox) -> "NetworkFrame":
+        """The same layout over the voxels of ``box`` only: the network grid spans the box's sub-grid (finer
+        where the box is smaller than the image), and :meth:`tensor` still takes the whole image's arrays.
+        Maps out of the cube (:func:`displacement_on_grid`) continue their border values beyond the box."""
+        if self.source_box is not None:
+            raise ValueError("the frame is cropped already")
+        return NetworkFrame(box.grid_within(self.grid), self.shape, self.axes, self.flips, box)
 
     def world_axes(self) -> np.ndarray:
         """``d x d`` matrix: column ``c`` is the WORLD direction of increasing network axis ``c``."""
@@ -133,6 +144,10 @@ class NetworkFrame:
         ``mode`` is ``"linear"`` (trilinear/bilinear, ``align_corners=False``, the reference's
         resizing) or ``"nearest"`` (for masks and label maps).
         """
+        if self.source_box is not None:
+            array = array[self.source_box.array_slices()]
+        if array.shape != self.grid.array_shape:
+            raise ValueError(f"array of shape {array.shape} given for a grid of ARRAY shape {self.grid.array_shape}")
         laid_out = np.ascontiguousarray(self.to_network_layout(array), dtype=np.float32)
         if not laid_out.flags.writeable:  # a read-only view (SimpleITK's, ITK's): torch wants its own buffer
             laid_out = laid_out.copy()
