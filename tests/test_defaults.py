@@ -200,10 +200,10 @@ def test_a_slab_registers_to_the_whole_volume_with_real_elastix():
 
     volume = textured_phantom((48, 48, 48), np.random.default_rng(3))
     fixed = make_image(volume)
-    moving = make_image(volume[20:30].copy(), origin=(0.0, 0.0, 20.0))  # z slices 20-29, where they were
+    moving = make_image(volume[20:26].copy(), origin=(0.0, 0.0, 20.0))  # z slices 20-25, where they were
     found = prealign(fixed, moving, transform="rigid", threads=2)
     assert found.roles_swapped
-    corners = np.array([[x, y, z, 1.0] for x in (0, 47) for y in (0, 47) for z in (20, 29)])
+    corners = np.array([[x, y, z, 1.0] for x in (0, 47) for y in (0, 47) for z in (20, 25)])
     assert np.abs((corners @ (found.matrix - np.eye(4)).T)[:, :3]).max() < 1.0  # mm, the voxel size
 
 

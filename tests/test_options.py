@@ -83,6 +83,14 @@ def test_the_options_load_without_torch_or_itk():
     assert out.strip() == "[]"
 
 
+def test_the_pre_alignment_policy_and_the_foreground_box_load_without_torch_or_itk():
+    """The command module imports them at start-up (``register --help``, the file commands)."""
+    code = ("import sys, itk_gradicon.pipeline.affine, itk_gradicon.pipeline.region, itk_gradicon.commands.register; "
+            "print(sorted(m for m in ('torch', 'itk', 'SimpleITK') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_register_takes_the_options_object_or_the_keywords(tiny_model_file):
     from conftest import blob_volume, make_image
     from itk_gradicon.models import load_model

@@ -132,3 +132,33 @@ def test_register_uses_the_box_and_continues_the_field_beyond_it(tiny_model_file
                      make_image(np.ascontiguousarray(moved[cut] * 100), spacing=(3.0,) * 3, origin=origin), **options)
     assert not any(m.startswith("network grid over") for m in alone.messages)
     np.testing.assert_allclose(inner, alone.forward_field.array, atol=1e-4)
+
+
+def test_elastix_registers_the_foreground_box_of_a_padded_image_and_finds_the_same_affine(monkeypatch):
+    """A phantom in a field of view four times its volume: elastix gets the box (its physical place kept), and
+    the rigid motion between two copies is found as from the phantoms alone."""
+    from conftest import make_image
+    from test_affine import textured_phantom
+
+    import itk_gradicon.pipeline.affine as affine_stage
+
+    volume = textured_phantom((40, 40, 40), np.random.default_rng(5))
+    padded = np.pad(volume, 20)  # 80^3, the phantom in the middle
+    seen = []
+    original = affine_stage.ElastixInputs.of
+
+    def recording(fixed, moving, *masks):
+        seen.append((tuple(fixed.GetSize()), tuple(moving.GetSize())))
+        return original(fixed, moving, *masks)
+
+    monkeypatch.setattr(affine_stage.ElastixInputs, "of", staticmethod(recording))
+    shift = np.array([3.0, -2.0, 4.0])  # mm: the moving copy's header moves the phantom by this much
+    found = affine_stage.prealign(make_image(padded, spacing=(2.0,) * 3),
+                                  make_image(padded, spacing=(2.0,) * 3, origin=tuple(shift)),
+                                  transform="rigid", threads=2)
+    assert seen and all(max(f) < 70 and max(m) < 70 for f, m in seen)  # both cut (80 voxels before)
+    np.testing.assert_allclose(found.matrix[:3, 3], shift, atol=0.5)
+    np.testing.assert_allclose(found.matrix[:3, :3], np.eye(3), atol=0.02)
+    noisy = padded + np.random.default_rng(6).uniform(10.0, 20.0, padded.shape).astype(np.float32)
+    whole = affine_stage._cut_to_foreground(affine_stage._sitk(make_image(noisy, spacing=(2.0,) * 3)))[0]
+    assert tuple(whole.GetSize()) == (80, 80, 80)  # noise in the air (a scan not stripped): given whole

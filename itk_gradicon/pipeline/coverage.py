@@ -26,9 +26,8 @@ import torch
 
 from ..io.grid import ImageGrid
 from ..spatial.frames import NetworkFrame
+from .region import FOREGROUND  # noqa: F401  (re-exported)
 
-#: Normalised intensity above which a voxel counts as foreground.
-FOREGROUND = 0.05
 #: Below this share of the fixed image's foreground covered by the moving image's, while the moving
 #: image's foreground lies within the fixed one's (:data:`MOVING_INSIDE`), the pair is said to differ.
 FIXED_COVERED_BELOW = 0.7

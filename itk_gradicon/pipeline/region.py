@@ -21,7 +21,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..io.grid import ImageGrid, IndexBox
-from .coverage import FOREGROUND
+
+#: Normalised intensity above which a voxel counts as foreground (the coverage check's too): air and a
+#: stripped image's zero background stay below it; tissue, skull and scalp of an MRI or a CT are above.
+FOREGROUND = 0.05
 
 #: Background kept around the foreground on each side: this share of the foreground's extent, and at
 #: least :data:`MIN_MARGIN_MM`.
@@ -74,10 +77,21 @@ def foreground_box(arrays: Sequence[np.ndarray], grid: ImageGrid, *, threshold: 
     return box
 
 
+def raw_foreground_threshold(array: np.ndarray, *, share: float = FOREGROUND, sample_step: int = 64) -> float:
+    """The intensity above which a voxel of an image with raw intensities counts as foreground: ``share`` of the
+    way from its minimum to its 99th percentile (estimated on every ``sample_step``-th voxel), as the image
+    would be normalised for the network."""
+    flat = np.asarray(array).reshape(-1)
+    low = float(flat.min())
+    high = float(np.quantile(flat[::sample_step], 0.99)) if flat.size > sample_step else float(flat.max())
+    return low + share * (high - low)
+
+
 def describe_box(box: IndexBox, grid: ImageGrid) -> str:
     """``"voxels 30..226 x 20..236 x 40..210 of 256 x 256 x 256"`` (INDEX order, stop exclusive)."""
     spans = " x ".join(f"{a}..{b}" for a, b in zip(box.start, box.stop))
     return f"voxels {spans} of {' x '.join(str(n) for n in grid.size)}"
 
 
-__all__ = ["MARGIN", "MIN_MARGIN_MM", "MIN_SAVING", "MIN_SLICE_SHARE", "describe_box", "foreground_box"]
+__all__ = ["FOREGROUND", "MARGIN", "MIN_MARGIN_MM", "MIN_SAVING", "MIN_SLICE_SHARE", "describe_box", "foreground_box",
+           "raw_foreground_threshold"]
