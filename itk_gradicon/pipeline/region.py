@@ -6,8 +6,10 @@ volume, a template padded with air), most of that grid is spent on background an
 at 2.7 mm rather than 1.5-2 mm. :func:`foreground_box` finds the box that holds the foreground of both
 images (the moving one pre-aligned onto the fixed grid), with a margin of background around it; the
 network's frames are then :meth:`~itk_gradicon.spatial.frames.NetworkFrame.cropped` to it. Beyond the box
-the transform continues the displacement at the box's border (so it stays continuous); the box holds
-every foreground voxel of both images, so no tissue is left out.
+the transform continues the displacement at the box's border (so it stays continuous); the box holds the
+foreground of both images (only slices with a few bright voxels of noise are left out), so no tissue is.
+The pre-alignment cuts each image to its own box the same way before elastix
+(:func:`raw_foreground_threshold` stands for the normalisation there).
 
 The box is used only where it is smaller than the grid by at least :data:`MIN_SAVING` of its volume: images
 whose field of view fits their anatomy (most skull-stripped research images, every head scan with its air
@@ -16,7 +18,7 @@ noise) keep the whole grid, and their results do not change.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -44,8 +46,9 @@ def foreground_box(arrays: Sequence[np.ndarray], grid: ImageGrid, *, threshold: 
     not save ``min_saving`` of the grid's volume (or no voxel is foreground).
 
     Args:
-        arrays: images normalised to ``[0, 1]`` on ``grid`` (ARRAY order), e.g. the fixed image and the moving
-            one pre-aligned onto the fixed grid; a voxel is foreground where any of them exceeds ``threshold``.
+        arrays: images on ``grid`` (ARRAY order), normalised to ``[0, 1]`` (e.g. the fixed image and the moving
+            one pre-aligned onto the fixed grid), or with raw intensities and a ``threshold`` of their own
+            (:func:`raw_foreground_threshold`); a voxel is foreground where any of them exceeds ``threshold``.
         grid: their grid (its spacing turns ``min_margin_mm`` into voxels).
     """
     d = grid.dimension
@@ -56,8 +59,8 @@ def foreground_box(arrays: Sequence[np.ndarray], grid: ImageGrid, *, threshold: 
         foreground |= array > threshold
     if not foreground.any():
         return None
-    start: list = []
-    stop: list = []
+    start: List[int] = []
+    stop: List[int] = []
     for axis in range(d):  # INDEX axis; its ARRAY axis is d - 1 - axis
         array_axis = d - 1 - axis
         others = tuple(a for a in range(d) if a != array_axis)
