@@ -54,6 +54,9 @@ Pairs (``--pairs``, groups):
   Colin27, so that Dice is not an independent ground truth);
 * ``crosscontrast``: BraTS 2013 (deepmedic's copy) FLAIR of patient 1 -> T1c of patient 5, two people and
   two contrasts (``flair`` and ``t1w`` for ours), brain masks (label 1);
+* ``conformed``: lapirn_oasis B -> A with A (and its labels) resampled onto FreeSurfer's conformed grid
+  (256^3, 1 mm, LIA storage, centred on the image): a brain in a field of view three times its volume,
+  stored in another orientation, as many pipelines hand their images over;
 * ``synthetic``: the held-out synthetic pairs of ``validate_training.synthetic_pairs()`` (8 pairs at
   96^3, from label maps training never saw), written to temporary NIfTI files with 1 mm voxels and a
   RAS storage order (direction diag(-1, -1, 1): the ``canonical`` layout then gives the network the
@@ -103,7 +106,7 @@ from common import (  # noqa: E402, RUF100
 )
 
 SCT = SHARED_DATA / "sct_testing_data"
-GROUPS = ("oasis", "sct", "unaligned", "crosscontrast", "synthetic")
+GROUPS = ("oasis", "sct", "unaligned", "crosscontrast", "conformed", "synthetic")
 METHODS = ("identity", "elastix affine", "ANTs Affine", "ANTs SyN", "ours pre-alignment", "ours", "ours + IO",
            "ours default")
 DEFAULT_MODEL = "gradicon-synthbrain-96"
@@ -210,6 +213,33 @@ def crosscontrast_pairs() -> list[Pair]:
     _require(files)
     return [Pair("crosscontrast", "FLAIR->T1c", *files, (1,), {1: "brain"}, fixed_modality="t1w",
                  moving_modality="flair")]
+
+
+#: FreeSurfer's conformed grid: 256^3, 1 mm, LIA (index axes to left, inferior, anterior; WORLD is LPS).
+CONFORMED_SIZE, CONFORMED_DIRECTION = 256, np.column_stack([[1.0, 0, 0], [0, 0, -1.0], [0, -1.0, 0]])
+
+
+def conformed_pairs(work: Path) -> list[Pair]:
+    """lapirn_oasis B -> A, with A and its labels resampled onto a conformed grid centred on A."""
+    import SimpleITK as sitk
+
+    files = [LAPIRN / "image_A_160x192x144.nii.gz",
+             LAPIRN / "derived" / "image_A_160x192x144_seg_resampled_to_image_grid.nii.gz",
+             LAPIRN / "image_B_160x192x144.nii.gz", LAPIRN / "image_B_160x192x144_seg.nii.gz"]
+    _require(files)
+    image = sitk.ReadImage(str(files[0]), sitk.sitkFloat32)
+    centre = np.asarray(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
+    grid = sitk.Image([CONFORMED_SIZE] * 3, sitk.sitkUInt8)
+    grid.SetSpacing([1.0] * 3)
+    grid.SetDirection(CONFORMED_DIRECTION.ravel().tolist())
+    grid.SetOrigin((centre - CONFORMED_DIRECTION @ np.full(3, (CONFORMED_SIZE - 1) / 2)).tolist())
+    conformed = {}
+    for name, path, interpolator in (("A", files[0], sitk.sitkLinear), ("A_seg", files[1], sitk.sitkNearestNeighbor)):
+        source = sitk.ReadImage(str(path))
+        out = sitk.Resample(source, grid, sitk.Transform(), interpolator, 0.0, source.GetPixelID())
+        conformed[name] = _write(out, work / f"oasis_{name}_conformed.nii.gz")
+    return [Pair("conformed", "B->A conformed", conformed["A"], files[2], conformed["A_seg"], files[3], (1, 2),
+                 {1: "label 1", 2: "label 2"})]
 
 
 def synthetic_files(work: Path, count: int, maps: Path) -> list[Pair]:
@@ -578,6 +608,8 @@ def main() -> None:
             pairs["unaligned"] = unaligned_pairs(work)
         if "crosscontrast" in groups:
             pairs["crosscontrast"] = crosscontrast_pairs()
+        if "conformed" in groups:
+            pairs["conformed"] = conformed_pairs(work)
         if "synthetic" in groups:
             from validate_training import VALIDATION_MAPS
 
@@ -623,6 +655,7 @@ def main() -> None:
               "unaligned": "unaligned inter-subject T1 pairs from different sources (means over each pair's "
                            "structures; by time)",
               "crosscontrast": "BraTS FLAIR (patient 1) -> T1c (patient 5), brain masks (by time)",
+              "conformed": "lapirn_oasis B -> A, A on FreeSurfer's conformed grid (256^3, LIA), labels 1 and 2",
               "synthetic": "held-out synthetic pairs (96^3, 1 mm), means over pairs; Dice over the structures "
                            "in both maps"}
     for group, members in pairs.items():
