@@ -162,3 +162,17 @@ def test_elastix_registers_the_foreground_box_of_a_padded_image_and_finds_the_sa
     noisy = padded + np.random.default_rng(6).uniform(10.0, 20.0, padded.shape).astype(np.float32)
     whole = affine_stage._cut_to_foreground(affine_stage._sitk(make_image(noisy, spacing=(2.0,) * 3)))[0]
     assert tuple(whole.GetSize()) == (80, 80, 80)  # noise in the air (a scan not stripped): given whole
+
+
+def test_the_box_in_2d(tiny_model_file_2d):
+    from conftest import make_image
+    from itk_gradicon.models import load_model
+    from itk_gradicon.registration import register
+
+    y, x = np.indices((30, 36)) - np.array([14.5, 17.5])[:, None, None]
+    disc = np.pad(np.where(np.hypot(y / 14, x / 17) <= 1.0, 70.0, 0.0).astype(np.float32), 20)  # 70 x 76
+    result = register(make_image(disc, spacing=(2.0, 2.0)), make_image(np.roll(disc, 2, axis=0), spacing=(2.0, 2.0)),
+                      model=load_model(str(tiny_model_file_2d)), io_iterations=3, initial_transform=np.eye(3))
+    assert any(m.startswith("network grid over the images' foreground, voxels ") and m.count(" x ") == 2
+               for m in result.messages)
+    assert result.forward_field.array.shape == (70, 76, 2) and np.all(np.isfinite(result.forward_field.array))
