@@ -1,9 +1,9 @@
 """Registration of one image pair: ITK images in, ITK displacement-field transforms out.
 
-Data path: intensity normalisation (:mod:`itk_gradicon.pipeline.preprocess`) -> optional affine
-pre-alignment -> layout on the network grid (:mod:`itk_gradicon.spatial.frames`) -> network prediction,
-optionally after instance optimisation (IO) -> fields on the fixed grid (forward) and the moving grid
-(inverse) (:mod:`itk_gradicon.spatial.transforms`).
+Data path: intensity normalisation (:mod:`itk_gradicon.pipeline.preprocess`) -> optional affine pre-alignment ->
+layout on the network grid (:mod:`itk_gradicon.spatial.frames`; over the box of the images' foreground where the
+fixed grid is much larger, :mod:`itk_gradicon.pipeline.region`) -> network prediction, optionally after instance
+optimisation (IO) -> fields on the fixed grid (forward) and the moving grid (inverse) (:mod:`.spatial.transforms`).
 
 Conventions:
 
@@ -174,12 +174,6 @@ def _resample_on(image, reference, affine: np.ndarray, *, nearest: bool, default
                          image.GetPixelID())
 
 
-def _check_on_grid(mask, image, what: str, image_what: str) -> None:
-    if mask is not None and not same_grid(mask, image):
-        raise InputError(f"{what} is not on the grid of {image_what}: {describe_grid(mask)} vs "
-                         f"{describe_grid(image)}")
-
-
 def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
              options: Optional[RegistrationOptions] = None, initial_transform=None,
              device: Union[str, torch.device] = "auto", progress: Optional[Callable[[IOProgress], None]] = None,
@@ -229,6 +223,8 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
             file says ``prealignment: affine``).
         orientation: ``"fixed"`` (the moving image is laid out along the fixed image's axes; see
             :mod:`itk_gradicon.spatial.frames`) or ``"storage"`` (both as stored in their files, as the reference does).
+        network_region: ``"auto"`` (after a pre-alignment, the box of both images' foreground where it is at least
+            30 % smaller than the fixed grid: :mod:`itk_gradicon.pipeline.region`) or ``"image"`` (the whole grid).
         io_start: where ``field`` instance optimisation starts: ``"prediction"`` (the network's fields),
             ``"prealignment"`` (the pre-alignment alone: the network does not run) or ``"auto"``
             (``prediction``, but ``prealignment`` for a pair outside the model's domain, which
@@ -323,6 +319,7 @@ class RegistrationRequest:
     io_dice_weight: float = 1.0
     affine: Optional[np.ndarray] = None
     orientation: str = "fixed"
+    network_region: str = "auto"
     io_start: str = "auto"
     compute_inverse: bool = True
 
@@ -403,12 +400,12 @@ def run_request(request: RegistrationRequest, *, device: torch.device,
 
     fixed_frame, moving_frame = _network_frames(model, fixed_grid, ImageGrid.from_image(moving_net.image),
                                                 r.orientation, messages)
-    if r.affine is not None:  # both images on the fixed grid: the network sees the box of their foreground
-        box = foreground_box((normalized["fixed"], moving_net.array), fixed_grid)
-        if box is not None:
-            fixed_frame, moving_frame = fixed_frame.cropped(box), moving_frame.cropped(box)
-            messages.append(f"network grid over the images' foreground, {describe_box(box, fixed_grid)} "
-                            "(the displacement continues beyond it)")
+    box = (foreground_box((normalized["fixed"], moving_net.array), fixed_grid)  # both on the fixed grid
+           if r.affine is not None and r.network_region == "auto" else None)
+    if box is not None:
+        fixed_frame, moving_frame = fixed_frame.cropped(box), moving_frame.cropped(box)
+        messages.append(f"network grid over the images' foreground, {describe_box(box, fixed_grid)} (the "
+                        "displacement continues beyond it; --network-region image for the whole grid)")
     image_B = fixed_frame.tensor(normalized["fixed"], device=device)
     image_A = moving_frame.tensor(moving_net.array, device=device)
     if r.affine is not None:  # both on the fixed grid: are their foregrounds alike?
@@ -458,10 +455,13 @@ def _check_inputs(fixed, moving, dimension: int, *, fixed_mask, moving_mask, fix
     """Both images checked and as float32; masks and label maps on their image's grid, masks not empty."""
     fixed = check_image(fixed, what="fixed image", dimension=dimension)
     moving = check_image(moving, what="moving image", dimension=dimension)
-    _check_on_grid(fixed_mask, fixed, "fixed mask", "the fixed image")
-    _check_on_grid(moving_mask, moving, "moving mask", "the moving image")
-    _check_on_grid(fixed_labels, fixed, "fixed label map", "the fixed image")
-    _check_on_grid(moving_labels, moving, "moving label map", "the moving image")
+    for item, what, image, role in ((fixed_mask, "fixed mask", fixed, "fixed"),
+                                    (moving_mask, "moving mask", moving, "moving"),
+                                    (fixed_labels, "fixed label map", fixed, "fixed"),
+                                    (moving_labels, "moving label map", moving, "moving")):
+        if item is not None and not same_grid(item, image):
+            raise InputError(f"{what} is not on the grid of the {role} image: {describe_grid(item)} vs "
+                             f"{describe_grid(image)}")
     for mask, what in ((fixed_mask, "fixed mask"), (moving_mask, "moving mask")):
         if mask is not None and not np.any(image_array(mask) > 0):
             raise InputError(f"the {what} is empty (no voxel > 0)")

@@ -11,8 +11,8 @@ import pytest
 
 from itk_gradicon.errors import InputError
 from itk_gradicon.options import (AFFINE_CHOICES, IO_METHOD_CHOICES, IO_SIMILARITY_CHOICES, IO_STARTS, KEYWORDS,
-                                  MASK_MODES, MODALITY_CHOICES, ORIENTATIONS, IntensityOptions, PrealignmentOptions,
-                                  RefinementOptions, RegistrationOptions, check_options)
+                                  MASK_MODES, MODALITY_CHOICES, NETWORK_REGIONS, ORIENTATIONS, IntensityOptions,
+                                  PrealignmentOptions, RefinementOptions, RegistrationOptions, check_options)
 
 
 def test_flat_keywords_and_groups_are_the_same_options():
@@ -36,7 +36,8 @@ def test_every_default_is_written_once():
     assert defaults == {"fixed_modality": "auto", "moving_modality": "auto", "ct_window": None,
                         "quantile_range": None, "mask_mode": "input", "io_iterations": None, "io_similarity": None,
                         "io_lr": None, "io_method": "auto", "io_smoothness": None, "io_dice_weight": 1.0,
-                        "io_start": "auto", "affine": "auto", "orientation": "fixed", "compute_inverse": True}
+                        "io_start": "auto", "affine": "auto", "orientation": "fixed", "network_region": "auto",
+                        "compute_inverse": True}
     with pytest.raises(Exception):
         RegistrationOptions().mask_mode = "loss"  # frozen
 
@@ -73,7 +74,7 @@ def test_the_choices_are_the_library_s_and_the_command_line_s():
     assert choices == {"fixed_modality": MODALITY_CHOICES, "moving_modality": MODALITY_CHOICES,
                        "mask_mode": MASK_MODES, "io_similarity": IO_SIMILARITY_CHOICES,
                        "io_method": IO_METHOD_CHOICES, "io_start": IO_STARTS, "affine": AFFINE_CHOICES,
-                       "orientation": ORIENTATIONS}
+                       "orientation": ORIENTATIONS, "network_region": NETWORK_REGIONS}
 
 
 def test_the_options_load_without_torch_or_itk():

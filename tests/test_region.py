@@ -133,6 +133,12 @@ def test_register_uses_the_box_and_continues_the_field_beyond_it(tiny_model_file
     assert not any(m.startswith("network grid over") for m in alone.messages)
     np.testing.assert_allclose(inner, alone.forward_field.array, atol=1e-4)
 
+    whole = register(fixed, moving, network_region="image", **options)  # the whole grid, as before the box
+    assert not any(m.startswith("network grid over") for m in whole.messages)
+    assert np.abs(whole.forward_field.array[cut] - inner).max() > 1e-3
+    with pytest.raises(InputError, match="unknown network_region 'box'; allowed: auto, image"):
+        register(fixed, moving, network_region="box", **options)
+
 
 def test_elastix_registers_the_foreground_box_of_a_padded_image_and_finds_the_same_affine(monkeypatch):
     """A phantom in a field of view four times its volume: elastix gets the box (its physical place kept), and

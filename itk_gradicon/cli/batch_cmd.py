@@ -15,7 +15,7 @@ from .register_cmd import register as _register_command
 #: and help text (the per-pair files are CSV columns instead).
 SHARED_OPTIONS = ("fixed_modality", "moving_modality", "ct_window", "quantile_range", "mask_mode",
                   "io_iterations", "io_similarity", "io_method", "io_lr", "io_smoothness", "io_dice_weight",
-                  "affine", "orientation", "io_start", "seed")
+                  "affine", "orientation", "network_region", "io_start", "seed")
 
 
 @click.command("register-batch")

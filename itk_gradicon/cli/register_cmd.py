@@ -9,7 +9,7 @@ import click
 
 from ..pipeline.options import (AFFINE_CHOICES, DEFAULT_CT_WINDOW, DEFAULT_LR, DEFAULT_MRI_UPPER_QUANTILE,
                                 DEFAULT_SMOOTHNESS, IO_METHOD_CHOICES, IO_SIMILARITY_CHOICES, IO_STARTS, MASK_MODES,
-                                MODALITY_CHOICES, ORIENTATIONS)
+                                MODALITY_CHOICES, NETWORK_REGIONS, ORIENTATIONS)
 from .common import (threads_option, ProgressLine, device_option, format_number, format_seconds, info, model_option,
                      quiet_option)
 
@@ -119,6 +119,11 @@ _MODALITY = click.Choice(MODALITY_CHOICES)
               help="fixed: lay the moving image out along the fixed image's axes before the network "
                    "sees it (physically consistent); storage: feed both as stored in their files "
                    "(the reference implementation's behaviour).")
+@click.option("--network-region", type=click.Choice(NETWORK_REGIONS), default="auto", show_default=True,
+              help="auto: after a pre-alignment, the network and instance optimisation see the box of the two "
+                   "images' foreground where that box is at least 30 % smaller than the fixed image's grid (a "
+                   "brain in a 256^3 field of view: finer network voxels), and the displacement continues "
+                   "beyond it; image: always the whole fixed grid.")
 @click.option("--seed", type=int, default=None,
               help="Seed of instance optimisation's random GradICON sample points (reproducible runs).  "
                    "[default: none, a new draw each run]")
@@ -133,8 +138,8 @@ def register(fixed: Path, moving: Path, out_transform: Optional[Path], out_inver
              io_similarity: Optional[str], io_method: str, io_lr: Optional[float], io_smoothness: Optional[float],
              fixed_labels: Optional[Path],
              moving_labels: Optional[Path], io_dice_weight: float, affine: str,
-             initial_transform: Optional[Path], orientation: str, io_start: str, seed: Optional[int], device: str,
-             quiet: bool) -> None:
+             initial_transform: Optional[Path], orientation: str, network_region: str, io_start: str,
+             seed: Optional[int], device: str, quiet: bool) -> None:
     """Register MOVING to FIXED with a GradICON-family network.
 
     The forward transform maps fixed physical points to moving physical points on the fixed
@@ -171,7 +176,7 @@ def register(fixed: Path, moving: Path, out_transform: Optional[Path], out_inver
         fixed_modality=fixed_modality, moving_modality=moving_modality, ct_window=ct_window,
         quantile_range=quantile_range, mask_mode=mask_mode, io_iterations=io_iterations, io_similarity=io_similarity,
         io_method=io_method, io_lr=io_lr, io_smoothness=io_smoothness, io_dice_weight=io_dice_weight, affine=affine,
-        orientation=orientation, io_start=io_start)
+        orientation=orientation, network_region=network_region, io_start=io_start)
     files = RegisterFiles(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask, fixed_labels=fixed_labels,
                           moving_labels=moving_labels, initial_transform=initial_transform)
     run_register(files, outputs, options, model=model, seed=seed, device=device, log=lambda m: info(m, quiet=quiet),

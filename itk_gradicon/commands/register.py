@@ -234,7 +234,7 @@ def run_register(files: RegisterFiles, outputs: RegisterOutputs, options: Option
                 "io_lr": io.lr, "io_lncc_sigma": io.lncc_sigma,
                 "io_coarse_steps": io.coarse_steps, "io_patience": io.patience, "io_start": io_options.start,
                 "io_dice_weight": io_options.dice_weight, "orientation": options.prealignment.orientation,
-                "seed": seed, "device": str(torch_device),
+                "network_region": options.prealignment.network_region, "seed": seed, "device": str(torch_device),
                 "threads": {"torch": torch.get_num_threads(), "itk": itk_threads()}}
         record = register_record(result=result, model=model_obj, options=used, prealignment=pre_info,
                                  inputs={k.lstrip("-").replace("-", "_"): v for k, v in by_flag.items()}

@@ -42,6 +42,9 @@ from .preprocess import DEFAULT_CT_WINDOW, DEFAULT_MRI_UPPER_QUANTILE, MASK_MODE
 AFFINE_CHOICES = ("auto", "none", "affine", "rigid", "elastix")
 #: ``orientation``: the moving image laid out along the fixed image's axes, or both as stored.
 ORIENTATIONS = ("fixed", "storage")
+#: ``network_region``: after a pre-alignment, the box of the two images' foreground where it is much smaller
+#: than the fixed grid (:mod:`itk_gradicon.pipeline.region`), or always the whole fixed grid.
+NETWORK_REGIONS = ("auto", "image")
 #: The instance-optimisation methods (:mod:`itk_gradicon.pipeline.instance`).
 IO_METHODS = ("network", "field")
 #: ``io_method``: ``auto`` resolves against the model (:func:`~itk_gradicon.pipeline.refinement.resolve_io_method`).
@@ -105,16 +108,18 @@ class RefinementOptions:
 
 @dataclass(frozen=True)
 class PrealignmentOptions:
-    """The affine stage and the moving image's layout.
+    """The affine stage and the two images' layout on the network.
 
     Attributes:
         affine: ``"auto"`` (``"affine"`` for a model trained on pre-aligned pairs, else ``"none"``),
             ``"affine"`` (or its former name ``"elastix"``), ``"rigid"`` or ``"none"``.
         orientation: ``"fixed"`` (the moving image along the fixed image's axes) or ``"storage"``.
+        network_region: the part of the fixed grid the network sees, one of :data:`NETWORK_REGIONS`.
     """
 
     affine: str = "auto"
     orientation: str = "fixed"
+    network_region: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -181,6 +186,7 @@ KEYWORDS: Dict[str, Tuple[Optional[str], str]] = {
     "io_start": ("refinement", "start"),
     "affine": ("prealignment", "affine"),
     "orientation": ("prealignment", "orientation"),
+    "network_region": ("prealignment", "network_region"),
     "compute_inverse": (None, "compute_inverse"),
 }
 #: The inputs besides the two images that travel with the options (files or images, on their image's grid).
@@ -206,6 +212,7 @@ def check_options(options: RegistrationOptions, inputs: Mapping[str, Any] = {},
     io, given = options.refinement, {key: inputs.get(key) for key in INPUT_KEYWORDS + ("initial_transform",)}
     allowed("mask_mode", options.mask_mode, MASK_MODES)
     allowed("orientation", options.prealignment.orientation, ORIENTATIONS)
+    allowed("network_region", options.prealignment.network_region, NETWORK_REGIONS)
     whole = isinstance(io.iterations, (int, np.integer)) and not isinstance(io.iterations, bool)
     if io.iterations is not None and (not whole or io.iterations < 0):
         raise InputError(f"{name('io_iterations')} must be a whole number >= 0, not {io.iterations!r}")
@@ -229,5 +236,5 @@ def check_options(options: RegistrationOptions, inputs: Mapping[str, Any] = {},
 
 
 __all__ = ["AFFINE_CHOICES", "INPUT_KEYWORDS", "IO_METHODS", "IO_METHOD_CHOICES", "IO_SIMILARITY_CHOICES", "MASK_MODES",
-           "MODALITY_CHOICES", "IO_STARTS", "KEYWORDS", "ORIENTATIONS", "IntensityOptions",
+           "MODALITY_CHOICES", "IO_STARTS", "KEYWORDS", "NETWORK_REGIONS", "ORIENTATIONS", "IntensityOptions",
            "PrealignmentOptions", "RefinementOptions", "RegistrationOptions", "check_options"]
