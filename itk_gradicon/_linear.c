@@ -311,9 +311,94 @@ static PyObject *sample_3d_backward(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* A 1-D correlation along one axis of a contiguous float32 array seen as [outer, n, inner]:
+ *
+ *     out[o, i, j] = sum over t = 0 .. taps - 1 of kernel[t] * x[o, i + t - half, j]
+ *
+ * with the terms whose index i + t - half falls outside 0 .. n - 1 left out (zero padding), added
+ * in the order of t, from 0.0f. A separable Gaussian blur is one such pass per axis; its adjoint is
+ * the same pass with the kernel reversed and half replaced by taps - 1 - half. Every output value is
+ * the same whatever the split into units, so the result does not depend on the number of threads.
+ * A unit is one row (o, i) of `inner` values where inner > 1 (the inner loop runs along contiguous
+ * memory), one whole line o of n values where inner == 1 (the loop over i then runs along it). */
+typedef struct {
+    const float *x;
+    float *out;
+    int64_t n, inner;
+    const float *kernel;
+    int64_t taps, half;
+} AxisFilter;
+
+ITK_GRADICON_CLONES
+static void filter_units(const AxisFilter *f, int64_t start, int64_t end)
+{
+    const int64_t n = f->n, inner = f->inner;
+    if (inner == 1) {
+        for (int64_t o = start; o < end; ++o) {
+            const float *x = f->x + o * n;
+            float *y = f->out + o * n;
+            for (int64_t i = 0; i < n; ++i)
+                y[i] = 0.0f;
+            for (int64_t t = 0; t < f->taps; ++t) {
+                const float k = f->kernel[t];
+                const int64_t shift = t - f->half;
+                const int64_t lo = shift < 0 ? -shift : 0;
+                const int64_t hi = shift > 0 ? n - shift : n;
+                for (int64_t i = lo; i < hi; ++i)
+                    y[i] += k * x[i + shift];
+            }
+        }
+        return;
+    }
+    for (int64_t u = start; u < end; ++u) {
+        const int64_t o = u / n, i = u % n;
+        float *y = f->out + u * inner;
+        for (int64_t j = 0; j < inner; ++j)
+            y[j] = 0.0f;
+        for (int64_t t = 0; t < f->taps; ++t) {
+            const int64_t source = i + t - f->half;
+            if (source < 0 || source >= n)
+                continue;
+            const float k = f->kernel[t];
+            const float *x = f->x + (o * n + source) * inner;
+            for (int64_t j = 0; j < inner; ++j)
+                y[j] += k * x[j];
+        }
+    }
+}
+
+PyDoc_STRVAR(filter_axis_doc,
+"filter_axis(x, out, n, inner, kernel, taps, half, start, end)\n"
+"--\n\n"
+"One axis of a separable filter (no checks: the caller owns the memory). x and out are addresses of\n"
+"contiguous float32 arrays [outer, n, inner], kernel of taps float32 values; computes\n"
+"out[o, i, j] = sum_t kernel[t] x[o, i + t - half, j], terms outside 0..n-1 left out, for the units\n"
+"start..end-1: the rows u = o n + i where inner > 1, the lines o where inner == 1.\n"
+"The GIL is released while the units are computed.");
+
+static PyObject *filter_axis(PyObject *self, PyObject *args)
+{
+    unsigned long long x, out, kernel;
+    long long n, inner, taps, half, start, end;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKLLKLLLL", &x, &out, &n, &inner, &kernel, &taps, &half, &start, &end))
+        return NULL;
+    if (n < 1 || inner < 1 || taps < 1 || half < 0 || half >= taps || start < 0 || end < start) {
+        PyErr_SetString(PyExc_ValueError, "filter_axis: empty axis or kernel, or bad range of units");
+        return NULL;
+    }
+    const AxisFilter f = {(const float *)(uintptr_t)x, (float *)(uintptr_t)out, n, inner,
+                          (const float *)(uintptr_t)kernel, taps, half};
+    Py_BEGIN_ALLOW_THREADS
+    filter_units(&f, start, end);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"sample_3d", sample_3d, METH_VARARGS, sample_3d_doc},
     {"sample_3d_backward", sample_3d_backward, METH_VARARGS, sample_3d_backward_doc},
+    {"filter_axis", filter_axis, METH_VARARGS, filter_axis_doc},
     {NULL, NULL, 0, NULL},
 };
 

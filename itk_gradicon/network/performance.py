@@ -39,6 +39,12 @@ The network computes the same function in two ways:
   ``native_sampling``
       Float32 3-D sampling without autograd uses the compiled kernel of
       :mod:`itk_gradicon.network.sampling` (bitwise ``grid_sample``'s values) when it was built.
+  ``native_filtering``
+      Float32 separable filters on the CPU (the Gaussian windows of LNCC, the blur of field IO's
+      coarse level) run on the compiled kernel's axis filter
+      (:func:`~itk_gradicon.network.separable.filter_along_axis`): the sum over the kernel's taps
+      only, where the banded matrix product also multiplies the band's zeros. Only float rounding
+      differs.
 
 :func:`fast_paths` changes the switches for a block of code (tests compare every combination with
 the plain path); the settings are per thread / task (a :class:`contextvars.ContextVar`).
@@ -71,6 +77,7 @@ class FastPaths:
         channels_last: run convolutions on channels-last tensors (``None``: on the CPU only).
         resample_on_grid: resize a coarse field to a finer grid's nodes with ``interpolate``.
         native_sampling: sample with the compiled kernel where it applies.
+        native_filtering: run separable filters on the compiled kernel where it applies.
         upsample_by_products: the plain path's upsampling by matrix products on the CPU.
     """
 
@@ -80,6 +87,7 @@ class FastPaths:
     channels_last: Optional[bool] = None
     resample_on_grid: bool = True
     native_sampling: bool = True
+    native_filtering: bool = True
     upsample_by_products: bool = True
 
     def use_channels_last(self, device: torch.device) -> bool:

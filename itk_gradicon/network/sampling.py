@@ -111,7 +111,10 @@ def _slabs(points: torch.Tensor) -> int:
     return int(min(threads, points.shape[2], count // MIN_POINTS_PER_THREAD))
 
 
-def _run(function, pieces: List[tuple]) -> list:
+def run_pieces(function, pieces: List[tuple]) -> list:
+    """``[function(*piece) for piece in pieces]``, the pieces on this module's thread pool (one thread per
+    core torch may use) where there are several; for functions that release the GIL (the compiled
+    kernels, PyTorch's operators)."""
     if len(pieces) == 1:
         return [function(*pieces[0])]
     return list(_pool(max(2, torch.get_num_threads())).map(lambda args: function(*args), pieces))
@@ -153,7 +156,7 @@ def _native_sample(field: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     ranges = _point_ranges(count)
     calls = [(*_kernel_inputs(field, flat, b), out[b].data_ptr(), count, start, end)
              for b in range(batch) for start, end in ranges]
-    _run(NATIVE.sample_3d, calls)  # field, flat and out stay referenced until every call returns
+    run_pieces(NATIVE.sample_3d, calls)  # field, flat and out stay referenced until every call returns
     return out.view(batch, channels, *points.shape[2:])
 
 
@@ -176,7 +179,7 @@ def _native_sample_backward(field: torch.Tensor, points: torch.Tensor, grad_outp
               buffers[k][b].data_ptr() if need_field else 0, grad_points[b].data_ptr() if need_points else 0,
               start, end)
              for b in range(batch) for k, (start, end) in enumerate(ranges)]
-    _run(NATIVE.sample_3d_backward, calls)  # every tensor above stays referenced until the calls return
+    run_pieces(NATIVE.sample_3d_backward, calls)  # every tensor above stays referenced until the calls return
     grad_field = None
     if need_field:
         grad_field = buffers[0]
@@ -200,7 +203,7 @@ def _forward(field: torch.Tensor, points: torch.Tensor, slabs: int) -> torch.Ten
 
 def _forward_in_slabs(field: torch.Tensor, points: torch.Tensor, slabs: int) -> torch.Tensor:
     with torch.autograd.set_grad_enabled(False):
-        outputs = _run(_sample, [(field, part) for part in points.tensor_split(slabs, dim=2)])
+        outputs = run_pieces(_sample, [(field, part) for part in points.tensor_split(slabs, dim=2)])
     return torch.cat(outputs, dim=2)
 
 
@@ -236,7 +239,7 @@ class _ParallelCubeSample(torch.autograd.Function):
                 grad_points = grad_points.to(points_part.dtype)
             return grad_field, grad_points
 
-        results = _run(one, list(zip(grad_output.tensor_split(ctx.slabs, dim=2),
+        results = run_pieces(one, list(zip(grad_output.tensor_split(ctx.slabs, dim=2),
                                      points.tensor_split(ctx.slabs, dim=2))))
         grad_field = grad_points = None
         if need_field:

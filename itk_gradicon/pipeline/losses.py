@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..network.operators import CubeMap, identity_on
 from ..network.sampling import sample_cube_field
+from ..network import separable
 from ..network.separable import product_along_axis
 
 Tensor = torch.Tensor
@@ -62,45 +63,36 @@ def gaussian_kernel1d(sigma: float, size: Optional[int] = None, *, device=None,
     return (k / k.sum()).to(device=device, dtype=dtype)
 
 
-#: Axes up to this length are blurred by a banded matrix product (see :func:`gaussian_blur`).
+#: Without the compiled kernel, axes up to this length are blurred by a banded matrix product (see
+#: :func:`gaussian_blur`).
 BANDED_BLUR_MAX_LENGTH = 512
-
-
-def _banded_matrix(length: int, kernel: Tensor) -> Tensor:
-    """``M [length, length]`` with ``(M x)[i] = sum_t kernel[t] x[i + t - half]``, zero outside ``x``.
-
-    ``half = (taps - 1) // 2``: the alignment of ``conv(..., padding="same")``, for odd and even kernels.
-    """
-    half = (kernel.numel() - 1) // 2
-    i = torch.arange(length, device=kernel.device)
-    offset = i[None, :] - i[:, None] + half  # column j minus row i, as a kernel tap
-    inside = (offset >= 0) & (offset < kernel.numel())
-    return torch.where(inside, kernel[offset.clamp(0, kernel.numel() - 1)], kernel.new_zeros(()))
 
 
 def gaussian_blur(x: Tensor, sigma: float, size: Optional[int] = None) -> Tensor:
     """Separable Gaussian blur of every channel, zero padding, output the size of the input.
 
-    Along each axis of up to :data:`BANDED_BLUR_MAX_LENGTH` voxels the 1-D convolution is a product
-    with a banded ``n x n`` matrix, which runs on the BLAS matrix kernels (forward and backward), several
-    times faster than PyTorch's depthwise ``conv3d`` on a CPU (figures: ``benchmarks/README.md``, "Design
-    figures"). Longer axes use a depthwise convolution. Both compute the same sums; only the order of the
-    float additions may differ.
+    Each axis is one pass of :func:`~itk_gradicon.network.separable.filter_along_axis`: float32 CPU tensors
+    on the compiled kernel (the sum over the kernel's taps), otherwise, along axes of up to
+    :data:`BANDED_BLUR_MAX_LENGTH` voxels, a product with a banded ``n x n`` matrix on the BLAS kernels
+    (forward and backward), several times faster than PyTorch's depthwise ``conv3d`` on a CPU (figures:
+    ``benchmarks/README.md``, "Design figures"); longer axes there use a depthwise convolution. All compute
+    the same sums; only the order of the float additions may differ.
     """
     d = x.dim() - 2
     kernel = gaussian_kernel1d(sigma, size, device=x.device, dtype=x.dtype)
     channels = x.shape[1]
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[d]
+    native = separable.uses_native_filter(x, kernel)
     x = x.contiguous()
     for axis in range(d):
         n = x.shape[2 + axis]
-        if n > BANDED_BLUR_MAX_LENGTH:
+        if n > BANDED_BLUR_MAX_LENGTH and not native:
             shape = [channels, 1] + [1] * d
             shape[2 + axis] = kernel.numel()
             x = conv(x, kernel.reshape([1, 1, *shape[2:]]).expand(*shape), padding="same", groups=channels)
             x = x.contiguous()
             continue
-        x = product_along_axis(x, _banded_matrix(n, kernel), axis)
+        x = separable.filter_along_axis(x, kernel, axis)
     return x
 
 

@@ -1,0 +1,119 @@
+"""The compiled axis filter (``itk_gradicon._linear.filter_axis``) behind separable blurs.
+
+:func:`itk_gradicon.network.separable.filter_along_axis` runs float32 CPU tensors on the compiled kernel
+(the sum over the kernel's taps) and everything else as a product with the banded matrix. Both are checked
+against a float64 depthwise convolution (PyTorch's ``conv(..., padding="same")``), values and gradients,
+for odd and even kernels, every axis, 1-D to 3-D, kernels longer than the axis, non-contiguous inputs; the
+compiled result must not depend on the number of threads.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from itk_gradicon.network import sampling, separable
+from itk_gradicon.network.performance import fast_paths
+from itk_gradicon.pipeline import losses
+
+needs_kernel = pytest.mark.skipif(sampling.NATIVE is None, reason="itk_gradicon._linear not built")
+
+
+def _convolved(x: torch.Tensor, kernel: torch.Tensor, axis: int) -> torch.Tensor:
+    """The float64 definition: a zero-padded 'same' correlation of every channel along ``axis``."""
+    d = x.dim() - 2
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[d]
+    taps = [1] * d
+    taps[axis] = kernel.numel()
+    weight = kernel.double().reshape(1, 1, *taps)
+    x = x.double()
+    return torch.cat([conv(x[:, c:c + 1], weight, padding="same") for c in range(x.shape[1])], dim=1)
+
+
+CASES = [
+    ((2, 3, 13, 17, 11), 9, 0),    # 3-D, channels and batch, first axis
+    ((2, 3, 13, 17, 11), 9, 1),
+    ((2, 3, 13, 17, 11), 9, 2),    # the last axis: whole lines per unit
+    ((1, 2, 20, 7), 6, 0),         # 2-D, even kernel: conv's 'same' alignment
+    ((1, 2, 20, 7), 6, 1),
+    ((1, 1, 5, 6, 4), 21, 0),      # kernel longer than the axis
+    ((3, 1, 40), 4, 0),            # 1-D
+]
+
+
+@needs_kernel
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("shape, taps, axis", CASES)
+def test_compiled_filter_equals_the_convolution(shape, taps, axis):
+    """Values and the gradient with respect to the input (the adjoint pass) within float32 rounding."""
+    g = torch.Generator().manual_seed(taps + axis)
+    x = torch.rand(shape, generator=g, requires_grad=True)
+    weights = torch.rand(shape, generator=g)
+    kernel = torch.rand(taps, generator=g)
+    assert separable.uses_native_filter(x, kernel)
+    ours = separable.filter_along_axis(x, kernel, axis)
+    (grad_ours,) = torch.autograd.grad((ours * weights).sum(), x)
+
+    x64 = x.detach().double().requires_grad_(True)
+    expected = _convolved(x64, kernel, axis)
+    (grad_expected,) = torch.autograd.grad((expected * weights.double()).sum(), x64)
+    assert ours.shape == x.shape and ours.dtype == torch.float32
+    assert torch.allclose(ours.double(), expected, rtol=0, atol=1e-5)
+    assert torch.allclose(grad_ours.double(), grad_expected, rtol=0, atol=1e-5)
+
+
+@needs_kernel
+def test_compiled_filter_is_the_banded_product_and_independent_of_threads():
+    """The compiled pass and the banded matrix product agree to rounding; 1 and 2 threads agree bitwise."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 40, 48, 36, generator=g)
+    kernel = losses.gaussian_kernel1d(2.0)
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append([separable.filter_along_axis(x, kernel, axis) for axis in range(3)])
+    finally:
+        torch.set_num_threads(previous)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+    with fast_paths(native_filtering=False):
+        banded = [separable.filter_along_axis(x, kernel, axis) for axis in range(3)]
+    for ours, theirs in zip(results[0], banded):
+        assert (ours - theirs).abs().max().item() < 1e-6
+
+
+@needs_kernel
+def test_non_contiguous_input_and_other_types():
+    """A transposed view is filtered as its values; float64 and a kernel that needs a gradient take the
+    banded product (autograd reaches the kernel there)."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.rand(1, 2, 12, 14, 10, generator=g)
+    view = base.transpose(2, 4)
+    kernel = losses.gaussian_kernel1d(1.5)
+    assert torch.allclose(separable.filter_along_axis(view, kernel, 1),
+                          separable.filter_along_axis(view.contiguous(), kernel, 1), rtol=0, atol=0)
+    assert not separable.uses_native_filter(base.double(), kernel.double())
+    learnable = kernel.clone().requires_grad_(True)
+    assert not separable.uses_native_filter(base, learnable)
+    out = separable.filter_along_axis(base, learnable, 0)
+    (grad_kernel,) = torch.autograd.grad(out.sum(), learnable)
+    assert grad_kernel.shape == kernel.shape and torch.isfinite(grad_kernel).all()
+
+
+@needs_kernel
+def test_gaussian_blur_on_the_compiled_filter_matches_the_banded_blur():
+    """``gaussian_blur`` (LNCC's window, field IO's pyramid) gives the banded blur's values and gradients
+    to float32 rounding, axes longer than the banded limit included."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(1, 2, 30, 600, 9, generator=g, requires_grad=True)
+    weights = torch.rand(x.shape, generator=g)
+    ours = losses.gaussian_blur(x, 2.0)
+    (grad_ours,) = torch.autograd.grad((ours * weights).sum(), x)
+    with fast_paths(native_filtering=False):
+        theirs = losses.gaussian_blur(x, 2.0)
+        (grad_theirs,) = torch.autograd.grad((theirs * weights).sum(), x)
+    assert (ours - theirs).abs().max().item() < 1e-6
+    assert (grad_ours - grad_theirs).abs().max().item() < 1e-6
