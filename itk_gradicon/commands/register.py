@@ -23,6 +23,7 @@ from ..pipeline.affine import (  # noqa: F401
 from ..pipeline.options import INPUT_KEYWORDS, RegistrationOptions, check_options
 from ..spatial.transforms import TRANSFORM_OUTPUT_SUFFIXES
 from .files import read_header
+from .prealign_process import PrealignmentJob, PrealignmentProcess
 
 Log = Callable[[str], None]
 
@@ -153,6 +154,20 @@ def run_register(files: RegisterFiles, outputs: RegisterOutputs, options: Option
     Raises:
         GradiconError: a problem the user can fix; nothing has been written then.
     """
+    # before torch is imported: the pre-alignment's second process (``prealign_process``), where it applies
+    may_prealign = files.initial_transform is None and (options is None or options.prealignment.affine != "none")
+    background = PrealignmentProcess.start() if may_prealign and loaded_model is None else None
+    try:
+        return _run_register(files, outputs, options, model=model, seed=seed, device=device, log=log,
+                             progress=progress, loaded_model=loaded_model, predictor=predictor, background=background)
+    finally:
+        if background is not None:
+            background.close()
+
+
+def _run_register(files: RegisterFiles, outputs: RegisterOutputs, options: Optional[RegistrationOptions], *,
+                  model: str, seed: Optional[int], device: str, log: Log, progress, loaded_model, predictor,
+                  background: Optional[PrealignmentProcess]):
     import torch
 
     from ..models import load_model
@@ -199,11 +214,14 @@ def run_register(files: RegisterFiles, outputs: RegisterOutputs, options: Option
                                  originals=outputs.needs_originals), torch_device)
 
     stage.done("checks")
+    if background is not None and not (affine in PREALIGNMENT_TRANSFORMS and initial_transform is None
+                                       and background.submit(_prealignment_job(by_flag, d, affine))):
+        background = None
     inputs = _read_inputs(by_flag, d)
     stage.done("read")
     if inputs.labels["fixed_labels"] is not None and io.iterations == 0:
         log("note: --fixed-labels/--moving-labels only act during instance optimisation (--io-iterations > 0)")
-    pre, pre_info = _prealignment(inputs, affine, initial_transform, log)
+    pre, pre_info = _prealignment(inputs, affine, initial_transform, log, background)
     stage.done("pre-alignment")
 
     # every input was checked as it was read: the registration trusts the request and scans nothing again
@@ -335,8 +353,15 @@ def _read_inputs(files: Dict[str, Optional[Path]], dimension: int) -> _Inputs:
     return _Inputs(fixed, moving, fixed_original, moving_original, masks, labels)
 
 
-def _prealignment(inputs: _Inputs, affine: str, initial_transform: Optional[Path], log: Log):
-    """The pre-alignment (homogeneous WORLD matrix, fixed -> moving, or ``None``) and how it was found."""
+def _prealignment_job(files: Dict[str, Optional[Path]], dimension: int, affine: str) -> PrealignmentJob:
+    return PrealignmentJob(files["--fixed"], files["--moving"], files["--fixed-mask"], files["--moving-mask"],
+                           dimension, affine)
+
+
+def _prealignment(inputs: _Inputs, affine: str, initial_transform: Optional[Path], log: Log,
+                  background: Optional[PrealignmentProcess] = None):
+    """The pre-alignment (homogeneous WORLD matrix, fixed -> moving, or ``None``) and how it was found;
+    collected from ``background`` where the job was handed to it."""
     if initial_transform is not None:
         from ..spatial.transforms import read_affine_file
 
@@ -345,8 +370,18 @@ def _prealignment(inputs: _Inputs, affine: str, initial_transform: Optional[Path
         from ..pipeline.affine import prealign
 
         log(f"{affine} pre-alignment with elastix ...")
-        found = prealign(inputs.fixed, inputs.moving, inputs.masks["fixed_mask"], inputs.masks["moving_mask"],
-                         transform=affine, log=log)
+        found = None
+        if background is not None:
+            found, messages, seconds, failure = background.result()
+            for message in messages:
+                log(message)
+            if found is not None:
+                log(f"(the pre-alignment ran in a second process begun at start-up: {seconds:.1f}s there)")
+            else:
+                log(f"note: the pre-alignment's second process failed ({failure}); pre-aligning here")
+        if found is None:
+            found = prealign(inputs.fixed, inputs.moving, inputs.masks["fixed_mask"], inputs.masks["moving_mask"],
+                             transform=affine, log=log)
         info = {"source": "elastix", "transform": found.transform, "start": found.start,
                 "similarity": found.similarity, "rejected": list(found.rejected), "roles_swapped": found.roles_swapped}
         return found.matrix, ({**info, "rotation": found.rotation} if found.rotation else info)

@@ -108,6 +108,18 @@ def _registration_method(fixed_type, moving_type):
         return itk.ElastixRegistrationMethod[fixed_type, moving_type].New()
 
 
+def load_modules(dimension: int = 3) -> None:
+    """Load the ITK Python modules a first :func:`elastix_affine` of ``dimension``-D images loads (ITK's image
+    types and array bridge, elastix's parameter object and registration method), ahead of it."""
+    import SimpleITK as sitk
+    import itk
+
+    _parameter_object()
+    image_type = itk.Image[itk.F, dimension]
+    _registration_method(image_type, image_type)
+    to_itk(sitk.Image([4] * dimension, sitk.sitkFloat32))
+
+
 def affine_parameter_map(*, metric: str = "mi", initialization: str = "mass", iterations: int = ITERATIONS,
                          resolutions: int = 4, samples: int = 2048, seed: int = DEFAULT_SEED,
                          transform: str = "affine") -> Dict[str, Tuple[str, ...]]:
@@ -443,6 +455,6 @@ def pyramid_levels(*images) -> int:
     return int(min(4, max(1, 1 + np.floor(np.log2(max(shortest, 1) / 16.0)))))
 
 
-__all__ = ["DEFAULT_SEED", "HISTOGRAM_BINS", "ITERATIONS", "PYRAMIDS", "INITIALIZATIONS", "METRICS", "TRANSFORMS",
+__all__ = ["load_modules", "DEFAULT_SEED", "HISTOGRAM_BINS", "ITERATIONS", "PYRAMIDS", "INITIALIZATIONS", "METRICS", "TRANSFORMS",
            "ElastixInputs", "SamplesOutsideMoving", "affine_from_elastix_parameters", "affine_parameter_map",
            "elastix_affine", "euler_matrix", "pyramid_levels"]

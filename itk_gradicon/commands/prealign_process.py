@@ -1,0 +1,194 @@
+"""``gradicon register``'s pre-alignment in a second process, begun while the first one starts up.
+
+A ``gradicon register`` process spends its first seconds importing torch, and its pre-alignment's first
+seconds loading ITK Python's elastix modules (ITK's wrapping loads dozens of modules); both are work of one
+interpreter on one core. Forked before torch is imported, a second process loads the elastix modules while
+the first imports torch, loads the model and checks the inputs; it then reads the images and masks from
+their files (the same readers, so the same pixels) and runs :func:`~itk_gradicon.pipeline.affine.prealign`
+while the first process reads them for the network. On a 2-core machine this takes about two seconds off
+the default ``register`` (figures: ``benchmarks/ACCURACY.md``). The result is the one computed in the first
+process: the same images, options, seed and thread count (the tests compare the written files byte for byte).
+
+The second process is used only where it is safe and pays: a Linux process (``fork``) with at least two
+cores, and at least two threads allowed (``--threads 1`` keeps one process), that has loaded neither torch
+nor ITK Python yet and runs no other thread (a command-line run, not a library call or a cohort), and only
+when a pre-alignment may be computed. Setting the environment variable
+:data:`SWITCH` to ``0`` turns it off. An error of the pre-alignment (an elastix failure, an unreadable mask)
+is raised in the first process where it would have been raised there; if the second process dies, the first
+computes the pre-alignment itself and says so.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+from ..errors import GradiconError
+from ..threads import itk_threads
+
+#: Environment variable: ``0`` (or ``false``, ``no``, ``off``) computes the pre-alignment in the process itself.
+SWITCH = "ITK_GRADICON_PREALIGN_PROCESS"
+_OFF = ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class PrealignmentJob:
+    """What the second process pre-aligns: the files as given (``None`` where a mask is absent), the model's
+    image dimension and the transform (``"affine"`` or ``"rigid"``)."""
+
+    fixed: Path
+    moving: Path
+    fixed_mask: Optional[Path]
+    moving_mask: Optional[Path]
+    dimension: int
+    transform: str
+
+    def run(self, log: Callable[[str], None]):
+        """Read the inputs as ``gradicon register`` reads them and pre-align them."""
+        from ..io.images import read_float32, read_mask_on_grid
+        from ..pipeline.affine import prealign
+
+        fixed, _ = read_float32(self.fixed, what="--fixed", dimension=self.dimension)
+        moving, _ = read_float32(self.moving, what="--moving", dimension=self.dimension)
+        fixed_mask = read_mask_on_grid(self.fixed_mask, fixed, what="--fixed-mask") if self.fixed_mask else None
+        moving_mask = read_mask_on_grid(self.moving_mask, moving, what="--moving-mask") if self.moving_mask else None
+        return prealign(fixed, moving, fixed_mask, moving_mask, transform=self.transform, log=log)
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def can_start() -> bool:
+    """Whether this process may fork the pre-alignment off (see the module documentation)."""
+    import multiprocessing
+
+    return (os.environ.get(SWITCH, "1").strip().lower() not in _OFF
+            and sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+            and "torch" not in sys.modules and "itk" not in sys.modules
+            and threading.active_count() == 1 and _available_cores() >= 2 and itk_threads() >= 2)
+
+
+class PrealignmentProcess:
+    """The second process: :meth:`start` it early, :meth:`submit` a job once the transform is known, collect
+    the :meth:`result`; :meth:`close` in every case."""
+
+    def __init__(self, process, connection) -> None:
+        self._process, self._connection = process, connection
+        self._submitted = False
+
+    @classmethod
+    def start(cls) -> Optional["PrealignmentProcess"]:
+        """The process, loading the elastix modules; ``None`` where :func:`can_start` says no or it cannot be
+        started."""
+        if not can_start():
+            return None
+        import multiprocessing
+
+        context = multiprocessing.get_context("fork")
+        try:
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_serve, args=(theirs,), name="itk_gradicon-prealignment", daemon=True)
+            process.start()
+        except OSError:
+            return None
+        theirs.close()
+        return cls(process, ours)
+
+    def submit(self, job: PrealignmentJob) -> bool:
+        """Hand ``job`` over; ``False`` if the process is gone (the caller pre-aligns itself)."""
+        try:
+            self._connection.send(job)
+        except (OSError, ValueError):
+            return False
+        self._submitted = True
+        return True
+
+    def result(self) -> Tuple[Optional[object], List[str], float, str]:
+        """Wait for the submitted job: ``(prealignment, messages, seconds, failure)``.
+
+        ``prealignment`` is the :class:`~itk_gradicon.pipeline.affine.Prealignment` and ``messages`` what
+        :func:`~itk_gradicon.pipeline.affine.prealign` logged, in order; ``seconds`` the job's own time there.
+        Where the process died or failed without a user error, ``prealignment`` is ``None`` and ``failure``
+        says why (the caller then pre-aligns itself).
+
+        Raises:
+            GradiconError: the pre-alignment's own error (an elastix failure, an unreadable mask).
+        """
+        try:
+            status, value, messages, seconds = self._connection.recv()
+        except (EOFError, OSError) as err:
+            code = self._process.exitcode
+            return None, [], 0.0, f"it ended without a result ({'exit code ' + str(code) if code else err})"
+        if status == "error":
+            raise value
+        if status == "failed":
+            return None, messages, seconds, value
+        return value, messages, seconds, ""
+
+    def close(self) -> None:
+        """End the process (a job not collected is abandoned)."""
+        try:
+            if not self._submitted:
+                self._connection.send(None)
+        except (OSError, ValueError):
+            pass
+        self._connection.close()
+        self._process.join(timeout=1.0)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join()
+
+
+def _serve(connection, prepare: Callable[[], None] = None) -> None:
+    """The second process: ``prepare`` (load the elastix modules), then run one job (or none) and send its
+    outcome: ``("done", prealignment, messages, seconds)``, ``("error", GradiconError, ...)`` or
+    ``("failed", text, ...)``."""
+    try:
+        (prepare or _load_elastix_modules)()
+    except Exception:  # noqa: BLE001 - the job's own run meets and reports the same failure
+        pass
+    try:
+        job = connection.recv()
+    except (EOFError, OSError):
+        return
+    if job is None:
+        return
+    messages: List[str] = []
+    started = time.perf_counter()
+    try:
+        reply = ("done", job.run(messages.append), messages, time.perf_counter() - started)
+    except GradiconError as err:
+        reply = ("error", err, messages, time.perf_counter() - started)
+    except BaseException as err:  # noqa: BLE001 - a bug or an interrupt: the first process pre-aligns itself
+        reply = ("failed", f"{type(err).__name__}: {err}", messages, time.perf_counter() - started)
+    try:
+        connection.send(reply)
+    except Exception as err:  # noqa: BLE001 - an error that does not pickle: report it as text
+        connection.send(("failed", f"{type(err).__name__}: {err}", messages, time.perf_counter() - started))
+    connection.close()
+
+
+def _load_elastix_modules() -> None:
+    """Load what :func:`~itk_gradicon.pipeline.affine.prealign` will use of ITK Python, without torch.
+
+    ITK's array helpers import torch when it is installed (to accept tensors), which would put back in
+    this process the import it runs beside; it never receives a tensor here, so the helpers are told that
+    torch is absent (module flags of ITK's ``itk.support``: where an ITK lays them out otherwise, the
+    assignment does nothing and only the time is lost).
+    """
+    from itk.support import helpers, types
+
+    helpers._HAVE_TORCH = False
+    types._HAVE_TORCH = False
+    from ..pipeline.elastix import load_modules
+
+    load_modules()
