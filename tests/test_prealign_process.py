@@ -49,12 +49,15 @@ def test_the_second_process_writes_what_one_process_writes(tmp_path, rng, tiny_m
         args = ["register", "--fixed", str(tmp_path / "fixed.nii.gz"), "--moving", str(tmp_path / "moving.nii.gz"),
                 "--model", str(tiny_model_file), "--affine", "elastix", "--io-iterations", "0",
                 "--out-transform", str(out / "field.nii.gz"), "--out-ants-prefix", str(out / "a_")]
-        code = "import sys\nfrom itk_gradicon.cli import main\nmain(sys.argv[1:])"
+        # a line still in the (piped, so block-buffered) stdout at the fork is written once (multiprocessing
+        # flushes the streams before it forks; the child would otherwise flush its copy too)
+        code = "import sys\nprint('before the command')\nfrom itk_gradicon.cli import main\nmain(sys.argv[1:])"
         done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
                               env={**os.environ, prealign_process.SWITCH: switch})
         assert done.returncode == 0, done.stderr[-2000:]
         logs[switch], outs[switch] = done.stdout + done.stderr, out
     assert "ran in a second process" in logs["1"], logs["1"]
+    assert logs["1"].count("before the command") == 1, logs["1"]
     assert "second process" not in logs["0"], logs["0"]
     assert (outs["1"] / "a_0GenericAffine.mat").read_bytes() == (outs["0"] / "a_0GenericAffine.mat").read_bytes()
     fields = [sitk.GetArrayFromImage(sitk.ReadImage(str(outs[s] / "field.nii.gz"))) for s in ("1", "0")]
