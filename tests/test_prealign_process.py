@@ -160,3 +160,36 @@ def test_register_pre_aligns_itself_when_the_second_process_fails(monkeypatch):
                                                _background(("done", Found(), ["found it"], 2.5)))
     assert not calls and log[1:] == ["found it", "(the pre-alignment ran in a second process begun at start-up: "
                                                   "2.5s there)"]
+
+
+class _RunningProcess:
+    exitcode = None
+
+    def __init__(self):
+        self.calls = []
+
+    def join(self, timeout=None):
+        self.calls.append(("join", timeout))
+
+    def is_alive(self):
+        return not any(call == ("terminate",) for call in self.calls)
+
+    def terminate(self):
+        self.calls.append(("terminate",))
+
+
+def test_close_stops_a_job_the_command_no_longer_needs_at_once():
+    """A command that fails after handing the job over (a mask off its grid) ends without waiting for elastix;
+    an unused process is told to stop and given a second."""
+    ours, theirs = multiprocessing.Pipe()
+    running = _RunningProcess()
+    background = prealign_process.PrealignmentProcess(running, ours)
+    assert background.submit("job")
+    assert theirs.recv() == "job"
+    background.close()
+    assert running.calls[0] == ("join", 0.0) and ("terminate",) in running.calls
+
+    ours, theirs = multiprocessing.Pipe()
+    idle = _RunningProcess()
+    prealign_process.PrealignmentProcess(idle, ours).close()
+    assert theirs.recv() is None and idle.calls[0] == ("join", 1.0)

@@ -83,7 +83,7 @@ class PrealignmentProcess:
 
     def __init__(self, process, connection) -> None:
         self._process, self._connection = process, connection
-        self._submitted = False
+        self._submitted = self._collected = False
 
     @classmethod
     def start(cls) -> Optional["PrealignmentProcess"]:
@@ -123,6 +123,7 @@ class PrealignmentProcess:
         Raises:
             GradiconError: the pre-alignment's own error (an elastix failure, an unreadable mask).
         """
+        self._collected = True
         try:
             status, value, messages, seconds = self._connection.recv()
         except (EOFError, OSError) as err:
@@ -135,14 +136,15 @@ class PrealignmentProcess:
         return value, messages, seconds, ""
 
     def close(self) -> None:
-        """End the process (a job not collected is abandoned)."""
+        """End the process: told to stop where it has no job, stopped where its job was not collected (the
+        command failed before it needed the pre-alignment)."""
         try:
             if not self._submitted:
                 self._connection.send(None)
         except (OSError, ValueError):
             pass
         self._connection.close()
-        self._process.join(timeout=1.0)
+        self._process.join(timeout=0.0 if self._submitted and not self._collected else 1.0)
         if self._process.is_alive():
             self._process.terminate()
             self._process.join()
