@@ -21,6 +21,7 @@ computes the pre-alignment itself and says so.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -153,7 +154,10 @@ class PrealignmentProcess:
 def _serve(connection, prepare: Callable[[], None] = None) -> None:
     """The second process: ``prepare`` (load the elastix modules), then run one job (or none) and send its
     outcome: ``("done", prealignment, messages, seconds)``, ``("error", GradiconError, ...)`` or
-    ``("failed", text, ...)``."""
+    ``("failed", text, ...)``. Ctrl-C is the first process's to handle (it stops this one); a first process
+    that is gone ends this one without a word."""
+    if threading.current_thread() is threading.main_thread():  # the forked process (tests serve on a thread)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         (prepare or _load_elastix_modules)()
     except Exception:  # noqa: BLE001 - the job's own run meets and reports the same failure
@@ -173,9 +177,14 @@ def _serve(connection, prepare: Callable[[], None] = None) -> None:
     except BaseException as err:  # noqa: BLE001 - a bug or an interrupt: the first process pre-aligns itself
         reply = ("failed", f"{type(err).__name__}: {err}", messages, time.perf_counter() - started)
     try:
-        connection.send(reply)
-    except Exception as err:  # noqa: BLE001 - an error that does not pickle: report it as text
-        connection.send(("failed", f"{type(err).__name__}: {err}", messages, time.perf_counter() - started))
+        try:
+            connection.send(reply)
+        except (OSError, EOFError):
+            raise
+        except Exception as err:  # noqa: BLE001 - an error that does not pickle: report it as text
+            connection.send(("failed", f"{type(err).__name__}: {err}", messages, time.perf_counter() - started))
+    except (OSError, EOFError):  # the first process is gone (killed): nobody to tell
+        pass
     connection.close()
 
 
