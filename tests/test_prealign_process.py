@@ -193,3 +193,44 @@ def test_close_stops_a_job_the_command_no_longer_needs_at_once():
     idle = _RunningProcess()
     prealign_process.PrealignmentProcess(idle, ours).close()
     assert theirs.recv() is None and idle.calls[0] == ("join", 1.0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or _cores() < 2,
+                    reason="the second process is used on Linux with at least two cores")
+def test_ctrl_c_stops_both_processes_and_writes_nothing(tmp_path, rng, tiny_model_file):
+    """Ctrl-C (SIGINT to the process group) while the command waits for its pre-alignment: exit status 130,
+    the one-line message, no output file, no traceback, and no process left behind."""
+    import signal
+    import time
+
+    import itk
+
+    shape = (60, 64, 56)
+    for name, scale in (("fixed", 200), ("moving", 150)):
+        itk.imwrite(make_image(blob_volume(shape, rng) * scale, spacing=(1.0, 1.0, 1.0)), str(tmp_path / f"{name}.nii.gz"))
+    out = tmp_path / "out"
+    out.mkdir()
+    code = "import sys\nfrom itk_gradicon.cli import main\nmain(sys.argv[1:])"
+    args = ["register", "--fixed", str(tmp_path / "fixed.nii.gz"), "--moving", str(tmp_path / "moving.nii.gz"),
+            "--model", str(tiny_model_file), "--affine", "elastix", "--out-transform", str(out / "t.h5")]
+
+    def as_a_terminal_would_start_it():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.setpgrp()
+
+    process = subprocess.Popen([sys.executable, "-u", "-c", code, *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, preexec_fn=as_a_terminal_would_start_it)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "pre-alignment with elastix" in line:
+            break
+    os.killpg(process.pid, signal.SIGINT)
+    rest, _ = process.communicate(timeout=120)
+    output = "".join(lines) + rest
+    assert process.returncode == 130, output
+    assert "Interrupted" in output and "Traceback" not in output, output
+    assert list(out.iterdir()) == []
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(process.pid, 0)  # nothing of the group is left
