@@ -84,11 +84,11 @@ static inline Cell cell_of(const Sampling *s, float ix, float iy, float iz)
 #define ITK_GRADICON_CLONES
 #endif
 
-ITK_GRADICON_CLONES
-static void sample_range(const Sampling *s, int64_t start, int64_t end)
+/* The value at point m, every channel. */
+static inline void sample_point(const Sampling *s, int64_t m)
 {
     const float *zs = s->points, *ys = s->points + s->points_row, *xs = s->points + 2 * s->points_row;
-    for (int64_t m = start; m < end; ++m) {
+    {
         const float iz = source_index(zs[m], s->depth);
         const float iy = source_index(ys[m], s->height);
         const float ix = source_index(xs[m], s->width);
@@ -111,6 +111,13 @@ static void sample_range(const Sampling *s, int64_t start, int64_t end)
             s->out[c * s->out_row + m] = v;
         }
     }
+}
+
+ITK_GRADICON_CLONES
+static void sample_range(const Sampling *s, int64_t start, int64_t end)
+{
+    for (int64_t m = start; m < end; ++m)
+        sample_point(s, m);
 }
 
 /* grid_sampler_compute_source_index_set_grad for align_corners=True and border padding: the
@@ -141,13 +148,13 @@ typedef struct {
     float *grad_points;         /* NULL, or three rows (z, y, x) points_row elements apart */
 } Backward;
 
-ITK_GRADICON_CLONES
-static void sample_range_backward(const Backward *k, int64_t start, int64_t end)
+/* The gradients of point m (its own, and its contributions to the field's). */
+static inline void backward_point(const Backward *k, int64_t m)
 {
     const Sampling *s = &k->s;
     const float *zs = s->points, *ys = s->points + s->points_row, *xs = s->points + 2 * s->points_row;
     const int64_t gw = 1, gh = s->width, gd = s->width * s->height, gc = gd * s->depth;
-    for (int64_t m = start; m < end; ++m) {
+    {
         float mz, my, mx;
         const float iz = source_index_grad(zs[m], s->depth, &mz);
         const float iy = source_index_grad(ys[m], s->height, &my);
@@ -159,7 +166,7 @@ static void sample_range_backward(const Backward *k, int64_t start, int64_t end)
                 k->grad_points[s->points_row + m] = (my * 0.0f) * 2.0f;
                 k->grad_points[2 * s->points_row + m] = (mx * 0.0f) * 2.0f;
             }
-            continue;
+            return;
         }
         const Cell q = cell_of(s, ix, iy, iz);
         const float fx0 = q.fx0, fy0 = q.fy0, fz0 = q.fz0, fx1 = q.fx1, fy1 = q.fy1, fz1 = q.fz1;
@@ -243,6 +250,214 @@ static void sample_range_backward(const Backward *k, int64_t start, int64_t end)
     }
 }
 
+ITK_GRADICON_CLONES
+static void sample_range_backward(const Backward *k, int64_t start, int64_t end)
+{
+    for (int64_t m = start; m < end; ++m)
+        backward_point(k, m);
+}
+
+
+/* ------------------------------------------------------------------------------------------------
+ * AVX2: eight points at a time, where all eight lie strictly inside the field (every corner present,
+ * no clipping): the same float operations in the same order for each point, so each value is bitwise
+ * the scalar loop's (and grid_sample's). A block of eight with any point on or beyond the border, or
+ * NaN, goes through the scalar code point by point. Chosen at run time where the CPU has AVX2 and the
+ * field's offsets fit 32-bit gather indices, for one-channel fields (an image warped by instance
+ * optimisation: its values, and the gradient with respect to the points); with three channels the
+ * scalar loop, which computes a cell once for all channels, was as fast on a 2-core AMD EPYC.
+ * ------------------------------------------------------------------------------------------------ */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define ITK_GRADICON_AVX2 1
+#include <immintrin.h>
+
+static int have_avx2(void)
+{
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = __builtin_cpu_supports("avx2") ? 1 : 0;
+    }
+    return known;
+}
+
+/* The largest element offset a corner lookup can reach, for the 32-bit gather check. */
+static int offsets_fit_int32(const Sampling *s)
+{
+    const double largest = (double)(s->channels - 1) * (double)s->stride_c
+                           + (double)(s->depth - 1) * (double)s->stride_z
+                           + (double)(s->height - 1) * (double)s->stride_y
+                           + (double)(s->width - 1) * (double)s->stride_x;
+    return s->stride_c >= 0 && s->stride_z >= 0 && s->stride_y >= 0 && s->stride_x >= 0 && largest < 2147483647.0;
+}
+
+/* source_index for eight coordinates: the same operations (x < 0 ? 0 : x, then low < high ? low : high,
+ * so a NaN becomes high as in the scalar code). */
+__attribute__((target("avx2"))) static inline __m256 source_index8(__m256 p, float high)
+{
+    const __m256 g = _mm256_sub_ps(_mm256_mul_ps(p, _mm256_set1_ps(2.0f)), _mm256_set1_ps(1.0f));
+    const __m256 x = _mm256_mul_ps(_mm256_div_ps(_mm256_add_ps(g, _mm256_set1_ps(1.0f)), _mm256_set1_ps(2.0f)),
+                                   _mm256_set1_ps(high));
+    const __m256 zero = _mm256_setzero_ps(), top = _mm256_set1_ps(high);
+    const __m256 low = _mm256_blendv_ps(x, zero, _mm256_cmp_ps(x, zero, _CMP_LT_OQ));
+    return _mm256_blendv_ps(top, low, _mm256_cmp_ps(low, top, _CMP_LT_OQ));
+}
+
+typedef struct {
+    __m256 ix, iy, iz, fx0, fy0, fz0, fx1, fy1, fz1;
+    __m256i offset;
+} Cell8;
+
+/* The eight points' cells, and whether all of them lie strictly inside (0 < coordinate < size - 1 on
+ * every axis: all corners present, and the coordinates' derivatives not clipped). */
+__attribute__((target("avx2"))) static inline int cell8(const Sampling *s, int64_t m, Cell8 *q)
+{
+    const float hz = (float)(s->depth - 1), hy = (float)(s->height - 1), hx = (float)(s->width - 1);
+    const __m256 zero = _mm256_setzero_ps();
+    q->iz = source_index8(_mm256_loadu_ps(s->points + m), hz);
+    q->iy = source_index8(_mm256_loadu_ps(s->points + s->points_row + m), hy);
+    q->ix = source_index8(_mm256_loadu_ps(s->points + 2 * s->points_row + m), hx);
+    const __m256 inside = _mm256_and_ps(
+        _mm256_and_ps(_mm256_and_ps(_mm256_cmp_ps(q->iz, zero, _CMP_GT_OQ), _mm256_cmp_ps(q->iz, _mm256_set1_ps(hz), _CMP_LT_OQ)),
+                      _mm256_and_ps(_mm256_cmp_ps(q->iy, zero, _CMP_GT_OQ), _mm256_cmp_ps(q->iy, _mm256_set1_ps(hy), _CMP_LT_OQ))),
+        _mm256_and_ps(_mm256_cmp_ps(q->ix, zero, _CMP_GT_OQ), _mm256_cmp_ps(q->ix, _mm256_set1_ps(hx), _CMP_LT_OQ)));
+    if (_mm256_movemask_ps(inside) != 0xff)
+        return 0;
+    const __m256 one = _mm256_set1_ps(1.0f);
+    q->fz0 = _mm256_floor_ps(q->iz);
+    q->fy0 = _mm256_floor_ps(q->iy);
+    q->fx0 = _mm256_floor_ps(q->ix);
+    q->fz1 = _mm256_add_ps(q->fz0, one);
+    q->fy1 = _mm256_add_ps(q->fy0, one);
+    q->fx1 = _mm256_add_ps(q->fx0, one);
+    q->offset = _mm256_add_epi32(
+        _mm256_add_epi32(_mm256_mullo_epi32(_mm256_cvttps_epi32(q->fz0), _mm256_set1_epi32((int)s->stride_z)),
+                         _mm256_mullo_epi32(_mm256_cvttps_epi32(q->fy0), _mm256_set1_epi32((int)s->stride_y))),
+        _mm256_mullo_epi32(_mm256_cvttps_epi32(q->fx0), _mm256_set1_epi32((int)s->stride_x)));
+    return 1;
+}
+
+#define MUL _mm256_mul_ps
+#define ADD _mm256_add_ps
+#define SUB _mm256_sub_ps
+#define GATHER(base, index) _mm256_i32gather_ps((base), (index), 4)
+
+__attribute__((target("avx2"))) static void sample_range_avx2(const Sampling *s, int64_t start, int64_t end)
+{
+    const __m256i sx = _mm256_set1_epi32((int)s->stride_x), sy = _mm256_set1_epi32((int)s->stride_y),
+                  sz = _mm256_set1_epi32((int)s->stride_z);
+    int64_t m = start;
+    for (; m + 8 <= end; m += 8) {
+        Cell8 q;
+        if (!cell8(s, m, &q)) {
+            for (int64_t j = m; j < m + 8; ++j)
+                sample_point(s, j);
+            continue;
+        }
+        /* the weights as cell_of computes them */
+        const __m256 ax1 = SUB(q.fx1, q.ix), ax0 = SUB(q.ix, q.fx0), ay1 = SUB(q.fy1, q.iy), ay0 = SUB(q.iy, q.fy0),
+                     az1 = SUB(q.fz1, q.iz), az0 = SUB(q.iz, q.fz0);
+        const __m256 tnw = MUL(MUL(ax1, ay1), az1), tne = MUL(MUL(ax0, ay1), az1);
+        const __m256 tsw = MUL(MUL(ax1, ay0), az1), tse = MUL(MUL(ax0, ay0), az1);
+        const __m256 bnw = MUL(MUL(ax1, ay1), az0), bne = MUL(MUL(ax0, ay1), az0);
+        const __m256 bsw = MUL(MUL(ax1, ay0), az0), bse = MUL(MUL(ax0, ay0), az0);
+        const __m256i o = q.offset, oe = _mm256_add_epi32(o, sx), os = _mm256_add_epi32(o, sy),
+                      ose = _mm256_add_epi32(os, sx);
+        const __m256i ob = _mm256_add_epi32(o, sz), obe = _mm256_add_epi32(ob, sx), obs = _mm256_add_epi32(ob, sy),
+                      obse = _mm256_add_epi32(obs, sx);
+        for (int64_t c = 0; c < s->channels; ++c) {
+            const float *f = s->field + c * s->stride_c;
+            __m256 v = _mm256_setzero_ps();
+            v = ADD(v, MUL(GATHER(f, o), tnw));
+            v = ADD(v, MUL(GATHER(f, oe), tne));
+            v = ADD(v, MUL(GATHER(f, os), tsw));
+            v = ADD(v, MUL(GATHER(f, ose), tse));
+            v = ADD(v, MUL(GATHER(f, ob), bnw));
+            v = ADD(v, MUL(GATHER(f, obe), bne));
+            v = ADD(v, MUL(GATHER(f, obs), bsw));
+            v = ADD(v, MUL(GATHER(f, obse), bse));
+            _mm256_storeu_ps(s->out + c * s->out_row + m, v);
+        }
+    }
+    for (; m < end; ++m)
+        sample_point(s, m);
+}
+
+/* The points' gradients only (no field gradient: the image warps of instance optimisation). */
+__attribute__((target("avx2"))) static void sample_range_backward_avx2(const Backward *k, int64_t start, int64_t end)
+{
+    const Sampling *s = &k->s;
+    const __m256i sx = _mm256_set1_epi32((int)s->stride_x), sy = _mm256_set1_epi32((int)s->stride_y),
+                  sz = _mm256_set1_epi32((int)s->stride_z);
+    const __m256 mz = _mm256_set1_ps((float)(s->depth - 1) / 2.0f), my = _mm256_set1_ps((float)(s->height - 1) / 2.0f),
+                 mx = _mm256_set1_ps((float)(s->width - 1) / 2.0f), two = _mm256_set1_ps(2.0f);
+    int64_t m = start;
+    for (; m + 8 <= end; m += 8) {
+        Cell8 q;
+        if (!cell8(s, m, &q)) {
+            for (int64_t j = m; j < m + 8; ++j)
+                backward_point(k, j);
+            continue;
+        }
+        const __m256 ax1 = SUB(q.fx1, q.ix), ax0 = SUB(q.ix, q.fx0), ay1 = SUB(q.fy1, q.iy), ay0 = SUB(q.iy, q.fy0),
+                     az1 = SUB(q.fz1, q.iz), az0 = SUB(q.iz, q.fz0);
+        const __m256i o = q.offset, oe = _mm256_add_epi32(o, sx), os = _mm256_add_epi32(o, sy),
+                      ose = _mm256_add_epi32(os, sx);
+        const __m256i ob = _mm256_add_epi32(o, sz), obe = _mm256_add_epi32(ob, sx), obs = _mm256_add_epi32(ob, sy),
+                      obse = _mm256_add_epi32(obs, sx);
+        __m256 gx = _mm256_setzero_ps(), gy = _mm256_setzero_ps(), gz = _mm256_setzero_ps();
+        for (int64_t c = 0; c < s->channels; ++c) {
+            const float *f = s->field + c * s->stride_c;
+            const __m256 go = _mm256_loadu_ps(k->grad_out + c * k->grad_out_row + m);
+            __m256 w = GATHER(f, o);
+            gx = SUB(gx, MUL(MUL(MUL(w, ay1), az1), go));
+            gy = SUB(gy, MUL(MUL(MUL(w, ax1), az1), go));
+            gz = SUB(gz, MUL(MUL(MUL(w, ax1), ay1), go));
+            w = GATHER(f, oe);
+            gx = ADD(gx, MUL(MUL(MUL(w, ay1), az1), go));
+            gy = SUB(gy, MUL(MUL(MUL(w, ax0), az1), go));
+            gz = SUB(gz, MUL(MUL(MUL(w, ax0), ay1), go));
+            w = GATHER(f, os);
+            gx = SUB(gx, MUL(MUL(MUL(w, ay0), az1), go));
+            gy = ADD(gy, MUL(MUL(MUL(w, ax1), az1), go));
+            gz = SUB(gz, MUL(MUL(MUL(w, ax1), ay0), go));
+            w = GATHER(f, ose);
+            gx = ADD(gx, MUL(MUL(MUL(w, ay0), az1), go));
+            gy = ADD(gy, MUL(MUL(MUL(w, ax0), az1), go));
+            gz = SUB(gz, MUL(MUL(MUL(w, ax0), ay0), go));
+            w = GATHER(f, ob);
+            gx = SUB(gx, MUL(MUL(MUL(w, ay1), az0), go));
+            gy = SUB(gy, MUL(MUL(MUL(w, ax1), az0), go));
+            gz = ADD(gz, MUL(MUL(MUL(w, ax1), ay1), go));
+            w = GATHER(f, obe);
+            gx = ADD(gx, MUL(MUL(MUL(w, ay1), az0), go));
+            gy = SUB(gy, MUL(MUL(MUL(w, ax0), az0), go));
+            gz = ADD(gz, MUL(MUL(MUL(w, ax0), ay1), go));
+            w = GATHER(f, obs);
+            gx = SUB(gx, MUL(MUL(MUL(w, ay0), az0), go));
+            gy = ADD(gy, MUL(MUL(MUL(w, ax1), az0), go));
+            gz = ADD(gz, MUL(MUL(MUL(w, ax1), ay0), go));
+            w = GATHER(f, obse);
+            gx = ADD(gx, MUL(MUL(MUL(w, ay0), az0), go));
+            gy = ADD(gy, MUL(MUL(MUL(w, ax0), az0), go));
+            gz = ADD(gz, MUL(MUL(MUL(w, ax0), ay0), go));
+        }
+        _mm256_storeu_ps(k->grad_points + m, MUL(MUL(mz, gz), two));
+        _mm256_storeu_ps(k->grad_points + s->points_row + m, MUL(MUL(my, gy), two));
+        _mm256_storeu_ps(k->grad_points + 2 * s->points_row + m, MUL(MUL(mx, gx), two));
+    }
+    for (; m < end; ++m)
+        backward_point(k, m);
+}
+
+#undef MUL
+#undef ADD
+#undef SUB
+#undef GATHER
+#else
+#define ITK_GRADICON_AVX2 0
+#endif
+
 PyDoc_STRVAR(sample_3d_doc,
 "sample_3d(field, channels, depth, height, width, stride_c, stride_z, stride_y, stride_x,\n"
 "          points, points_row, out, out_row, start, end)\n"
@@ -271,7 +486,12 @@ static PyObject *sample_3d(PyObject *self, PyObject *args)
                         (const float *)(uintptr_t)points, points_row,
                         (float *)(uintptr_t)out, out_row};
     Py_BEGIN_ALLOW_THREADS
-    sample_range(&s, start, end);
+#if ITK_GRADICON_AVX2
+    if (channels == 1 && have_avx2() && offsets_fit_int32(&s))  /* more channels: the scalar cell is shared */
+        sample_range_avx2(&s, start, end);
+    else
+#endif
+        sample_range(&s, start, end);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -306,7 +526,12 @@ static PyObject *sample_3d_backward(PyObject *self, PyObject *args)
                         (const float *)(uintptr_t)grad_out, grad_out_row,
                         (float *)(uintptr_t)grad_field, (float *)(uintptr_t)grad_points};
     Py_BEGIN_ALLOW_THREADS
-    sample_range_backward(&k, start, end);
+#if ITK_GRADICON_AVX2
+    if (k.grad_field == NULL && k.grad_points != NULL && have_avx2() && offsets_fit_int32(&k.s))
+        sample_range_backward_avx2(&k, start, end);
+    else
+#endif
+        sample_range_backward(&k, start, end);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
