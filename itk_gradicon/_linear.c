@@ -620,10 +620,111 @@ static PyObject *filter_axis(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------------------------------------------
+ * LNCC against a fixed image, pointwise parts (itk_gradicon.pipeline.losses): n voxels, contiguous
+ * float32. The moments m holds three rows of n: the windowed means of w, w t and w w (w the warped image,
+ * t the fixed one); mu_j and var_j the fixed image's windowed mean and variance (eps added). Per voxel:
+ *   cov = m1 - m0 mu_j,  v = max(m2 - m0 m0, 0) + eps,  r = cov / sqrt(v var_j)
+ * lncc_moments writes the three rows w, w t, w w; lncc_map writes r; lncc_backward writes, for the
+ * upstream gradient g of r, the gradients with respect to the three moments; lncc_combine adds the
+ * three blurred-back rows into the gradient with respect to w: G0 + t G1 + 2 w G2.
+ * ------------------------------------------------------------------------------------------------ */
+typedef struct {
+    const float *w, *t, *m, *mu_j, *var_j, *g, *blurred;
+    float *out;
+    int64_t n;
+    float eps;
+} LNCCParts;
+
+static void lncc_moments_range(const LNCCParts *p, int64_t start, int64_t end)
+{
+    for (int64_t i = start; i < end; ++i) {
+        const float w = p->w[i];
+        p->out[i] = w;
+        p->out[p->n + i] = w * p->t[i];
+        p->out[2 * p->n + i] = w * w;
+    }
+}
+
+static void lncc_map_range(const LNCCParts *p, int64_t start, int64_t end)
+{
+    const float *m0 = p->m, *m1 = p->m + p->n, *m2 = p->m + 2 * p->n;
+    for (int64_t i = start; i < end; ++i) {
+        const float cov = m1[i] - m0[i] * p->mu_j[i];
+        const float raw = m2[i] - m0[i] * m0[i];
+        const float v = (raw > 0.0f ? raw : 0.0f) + p->eps;
+        p->out[i] = cov / sqrtf(v * p->var_j[i]);
+    }
+}
+
+static void lncc_backward_range(const LNCCParts *p, int64_t start, int64_t end)
+{
+    const float *m0 = p->m, *m1 = p->m + p->n, *m2 = p->m + 2 * p->n;
+    float *g0 = p->out, *g1 = p->out + p->n, *g2 = p->out + 2 * p->n;
+    for (int64_t i = start; i < end; ++i) {
+        const float cov = m1[i] - m0[i] * p->mu_j[i];
+        const float raw = m2[i] - m0[i] * m0[i];
+        const float v = (raw > 0.0f ? raw : 0.0f) + p->eps;
+        const float inverse = 1.0f / sqrtf(v * p->var_j[i]);
+        const float g = p->g[i];
+        const float g_cov = g * inverse;                                          /* dr/dcov = 1 / sqrt(v var_j) */
+        const float g_v = raw > 0.0f ? -0.5f * g * cov * inverse / v : 0.0f;      /* dr/dv = -r / (2 v) */
+        g0[i] = -g_cov * p->mu_j[i] - 2.0f * m0[i] * g_v;
+        g1[i] = g_cov;
+        g2[i] = g_v;
+    }
+}
+
+static void lncc_combine_range(const LNCCParts *p, int64_t start, int64_t end)
+{
+    const float *b0 = p->blurred, *b1 = p->blurred + p->n, *b2 = p->blurred + 2 * p->n;
+    for (int64_t i = start; i < end; ++i)
+        p->out[i] = b0[i] + p->t[i] * b1[i] + 2.0f * p->w[i] * b2[i];
+}
+
+PyDoc_STRVAR(lncc_part_doc,
+"lncc_part(which, w, t, m, mu_j, var_j, g, blurred, out, n, eps, start, end)\n"
+"--\n\n"
+"One pointwise part of LNCC against a fixed image for voxels start..end-1 (no checks: the caller owns\n"
+"the memory; addresses of contiguous float32 arrays, 0 where a part does not read one): which = 0\n"
+"(out = the three rows w, w t, w w), 1 (out = the LNCC map from the moments m), 2 (out = the three\n"
+"rows of the gradients of the moments for the upstream g), 3 (out = blurred0 + t blurred1 + 2 w\n"
+"blurred2). The GIL is released while the voxels are computed.");
+
+static PyObject *lncc_part(PyObject *self, PyObject *args)
+{
+    int which;
+    unsigned long long w, t, m, mu_j, var_j, g, blurred, out;
+    long long n, start, end;
+    float eps;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iKKKKKKKKLfLL", &which, &w, &t, &m, &mu_j, &var_j, &g, &blurred, &out, &n, &eps,
+                          &start, &end))
+        return NULL;
+    if (which < 0 || which > 3 || n < 0 || start < 0 || end < start || end > n) {
+        PyErr_SetString(PyExc_ValueError, "lncc_part: unknown part or bad range of voxels");
+        return NULL;
+    }
+    const LNCCParts p = {(const float *)(uintptr_t)w, (const float *)(uintptr_t)t, (const float *)(uintptr_t)m,
+                         (const float *)(uintptr_t)mu_j, (const float *)(uintptr_t)var_j,
+                         (const float *)(uintptr_t)g, (const float *)(uintptr_t)blurred,
+                         (float *)(uintptr_t)out, n, eps};
+    Py_BEGIN_ALLOW_THREADS
+    switch (which) {
+    case 0: lncc_moments_range(&p, start, end); break;
+    case 1: lncc_map_range(&p, start, end); break;
+    case 2: lncc_backward_range(&p, start, end); break;
+    default: lncc_combine_range(&p, start, end); break;
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"sample_3d", sample_3d, METH_VARARGS, sample_3d_doc},
     {"sample_3d_backward", sample_3d_backward, METH_VARARGS, sample_3d_backward_doc},
     {"filter_axis", filter_axis, METH_VARARGS, filter_axis_doc},
+    {"lncc_part", lncc_part, METH_VARARGS, lncc_part_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -117,3 +117,39 @@ def test_gaussian_blur_on_the_compiled_filter_matches_the_banded_blur():
         (grad_theirs,) = torch.autograd.grad((theirs * weights).sum(), x)
     assert (ours - theirs).abs().max().item() < 1e-6
     assert (grad_ours - grad_theirs).abs().max().item() < 1e-6
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", ["lncc", "lncc2"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_compiled_lncc_against_a_fixed_image_equals_autograd(name, masked):
+    """Field IO's LNCC against a fixed image on the compiled kernel (one pass per pointwise part, its own
+    backward) gives the loss and gradient of the plain autograd definition, constant regions (zero local
+    variance) included."""
+    g = torch.Generator().manual_seed(5)
+    target = losses.gaussian_blur(torch.rand(1, 1, 20, 22, 18, generator=g), 1.5)
+    warped = losses.gaussian_blur(torch.rand(1, 1, 20, 22, 18, generator=g), 1.5)
+    target[..., :5] = 0.0                        # air in both: no local variance there
+    warped[..., :4] = 0.0
+    mask = (torch.rand(1, 1, 20, 22, 18, generator=g) > 0.3).float() if masked else None
+    similarity = losses.similarity_function(name, lncc_sigma=2.0)
+    compiled = losses.against(similarity, target, mask)
+    x = warped.clone().requires_grad_(True)
+    value = compiled(x)
+    (grad,) = torch.autograd.grad(value, x)
+    x_plain = warped.clone().requires_grad_(True)
+    expected = similarity(x_plain, target, mask)
+    (grad_expected,) = torch.autograd.grad(expected, x_plain)
+    assert abs(value.item() - expected.item()) < 1e-5
+    assert (grad - grad_expected).abs().max().item() < 1e-4 * grad_expected.abs().max().item()
+    assert grad.abs().max().item() > 0
+
+
+@needs_kernel
+def test_compiled_lncc_is_used_only_where_it_applies():
+    target = torch.rand(1, 1, 8, 9, 10)
+    assert losses._LNCCAgainst(target, 2.0).compiled
+    assert not losses._LNCCAgainst(torch.rand(2, 1, 8, 9, 10), 2.0).compiled        # a batch: autograd
+    assert not losses._LNCCAgainst(target.double(), 2.0).compiled
+    with fast_paths(native_filtering=False):
+        assert not losses._LNCCAgainst(target, 2.0).compiled

@@ -117,3 +117,16 @@ class _AxisFilter(torch.autograd.Function):
         taps = kernel.numel()
         adjoint = kernel.flip(0).contiguous()
         return _native_filter(grad, adjoint, ctx.axis, taps - 1 - (taps - 1) // 2), None, None
+
+
+def filter_axes(x: torch.Tensor, kernel: torch.Tensor, *, adjoint: bool = False) -> torch.Tensor:
+    """``kernel`` along every spatial axis of ``x`` on the compiled kernel, without autograd (the caller
+    writes its own backward); ``adjoint``: the transposed filter (the kernel reversed). Requires
+    :func:`uses_native_filter`."""
+    taps = kernel.numel()
+    half = (taps - 1) // 2
+    if adjoint:
+        kernel, half = kernel.flip(0).contiguous(), taps - 1 - half
+    for axis in range(x.dim() - 2):
+        x = _native_filter(x, kernel, axis, half)
+    return x

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..network.operators import CubeMap, identity_on
-from ..network.sampling import sample_cube_field
+from ..network.sampling import NATIVE, run_pieces, sample_cube_field
 from ..network import separable
 from ..network.separable import product_along_axis
 
@@ -119,18 +119,77 @@ def _lncc_from_moments(mu_i: Tensor, blur_ii: Tensor, blur_ij: Tensor, mu_j: Ten
 class _LNCCAgainst:
     """``lncc_map(warped, target, sigma)`` for a target that stays the same over many steps: the target's
     local moments (its windowed mean and mean square) are blurred once, and a step blurs the three
-    channels that depend on the warped image (``I``, ``I J``, ``I^2``) instead of five."""
+    channels that depend on the warped image (``I``, ``I J``, ``I^2``) instead of five.
+
+    A one-channel float32 pair on the CPU runs on the compiled kernel (:class:`_CompiledLNCC`): the three
+    channels made, the map computed and its gradient formed each in one pass over the voxels, where
+    autograd would make a dozen; only float rounding differs."""
 
     def __init__(self, target: Tensor, sigma: float) -> None:
         self.target, self.sigma = target, sigma
         self.mu_j, self.blur_jj = gaussian_blur(torch.cat([target, target * target], dim=1), sigma).split(
             target.shape[1], dim=1)
+        self.kernel = gaussian_kernel1d(sigma, device=target.device, dtype=target.dtype)
+        self.compiled = (target.shape[0] * target.shape[1] == 1 and target.dim() >= 3 and NATIVE is not None
+                         and separable.uses_native_filter(target, self.kernel))
+        if self.compiled:
+            self.var_j = (torch.relu(self.blur_jj - self.mu_j ** 2) + LNCC_EPS).contiguous()
+            self.mu_j, self.target = self.mu_j.contiguous(), target.contiguous()
 
     def __call__(self, warped: Tensor) -> Tensor:
+        if (self.compiled and warped.shape == self.target.shape and warped.dtype == torch.float32
+                and warped.device.type == "cpu" and separable.uses_native_filter(warped, self.kernel)):
+            return _CompiledLNCC.apply(warped, self)
         channels = warped.shape[1]
         mu_i, blur_ij, blur_ii = gaussian_blur(torch.cat([warped, warped * self.target, warped * warped], dim=1),
                                                self.sigma).split(channels, dim=1)
         return _lncc_from_moments(mu_i, blur_ii, blur_ij, self.mu_j, self.blur_jj)
+
+
+#: Below this many voxels per thread a pointwise LNCC pass is not split over the threads.
+MIN_LNCC_VOXELS_PER_THREAD = 1 << 15
+
+
+def _lncc_part(which: int, n: int, *, out: Tensor, w: Optional[Tensor] = None, t: Optional[Tensor] = None,
+               m: Optional[Tensor] = None, mu_j: Optional[Tensor] = None, var_j: Optional[Tensor] = None,
+               g: Optional[Tensor] = None, blurred: Optional[Tensor] = None) -> Tensor:
+    """One pointwise part of the compiled LNCC (``lncc_part`` in ``_linear.c``) over ``n`` voxels, split
+    over the threads; every tensor contiguous float32 (kept referenced until the calls return)."""
+    address = lambda tensor: 0 if tensor is None else tensor.data_ptr()  # noqa: E731
+    parts = max(1, min(torch.get_num_threads(), n // MIN_LNCC_VOXELS_PER_THREAD))
+    bounds = [n * k // parts for k in range(parts + 1)]
+    run_pieces(NATIVE.lncc_part, [(which, address(w), address(t), address(m), address(mu_j), address(var_j),
+                                   address(g), address(blurred), out.data_ptr(), n, LNCC_EPS, bounds[k],
+                                   bounds[k + 1]) for k in range(parts)])
+    return out
+
+
+class _CompiledLNCC(torch.autograd.Function):
+    """The LNCC map of a one-channel warped image against :class:`_LNCCAgainst`'s target, forward and
+    backward on the compiled kernel: the moments ``I, I J, I^2`` in one pass, their Gaussian windows
+    (:func:`~itk_gradicon.network.separable.filter_axes`), the map in one pass; backward, the gradients of
+    the three moments in one pass, the adjoint windows, and ``G0 + J G1 + 2 I G2`` in one pass."""
+
+    @staticmethod
+    def forward(ctx, warped: Tensor, against: "_LNCCAgainst") -> Tensor:
+        warped = warped.contiguous()
+        n = warped.numel()
+        spatial = tuple(warped.shape[2:])
+        moments = _lncc_part(0, n, out=warped.new_empty((1, 3, *spatial)), w=warped, t=against.target)
+        moments = separable.filter_axes(moments, against.kernel)
+        ctx.save_for_backward(warped, moments)
+        ctx.against = against
+        return _lncc_part(1, n, out=torch.empty_like(warped), m=moments, mu_j=against.mu_j, var_j=against.var_j)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tuple[Tensor, None]:
+        warped, moments = ctx.saved_tensors
+        against = ctx.against
+        n = warped.numel()
+        grads = _lncc_part(2, n, out=torch.empty_like(moments), m=moments, mu_j=against.mu_j, var_j=against.var_j,
+                           g=grad.contiguous().float())
+        blurred = separable.filter_axes(grads, against.kernel, adjoint=True)
+        return _lncc_part(3, n, out=torch.empty_like(warped), w=warped, t=against.target, blurred=blurred), None
 
 
 def lncc_loss(warped: Tensor, target: Tensor, mask: Optional[Tensor] = None,
