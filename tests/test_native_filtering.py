@@ -122,16 +122,17 @@ def test_gaussian_blur_on_the_compiled_filter_matches_the_banded_blur():
 @needs_kernel
 @pytest.mark.parametrize("name", ["lncc", "lncc2"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_compiled_lncc_against_a_fixed_image_equals_autograd(name, masked):
+@pytest.mark.parametrize("shape", [(1, 1, 20, 22, 18), (1, 1, 30, 26)], ids=["3d", "2d"])
+def test_compiled_lncc_against_a_fixed_image_equals_autograd(name, masked, shape):
     """Field IO's LNCC against a fixed image on the compiled kernel (one pass per pointwise part, its own
     backward) gives the loss and gradient of the plain autograd definition, constant regions (zero local
     variance) included."""
     g = torch.Generator().manual_seed(5)
-    target = losses.gaussian_blur(torch.rand(1, 1, 20, 22, 18, generator=g), 1.5)
-    warped = losses.gaussian_blur(torch.rand(1, 1, 20, 22, 18, generator=g), 1.5)
+    target = losses.gaussian_blur(torch.rand(shape, generator=g), 1.5)
+    warped = losses.gaussian_blur(torch.rand(shape, generator=g), 1.5)
     target[..., :5] = 0.0                        # air in both: no local variance there
     warped[..., :4] = 0.0
-    mask = (torch.rand(1, 1, 20, 22, 18, generator=g) > 0.3).float() if masked else None
+    mask = (torch.rand(shape, generator=g) > 0.3).float() if masked else None
     similarity = losses.similarity_function(name, lncc_sigma=2.0)
     compiled = losses.against(similarity, target, mask)
     x = warped.clone().requires_grad_(True)
