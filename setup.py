@@ -1,8 +1,10 @@
 """Build script for the optional compiled part; everything else is declared in setup.cfg.
 
-``itk_gradicon._linear`` is a small C kernel for trilinear sampling (the network's warps and
-compositions). It is optional: where no C compiler is available the build goes on without it and
-itk_gradicon samples with PyTorch's ``grid_sample`` (same values, slower).
+``itk_gradicon._linear`` holds small C loops: trilinear sampling (the network's warps and compositions,
+instance optimisation's warps), one axis of a separable filter and LNCC's pointwise parts (instance
+optimisation's similarity). It is optional: where no C compiler is available the build goes on without it
+and itk_gradicon uses PyTorch's ``grid_sample``, banded matrix products and autograd (same values up to
+float rounding, slower).
 """
 
 from setuptools import Extension, setup

@@ -11,7 +11,14 @@
  * one range of points per core. sample_3d_backward does the same for grid_sample's backward
  * (the gradients with respect to the field and to the points, for instance optimisation).
  *
- * Built as an optional extension (setup.py): where it is missing, itk_gradicon uses grid_sample.
+ * The same module holds the other loops of instance optimisation that PyTorch runs as many passes over
+ * memory: filter_axis, one axis of a separable filter (the Gaussian windows of LNCC, see
+ * itk_gradicon.network.separable), and lncc_part, the pointwise parts of LNCC against a fixed image
+ * (itk_gradicon.pipeline.losses). With AVX2 (checked at run time) sample_3d and sample_3d_backward take
+ * eight points of a one-channel field at a time, bitwise as the scalar loop.
+ *
+ * Built as an optional extension (setup.py): where it is missing, itk_gradicon uses grid_sample, banded
+ * matrix products and autograd for the same functions.
  * Compile with -ffp-contract=off: fusing a multiply and an add would change the rounding.
  */
 #define PY_SSIZE_T_CLEAN
@@ -730,7 +737,8 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_linear",
-    "Trilinear sampling kernel of itk_gradicon (see itk_gradicon.network.sampling).", -1, methods,
+    "Compiled loops of itk_gradicon: trilinear sampling (itk_gradicon.network.sampling), a separable filter's\n"
+    "axis (itk_gradicon.network.separable), LNCC's pointwise parts (itk_gradicon.pipeline.losses).", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 
