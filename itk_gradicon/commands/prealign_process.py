@@ -7,7 +7,8 @@ the first imports torch, loads the model and checks the inputs; it then reads th
 their files (the same readers, so the same pixels) and runs :func:`~itk_gradicon.pipeline.affine.prealign`
 while the first process reads them for the network. On a 2-core machine this takes about two seconds off
 the default ``register`` (figures: ``benchmarks/ACCURACY.md``). The result is the one computed in the first
-process: the same images, options, seed and thread count (the tests compare the written files byte for byte).
+process: the same images, options, seed and thread count (the tests compare the affine files byte for byte
+and the fields voxel for voxel). Both processes hold the images while the pre-alignment runs.
 
 The second process is used only where it is safe and pays: a Linux process (``fork``) with at least two
 cores, and at least two threads allowed (``--threads 1`` keeps one process), that has loaded neither torch
@@ -151,7 +152,7 @@ class PrealignmentProcess:
             self._process.join()
 
 
-def _serve(connection, prepare: Callable[[], None] = None) -> None:
+def _serve(connection, prepare: Optional[Callable[[], None]] = None) -> None:
     """The second process: ``prepare`` (load the elastix modules), then run one job (or none) and send its
     outcome: ``("done", prealignment, messages, seconds)``, ``("error", GradiconError, ...)`` or
     ``("failed", text, ...)``. Ctrl-C is the first process's to handle (it stops this one); a first process
@@ -193,13 +194,16 @@ def _load_elastix_modules() -> None:
 
     ITK's array helpers import torch when it is installed (to accept tensors), which would put back in
     this process the import it runs beside; it never receives a tensor here, so the helpers are told that
-    torch is absent (module flags of ITK's ``itk.support``: where an ITK lays them out otherwise, the
-    assignment does nothing and only the time is lost).
+    torch is absent (module flags of ITK's ``itk.support``: where an ITK lays them out otherwise, nothing is
+    changed and only the time is lost).
     """
-    from itk.support import helpers, types
+    try:
+        from itk.support import helpers, types
 
-    helpers._HAVE_TORCH = False
-    types._HAVE_TORCH = False
+        helpers._HAVE_TORCH = False
+        types._HAVE_TORCH = False
+    except ImportError:  # another layout of ITK's support modules: load as they are
+        pass
     from ..pipeline.elastix import load_modules
 
     load_modules()
