@@ -43,8 +43,9 @@ The network computes the same function in two ways:
       Float32 separable filters on the CPU (the Gaussian windows of LNCC, the blur of field IO's
       coarse level) run on the compiled kernel's axis filter
       (:func:`~itk_gradicon.network.separable.filter_along_axis`): the sum over the kernel's taps
-      only, where the banded matrix product also multiplies the band's zeros. Only float rounding
-      differs.
+      only, where the banded matrix product also multiplies the band's zeros; and instance
+      optimisation's LNCC against the fixed image computes its pointwise parts there too, with a
+      backward of its own (``pipeline.losses._CompiledLNCC``). Only float rounding differs.
 
 :func:`fast_paths` changes the switches for a block of code (tests compare every combination with
 the plain path); the settings are per thread / task (a :class:`contextvars.ContextVar`).
@@ -77,7 +78,8 @@ class FastPaths:
         channels_last: run convolutions on channels-last tensors (``None``: on the CPU only).
         resample_on_grid: resize a coarse field to a finer grid's nodes with ``interpolate``.
         native_sampling: sample with the compiled kernel where it applies.
-        native_filtering: run separable filters on the compiled kernel where it applies.
+        native_filtering: run separable filters and LNCC's pointwise parts on the compiled kernel where
+            it applies.
         upsample_by_products: the plain path's upsampling by matrix products on the CPU.
     """
 
