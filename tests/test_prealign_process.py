@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,15 +32,11 @@ def _cores() -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or _cores() < 2,
                     reason="the second process is used on Linux with at least two cores")
-@pytest.mark.parametrize("bundled", [False, True], ids=["job-after-the-model", "job-from-the-card"])
-def test_the_second_process_writes_what_one_process_writes(tmp_path, rng, tiny_model_file, bundled):
+def test_the_second_process_writes_what_one_process_writes(tmp_path, rng, tiny_model_file):
     """The default pre-alignment (elastix) computed in the second process gives the same matrix and field as
-    in the command's own process, and the log says where it ran: with a model file (the job handed over once
-    the model is loaded) and with the bundled model (the job started from its card at once)."""
+    in the command's own process, and the log says where it ran."""
     import itk
     import SimpleITK as sitk
-
-    model = "gradicon-synthbrain-96" if bundled else str(tiny_model_file)
 
     fixed = make_image(blob_volume(SHAPE, rng) * 200, spacing=(1.2, 1.0, 0.9), origin=(-5, 3, 2))
     moving = make_image(blob_volume(SHAPE, rng) * 150, spacing=(1.2, 1.0, 0.9), origin=(-4, 2, 3))
@@ -52,8 +47,7 @@ def test_the_second_process_writes_what_one_process_writes(tmp_path, rng, tiny_m
         out = tmp_path / f"out{switch}"
         out.mkdir()
         args = ["register", "--fixed", str(tmp_path / "fixed.nii.gz"), "--moving", str(tmp_path / "moving.nii.gz"),
-                "--model", model, "--affine", "elastix" if model != "gradicon-synthbrain-96" else "auto",
-                "--io-iterations", "0",
+                "--model", str(tiny_model_file), "--affine", "elastix", "--io-iterations", "0",
                 "--out-transform", str(out / "field.nii.gz"), "--out-ants-prefix", str(out / "a_")]
         # a line still in the (piped, so block-buffered) stdout at the fork is written once (multiprocessing
         # flushes the streams before it forks; the child would otherwise flush its copy too)
@@ -240,38 +234,3 @@ def test_ctrl_c_stops_both_processes_and_writes_nothing(tmp_path, rng, tiny_mode
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):
         os.killpg(process.pid, 0)  # nothing of the group is left
-
-
-def test_early_job_from_the_options_and_the_bundled_card(tmp_path):
-    files = register_command.RegisterFiles(fixed=tmp_path / "f.nii.gz", moving=tmp_path / "m.nii.gz",
-                                           fixed_mask=tmp_path / "fm.nii.gz")
-    job = prealign_process.early_job(files, "auto", "gradicon-synthbrain-96")
-    assert job == prealign_process.PrealignmentJob(files.fixed, files.moving, files.fixed_mask, None, 3, "affine")
-    assert prealign_process.early_job(files, "rigid", "gradicon-synthbrain-96").transform == "rigid"
-    assert prealign_process.early_job(files, "elastix", "gradicon-synthbrain-96").transform == "affine"
-    assert prealign_process.early_job(files, "none", "gradicon-synthbrain-96") is None
-    assert prealign_process.early_job(files, "auto", "unigradicon") is None            # no card: wait for the model
-    assert prealign_process.early_job(files, "auto", str(tmp_path / "model.pt")) is None
-    with_start = register_command.RegisterFiles(fixed=files.fixed, moving=files.moving,
-                                                initial_transform=tmp_path / "a.mat")
-    assert prealign_process.early_job(with_start, "auto", "gradicon-synthbrain-96") is None
-
-
-def test_hand_over_keeps_the_early_job_only_when_it_is_the_command_s():
-    job = prealign_process.PrealignmentJob(Path("f"), Path("m"), None, None, 3, "affine")
-    ours, theirs = multiprocessing.Pipe()
-    running = _RunningProcess()
-    background = prealign_process.PrealignmentProcess(running, ours)
-    background._early = job
-    background._submitted = True
-    assert background.hand_over(prealign_process.PrealignmentJob(Path("f"), Path("m"), None, None, 3, "affine"))
-    assert running.calls == [] and not theirs.poll()                  # nothing sent again
-    assert not background.hand_over(prealign_process.PrealignmentJob(Path("f"), Path("m"), None, None, 3, "rigid"))
-    assert ("terminate",) in running.calls                             # the foreseen job is stopped at once
-
-    ours, theirs = multiprocessing.Pipe()
-    waiting = prealign_process.PrealignmentProcess(_RunningProcess(), ours)
-    assert waiting.hand_over(job) and theirs.recv() == job
-    ours, theirs = multiprocessing.Pipe()
-    unused = prealign_process.PrealignmentProcess(_RunningProcess(), ours)
-    assert not unused.hand_over(None) and theirs.recv() is None

@@ -86,14 +86,11 @@ class PrealignmentProcess:
     def __init__(self, process, connection) -> None:
         self._process, self._connection = process, connection
         self._submitted = self._collected = False
-        self._early: Optional[PrealignmentJob] = None
 
     @classmethod
-    def start(cls, early: Optional[PrealignmentJob] = None) -> Optional["PrealignmentProcess"]:
+    def start(cls) -> Optional["PrealignmentProcess"]:
         """The process, loading the elastix modules; ``None`` where :func:`can_start` says no or it cannot be
-        started. With ``early`` (the job as foreseen from the options and the model's card, before the
-        model is loaded) it starts that job as soon as the modules are loaded; :meth:`hand_over` then checks
-        it against the job the command settles on."""
+        started."""
         if not can_start():
             return None
         import multiprocessing
@@ -106,12 +103,7 @@ class PrealignmentProcess:
         except OSError:
             return None
         theirs.close()
-        started = cls(process, ours)
-        started._early = early
-        if early is not None and not started.submit(early):
-            started.close()
-            return None
-        return started
+        return cls(process, ours)
 
     def submit(self, job: PrealignmentJob) -> bool:
         """Hand ``job`` over; ``False`` if the process is gone (the caller pre-aligns itself)."""
@@ -121,15 +113,6 @@ class PrealignmentProcess:
             return False
         self._submitted = True
         return True
-
-    def hand_over(self, job: Optional[PrealignmentJob]) -> bool:
-        """The command's job (``None``: no pre-alignment to compute): ``True`` where the process runs it (the
-        early job was this one, or it is handed over now); otherwise the process is stopped at once and the
-        caller pre-aligns itself, if at all."""
-        if job is not None and (job == self._early if self._early is not None else self.submit(job)):
-            return True
-        self.close()
-        return False
 
     def result(self) -> Tuple[Optional[object], List[str], float, str]:
         """Wait for the submitted job: ``(prealignment, messages, seconds, failure)``.
@@ -224,27 +207,3 @@ def _load_elastix_modules() -> None:
     from ..pipeline.elastix import load_modules
 
     load_modules()
-
-
-def early_job(files, affine_choice: str, model: str) -> Optional[PrealignmentJob]:
-    """The job a ``gradicon register`` of ``files`` will hand over, where it is known before torch is
-    imported: ``--affine affine|elastix|rigid``, or ``auto`` with a model bundled in the package whose card
-    (``weights/<name>.json``) says it was trained on pre-aligned pairs; the image dimension from that card.
-    ``None`` where the model must be loaded first to tell (the process then waits for the job)."""
-    import json
-
-    card_path = Path(__file__).resolve().parents[1] / "weights" / f"{model}.json"
-    if files.initial_transform is not None or Path(model).name != model or not card_path.is_file():
-        return None
-    try:
-        card = json.loads(card_path.read_text())
-        dimension = int(card["architecture"]["dimension"])
-        trained_prealigned = (card.get("preprocessing") or {}).get("prealignment") == "affine"
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    transform = {"affine": "affine", "elastix": "affine", "rigid": "rigid"}.get(affine_choice)
-    if affine_choice == "auto":
-        transform = "affine" if trained_prealigned else None
-    if transform is None:
-        return None
-    return PrealignmentJob(files.fixed, files.moving, files.fixed_mask, files.moving_mask, dimension, transform)

@@ -23,7 +23,7 @@ from ..pipeline.affine import (  # noqa: F401
 from ..pipeline.options import INPUT_KEYWORDS, RegistrationOptions, check_options
 from ..spatial.transforms import TRANSFORM_OUTPUT_SUFFIXES
 from .files import read_header
-from .prealign_process import PrealignmentJob, PrealignmentProcess, early_job
+from .prealign_process import PrealignmentJob, PrealignmentProcess
 
 Log = Callable[[str], None]
 
@@ -155,10 +155,8 @@ def run_register(files: RegisterFiles, outputs: RegisterOutputs, options: Option
         GradiconError: a problem the user can fix; nothing has been written then.
     """
     # before torch is imported: the pre-alignment's second process (``prealign_process``), where it applies
-    affine_choice = "auto" if options is None else options.prealignment.affine
-    may_prealign = files.initial_transform is None and affine_choice != "none"
-    background = (PrealignmentProcess.start(early_job(files, affine_choice, model))
-                  if may_prealign and loaded_model is None else None)
+    may_prealign = files.initial_transform is None and (options is None or options.prealignment.affine != "none")
+    background = PrealignmentProcess.start() if may_prealign and loaded_model is None else None
     try:
         return _run_register(files, outputs, options, model=model, seed=seed, device=device, log=log,
                              progress=progress, loaded_model=loaded_model, predictor=predictor, background=background)
@@ -216,9 +214,8 @@ def _run_register(files: RegisterFiles, outputs: RegisterOutputs, options: Optio
                                  originals=outputs.needs_originals), torch_device)
 
     stage.done("checks")
-    if background is not None and not background.hand_over(
-            _prealignment_job(by_flag, d, affine) if affine in PREALIGNMENT_TRANSFORMS and initial_transform is None
-            else None):
+    if background is not None and not (affine in PREALIGNMENT_TRANSFORMS and initial_transform is None
+                                       and background.submit(_prealignment_job(by_flag, d, affine))):
         background = None
     inputs = _read_inputs(by_flag, d)
     stage.done("read")
