@@ -744,5 +744,8 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__linear(void)
 {
+#if ITK_GRADICON_AVX2
+    (void)have_avx2(); /* asked once here, before any thread runs a kernel */
+#endif
     return PyModule_Create(&module);
 }
