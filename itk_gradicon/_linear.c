@@ -310,9 +310,12 @@ __attribute__((target("avx2"))) static inline __m256 source_index8(__m256 p, flo
     return _mm256_blendv_ps(top, low, _mm256_cmp_ps(low, top, _CMP_LT_OQ));
 }
 
+/* Eight points' cells: the distances to the cell's sides along each axis (ax1 = x0 + 1 - ix, ax0 = ix - x0,
+ * as cell_of computes them) and the offsets of the eight corners (grid_sample's order: nw, ne, sw, se on
+ * the near plane, then on the far one). */
 typedef struct {
-    __m256 ix, iy, iz, fx0, fy0, fz0, fx1, fy1, fz1;
-    __m256i offset;
+    __m256 ax0, ax1, ay0, ay1, az0, az1;
+    __m256i corner[8];
 } Cell8;
 
 /* The eight points' cells, and whether all of them lie strictly inside (0 < coordinate < size - 1 on
@@ -321,26 +324,30 @@ __attribute__((target("avx2"))) static inline int cell8(const Sampling *s, int64
 {
     const float hz = (float)(s->depth - 1), hy = (float)(s->height - 1), hx = (float)(s->width - 1);
     const __m256 zero = _mm256_setzero_ps();
-    q->iz = source_index8(_mm256_loadu_ps(s->points + m), hz);
-    q->iy = source_index8(_mm256_loadu_ps(s->points + s->points_row + m), hy);
-    q->ix = source_index8(_mm256_loadu_ps(s->points + 2 * s->points_row + m), hx);
+    const __m256 iz = source_index8(_mm256_loadu_ps(s->points + m), hz);
+    const __m256 iy = source_index8(_mm256_loadu_ps(s->points + s->points_row + m), hy);
+    const __m256 ix = source_index8(_mm256_loadu_ps(s->points + 2 * s->points_row + m), hx);
     const __m256 inside = _mm256_and_ps(
-        _mm256_and_ps(_mm256_and_ps(_mm256_cmp_ps(q->iz, zero, _CMP_GT_OQ), _mm256_cmp_ps(q->iz, _mm256_set1_ps(hz), _CMP_LT_OQ)),
-                      _mm256_and_ps(_mm256_cmp_ps(q->iy, zero, _CMP_GT_OQ), _mm256_cmp_ps(q->iy, _mm256_set1_ps(hy), _CMP_LT_OQ))),
-        _mm256_and_ps(_mm256_cmp_ps(q->ix, zero, _CMP_GT_OQ), _mm256_cmp_ps(q->ix, _mm256_set1_ps(hx), _CMP_LT_OQ)));
+        _mm256_and_ps(_mm256_and_ps(_mm256_cmp_ps(iz, zero, _CMP_GT_OQ), _mm256_cmp_ps(iz, _mm256_set1_ps(hz), _CMP_LT_OQ)),
+                      _mm256_and_ps(_mm256_cmp_ps(iy, zero, _CMP_GT_OQ), _mm256_cmp_ps(iy, _mm256_set1_ps(hy), _CMP_LT_OQ))),
+        _mm256_and_ps(_mm256_cmp_ps(ix, zero, _CMP_GT_OQ), _mm256_cmp_ps(ix, _mm256_set1_ps(hx), _CMP_LT_OQ)));
     if (_mm256_movemask_ps(inside) != 0xff)
         return 0;
     const __m256 one = _mm256_set1_ps(1.0f);
-    q->fz0 = _mm256_floor_ps(q->iz);
-    q->fy0 = _mm256_floor_ps(q->iy);
-    q->fx0 = _mm256_floor_ps(q->ix);
-    q->fz1 = _mm256_add_ps(q->fz0, one);
-    q->fy1 = _mm256_add_ps(q->fy0, one);
-    q->fx1 = _mm256_add_ps(q->fx0, one);
-    q->offset = _mm256_add_epi32(
-        _mm256_add_epi32(_mm256_mullo_epi32(_mm256_cvttps_epi32(q->fz0), _mm256_set1_epi32((int)s->stride_z)),
-                         _mm256_mullo_epi32(_mm256_cvttps_epi32(q->fy0), _mm256_set1_epi32((int)s->stride_y))),
-        _mm256_mullo_epi32(_mm256_cvttps_epi32(q->fx0), _mm256_set1_epi32((int)s->stride_x)));
+    const __m256 fz0 = _mm256_floor_ps(iz), fy0 = _mm256_floor_ps(iy), fx0 = _mm256_floor_ps(ix);
+    q->az1 = _mm256_sub_ps(_mm256_add_ps(fz0, one), iz), q->az0 = _mm256_sub_ps(iz, fz0);
+    q->ay1 = _mm256_sub_ps(_mm256_add_ps(fy0, one), iy), q->ay0 = _mm256_sub_ps(iy, fy0);
+    q->ax1 = _mm256_sub_ps(_mm256_add_ps(fx0, one), ix), q->ax0 = _mm256_sub_ps(ix, fx0);
+    const __m256i sx = _mm256_set1_epi32((int)s->stride_x), sy = _mm256_set1_epi32((int)s->stride_y),
+                  sz = _mm256_set1_epi32((int)s->stride_z);
+    const __m256i o = _mm256_add_epi32(_mm256_add_epi32(_mm256_mullo_epi32(_mm256_cvttps_epi32(fz0), sz),
+                                                        _mm256_mullo_epi32(_mm256_cvttps_epi32(fy0), sy)),
+                                       _mm256_mullo_epi32(_mm256_cvttps_epi32(fx0), sx));
+    const __m256i b = _mm256_add_epi32(o, sz);
+    q->corner[0] = o, q->corner[1] = _mm256_add_epi32(o, sx);
+    q->corner[2] = _mm256_add_epi32(o, sy), q->corner[3] = _mm256_add_epi32(q->corner[2], sx);
+    q->corner[4] = b, q->corner[5] = _mm256_add_epi32(b, sx);
+    q->corner[6] = _mm256_add_epi32(b, sy), q->corner[7] = _mm256_add_epi32(q->corner[6], sx);
     return 1;
 }
 
@@ -351,8 +358,6 @@ __attribute__((target("avx2"))) static inline int cell8(const Sampling *s, int64
 
 __attribute__((target("avx2"))) static void sample_range_avx2(const Sampling *s, int64_t start, int64_t end)
 {
-    const __m256i sx = _mm256_set1_epi32((int)s->stride_x), sy = _mm256_set1_epi32((int)s->stride_y),
-                  sz = _mm256_set1_epi32((int)s->stride_z);
     int64_t m = start;
     for (; m + 8 <= end; m += 8) {
         Cell8 q;
@@ -361,28 +366,16 @@ __attribute__((target("avx2"))) static void sample_range_avx2(const Sampling *s,
                 sample_point(s, j);
             continue;
         }
-        /* the weights as cell_of computes them */
-        const __m256 ax1 = SUB(q.fx1, q.ix), ax0 = SUB(q.ix, q.fx0), ay1 = SUB(q.fy1, q.iy), ay0 = SUB(q.iy, q.fy0),
-                     az1 = SUB(q.fz1, q.iz), az0 = SUB(q.iz, q.fz0);
-        const __m256 tnw = MUL(MUL(ax1, ay1), az1), tne = MUL(MUL(ax0, ay1), az1);
-        const __m256 tsw = MUL(MUL(ax1, ay0), az1), tse = MUL(MUL(ax0, ay0), az1);
-        const __m256 bnw = MUL(MUL(ax1, ay1), az0), bne = MUL(MUL(ax0, ay1), az0);
-        const __m256 bsw = MUL(MUL(ax1, ay0), az0), bse = MUL(MUL(ax0, ay0), az0);
-        const __m256i o = q.offset, oe = _mm256_add_epi32(o, sx), os = _mm256_add_epi32(o, sy),
-                      ose = _mm256_add_epi32(os, sx);
-        const __m256i ob = _mm256_add_epi32(o, sz), obe = _mm256_add_epi32(ob, sx), obs = _mm256_add_epi32(ob, sy),
-                      obse = _mm256_add_epi32(obs, sx);
+        /* the weights as cell_of computes them, in grid_sample's order of the corners */
+        const __m256 weight[8] = {MUL(MUL(q.ax1, q.ay1), q.az1), MUL(MUL(q.ax0, q.ay1), q.az1),
+                                  MUL(MUL(q.ax1, q.ay0), q.az1), MUL(MUL(q.ax0, q.ay0), q.az1),
+                                  MUL(MUL(q.ax1, q.ay1), q.az0), MUL(MUL(q.ax0, q.ay1), q.az0),
+                                  MUL(MUL(q.ax1, q.ay0), q.az0), MUL(MUL(q.ax0, q.ay0), q.az0)};
         for (int64_t c = 0; c < s->channels; ++c) {
             const float *f = s->field + c * s->stride_c;
             __m256 v = _mm256_setzero_ps();
-            v = ADD(v, MUL(GATHER(f, o), tnw));
-            v = ADD(v, MUL(GATHER(f, oe), tne));
-            v = ADD(v, MUL(GATHER(f, os), tsw));
-            v = ADD(v, MUL(GATHER(f, ose), tse));
-            v = ADD(v, MUL(GATHER(f, ob), bnw));
-            v = ADD(v, MUL(GATHER(f, obe), bne));
-            v = ADD(v, MUL(GATHER(f, obs), bsw));
-            v = ADD(v, MUL(GATHER(f, obse), bse));
+            for (int corner = 0; corner < 8; ++corner)
+                v = ADD(v, MUL(GATHER(f, q.corner[corner]), weight[corner]));
             _mm256_storeu_ps(s->out + c * s->out_row + m, v);
         }
     }
@@ -394,8 +387,6 @@ __attribute__((target("avx2"))) static void sample_range_avx2(const Sampling *s,
 __attribute__((target("avx2"))) static void sample_range_backward_avx2(const Backward *k, int64_t start, int64_t end)
 {
     const Sampling *s = &k->s;
-    const __m256i sx = _mm256_set1_epi32((int)s->stride_x), sy = _mm256_set1_epi32((int)s->stride_y),
-                  sz = _mm256_set1_epi32((int)s->stride_z);
     const __m256 mz = _mm256_set1_ps((float)(s->depth - 1) / 2.0f), my = _mm256_set1_ps((float)(s->height - 1) / 2.0f),
                  mx = _mm256_set1_ps((float)(s->width - 1) / 2.0f), two = _mm256_set1_ps(2.0f);
     int64_t m = start;
@@ -406,12 +397,9 @@ __attribute__((target("avx2"))) static void sample_range_backward_avx2(const Bac
                 backward_point(k, j);
             continue;
         }
-        const __m256 ax1 = SUB(q.fx1, q.ix), ax0 = SUB(q.ix, q.fx0), ay1 = SUB(q.fy1, q.iy), ay0 = SUB(q.iy, q.fy0),
-                     az1 = SUB(q.fz1, q.iz), az0 = SUB(q.iz, q.fz0);
-        const __m256i o = q.offset, oe = _mm256_add_epi32(o, sx), os = _mm256_add_epi32(o, sy),
-                      ose = _mm256_add_epi32(os, sx);
-        const __m256i ob = _mm256_add_epi32(o, sz), obe = _mm256_add_epi32(ob, sx), obs = _mm256_add_epi32(ob, sy),
-                      obse = _mm256_add_epi32(obs, sx);
+        const __m256 ax1 = q.ax1, ax0 = q.ax0, ay1 = q.ay1, ay0 = q.ay0, az1 = q.az1, az0 = q.az0;
+        const __m256i o = q.corner[0], oe = q.corner[1], os = q.corner[2], ose = q.corner[3], ob = q.corner[4],
+                      obe = q.corner[5], obs = q.corner[6], obse = q.corner[7];
         __m256 gx = _mm256_setzero_ps(), gy = _mm256_setzero_ps(), gz = _mm256_setzero_ps();
         for (int64_t c = 0; c < s->channels; ++c) {
             const float *f = s->field + c * s->stride_c;
