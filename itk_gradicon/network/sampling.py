@@ -129,11 +129,17 @@ def _use_native(field: torch.Tensor, points: torch.Tensor) -> bool:
             and points.shape[0] in (1, field.shape[0]) and field.numel() > 0)
 
 
-def _point_ranges(count: int) -> List[Tuple[int, int]]:
-    """One range of the ``count`` output points per thread for the C kernel (none empty)."""
-    parts = max(1, min(torch.get_num_threads(), count // MIN_NATIVE_POINTS_PER_THREAD))
+def thread_ranges(count: int, work_per_item: int = 1, min_work_per_thread: int = 1) -> List[Tuple[int, int]]:
+    """``count`` items split into one range per thread torch may use (none empty), but no more ranges
+    than leave each at least ``min_work_per_thread`` units of work (``work_per_item`` per item)."""
+    parts = max(1, min(torch.get_num_threads(), count, count * work_per_item // max(1, min_work_per_thread)))
     bounds = [count * k // parts for k in range(parts + 1)]
     return [(bounds[k], bounds[k + 1]) for k in range(parts) if bounds[k] < bounds[k + 1]]
+
+
+def _point_ranges(count: int) -> List[Tuple[int, int]]:
+    """One range of the ``count`` output points per thread for the C kernel (none empty)."""
+    return thread_ranges(count, min_work_per_thread=MIN_NATIVE_POINTS_PER_THREAD)
 
 
 def _kernel_inputs(field: torch.Tensor, flat: torch.Tensor, b: int) -> tuple:

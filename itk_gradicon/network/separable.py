@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import performance
-from .sampling import NATIVE, run_pieces
+from .sampling import NATIVE, run_pieces, thread_ranges
 
 #: Below this many values per thread a filter pass is not split over the threads.
 MIN_FILTER_VALUES_PER_THREAD = 1 << 15
@@ -94,11 +94,17 @@ def _native_filter(x: torch.Tensor, kernel: torch.Tensor, axis: int, half: int) 
     inner = math.prod(x.shape[3 + axis:])
     outer = x.numel() // (n * inner)
     units = outer * n if inner > 1 else outer  # rows of `inner` values, or whole lines along the axis
-    parts = max(1, min(torch.get_num_threads(), units, x.numel() // MIN_FILTER_VALUES_PER_THREAD))
-    bounds = [units * k // parts for k in range(parts + 1)]
+    ranges = thread_ranges(units, x.numel() // units, MIN_FILTER_VALUES_PER_THREAD)
     run_pieces(NATIVE.filter_axis, [(x.data_ptr(), out.data_ptr(), n, inner, kernel.data_ptr(), kernel.numel(),
-                                     half, bounds[k], bounds[k + 1]) for k in range(parts)])
+                                     half, start, end) for start, end in ranges])
     return out  # x, out and kernel stay referenced until every call has returned
+
+
+def _adjoint(kernel: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """The transposed filter of ``kernel`` (aligned ``(taps - 1) // 2``): the kernel reversed, and its
+    alignment ``taps - 1 - (taps - 1) // 2``."""
+    taps = kernel.numel()
+    return kernel.flip(0).contiguous(), taps - 1 - (taps - 1) // 2
 
 
 class _AxisFilter(torch.autograd.Function):
@@ -114,19 +120,15 @@ class _AxisFilter(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None]:
         (kernel,) = ctx.saved_tensors
-        taps = kernel.numel()
-        adjoint = kernel.flip(0).contiguous()
-        return _native_filter(grad, adjoint, ctx.axis, taps - 1 - (taps - 1) // 2), None, None
+        adjoint, half = _adjoint(kernel)
+        return _native_filter(grad, adjoint, ctx.axis, half), None, None
 
 
 def filter_axes(x: torch.Tensor, kernel: torch.Tensor, *, adjoint: bool = False) -> torch.Tensor:
     """``kernel`` along every spatial axis of ``x`` on the compiled kernel, without autograd (the caller
     writes its own backward); ``adjoint``: the transposed filter (the kernel reversed). Requires
     :func:`uses_native_filter`."""
-    taps = kernel.numel()
-    half = (taps - 1) // 2
-    if adjoint:
-        kernel, half = kernel.flip(0).contiguous(), taps - 1 - half
+    kernel, half = _adjoint(kernel) if adjoint else (kernel, (kernel.numel() - 1) // 2)
     for axis in range(x.dim() - 2):
         x = _native_filter(x, kernel, axis, half)
     return x

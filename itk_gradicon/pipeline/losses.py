@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..network.operators import CubeMap, identity_on
-from ..network.sampling import NATIVE, run_pieces, sample_cube_field
+from ..network.sampling import NATIVE, run_pieces, sample_cube_field, thread_ranges
 from ..network import separable
 from ..network.separable import product_along_axis
 
@@ -130,15 +130,13 @@ class _LNCCAgainst:
         self.mu_j, self.blur_jj = gaussian_blur(torch.cat([target, target * target], dim=1), sigma).split(
             target.shape[1], dim=1)
         self.kernel = gaussian_kernel1d(sigma, device=target.device, dtype=target.dtype)
-        self.compiled = (target.shape[0] * target.shape[1] == 1 and target.dim() >= 3 and NATIVE is not None
-                         and separable.uses_native_filter(target, self.kernel))
+        self.compiled = target.shape[0] * target.shape[1] == 1 and separable.uses_native_filter(target, self.kernel)
         if self.compiled:
             self.var_j = (torch.relu(self.blur_jj - self.mu_j ** 2) + LNCC_EPS).contiguous()
             self.mu_j, self.target = self.mu_j.contiguous(), target.contiguous()
 
     def __call__(self, warped: Tensor) -> Tensor:
-        if (self.compiled and warped.shape == self.target.shape and warped.dtype == torch.float32
-                and warped.device.type == "cpu" and separable.uses_native_filter(warped, self.kernel)):
+        if self.compiled and warped.shape == self.target.shape and separable.uses_native_filter(warped, self.kernel):
             return _CompiledLNCC.apply(warped, self)
         channels = warped.shape[1]
         mu_i, blur_ij, blur_ii = gaussian_blur(torch.cat([warped, warped * self.target, warped * warped], dim=1),
@@ -156,11 +154,9 @@ def _lncc_part(which: int, n: int, *, out: Tensor, w: Optional[Tensor] = None, t
     """One pointwise part of the compiled LNCC (``lncc_part`` in ``_linear.c``) over ``n`` voxels, split
     over the threads; every tensor contiguous float32 (kept referenced until the calls return)."""
     address = lambda tensor: 0 if tensor is None else tensor.data_ptr()  # noqa: E731
-    parts = max(1, min(torch.get_num_threads(), n // MIN_LNCC_VOXELS_PER_THREAD))
-    bounds = [n * k // parts for k in range(parts + 1)]
     run_pieces(NATIVE.lncc_part, [(which, address(w), address(t), address(m), address(mu_j), address(var_j),
-                                   address(g), address(blurred), out.data_ptr(), n, LNCC_EPS, bounds[k],
-                                   bounds[k + 1]) for k in range(parts)])
+                                   address(g), address(blurred), out.data_ptr(), n, LNCC_EPS, start, end)
+                                  for start, end in thread_ranges(n, min_work_per_thread=MIN_LNCC_VOXELS_PER_THREAD)])
     return out
 
 
