@@ -207,7 +207,8 @@ def test_ctrl_c_stops_both_processes_and_writes_nothing(tmp_path, rng, tiny_mode
 
     shape = (60, 64, 56)
     for name, scale in (("fixed", 200), ("moving", 150)):
-        itk.imwrite(make_image(blob_volume(shape, rng) * scale, spacing=(1.0, 1.0, 1.0)), str(tmp_path / f"{name}.nii.gz"))
+        image = make_image(blob_volume(shape, rng) * scale, spacing=(1.0, 1.0, 1.0))
+        itk.imwrite(image, str(tmp_path / f"{name}.nii.gz"))
     out = tmp_path / "out"
     out.mkdir()
     code = "import sys\nfrom itk_gradicon.cli import main\nmain(sys.argv[1:])"

@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import InputError
 from ..io.grid import ImageGrid
 from ..io.images import (IMAGE_SUFFIXES, ImageHeader, OutputTransaction, check_output_path, check_resample_headers,
-                         image_array, read_image_header, read_simpleitk_image)
+                         image_array, read_float32, read_image_header, read_mask_on_grid, read_simpleitk_image)
 from ..io.itk_bridge import to_simpleitk as from_itk  # noqa: F401  (its former name here)
 from ..spatial.resample import (  # noqa: F401  (resample_image, resample_labels: the one resampler, re-exported)
     INTERPOLATIONS, check_interpolation, resample_image, resample_labels, resample_labels_on_grid, resample_simpleitk)
@@ -288,6 +288,18 @@ def _warnings(lines: List[str]) -> Dict[str, List[str]]:
 #: :func:`itk_gradicon.io.images.read_simpleitk_image` under the name the file commands have always used.
 read_image = read_simpleitk_image
 
+def read_images_and_masks(files: Dict[str, Optional[Path]], dimension: int):
+    """``(fixed, moving, fixed_original, moving_original, masks)`` of ``--fixed``, ``--moving``, ``--fixed-mask``
+    and ``--moving-mask`` in ``files``, as the command reads them (``gradicon register`` and its pre-alignment's
+    second process): float32 images checked against ``dimension``, the images as stored, masks checked
+    against their image's grid (``None`` where not given)."""
+    fixed, fixed_original = read_float32(files["--fixed"], what="--fixed", dimension=dimension)
+    moving, moving_original = read_float32(files["--moving"], what="--moving", dimension=dimension)
+    masks = {f"{role}_mask": read_mask_on_grid(files[f"--{role}-mask"], image, what=f"--{role}-mask")
+             if files[f"--{role}-mask"] else None for role, image in (("fixed", fixed), ("moving", moving))}
+    return fixed, moving, fixed_original, moving_original, masks
+
+
 __all__ = ["INTERPOLATIONS", "WarpSummary", "apply_transform_file", "compose_transforms", "evaluate_files",
-           "first_field_grid", "jacobian_file", "read_header", "read_image", "read_transform",
+           "first_field_grid", "jacobian_file", "read_header", "read_image", "read_images_and_masks", "read_transform",
            "resample_image", "resample_labels", "sample_displacement"]

@@ -21,6 +21,7 @@ computes the pre-alignment itself and says so.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -51,15 +52,14 @@ class PrealignmentJob:
     transform: str
 
     def run(self, log: Callable[[str], None]):
-        """Read the inputs as ``gradicon register`` reads them and pre-align them."""
-        from ..io.images import read_float32, read_mask_on_grid
+        """Read the inputs as ``gradicon register`` reads them (the same function) and pre-align them."""
         from ..pipeline.affine import prealign
+        from .files import read_images_and_masks
 
-        fixed, _ = read_float32(self.fixed, what="--fixed", dimension=self.dimension)
-        moving, _ = read_float32(self.moving, what="--moving", dimension=self.dimension)
-        fixed_mask = read_mask_on_grid(self.fixed_mask, fixed, what="--fixed-mask") if self.fixed_mask else None
-        moving_mask = read_mask_on_grid(self.moving_mask, moving, what="--moving-mask") if self.moving_mask else None
-        return prealign(fixed, moving, fixed_mask, moving_mask, transform=self.transform, log=log)
+        fixed, moving, _, _, masks = read_images_and_masks(
+            {"--fixed": self.fixed, "--moving": self.moving, "--fixed-mask": self.fixed_mask,
+             "--moving-mask": self.moving_mask}, self.dimension)
+        return prealign(fixed, moving, masks["fixed_mask"], masks["moving_mask"], transform=self.transform, log=log)
 
 
 def _available_cores() -> int:
@@ -178,14 +178,12 @@ def _serve(connection, prepare: Optional[Callable[[], None]] = None) -> None:
     except BaseException as err:  # noqa: BLE001 - a bug or an interrupt: the first process pre-aligns itself
         reply = ("failed", f"{type(err).__name__}: {err}", messages, time.perf_counter() - started)
     try:
-        try:
-            connection.send(reply)
-        except (OSError, EOFError):
-            raise
-        except Exception as err:  # noqa: BLE001 - an error that does not pickle: report it as text
-            connection.send(("failed", f"{type(err).__name__}: {err}", messages, time.perf_counter() - started))
+        connection.send(reply)
     except (OSError, EOFError):  # the first process is gone (killed): nobody to tell
         pass
+    except Exception as err:  # noqa: BLE001 - an error that does not pickle (raised before anything is sent)
+        with contextlib.suppress(OSError, EOFError):
+            connection.send(("failed", f"{type(err).__name__}: {err}", messages, time.perf_counter() - started))
     connection.close()
 
 

@@ -16,13 +16,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from ..errors import GradiconError, InputError, ResourceError
 from ..io.images import (VOLUME_SUFFIXES, OutputTransaction, check_header,
-                         check_output_dir, check_output_path, describe_grid, image_dimension, read_float32,
-                         read_label_map, read_mask_on_grid, same_grid)
+                         check_output_dir, check_output_path, describe_grid, image_dimension, read_label_map,
+                         same_grid)
 from ..pipeline.affine import (  # noqa: F401
     AFFINE_CHOICES, PREALIGNMENT_TRANSFORMS, expects_prealignment, resolve_affine_choice)
 from ..pipeline.options import INPUT_KEYWORDS, RegistrationOptions, check_options
 from ..spatial.transforms import TRANSFORM_OUTPUT_SUFFIXES
-from .files import read_header
+from .files import read_header, read_images_and_masks
 from .prealign_process import PrealignmentJob, PrealignmentProcess
 
 Log = Callable[[str], None]
@@ -343,13 +343,9 @@ class _Inputs:
 def _read_inputs(files: Dict[str, Optional[Path]], dimension: int) -> _Inputs:
     """Read every input file through SimpleITK (ITK's readers without ITK Python's seconds of
     module loading), checking each against its image's grid."""
-    fixed, fixed_original = read_float32(files["--fixed"], what="--fixed", dimension=dimension)
-    moving, moving_original = read_float32(files["--moving"], what="--moving", dimension=dimension)
-    on = {"fixed": fixed, "moving": moving}
-    masks = {f"{role}_mask": read_mask_on_grid(files[f"--{role}-mask"], image, what=f"--{role}-mask")
-             if files[f"--{role}-mask"] else None for role, image in on.items()}
+    fixed, moving, fixed_original, moving_original, masks = read_images_and_masks(files, dimension)
     labels = {f"{role}_labels": _read_labels_on(files[f"--{role}-labels"], image, f"--{role}-labels")
-              if files[f"--{role}-labels"] else None for role, image in on.items()}
+              if files[f"--{role}-labels"] else None for role, image in (("fixed", fixed), ("moving", moving))}
     return _Inputs(fixed, moving, fixed_original, moving_original, masks, labels)
 
 

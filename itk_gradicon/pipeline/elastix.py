@@ -455,6 +455,6 @@ def pyramid_levels(*images) -> int:
     return int(min(4, max(1, 1 + np.floor(np.log2(max(shortest, 1) / 16.0)))))
 
 
-__all__ = ["load_modules", "DEFAULT_SEED", "HISTOGRAM_BINS", "ITERATIONS", "PYRAMIDS", "INITIALIZATIONS", "METRICS", "TRANSFORMS",
-           "ElastixInputs", "SamplesOutsideMoving", "affine_from_elastix_parameters", "affine_parameter_map",
+__all__ = ["DEFAULT_SEED", "HISTOGRAM_BINS", "ITERATIONS", "PYRAMIDS", "INITIALIZATIONS", "METRICS", "TRANSFORMS",
+           "load_modules", "ElastixInputs", "SamplesOutsideMoving", "affine_from_elastix_parameters", "affine_parameter_map",
            "elastix_affine", "euler_matrix", "pyramid_levels"]
