@@ -380,7 +380,7 @@ def test_two_outputs_with_one_name(files, tiny_model_file):
 
 def test_image_too_large_is_refused_before_reading(files, tiny_model_file, tmp_path, monkeypatch):
     """A header-only 3000^3 MetaImage (its data file is empty): refused from the header alone."""
-    import itk_gradicon.registration_io as registration_io
+    import itk_gradicon.commands.files as command_files  # where register reads the images and masks
 
     (tmp_path / "huge.raw").write_bytes(b"")
     huge = tmp_path / "huge.mhd"
@@ -390,7 +390,7 @@ def test_image_too_large_is_refused_before_reading(files, tiny_model_file, tmp_p
     def no_pixels(*args, **kwargs):
         raise AssertionError("pixels were read before the memory check")
 
-    monkeypatch.setattr(registration_io, "read_float32", no_pixels)
+    monkeypatch.setattr(command_files, "read_float32", no_pixels)
     args = base_args(files, tiny_model_file)
     args[3] = str(huge)
     line = assert_refused(invoke(args), "too large for the available memory", "GiB", out=files["out"])
