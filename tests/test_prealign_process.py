@@ -77,7 +77,7 @@ class _Job:
     def __init__(self, outcome):
         self.outcome = outcome
 
-    def run(self, log):
+    def run(self, log, early=None):
         log("first message")
         if isinstance(self.outcome, BaseException):
             raise self.outcome
@@ -235,3 +235,55 @@ def test_ctrl_c_stops_both_processes_and_writes_nothing(tmp_path, rng, tiny_mode
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):
         os.killpg(process.pid, 0)  # nothing of the group is left
+
+
+def _write_pair(tmp_path, rng):
+    import itk
+
+    paths = {}
+    for name, scale in (("fixed", 200), ("moving", 150)):
+        paths[f"--{name}"] = tmp_path / f"{name}.nii.gz"
+        itk.imwrite(make_image(blob_volume(SHAPE, rng) * scale), str(paths[f"--{name}"]))
+    return {**paths, "--fixed-mask": None, "--moving-mask": None}
+
+
+def test_early_inputs_are_the_commands_read_and_serve_only_their_own_job(tmp_path, rng, monkeypatch):
+    """The second process's early read gives what the command's read gives, and is used only for a job of the same
+    files and dimension; a pre-alignment from it is the one from a read at the job's arrival."""
+    from itk_gradicon.commands import files as files_module
+
+    paths = _write_pair(tmp_path, rng)
+    early = prealign_process.EarlyInputs.read(paths)
+    assert early is not None
+    job = prealign_process.PrealignmentJob(paths["--fixed"], paths["--moving"], None, None, 3, "rigid")
+    assert early.for_job(job) is early.inputs
+    again = files_module.read_images_and_masks(paths, 3)
+    import SimpleITK as sitk
+    for ours, theirs in zip(early.inputs[:2], again[:2]):
+        assert np.array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(theirs))
+        assert ours.GetOrigin() == theirs.GetOrigin() and ours.GetDirection() == theirs.GetDirection()
+    other = prealign_process.PrealignmentJob(paths["--moving"], paths["--fixed"], None, None, 3, "rigid")
+    assert early.for_job(other) is None
+    assert early.for_job(prealign_process.PrealignmentJob(paths["--fixed"], paths["--moving"], None, None, 2,
+                                                          "rigid")) is None
+    direct = job.run(lambda message: None)
+    def no_read(*args, **kwargs):
+        raise AssertionError("read again")
+    monkeypatch.setattr(files_module, "read_images_and_masks", no_read)
+    from_early = job.run(lambda message: None, early)
+    assert np.array_equal(direct.matrix, from_early.matrix)
+
+
+def test_early_read_skipped_for_large_or_unreadable_inputs(tmp_path, rng, monkeypatch):
+    """Inputs above the memory share are left for the job (read after the command's memory check); an unreadable
+    file is left for the job too, whose read reports it as the command's would."""
+    paths = _write_pair(tmp_path, rng)
+    monkeypatch.setattr(prealign_process, "EARLY_READ_SHARE", 0.0)
+    assert prealign_process.EarlyInputs.read(paths) is None
+    monkeypatch.setattr(prealign_process, "EARLY_READ_SHARE", 0.1)
+    (tmp_path / "broken.nii.gz").write_bytes(b"not an image")
+    assert prealign_process.EarlyInputs.read({**paths, "--moving": tmp_path / "broken.nii.gz"}) is None
+    assert prealign_process.EarlyInputs.read(None) is None
+    job = prealign_process.PrealignmentJob(paths["--fixed"], tmp_path / "broken.nii.gz", None, None, 3, "rigid")
+    with pytest.raises(InputError, match="broken"):
+        job.run(lambda message: None, None)

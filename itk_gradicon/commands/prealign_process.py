@@ -4,8 +4,9 @@ A ``gradicon register`` process spends its first seconds importing torch, and it
 seconds loading ITK Python's elastix modules (ITK's wrapping loads dozens of modules); both are work of one
 interpreter on one core. Forked before torch is imported, a second process loads the elastix modules while
 the first imports torch, loads the model and checks the inputs; it then reads the images and masks from
-their files (the same readers, so the same pixels) and runs :func:`~itk_gradicon.pipeline.affine.prealign`
-while the first process reads them for the network. On a 2-core machine this takes about two seconds off
+their files (the same readers, so the same pixels: at once where they are small, :data:`EARLY_READ_SHARE`,
+else when the job comes) and runs :func:`~itk_gradicon.pipeline.affine.prealign` while the first process
+reads them for the network. On a 2-core machine this takes about two seconds off
 the default ``register`` (figures: ``benchmarks/ACCURACY.md``). The result is the one computed in the first
 process: the same images, options, seed and thread count (the tests compare the affine files byte for byte
 and the fields voxel for voxel). Both processes hold the images while the pre-alignment runs.
@@ -29,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from ..errors import GradiconError
 from ..threads import itk_threads
@@ -37,6 +38,11 @@ from ..threads import itk_threads
 #: Environment variable: ``0`` (or ``false``, ``no``, ``off``) computes the pre-alignment in the process itself.
 SWITCH = "ITK_GRADICON_PREALIGN_PROCESS"
 _OFF = ("0", "false", "no", "off")
+#: The second process reads the images and masks as soon as its modules are loaded, before its job comes (while
+#: the first process still loads the model), only where they take at most this share of the memory available
+#: (12 bytes per value: the float32 copy and the pixels as stored): larger inputs are read once the job comes,
+#: after the first process's memory check.
+EARLY_READ_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -51,15 +57,63 @@ class PrealignmentJob:
     dimension: int
     transform: str
 
-    def run(self, log: Callable[[str], None]):
-        """Read the inputs as ``gradicon register`` reads them (the same function) and pre-align them."""
+    @property
+    def files(self) -> Dict[str, Optional[Path]]:
+        """The input files under their command-line flags."""
+        return {"--fixed": self.fixed, "--moving": self.moving, "--fixed-mask": self.fixed_mask,
+                "--moving-mask": self.moving_mask}
+
+    def run(self, log: Callable[[str], None], early: Optional["EarlyInputs"] = None):
+        """Read the inputs as ``gradicon register`` reads them (the same function; ``early``'s where it read these
+        files already) and pre-align them."""
         from ..pipeline.affine import prealign
         from .files import read_images_and_masks
 
-        fixed, moving, _, _, masks = read_images_and_masks(
-            {"--fixed": self.fixed, "--moving": self.moving, "--fixed-mask": self.fixed_mask,
-             "--moving-mask": self.moving_mask}, self.dimension)
+        inputs = early.for_job(self) if early is not None else None
+        fixed, moving, _, _, masks = inputs if inputs is not None else read_images_and_masks(self.files, self.dimension)
         return prealign(fixed, moving, masks["fixed_mask"], masks["moving_mask"], transform=self.transform, log=log)
+
+
+@dataclass(frozen=True)
+class EarlyInputs:
+    """The images and masks the second process read before its job came (``read_images_and_masks``'s result)."""
+
+    files: Dict[str, Optional[Path]]
+    inputs: tuple
+
+    @classmethod
+    def read(cls, files: Optional[Dict[str, Optional[Path]]]) -> Optional["EarlyInputs"]:
+        """``files`` read where they take at most :data:`EARLY_READ_SHARE` of the available memory; ``None``
+        otherwise, and on any error (the job then reads them itself and meets the error as the command would)."""
+        if not files:
+            return None
+        from .files import read_images_and_masks
+
+        try:
+            if not _small_enough(files):
+                return None
+            return cls(dict(files), read_images_and_masks(files, None))
+        except Exception:  # noqa: BLE001 - reported, if at all, by the job's own read
+            return None
+
+    def for_job(self, job: PrealignmentJob) -> Optional[tuple]:
+        """The inputs, where they are ``job``'s files of ``job``'s dimension."""
+        return self.inputs if self.files == job.files and self.inputs[0].GetDimension() == job.dimension else None
+
+
+def _small_enough(files: Dict[str, Optional[Path]]) -> bool:
+    from ..io.images import read_image_header
+    from ..resources import available_host_memory
+
+    available, _ = available_host_memory()
+    if available is None:
+        return False
+    values = 0
+    for path in files.values():
+        if path is not None:
+            header = read_image_header(path)
+            values += header.num_voxels * header.components
+    return 12 * values <= EARLY_READ_SHARE * available
 
 
 def _available_cores() -> int:
@@ -88,9 +142,10 @@ class PrealignmentProcess:
         self._submitted = self._collected = False
 
     @classmethod
-    def start(cls) -> Optional["PrealignmentProcess"]:
-        """The process, loading the elastix modules; ``None`` where :func:`can_start` says no or it cannot be
-        started."""
+    def start(cls, files: Optional[Dict[str, Optional[Path]]] = None) -> Optional["PrealignmentProcess"]:
+        """The process, loading the elastix modules (then reading ``files``, ``--fixed``, ``--moving``,
+        ``--fixed-mask`` and ``--moving-mask``, where they are small: :class:`EarlyInputs`); ``None`` where
+        :func:`can_start` says no or it cannot be started."""
         if not can_start():
             return None
         import multiprocessing
@@ -98,7 +153,8 @@ class PrealignmentProcess:
         context = multiprocessing.get_context("fork")
         try:
             ours, theirs = context.Pipe()
-            process = context.Process(target=_serve, args=(theirs,), name="itk_gradicon-prealignment", daemon=True)
+            process = context.Process(target=_serve, args=(theirs, None, files), name="itk_gradicon-prealignment",
+                                      daemon=True)
             process.start()
         except OSError:
             return None
@@ -152,8 +208,10 @@ class PrealignmentProcess:
             self._process.join()
 
 
-def _serve(connection, prepare: Optional[Callable[[], None]] = None) -> None:
-    """The second process: ``prepare`` (load the elastix modules), then run one job (or none) and send its
+def _serve(connection, prepare: Optional[Callable[[], None]] = None,
+           files: Optional[Dict[str, Optional[Path]]] = None) -> None:
+    """The second process: ``prepare`` (load the elastix modules) and read ``files`` where they are small
+    (:class:`EarlyInputs`), then run one job (or none) and send its
     outcome: ``("done", prealignment, messages, seconds)``, ``("error", GradiconError, ...)`` or
     ``("failed", text, ...)``. Ctrl-C is the first process's to handle (it stops this one); a first process
     that is gone ends this one without a word."""
@@ -163,6 +221,7 @@ def _serve(connection, prepare: Optional[Callable[[], None]] = None) -> None:
         (prepare or _load_elastix_modules)()
     except Exception:  # noqa: BLE001 - the job's own run meets and reports the same failure
         pass
+    early = EarlyInputs.read(files)
     try:
         job = connection.recv()
     except (EOFError, OSError):
@@ -172,7 +231,7 @@ def _serve(connection, prepare: Optional[Callable[[], None]] = None) -> None:
     messages: List[str] = []
     started = time.perf_counter()
     try:
-        reply = ("done", job.run(messages.append), messages, time.perf_counter() - started)
+        reply = ("done", job.run(messages.append, early), messages, time.perf_counter() - started)
     except GradiconError as err:
         reply = ("error", err, messages, time.perf_counter() - started)
     except BaseException as err:  # noqa: BLE001 - a bug or an interrupt: the first process pre-aligns itself

@@ -156,7 +156,10 @@ def run_register(files: RegisterFiles, outputs: RegisterOutputs, options: Option
     """
     # before torch is imported: the pre-alignment's second process (``prealign_process``), where it applies
     may_prealign = files.initial_transform is None and (options is None or options.prealignment.affine != "none")
-    background = PrealignmentProcess.start() if may_prealign and loaded_model is None else None
+    background = None
+    if may_prealign and loaded_model is None:
+        background = PrealignmentProcess.start({flag: path for flag, path in files.by_flag().items()
+                                                if flag in ("--fixed", "--moving", "--fixed-mask", "--moving-mask")})
     try:
         return _run_register(files, outputs, options, model=model, seed=seed, device=device, log=log,
                              progress=progress, loaded_model=loaded_model, predictor=predictor, background=background)
