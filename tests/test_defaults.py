@@ -134,7 +134,8 @@ def test_a_moving_image_that_covers_too_little_is_sampled_instead(monkeypatch):
 
     rng = np.random.default_rng(2)
     fixed = make_image(blob_volume((32, 32, 32), rng) * 100)
-    moving = make_image(blob_volume((8, 32, 32), rng) * 100, origin=(0.0, 0.0, 30.0))  # a slab, masses 30 mm apart
+    # a slab a quarter of whose height the fixed image shares (so elastix is asked), masses 8 mm apart
+    moving = make_image(blob_volume((8, 32, 32), rng) * 100, origin=(0.0, 0.0, 20.0))
     moving_to_fixed = np.eye(4)
     moving_to_fixed[:3, 3] = [1.0, 2.0, -3.0]
     runs = []
@@ -169,7 +170,7 @@ def test_when_the_swapped_run_fails_too_the_other_start_still_counts(monkeypatch
 
     rng = np.random.default_rng(4)
     fixed = make_image(blob_volume((32, 32, 32), rng) * 100)
-    moving = make_image(blob_volume((8, 32, 32), rng) * 100, origin=(0.0, 0.0, 30.0))
+    moving = make_image(blob_volume((8, 32, 32), rng) * 100, origin=(0.0, 0.0, 20.0))
     rigid = np.eye(4)
     rigid[:3, 3] = [0.0, 0.0, 12.0]
 
@@ -190,6 +191,78 @@ def test_when_the_swapped_run_fails_too_the_other_start_still_counts(monkeypatch
     assert found.transform == "rigid" and found.start == "mass" and not found.roles_swapped
     assert np.array_equal(found.matrix, rigid)
     assert any("Too many samples" in reason for reason in found.rejected)
+
+
+def test_start_overlap_is_the_share_of_fixed_voxels_inside_the_moving_image():
+    from conftest import make_image
+
+    volume = np.ones((20, 20, 20), dtype=np.float32)
+    fixed = affine_module._sitk(make_image(volume))
+    assert affine_module.start_overlap(fixed, fixed) == 1.0
+    half = affine_module._sitk(make_image(volume, origin=(10.0, 0.0, 0.0)))  # x 10..29 of the fixed 0..19
+    assert affine_module.start_overlap(fixed, half) == pytest.approx(0.5, abs=0.03)
+    far = affine_module._sitk(make_image(volume, origin=(0.0, 300.0, 0.0)))
+    assert affine_module.start_overlap(fixed, far) == 0.0
+    mask = np.zeros((20, 20, 20), dtype=np.uint8)
+    mask[:, :, 10:] = 1  # x >= 10: the half the shifted image covers
+    fixed_mask = affine_module._sitk(make_image(mask))
+    assert affine_module.start_overlap(fixed, half, fixed_mask) == 1.0
+    moving_mask = np.zeros((20, 20, 20), dtype=np.uint8)
+    moving_mask[:, :, :5] = 1  # the shifted image's x 10..14: a quarter of the fixed image's x range
+    assert affine_module.start_overlap(fixed, half, None, affine_module._sitk(make_image(moving_mask))) == \
+        pytest.approx(0.25, abs=0.03)
+
+
+def _recording_inputs(runs, result):
+    """A fake ``ElastixInputs.of`` whose runs are recorded as (roles swapped, initialization) and return ``result``
+    (the swapped run: the fixed image is the one 8 voxels high)."""
+    class FakeInputs:
+        def __init__(self, swapped: bool) -> None:
+            self.swapped = swapped
+
+        def affine(self, *, transform, initialization, **kwargs):
+            runs.append((self.swapped, initialization))
+            return result
+
+    return classmethod(lambda cls, f, m, *masks: FakeInputs(swapped=f.GetSize()[2] == 8))
+
+
+def test_a_header_start_elastix_would_refuse_is_not_run(monkeypatch):
+    """Images whose headers place them far apart (a subject in scanner coordinates, a template in MNI space): the
+    header start, which elastix refuses at its first iteration both ways, is passed over unrun and says so; the
+    centres-of-mass start registers the pair."""
+    from conftest import blob_volume, make_image
+
+    rng = np.random.default_rng(6)
+    fixed = make_image(blob_volume((32, 32, 32), rng) * 100)
+    moving = make_image(blob_volume((32, 32, 32), rng) * 100, origin=(-80.0, 110.0, 60.0))
+    runs = []
+    shift = np.eye(4)
+    shift[:3, 3] = [-80.0, 110.0, 60.0]
+    monkeypatch.setattr(affine_module, "rotation_search", lambda *args: None)
+    monkeypatch.setattr(affine_module.ElastixInputs, "of", _recording_inputs(runs, shift))
+    found = prealign(fixed, moving, transform="affine")
+    assert runs == [(False, "mass")]
+    assert found.start == "mass" and np.array_equal(found.matrix, shift)
+    assert len(found.rejected) == 0  # passed over, not rejected: the pair registered from the other start
+    lines = []
+    prealign(fixed, moving, transform="affine", log=lines.append)
+    assert any("from the header start" in line and "not run" in line and "0% of the fixed image" in line
+               for line in lines), lines
+
+
+def test_a_slab_elastix_cannot_sample_from_the_whole_volume_runs_swapped_at_once(monkeypatch):
+    """A slab that covers a sixteenth of the fixed image: its forward run is not attempted; the swapped one runs."""
+    from conftest import blob_volume, make_image
+
+    rng = np.random.default_rng(2)
+    fixed = make_image(blob_volume((32, 32, 32), rng) * 100)
+    moving = make_image(blob_volume((8, 32, 32), rng) * 100, origin=(0.0, 0.0, 30.0))  # z 30..37 of the fixed 0..31
+    runs = []
+    monkeypatch.setattr(affine_module, "rotation_search", lambda *args: None)
+    monkeypatch.setattr(affine_module.ElastixInputs, "of", _recording_inputs(runs, np.eye(4)))
+    found = prealign(fixed, moving, transform="affine")
+    assert runs == [(True, "none")] and found.roles_swapped and found.start == "header"
 
 
 def test_a_slab_registers_to_the_whole_volume_with_real_elastix():

@@ -105,6 +105,60 @@ class Prealignment:
 
 #: The starts :func:`prealign` tries: elastix's initialisation for each.
 STARTS = {"header": "none", "mass": "mass"}
+#: elastix stops when fewer than this share of its fixed-image samples map inside the moving image (its
+#: ``RequiredRatioOfValidSamples``, 0.25 by default): from the stored positions of two images whose headers
+#: place them far apart (a subject in scanner coordinates and a template in MNI space), at its first iteration.
+ELASTIX_VALID_SAMPLES = 0.25
+#: The header start is not run where fewer than this share of the fixed image's voxels map inside the moving
+#: image from the stored positions (:func:`start_overlap`): elastix would refuse it (in about half a second per
+#: try, and once more with the roles swapped). Below elastix's own share, so that only starts it surely refuses
+#: are passed over unrun; nearer ones run and are judged by elastix as before.
+UNRUN_BELOW = 0.2
+
+
+def start_overlap(fixed, moving, fixed_mask=None, moving_mask=None, *, samples: int = 32768) -> float:
+    """The share of ``fixed``'s voxels (those inside ``fixed_mask`` where given) whose stored positions lie inside
+    ``moving``'s grid (and inside ``moving_mask`` where given): what elastix checks of its samples at its first
+    iteration from the header start. Counted on a regular subset of about ``samples`` voxels (SimpleITK images)."""
+    import SimpleITK as sitk
+
+    d = fixed.GetDimension()
+    size = np.array(fixed.GetSize())
+    step = max(1, int(np.ceil((np.prod(size, dtype=np.float64) / samples) ** (1.0 / d))))
+    axes = [np.arange(0, n, step) for n in size]
+    index = np.stack([a.ravel() for a in np.meshgrid(*axes, indexing="ij")], axis=1)  # ITK order (x first)
+    if fixed_mask is not None:
+        inside_fixed = sitk.GetArrayViewFromImage(fixed_mask)[tuple(index[:, ::-1].T)] > 0
+        index = index[inside_fixed]
+    if len(index) == 0:
+        return 0.0
+
+    def to_world(image) -> Tuple[np.ndarray, np.ndarray]:
+        linear = np.asarray(image.GetDirection(), dtype=np.float64).reshape(d, d) * np.asarray(image.GetSpacing())
+        return linear, np.asarray(image.GetOrigin(), dtype=np.float64)
+
+    linear_f, origin_f = to_world(fixed)
+    linear_m, origin_m = to_world(moving)
+    points = index @ linear_f.T + origin_f
+    continuous = np.linalg.solve(linear_m, (points - origin_m).T).T
+    inside = np.all((continuous >= 0) & (continuous <= np.asarray(moving.GetSize()) - 1), axis=1)
+    if moving_mask is not None and inside.any():
+        nearest = np.rint(continuous[inside]).astype(np.int64)
+        inside[inside] = sitk.GetArrayViewFromImage(moving_mask)[tuple(nearest[:, ::-1].T)] > 0
+    return float(inside.mean())
+
+
+def _refused_at_the_header_start(fixed, moving, fixed_mask, moving_mask) -> Optional[SamplesOutsideMoving]:
+    """The failure elastix would report from the stored positions, where :func:`start_overlap` is below
+    :data:`UNRUN_BELOW`; ``None`` where elastix is to run."""
+    overlap = start_overlap(fixed, moving, fixed_mask, moving_mask)
+    if overlap >= UNRUN_BELOW:
+        return None
+    return SamplesOutsideMoving(
+        f"elastix could not compute the affine pre-alignment: from the images' stored positions only {overlap:.0%} "
+        f"of the fixed image{' mask' if fixed_mask is not None else ''} lies inside the moving image"
+        f"{' mask' if moving_mask is not None else ''} (elastix needs {ELASTIX_VALID_SAMPLES:.0%} of its samples "
+        "there; not run) (check the masks, or register without an affine)")
 #: Centres of mass closer than this (mm) make the two starts one: only the header start runs.
 SAME_START_MM = 5.0
 
@@ -185,9 +239,16 @@ def prealign(fixed, moving, fixed_mask=None, moving_mask=None, *, transform: str
         """elastix's fixed -> moving matrix from ``start``, and whether it came with the roles swapped."""
         nonlocal swapped_inputs, moving_is_a_part
         settings = dict(transform=kind, initialization=STARTS[start], resolutions=levels, threads=threads)
+        refused = _refused_at_the_header_start(fixed_e, moving_e, fixed_mask_e, moving_mask_e) \
+            if start == "header" else None
         try:
+            if refused is not None:
+                raise refused
             return elastix_inputs.affine(**settings), False
         except SamplesOutsideMoving as err:
+            if start == "header" and _refused_at_the_header_start(moving_e, fixed_e, moving_mask_e,
+                                                                  fixed_mask_e) is not None:
+                raise err from None  # swapped, the images lie as far apart
             if swapped_inputs is None:
                 swapped_inputs = ElastixInputs.of(moving_e, fixed_e, moving_mask_e, fixed_mask_e)
             try:
