@@ -51,10 +51,12 @@ def implausibility(matrix: np.ndarray) -> Optional[str]:
 
 
 def _sitk(image):
-    """A SimpleITK float image of ``image`` (``itk.Image`` or ``SimpleITK.Image``)."""
+    """A SimpleITK float image of ``image`` (``itk.Image`` or ``SimpleITK.Image``): the image itself where it is
+    one already (nothing here writes into it; SimpleITK copies on write)."""
     import SimpleITK as sitk
 
-    return sitk.Cast(to_simpleitk(image), sitk.sitkFloat32)
+    image = to_simpleitk(image)
+    return image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
 
 
 def normalized_mutual_information(fixed, moving, matrix: np.ndarray, *, bins: int = 32,
@@ -334,9 +336,12 @@ def start_rotations(dimension: int) -> List[Tuple[str, np.ndarray]]:
     elastix's affine registration recovers turns of about 30 degrees from any of them."""
     axes = "LPS"[:dimension]
     found: List[Tuple[str, np.ndarray]] = []
+    seen = set()
 
     def add(name: str, matrix: np.ndarray) -> None:
-        if not any(np.allclose(matrix, other) for _, other in found):
+        key = (np.round(matrix, 6) + 0.0).tobytes()  # products of exact turns agree to far better than 1e-6; + 0.0: no -0.0
+        if key not in seen:
+            seen.add(key)
             found.append((name, matrix))
 
     def turn(axis: int, degrees: float) -> np.ndarray:
