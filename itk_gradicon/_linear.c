@@ -91,6 +91,24 @@ static inline Cell cell_of(const Sampling *s, float ix, float iy, float iz)
 #define ITK_GRADICON_CLONES
 #endif
 
+/* The value of one channel (f: its node (z0, y0, x0)) in cell q, grid_sample's sum in its order. */
+static inline float cell_value(const Sampling *s, const Cell *q, const float *f)
+{
+    float v = 0.0f;
+    v += f[0] * q->tnw;
+    if (q->east) v += f[s->stride_x] * q->tne;
+    if (q->south) v += f[s->stride_y] * q->tsw;
+    if (q->south && q->east) v += f[s->stride_y + s->stride_x] * q->tse;
+    if (q->bottom) {
+        const float *g = f + s->stride_z;
+        v += g[0] * q->bnw;
+        if (q->east) v += g[s->stride_x] * q->bne;
+        if (q->south) v += g[s->stride_y] * q->bsw;
+        if (q->south && q->east) v += g[s->stride_y + s->stride_x] * q->bse;
+    }
+    return v;
+}
+
 /* The value at point m, every channel. */
 static inline void sample_point(const Sampling *s, int64_t m)
 {
@@ -101,22 +119,8 @@ static inline void sample_point(const Sampling *s, int64_t m)
         const float ix = source_index(xs[m], s->width);
         const Cell q = cell_of(s, ix, iy, iz);
         const float *base = s->field + q.offset;
-        for (int64_t c = 0; c < s->channels; ++c) {
-            const float *f = base + c * s->stride_c;
-            float v = 0.0f;
-            v += f[0] * q.tnw;
-            if (q.east) v += f[s->stride_x] * q.tne;
-            if (q.south) v += f[s->stride_y] * q.tsw;
-            if (q.south && q.east) v += f[s->stride_y + s->stride_x] * q.tse;
-            if (q.bottom) {
-                const float *g = f + s->stride_z;
-                v += g[0] * q.bnw;
-                if (q.east) v += g[s->stride_x] * q.bne;
-                if (q.south) v += g[s->stride_y] * q.bsw;
-                if (q.south && q.east) v += g[s->stride_y + s->stride_x] * q.bse;
-            }
-            s->out[c * s->out_row + m] = v;
-        }
+        for (int64_t c = 0; c < s->channels; ++c)
+            s->out[c * s->out_row + m] = cell_value(s, &q, base + c * s->stride_c);
     }
 }
 
@@ -715,7 +719,88 @@ static PyObject *lncc_part(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------------------------------------------
+ * A network map's WORLD displacement at every voxel centre of an image grid, one pass per voxel
+ * (itk_gradicon.spatial.frames.displacement_on_grid): for the INDEX point p = (i, j, k) of voxel
+ * [k, j, i] of an output [nk, nj, ni, 3], in float64,
+ *   c = A p + a                 the CUBE point of the map's source frame,
+ *   y = c + u(c)                u the 3-channel CUBE displacement, sampled at c rounded to float32
+ *                               exactly as sample_3d samples it (border values outside),
+ *   out = (B y + b) - (W p + w) stored as float32,
+ * with A, B, W 3 x 4 row-major (the last column the translation): the arithmetic of the torch path,
+ * each dot product summed in axis order.
+ * ------------------------------------------------------------------------------------------------ */
+typedef struct {
+    Sampling s;                 /* the field; points and out unused */
+    const double *to_cube, *to_out, *to_world;
+    float *out;
+    int64_t ni, nj;
+} GridField;
+
+static inline double affine_row(const double *m, const double *p)
+{
+    return m[0] * p[0] + m[1] * p[1] + m[2] * p[2] + m[3];
+}
+
+ITK_GRADICON_CLONES
+static void grid_field_range(const GridField *g, int64_t start, int64_t end)
+{
+    const Sampling *s = &g->s;
+    for (int64_t k = start; k < end; ++k)
+        for (int64_t j = 0; j < g->nj; ++j) {
+            float *o = g->out + (k * g->nj + j) * g->ni * 3;
+            for (int64_t i = 0; i < g->ni; ++i, o += 3) {
+                const double p[3] = {(double)i, (double)j, (double)k};
+                double c[3];
+                for (int r = 0; r < 3; ++r)
+                    c[r] = affine_row(g->to_cube + 4 * r, p);
+                const Cell q = cell_of(s, source_index((float)c[2], s->width), source_index((float)c[1], s->height),
+                                       source_index((float)c[0], s->depth));
+                const float *base = s->field + q.offset;
+                double y[3];
+                for (int r = 0; r < 3; ++r)
+                    y[r] = c[r] + (double)cell_value(s, &q, base + r * s->stride_c);
+                for (int r = 0; r < 3; ++r)
+                    o[r] = (float)(affine_row(g->to_out + 4 * r, y) - affine_row(g->to_world + 4 * r, p));
+            }
+        }
+}
+
+PyDoc_STRVAR(grid_field_3d_doc,
+"grid_field_3d(field, depth, height, width, stride_c, stride_z, stride_y, stride_x, to_cube, to_out,\n"
+"              to_world, out, nk, nj, ni, start, end)\n"
+"--\n\n"
+"A 3-channel CUBE displacement (float32, channel stride stride_c) as the WORLD displacement at every voxel\n"
+"of an [nk, nj, ni] grid, rows k = start..end-1 of the float32 output [nk, nj, ni, 3]: out = B (c + u(c)) + b\n"
+"- (W p + w) with c = A p + a for the voxel's INDEX point p = (i, j, k); to_cube, to_out and to_world are\n"
+"the addresses of three 3 x 4 float64 matrices [A | a], [B | b], [W | w] (no checks: the caller owns the\n"
+"memory). The GIL is released meanwhile.");
+
+static PyObject *grid_field_3d(PyObject *self, PyObject *args)
+{
+    unsigned long long field, to_cube, to_out, to_world, out;
+    long long depth, height, width, stride_c, stride_z, stride_y, stride_x, nk, nj, ni, start, end;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KLLLLLLLKKKKLLLLL", &field, &depth, &height, &width, &stride_c, &stride_z,
+                          &stride_y, &stride_x, &to_cube, &to_out, &to_world, &out, &nk, &nj, &ni, &start, &end))
+        return NULL;
+    if (depth < 1 || height < 1 || width < 1 || nk < 1 || nj < 1 || ni < 1 || start < 0 || end < start
+        || end > nk) {
+        PyErr_SetString(PyExc_ValueError, "grid_field_3d: empty field or grid, or bad range of rows");
+        return NULL;
+    }
+    const GridField g = {{(const float *)(uintptr_t)field, 3, depth, height, width, stride_c, stride_z, stride_y,
+                          stride_x, NULL, 0, NULL, 0},
+                         (const double *)(uintptr_t)to_cube, (const double *)(uintptr_t)to_out,
+                         (const double *)(uintptr_t)to_world, (float *)(uintptr_t)out, ni, nj};
+    Py_BEGIN_ALLOW_THREADS
+    grid_field_range(&g, start, end);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"grid_field_3d", grid_field_3d, METH_VARARGS, grid_field_3d_doc},
     {"sample_3d", sample_3d, METH_VARARGS, sample_3d_doc},
     {"sample_3d_backward", sample_3d_backward, METH_VARARGS, sample_3d_backward_doc},
     {"filter_axis", filter_axis, METH_VARARGS, filter_axis_doc},

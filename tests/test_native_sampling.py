@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import sysconfig
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -184,3 +185,36 @@ def test_kernel_on_points_strictly_inside_equals_grid_sample(two_threads, field_
     (grad_plain,) = torch.autograd.grad(plain, points, upstream)
     (grad,) = torch.autograd.grad(threaded, points, upstream)
     assert torch.equal(grad, grad_plain)
+
+
+@needs_kernel
+@pytest.mark.parametrize("affines", ["none", "pre", "post"])
+def test_fields_on_an_image_grid_are_the_torch_paths(two_threads, affines):
+    """``displacement_on_grid`` on the compiled kernel (one pass per voxel) gives the torch path's field: an
+    oblique, flipped grid, a pre-alignment before or after the map, displacements that leave the cube, a field
+    that is a view of a larger tensor."""
+    from itk_gradicon.spatial import frames
+
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    q[:, 0] *= -1.0
+    fixed = geometry.ImageGrid(size=(23, 19, 17), spacing=(0.9, 1.3, 2.1), origin=tuple(rng.uniform(-60, 60, 3)),
+                               direction=tuple(map(tuple, q)))
+    moving = geometry.ImageGrid(size=(20, 25, 14), spacing=(1.1, 1.0, 1.7), origin=tuple(rng.uniform(-60, 60, 3)),
+                                direction=((1.0, 0, 0), (0, -1.0, 0), (0, 0, 1.0)))
+    source = geometry.NetworkFrame.reference_layout(fixed, (12, 10, 9))
+    target = geometry.NetworkFrame.reference_layout(moving, (12, 10, 9))
+    g = torch.Generator().manual_seed(5)
+    wide = torch.randn(1, 4, 12, 10, 9, generator=g) * 0.3  # up to about a third of the cube: far outside at times
+    field = wide[:, 1:]  # not contiguous
+    affine = np.eye(4)
+    affine[:3, :3] = np.linalg.qr(rng.normal(size=(3, 3)))[0] * 1.05
+    affine[:3, 3] = rng.uniform(-5, 5, 3)
+    kwargs = {"none": {}, "pre": {"preaffine": affine}, "post": {"postaffine": affine}}[affines]
+    assert frames._native_grid_field(field, 3)
+    got = frames.displacement_on_grid(field, fixed, source, target, **kwargs)
+    with fast_paths(native_sampling=False):
+        assert not frames._native_grid_field(field, 3)
+        expected = frames.displacement_on_grid(field, fixed, source, target, **kwargs)
+    assert got.shape == expected.shape == fixed.array_shape + (3,)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)  # mm; equal but for float64 summation order

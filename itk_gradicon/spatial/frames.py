@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..io.grid import ImageGrid, IndexBox, apply_affine, best_axis_alignment, canonical_axes  # noqa: F401  (re-exported)
 from ..network.sampling import cube_identity  # noqa: F401  (re-exported)
+from ..network import performance
+from ..network.sampling import MIN_NATIVE_POINTS_PER_THREAD, NATIVE, run_pieces, thread_ranges
 from ..network.sampling import sample_cube_field as fast_sample
 
 
@@ -186,9 +188,11 @@ def displacement_on_grid(cube_displacement: torch.Tensor, points_grid: ImageGrid
     index_to_world = points_grid.index_to_world()
     index_to_cube = source_frame.world_to_cube() @ (eye if preaffine is None else preaffine) @ index_to_world
     cube_to_out = (eye if postaffine is None else postaffine) @ target_frame.cube_to_world()
+    out = np.empty(points_grid.array_shape + (d,), dtype=np.float32)
+    if _native_grid_field(cube_displacement, d):
+        return _native_displacement_on_grid(cube_displacement, out, index_to_cube, cube_to_out, index_to_world)
     as_t = lambda m: torch.from_numpy(np.ascontiguousarray(m, dtype=np.float64))  # noqa: E731
     index_to_cube_t, cube_to_out_t, index_to_world_t = as_t(index_to_cube), as_t(cube_to_out), as_t(index_to_world)
-    out = np.empty(points_grid.array_shape + (d,), dtype=np.float32)
     slab = int(np.prod(points_grid.array_shape[1:])) if d > 1 else 1
     rows_per_chunk = max(1, max_voxels_per_chunk // max(1, slab))
     disp = cube_displacement.detach()
@@ -204,4 +208,27 @@ def displacement_on_grid(cube_displacement: torch.Tensor, points_grid: ImageGrid
         moved = y @ cube_to_out_t[:d, :d].T + cube_to_out_t[:d, d]
         points = idx @ index_to_world_t[:d, :d].T + index_to_world_t[:d, d]
         out[rows] = (moved - points).numpy()
+    return out
+
+
+def _native_grid_field(cube_displacement: torch.Tensor, d: int) -> bool:
+    """Whether :func:`displacement_on_grid` runs on the compiled kernel: a 3-D float32 map of one batch item on the
+    CPU, the kernel built and the fast paths on (:mod:`itk_gradicon.network.performance`)."""
+    settings = performance.current()
+    return (NATIVE is not None and settings.enabled and settings.native_sampling and d == 3
+            and cube_displacement.dim() == 5 and cube_displacement.shape[:2] == (1, 3)
+            and cube_displacement.device.type == "cpu" and cube_displacement.dtype == torch.float32)
+
+
+def _native_displacement_on_grid(cube_displacement: torch.Tensor, out: np.ndarray, index_to_cube: np.ndarray,
+                                 cube_to_out: np.ndarray, index_to_world: np.ndarray) -> np.ndarray:
+    """:func:`displacement_on_grid`'s loop in one compiled pass per voxel (``_linear.grid_field_3d``: the same
+    float64 arithmetic, dot products in axis order), one range of the slowest axis per thread."""
+    field = cube_displacement.detach()[0].contiguous()
+    matrices = [np.ascontiguousarray(m[:3, :4], dtype=np.float64) for m in (index_to_cube, cube_to_out, index_to_world)]
+    nk, nj, ni = out.shape[:3]
+    calls = [(field.data_ptr(), *field.shape[1:], *field.stride(), *(m.ctypes.data for m in matrices),
+              out.ctypes.data, nk, nj, ni, start, end)
+             for start, end in thread_ranges(nk, nj * ni, MIN_NATIVE_POINTS_PER_THREAD)]
+    run_pieces(NATIVE.grid_field_3d, calls)  # field, matrices and out stay referenced until every call returns
     return out
