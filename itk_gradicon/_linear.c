@@ -720,6 +720,108 @@ static PyObject *lncc_part(PyObject *self, PyObject *args)
 }
 
 /* ------------------------------------------------------------------------------------------------
+ * An image warped by a displacement in voxels on its own grid, zero outside (field IO's warps of the
+ * two images, itk_gradicon.pipeline.instance.warp_voxels): for node (z, y, x) of a contiguous float32
+ * [D, H, W] image and a contiguous 3-channel float32 displacement v on the same grid, the trilinear value
+ * at q = (z + v0, y + v1, x + v2), nodes outside the image counting 0 (so 0 beyond one node outside; a NaN
+ * point gives 0). which = 0 writes the values; which = 1 writes the gradient of sum(g * value) with respect
+ * to v (three rows of D H W values).
+ * ------------------------------------------------------------------------------------------------ */
+typedef struct {
+    const float *image, *v, *g;
+    float *out;
+    int64_t depth, height, width;
+} VoxelWarp;
+
+static inline float node_or_zero(const VoxelWarp *w, int64_t z, int64_t y, int64_t x)
+{
+    if (z < 0 || y < 0 || x < 0 || z >= w->depth || y >= w->height || x >= w->width)
+        return 0.0f;
+    return w->image[(z * w->height + y) * w->width + x];
+}
+
+ITK_GRADICON_CLONES
+static void voxel_warp_range(const VoxelWarp *w, int which, int64_t start, int64_t end)
+{
+    const int64_t D = w->depth, H = w->height, W = w->width, n = D * H * W, plane = H * W;
+    int64_t z = start / plane, y = (start / W) % H, x = start % W;
+    for (int64_t m = start; m < end; ++m) {
+        const float qz = (float)z + w->v[m], qy = (float)y + w->v[n + m], qx = (float)x + w->v[2 * n + m];
+        if (++x == W) { /* the next node */
+            x = 0;
+            if (++y == H)
+                y = 0, ++z;
+        }
+        if (!(qz > -1.0f && qz < (float)D && qy > -1.0f && qy < (float)H && qx > -1.0f && qx < (float)W)) {
+            if (which == 0)
+                w->out[m] = 0.0f;
+            else
+                w->out[m] = w->out[n + m] = w->out[2 * n + m] = 0.0f;
+            continue;
+        }
+        const float fz = floorf(qz), fy = floorf(qy), fx = floorf(qx);
+        const int64_t z0 = (int64_t)fz, y0 = (int64_t)fy, x0 = (int64_t)fx;
+        const float dz = qz - fz, dy = qy - fy, dx = qx - fx;
+        const float ez = 1.0f - dz, ey = 1.0f - dy, ex = 1.0f - dx;
+        float c000, c001, c010, c011, c100, c101, c110, c111;
+        if (z0 >= 0 && y0 >= 0 && x0 >= 0 && z0 + 1 < D && y0 + 1 < H && x0 + 1 < W) { /* the usual case */
+            const float *a = w->image + (z0 * H + y0) * W + x0, *b = a + plane;
+            c000 = a[0], c001 = a[1], c010 = a[W], c011 = a[W + 1];
+            c100 = b[0], c101 = b[1], c110 = b[W], c111 = b[W + 1];
+        } else {
+            c000 = node_or_zero(w, z0, y0, x0), c001 = node_or_zero(w, z0, y0, x0 + 1);
+            c010 = node_or_zero(w, z0, y0 + 1, x0), c011 = node_or_zero(w, z0, y0 + 1, x0 + 1);
+            c100 = node_or_zero(w, z0 + 1, y0, x0), c101 = node_or_zero(w, z0 + 1, y0, x0 + 1);
+            c110 = node_or_zero(w, z0 + 1, y0 + 1, x0), c111 = node_or_zero(w, z0 + 1, y0 + 1, x0 + 1);
+        }
+        /* along x, then y, then z */
+        const float x00 = ex * c000 + dx * c001, x01 = ex * c010 + dx * c011;
+        const float x10 = ex * c100 + dx * c101, x11 = ex * c110 + dx * c111;
+        const float y0v = ey * x00 + dy * x01, y1v = ey * x10 + dy * x11;
+        if (which == 0) {
+            w->out[m] = ez * y0v + dz * y1v;
+            continue;
+        }
+        const float g = w->g[m];
+        const float gx = ez * (ey * (c001 - c000) + dy * (c011 - c010)) + dz * (ey * (c101 - c100) + dy * (c111 - c110));
+        const float gy = ez * (x01 - x00) + dz * (x11 - x10);
+        const float gz = y1v - y0v;
+        w->out[m] = g * gz;
+        w->out[n + m] = g * gy;
+        w->out[2 * n + m] = g * gx;
+    }
+}
+
+PyDoc_STRVAR(warp_voxels_doc,
+"warp_voxels(which, image, v, g, out, depth, height, width, start, end)\n"
+"--\n\n"
+"An image [depth, height, width] (contiguous float32) at node + v (v: contiguous float32 [3, depth, height,\n"
+"width], in voxels), linear, zero outside, for the nodes start..end-1: which = 0 writes the values to out,\n"
+"which = 1 the gradient of sum(g * value) with respect to v to out [3, depth, height, width] (no checks:\n"
+"the caller owns the memory). The GIL is released meanwhile.");
+
+static PyObject *warp_voxels(PyObject *self, PyObject *args)
+{
+    int which;
+    unsigned long long image, v, g, out;
+    long long depth, height, width, start, end;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iKKKKLLLLL", &which, &image, &v, &g, &out, &depth, &height, &width, &start, &end))
+        return NULL;
+    if (which < 0 || which > 1 || depth < 1 || height < 1 || width < 1 || start < 0 || end < start
+        || end > depth * height * width) {
+        PyErr_SetString(PyExc_ValueError, "warp_voxels: unknown part, empty grid or bad range of nodes");
+        return NULL;
+    }
+    const VoxelWarp w = {(const float *)(uintptr_t)image, (const float *)(uintptr_t)v, (const float *)(uintptr_t)g,
+                         (float *)(uintptr_t)out, depth, height, width};
+    Py_BEGIN_ALLOW_THREADS
+    voxel_warp_range(&w, which, start, end);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------------------------------
  * A network map's WORLD displacement at every voxel centre of an image grid, one pass per voxel
  * (itk_gradicon.spatial.frames.displacement_on_grid): for the INDEX point p = (i, j, k) of voxel
  * [k, j, i] of an output [nk, nj, ni, 3], in float64,
@@ -805,6 +907,7 @@ static PyMethodDef methods[] = {
     {"sample_3d_backward", sample_3d_backward, METH_VARARGS, sample_3d_backward_doc},
     {"filter_axis", filter_axis, METH_VARARGS, filter_axis_doc},
     {"lncc_part", lncc_part, METH_VARARGS, lncc_part_doc},
+    {"warp_voxels", warp_voxels, METH_VARARGS, warp_voxels_doc},
     {NULL, NULL, 0, NULL},
 };
 

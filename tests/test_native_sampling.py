@@ -218,3 +218,85 @@ def test_fields_on_an_image_grid_are_the_torch_paths(two_threads, affines):
         expected = frames.displacement_on_grid(field, fixed, source, target, **kwargs)
     assert got.shape == expected.shape == fixed.array_shape + (3,)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)  # mm; equal but for float64 summation order
+
+
+def _voxel_displacement(shape, generator, spread=2.0):
+    """Displacements in voxels that reach up to two voxels outside the grid, never onto a node exactly (where a
+    linear interpolation's gradient is one-sided)."""
+    v = torch.randn(1, 3, *shape, generator=generator) * spread
+    return v + 0.0123 * torch.sign(v - v.round()).clamp(min=-1, max=1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(9, 10, 11), (24, 20, 17), (2, 5, 3)])
+def test_warp_by_voxels_is_the_cube_expression(two_threads, shape):
+    """Field IO's warp of an image by a displacement in voxels (``instance.warp_voxels``) on the compiled kernel:
+    the values and gradient of ``losses.warp(image, identity + v / scale, zero_outside=True)`` to float rounding."""
+    from itk_gradicon.pipeline import instance
+
+    g = torch.Generator().manual_seed(8)
+    image = torch.rand(1, 1, *shape, generator=g)
+    v = _voxel_displacement(shape, g)
+    upstream = torch.randn(1, 1, *shape, generator=g)
+    ours, theirs = v.clone().requires_grad_(True), v.clone().requires_grad_(True)
+    assert instance._voxel_warp_applies(image, ours)
+    got = instance.warp_voxels(image, ours)
+    (got * upstream).sum().backward()
+    with fast_paths(native_sampling=False):
+        assert not instance._voxel_warp_applies(image, theirs)
+        expected = instance.warp_voxels(image, theirs)
+        (expected * upstream).sum().backward()
+    assert (got - expected).abs().max().item() < 1e-5
+    assert (ours.grad - theirs.grad).abs().max().item() < 1e-4 * theirs.grad.abs().max().item()
+
+
+@needs_kernel
+def test_warp_by_voxels_is_zero_beyond_one_voxel_outside_and_on_nan(two_threads):
+    from itk_gradicon.pipeline import instance
+
+    image = torch.rand(1, 1, 6, 7, 8) + 1.0
+    v = torch.zeros(1, 3, 6, 7, 8)
+    v[0, 2, 0, 0, 0] = -1.5       # x = -1.5: beyond the zero ring
+    v[0, 0, 1, 1, 1] = 10.0       # z = 11 of 6
+    v[0, 1, 2, 2, 2] = float("nan")
+    v[0, 2, 3, 3, 0] = -0.5       # half way to the ring: half the edge value
+    v = v.requires_grad_(True)
+    out = instance.warp_voxels(image, v)
+    out.sum().backward()
+    assert out[0, 0, 0, 0, 0] == 0 and out[0, 0, 1, 1, 1] == 0 and out[0, 0, 2, 2, 2] == 0
+    assert v.grad[0, :, 0, 0, 0].abs().sum() == 0 and v.grad[0, :, 1, 1, 1].abs().sum() == 0
+    assert out[0, 0, 3, 3, 0].item() == pytest.approx(0.5 * image[0, 0, 3, 3, 0].item(), rel=1e-6)
+    assert v.grad[0, 2, 3, 3, 0].item() == pytest.approx(image[0, 0, 3, 3, 0].item(), rel=1e-6)  # d/dx of the ramp
+    assert torch.equal(out[0, 0, 4:], image[0, 0, 4:])  # no displacement: the image itself
+
+
+@needs_kernel
+def test_warp_by_voxels_takes_the_kernel_only_where_it_applies(monkeypatch):
+    from itk_gradicon.pipeline import instance
+
+    image, v = torch.rand(1, 1, 5, 6, 7), torch.zeros(1, 3, 5, 6, 7)
+    assert instance._voxel_warp_applies(image, v)
+    assert not instance._voxel_warp_applies(image.double(), v.double())
+    assert not instance._voxel_warp_applies(image.requires_grad_(True), v)
+    assert not instance._voxel_warp_applies(torch.rand(1, 1, 5, 6), torch.zeros(1, 2, 5, 6))
+    assert not instance._voxel_warp_applies(torch.rand(1, 1, 5, 6, 7), torch.zeros(1, 3, 5, 6, 8))
+    two_d = instance.warp_voxels(torch.rand(1, 1, 5, 6), torch.zeros(1, 2, 5, 6))  # the expression in 2-D
+    assert two_d.shape == (1, 1, 5, 6)
+
+
+@needs_kernel
+def test_warp_by_voxels_is_the_same_on_any_number_of_threads(monkeypatch):
+    from itk_gradicon.pipeline import instance
+
+    g = torch.Generator().manual_seed(9)
+    image = torch.rand(1, 1, 40, 41, 42, generator=g)
+    v = _voxel_displacement((40, 41, 42), g).requires_grad_(True)
+    results = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        v.grad = None
+        out = instance.warp_voxels(image, v)
+        (out * out).sum().backward()
+        results.append((out.detach().clone(), v.grad.clone()))
+    for out, grad in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(grad, results[0][1])

@@ -29,7 +29,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..network.sampling import cube_identity, sample_cube_field
+from ..network import performance
+from ..network.sampling import MIN_NATIVE_POINTS_PER_THREAD, NATIVE, cube_identity, run_pieces, sample_cube_field, \
+    thread_ranges
 from . import losses
 from .options import DEFAULT_LR, DEFAULT_SMOOTHNESS, IO_METHODS  # noqa: F401  (IO_METHODS: re-exported)
 
@@ -136,6 +138,56 @@ class _Diffusion(torch.autograd.Function):
             out[tuple(later)] += weighted    # d/du[i] of (u[i] - u[i-1])^2 and (u[i+1] - u[i])^2
             out[tuple(earlier)] -= weighted
         return out * scale, None
+
+
+def warp_voxels(image: Tensor, displacement: Tensor) -> Tensor:
+    """``image`` (``[1, 1, *grid]``) sampled at every node of its grid plus ``displacement`` (``[1, d, *grid]``, in
+    voxels of that grid), linear, zero outside: field IO's warp of an image by its unknowns.
+
+    The function ``losses.warp(image, identity + displacement / voxel_scale, zero_outside=True)`` computes; for
+    3-D float32 tensors on the CPU (an image that needs no gradient) it runs on the compiled kernel
+    (``_linear.warp_voxels``), one pass forward and one backward, without the CUBE points, their scaling and the
+    padded copy of the image that expression makes every step (figures: ``benchmarks/ACCURACY.md``, run 26).
+    Only float rounding differs.
+    """
+    if _voxel_warp_applies(image, displacement):
+        return _VoxelWarp.apply(image, displacement)
+    shape = tuple(image.shape[2:])
+    identity = cube_identity(shape, device=displacement.device, dtype=displacement.dtype)
+    return losses.warp(image, identity + displacement / voxel_scale(shape, displacement), zero_outside=True)
+
+
+def _voxel_warp_applies(image: Tensor, displacement: Tensor) -> bool:
+    settings = performance.current()
+    return (NATIVE is not None and settings.enabled and settings.native_sampling
+            and image.dim() == 5 and tuple(image.shape[:2]) == (1, 1)
+            and tuple(displacement.shape) == (1, 3, *image.shape[2:])
+            and image.dtype == displacement.dtype == torch.float32
+            and image.device.type == displacement.device.type == "cpu" and not image.requires_grad)
+
+
+class _VoxelWarp(torch.autograd.Function):
+    """:func:`warp_voxels` on the compiled kernel; the image is a constant (no gradient)."""
+
+    @staticmethod
+    def _run(which: int, image: Tensor, v: Tensor, g: Optional[Tensor], out: Tensor) -> Tensor:
+        depth, height, width = image.shape[2:]
+        n = depth * height * width
+        run_pieces(NATIVE.warp_voxels, [(which, image.data_ptr(), v.data_ptr(), 0 if g is None else g.data_ptr(),
+                                         out.data_ptr(), depth, height, width, start, end)
+                                        for start, end in thread_ranges(n, 1, MIN_NATIVE_POINTS_PER_THREAD)])
+        return out  # every tensor above stays referenced until the calls return
+
+    @staticmethod
+    def forward(ctx, image: Tensor, displacement: Tensor) -> Tensor:
+        image, v = image.detach().contiguous(), displacement.detach().contiguous()
+        ctx.save_for_backward(image, v)
+        return _VoxelWarp._run(0, image, v, None, torch.empty_like(image))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tuple[None, Tensor]:
+        image, v = ctx.saved_tensors
+        return None, _VoxelWarp._run(1, image, v, grad.contiguous().float(), torch.empty_like(v))
 
 
 def inverse_consistency_penalty(disp_AB: Tensor, disp_BA: Tensor, identity: Tensor) -> Tensor:
@@ -310,7 +362,7 @@ class _FieldLevel:
         for step in range(1, steps + 1):
             optimizer.zero_grad()
             current = [v / scale for v in voxels]
-            total, record = self._objective(current, identity, similarity, smoothness, dice_weight, step)
+            total, record = self._objective(current, voxels, identity, similarity, smoothness, dice_weight, step)
             total.backward()
             optimizer.step()
             report(record, step)
@@ -324,25 +376,27 @@ class _FieldLevel:
                     break                                          # the pre-alignment rises before it falls
         return [(v / scale).detach() for v in voxels], step
 
-    def _objective(self, fields: List[Tensor], identity: Tensor, similarity: Tuple[Callable[[Tensor], Tensor], ...],
-                   smoothness: float, dice_weight: float, step: int) -> Tuple[Tensor, Dict[str, float]]:
+    def _objective(self, fields: List[Tensor], voxels: List[Tensor], identity: Tensor,
+                   similarity: Tuple[Callable[[Tensor], Tensor], ...], smoothness: float, dice_weight: float,
+                   step: int) -> Tuple[Tensor, Dict[str, float]]:
+        """The loss of ``fields`` (CUBE displacements), which are ``voxels`` (the unknowns, in this grid's
+        voxels) scaled: the images are warped by the unknowns themselves (:func:`warp_voxels`)."""
         image_A, image_B = self.image_A, self.image_B
         u_AB = fields[0]
-        grid_AB = identity + u_AB
         to_B, to_A = similarity
-        sim = to_B(losses.warp(image_A, grid_AB, zero_outside=True))
+        sim = to_B(warp_voxels(image_A, voxels[0]))
         reg = diffusion_penalty(u_AB)
         dice = image_A.new_zeros(())
         if self.one_A is not None:
-            dice = losses.soft_dice_loss(losses.warp(self.one_A, grid_AB, zero_outside=False), self.one_B, self.valid)
+            dice = losses.soft_dice_loss(losses.warp(self.one_A, identity + u_AB, zero_outside=False), self.one_B,
+                                         self.valid)
         consistency = image_A.new_zeros(())
         if len(fields) == 2:
             u_BA = fields[1]
-            grid_BA = identity + u_BA
-            sim = sim + to_A(losses.warp(image_B, grid_BA, zero_outside=True))
+            sim = sim + to_A(warp_voxels(image_B, voxels[1]))
             reg = reg + diffusion_penalty(u_BA)
             if self.one_A is not None:
-                dice = dice + losses.soft_dice_loss(losses.warp(self.one_B, grid_BA, zero_outside=False),
+                dice = dice + losses.soft_dice_loss(losses.warp(self.one_B, identity + u_BA, zero_outside=False),
                                                     self.one_A, self.valid)
             consistency = alternating_inverse_consistency(u_AB, u_BA, identity, step)
         total = sim + smoothness * reg + INVERSE_CONSISTENCY * consistency + dice_weight * dice
