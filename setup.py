@@ -1,8 +1,8 @@
 """Build script for the optional compiled part; everything else is declared in setup.cfg.
 
 ``itk_gradicon._linear`` holds small C loops: trilinear sampling (the network's warps and compositions,
-instance optimisation's warps), one axis of a separable filter and LNCC's pointwise parts (instance
-optimisation's similarity). It is optional: where no C compiler is available the build goes on without it
+instance optimisation's warps, the written field on the image grid), one axis of a separable filter (zero or
+replicate padding) and LNCC's pointwise parts (instance optimisation's similarities). It is optional: where no C compiler is available the build goes on without it
 and itk_gradicon uses PyTorch's ``grid_sample``, banded matrix products and autograd (same values up to
 float rounding, slower).
 """

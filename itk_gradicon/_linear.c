@@ -13,9 +13,12 @@
  *
  * The same module holds the other loops of instance optimisation that PyTorch runs as many passes over
  * memory: filter_axis, one axis of a separable filter (the Gaussian windows of LNCC, see
- * itk_gradicon.network.separable), and lncc_part, the pointwise parts of LNCC against a fixed image
- * (itk_gradicon.pipeline.losses). With AVX2 (checked at run time) sample_3d and sample_3d_backward take
- * eight points of a one-channel field at a time, bitwise as the scalar loop.
+ * itk_gradicon.network.separable), and filter_axis_replicate, the same with replicate padding (MIND-SSC's
+ * box means); lncc_part, the pointwise parts of LNCC against a fixed image (itk_gradicon.pipeline.losses);
+ * warp_voxels, an image warped by a displacement in voxels, zero outside (field IO's warps,
+ * itk_gradicon.pipeline.instance); and grid_field_3d, a network map's WORLD displacement at every voxel of
+ * an image grid (itk_gradicon.spatial.frames). With AVX2 (checked at run time) sample_3d and
+ * sample_3d_backward take eight points of a one-channel field at a time, bitwise as the scalar loop.
  *
  * Built as an optional extension (setup.py): where it is missing, itk_gradicon uses grid_sample, banded
  * matrix products and autograd for the same functions.
@@ -619,6 +622,119 @@ static PyObject *filter_axis(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* The same filter with the axis padded by repeating its end values (replicate padding: MIND-SSC's box
+ * means, itk_gradicon.pipeline.losses.box_mean): out[o, s, j] = sum_t kernel[t] x[o, clamp(s + t - half), j];
+ * with adjoint set, its transpose: out[o, s, j] = sum over (i, t) with clamp(i + t - half) = s of
+ * kernel[t] x[o, i, j] (the end values collect every term that the padding sent to them). Units as in
+ * filter_units; every output value is a sum in a fixed order, whatever the split into units. */
+static inline int64_t clamp_index(int64_t i, int64_t n)
+{
+    return i < 0 ? 0 : (i >= n ? n - 1 : i);
+}
+
+/* The inputs i (first..last) whose padded shift by `shift` lands on output s, for the adjoint. */
+static inline int adjoint_range(int64_t s, int64_t shift, int64_t n, int64_t *first, int64_t *last)
+{
+    if (n == 1) {
+        *first = *last = 0;
+    } else if (s == 0) {
+        *first = 0, *last = -shift < n - 1 ? -shift : n - 1;
+    } else if (s == n - 1) {
+        *first = n - 1 - shift > 0 ? n - 1 - shift : 0, *last = n - 1;
+    } else {
+        *first = *last = s - shift;
+    }
+    return *first <= *last && *first >= 0 && *last <= n - 1;
+}
+
+ITK_GRADICON_CLONES
+static void replicate_units(const AxisFilter *f, int adjoint, int64_t start, int64_t end)
+{
+    const int64_t n = f->n, inner = f->inner;
+    if (inner == 1) {
+        for (int64_t o = start; o < end; ++o) {
+            const float *x = f->x + o * n;
+            float *y = f->out + o * n;
+            for (int64_t i = 0; i < n; ++i)
+                y[i] = 0.0f;
+            for (int64_t t = 0; t < f->taps; ++t) {
+                const float k = f->kernel[t];
+                const int64_t shift = t - f->half;
+                if (!adjoint) {
+                    const int64_t lo = shift < 0 ? (-shift < n ? -shift : n) : 0;
+                    const int64_t hi = shift > 0 ? (n - shift > 0 ? n - shift : 0) : n;
+                    for (int64_t i = 0; i < lo; ++i)
+                        y[i] += k * x[0];
+                    for (int64_t i = lo; i < hi; ++i)
+                        y[i] += k * x[i + shift];
+                    for (int64_t i = hi > lo ? hi : lo; i < n; ++i)
+                        y[i] += k * x[n - 1];
+                } else {
+                    /* interior outputs 1..n-2: one input each; the two ends: a run of inputs */
+                    const int64_t lo = shift > 1 ? shift : 1, hi = n + shift < n - 1 ? n + shift : n - 1;
+                    for (int64_t s = lo; s < hi; ++s) /* s in 1..n-2 with s - shift in 0..n-1 */
+                        y[s] += k * x[s - shift];
+                    const int64_t ends[2] = {0, n - 1};
+                    for (int e = 0; e < (n > 1 ? 2 : 1); ++e) {
+                        int64_t first, last;
+                        if (adjoint_range(ends[e], shift, n, &first, &last))
+                            for (int64_t i = first; i <= last; ++i)
+                                y[ends[e]] += k * x[i];
+                    }
+                }
+            }
+        }
+        return;
+    }
+    for (int64_t u = start; u < end; ++u) {
+        const int64_t o = u / n, s = u % n;
+        float *y = f->out + u * inner;
+        for (int64_t j = 0; j < inner; ++j)
+            y[j] = 0.0f;
+        for (int64_t t = 0; t < f->taps; ++t) {
+            const int64_t shift = t - f->half;
+            int64_t first, last;
+            if (!adjoint)
+                first = last = clamp_index(s + shift, n);
+            else if (!adjoint_range(s, shift, n, &first, &last))
+                continue;
+            const float k = f->kernel[t];
+            for (int64_t i = first; i <= last; ++i) {
+                const float *x = f->x + (o * n + i) * inner;
+                for (int64_t j = 0; j < inner; ++j)
+                    y[j] += k * x[j];
+            }
+        }
+    }
+}
+
+PyDoc_STRVAR(filter_axis_replicate_doc,
+"filter_axis_replicate(x, out, n, inner, kernel, taps, half, adjoint, start, end)\n"
+"--\n\n"
+"filter_axis with the axis padded by its end values: out[o, i, j] = sum_t kernel[t] x[o, clamp(i + t - half),\n"
+"j]; adjoint = 1 computes the transposed map (for the backward pass). Same units and conditions as\n"
+"filter_axis; the GIL is released while the units are computed.");
+
+static PyObject *filter_axis_replicate(PyObject *self, PyObject *args)
+{
+    unsigned long long x, out, kernel;
+    long long n, inner, taps, half, start, end;
+    int adjoint;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKLLKLLiLL", &x, &out, &n, &inner, &kernel, &taps, &half, &adjoint, &start, &end))
+        return NULL;
+    if (n < 1 || inner < 1 || taps < 1 || half < 0 || half >= taps || start < 0 || end < start) {
+        PyErr_SetString(PyExc_ValueError, "filter_axis_replicate: empty axis or kernel, or bad range of units");
+        return NULL;
+    }
+    const AxisFilter f = {(const float *)(uintptr_t)x, (float *)(uintptr_t)out, n, inner,
+                          (const float *)(uintptr_t)kernel, taps, half};
+    Py_BEGIN_ALLOW_THREADS
+    replicate_units(&f, adjoint != 0, start, end);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 /* ------------------------------------------------------------------------------------------------
  * LNCC against a fixed image, pointwise parts (itk_gradicon.pipeline.losses): n voxels, contiguous
  * float32. The moments m holds three rows of n: the windowed means of w, w t and w w (w the warped image,
@@ -906,6 +1022,7 @@ static PyMethodDef methods[] = {
     {"sample_3d", sample_3d, METH_VARARGS, sample_3d_doc},
     {"sample_3d_backward", sample_3d_backward, METH_VARARGS, sample_3d_backward_doc},
     {"filter_axis", filter_axis, METH_VARARGS, filter_axis_doc},
+    {"filter_axis_replicate", filter_axis_replicate, METH_VARARGS, filter_axis_replicate_doc},
     {"lncc_part", lncc_part, METH_VARARGS, lncc_part_doc},
     {"warp_voxels", warp_voxels, METH_VARARGS, warp_voxels_doc},
     {NULL, NULL, 0, NULL},
@@ -914,7 +1031,9 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_linear",
     "Compiled loops of itk_gradicon: trilinear sampling (itk_gradicon.network.sampling), a separable filter's\n"
-    "axis (itk_gradicon.network.separable), LNCC's pointwise parts (itk_gradicon.pipeline.losses).", -1, methods,
+    "axis with zero or replicate padding (itk_gradicon.network.separable), LNCC's pointwise parts\n"
+    "(itk_gradicon.pipeline.losses), field IO's warp by voxel displacements (itk_gradicon.pipeline.instance),\n"
+    "a network map as a WORLD displacement on an image grid (itk_gradicon.spatial.frames).", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 

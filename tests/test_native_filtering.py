@@ -154,3 +154,44 @@ def test_compiled_lncc_is_used_only_where_it_applies():
     assert not losses._LNCCAgainst(target.double(), 2.0).compiled
     with fast_paths(native_filtering=False):
         assert not losses._LNCCAgainst(target, 2.0).compiled
+
+
+def _replicate_reference(x: torch.Tensor, kernel: torch.Tensor, axis: int) -> torch.Tensor:
+    """``sum_t kernel[t] x[clamp(i + t - half)]`` along ``axis``, in float64 by explicit indexing."""
+    n, half = x.shape[2 + axis], (kernel.numel() - 1) // 2
+    out = torch.zeros_like(x, dtype=torch.float64)
+    for t in range(kernel.numel()):
+        index = (torch.arange(n) + t - half).clamp(0, n - 1)
+        out += float(kernel[t]) * x.double().index_select(2 + axis, index)
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 12, 7, 5, 9), (2, 3, 1, 6, 3), (1, 2, 2, 2, 2), (1, 4, 3, 40, 1)])
+@pytest.mark.parametrize("taps", [3, 5, 7, 4])
+def test_replicate_filter_and_its_adjoint(shape, taps):
+    """The compiled filter with replicate padding (MIND's box means) against explicit clamped indexing, on every
+    axis, kernels longer than the axis and even ones; its backward is the transposed map (<A x, g> = <x, A^T g>)."""
+    g = torch.Generator().manual_seed(taps)
+    kernel = torch.rand(taps, generator=g)
+    for axis in range(3):
+        x = torch.randn(*shape, generator=g).requires_grad_(True)
+        y = separable.filter_along_axis_replicate(x, kernel, axis)
+        assert torch.allclose(y.double(), _replicate_reference(x.detach(), kernel, axis), atol=1e-5)
+        upstream = torch.randn(*shape, generator=g)
+        (y * upstream).sum().backward()
+        x2 = x.detach().double().requires_grad_(True)
+        (_replicate_reference(x2, kernel.double(), axis) * upstream.double()).sum().backward()
+        assert torch.allclose(x.grad.double(), x2.grad, atol=1e-5)
+
+
+@needs_kernel
+def test_box_mean_on_the_compiled_filter_is_the_banded_one_and_thread_independent(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(1, 12, 17, 19, 23, generator=g)
+    fast = losses.box_mean(x, 2)
+    with fast_paths(native_filtering=False):
+        banded = losses.box_mean(x, 2)
+    assert (fast - banded).abs().max().item() < 1e-6
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert torch.equal(losses.box_mean(x, 2), fast)

@@ -100,6 +100,41 @@ def _native_filter(x: torch.Tensor, kernel: torch.Tensor, axis: int, half: int) 
     return out  # x, out and kernel stay referenced until every call has returned
 
 
+def filter_along_axis_replicate(x: torch.Tensor, kernel: torch.Tensor, axis: int) -> torch.Tensor:
+    """``y[..., i, ...] = sum_t kernel[t] x[..., clamp(i + t - half), ...]`` along spatial ``axis``: the axis padded
+    by its end values. On the compiled kernel; requires :func:`uses_native_filter`."""
+    return _ReplicateAxisFilter.apply(x, kernel.contiguous(), axis)
+
+
+def _native_replicate_filter(x: torch.Tensor, kernel: torch.Tensor, axis: int, adjoint: bool) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    n = x.shape[2 + axis]
+    inner = math.prod(x.shape[3 + axis:])
+    outer = x.numel() // (n * inner)
+    units = outer * n if inner > 1 else outer
+    ranges = thread_ranges(units, x.numel() // units, MIN_FILTER_VALUES_PER_THREAD)
+    run_pieces(NATIVE.filter_axis_replicate, [(x.data_ptr(), out.data_ptr(), n, inner, kernel.data_ptr(),
+                                               kernel.numel(), (kernel.numel() - 1) // 2, int(adjoint), start, end)
+                                              for start, end in ranges])
+    return out  # x, out and kernel stay referenced until every call has returned
+
+
+class _ReplicateAxisFilter(torch.autograd.Function):
+    """:func:`filter_along_axis_replicate`; the backward pass is the transposed map on the same kernel."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kernel: torch.Tensor, axis: int) -> torch.Tensor:
+        ctx.save_for_backward(kernel)
+        ctx.axis = axis
+        return _native_replicate_filter(x, kernel, axis, adjoint=False)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None]:
+        (kernel,) = ctx.saved_tensors
+        return _native_replicate_filter(grad, kernel, ctx.axis, adjoint=True), None, None
+
+
 def _adjoint(kernel: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """The transposed filter of ``kernel`` (aligned ``(taps - 1) // 2``): the kernel reversed, and its
     alignment ``taps - 1 - (taps - 1) // 2``."""

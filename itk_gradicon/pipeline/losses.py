@@ -231,6 +231,11 @@ def box_mean(x: Tensor, radius: int) -> Tensor:
     values of ``avg_pool(pad(x, radius, "replicate"), 2 radius + 1, stride=1)`` as one banded matrix product
     per axis (faster on a CPU, forward and backward: ``benchmarks/README.md``, "Design figures")."""
     x = x.contiguous()
+    box = torch.full((2 * radius + 1,), 1.0 / (2 * radius + 1), dtype=x.dtype, device=x.device)
+    if separable.uses_native_filter(x, box):  # the compiled filter (about 4x faster at 96^3, float rounding only)
+        for axis in range(x.dim() - 2):
+            x = separable.filter_along_axis_replicate(x, box, axis)
+        return x
     for axis in range(x.dim() - 2):
         x = product_along_axis(x, _replicate_box_matrix(x.shape[2 + axis], radius, device=x.device, dtype=x.dtype),
                                axis)
