@@ -43,6 +43,8 @@ _OFF = ("0", "false", "no", "off")
 #: (12 bytes per value: the float32 copy and the pixels as stored): larger inputs are read once the job comes,
 #: after the first process's memory check.
 EARLY_READ_SHARE = 0.1
+#: The command-line flags of the files the pre-alignment reads.
+INPUT_FLAGS = ("--fixed", "--moving", "--fixed-mask", "--moving-mask")
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,7 @@ class PrealignmentJob:
     @property
     def files(self) -> Dict[str, Optional[Path]]:
         """The input files under their command-line flags."""
-        return {"--fixed": self.fixed, "--moving": self.moving, "--fixed-mask": self.fixed_mask,
-                "--moving-mask": self.moving_mask}
+        return dict(zip(INPUT_FLAGS, (self.fixed, self.moving, self.fixed_mask, self.moving_mask)))
 
     def run(self, log: Callable[[str], None], early: Optional["EarlyInputs"] = None):
         """Read the inputs as ``gradicon register`` reads them (the same function; ``early``'s where it read these

@@ -23,6 +23,7 @@ from ..pipeline.affine import (  # noqa: F401
 from ..pipeline.options import INPUT_KEYWORDS, RegistrationOptions, check_options
 from ..spatial.transforms import TRANSFORM_OUTPUT_SUFFIXES
 from .files import read_header, read_images_and_masks
+from . import prealign_process
 from .prealign_process import PrealignmentJob, PrealignmentProcess
 
 Log = Callable[[str], None]
@@ -158,8 +159,8 @@ def run_register(files: RegisterFiles, outputs: RegisterOutputs, options: Option
     may_prealign = files.initial_transform is None and (options is None or options.prealignment.affine != "none")
     background = None
     if may_prealign and loaded_model is None:
-        background = PrealignmentProcess.start({flag: path for flag, path in files.by_flag().items()
-                                                if flag in ("--fixed", "--moving", "--fixed-mask", "--moving-mask")})
+        by_flag = files.by_flag()
+        background = PrealignmentProcess.start({flag: by_flag[flag] for flag in prealign_process.INPUT_FLAGS})
     try:
         return _run_register(files, outputs, options, model=model, seed=seed, device=device, log=log,
                              progress=progress, loaded_model=loaded_model, predictor=predictor, background=background)

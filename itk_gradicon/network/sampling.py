@@ -120,9 +120,16 @@ def run_pieces(function, pieces: List[tuple]) -> list:
     return list(_pool(max(2, torch.get_num_threads())).map(lambda args: function(*args), pieces))
 
 
-def _use_native(field: torch.Tensor, points: torch.Tensor) -> bool:
+def native_sampling_on() -> bool:
+    """Whether the compiled sampling loops may run: built, and allowed by
+    :class:`~itk_gradicon.network.performance.FastPaths` (``native_sampling``). Each caller adds what its loop
+    takes (3-D float32 tensors on the CPU)."""
     settings = performance.current()
-    return (NATIVE is not None and settings.enabled and settings.native_sampling
+    return NATIVE is not None and settings.enabled and settings.native_sampling
+
+
+def _use_native(field: torch.Tensor, points: torch.Tensor) -> bool:
+    return (native_sampling_on()
             and field.dim() == 5 and points.dim() == 5 and points.shape[1] == 3
             and field.device.type == "cpu" and points.device.type == "cpu"
             and field.dtype == torch.float32 and points.dtype == torch.float32

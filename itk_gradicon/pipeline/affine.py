@@ -339,7 +339,8 @@ def start_rotations(dimension: int) -> List[Tuple[str, np.ndarray]]:
     seen = set()
 
     def add(name: str, matrix: np.ndarray) -> None:
-        key = (np.round(matrix, 6) + 0.0).tobytes()  # products of exact turns agree to far better than 1e-6; + 0.0: no -0.0
+        # products of exact turns agree to far better than 1e-6; + 0.0 turns -0.0 into 0.0
+        key = (np.round(matrix, 6) + 0.0).tobytes()
         if key not in seen:
             seen.add(key)
             found.append((name, matrix))

@@ -29,9 +29,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..network import performance
-from ..network.sampling import MIN_NATIVE_POINTS_PER_THREAD, NATIVE, cube_identity, run_pieces, sample_cube_field, \
-    thread_ranges
+from ..network.sampling import MIN_NATIVE_POINTS_PER_THREAD, NATIVE, cube_identity, native_sampling_on, run_pieces, \
+    sample_cube_field, thread_ranges
 from . import losses
 from .options import DEFAULT_LR, DEFAULT_SMOOTHNESS, IO_METHODS  # noqa: F401  (IO_METHODS: re-exported)
 
@@ -158,8 +157,7 @@ def warp_voxels(image: Tensor, displacement: Tensor) -> Tensor:
 
 
 def _voxel_warp_applies(image: Tensor, displacement: Tensor) -> bool:
-    settings = performance.current()
-    return (NATIVE is not None and settings.enabled and settings.native_sampling
+    return (native_sampling_on()
             and image.dim() == 5 and tuple(image.shape[:2]) == (1, 1)
             and tuple(displacement.shape) == (1, 3, *image.shape[2:])
             and image.dtype == displacement.dtype == torch.float32

@@ -37,8 +37,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..io.grid import ImageGrid, IndexBox, apply_affine, best_axis_alignment, canonical_axes  # noqa: F401  (re-exported)
 from ..network.sampling import cube_identity  # noqa: F401  (re-exported)
-from ..network import performance
-from ..network.sampling import MIN_NATIVE_POINTS_PER_THREAD, NATIVE, run_pieces, thread_ranges
+from ..network.sampling import MIN_NATIVE_POINTS_PER_THREAD, NATIVE, native_sampling_on, run_pieces, thread_ranges
 from ..network.sampling import sample_cube_field as fast_sample
 
 
@@ -214,8 +213,7 @@ def displacement_on_grid(cube_displacement: torch.Tensor, points_grid: ImageGrid
 def _native_grid_field(cube_displacement: torch.Tensor, d: int) -> bool:
     """Whether :func:`displacement_on_grid` runs on the compiled kernel: a 3-D float32 map of one batch item on the
     CPU, the kernel built and the fast paths on (:mod:`itk_gradicon.network.performance`)."""
-    settings = performance.current()
-    return (NATIVE is not None and settings.enabled and settings.native_sampling and d == 3
+    return (native_sampling_on() and d == 3
             and cube_displacement.dim() == 5 and cube_displacement.shape[:2] == (1, 3)
             and cube_displacement.device.type == "cpu" and cube_displacement.dtype == torch.float32)
 
