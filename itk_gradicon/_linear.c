@@ -15,8 +15,8 @@
  * memory: filter_axis, one axis of a separable filter (the Gaussian windows of LNCC, see
  * itk_gradicon.network.separable), and filter_axis_replicate, the same with replicate padding (MIND-SSC's
  * box means); lncc_part, the pointwise parts of LNCC against a fixed image (itk_gradicon.pipeline.losses);
- * warp_voxels, an image warped by a displacement in voxels, zero outside (field IO's warps,
- * itk_gradicon.pipeline.instance); and grid_field_3d, a network map's WORLD displacement at every voxel of
+ * warp_voxels, an image warped by a displacement in voxels, zero outside, and round_trip, the inverse-
+ * consistency round trip of two such displacements (field IO, itk_gradicon.pipeline.instance); and grid_field_3d, a network map's WORLD displacement at every voxel of
  * an image grid (itk_gradicon.spatial.frames). With AVX2 (checked at run time) sample_3d and
  * sample_3d_backward take eight points of a one-channel field at a time, bitwise as the scalar loop.
  *
@@ -938,6 +938,253 @@ static PyObject *warp_voxels(PyObject *self, PyObject *args)
 }
 
 /* ------------------------------------------------------------------------------------------------
+ * Field IO's inverse-consistency round trip in voxels (itk_gradicon.pipeline.instance.round_trip_voxels):
+ * for two contiguous float32 3-channel displacements a (first) and b (second) on one [D, H, W] grid, in
+ * voxels, channel c along array axis c, at every node p
+ *   c(p) = a(p) + b(q),  q = p + a(p) clipped into the grid (border values, as grid_sample's "border"),
+ * b linear between nodes. which = 0 adds sum_p |c(p)|^2 (float64) into *sums; which = 1 writes, for the
+ * gradient scale g (the upstream gradient times 2 / count), the gradient with respect to a at p,
+ *   g (c + J_b(q)^T c)   (J's column c zero where q was clipped along axis c),
+ * and adds g c(p) w into the buffer for b at each of q's corners (w their linear weights).
+ * ------------------------------------------------------------------------------------------------ */
+typedef struct {
+    const float *a, *b;
+    float *grad_a, *grad_b;
+    double *sums;
+    float g;
+    int64_t depth, height, width;
+} RoundTrip;
+
+/* q clipped into [0, size - 1]; *moves: whether the clip let it move (strictly inside). */
+static inline float clip_node(float q, int64_t size, int *moves)
+{
+    const float high = (float)(size - 1);
+    *moves = q > 0.0f && q < high;
+    return q > 0.0f ? (q < high ? q : high) : 0.0f;
+}
+
+ITK_GRADICON_CLONES
+static void round_trip_range(const RoundTrip *k, int which, int64_t start, int64_t end)
+{
+    const int64_t D = k->depth, H = k->height, W = k->width, plane = H * W, n = D * plane;
+    int64_t z = start / plane, y = (start / W) % H, x = start % W;
+    double total = 0.0;
+    for (int64_t m = start; m < end; ++m) {
+        const float a0 = k->a[m], a1 = k->a[n + m], a2 = k->a[2 * n + m];
+        int mz, my, mx;
+        const float qz = clip_node((float)z + a0, D, &mz), qy = clip_node((float)y + a1, H, &my),
+                    qx = clip_node((float)x + a2, W, &mx);
+        if (++x == W) {
+            x = 0;
+            if (++y == H)
+                y = 0, ++z;
+        }
+        const int64_t z0 = (int64_t)qz, y0 = (int64_t)qy, x0 = (int64_t)qx;
+        const int64_t z1 = z0 + 1 < D ? z0 + 1 : z0, y1 = y0 + 1 < H ? y0 + 1 : y0, x1 = x0 + 1 < W ? x0 + 1 : x0;
+        const float dz = qz - (float)z0, dy = qy - (float)y0, dx = qx - (float)x0;
+        const float ez = 1.0f - dz, ey = 1.0f - dy, ex = 1.0f - dx;
+        const int64_t o000 = (z0 * H + y0) * W + x0, o001 = (z0 * H + y0) * W + x1;
+        const int64_t o010 = (z0 * H + y1) * W + x0, o011 = (z0 * H + y1) * W + x1;
+        const int64_t o100 = (z1 * H + y0) * W + x0, o101 = (z1 * H + y0) * W + x1;
+        const int64_t o110 = (z1 * H + y1) * W + x0, o111 = (z1 * H + y1) * W + x1;
+        float comp[3], jz[3] = {0.0f, 0.0f, 0.0f}, jy[3] = {0.0f, 0.0f, 0.0f}, jx[3] = {0.0f, 0.0f, 0.0f};
+        const float a[3] = {a0, a1, a2};
+        for (int c = 0; c < 3; ++c) {
+            const float *f = k->b + c * n;
+            const float x00 = ex * f[o000] + dx * f[o001], x01 = ex * f[o010] + dx * f[o011];
+            const float x10 = ex * f[o100] + dx * f[o101], x11 = ex * f[o110] + dx * f[o111];
+            const float y0v = ey * x00 + dy * x01, y1v = ey * x10 + dy * x11;
+            comp[c] = a[c] + (ez * y0v + dz * y1v);
+            if (which == 1) {
+                jz[c] = y1v - y0v;
+                jy[c] = ez * (x01 - x00) + dz * (x11 - x10);
+                jx[c] = ez * (ey * (f[o001] - f[o000]) + dy * (f[o011] - f[o010]))
+                        + dz * (ey * (f[o101] - f[o100]) + dy * (f[o111] - f[o110]));
+            }
+        }
+        if (which == 0) {
+            total += (double)(comp[0] * comp[0] + comp[1] * comp[1] + comp[2] * comp[2]);
+            continue;
+        }
+        const float g0 = k->g * comp[0], g1 = k->g * comp[1], g2 = k->g * comp[2];
+        k->grad_a[m] = g0 + (mz ? g0 * jz[0] + g1 * jz[1] + g2 * jz[2] : 0.0f);
+        k->grad_a[n + m] = g1 + (my ? g0 * jy[0] + g1 * jy[1] + g2 * jy[2] : 0.0f);
+        k->grad_a[2 * n + m] = g2 + (mx ? g0 * jx[0] + g1 * jx[1] + g2 * jx[2] : 0.0f);
+        const float w[8] = {ez * ey * ex, ez * ey * dx, ez * dy * ex, ez * dy * dx,
+                            dz * ey * ex, dz * ey * dx, dz * dy * ex, dz * dy * dx};
+        const int64_t o[8] = {o000, o001, o010, o011, o100, o101, o110, o111};
+        const float gc[3] = {g0, g1, g2};
+        for (int c = 0; c < 3; ++c) {
+            float *buffer = k->grad_b + c * n;
+            for (int corner = 0; corner < 8; ++corner)
+                buffer[o[corner]] += gc[c] * w[corner];
+        }
+    }
+    if (which == 0)
+        *k->sums += total;
+}
+
+PyDoc_STRVAR(round_trip_doc,
+"round_trip(which, a, b, grad_a, grad_b, sums, g, depth, height, width, start, end)\n"
+"--\n\n"
+"Field IO's round trip a(p) + b(p + a(p)) (border values) of two contiguous float32 [3, depth, height, width]\n"
+"displacements in voxels, nodes start..end-1: which = 0 adds the sum of its squared lengths to the float64 at\n"
+"sums; which = 1 writes g times its gradient with respect to a to grad_a and adds the one with respect to b to\n"
+"the zeroed buffer grad_b (no checks: the caller owns the memory). The GIL is released meanwhile.");
+
+static PyObject *round_trip(PyObject *self, PyObject *args)
+{
+    int which;
+    unsigned long long a, b, grad_a, grad_b, sums;
+    float g;
+    long long depth, height, width, start, end;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iKKKKKfLLLLL", &which, &a, &b, &grad_a, &grad_b, &sums, &g, &depth, &height, &width,
+                          &start, &end))
+        return NULL;
+    if (which < 0 || which > 1 || depth < 1 || height < 1 || width < 1 || start < 0 || end < start
+        || end > depth * height * width) {
+        PyErr_SetString(PyExc_ValueError, "round_trip: unknown part, empty grid or bad range of nodes");
+        return NULL;
+    }
+    const RoundTrip k = {(const float *)(uintptr_t)a, (const float *)(uintptr_t)b, (float *)(uintptr_t)grad_a,
+                         (float *)(uintptr_t)grad_b, (double *)(uintptr_t)sums, g, depth, height, width};
+    Py_BEGIN_ALLOW_THREADS
+    round_trip_range(&k, which, start, end);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * The diffusion penalty of field IO (itk_gradicon.pipeline.instance.diffusion_penalty_voxels) on a contiguous
+ * float32 displacement [C, D, H, W]: with d_a(x) = scale[c] (u[x + e_a] - u[x]) the forward difference
+ * along axis a (where x + e_a is inside), diffusion_sums adds, for the planes (c, z) start..end-1, the
+ * squares of d_a into sums[a] (double); diffusion_gradient writes
+ *   out[c, x] = scale[c] sum_a weight[a] (d_a(x - e_a) - d_a(x))   (terms that do not exist left out)
+ * for the same planes: the gradient of sum_a weight[a] / 2 sum d_a^2 (weight = 2 g / count_a).
+ * ------------------------------------------------------------------------------------------------ */
+typedef struct {
+    const float *u;
+    float *out;
+    double *sums;
+    int64_t depth, height, width;
+    float scale[3], weight[3];
+} Diffusion;
+
+/* The sum of the squares of s (a[x] - b[x]) over n values, in eight running partial sums (so that the
+ * compiler can keep them in one vector register). */
+static inline double scaled_squares(const float *a, const float *b, int64_t n, float s)
+{
+    float partial[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    int64_t x = 0;
+    for (; x + 8 <= n; x += 8)
+        for (int j = 0; j < 8; ++j) {
+            const float d = s * (a[x + j] - b[x + j]);
+            partial[j] += d * d;
+        }
+    double total = 0.0;
+    for (; x < n; ++x) {
+        const float d = s * (a[x] - b[x]);
+        total += (double)(d * d);
+    }
+    for (int j = 0; j < 8; ++j)
+        total += (double)partial[j];
+    return total;
+}
+
+ITK_GRADICON_CLONES
+static void diffusion_sums_range(const Diffusion *k, int64_t start, int64_t end)
+{
+    const int64_t H = k->height, W = k->width, plane = H * W;
+    double sz = 0.0, sy = 0.0, sx = 0.0;
+    for (int64_t cz = start; cz < end; ++cz) {
+        const int64_t c = cz / k->depth, z = cz % k->depth;
+        const float s = k->scale[c];
+        const float *u = k->u + cz * plane;
+        if (z + 1 < k->depth)
+            sz += scaled_squares(u + plane, u, plane, s);
+        if (H > 1)
+            sy += scaled_squares(u + W, u, plane - W, s);
+        for (int64_t y = 0; y < H && W > 1; ++y)
+            sx += scaled_squares(u + y * W + 1, u + y * W, W - 1, s);
+    }
+    k->sums[0] = sz, k->sums[1] = sy, k->sums[2] = sx;
+}
+
+/* One row of the gradient: neighbours along z and y given as rows (the row itself where the neighbour
+ * does not exist: its difference is then 0); along x the ends are handled apart. */
+static inline void gradient_row(const float *row, const float *zp, const float *zn, const float *yp,
+                                const float *yn, float *out, int64_t W, float s, float wz, float wy, float wx)
+{
+    for (int64_t x = 0; x < W; ++x) {
+        const float here = row[x];
+        float total = wz * (s * (here - zp[x]));
+        total -= wz * (s * (zn[x] - here));
+        total += wy * (s * (here - yp[x]));
+        total -= wy * (s * (yn[x] - here));
+        out[x] = total;
+    }
+    for (int64_t x = 1; x < W; ++x)
+        out[x] += wx * (s * (row[x] - row[x - 1]));
+    for (int64_t x = 0; x + 1 < W; ++x)
+        out[x] -= wx * (s * (row[x + 1] - row[x]));
+    for (int64_t x = 0; x < W; ++x)
+        out[x] *= s;
+}
+
+ITK_GRADICON_CLONES
+static void diffusion_gradient_range(const Diffusion *k, int64_t start, int64_t end)
+{
+    const int64_t D = k->depth, H = k->height, W = k->width, plane = H * W;
+    for (int64_t cz = start; cz < end; ++cz) {
+        const int64_t c = cz / D, z = cz % D;
+        const float *u = k->u + cz * plane;
+        float *o = k->out + cz * plane;
+        for (int64_t y = 0; y < H; ++y) {
+            const float *row = u + y * W;
+            gradient_row(row, z > 0 ? row - plane : row, z + 1 < D ? row + plane : row, y > 0 ? row - W : row,
+                         y + 1 < H ? row + W : row, o + y * W, W, k->scale[c], k->weight[0], k->weight[1],
+                         k->weight[2]);
+        }
+    }
+}
+
+PyDoc_STRVAR(diffusion_part_doc,
+"diffusion_part(which, u, out, sums, depth, height, width, scale_z, scale_y, scale_x, weight_z, weight_y,\n"
+"               weight_x, start, end)\n"
+"--\n\n"
+"Field IO's diffusion penalty on a contiguous float32 [C, depth, height, width] displacement for the\n"
+"planes (c, z) start..end-1 (no checks: the caller owns the memory): which = 0 adds the squared scaled\n"
+"forward differences along z, y, x into three float64 values at sums; which = 1 writes the gradient\n"
+"scale[c] sum_a weight[a] (d_a(x - e_a) - d_a(x)) to out. The GIL is released meanwhile.");
+
+static PyObject *diffusion_part(PyObject *self, PyObject *args)
+{
+    int which;
+    unsigned long long u, out, sums;
+    long long depth, height, width, start, end;
+    float s0, s1, s2, w0, w1, w2;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iKKKLLLffffffLL", &which, &u, &out, &sums, &depth, &height, &width, &s0, &s1, &s2,
+                          &w0, &w1, &w2, &start, &end))
+        return NULL;
+    if (which < 0 || which > 1 || depth < 1 || height < 1 || width < 1 || start < 0 || end < start
+        || end > 3 * depth) {
+        PyErr_SetString(PyExc_ValueError, "diffusion_part: unknown part, empty grid or bad range of planes");
+        return NULL;
+    }
+    const Diffusion k = {(const float *)(uintptr_t)u, (float *)(uintptr_t)out, (double *)(uintptr_t)sums,
+                         depth, height, width, {s0, s1, s2}, {w0, w1, w2}};
+    Py_BEGIN_ALLOW_THREADS
+    if (which == 0)
+        diffusion_sums_range(&k, start, end);
+    else
+        diffusion_gradient_range(&k, start, end);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------------------------------
  * A network map's WORLD displacement at every voxel centre of an image grid, one pass per voxel
  * (itk_gradicon.spatial.frames.displacement_on_grid): for the INDEX point p = (i, j, k) of voxel
  * [k, j, i] of an output [nk, nj, ni, 3], in float64,
@@ -1025,6 +1272,8 @@ static PyMethodDef methods[] = {
     {"filter_axis_replicate", filter_axis_replicate, METH_VARARGS, filter_axis_replicate_doc},
     {"lncc_part", lncc_part, METH_VARARGS, lncc_part_doc},
     {"warp_voxels", warp_voxels, METH_VARARGS, warp_voxels_doc},
+    {"round_trip", round_trip, METH_VARARGS, round_trip_doc},
+    {"diffusion_part", diffusion_part, METH_VARARGS, diffusion_part_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1032,7 +1281,8 @@ static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_linear",
     "Compiled loops of itk_gradicon: trilinear sampling (itk_gradicon.network.sampling), a separable filter's\n"
     "axis with zero or replicate padding (itk_gradicon.network.separable), LNCC's pointwise parts\n"
-    "(itk_gradicon.pipeline.losses), field IO's warp by voxel displacements (itk_gradicon.pipeline.instance),\n"
+    "(itk_gradicon.pipeline.losses), field IO's warps and round trips of voxel displacements\n"
+    "(itk_gradicon.pipeline.instance),\n"
     "a network map as a WORLD displacement on an image grid (itk_gradicon.spatial.frames).", -1, methods,
     NULL, NULL, NULL, NULL,
 };

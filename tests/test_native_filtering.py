@@ -195,3 +195,29 @@ def test_box_mean_on_the_compiled_filter_is_the_banded_one_and_thread_independen
     assert (fast - banded).abs().max().item() < 1e-6
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     assert torch.equal(losses.box_mean(x, 2), fast)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 3, 24, 20, 19), (1, 3, 13, 1, 9), (1, 3, 1, 1, 5), (1, 3, 2, 31, 3)])
+def test_compiled_diffusion_penalty_equals_the_torch_one(shape):
+    """Field IO's diffusion penalty of displacements in voxels on the compiled kernel: the value and gradient of the
+    written-out torch version to float rounding, one-node axes included; other tensors take the torch version."""
+    from itk_gradicon.pipeline import instance
+
+    g = torch.Generator().manual_seed(7)
+    u = torch.randn(*shape, generator=g) * 0.5
+    assert instance._compiled_diffusion_applies(u)
+    ours = u.clone().requires_grad_(True)
+    value = instance.diffusion_penalty_voxels(ours)
+    (grad,) = torch.autograd.grad(value * 1.7, ours)
+    with fast_paths(native_sampling=False):
+        assert not instance._compiled_diffusion_applies(u)
+        theirs = u.clone().requires_grad_(True)
+        expected = instance.diffusion_penalty_voxels(theirs)
+        (grad_expected,) = torch.autograd.grad(expected * 1.7, theirs)
+    assert abs(value.item() - expected.item()) <= 1e-5 * max(expected.item(), 1e-12)
+    assert (grad - grad_expected).abs().max().item() <= 1e-5 * grad_expected.abs().max().item()
+    scale = instance.voxel_scale(shape[2:], u)
+    assert instance.diffusion_penalty(u / scale).item() == pytest.approx(value.item(), rel=1e-5)  # the CUBE form
+    assert not instance._compiled_diffusion_applies(u.double())
+    assert not instance._compiled_diffusion_applies(torch.zeros(2, 3, 4, 4, 4))

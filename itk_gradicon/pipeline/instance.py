@@ -22,6 +22,7 @@ Both report an :class:`IOProgress` after each step and append the step's loss te
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -108,12 +109,67 @@ def diffusion_penalty(displacement: Tensor) -> Tensor:
     return _Diffusion.apply(displacement, voxel_scale(displacement.shape[2:], displacement))
 
 
-class _Diffusion(torch.autograd.Function):
-    """:func:`diffusion_penalty` of ``u`` with ``scale`` (CUBE units -> network voxels, per component)."""
+def diffusion_penalty_voxels(displacement: Tensor) -> Tensor:
+    """:func:`diffusion_penalty` of a displacement given in network voxels (field IO's unknowns). A 3-D float32 one
+    on the CPU runs on the compiled kernel (``_linear.diffusion_part``: the squared differences summed in one pass,
+    the gradient, a 7-point stencil, written in another, where :class:`_Diffusion` makes about a dozen); only
+    float rounding differs."""
+    if _compiled_diffusion_applies(displacement):
+        return _CompiledDiffusion.apply(displacement)
+    return _Diffusion.apply(displacement, None)
+
+
+def _compiled_diffusion_applies(displacement: Tensor) -> bool:
+    return (native_sampling_on() and displacement.dim() == 5 and tuple(displacement.shape[:2]) == (1, 3)
+            and displacement.dtype == torch.float32 and displacement.device.type == "cpu")
+
+
+def _difference_counts(shape) -> Tuple[int, ...]:
+    """Forward differences per channel along each axis of a grid of ``shape`` (0 for a one-node axis)."""
+    total = math.prod(shape)
+    return tuple((total // n) * (n - 1) for n in shape)
+
+
+class _CompiledDiffusion(torch.autograd.Function):
+    """:func:`diffusion_penalty_voxels` on the compiled kernel, one range of (channel, first-axis) planes per
+    thread (the sums added in float64, per thread, then in order)."""
 
     @staticmethod
-    def forward(ctx, displacement: Tensor, scale: Tensor) -> Tensor:
-        voxels = displacement * scale
+    def _run(which: int, u: Tensor, out: Optional[Tensor], weights: Tuple[float, float, float]) -> Tensor:
+        depth, height, width = u.shape[2:]
+        ranges = thread_ranges(3 * depth, height * width, MIN_NATIVE_POINTS_PER_THREAD)
+        sums = torch.zeros((len(ranges), 3), dtype=torch.float64)
+        run_pieces(NATIVE.diffusion_part, [
+            (which, u.data_ptr(), 0 if out is None else out.data_ptr(), sums[k].data_ptr(), depth, height, width,
+             1.0, 1.0, 1.0, *weights, start, end) for k, (start, end) in enumerate(ranges)])
+        return sums.sum(0)  # u, out and sums stay referenced until every call returns
+
+    @staticmethod
+    def forward(ctx, displacement: Tensor) -> Tensor:
+        u = displacement.detach().contiguous()
+        counts = _difference_counts(u.shape[2:])
+        sums = _CompiledDiffusion._run(0, u, None, (0.0, 0.0, 0.0))
+        ctx.save_for_backward(u)
+        ctx.counts = counts
+        return displacement.new_tensor(sum(float(sums[a]) / count for a, count in enumerate(counts) if count > 0))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (u,) = ctx.saved_tensors
+        g = float(grad)
+        weights = tuple(2.0 * g / count if count > 0 else 0.0 for count in ctx.counts)
+        out = torch.empty_like(u)
+        _CompiledDiffusion._run(1, u, out, weights)
+        return out
+
+
+class _Diffusion(torch.autograd.Function):
+    """:func:`diffusion_penalty` of ``u`` with ``scale`` (CUBE units -> network voxels, per component; ``None``:
+    ``u`` is in voxels already)."""
+
+    @staticmethod
+    def forward(ctx, displacement: Tensor, scale: Optional[Tensor]) -> Tensor:
+        voxels = displacement if scale is None else displacement * scale
         total = displacement.new_zeros(())
         differences = []
         for axis in range(displacement.shape[1]):
@@ -122,13 +178,12 @@ class _Diffusion(torch.autograd.Function):
                 flat = difference.reshape(-1)
                 total = total + torch.dot(flat, flat) / (difference.numel() / difference.shape[1])
                 differences.append((axis, difference))
-        ctx.differences, ctx.shape = differences, displacement.shape
-        ctx.save_for_backward(scale)
+        ctx.differences, ctx.shape, ctx.scale = differences, displacement.shape, scale
         return total
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tuple[Tensor, None]:
-        (scale,) = ctx.saved_tensors
+        scale = ctx.scale
         out = grad.new_zeros(ctx.shape)
         for axis, difference in ctx.differences:
             weighted = difference * (2 * grad / (difference.numel() / difference.shape[1]))
@@ -136,7 +191,7 @@ class _Diffusion(torch.autograd.Function):
             later[2 + axis], earlier[2 + axis] = slice(1, None), slice(None, -1)
             out[tuple(later)] += weighted    # d/du[i] of (u[i] - u[i-1])^2 and (u[i+1] - u[i])^2
             out[tuple(earlier)] -= weighted
-        return out * scale, None
+        return (out if scale is None else out * scale), None
 
 
 def warp_voxels(image: Tensor, displacement: Tensor) -> Tensor:
@@ -209,6 +264,66 @@ def alternating_inverse_consistency(disp_AB: Tensor, disp_BA: Tensor, identity: 
     of the default refinement stay those of the full penalty (``benchmarks/ACCURACY.md``, run 17)."""
     first, second = (disp_AB, disp_BA) if step % 2 == 0 else (disp_BA, disp_AB)
     return 2 * _round_trip(first, second, identity)
+
+
+def round_trip_voxels(first: Tensor, second: Tensor) -> Tensor:
+    """``mean |a(p) + b(p + a(p))|^2`` over the nodes ``p`` of the grid, in voxels squared, for ``a = first`` and
+    ``b = second``, displacements in voxels (``[1, d, *grid]``), ``b`` linear between nodes with border values
+    outside: :func:`_round_trip` of the same maps in CUBE units. For 3-D float32 tensors on the CPU it runs on the
+    compiled kernel (``_linear.round_trip``: the composition, its squared length and their gradients in one pass
+    each way, the gradient for ``b`` summed over one buffer per thread); only float rounding differs."""
+    if _round_trip_applies(first, second):
+        return _RoundTrip.apply(first, second)
+    shape = tuple(first.shape[2:])
+    scale = voxel_scale(shape, first)
+    return _round_trip(first / scale, second / scale, cube_identity(shape, device=first.device, dtype=first.dtype))
+
+
+def alternating_round_trip(disp_AB: Tensor, disp_BA: Tensor, step: int) -> Tensor:
+    """:func:`alternating_inverse_consistency` of displacements in voxels (:func:`round_trip_voxels`)."""
+    first, second = (disp_AB, disp_BA) if step % 2 == 0 else (disp_BA, disp_AB)
+    return 2 * round_trip_voxels(first, second)
+
+
+def _round_trip_applies(first: Tensor, second: Tensor) -> bool:
+    return (native_sampling_on() and first.dim() == 5 and tuple(first.shape[:2]) == (1, 3)
+            and first.shape == second.shape and min(first.shape[2:]) >= 2
+            and first.dtype == second.dtype == torch.float32 and first.device.type == second.device.type == "cpu")
+
+
+class _RoundTrip(torch.autograd.Function):
+    """:func:`round_trip_voxels` on the compiled kernel."""
+
+    @staticmethod
+    def _run(which: int, a: Tensor, b: Tensor, g: float = 0.0, need_b: bool = True):
+        depth, height, width = a.shape[2:]
+        n = depth * height * width
+        ranges = thread_ranges(n, 1, MIN_NATIVE_POINTS_PER_THREAD)
+        sums = torch.zeros(len(ranges), dtype=torch.float64)
+        grad_a = torch.empty_like(a) if which == 1 else None
+        buffers = [torch.zeros_like(b) for _ in ranges] if which == 1 else []
+        run_pieces(NATIVE.round_trip, [
+            (which, a.data_ptr(), b.data_ptr(), 0 if grad_a is None else grad_a.data_ptr(),
+             buffers[k].data_ptr() if buffers else 0, sums[k:].data_ptr(), g, depth, height, width, start, end)
+            for k, (start, end) in enumerate(ranges)])  # every tensor above stays referenced until the calls return
+        if which == 0:
+            return float(sums.sum()) / n
+        grad_b = buffers[0]
+        for partial in buffers[1:]:
+            grad_b += partial
+        return grad_a, grad_b
+
+    @staticmethod
+    def forward(ctx, first: Tensor, second: Tensor) -> Tensor:
+        a, b = first.detach().contiguous(), second.detach().contiguous()
+        ctx.save_for_backward(a, b)
+        return first.new_tensor(_RoundTrip._run(0, a, b))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tuple[Tensor, Tensor]:
+        a, b = ctx.saved_tensors
+        n = a[0, 0].numel()
+        return _RoundTrip._run(1, a, b, float(grad) * 2.0 / n)
 
 
 class FieldAdam:
@@ -359,8 +474,7 @@ class _FieldLevel:
         step = 0
         for step in range(1, steps + 1):
             optimizer.zero_grad()
-            current = [v / scale for v in voxels]
-            total, record = self._objective(current, voxels, identity, similarity, smoothness, dice_weight, step)
+            total, record = self._objective(voxels, scale, identity, similarity, smoothness, dice_weight, step)
             total.backward()
             optimizer.step()
             report(record, step)
@@ -374,29 +488,30 @@ class _FieldLevel:
                     break                                          # the pre-alignment rises before it falls
         return [(v / scale).detach() for v in voxels], step
 
-    def _objective(self, fields: List[Tensor], voxels: List[Tensor], identity: Tensor,
+    def _objective(self, voxels: List[Tensor], scale: Tensor, identity: Tensor,
                    similarity: Tuple[Callable[[Tensor], Tensor], ...], smoothness: float, dice_weight: float,
                    step: int) -> Tuple[Tensor, Dict[str, float]]:
-        """The loss of ``fields`` (CUBE displacements), which are ``voxels`` (the unknowns, in this grid's
-        voxels) scaled: the images are warped by the unknowns themselves (:func:`warp_voxels`)."""
+        """The loss of the unknowns ``voxels`` (displacements in this grid's voxels; ``scale``: to CUBE units), every
+        term computed from them as they are (:func:`warp_voxels`, :func:`diffusion_penalty_voxels`,
+        :func:`alternating_round_trip`); the label maps of a Dice term are warped through the CUBE maps."""
         image_A, image_B = self.image_A, self.image_B
-        u_AB = fields[0]
+        v_AB = voxels[0]
         to_B, to_A = similarity
-        sim = to_B(warp_voxels(image_A, voxels[0]))
-        reg = diffusion_penalty(u_AB)
+        sim = to_B(warp_voxels(image_A, v_AB))
+        reg = diffusion_penalty_voxels(v_AB)
         dice = image_A.new_zeros(())
         if self.one_A is not None:
-            dice = losses.soft_dice_loss(losses.warp(self.one_A, identity + u_AB, zero_outside=False), self.one_B,
-                                         self.valid)
+            dice = losses.soft_dice_loss(losses.warp(self.one_A, identity + v_AB / scale, zero_outside=False),
+                                         self.one_B, self.valid)
         consistency = image_A.new_zeros(())
-        if len(fields) == 2:
-            u_BA = fields[1]
-            sim = sim + to_A(warp_voxels(image_B, voxels[1]))
-            reg = reg + diffusion_penalty(u_BA)
+        if len(voxels) == 2:
+            v_BA = voxels[1]
+            sim = sim + to_A(warp_voxels(image_B, v_BA))
+            reg = reg + diffusion_penalty_voxels(v_BA)
             if self.one_A is not None:
-                dice = dice + losses.soft_dice_loss(losses.warp(self.one_B, identity + u_BA, zero_outside=False),
-                                                    self.one_A, self.valid)
-            consistency = alternating_inverse_consistency(u_AB, u_BA, identity, step)
+                dice = dice + losses.soft_dice_loss(losses.warp(self.one_B, identity + v_BA / scale,
+                                                                zero_outside=False), self.one_A, self.valid)
+            consistency = alternating_round_trip(v_AB, v_BA, step)
         total = sim + smoothness * reg + INVERSE_CONSISTENCY * consistency + dice_weight * dice
         record = {"total": float(total.detach()), "similarity": float(sim.detach()),
                   "regularizer": float(reg.detach()), "inverse_consistency": float(consistency.detach()),
