@@ -13,8 +13,10 @@ Two methods, both on the network grid (CUBE coordinates, ``A`` = moving, ``B`` =
   and the reverse, in network voxels, weighted :data:`INVERSE_CONSISTENCY`; one of the two compositions per
   step, in turn, counted twice: :func:`alternating_inverse_consistency`) that keeps the two fields
   inverse to each other. No network pass, so a step costs a few warps of the images; in the spirit of
-  the Adam instance optimisation of ConvexAdam (Siebert et al., 2021). Its accuracy, time and
-  folding against ANTs SyN: ``benchmarks/ACCURACY.md``.
+  the Adam instance optimisation of ConvexAdam (Siebert et al., 2021). The unknowns are the displacements
+  in network voxels, and every term is computed from them as they are (:func:`warp_voxels`,
+  :func:`diffusion_penalty_voxels`, :func:`alternating_round_trip`; compiled kernels on the CPU). Its
+  accuracy, time and folding against ANTs SyN: ``benchmarks/ACCURACY.md``.
 
 Both report an :class:`IOProgress` after each step and append the step's loss terms to ``history``.
 """
@@ -262,8 +264,13 @@ def alternating_inverse_consistency(disp_AB: Tensor, disp_BA: Tensor, identity: 
     ends with the forward map composed first), and two consecutive steps add the whole penalty. A step then
     samples one 3-channel field instead of two, about a fifth of a field-IO step; the Dice, folding and SDlogJ
     of the default refinement stay those of the full penalty (``benchmarks/ACCURACY.md``, run 17)."""
-    first, second = (disp_AB, disp_BA) if step % 2 == 0 else (disp_BA, disp_AB)
+    first, second = _in_turn(disp_AB, disp_BA, step)
     return 2 * _round_trip(first, second, identity)
+
+
+def _in_turn(disp_AB: Tensor, disp_BA: Tensor, step: int) -> Tuple[Tensor, Tensor]:
+    """The composition of ``step`` (:func:`alternating_inverse_consistency`): ``(first, second)``."""
+    return (disp_AB, disp_BA) if step % 2 == 0 else (disp_BA, disp_AB)
 
 
 def round_trip_voxels(first: Tensor, second: Tensor) -> Tensor:
@@ -280,8 +287,9 @@ def round_trip_voxels(first: Tensor, second: Tensor) -> Tensor:
 
 
 def alternating_round_trip(disp_AB: Tensor, disp_BA: Tensor, step: int) -> Tensor:
-    """:func:`alternating_inverse_consistency` of displacements in voxels (:func:`round_trip_voxels`)."""
-    first, second = (disp_AB, disp_BA) if step % 2 == 0 else (disp_BA, disp_AB)
+    """:func:`alternating_inverse_consistency` of displacements in voxels (:func:`round_trip_voxels`): what field IO
+    computes."""
+    first, second = _in_turn(disp_AB, disp_BA, step)
     return 2 * round_trip_voxels(first, second)
 
 
@@ -295,7 +303,7 @@ class _RoundTrip(torch.autograd.Function):
     """:func:`round_trip_voxels` on the compiled kernel."""
 
     @staticmethod
-    def _run(which: int, a: Tensor, b: Tensor, g: float = 0.0, need_b: bool = True):
+    def _run(which: int, a: Tensor, b: Tensor, g: float = 0.0):
         depth, height, width = a.shape[2:]
         n = depth * height * width
         ranges = thread_ranges(n, 1, MIN_NATIVE_POINTS_PER_THREAD)
