@@ -849,6 +849,28 @@ typedef struct {
     int64_t depth, height, width;
 } VoxelWarp;
 
+/* Linear interpolation in one cell from its eight corner values c (z, y, x order: 000, 001, 010, 011, 100, 101,
+ * 110, 111) and the point's offsets dz, dy, dx from its first corner: the value (along x, then y, then z) and, with
+ * `gradient`, its derivatives along z, y and x. The arithmetic of warp_voxels and round_trip. */
+typedef struct {
+    float value, dz, dy, dx;
+} CellLinear;
+
+static inline CellLinear cell_linear(const float c[8], float dz, float dy, float dx, int gradient)
+{
+    const float ez = 1.0f - dz, ey = 1.0f - dy, ex = 1.0f - dx;
+    const float x00 = ex * c[0] + dx * c[1], x01 = ex * c[2] + dx * c[3];
+    const float x10 = ex * c[4] + dx * c[5], x11 = ex * c[6] + dx * c[7];
+    const float y0v = ey * x00 + dy * x01, y1v = ey * x10 + dy * x11;
+    CellLinear r = {ez * y0v + dz * y1v, 0.0f, 0.0f, 0.0f};
+    if (gradient) {
+        r.dz = y1v - y0v;
+        r.dy = ez * (x01 - x00) + dz * (x11 - x10);
+        r.dx = ez * (ey * (c[1] - c[0]) + dy * (c[3] - c[2])) + dz * (ey * (c[5] - c[4]) + dy * (c[7] - c[6]));
+    }
+    return r;
+}
+
 static inline float node_or_zero(const VoxelWarp *w, int64_t z, int64_t y, int64_t x)
 {
     if (z < 0 || y < 0 || x < 0 || z >= w->depth || y >= w->height || x >= w->width)
@@ -877,34 +899,24 @@ static void voxel_warp_range(const VoxelWarp *w, int which, int64_t start, int64
         }
         const float fz = floorf(qz), fy = floorf(qy), fx = floorf(qx);
         const int64_t z0 = (int64_t)fz, y0 = (int64_t)fy, x0 = (int64_t)fx;
-        const float dz = qz - fz, dy = qy - fy, dx = qx - fx;
-        const float ez = 1.0f - dz, ey = 1.0f - dy, ex = 1.0f - dx;
-        float c000, c001, c010, c011, c100, c101, c110, c111;
+        float c[8];
         if (z0 >= 0 && y0 >= 0 && x0 >= 0 && z0 + 1 < D && y0 + 1 < H && x0 + 1 < W) { /* the usual case */
             const float *a = w->image + (z0 * H + y0) * W + x0, *b = a + plane;
-            c000 = a[0], c001 = a[1], c010 = a[W], c011 = a[W + 1];
-            c100 = b[0], c101 = b[1], c110 = b[W], c111 = b[W + 1];
+            c[0] = a[0], c[1] = a[1], c[2] = a[W], c[3] = a[W + 1];
+            c[4] = b[0], c[5] = b[1], c[6] = b[W], c[7] = b[W + 1];
         } else {
-            c000 = node_or_zero(w, z0, y0, x0), c001 = node_or_zero(w, z0, y0, x0 + 1);
-            c010 = node_or_zero(w, z0, y0 + 1, x0), c011 = node_or_zero(w, z0, y0 + 1, x0 + 1);
-            c100 = node_or_zero(w, z0 + 1, y0, x0), c101 = node_or_zero(w, z0 + 1, y0, x0 + 1);
-            c110 = node_or_zero(w, z0 + 1, y0 + 1, x0), c111 = node_or_zero(w, z0 + 1, y0 + 1, x0 + 1);
+            for (int corner = 0; corner < 8; ++corner)
+                c[corner] = node_or_zero(w, z0 + (corner >> 2), y0 + ((corner >> 1) & 1), x0 + (corner & 1));
         }
-        /* along x, then y, then z */
-        const float x00 = ex * c000 + dx * c001, x01 = ex * c010 + dx * c011;
-        const float x10 = ex * c100 + dx * c101, x11 = ex * c110 + dx * c111;
-        const float y0v = ey * x00 + dy * x01, y1v = ey * x10 + dy * x11;
+        const CellLinear r = cell_linear(c, qz - fz, qy - fy, qx - fx, which == 1);
         if (which == 0) {
-            w->out[m] = ez * y0v + dz * y1v;
+            w->out[m] = r.value;
             continue;
         }
         const float g = w->g[m];
-        const float gx = ez * (ey * (c001 - c000) + dy * (c011 - c010)) + dz * (ey * (c101 - c100) + dy * (c111 - c110));
-        const float gy = ez * (x01 - x00) + dz * (x11 - x10);
-        const float gz = y1v - y0v;
-        w->out[m] = g * gz;
-        w->out[n + m] = g * gy;
-        w->out[2 * n + m] = g * gx;
+        w->out[m] = g * r.dz;
+        w->out[n + m] = g * r.dy;
+        w->out[2 * n + m] = g * r.dx;
     }
 }
 
@@ -983,24 +995,17 @@ static void round_trip_range(const RoundTrip *k, int which, int64_t start, int64
         const int64_t z1 = z0 + 1 < D ? z0 + 1 : z0, y1 = y0 + 1 < H ? y0 + 1 : y0, x1 = x0 + 1 < W ? x0 + 1 : x0;
         const float dz = qz - (float)z0, dy = qy - (float)y0, dx = qx - (float)x0;
         const float ez = 1.0f - dz, ey = 1.0f - dy, ex = 1.0f - dx;
-        const int64_t o000 = (z0 * H + y0) * W + x0, o001 = (z0 * H + y0) * W + x1;
-        const int64_t o010 = (z0 * H + y1) * W + x0, o011 = (z0 * H + y1) * W + x1;
-        const int64_t o100 = (z1 * H + y0) * W + x0, o101 = (z1 * H + y0) * W + x1;
-        const int64_t o110 = (z1 * H + y1) * W + x0, o111 = (z1 * H + y1) * W + x1;
-        float comp[3], jz[3] = {0.0f, 0.0f, 0.0f}, jy[3] = {0.0f, 0.0f, 0.0f}, jx[3] = {0.0f, 0.0f, 0.0f};
+        const int64_t o[8] = {(z0 * H + y0) * W + x0, (z0 * H + y0) * W + x1, (z0 * H + y1) * W + x0,
+                              (z0 * H + y1) * W + x1, (z1 * H + y0) * W + x0, (z1 * H + y0) * W + x1,
+                              (z1 * H + y1) * W + x0, (z1 * H + y1) * W + x1};
+        float comp[3], jz[3], jy[3], jx[3];
         const float a[3] = {a0, a1, a2};
         for (int c = 0; c < 3; ++c) {
             const float *f = k->b + c * n;
-            const float x00 = ex * f[o000] + dx * f[o001], x01 = ex * f[o010] + dx * f[o011];
-            const float x10 = ex * f[o100] + dx * f[o101], x11 = ex * f[o110] + dx * f[o111];
-            const float y0v = ey * x00 + dy * x01, y1v = ey * x10 + dy * x11;
-            comp[c] = a[c] + (ez * y0v + dz * y1v);
-            if (which == 1) {
-                jz[c] = y1v - y0v;
-                jy[c] = ez * (x01 - x00) + dz * (x11 - x10);
-                jx[c] = ez * (ey * (f[o001] - f[o000]) + dy * (f[o011] - f[o010]))
-                        + dz * (ey * (f[o101] - f[o100]) + dy * (f[o111] - f[o110]));
-            }
+            const float corners[8] = {f[o[0]], f[o[1]], f[o[2]], f[o[3]], f[o[4]], f[o[5]], f[o[6]], f[o[7]]};
+            const CellLinear r = cell_linear(corners, dz, dy, dx, which == 1);
+            comp[c] = a[c] + r.value;
+            jz[c] = r.dz, jy[c] = r.dy, jx[c] = r.dx;
         }
         if (which == 0) {
             total += (double)(comp[0] * comp[0] + comp[1] * comp[1] + comp[2] * comp[2]);
@@ -1012,7 +1017,6 @@ static void round_trip_range(const RoundTrip *k, int which, int64_t start, int64
         k->grad_a[2 * n + m] = g2 + (mx ? g0 * jx[0] + g1 * jx[1] + g2 * jx[2] : 0.0f);
         const float w[8] = {ez * ey * ex, ez * ey * dx, ez * dy * ex, ez * dy * dx,
                             dz * ey * ex, dz * ey * dx, dz * dy * ex, dz * dy * dx};
-        const int64_t o[8] = {o000, o001, o010, o011, o100, o101, o110, o111};
         const float gc[3] = {g0, g1, g2};
         for (int c = 0; c < 3; ++c) {
             float *buffer = k->grad_b + c * n;

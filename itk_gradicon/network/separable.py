@@ -86,8 +86,10 @@ def uses_native_filter(x: torch.Tensor, kernel: torch.Tensor) -> bool:
             and not kernel.requires_grad)
 
 
-def _native_filter(x: torch.Tensor, kernel: torch.Tensor, axis: int, half: int) -> torch.Tensor:
-    """One pass of the compiled axis filter (see ``_linear.c``), rows split over the threads."""
+def _axis_pass(function, x: torch.Tensor, axis: int, kernel: torch.Tensor, *options) -> torch.Tensor:
+    """One pass of a compiled axis filter of ``_linear.c`` (``filter_axis``, ``filter_axis_replicate``) over
+    ``x`` along ``axis``: ``function(x, out, n, inner, kernel, taps, *options, start, end)``, its units (rows of
+    ``inner`` values, or whole lines along the axis) split over the threads."""
     x = x.contiguous()
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     n = x.shape[2 + axis]
@@ -95,9 +97,14 @@ def _native_filter(x: torch.Tensor, kernel: torch.Tensor, axis: int, half: int) 
     outer = x.numel() // (n * inner)
     units = outer * n if inner > 1 else outer  # rows of `inner` values, or whole lines along the axis
     ranges = thread_ranges(units, x.numel() // units, MIN_FILTER_VALUES_PER_THREAD)
-    run_pieces(NATIVE.filter_axis, [(x.data_ptr(), out.data_ptr(), n, inner, kernel.data_ptr(), kernel.numel(),
-                                     half, start, end) for start, end in ranges])
+    run_pieces(function, [(x.data_ptr(), out.data_ptr(), n, inner, kernel.data_ptr(), kernel.numel(), *options,
+                           start, end) for start, end in ranges])
     return out  # x, out and kernel stay referenced until every call has returned
+
+
+def _native_filter(x: torch.Tensor, kernel: torch.Tensor, axis: int, half: int) -> torch.Tensor:
+    """One pass of the compiled axis filter (see ``_linear.c``), rows split over the threads."""
+    return _axis_pass(NATIVE.filter_axis, x, axis, kernel, half)
 
 
 def filter_along_axis_replicate(x: torch.Tensor, kernel: torch.Tensor, axis: int) -> torch.Tensor:
@@ -107,17 +114,7 @@ def filter_along_axis_replicate(x: torch.Tensor, kernel: torch.Tensor, axis: int
 
 
 def _native_replicate_filter(x: torch.Tensor, kernel: torch.Tensor, axis: int, adjoint: bool) -> torch.Tensor:
-    x = x.contiguous()
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    n = x.shape[2 + axis]
-    inner = math.prod(x.shape[3 + axis:])
-    outer = x.numel() // (n * inner)
-    units = outer * n if inner > 1 else outer
-    ranges = thread_ranges(units, x.numel() // units, MIN_FILTER_VALUES_PER_THREAD)
-    run_pieces(NATIVE.filter_axis_replicate, [(x.data_ptr(), out.data_ptr(), n, inner, kernel.data_ptr(),
-                                               kernel.numel(), (kernel.numel() - 1) // 2, int(adjoint), start, end)
-                                              for start, end in ranges])
-    return out  # x, out and kernel stay referenced until every call has returned
+    return _axis_pass(NATIVE.filter_axis_replicate, x, axis, kernel, (kernel.numel() - 1) // 2, int(adjoint))
 
 
 class _ReplicateAxisFilter(torch.autograd.Function):
