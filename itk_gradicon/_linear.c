@@ -15,8 +15,9 @@
  * memory: filter_axis, one axis of a separable filter (the Gaussian windows of LNCC, see
  * itk_gradicon.network.separable), and filter_axis_replicate, the same with replicate padding (MIND-SSC's
  * box means); lncc_part, the pointwise parts of LNCC against a fixed image (itk_gradicon.pipeline.losses);
- * warp_voxels, an image warped by a displacement in voxels, zero outside, and round_trip, the inverse-
- * consistency round trip of two such displacements (field IO, itk_gradicon.pipeline.instance); and grid_field_3d, a network map's WORLD displacement at every voxel of
+ * warp_voxels, an image warped by a displacement in voxels, zero outside, round_trip, the inverse-
+ * consistency round trip of two such displacements, and diffusion_part, their diffusion penalty (field IO,
+ * itk_gradicon.pipeline.instance); and grid_field_3d, a network map's WORLD displacement at every voxel of
  * an image grid (itk_gradicon.spatial.frames). With AVX2 (checked at run time) sample_3d and
  * sample_3d_backward take eight points of a one-channel field at a time, bitwise as the scalar loop.
  *
@@ -1061,10 +1062,10 @@ static PyObject *round_trip(PyObject *self, PyObject *args)
 
 /* ------------------------------------------------------------------------------------------------
  * The diffusion penalty of field IO (itk_gradicon.pipeline.instance.diffusion_penalty_voxels) on a contiguous
- * float32 displacement [C, D, H, W]: with d_a(x) = scale[c] (u[x + e_a] - u[x]) the forward difference
+ * float32 displacement in voxels [3, D, H, W]: with d_a(x) = u[x + e_a] - u[x] the forward difference
  * along axis a (where x + e_a is inside), diffusion_sums adds, for the planes (c, z) start..end-1, the
  * squares of d_a into sums[a] (double); diffusion_gradient writes
- *   out[c, x] = scale[c] sum_a weight[a] (d_a(x - e_a) - d_a(x))   (terms that do not exist left out)
+ *   out[c, x] = sum_a weight[a] (d_a(x - e_a) - d_a(x))   (terms that do not exist left out)
  * for the same planes: the gradient of sum_a weight[a] / 2 sum d_a^2 (weight = 2 g / count_a).
  * ------------------------------------------------------------------------------------------------ */
 typedef struct {
@@ -1072,23 +1073,23 @@ typedef struct {
     float *out;
     double *sums;
     int64_t depth, height, width;
-    float scale[3], weight[3];
+    float weight[3];
 } Diffusion;
 
-/* The sum of the squares of s (a[x] - b[x]) over n values, in eight running partial sums (so that the
+/* The sum of the squares of a[x] - b[x] over n values, in eight running partial sums (so that the
  * compiler can keep them in one vector register). */
-static inline double scaled_squares(const float *a, const float *b, int64_t n, float s)
+static inline double squared_differences(const float *a, const float *b, int64_t n)
 {
     float partial[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     int64_t x = 0;
     for (; x + 8 <= n; x += 8)
         for (int j = 0; j < 8; ++j) {
-            const float d = s * (a[x + j] - b[x + j]);
+            const float d = a[x + j] - b[x + j];
             partial[j] += d * d;
         }
     double total = 0.0;
     for (; x < n; ++x) {
-        const float d = s * (a[x] - b[x]);
+        const float d = a[x] - b[x];
         total += (double)(d * d);
     }
     for (int j = 0; j < 8; ++j)
@@ -1102,15 +1103,14 @@ static void diffusion_sums_range(const Diffusion *k, int64_t start, int64_t end)
     const int64_t H = k->height, W = k->width, plane = H * W;
     double sz = 0.0, sy = 0.0, sx = 0.0;
     for (int64_t cz = start; cz < end; ++cz) {
-        const int64_t c = cz / k->depth, z = cz % k->depth;
-        const float s = k->scale[c];
+        const int64_t z = cz % k->depth;
         const float *u = k->u + cz * plane;
         if (z + 1 < k->depth)
-            sz += scaled_squares(u + plane, u, plane, s);
+            sz += squared_differences(u + plane, u, plane);
         if (H > 1)
-            sy += scaled_squares(u + W, u, plane - W, s);
+            sy += squared_differences(u + W, u, plane - W);
         for (int64_t y = 0; y < H && W > 1; ++y)
-            sx += scaled_squares(u + y * W + 1, u + y * W, W - 1, s);
+            sx += squared_differences(u + y * W + 1, u + y * W, W - 1);
     }
     k->sums[0] = sz, k->sums[1] = sy, k->sums[2] = sx;
 }
@@ -1118,22 +1118,20 @@ static void diffusion_sums_range(const Diffusion *k, int64_t start, int64_t end)
 /* One row of the gradient: neighbours along z and y given as rows (the row itself where the neighbour
  * does not exist: its difference is then 0); along x the ends are handled apart. */
 static inline void gradient_row(const float *row, const float *zp, const float *zn, const float *yp,
-                                const float *yn, float *out, int64_t W, float s, float wz, float wy, float wx)
+                                const float *yn, float *out, int64_t W, float wz, float wy, float wx)
 {
     for (int64_t x = 0; x < W; ++x) {
         const float here = row[x];
-        float total = wz * (s * (here - zp[x]));
-        total -= wz * (s * (zn[x] - here));
-        total += wy * (s * (here - yp[x]));
-        total -= wy * (s * (yn[x] - here));
+        float total = wz * (here - zp[x]);
+        total -= wz * (zn[x] - here);
+        total += wy * (here - yp[x]);
+        total -= wy * (yn[x] - here);
         out[x] = total;
     }
     for (int64_t x = 1; x < W; ++x)
-        out[x] += wx * (s * (row[x] - row[x - 1]));
+        out[x] += wx * (row[x] - row[x - 1]);
     for (int64_t x = 0; x + 1 < W; ++x)
-        out[x] -= wx * (s * (row[x + 1] - row[x]));
-    for (int64_t x = 0; x < W; ++x)
-        out[x] *= s;
+        out[x] -= wx * (row[x + 1] - row[x]);
 }
 
 ITK_GRADICON_CLONES
@@ -1141,36 +1139,34 @@ static void diffusion_gradient_range(const Diffusion *k, int64_t start, int64_t 
 {
     const int64_t D = k->depth, H = k->height, W = k->width, plane = H * W;
     for (int64_t cz = start; cz < end; ++cz) {
-        const int64_t c = cz / D, z = cz % D;
+        const int64_t z = cz % D;
         const float *u = k->u + cz * plane;
         float *o = k->out + cz * plane;
         for (int64_t y = 0; y < H; ++y) {
             const float *row = u + y * W;
             gradient_row(row, z > 0 ? row - plane : row, z + 1 < D ? row + plane : row, y > 0 ? row - W : row,
-                         y + 1 < H ? row + W : row, o + y * W, W, k->scale[c], k->weight[0], k->weight[1],
-                         k->weight[2]);
+                         y + 1 < H ? row + W : row, o + y * W, W, k->weight[0], k->weight[1], k->weight[2]);
         }
     }
 }
 
 PyDoc_STRVAR(diffusion_part_doc,
-"diffusion_part(which, u, out, sums, depth, height, width, scale_z, scale_y, scale_x, weight_z, weight_y,\n"
-"               weight_x, start, end)\n"
+"diffusion_part(which, u, out, sums, depth, height, width, weight_z, weight_y, weight_x, start, end)\n"
 "--\n\n"
-"Field IO's diffusion penalty on a contiguous float32 [C, depth, height, width] displacement for the\n"
-"planes (c, z) start..end-1 (no checks: the caller owns the memory): which = 0 adds the squared scaled\n"
+"Field IO's diffusion penalty on a contiguous float32 [3, depth, height, width] displacement in voxels for\n"
+"the planes (c, z) start..end-1 (no checks: the caller owns the memory): which = 0 adds the squared\n"
 "forward differences along z, y, x into three float64 values at sums; which = 1 writes the gradient\n"
-"scale[c] sum_a weight[a] (d_a(x - e_a) - d_a(x)) to out. The GIL is released meanwhile.");
+"sum_a weight[a] (d_a(x - e_a) - d_a(x)) to out. The GIL is released meanwhile.");
 
 static PyObject *diffusion_part(PyObject *self, PyObject *args)
 {
     int which;
     unsigned long long u, out, sums;
     long long depth, height, width, start, end;
-    float s0, s1, s2, w0, w1, w2;
+    float w0, w1, w2;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iKKKLLLffffffLL", &which, &u, &out, &sums, &depth, &height, &width, &s0, &s1, &s2,
-                          &w0, &w1, &w2, &start, &end))
+    if (!PyArg_ParseTuple(args, "iKKKLLLfffLL", &which, &u, &out, &sums, &depth, &height, &width, &w0, &w1, &w2,
+                          &start, &end))
         return NULL;
     if (which < 0 || which > 1 || depth < 1 || height < 1 || width < 1 || start < 0 || end < start
         || end > 3 * depth) {
@@ -1178,7 +1174,7 @@ static PyObject *diffusion_part(PyObject *self, PyObject *args)
         return NULL;
     }
     const Diffusion k = {(const float *)(uintptr_t)u, (float *)(uintptr_t)out, (double *)(uintptr_t)sums,
-                         depth, height, width, {s0, s1, s2}, {w0, w1, w2}};
+                         depth, height, width, {w0, w1, w2}};
     Py_BEGIN_ALLOW_THREADS
     if (which == 0)
         diffusion_sums_range(&k, start, end);

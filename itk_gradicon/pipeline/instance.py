@@ -143,7 +143,7 @@ class _CompiledDiffusion(torch.autograd.Function):
         sums = torch.zeros((len(ranges), 3), dtype=torch.float64)
         run_pieces(NATIVE.diffusion_part, [
             (which, u.data_ptr(), 0 if out is None else out.data_ptr(), sums[k].data_ptr(), depth, height, width,
-             1.0, 1.0, 1.0, *weights, start, end) for k, (start, end) in enumerate(ranges)])
+             *weights, start, end) for k, (start, end) in enumerate(ranges)])
         return sums.sum(0)  # u, out and sums stay referenced until every call returns
 
     @staticmethod
