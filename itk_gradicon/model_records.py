@@ -153,9 +153,10 @@ class Domain:
 #: minutes per step on a CPU at 175^3, so it stays a choice: ``--io-iterations 50``).
 NO_REFINEMENT = Refinement(note="prediction only unless --io-iterations is given")
 #: What itk_gradicon recommends for the compact models it trains (measured on the bundled model,
-#: ``benchmarks/ACCURACY.md``): 50 steps of field IO, 40 of them on the half-resolution grid; LNCC with a
-#: window of sigma 2 network voxels and smoothness 0.2 for one contrast (run 8), MIND with 0.15 for two.
-FIELD_REFINEMENT = Refinement(iterations=50, method="field", coarse_fraction=0.8, patience=5, smoothness=0.2,
+#: ``benchmarks/ACCURACY.md``): 40 steps of field IO, 30 of them on the half-resolution grid (run 27: the
+#: Dice of 40 + 10 steps, which run 8 chose, in 10 fewer); LNCC with a window of sigma 2 network voxels and
+#: smoothness 0.2 for one contrast (run 8), MIND with 0.15 for two.
+FIELD_REFINEMENT = Refinement(iterations=40, method="field", coarse_fraction=0.75, patience=5, smoothness=0.2,
                               multimodal_smoothness=0.15, lncc_sigma=2.0,
                               note="field IO measured with this package's compact models (benchmarks/ACCURACY.md)")
 

@@ -329,7 +329,8 @@ def test_the_bundled_model_recommends_field_io():
     if not BUNDLED["gradicon-synthbrain-96"].path.is_file():
         pytest.skip("the bundled model file is not in this source tree")
     refinement = load_model("gradicon-synthbrain-96").refinement
-    assert (refinement.iterations, refinement.method) == (50, "field") and refinement.multimodal_similarity
+    assert (refinement.iterations, refinement.method) == (40, "field") and refinement.multimodal_similarity
+    assert round(refinement.coarse_fraction * refinement.iterations) == 30  # 30 steps at half resolution, 10 on the full grid
     # one contrast: a narrow LNCC window with a stiffer field; two contrasts: MIND with the softer one
     assert (refinement.lncc_sigma, refinement.smoothness, refinement.multimodal_smoothness) == (2.0, 0.2, 0.15)
 

@@ -73,7 +73,7 @@ _MODALITY = click.Choice(MODALITY_CHOICES)
 @click.option("--io-iterations", type=click.IntRange(min=0), default=None,
               help="Instance-optimisation steps for this pair (see --io-method; the model file is never "
                    "changed); 0 = prediction only (the fast mode).  [default: the model's recommendation: "
-                   "50 steps of field IO for gradicon-synthbrain-96, none for the published models]")
+                   "40 steps of field IO for gradicon-synthbrain-96, none for the published models]")
 @click.option("--io-similarity", type=click.Choice(IO_SIMILARITY_CHOICES), default=None,
               help="Similarity for instance optimisation: lncc, lncc2 (squared LNCC, multimodal), mind "
                    "(MIND-SSC, multimodal).  [default: the model's recommendation, its multimodal one when "
