@@ -35,6 +35,7 @@ class Refinement:
             axis before the rest run on the full grid (0: all on the full grid).
         patience: ``field`` IO ends a level once its loss has not improved in this many steps (0: never).
         note: where the recommendation comes from (one line, shown to users).
+        coarse_lr_factor: the learning rate of the half-resolution steps, as a multiple of the full grid's.
     """
 
     iterations: int = 0
@@ -47,12 +48,14 @@ class Refinement:
     note: str = ""
     multimodal_smoothness: Optional[float] = None
     lncc_sigma: Optional[float] = None
+    coarse_lr_factor: float = 1.0
 
     def to_dict(self) -> Dict[str, Any]:
         return {"iterations": self.iterations, "method": self.method, "similarity": self.similarity,
                 "multimodal_similarity": self.multimodal_similarity, "smoothness": self.smoothness,
                 "coarse_fraction": self.coarse_fraction, "patience": self.patience, "note": self.note,
-                "multimodal_smoothness": self.multimodal_smoothness, "lncc_sigma": self.lncc_sigma}
+                "multimodal_smoothness": self.multimodal_smoothness, "lncc_sigma": self.lncc_sigma,
+                "coarse_lr_factor": self.coarse_lr_factor}
 
     @classmethod
     def from_dict(cls, entry: Any, source: str) -> "Refinement":
@@ -82,6 +85,9 @@ class Refinement:
         sigma = made.lncc_sigma
         if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0):
             raise ModelError(f"{source}: refinement lncc_sigma must be a number > 0 (network voxels), not {sigma!r}")
+        factor = made.coarse_lr_factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise ModelError(f"{source}: refinement coarse_lr_factor must be a number > 0, not {factor!r}")
         if not (isinstance(made.coarse_fraction, (int, float)) and 0 <= made.coarse_fraction < 1):
             raise ModelError(f"{source}: refinement coarse_fraction must be a number in [0, 1), not "
                              f"{made.coarse_fraction!r}")
@@ -153,11 +159,12 @@ class Domain:
 #: minutes per step on a CPU at 175^3, so it stays a choice: ``--io-iterations 50``).
 NO_REFINEMENT = Refinement(note="prediction only unless --io-iterations is given")
 #: What itk_gradicon recommends for the compact models it trains (measured on the bundled model,
-#: ``benchmarks/ACCURACY.md``): 40 steps of field IO, 30 of them on the half-resolution grid (run 27: the
-#: Dice of 40 + 10 steps, which run 8 chose, in 10 fewer); LNCC with a window of sigma 2 network voxels and
-#: smoothness 0.2 for one contrast (run 8), MIND with 0.15 for two.
-FIELD_REFINEMENT = Refinement(iterations=40, method="field", coarse_fraction=0.75, patience=5, smoothness=0.2,
-                              multimodal_smoothness=0.15, lncc_sigma=2.0,
+#: ``benchmarks/ACCURACY.md``): 30 steps of field IO, 20 of them on the half-resolution grid at twice the
+#: learning rate (run 27: run 8's 40 + 10 steps' Dice within 0.0012 on lapirn_oasis, higher on the unaligned
+#: and two-contrast pairs, in 20 fewer steps); LNCC with a window of sigma 2 network voxels and smoothness 0.2
+#: for one contrast (run 8), MIND with 0.15 for two.
+FIELD_REFINEMENT = Refinement(iterations=30, method="field", coarse_fraction=2 / 3, coarse_lr_factor=2.0,
+                              patience=5, smoothness=0.2, multimodal_smoothness=0.15, lncc_sigma=2.0,
                               note="field IO measured with this package's compact models (benchmarks/ACCURACY.md)")
 
 

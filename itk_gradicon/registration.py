@@ -312,6 +312,7 @@ class RegistrationRequest:
     io_method: str = "network"
     io_smoothness: float = DEFAULT_SMOOTHNESS
     io_coarse_steps: int = 0
+    io_coarse_lr_factor: float = 1.0
     io_patience: int = 0
     io_multimodal_similarity: Optional[str] = None
     io_multimodal_smoothness: Optional[float] = None
@@ -345,7 +346,7 @@ class RegistrationRequest:
                 messages.append("MIND-SSC in 2-D uses the 4 in-plane neighbour pairs")
         return cls(fixed, moving, model, io_iterations=io.iterations, io_similarity=io.similarity,
                    io_method=io.method, io_lr=io.lr, io_smoothness=io.smoothness, io_coarse_steps=io.coarse_steps,
-                   io_patience=io.patience, io_multimodal_similarity=io.multimodal_similarity,
+                   io_coarse_lr_factor=io.coarse_lr_factor, io_patience=io.patience, io_multimodal_similarity=io.multimodal_similarity,
                    io_multimodal_smoothness=io.multimodal_smoothness, io_lncc_sigma=io.lncc_sigma,
                    affine=_as_affine(initial_transform, d), **options)
 
@@ -594,7 +595,8 @@ def _predict(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor,
     timings["network"] = time.perf_counter() - t
     if field_io:
         t = time.perf_counter()
-        settings = FieldSettings(r.io_smoothness, coarse_steps=r.io_coarse_steps, patience=r.io_patience)
+        settings = FieldSettings(r.io_smoothness, coarse_steps=r.io_coarse_steps, patience=r.io_patience,
+                                 coarse_lr_factor=r.io_coarse_lr_factor)
         disp_AB, disp_BA = refine_fields(disp_AB, disp_BA, image_A, image_B, settings=settings, **io)
         timings["instance_optimisation"] = time.perf_counter() - t
     return disp_AB, disp_BA, history

@@ -329,8 +329,11 @@ def test_the_bundled_model_recommends_field_io():
     if not BUNDLED["gradicon-synthbrain-96"].path.is_file():
         pytest.skip("the bundled model file is not in this source tree")
     refinement = load_model("gradicon-synthbrain-96").refinement
-    assert (refinement.iterations, refinement.method) == (40, "field") and refinement.multimodal_similarity
-    assert round(refinement.coarse_fraction * refinement.iterations) == 30  # 30 steps at half resolution, 10 on the full grid
+    assert (refinement.iterations, refinement.method) == (30, "field") and refinement.multimodal_similarity
+    # 20 steps at half resolution at twice the learning rate, then 10 on the full grid
+    assert round(refinement.coarse_fraction * refinement.iterations) == 20 and refinement.coarse_lr_factor == 2.0
+    assert "20 of the steps at half resolution (learning rate x2)" in resolve_io(load_model("gradicon-synthbrain-96")
+                                                                                 ).describe()
     # one contrast: a narrow LNCC window with a stiffer field; two contrasts: MIND with the softer one
     assert (refinement.lncc_sigma, refinement.smoothness, refinement.multimodal_smoothness) == (2.0, 0.2, 0.15)
 
@@ -487,7 +490,9 @@ def test_refinement_coarse_fraction_and_patience_are_checked(tmp_path, tiny_mode
     model = load_model(str(tiny_model_file))
     path = save_model_file(tmp_path / "m.pt", model.network, model.architecture, name="m")
     for bad, message in (({"coarse_fraction": 1.0}, r"coarse_fraction must be a number in \[0, 1\)"),
-                         ({"patience": -2}, "patience must be a whole number >= 0")):
+                         ({"patience": -2}, "patience must be a whole number >= 0"),
+                         ({"coarse_lr_factor": 0}, "coarse_lr_factor must be a number > 0"),
+                         ({"coarse_lr_factor": True}, "coarse_lr_factor must be a number > 0")):
         content = torch.load(path, weights_only=True)
         content["refinement"] = bad
         torch.save(content, tmp_path / "bad.pt")
@@ -496,6 +501,34 @@ def test_refinement_coarse_fraction_and_patience_are_checked(tmp_path, tiny_mode
     coarse = replace_refinement(model, Refinement(iterations=10, coarse_fraction=0.8))
     assert resolve_io(coarse).coarse_steps == 8 and resolve_io(coarse, io_iterations=5).coarse_steps == 4
     assert resolve_io(coarse, io_method="network").coarse_steps == 0
+    assert resolve_io(coarse).coarse_lr_factor == 1.0  # files written before the factor existed: as before
+    faster = replace_refinement(model, Refinement(iterations=10, coarse_fraction=0.8, coarse_lr_factor=2.0))
+    assert resolve_io(faster).coarse_lr_factor == 2.0 and resolve_io(faster, io_method="network").coarse_lr_factor == 1.0
+
+
+def test_the_coarse_learning_rate_factor_scales_the_half_resolution_steps_only():
+    """``coarse_lr_factor`` f: the half-resolution level runs at f times ``lr`` (the same as asking that rate there),
+    the full grid at ``lr``; without coarse steps it changes nothing."""
+    from itk_gradicon import losses
+    from itk_gradicon.instance import FieldSettings, refine_fields
+
+    image_A, image_B = _shifted_blobs()
+    zero = torch.zeros(1, 3, 24, 24, 24)
+    lncc = losses.similarity_function("lncc")
+
+    def run(lr, **settings):
+        return refine_fields(zero, zero.clone(), image_A, image_B, steps=6, lr=lr, similarity=lncc,
+                             settings=FieldSettings(**settings))[0]
+
+    all_coarse_doubled = run(0.2, coarse_steps=5, coarse_lr_factor=2.0)
+    assert not torch.equal(all_coarse_doubled, run(0.2, coarse_steps=5))
+    # with every step on the full grid the factor is never used
+    assert torch.equal(run(0.2, coarse_lr_factor=2.0), run(0.2))
+    # the coarse level alone (6 of 6 steps would leave no full grid: 5 + 1) at 0.4 equals factor 2 at 0.2 there
+    coarse_only = refine_fields(zero, zero.clone(), image_A, image_B, steps=5, lr=0.2, similarity=lncc,
+                                settings=FieldSettings(coarse_steps=5, coarse_lr_factor=2.0))[0]
+    assert torch.equal(coarse_only, refine_fields(zero, zero.clone(), image_A, image_B, steps=5, lr=0.4,
+                                                  similarity=lncc, settings=FieldSettings(coarse_steps=5))[0])
 
 
 def replace_refinement(model, refinement):

@@ -254,7 +254,8 @@ def _run_register(files: RegisterFiles, outputs: RegisterOutputs, options: Optio
                 "io_similarity": result.io_similarity or request.io_similarity,
                 "io_smoothness": result.io_smoothness if result.io_smoothness is not None else io.smoothness,
                 "io_lr": io.lr, "io_lncc_sigma": io.lncc_sigma,
-                "io_coarse_steps": io.coarse_steps, "io_patience": io.patience, "io_start": io_options.start,
+                "io_coarse_steps": io.coarse_steps, "io_coarse_lr_factor": io.coarse_lr_factor,
+                "io_patience": io.patience, "io_start": io_options.start,
                 "io_dice_weight": io_options.dice_weight, "orientation": options.prealignment.orientation,
                 "network_region": options.prealignment.network_region, "seed": seed, "device": str(torch_device),
                 "threads": {"torch": torch.get_num_threads(), "itk": itk_threads()}}

@@ -377,11 +377,13 @@ class FieldSettings:
         smoothness: weight of the diffusion penalty (:func:`diffusion_penalty`).
         coarse_steps: the first this many steps run on the network grid halved along every axis.
         patience: a level ends once its loss has not improved in this many steps (0: never).
+        coarse_lr_factor: the coarse steps' learning rate as a multiple of ``lr``.
     """
 
     smoothness: float = DEFAULT_SMOOTHNESS
     coarse_steps: int = 0
     patience: int = 0
+    coarse_lr_factor: float = 1.0
 
 
 def refine_fields(disp_AB: Tensor, disp_BA: Optional[Tensor], image_A: Tensor, image_B: Tensor, *,
@@ -390,7 +392,8 @@ def refine_fields(disp_AB: Tensor, disp_BA: Optional[Tensor], image_A: Tensor, i
                   history: Optional[List[Dict[str, float]]] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """Adam steps on the predicted displacements; returns the refined ``(disp_AB, disp_BA)``.
 
-    ``lr`` is in network voxels per step.
+    ``lr`` is in voxels of the level's grid per step (on the half-resolution grid times the settings'
+    ``coarse_lr_factor``).
     ``disp_AB`` maps the grid of ``B`` into ``A`` (``A o phi_AB`` resembles ``B``). With ``disp_BA``
     both directions are refined together and kept inverse-consistent; with ``None`` only ``disp_AB``
     (no inverse-consistency term). Deterministic: no random sample points.
@@ -431,7 +434,8 @@ def refine_fields(disp_AB: Tensor, disp_BA: Optional[Tensor], image_A: Tensor, i
         level = _FieldLevel(image_A=on(image_A), image_B=on(image_B), mask_A=on(guidance.mask_A, blur=False),
                             mask_B=on(guidance.mask_B, blur=False), one_A=on(one_A), one_B=on(one_B), valid=valid)
         fields = [on(f, blur=False) for f in fields]  # every level starts from fields on the full grid
-        fields, ran = level.optimise(fields, steps=level_steps, lr=lr, similarity=similarity,
+        level_lr = lr * settings.coarse_lr_factor if shrink > 1 else lr
+        fields, ran = level.optimise(fields, steps=level_steps, lr=level_lr, similarity=similarity,
                                      smoothness=smoothness, dice_weight=dice_weight, patience=patience,
                                      report=lambda record, k: _report(record, done + k, steps, start, progress,
                                                                       history, name))

@@ -25,6 +25,7 @@ class IOChoice:
         iterations, method, similarity, smoothness, lr: as :func:`itk_gradicon.register`'s ``io_*`` options.
         lncc_sigma: the LNCC window of ``field`` IO (network voxels; ``None``: the training loss's).
         coarse_steps: steps of ``field`` IO on the half-resolution grid (the model's share of ``iterations``).
+        coarse_lr_factor: their learning rate as a multiple of ``lr`` (the model's).
         patience: ``field`` IO's early stop (0: none).
         recommended: the step count came from the model file's recommendation (not from the caller).
         why_similarity: why this similarity (shown when it is not the caller's choice).
@@ -47,6 +48,7 @@ class IOChoice:
     multimodal_similarity: Optional[str] = None
     lncc_sigma: Optional[float] = None
     multimodal_smoothness: Optional[float] = None
+    coarse_lr_factor: float = 1.0
 
     def describe(self) -> str:
         """One line for the user: what runs, and where each default came from."""
@@ -59,6 +61,8 @@ class IOChoice:
             extra += f", window sigma {self.lncc_sigma:g} network voxels"
         if self.method == "field" and self.coarse_steps:
             extra += f", {self.coarse_steps} of the steps at half resolution"
+            if self.coarse_lr_factor != 1.0:
+                extra += f" (learning rate x{self.coarse_lr_factor:g})"
         return (f"instance optimisation: {self.method}, {self.iterations} steps{origin}, "
                 f"similarity {self.similarity}{why}{extra}")
 
@@ -99,6 +103,7 @@ def resolve_io(model: Model, *, io_iterations: Optional[int] = None, io_method: 
     return IOChoice(iterations, io_method, io_similarity, float(smoothness),
                     DEFAULT_LR[io_method] if io_lr is None else float(io_lr),
                     coarse_steps=int(round(recommended.coarse_fraction * iterations)) if field else 0,
+                    coarse_lr_factor=float(recommended.coarse_lr_factor) if field else 1.0,
                     patience=recommended.patience if field else 0,
                     recommended=io_iterations is None and iterations > 0, why_similarity=why,
                     multimodal_similarity=from_pair, lncc_sigma=recommended.lncc_sigma if field else None,
