@@ -200,7 +200,7 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
         mask_mode: ``"input"`` (zero the image outside the mask before the network sees it),
             ``"loss"`` (restrict the IO similarity to the mask) or ``"both"``.
         io_iterations: instance-optimisation steps (0: prediction only; default: the model's
-            recommendation, :class:`~itk_gradicon.models.Refinement`: 40 steps of ``field`` IO for the
+            recommendation, :class:`~itk_gradicon.models.Refinement`: 30 steps of ``field`` IO for the
             bundled model, none for the published ones).
         io_similarity: ``"lncc"``, ``"lncc2"`` or ``"mind"`` (default: the model's recommendation for
             one contrast, or for two when the modalities name different contrasts, e.g. ``"t1w"`` and

@@ -334,6 +334,14 @@ def test_the_bundled_model_recommends_field_io():
     assert round(refinement.coarse_fraction * refinement.iterations) == 20 and refinement.coarse_lr_factor == 2.0
     assert "20 of the steps at half resolution (learning rate x2)" in resolve_io(load_model("gradicon-synthbrain-96")
                                                                                  ).describe()
+    # what gradicon train writes into new model files and what register --help names is the bundled file's
+    from itk_gradicon.model_records import FIELD_REFINEMENT
+
+    assert (refinement.iterations, refinement.coarse_fraction, refinement.coarse_lr_factor, refinement.patience) == \
+        (FIELD_REFINEMENT.iterations, FIELD_REFINEMENT.coarse_fraction, FIELD_REFINEMENT.coarse_lr_factor,
+         FIELD_REFINEMENT.patience)
+    help_text = " ".join(CliRunner().invoke(main, ["register", "--help"]).output.split())
+    assert f"{refinement.iterations} steps of field IO for gradicon-synthbrain-96" in help_text
     # one contrast: a narrow LNCC window with a stiffer field; two contrasts: MIND with the softer one
     assert (refinement.lncc_sigma, refinement.smoothness, refinement.multimodal_smoothness) == (2.0, 0.2, 0.15)
 

@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 
 import click
 
+from ..model_records import FIELD_REFINEMENT
 from ..pipeline.options import (AFFINE_CHOICES, DEFAULT_CT_WINDOW, DEFAULT_LR, DEFAULT_MRI_UPPER_QUANTILE,
                                 DEFAULT_SMOOTHNESS, IO_METHOD_CHOICES, IO_SIMILARITY_CHOICES, IO_STARTS, MASK_MODES,
                                 MODALITY_CHOICES, NETWORK_REGIONS, ORIENTATIONS)
@@ -73,7 +74,8 @@ _MODALITY = click.Choice(MODALITY_CHOICES)
 @click.option("--io-iterations", type=click.IntRange(min=0), default=None,
               help="Instance-optimisation steps for this pair (see --io-method; the model file is never "
                    "changed); 0 = prediction only (the fast mode).  [default: the model's recommendation: "
-                   "40 steps of field IO for gradicon-synthbrain-96, none for the published models]")
+                   f"{FIELD_REFINEMENT.iterations} steps of field IO for gradicon-synthbrain-96, none for the "
+                   "published models]")
 @click.option("--io-similarity", type=click.Choice(IO_SIMILARITY_CHOICES), default=None,
               help="Similarity for instance optimisation: lncc, lncc2 (squared LNCC, multimodal), mind "
                    "(MIND-SSC, multimodal).  [default: the model's recommendation, its multimodal one when "
