@@ -23,8 +23,7 @@ from ..pipeline.affine import (  # noqa: F401
 from ..pipeline.options import INPUT_KEYWORDS, RegistrationOptions, check_options
 from ..spatial.transforms import TRANSFORM_OUTPUT_SUFFIXES
 from .files import read_header, read_images_and_masks
-from . import prealign_process
-from .prealign_process import PrealignmentJob, PrealignmentProcess
+from .prealign_process import INPUT_FLAGS, PrealignmentJob, PrealignmentProcess
 
 Log = Callable[[str], None]
 
@@ -160,7 +159,7 @@ def run_register(files: RegisterFiles, outputs: RegisterOutputs, options: Option
     background = None
     if may_prealign and loaded_model is None:
         by_flag = files.by_flag()
-        background = PrealignmentProcess.start({flag: by_flag[flag] for flag in prealign_process.INPUT_FLAGS})
+        background = PrealignmentProcess.start({flag: by_flag[flag] for flag in INPUT_FLAGS})
     try:
         return _run_register(files, outputs, options, model=model, seed=seed, device=device, log=log,
                              progress=progress, loaded_model=loaded_model, predictor=predictor, background=background)
