@@ -30,6 +30,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 /* grid_sampler_compute_source_index for align_corners=True and border padding, from a CUBE
  * coordinate p in [0, 1]: unnormalise 2 p - 1 to [0, size - 1], then clip into it. */
@@ -1185,6 +1186,276 @@ static PyObject *diffusion_part(PyObject *self, PyObject *args)
 }
 
 /* ------------------------------------------------------------------------------------------------
+ * MIND-SSC against a fixed image's descriptors, pointwise parts (itk_gradicon.pipeline.losses): a contiguous
+ * float32 [D, H, W] image I, P pairs of voxel offsets (a_p, b_p) (int64, six per pair: a's z, y, x, then b's),
+ * P-channel float32 buffers of D H W values each, rows (z, y) start..end-1 of the grid. Indices outside the
+ * grid are clamped (replicate padding). Per voxel x, with D the box means of the differences (part 0), v their
+ * variance (part 1), c = clamp(v, low, high), m_p = D_p - min_q D_q and Y = exp(E) the descriptors:
+ *   which 0: out_p = (I(x + a_p) - I(x + b_p))^2                         the patch differences
+ *   which 1: out = mean_p m_p, its sum over the rows into sums[0]          the variance
+ *   which 2: out_p = -m_p / c                                              the exponents E (the caller takes exp)
+ *   which 3: out = mean_p (Y_p - T_p)^2                                    T: the target's descriptors
+ *   which 4: out_p = the gradient of sum_x g(x) out(x) of part 3 with respect to D_p (c's bounds constant, the
+ *            minimum's share to its first channel)
+ *   which 5: out_p *= 2 (I(x + a_p) - I(x + b_p))                         in place: the differences' gradient
+ *   which 6: out(y) = sum_p (sum over x with clamp(x + a_p) = y of G_p(x) - the same for b_p), the gradient with
+ *            respect to I of sum_p G_p (I(x + a_p) - I(x + b_p))
+ * Every loop runs along a row, so that the compiler keeps a row's voxels in vector registers.
+ * ------------------------------------------------------------------------------------------------ */
+typedef struct {
+    const float *image, *a, *b, *c, *g, *y;
+    float *out;
+    double *sums;
+    const int64_t *offsets;
+    int64_t pairs, depth, height, width;
+    float low, high;
+} MINDParts;
+
+static inline int64_t mind_clamp(int64_t i, int64_t n)
+{
+    return i < 0 ? 0 : (i >= n ? n - 1 : i);
+}
+
+/* The voxels x along one axis of length n with clamp(x + o) = y: the interval [*first, *last] (empty where
+ * *first > *last). */
+static inline void clamped_preimage(int64_t y, int64_t o, int64_t n, int64_t *first, int64_t *last)
+{
+    if (n == 1) {
+        *first = 0, *last = 0;
+        return;
+    }
+    int64_t lo = y - o, hi = y - o;
+    if (y == 0)
+        lo = 0;                     /* every x with x + o <= 0 */
+    if (y == n - 1)
+        hi = n - 1;                 /* every x with x + o >= n - 1 */
+    *first = lo < 0 ? 0 : lo;
+    *last = hi > n - 1 ? n - 1 : hi;
+}
+
+/* Row (z, y) of pair p's differences I(clamp(. + a)) - I(clamp(. + b)) into d[0..W). */
+static inline void pair_row(const MINDParts *k, int64_t p, int64_t z, int64_t y, float *d)
+{
+    const int64_t *o = k->offsets + 6 * p, D = k->depth, H = k->height, W = k->width;
+    const float *ra = k->image + (mind_clamp(z + o[0], D) * H + mind_clamp(y + o[1], H)) * W;
+    const float *rb = k->image + (mind_clamp(z + o[3], D) * H + mind_clamp(y + o[4], H)) * W;
+    const int64_t ax = o[2], bx = o[5];
+    int64_t lo = 0, hi = W;                      /* x + ax and x + bx inside the row for lo <= x < hi */
+    lo = -ax > lo ? -ax : lo, lo = -bx > lo ? -bx : lo;
+    hi = W - ax < hi ? W - ax : hi, hi = W - bx < hi ? W - bx : hi;
+    if (hi < lo)
+        hi = lo;
+    if (lo > W)
+        lo = hi = W;
+    for (int64_t x = 0; x < lo; ++x)
+        d[x] = ra[mind_clamp(x + ax, W)] - rb[mind_clamp(x + bx, W)];
+    for (int64_t x = lo; x < hi; ++x)
+        d[x] = ra[x + ax] - rb[x + bx];
+    for (int64_t x = hi; x < W; ++x)
+        d[x] = ra[mind_clamp(x + ax, W)] - rb[mind_clamp(x + bx, W)];
+}
+
+/* min over the channels of row i0..i0+W-1 of the P-channel a (channel stride n) into lowest. */
+static inline void lowest_row(const MINDParts *k, int64_t i0, int64_t n, float *lowest)
+{
+    const int64_t W = k->width;
+    for (int64_t x = 0; x < W; ++x)
+        lowest[x] = k->a[i0 + x];
+    for (int64_t p = 1; p < k->pairs; ++p) {
+        const float *a = k->a + p * n + i0;
+        for (int64_t x = 0; x < W; ++x)
+            lowest[x] = a[x] < lowest[x] ? a[x] : lowest[x];
+    }
+}
+
+/* Row (z, y) of part 5: out(y) = sum_p (the G_p(x) with clamp(x + a_p) = y) - (those with clamp(x + b_p) = y). */
+static inline void gather_row(const MINDParts *k, int64_t z, int64_t y, float *acc)
+{
+    const int64_t D = k->depth, H = k->height, W = k->width, n = D * H * W;
+    for (int64_t x = 0; x < W; ++x)
+        acc[x] = 0.0f;
+    for (int64_t p = 0; p < k->pairs; ++p) {
+        const int64_t *o = k->offsets + 6 * p;
+        for (int side = 0; side < 2; ++side, o += 3) {
+            const float sign = side == 0 ? 1.0f : -1.0f;
+            int64_t z0, z1, y0, y1;
+            clamped_preimage(z, o[0], D, &z0, &z1);
+            clamped_preimage(y, o[1], H, &y0, &y1);
+            const int64_t ox = o[2];
+            int64_t lo = ox > 1 ? ox : 1, hi = W - 1 < W + ox ? W - 1 : W + ox;   /* one source x - ox */
+            if (hi < lo)
+                hi = lo;
+            if (lo > W)
+                lo = hi = W;
+            for (int64_t zz = z0; zz <= z1; ++zz)
+                for (int64_t yy = y0; yy <= y1; ++yy) {
+                    const float *row = k->a + p * n + (zz * H + yy) * W;
+                    for (int64_t x = lo; x < hi; ++x)
+                        acc[x] += sign * row[x - ox];
+                    for (int64_t x = 0; x < W; ++x) {
+                        if (x == lo)
+                            x = hi;
+                        if (x >= W)
+                            break;
+                        int64_t x0, x1;
+                        clamped_preimage(x, ox, W, &x0, &x1);
+                        for (int64_t xx = x0; xx <= x1; ++xx)
+                            acc[x] += sign * row[xx];
+                    }
+                }
+        }
+    }
+}
+
+ITK_GRADICON_CLONES
+static void mind_rows(const MINDParts *k, int which, int64_t start, int64_t end, float *t0, float *t1, float *t2,
+                      int64_t *index)
+{
+    const int64_t H = k->height, W = k->width, n = k->depth * H * W, P = k->pairs;
+    double total = 0.0;
+    for (int64_t row = start; row < end; ++row) {
+        const int64_t z = row / H, y = row % H, i0 = row * W;
+        if (which == 0 || which == 5) {
+            for (int64_t p = 0; p < P; ++p) {
+                float *out = k->out + p * n + i0;
+                pair_row(k, p, z, y, t0);
+                if (which == 0)
+                    for (int64_t x = 0; x < W; ++x)
+                        out[x] = t0[x] * t0[x];
+                else
+                    for (int64_t x = 0; x < W; ++x)
+                        out[x] *= 2.0f * t0[x];
+            }
+        } else if (which == 1) {
+            lowest_row(k, i0, n, t0);
+            for (int64_t x = 0; x < W; ++x)
+                t1[x] = 0.0f;
+            for (int64_t p = 0; p < P; ++p) {
+                const float *a = k->a + p * n + i0;
+                for (int64_t x = 0; x < W; ++x)
+                    t1[x] += a[x] - t0[x];
+            }
+            for (int64_t x = 0; x < W; ++x) {
+                const float v = t1[x] / (float)P;
+                k->out[i0 + x] = v;
+                total += (double)v;
+            }
+        } else if (which == 2 || which == 4) {
+            lowest_row(k, i0, n, t0);
+            const float *v = k->b + i0;
+            for (int64_t x = 0; x < W; ++x)    /* the variance clamped */
+                t1[x] = v[x] < k->low ? k->low : (v[x] > k->high ? k->high : v[x]);
+            if (which == 2) {
+                for (int64_t p = 0; p < P; ++p) {
+                    const float *a = k->a + p * n + i0;
+                    float *out = k->out + p * n + i0;
+                    for (int64_t x = 0; x < W; ++x)
+                        out[x] = -(a[x] - t0[x]) / t1[x];
+                }
+                continue;
+            }
+            for (int64_t x = 0; x < W; ++x)    /* the first channel holding the minimum */
+                index[x] = 0;
+            for (int64_t p = P - 1; p > 0; --p) {
+                const float *a = k->a + p * n + i0;
+                for (int64_t x = 0; x < W; ++x)
+                    index[x] = a[x] == t0[x] ? p : index[x];
+            }
+            for (int64_t x = 0; x < W; ++x)
+                t2[x] = 0.0f;
+            const float *g = k->g + i0;
+            for (int64_t p = 0; p < P; ++p) {  /* out_p holds the weighted gradient g_p y_p meanwhile */
+                const float *a = k->a + p * n + i0, *t = k->c + p * n + i0, *d = k->y + p * n + i0;
+                float *out = k->out + p * n + i0;
+                for (int64_t x = 0; x < W; ++x) {
+                    const float weighted = 2.0f * g[x] / (float)P * (d[x] - t[x]) * d[x];
+                    out[x] = weighted;
+                    t2[x] += weighted * (a[x] - t0[x]);
+                }
+            }
+            for (int64_t x = 0; x < W; ++x) {
+                const float unclamped = (v[x] >= k->low && v[x] <= k->high) ? 1.0f : 0.0f;
+                t2[x] = t2[x] / (t1[x] * t1[x]) * unclamped / (float)P;
+                t0[x] = 0.0f;                  /* now the sum of the channels' gradients */
+            }
+            for (int64_t p = 0; p < P; ++p) {
+                float *out = k->out + p * n + i0;
+                for (int64_t x = 0; x < W; ++x) {
+                    const float grad = t2[x] - out[x] / t1[x];
+                    out[x] = grad;
+                    t0[x] += grad;
+                }
+            }
+            for (int64_t x = 0; x < W; ++x)
+                k->out[index[x] * n + i0 + x] -= t0[x];
+        } else if (which == 3) {
+            for (int64_t x = 0; x < W; ++x)
+                t0[x] = 0.0f;
+            for (int64_t p = 0; p < P; ++p) {
+                const float *d = k->y + p * n + i0, *t = k->c + p * n + i0;
+                for (int64_t x = 0; x < W; ++x) {
+                    const float difference = d[x] - t[x];
+                    t0[x] += difference * difference;
+                }
+            }
+            for (int64_t x = 0; x < W; ++x)
+                k->out[i0 + x] = t0[x] / (float)P;
+        } else {
+            gather_row(k, z, y, t0);
+            for (int64_t x = 0; x < W; ++x)
+                k->out[i0 + x] = t0[x];
+        }
+    }
+    if (which == 1)
+        k->sums[0] = total;
+}
+
+PyDoc_STRVAR(mind_part_doc,
+"mind_part(which, image, a, b, c, g, y, out, sums, offsets, pairs, depth, height, width, low, high, start, end)\n"
+"--\n\n"
+"One part of MIND-SSC against a fixed image's descriptors c for the rows (z, y) start..end-1 (no checks: the\n"
+"caller owns the memory; addresses of contiguous arrays, 0 where a part does not read one): which = 0 (out =\n"
+"the squared pair differences of image), 1 (out = the variance of the distances a, its sum to sums[0]), 2 (out\n"
+"= the exponents from a and the variance b), 3 (out = the mean squared difference of the descriptors y to c),\n"
+"4 (out = its gradient with respect to a for the upstream g), 5 (out *= twice the pair differences of image),\n"
+"6 (out = the gradient with respect to image from the differences' gradient a). The GIL is released meanwhile.");
+
+static PyObject *mind_part(PyObject *self, PyObject *args)
+{
+    int which;
+    unsigned long long image, a, b, c, g, y, out, sums, offsets;
+    long long pairs, depth, height, width, start, end;
+    float low, high;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iKKKKKKKKKLLLLffLL", &which, &image, &a, &b, &c, &g, &y, &out, &sums, &offsets,
+                          &pairs, &depth, &height, &width, &low, &high, &start, &end))
+        return NULL;
+    if (which < 0 || which > 6 || pairs < 1 || depth < 1 || height < 1 || width < 1 || start < 0 || end < start
+        || end > depth * height) {
+        PyErr_SetString(PyExc_ValueError, "mind_part: unknown part, empty grid or bad range of rows");
+        return NULL;
+    }
+    const MINDParts k = {(const float *)(uintptr_t)image, (const float *)(uintptr_t)a, (const float *)(uintptr_t)b,
+                         (const float *)(uintptr_t)c, (const float *)(uintptr_t)g, (const float *)(uintptr_t)y,
+                         (float *)(uintptr_t)out, (double *)(uintptr_t)sums, (const int64_t *)(uintptr_t)offsets,
+                         pairs, depth, height, width, low, high};
+    const int64_t W = width;
+    float *scratch = (float *)malloc((size_t)(3 * W) * sizeof(float));
+    int64_t *index = (int64_t *)malloc((size_t)W * sizeof(int64_t));
+    if (scratch == NULL || index == NULL) {
+        free(scratch);
+        free(index);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    mind_rows(&k, which, start, end, scratch, scratch + W, scratch + 2 * W, index);
+    Py_END_ALLOW_THREADS
+    free(scratch);
+    free(index);
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------------------------------
  * A network map's WORLD displacement at every voxel centre of an image grid, one pass per voxel
  * (itk_gradicon.spatial.frames.displacement_on_grid): for the INDEX point p = (i, j, k) of voxel
  * [k, j, i] of an output [nk, nj, ni, 3], in float64,
@@ -1274,6 +1545,7 @@ static PyMethodDef methods[] = {
     {"warp_voxels", warp_voxels, METH_VARARGS, warp_voxels_doc},
     {"round_trip", round_trip, METH_VARARGS, round_trip_doc},
     {"diffusion_part", diffusion_part, METH_VARARGS, diffusion_part_doc},
+    {"mind_part", mind_part, METH_VARARGS, mind_part_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -221,3 +221,52 @@ def test_compiled_diffusion_penalty_equals_the_torch_one(shape):
     assert instance.diffusion_penalty(u / scale).item() == pytest.approx(value.item(), rel=1e-5)  # the CUBE form
     assert not instance._compiled_diffusion_applies(u.double())
     assert not instance._compiled_diffusion_applies(torch.zeros(2, 3, 4, 4, 4))
+
+
+@needs_kernel
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 20, 22, 18), (1, 1, 7, 1, 9), (1, 1, 3, 4, 2), (1, 1, 1, 1, 6)])
+def test_compiled_mind_against_a_fixed_image_equals_autograd(masked, shape):
+    """Field IO's MIND-SSC against a fixed image on the compiled kernel (the pair differences, variance,
+    exponents and descriptor differences in passes of their own, its own backward) gives the loss and gradient
+    of the autograd definition, on grids with axes shorter than the patch and the neighbours' distance
+    (replicate padding), constant regions included, whatever the number of threads."""
+    g = torch.Generator().manual_seed(11)
+    target = torch.rand(shape, generator=g)
+    warped = torch.rand(shape, generator=g)
+    if shape[-1] > 6:
+        target[..., :3] = 0.0                     # flat in both: distances 0 there
+        warped[..., :4] = 0.0
+    mask = (torch.rand(shape, generator=g) > 0.3).float() if masked else None
+    compiled = losses.against(losses.mind_loss, target, mask)
+    x = warped.clone().requires_grad_(True)
+    value = compiled(x)
+    (grad,) = torch.autograd.grad(value, x)
+    with fast_paths(native_filtering=False):
+        assert not losses._MINDAgainst(target).compiled
+        x_plain = warped.clone().requires_grad_(True)
+        expected = losses.mind_loss(x_plain, target, mask)
+        (grad_expected,) = torch.autograd.grad(expected, x_plain)
+    assert abs(value.item() - expected.item()) < 1e-6
+    assert (grad - grad_expected).abs().max().item() < 1e-4 * grad_expected.abs().max().item()
+    assert grad.abs().max().item() > 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "get_num_threads", lambda: 3)
+        x3 = warped.clone().requires_grad_(True)
+        value3 = compiled(x3)
+        (grad3,) = torch.autograd.grad(value3, x3)
+    assert abs(value3.item() - value.item()) < 1e-7
+    assert (grad3 - grad).abs().max().item() < 1e-6 * grad.abs().max().item()
+
+
+@needs_kernel
+def test_compiled_mind_is_used_only_where_it_applies():
+    target = torch.rand(1, 1, 8, 9, 10)
+    against = losses._MINDAgainst(target)
+    assert against.compiled and against.offsets.shape == (12, 6)
+    assert against(torch.rand(1, 1, 8, 9, 10)).shape == (1, 1, 8, 9, 10)       # the mean over the channels
+    assert not losses._MINDAgainst(torch.rand(2, 1, 8, 9, 10)).compiled         # a batch: autograd
+    assert not losses._MINDAgainst(torch.rand(1, 1, 8, 9)).compiled             # 2-D: autograd
+    assert not losses._MINDAgainst(target.double()).compiled
+    plain = losses._MINDAgainst(torch.rand(1, 1, 8, 9))
+    assert plain(torch.rand(1, 1, 8, 9)).shape == (1, 4, 8, 9)

@@ -156,6 +156,15 @@ class _AxisFilter(torch.autograd.Function):
         return _native_filter(grad, adjoint, ctx.axis, half), None, None
 
 
+def replicate_filter_axes(x: torch.Tensor, kernel: torch.Tensor, *, adjoint: bool = False) -> torch.Tensor:
+    """:func:`filter_along_axis_replicate` along every spatial axis of ``x``, without autograd (the caller writes
+    its own backward); ``adjoint``: the transposed map. Requires :func:`uses_native_filter`."""
+    axes = range(x.dim() - 2)
+    for axis in (reversed(axes) if adjoint else axes):  # the adjoint of the passes in autograd's order
+        x = _native_replicate_filter(x, kernel, axis, adjoint=adjoint)
+    return x
+
+
 def filter_axes(x: torch.Tensor, kernel: torch.Tensor, *, adjoint: bool = False) -> torch.Tensor:
     """``kernel`` along every spatial axis of ``x`` on the compiled kernel, without autograd (the caller
     writes its own backward); ``adjoint``: the transposed filter (the kernel reversed). Requires

@@ -297,6 +297,99 @@ class _MINDFromDistances(torch.autograd.Function):
         return grad_mind
 
 
+class _MINDAgainst:
+    """The squared MIND-SSC descriptor differences of a warped image to a target that stays the same over
+    many steps (``[B, P, *spatial]``, or their mean over the ``P`` channels ``[1, 1, *spatial]`` on the
+    compiled kernel: the same masked mean), the target's descriptors computed once (radius 2, dilation 2).
+
+    A one-channel 3-D float32 image on the CPU runs on the compiled kernel (:class:`_CompiledMIND`): the
+    patch differences, the descriptors and their differences, and each part of the gradient in one pass over
+    the voxels, where autograd makes about forty; only float rounding differs."""
+
+    def __init__(self, target: Tensor) -> None:
+        self.target = target
+        self.descriptors = mind_ssc(target).contiguous()
+        self.box = torch.full((2 * MIND_RADIUS + 1,), 1.0 / (2 * MIND_RADIUS + 1), dtype=target.dtype,
+                              device=target.device)
+        self.compiled = (target.dim() == 5 and target.shape[0] * target.shape[1] == 1
+                         and separable.uses_native_filter(target, self.box))
+        if self.compiled:  # each pair's two neighbours as voxel offsets (z, y, x of a, then of b)
+            self.offsets = torch.tensor([[MIND_DILATION * v for v in a + b] for a, b in _neighbour_pairs(3)],
+                                        dtype=torch.int64)
+
+    def __call__(self, warped: Tensor) -> Tensor:
+        if self.compiled and warped.shape == self.target.shape and separable.uses_native_filter(warped, self.box):
+            return _CompiledMIND.apply(warped, self)
+        return (mind_ssc(warped) - self.descriptors) ** 2
+
+
+#: MIND-SSC's patch radius and the distance of its neighbours (:func:`mind_ssc`'s defaults).
+MIND_RADIUS, MIND_DILATION = 2, 2
+#: Below this many voxels per thread a compiled MIND pass is not split over the threads.
+MIN_MIND_VALUES_PER_THREAD = 1 << 14
+
+
+def _mind_part(which: int, against: _MINDAgainst, shape, *, out: Tensor, image: Optional[Tensor] = None,
+               a: Optional[Tensor] = None, b: Optional[Tensor] = None, g: Optional[Tensor] = None,
+               descriptors: Optional[Tensor] = None, low: float = 0.0, high: float = 0.0) -> float:
+    """One part of the compiled MIND (``mind_part`` in ``_linear.c``) over the rows of a ``shape`` grid, split
+    over the threads; every tensor contiguous (kept referenced until the calls return). Returns the sum the
+    part adds up (the variances' for part 1, else 0)."""
+    address = lambda tensor: 0 if tensor is None else tensor.data_ptr()  # noqa: E731
+    depth, height, width = shape
+    ranges = thread_ranges(depth * height, width, MIN_MIND_VALUES_PER_THREAD)
+    sums = torch.zeros(len(ranges), dtype=torch.float64)
+    run_pieces(NATIVE.mind_part, [
+        (which, address(image), address(a), address(b), against.descriptors.data_ptr(), address(g),
+         address(descriptors), out.data_ptr(), sums[k:].data_ptr(), against.offsets.data_ptr(),
+         against.offsets.shape[0], depth, height, width, low, high, start, end)
+        for k, (start, end) in enumerate(ranges)])
+    return float(sums.sum())
+
+
+class _CompiledMIND(torch.autograd.Function):
+    """The mean over MIND-SSC's channels of the squared descriptor differences of a one-channel warped image to
+    :class:`_MINDAgainst`'s target, forward and backward on the compiled kernel: the patch differences in one
+    pass, their box means (:func:`~itk_gradicon.network.separable.replicate_filter_axes`), the variance in one
+    pass, the exponents in another (PyTorch's ``exp`` in place), the differences in a third (the clamp bounds,
+    0.001 and 1000 times the mean variance, constants as in :class:`_MINDFromDistances`); backward, the
+    distances' gradient in one pass, the adjoint box means, and the image's gradient in two."""
+
+    @staticmethod
+    def forward(ctx, warped: Tensor, against: _MINDAgainst) -> Tensor:
+        warped = warped.contiguous()
+        shape = tuple(warped.shape[2:])
+        channels = (1, against.offsets.shape[0], *shape)
+        distances = warped.new_empty(channels)
+        _mind_part(0, against, shape, out=distances, image=warped)
+        distances = separable.replicate_filter_axes(distances, against.box)
+        variance = torch.empty_like(warped)
+        level = _mind_part(1, against, shape, out=variance, a=distances) / variance.numel()
+        low, high = level * 0.001, level * 1000
+        descriptors = warped.new_empty(channels)
+        _mind_part(2, against, shape, out=descriptors, a=distances, b=variance, low=low, high=high)
+        descriptors.exp_()
+        out = torch.empty_like(warped)
+        _mind_part(3, against, shape, out=out, descriptors=descriptors)
+        ctx.save_for_backward(warped, distances, variance, descriptors)
+        ctx.against, ctx.bounds = against, (low, high)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tuple[Tensor, None]:
+        warped, distances, variance, descriptors = ctx.saved_tensors
+        against, (low, high) = ctx.against, ctx.bounds
+        shape = tuple(warped.shape[2:])
+        grads = torch.empty_like(distances)
+        _mind_part(4, against, shape, out=grads, a=distances, b=variance, g=grad.contiguous().float(),
+                   descriptors=descriptors, low=low, high=high)
+        grads = separable.replicate_filter_axes(grads, against.box, adjoint=True).contiguous()
+        _mind_part(5, against, shape, out=grads, image=warped)
+        result = torch.empty_like(warped)
+        _mind_part(6, against, shape, out=result, a=grads)
+        return result, None
+
+
 def mind_loss(warped: Tensor, target: Tensor, mask: Optional[Tensor] = None,
               radius: int = 2, dilation: int = 2) -> Tensor:
     """Mean squared difference of MIND-SSC descriptors (modality independent)."""
@@ -311,9 +404,9 @@ def against(similarity: Callable[..., Tensor], target: Tensor, mask: Optional[Te
     same over many steps (instance optimisation): MIND-SSC's target descriptors, and the LNCC losses'
     blurred target moments, are computed once."""
     if similarity is mind_loss:
-        descriptors = mind_ssc(target)
         _check_same_shape(target, target, mask)
-        return lambda warped: masked_mean((mind_ssc(warped) - descriptors) ** 2, mask)
+        mind = _MINDAgainst(target)
+        return lambda warped: masked_mean(mind(_same_shape(warped, target)), mask)
     function, sigma = _lncc_parts(similarity)
     if function is not None:
         _check_same_shape(target, target, mask)
