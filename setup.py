@@ -2,7 +2,7 @@
 
 ``itk_gradicon._linear`` holds small C loops: trilinear sampling (the network's warps and compositions,
 instance optimisation's warps, the written field on the image grid), one axis of a separable filter (zero or
-replicate padding) and LNCC's pointwise parts (instance optimisation's similarities). It is optional: where no C compiler is available the build goes on without it
+replicate padding), LNCC's pointwise parts and MIND-SSC's parts (instance optimisation's similarities). It is optional: where no C compiler is available the build goes on without it
 and itk_gradicon uses PyTorch's ``grid_sample``, banded matrix products and autograd (same values up to
 float rounding, slower).
 """

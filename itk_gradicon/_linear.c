@@ -17,7 +17,8 @@
  * box means); lncc_part, the pointwise parts of LNCC against a fixed image (itk_gradicon.pipeline.losses);
  * warp_voxels, an image warped by a displacement in voxels, zero outside, round_trip, the inverse-
  * consistency round trip of two such displacements, and diffusion_part, their diffusion penalty (field IO,
- * itk_gradicon.pipeline.instance); and grid_field_3d, a network map's WORLD displacement at every voxel of
+ * itk_gradicon.pipeline.instance); mind_part, the parts of MIND-SSC against a fixed image's descriptors (the
+ * multimodal similarity of field IO, itk_gradicon.pipeline.losses); and grid_field_3d, a network map's WORLD displacement at every voxel of
  * an image grid (itk_gradicon.spatial.frames). With AVX2 (checked at run time) sample_3d and
  * sample_3d_backward take eight points of a one-channel field at a time, bitwise as the scalar loop.
  *
@@ -1553,7 +1554,8 @@ static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_linear",
     "Compiled loops of itk_gradicon: trilinear sampling (itk_gradicon.network.sampling), a separable filter's\n"
     "axis with zero or replicate padding (itk_gradicon.network.separable), LNCC's pointwise parts\n"
-    "(itk_gradicon.pipeline.losses), field IO's warps and round trips of voxel displacements\n"
+    "(itk_gradicon.pipeline.losses), MIND-SSC's parts against a fixed image (the same module), field IO's\n"
+    "warps and round trips of voxel displacements\n"
     "(itk_gradicon.pipeline.instance),\n"
     "a network map as a WORLD displacement on an image grid (itk_gradicon.spatial.frames).", -1, methods,
     NULL, NULL, NULL, NULL,
