@@ -650,43 +650,47 @@ static inline int adjoint_range(int64_t s, int64_t shift, int64_t n, int64_t *fi
     return *first <= *last && *first >= 0 && *last <= n - 1;
 }
 
+/* One line of n values along the axis (inner == 1): y = the filter of x, or with adjoint set its transpose. */
+static inline void replicate_row(const float *x, float *y, int64_t n, const float *kernel, int64_t taps, int64_t half,
+                                 int adjoint)
+{
+    for (int64_t i = 0; i < n; ++i)
+        y[i] = 0.0f;
+    for (int64_t t = 0; t < taps; ++t) {
+        const float k = kernel[t];
+        const int64_t shift = t - half;
+        if (!adjoint) {
+            const int64_t lo = shift < 0 ? (-shift < n ? -shift : n) : 0;
+            const int64_t hi = shift > 0 ? (n - shift > 0 ? n - shift : 0) : n;
+            for (int64_t i = 0; i < lo; ++i)
+                y[i] += k * x[0];
+            for (int64_t i = lo; i < hi; ++i)
+                y[i] += k * x[i + shift];
+            for (int64_t i = hi > lo ? hi : lo; i < n; ++i)
+                y[i] += k * x[n - 1];
+        } else {
+            /* interior outputs 1..n-2: one input each; the two ends: a run of inputs */
+            const int64_t lo = shift > 1 ? shift : 1, hi = n + shift < n - 1 ? n + shift : n - 1;
+            for (int64_t s = lo; s < hi; ++s) /* s in 1..n-2 with s - shift in 0..n-1 */
+                y[s] += k * x[s - shift];
+            const int64_t ends[2] = {0, n - 1};
+            for (int e = 0; e < (n > 1 ? 2 : 1); ++e) {
+                int64_t first, last;
+                if (adjoint_range(ends[e], shift, n, &first, &last))
+                    for (int64_t i = first; i <= last; ++i)
+                        y[ends[e]] += k * x[i];
+            }
+        }
+    }
+}
+
 ITK_GRADICON_CLONES
 static void replicate_units(const AxisFilter *f, int adjoint, int64_t start, int64_t end)
 {
     const int64_t n = f->n, inner = f->inner;
     if (inner == 1) {
-        for (int64_t o = start; o < end; ++o) {
-            const float *x = f->x + o * n;
-            float *y = f->out + o * n;
-            for (int64_t i = 0; i < n; ++i)
-                y[i] = 0.0f;
-            for (int64_t t = 0; t < f->taps; ++t) {
-                const float k = f->kernel[t];
-                const int64_t shift = t - f->half;
-                if (!adjoint) {
-                    const int64_t lo = shift < 0 ? (-shift < n ? -shift : n) : 0;
-                    const int64_t hi = shift > 0 ? (n - shift > 0 ? n - shift : 0) : n;
-                    for (int64_t i = 0; i < lo; ++i)
-                        y[i] += k * x[0];
-                    for (int64_t i = lo; i < hi; ++i)
-                        y[i] += k * x[i + shift];
-                    for (int64_t i = hi > lo ? hi : lo; i < n; ++i)
-                        y[i] += k * x[n - 1];
-                } else {
-                    /* interior outputs 1..n-2: one input each; the two ends: a run of inputs */
-                    const int64_t lo = shift > 1 ? shift : 1, hi = n + shift < n - 1 ? n + shift : n - 1;
-                    for (int64_t s = lo; s < hi; ++s) /* s in 1..n-2 with s - shift in 0..n-1 */
-                        y[s] += k * x[s - shift];
-                    const int64_t ends[2] = {0, n - 1};
-                    for (int e = 0; e < (n > 1 ? 2 : 1); ++e) {
-                        int64_t first, last;
-                        if (adjoint_range(ends[e], shift, n, &first, &last))
-                            for (int64_t i = first; i <= last; ++i)
-                                y[ends[e]] += k * x[i];
-                    }
-                }
-            }
-        }
+        for (int64_t o = start; o < end; ++o)
+            replicate_row(f->x + o * n, f->out + o * n, n, f->kernel, f->taps, f->half, adjoint);
         return;
     }
     for (int64_t u = start; u < end; ++u) {
@@ -1190,25 +1194,27 @@ static PyObject *diffusion_part(PyObject *self, PyObject *args)
  * MIND-SSC against a fixed image's descriptors, pointwise parts (itk_gradicon.pipeline.losses): a contiguous
  * float32 [D, H, W] image I, P pairs of voxel offsets (a_p, b_p) (int64, six per pair: a's z, y, x, then b's),
  * P-channel float32 buffers of D H W values each, rows (z, y) start..end-1 of the grid. Indices outside the
- * grid are clamped (replicate padding). Per voxel x, with D the box means of the differences (part 0), v their
- * variance (part 1), c = clamp(v, low, high), m_p = D_p - min_q D_q and Y = exp(E) the descriptors:
- *   which 0: out_p = (I(x + a_p) - I(x + b_p))^2                         the patch differences
+ * grid are clamped (replicate padding); box is the patch's 1-D kernel (taps values, replicate padding, as
+ * filter_axis_replicate). Per voxel x, with D the box means of the differences (part 0's output filtered along
+ * the two other axes by the caller), v their variance (part 1), c = clamp(v, low, high), m_p = D_p - min_q D_q and
+ * Y = exp(E) the descriptors:
+ *   which 0: out_p = the box along the row of (I(x + a_p) - I(x + b_p))^2   the patch differences
  *   which 1: out = mean_p m_p, its sum over the rows into sums[0]          the variance
  *   which 2: out_p = -m_p / c                                              the exponents E (the caller takes exp)
  *   which 3: out = mean_p (Y_p - T_p)^2                                    T: the target's descriptors
  *   which 4: out_p = the gradient of sum_x g(x) out(x) of part 3 with respect to D_p (c's bounds constant, the
- *            minimum's share to its first channel)
+ *            minimum's share to its first channel), then the box's transpose along the row
  *   which 5: out_p *= 2 (I(x + a_p) - I(x + b_p))                         in place: the differences' gradient
  *   which 6: out(y) = sum_p (sum over x with clamp(x + a_p) = y of G_p(x) - the same for b_p), the gradient with
  *            respect to I of sum_p G_p (I(x + a_p) - I(x + b_p))
  * Every loop runs along a row, so that the compiler keeps a row's voxels in vector registers.
  * ------------------------------------------------------------------------------------------------ */
 typedef struct {
-    const float *image, *a, *b, *c, *g, *y;
+    const float *image, *a, *b, *c, *g, *y, *box;
     float *out;
     double *sums;
     const int64_t *offsets;
-    int64_t pairs, depth, height, width;
+    int64_t pairs, depth, height, width, taps;
     float low, high;
 } MINDParts;
 
@@ -1320,12 +1326,14 @@ static void mind_rows(const MINDParts *k, int which, int64_t start, int64_t end,
             for (int64_t p = 0; p < P; ++p) {
                 float *out = k->out + p * n + i0;
                 pair_row(k, p, z, y, t0);
-                if (which == 0)
+                if (which == 0) {  /* squared, then the box along the row */
                     for (int64_t x = 0; x < W; ++x)
-                        out[x] = t0[x] * t0[x];
-                else
+                        t1[x] = t0[x] * t0[x];
+                    replicate_row(t1, out, W, k->box, k->taps, (k->taps - 1) / 2, 0);
+                } else {
                     for (int64_t x = 0; x < W; ++x)
                         out[x] *= 2.0f * t0[x];
+                }
             }
         } else if (which == 1) {
             lowest_row(k, i0, n, t0);
@@ -1389,6 +1397,12 @@ static void mind_rows(const MINDParts *k, int which, int64_t start, int64_t end,
             }
             for (int64_t x = 0; x < W; ++x)
                 k->out[index[x] * n + i0 + x] -= t0[x];
+            for (int64_t p = 0; p < P; ++p) {  /* the box's transpose along the row */
+                float *out = k->out + p * n + i0;
+                replicate_row(out, t1, W, k->box, k->taps, (k->taps - 1) / 2, 1);
+                for (int64_t x = 0; x < W; ++x)
+                    out[x] = t1[x];
+            }
         } else if (which == 3) {
             for (int64_t x = 0; x < W; ++x)
                 t0[x] = 0.0f;
@@ -1412,34 +1426,35 @@ static void mind_rows(const MINDParts *k, int which, int64_t start, int64_t end,
 }
 
 PyDoc_STRVAR(mind_part_doc,
-"mind_part(which, image, a, b, c, g, y, out, sums, offsets, pairs, depth, height, width, low, high, start, end)\n"
+"mind_part(which, image, a, b, c, g, y, out, sums, offsets, pairs, depth, height, width, box, taps, low, high,\n"
+"          start, end)\n"
 "--\n\n"
 "One part of MIND-SSC against a fixed image's descriptors c for the rows (z, y) start..end-1 (no checks: the\n"
 "caller owns the memory; addresses of contiguous arrays, 0 where a part does not read one): which = 0 (out =\n"
-"the squared pair differences of image), 1 (out = the variance of the distances a, its sum to sums[0]), 2 (out\n"
+"the squared pair differences of image, filtered by box along the rows), 1 (out = the variance of the distances a, its sum to sums[0]), 2 (out\n"
 "= the exponents from a and the variance b), 3 (out = the mean squared difference of the descriptors y to c),\n"
-"4 (out = its gradient with respect to a for the upstream g), 5 (out *= twice the pair differences of image),\n"
+"4 (out = its gradient with respect to a for the upstream g, then box's transpose along the rows), 5 (out *= twice the pair differences of image),\n"
 "6 (out = the gradient with respect to image from the differences' gradient a). The GIL is released meanwhile.");
 
 static PyObject *mind_part(PyObject *self, PyObject *args)
 {
     int which;
-    unsigned long long image, a, b, c, g, y, out, sums, offsets;
-    long long pairs, depth, height, width, start, end;
+    unsigned long long image, a, b, c, g, y, out, sums, offsets, box;
+    long long pairs, depth, height, width, taps, start, end;
     float low, high;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iKKKKKKKKKLLLLffLL", &which, &image, &a, &b, &c, &g, &y, &out, &sums, &offsets,
-                          &pairs, &depth, &height, &width, &low, &high, &start, &end))
+    if (!PyArg_ParseTuple(args, "iKKKKKKKKKLLLLKLffLL", &which, &image, &a, &b, &c, &g, &y, &out, &sums, &offsets,
+                          &pairs, &depth, &height, &width, &box, &taps, &low, &high, &start, &end))
         return NULL;
-    if (which < 0 || which > 6 || pairs < 1 || depth < 1 || height < 1 || width < 1 || start < 0 || end < start
-        || end > depth * height) {
+    if (which < 0 || which > 6 || pairs < 1 || depth < 1 || height < 1 || width < 1 || taps < 1 || start < 0
+        || end < start || end > depth * height) {
         PyErr_SetString(PyExc_ValueError, "mind_part: unknown part, empty grid or bad range of rows");
         return NULL;
     }
     const MINDParts k = {(const float *)(uintptr_t)image, (const float *)(uintptr_t)a, (const float *)(uintptr_t)b,
                          (const float *)(uintptr_t)c, (const float *)(uintptr_t)g, (const float *)(uintptr_t)y,
-                         (float *)(uintptr_t)out, (double *)(uintptr_t)sums, (const int64_t *)(uintptr_t)offsets,
-                         pairs, depth, height, width, low, high};
+                         (const float *)(uintptr_t)box, (float *)(uintptr_t)out, (double *)(uintptr_t)sums,
+                         (const int64_t *)(uintptr_t)offsets, pairs, depth, height, width, taps, low, high};
     const int64_t W = width;
     float *scratch = (float *)malloc((size_t)(3 * W) * sizeof(float));
     int64_t *index = (int64_t *)malloc((size_t)W * sizeof(int64_t));

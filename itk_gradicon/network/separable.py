@@ -16,7 +16,7 @@ backward, one range of rows per core; 3.3x faster than the banded product for si
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -156,10 +156,11 @@ class _AxisFilter(torch.autograd.Function):
         return _native_filter(grad, adjoint, ctx.axis, half), None, None
 
 
-def replicate_filter_axes(x: torch.Tensor, kernel: torch.Tensor, *, adjoint: bool = False) -> torch.Tensor:
-    """:func:`filter_along_axis_replicate` along every spatial axis of ``x``, without autograd (the caller writes
-    its own backward); ``adjoint``: the transposed map. Requires :func:`uses_native_filter`."""
-    axes = range(x.dim() - 2)
+def replicate_filter_axes(x: torch.Tensor, kernel: torch.Tensor, *, adjoint: bool = False,
+                          axes: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """:func:`filter_along_axis_replicate` along every spatial axis of ``x`` (or along ``axes``), without autograd
+    (the caller writes its own backward); ``adjoint``: the transposed map. Requires :func:`uses_native_filter`."""
+    axes = list(range(x.dim() - 2)) if axes is None else list(axes)
     for axis in (reversed(axes) if adjoint else axes):  # the adjoint of the passes in autograd's order
         x = _native_replicate_filter(x, kernel, axis, adjoint=adjoint)
     return x

@@ -342,18 +342,20 @@ def _mind_part(which: int, against: _MINDAgainst, shape, *, out: Tensor, image: 
     run_pieces(NATIVE.mind_part, [
         (which, address(image), address(a), address(b), against.descriptors.data_ptr(), address(g),
          address(descriptors), out.data_ptr(), sums[k:].data_ptr(), against.offsets.data_ptr(),
-         against.offsets.shape[0], depth, height, width, low, high, start, end)
+         against.offsets.shape[0], depth, height, width, against.box.data_ptr(), against.box.numel(), low, high,
+         start, end)
         for k, (start, end) in enumerate(ranges)])
     return float(sums.sum())
 
 
 class _CompiledMIND(torch.autograd.Function):
     """The mean over MIND-SSC's channels of the squared descriptor differences of a one-channel warped image to
-    :class:`_MINDAgainst`'s target, forward and backward on the compiled kernel: the patch differences in one
-    pass, their box means (:func:`~itk_gradicon.network.separable.replicate_filter_axes`), the variance in one
-    pass, the exponents in another (PyTorch's ``exp`` in place), the differences in a third (the clamp bounds,
-    0.001 and 1000 times the mean variance, constants as in :class:`_MINDFromDistances`); backward, the
-    distances' gradient in one pass, the adjoint box means, and the image's gradient in two."""
+    :class:`_MINDAgainst`'s target, forward and backward on the compiled kernel: the patch differences and their
+    box mean along the last axis in one pass, along the two others by
+    :func:`~itk_gradicon.network.separable.replicate_filter_axes`, the variance in one pass, the exponents in
+    another (PyTorch's ``exp`` in place), the differences in a third (the clamp bounds, 0.001 and 1000 times the
+    mean variance, constants as in :class:`_MINDFromDistances`); backward, the distances' gradient and the box's
+    transpose along the last axis in one pass, along the others, and the image's gradient in two."""
 
     @staticmethod
     def forward(ctx, warped: Tensor, against: _MINDAgainst) -> Tensor:
@@ -362,7 +364,7 @@ class _CompiledMIND(torch.autograd.Function):
         channels = (1, against.offsets.shape[0], *shape)
         distances = warped.new_empty(channels)
         _mind_part(0, against, shape, out=distances, image=warped)
-        distances = separable.replicate_filter_axes(distances, against.box)
+        distances = separable.replicate_filter_axes(distances, against.box, axes=(0, 1))  # the last: in part 0
         variance = torch.empty_like(warped)
         level = _mind_part(1, against, shape, out=variance, a=distances) / variance.numel()
         low, high = level * 0.001, level * 1000
@@ -383,7 +385,7 @@ class _CompiledMIND(torch.autograd.Function):
         grads = torch.empty_like(distances)
         _mind_part(4, against, shape, out=grads, a=distances, b=variance, g=grad.contiguous().float(),
                    descriptors=descriptors, low=low, high=high)
-        grads = separable.replicate_filter_axes(grads, against.box, adjoint=True).contiguous()
+        grads = separable.replicate_filter_axes(grads, against.box, adjoint=True, axes=(0, 1)).contiguous()
         _mind_part(5, against, shape, out=grads, image=warped)
         result = torch.empty_like(warped)
         _mind_part(6, against, shape, out=result, a=grads)
