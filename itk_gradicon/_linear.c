@@ -1218,34 +1218,12 @@ typedef struct {
     float low, high;
 } MINDParts;
 
-static inline int64_t mind_clamp(int64_t i, int64_t n)
-{
-    return i < 0 ? 0 : (i >= n ? n - 1 : i);
-}
-
-/* The voxels x along one axis of length n with clamp(x + o) = y: the interval [*first, *last] (empty where
- * *first > *last). */
-static inline void clamped_preimage(int64_t y, int64_t o, int64_t n, int64_t *first, int64_t *last)
-{
-    if (n == 1) {
-        *first = 0, *last = 0;
-        return;
-    }
-    int64_t lo = y - o, hi = y - o;
-    if (y == 0)
-        lo = 0;                     /* every x with x + o <= 0 */
-    if (y == n - 1)
-        hi = n - 1;                 /* every x with x + o >= n - 1 */
-    *first = lo < 0 ? 0 : lo;
-    *last = hi > n - 1 ? n - 1 : hi;
-}
-
 /* Row (z, y) of pair p's differences I(clamp(. + a)) - I(clamp(. + b)) into d[0..W). */
 static inline void pair_row(const MINDParts *k, int64_t p, int64_t z, int64_t y, float *d)
 {
     const int64_t *o = k->offsets + 6 * p, D = k->depth, H = k->height, W = k->width;
-    const float *ra = k->image + (mind_clamp(z + o[0], D) * H + mind_clamp(y + o[1], H)) * W;
-    const float *rb = k->image + (mind_clamp(z + o[3], D) * H + mind_clamp(y + o[4], H)) * W;
+    const float *ra = k->image + (clamp_index(z + o[0], D) * H + clamp_index(y + o[1], H)) * W;
+    const float *rb = k->image + (clamp_index(z + o[3], D) * H + clamp_index(y + o[4], H)) * W;
     const int64_t ax = o[2], bx = o[5];
     int64_t lo = 0, hi = W;                      /* x + ax and x + bx inside the row for lo <= x < hi */
     lo = -ax > lo ? -ax : lo, lo = -bx > lo ? -bx : lo;
@@ -1255,11 +1233,11 @@ static inline void pair_row(const MINDParts *k, int64_t p, int64_t z, int64_t y,
     if (lo > W)
         lo = hi = W;
     for (int64_t x = 0; x < lo; ++x)
-        d[x] = ra[mind_clamp(x + ax, W)] - rb[mind_clamp(x + bx, W)];
+        d[x] = ra[clamp_index(x + ax, W)] - rb[clamp_index(x + bx, W)];
     for (int64_t x = lo; x < hi; ++x)
         d[x] = ra[x + ax] - rb[x + bx];
     for (int64_t x = hi; x < W; ++x)
-        d[x] = ra[mind_clamp(x + ax, W)] - rb[mind_clamp(x + bx, W)];
+        d[x] = ra[clamp_index(x + ax, W)] - rb[clamp_index(x + bx, W)];
 }
 
 /* min over the channels of row i0..i0+W-1 of the P-channel a (channel stride n) into lowest. */
@@ -1285,9 +1263,9 @@ static inline void gather_row(const MINDParts *k, int64_t z, int64_t y, float *a
         const int64_t *o = k->offsets + 6 * p;
         for (int side = 0; side < 2; ++side, o += 3) {
             const float sign = side == 0 ? 1.0f : -1.0f;
-            int64_t z0, z1, y0, y1;
-            clamped_preimage(z, o[0], D, &z0, &z1);
-            clamped_preimage(y, o[1], H, &y0, &y1);
+            int64_t z0, z1, y0, y1;    /* the rows whose clamped shift lands on this one (adjoint_range) */
+            if (!adjoint_range(z, o[0], D, &z0, &z1) || !adjoint_range(y, o[1], H, &y0, &y1))
+                continue;
             const int64_t ox = o[2];
             int64_t lo = ox > 1 ? ox : 1, hi = W - 1 < W + ox ? W - 1 : W + ox;   /* one source x - ox */
             if (hi < lo)
@@ -1305,9 +1283,9 @@ static inline void gather_row(const MINDParts *k, int64_t z, int64_t y, float *a
                         if (x >= W)
                             break;
                         int64_t x0, x1;
-                        clamped_preimage(x, ox, W, &x0, &x1);
-                        for (int64_t xx = x0; xx <= x1; ++xx)
-                            acc[x] += sign * row[xx];
+                        if (adjoint_range(x, ox, W, &x0, &x1))
+                            for (int64_t xx = x0; xx <= x1; ++xx)
+                                acc[x] += sign * row[xx];
                     }
                 }
         }

@@ -297,6 +297,10 @@ class _MINDFromDistances(torch.autograd.Function):
         return grad_mind
 
 
+#: MIND-SSC's patch radius and the distance of its neighbours (:func:`mind_ssc`'s defaults).
+MIND_RADIUS, MIND_DILATION = 2, 2
+
+
 class _MINDAgainst:
     """The squared MIND-SSC descriptor differences of a warped image to a target that stays the same over
     many steps (``[B, P, *spatial]``, or their mean over the ``P`` channels ``[1, 1, *spatial]`` on the
@@ -323,15 +327,13 @@ class _MINDAgainst:
         return (mind_ssc(warped) - self.descriptors) ** 2
 
 
-#: MIND-SSC's patch radius and the distance of its neighbours (:func:`mind_ssc`'s defaults).
-MIND_RADIUS, MIND_DILATION = 2, 2
 #: Below this many voxels per thread a compiled MIND pass is not split over the threads.
 MIN_MIND_VALUES_PER_THREAD = 1 << 14
 
 
 def _mind_part(which: int, against: _MINDAgainst, shape, *, out: Tensor, image: Optional[Tensor] = None,
                a: Optional[Tensor] = None, b: Optional[Tensor] = None, g: Optional[Tensor] = None,
-               descriptors: Optional[Tensor] = None, low: float = 0.0, high: float = 0.0) -> float:
+               warped_descriptors: Optional[Tensor] = None, low: float = 0.0, high: float = 0.0) -> float:
     """One part of the compiled MIND (``mind_part`` in ``_linear.c``) over the rows of a ``shape`` grid, split
     over the threads; every tensor contiguous (kept referenced until the calls return). Returns the sum the
     part adds up (the variances' for part 1, else 0)."""
@@ -341,7 +343,7 @@ def _mind_part(which: int, against: _MINDAgainst, shape, *, out: Tensor, image: 
     sums = torch.zeros(len(ranges), dtype=torch.float64)
     run_pieces(NATIVE.mind_part, [
         (which, address(image), address(a), address(b), against.descriptors.data_ptr(), address(g),
-         address(descriptors), out.data_ptr(), sums[k:].data_ptr(), against.offsets.data_ptr(),
+         address(warped_descriptors), out.data_ptr(), sums[k:].data_ptr(), against.offsets.data_ptr(),
          against.offsets.shape[0], depth, height, width, against.box.data_ptr(), against.box.numel(), low, high,
          start, end)
         for k, (start, end) in enumerate(ranges)])
@@ -372,7 +374,7 @@ class _CompiledMIND(torch.autograd.Function):
         _mind_part(2, against, shape, out=descriptors, a=distances, b=variance, low=low, high=high)
         descriptors.exp_()
         out = torch.empty_like(warped)
-        _mind_part(3, against, shape, out=out, descriptors=descriptors)
+        _mind_part(3, against, shape, out=out, warped_descriptors=descriptors)
         ctx.save_for_backward(warped, distances, variance, descriptors)
         ctx.against, ctx.bounds = against, (low, high)
         return out
@@ -384,7 +386,7 @@ class _CompiledMIND(torch.autograd.Function):
         shape = tuple(warped.shape[2:])
         grads = torch.empty_like(distances)
         _mind_part(4, against, shape, out=grads, a=distances, b=variance, g=grad.contiguous().float(),
-                   descriptors=descriptors, low=low, high=high)
+                   warped_descriptors=descriptors, low=low, high=high)
         grads = separable.replicate_filter_axes(grads, against.box, adjoint=True, axes=(0, 1)).contiguous()
         _mind_part(5, against, shape, out=grads, image=warped)
         result = torch.empty_like(warped)
