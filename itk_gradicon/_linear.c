@@ -1253,7 +1253,7 @@ static inline void lowest_row(const MINDParts *k, int64_t i0, int64_t n, float *
     }
 }
 
-/* Row (z, y) of part 5: out(y) = sum_p (the G_p(x) with clamp(x + a_p) = y) - (those with clamp(x + b_p) = y). */
+/* Row (z, y) of part 6: out(y) = sum_p (the G_p(x) with clamp(x + a_p) = y) - (those with clamp(x + b_p) = y). */
 static inline void gather_row(const MINDParts *k, int64_t z, int64_t y, float *acc)
 {
     const int64_t D = k->depth, H = k->height, W = k->width, n = D * H * W;
