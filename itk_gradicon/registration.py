@@ -346,9 +346,9 @@ class RegistrationRequest:
                 messages.append("MIND-SSC in 2-D uses the 4 in-plane neighbour pairs")
         return cls(fixed, moving, model, io_iterations=io.iterations, io_similarity=io.similarity,
                    io_method=io.method, io_lr=io.lr, io_smoothness=io.smoothness, io_coarse_steps=io.coarse_steps,
-                   io_coarse_lr_factor=io.coarse_lr_factor, io_patience=io.patience, io_multimodal_similarity=io.multimodal_similarity,
-                   io_multimodal_smoothness=io.multimodal_smoothness, io_lncc_sigma=io.lncc_sigma,
-                   affine=_as_affine(initial_transform, d), **options)
+                   io_coarse_lr_factor=io.coarse_lr_factor, io_patience=io.patience,
+                   io_multimodal_similarity=io.multimodal_similarity, io_multimodal_smoothness=io.multimodal_smoothness,
+                   io_lncc_sigma=io.lncc_sigma, affine=_as_affine(initial_transform, d), **options)
 
     @classmethod
     def from_options(cls, fixed, moving, model: Model, options: RegistrationOptions, *, initial_transform=None,

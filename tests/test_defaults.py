@@ -511,7 +511,8 @@ def test_refinement_coarse_fraction_and_patience_are_checked(tmp_path, tiny_mode
     assert resolve_io(coarse, io_method="network").coarse_steps == 0
     assert resolve_io(coarse).coarse_lr_factor == 1.0  # files written before the factor existed: as before
     faster = replace_refinement(model, Refinement(iterations=10, coarse_fraction=0.8, coarse_lr_factor=2.0))
-    assert resolve_io(faster).coarse_lr_factor == 2.0 and resolve_io(faster, io_method="network").coarse_lr_factor == 1.0
+    assert resolve_io(faster).coarse_lr_factor == 2.0
+    assert resolve_io(faster, io_method="network").coarse_lr_factor == 1.0
 
 
 def test_the_coarse_learning_rate_factor_scales_the_half_resolution_steps_only():

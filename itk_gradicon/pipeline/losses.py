@@ -36,6 +36,8 @@ LNCC_SIGMA = 5
 LNCC_EPS = 1e-5
 GRADICON_DELTA = 1e-3
 GRADICON_LAMBDA = 1.5
+#: MIND-SSC's patch radius and the distance of its neighbours (:func:`mind_ssc`'s defaults).
+MIND_RADIUS, MIND_DILATION = 2, 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,12 +228,17 @@ def _replicate_box_matrix(length: int, radius: int, *, device=None, dtype=torch.
     return matrix.to(dtype)
 
 
+def _box_kernel(radius: int, *, like: Tensor) -> Tensor:
+    """The 1-D box of ``2 radius + 1`` equal taps (summing to 1) in ``like``'s dtype and device."""
+    return torch.full((2 * radius + 1,), 1.0 / (2 * radius + 1), dtype=like.dtype, device=like.device)
+
+
 def box_mean(x: Tensor, radius: int) -> Tensor:
     """Mean over the ``(2 radius + 1)^d`` box around every voxel, replicate padding, every channel: the
     values of ``avg_pool(pad(x, radius, "replicate"), 2 radius + 1, stride=1)`` as one banded matrix product
     per axis (faster on a CPU, forward and backward: ``benchmarks/README.md``, "Design figures")."""
     x = x.contiguous()
-    box = torch.full((2 * radius + 1,), 1.0 / (2 * radius + 1), dtype=x.dtype, device=x.device)
+    box = _box_kernel(radius, like=x)
     if separable.uses_native_filter(x, box):  # the compiled filter (about 4x faster at 96^3, float rounding only)
         for axis in range(x.dim() - 2):
             x = separable.filter_along_axis_replicate(x, box, axis)
@@ -242,7 +249,7 @@ def box_mean(x: Tensor, radius: int) -> Tensor:
     return x
 
 
-def mind_ssc(image: Tensor, radius: int = 2, dilation: int = 2) -> Tensor:
+def mind_ssc(image: Tensor, radius: int = MIND_RADIUS, dilation: int = MIND_DILATION) -> Tensor:
     """MIND-SSC descriptors ``[B, P, *spatial]`` of a single-channel image (P = 12 in 3-D, 4 in 2-D).
 
     For every pair ``(a, b)`` of non-opposite face neighbours at distance ``dilation``, the patch
@@ -297,14 +304,11 @@ class _MINDFromDistances(torch.autograd.Function):
         return grad_mind
 
 
-#: MIND-SSC's patch radius and the distance of its neighbours (:func:`mind_ssc`'s defaults).
-MIND_RADIUS, MIND_DILATION = 2, 2
-
-
 class _MINDAgainst:
     """The squared MIND-SSC descriptor differences of a warped image to a target that stays the same over
     many steps (``[B, P, *spatial]``, or their mean over the ``P`` channels ``[1, 1, *spatial]`` on the
-    compiled kernel: the same masked mean), the target's descriptors computed once (radius 2, dilation 2).
+    compiled kernel: the same masked mean), the target's descriptors computed once (:data:`MIND_RADIUS`,
+    :data:`MIND_DILATION`).
 
     A one-channel 3-D float32 image on the CPU runs on the compiled kernel (:class:`_CompiledMIND`): the
     patch differences, the descriptors and their differences, and each part of the gradient in one pass over
@@ -313,8 +317,7 @@ class _MINDAgainst:
     def __init__(self, target: Tensor) -> None:
         self.target = target
         self.descriptors = mind_ssc(target).contiguous()
-        self.box = torch.full((2 * MIND_RADIUS + 1,), 1.0 / (2 * MIND_RADIUS + 1), dtype=target.dtype,
-                              device=target.device)
+        self.box = _box_kernel(MIND_RADIUS, like=target)
         self.compiled = (target.dim() == 5 and target.shape[0] * target.shape[1] == 1
                          and separable.uses_native_filter(target, self.box))
         if self.compiled:  # each pair's two neighbours as voxel offsets (z, y, x of a, then of b)
@@ -395,7 +398,7 @@ class _CompiledMIND(torch.autograd.Function):
 
 
 def mind_loss(warped: Tensor, target: Tensor, mask: Optional[Tensor] = None,
-              radius: int = 2, dilation: int = 2) -> Tensor:
+              radius: int = MIND_RADIUS, dilation: int = MIND_DILATION) -> Tensor:
     """Mean squared difference of MIND-SSC descriptors (modality independent)."""
     _check_same_shape(warped, target, mask)
     diff = mind_ssc(warped, radius, dilation) - mind_ssc(target, radius, dilation)
