@@ -47,7 +47,7 @@ from .pipeline import losses
 from .pipeline import affine as affine_stage  # prealign called through the module (tests replace it there)
 from .pipeline.coverage import prealigned_coverage_warning
 from .pipeline.affine import resolve_affine_choice
-from .pipeline.instance import FieldSettings, IOProgress, optimise_network, refine_fields
+from .pipeline.instance import FieldSettings, IOProgress, optimise_network, refine_fields, voxel_scale, warp_voxels
 from .pipeline.options import (  # noqa: F401  (the choices and the check are re-exported: their former home)
     AFFINE_CHOICES, DEFAULT_LR, DEFAULT_SMOOTHNESS, INPUT_KEYWORDS, IO_METHOD_CHOICES, IO_METHODS, IO_STARTS,
     MASK_MODES, MODALITY_CHOICES, ORIENTATIONS, RegistrationOptions, check_options)
@@ -413,25 +413,25 @@ def run_request(request: RegistrationRequest, *, device: torch.device,
         warning = prealigned_coverage_warning(image_A, image_B, fixed_frame, moving_grid, r.affine)
         if warning:
             messages.append(warning)
-    similarity = r.io_similarity
+    similarity, contrast_check = r.io_similarity, None
     if r.io_iterations > 0 and r.io_multimodal_similarity and r.io_multimodal_similarity != similarity:
-        correlation = intensity_correlation(image_A, image_B)
-        if correlation < TWO_CONTRASTS_BELOW:
-            similarity = r.io_multimodal_similarity
-            if r.io_multimodal_smoothness is not None:
-                r = dataclasses.replace(r, io_smoothness=r.io_multimodal_smoothness)
-            messages.append(f"the pre-aligned images' intensities correlate at {correlation:.2f} (below "
-                            f"{TWO_CONTRASTS_BELOW:g}): treated as two contrasts, instance optimisation uses "
-                            f"{similarity} (name the modalities, e.g. t1w and t2w, or the similarity to choose)")
+        contrast_check = functools.partial(_contrast_check, messages=messages)
+        # the images are compared where they lie on one another: pre-aligned on the fixed grid, or (each image in
+        # its own frame, e.g. a published model's, which sizes each image's array to its grid) as the network's
+        # prediction aligns them, which field IO starts from
+        if r.affine is not None or r.io_method != "field" or from_prealignment:
+            similarity, r = contrast_check(image_A, image_B, r, aligned_by="pre-aligned")
+            contrast_check = None
 
     net = model.network.to(device)
     was_training = net.training
     net.eval()  # BatchNorm uses its running statistics and never updates them
     try:
-        disp_AB, disp_BA, history = _predict(
+        disp_AB, disp_BA, history, (similarity, r) = _predict(
             net, image_A, image_B, r, similarity=similarity, moving_net=moving_net,
             frames=(fixed_frame, moving_frame), progress=progress, generator=generator, device=device,
-            timings=timings, predictor=_no_prediction if from_prealignment else predictor)
+            timings=timings, predictor=_no_prediction if from_prealignment else predictor,
+            contrast_check=contrast_check)
     finally:
         net.train(was_training)
 
@@ -561,14 +561,33 @@ def _on_network(frame: NetworkFrame, image, device) -> Optional[torch.Tensor]:
     return None if image is None else frame.tensor(image_array(image), mode="nearest", device=device)
 
 
+def _contrast_check(image_A: torch.Tensor, image_B: torch.Tensor, r: "RegistrationRequest", *, aligned_by: str,
+                    messages: List[str]) -> Tuple[str, "RegistrationRequest"]:
+    """The IO similarity for two network-grid images that lie on one another: the request's multimodal one (and
+    its smoothness) where their intensities correlate below :data:`TWO_CONTRASTS_BELOW`, the one-contrast one
+    otherwise; returns it with the request (its ``io_smoothness`` replaced where that changed)."""
+    correlation = intensity_correlation(image_A, image_B)
+    if correlation >= TWO_CONTRASTS_BELOW:
+        return r.io_similarity, r
+    similarity = r.io_multimodal_similarity
+    if r.io_multimodal_smoothness is not None:
+        r = dataclasses.replace(r, io_smoothness=r.io_multimodal_smoothness)
+    messages.append(f"the {aligned_by} images' intensities correlate at {correlation:.2f} (below "
+                    f"{TWO_CONTRASTS_BELOW:g}): treated as two contrasts, instance optimisation uses "
+                    f"{similarity} (name the modalities, e.g. t1w and t2w, or the similarity to choose)")
+    return similarity, r
+
+
 def _predict(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor, r: "RegistrationRequest", *,
              similarity: str, moving_net: _MovingForNetwork, frames: Tuple[NetworkFrame, NetworkFrame], progress,
-             generator, device, timings: Dict[str, float], predictor=None):
+             generator, device, timings: Dict[str, float], predictor=None, contrast_check=None):
     """Network displacements ``phi_AB`` (and ``phi_BA``) in CUBE units, with optional IO.
 
-    ``A`` is the moving image, ``B`` the fixed one. Returns ``(disp_AB, disp_BA or None, io history)``.
+    ``A`` is the moving image, ``B`` the fixed one. Returns ``(disp_AB, disp_BA or None, io history,
+    (similarity, request))``: the last the IO similarity used and the request with its smoothness.
     ``network`` IO tunes a copy of the network before the prediction; ``field`` IO refines the
-    predicted displacements.
+    predicted displacements. ``contrast_check`` (``field`` IO only; :func:`_contrast_check` without its
+    ``aligned_by``): called with the moving image warped by the prediction, it chooses the similarity.
     """
     history: List[Dict[str, float]] = []
     fixed_frame, moving_frame = frames
@@ -595,8 +614,13 @@ def _predict(net: torch.nn.Module, image_A: torch.Tensor, image_B: torch.Tensor,
     timings["network"] = time.perf_counter() - t
     if field_io:
         t = time.perf_counter()
+        if contrast_check is not None:
+            with torch.no_grad():
+                aligned = warp_voxels(image_A, disp_AB * voxel_scale(tuple(image_A.shape[2:]), disp_AB))
+            similarity, r = contrast_check(aligned, image_B, r, aligned_by="network-aligned")
+            io["similarity"] = losses.similarity_function(similarity, lncc_sigma=window)
         settings = FieldSettings(r.io_smoothness, coarse_steps=r.io_coarse_steps, patience=r.io_patience,
                                  coarse_lr_factor=r.io_coarse_lr_factor)
         disp_AB, disp_BA = refine_fields(disp_AB, disp_BA, image_A, image_B, settings=settings, **io)
         timings["instance_optimisation"] = time.perf_counter() - t
-    return disp_AB, disp_BA, history
+    return disp_AB, disp_BA, history, (similarity, r)

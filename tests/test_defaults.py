@@ -680,6 +680,51 @@ def test_two_contrasts_are_told_from_the_intensities_when_not_named(tiny_model_f
     assert not any("two contrasts" in m for m in chosen.messages)
 
 
+def test_two_contrasts_are_told_from_the_images_as_the_prediction_aligns_them(tiny_model_file):
+    """Without a pre-alignment each image reaches the network in its own frame (a published model sizes each
+    image's array to its grid), so two fields of view do not lie on one another until the network's prediction
+    brings them together: field IO's contrast check compares the moving image warped by that prediction."""
+    from dataclasses import replace
+
+    from conftest import blob_volume, make_image
+    from itk_gradicon.io.grid import ImageGrid
+    from itk_gradicon.io.itk_bridge import to_simpleitk
+    from itk_gradicon.network.sampling import cube_identity
+    from itk_gradicon.registration import register
+    from itk_gradicon.spatial.frames import NetworkFrame
+
+    model = replace(load_model(str(tiny_model_file)),
+                    refinement=Refinement(iterations=1, method="field", multimodal_similarity="lncc2"))
+    volume = blob_volume((24, 24, 24), np.random.default_rng(12))
+    fixed = make_image(volume * 100, spacing=(2.0, 2.0, 2.0))
+    padded = np.pad(volume * 90, 12)  # the same anatomy in a field of view twice as wide, where it lies
+    moving = make_image(padded, spacing=(2.0, 2.0, 2.0), origin=(-24.0, -24.0, -24.0))
+    shape = model.architecture.input_shape
+    frames = {name: NetworkFrame.reference_layout(ImageGrid.from_image(to_simpleitk(image)), shape)
+              for name, image in (("fixed", fixed), ("moving", moving))}
+
+    def cube_map(source: NetworkFrame, target: NetworkFrame) -> torch.Tensor:
+        """The displacement (CUBE units, on ``source``'s grid) that takes each node to the same WORLD point
+        in ``target``'s frame."""
+        to_target = target.world_to_cube() @ source.cube_to_world()
+        nodes = cube_identity(shape, dtype=torch.float64)[0].reshape(3, -1).numpy()
+        mapped = to_target[:3, :3] @ nodes + to_target[:3, 3:]
+        return torch.from_numpy(mapped - nodes).float().reshape(1, 3, *shape)
+
+    def aligning(net, image_A, image_B, *, inverse):
+        return cube_map(frames["fixed"], frames["moving"]), cube_map(frames["moving"], frames["fixed"])
+
+    def unmoved(net, image_A, image_B, *, inverse):
+        return torch.zeros(1, 3, *shape), torch.zeros(1, 3, *shape)
+
+    options = dict(model=model, affine="none", fixed_modality="mri", moving_modality="mri")
+    aligned = register(fixed, moving, predictor=aligning, **options)
+    assert aligned.io_similarity == "lncc" and not any("two contrasts" in m for m in aligned.messages)
+    apart = register(fixed, moving, predictor=unmoved, **options)  # the frames' identity: the anatomy apart
+    assert apart.io_similarity == "lncc2"
+    assert any("the network-aligned images' intensities correlate" in m for m in apart.messages)
+
+
 @pytest.mark.slow
 def test_a_real_slab_is_prealigned_with_the_roles_swapped(shared_data):
     """sct_testing_data's T2* slab (24 x 27 x 67 mm) against the same subject's T2 (60 x 55 x 52 mm): elastix
