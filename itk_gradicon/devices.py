@@ -16,9 +16,11 @@ from .errors import DeviceError, ResourceError
 from .resources import available_host_memory
 
 # Measured peaks of the published network per voxel of the network grid (175^3 on CPU, float32):
-# prediction of one direction about 1.8 GB, one IO step (both directions + backward) about 9.6 GB.
+# prediction of one direction about 1.8 GB, one network-IO step (both directions + backward) about 9.6 GB;
+# field IO after the prediction of both directions, whole process: 3.3 GB with LNCC (lapirn_oasis), 6.7 GB with
+# MIND-SSC (BraTS FLAIR -> T1c), the figure used whatever the similarity (chosen later, from the pair).
 _BYTES_PER_NETWORK_VOXEL_PREDICT = 360
-_BYTES_PER_NETWORK_VOXEL_IO = 1900
+_BYTES_PER_NETWORK_VOXEL_IO = {"network": 1900, "field": 1250}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,7 +50,8 @@ def available_memory_bytes(device: torch.device) -> Tuple[Optional[int], str]:
 
 
 def estimate_memory(fixed_voxels: int, moving_voxels: int, dimension: int, network_shape: Sequence[int], *,
-                    io: bool, inverse: bool, affine: bool = False, originals: bool = False) -> Dict[str, int]:
+                    io: bool, inverse: bool, affine: bool = False, originals: bool = False,
+                    io_method: str = "network") -> Dict[str, int]:
     """Peak bytes a registration needs, from the images' sizes alone (before any pixel is read).
 
     Args:
@@ -56,6 +59,8 @@ def estimate_memory(fixed_voxels: int, moving_voxels: int, dimension: int, netwo
         dimension: 2 or 3.
         network_shape: the model's input size.
         io: instance optimisation is run.
+        io_method: which (``"network"``: the network tuned, forwards and backwards; ``"field"``: the two
+            predicted fields refined, far less).
         inverse: the inverse transform is computed.
         affine: an affine pre-alignment is composed in (the moving image is resampled onto the fixed
             grid and the deformable parts are kept as well).
@@ -66,7 +71,7 @@ def estimate_memory(fixed_voxels: int, moving_voxels: int, dimension: int, netwo
         in host memory}``.
     """
     net_voxels = int(np.prod(network_shape, dtype=np.int64))
-    network = net_voxels * (_BYTES_PER_NETWORK_VOXEL_IO if io else _BYTES_PER_NETWORK_VOXEL_PREDICT)
+    network = net_voxels * (_BYTES_PER_NETWORK_VOXEL_IO[io_method] if io else _BYTES_PER_NETWORK_VOXEL_PREDICT)
     f, m, d = int(fixed_voxels), int(moving_voxels), int(dimension)
     # per image: float32 copy, float64 normalisation temporaries (clip + quantile partition), float32 result
     images = 28 * (f + m)

@@ -5,6 +5,7 @@ the images it was trained on (:class:`Domain`), with the records of the publishe
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -155,8 +156,7 @@ class Domain:
         return lines
 
 
-#: No instance optimisation: the published models' record (their papers' IO tunes the network's weights,
-#: minutes per step on a CPU at 175^3, so it stays a choice: ``--io-iterations 50``).
+#: No instance optimisation: the record of a model file that recommends none.
 NO_REFINEMENT = Refinement(note="prediction only unless --io-iterations is given")
 #: What itk_gradicon recommends for the compact models it trains (measured on the bundled model,
 #: ``benchmarks/ACCURACY.md``): 30 steps of field IO, 20 of them on the half-resolution grid at twice the
@@ -166,6 +166,16 @@ NO_REFINEMENT = Refinement(note="prediction only unless --io-iterations is given
 FIELD_REFINEMENT = Refinement(iterations=30, method="field", coarse_fraction=2 / 3, coarse_lr_factor=2.0,
                               patience=5, smoothness=0.2, multimodal_smoothness=0.15, lncc_sigma=2.0,
                               note="field IO measured with this package's compact models (benchmarks/ACCURACY.md)")
+#: What itk_gradicon recommends for the published models (175^3): :data:`FIELD_REFINEMENT`'s schedule (30 steps, 20
+#: at half resolution), LNCC for one contrast whatever the training loss (multiGradICON's squared LNCC folded 0.15 %
+#: of lapirn_oasis's voxels, LNCC 0.03 %), its window widened to sigma 3.5 network voxels, about the physical width of
+#: sigma 2 on a 96^3 grid. Their papers' IO tunes the network's weights (``--io-method network``), minutes per step on
+#: a CPU at 175^3; field IO takes 25 s (LNCC) to 50 s (MIND) there. Measured from the pre-alignment on the 175^3 grid
+#: (``benchmarks/ACCURACY.md``, run 29): lapirn_oasis 0.64 -> 0.798 / 0.799 (ANTs SyN 0.73-0.74).
+PUBLISHED_REFINEMENT = dataclasses.replace(
+    FIELD_REFINEMENT, similarity="lncc", lncc_sigma=3.5,
+    note="field IO on the 175^3 grid, measured from the pre-alignment (benchmarks/ACCURACY.md, run 29)")
 
 
-__all__ = ["Domain", "FIELD_REFINEMENT", "NO_REFINEMENT", "REFINEMENT_METHODS", "Refinement"]
+__all__ = ["Domain", "FIELD_REFINEMENT", "NO_REFINEMENT", "PUBLISHED_REFINEMENT", "REFINEMENT_METHODS",
+           "Refinement"]

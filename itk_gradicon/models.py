@@ -39,7 +39,7 @@ import torch
 from .errors import ModelError, ModelNotAvailableError
 from .io.images import atomic_output
 from .model_records import (  # noqa: F401  (re-exported: the names users of this module know)
-    FIELD_REFINEMENT, NO_REFINEMENT, REFINEMENT_METHODS, Domain, Refinement)
+    FIELD_REFINEMENT, NO_REFINEMENT, PUBLISHED_REFINEMENT, REFINEMENT_METHODS, Domain, Refinement)
 from .network.builders import PUBLISHED_3D, Architecture, build_network
 
 MODEL_FILE_FORMAT = "itk_gradicon.model"
@@ -59,7 +59,7 @@ class PublishedModel:
     description: str
     architecture: Architecture = PUBLISHED_3D
     similarity: str = "lncc"
-    refinement: Refinement = NO_REFINEMENT
+    refinement: Refinement = PUBLISHED_REFINEMENT
     domain: Domain = Domain()
 
     @property

@@ -201,7 +201,7 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
             ``"loss"`` (restrict the IO similarity to the mask) or ``"both"``.
         io_iterations: instance-optimisation steps (0: prediction only; default: the model's
             recommendation, :class:`~itk_gradicon.models.Refinement`: 30 steps of ``field`` IO for the
-            bundled model, none for the published ones).
+            bundled and the published models).
         io_similarity: ``"lncc"``, ``"lncc2"`` or ``"mind"`` (default: the model's recommendation for
             one contrast, or for two when the modalities name different contrasts, e.g. ``"t1w"`` and
             ``"t2w"``).
@@ -209,8 +209,8 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
             for ``field``).
         io_method: ``"network"`` (Adam on a copy of the network's weights, as the papers do),
             ``"field"`` (Adam on the predicted displacement fields, a few warps per step: see
-            :mod:`itk_gradicon.pipeline.instance`) or ``"auto"`` (the model's recommendation; without one,
-            ``network`` for the published models and ``field`` for every other model).
+            :mod:`itk_gradicon.pipeline.instance`) or ``"auto"`` (the model's recommendation, ``field`` for the
+            bundled and the published models; for a model file that recommends none, ``field``).
         io_smoothness: weight of the diffusion penalty of ``field`` IO (default: the model's, else 0.15).
         fixed_labels, moving_labels: label maps on their image's grid; with IO they add a soft Dice
             term over the labels present in both, weighted by ``io_dice_weight``.
@@ -270,7 +270,7 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
                                  d, model.architecture.input_shape, io=request.io_iterations > 0,
                                  inverse=options.compute_inverse or (request.io_iterations > 0
                                                                      and request.io_method == "field"),
-                                 affine=request.affine is not None), device)
+                                 affine=request.affine is not None, io_method=request.io_method), device)
     return run_request(request, device=device, progress=progress, generator=generator, predictor=predictor,
                        timings=timings, messages=messages, started=started)
 

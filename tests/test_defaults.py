@@ -325,6 +325,26 @@ def test_refinement_records_round_trip_and_bad_ones_are_refused(tmp_path, tiny_m
             load_model(str(tmp_path / "bad.pt"))
 
 
+def test_the_published_models_recommend_field_io(tiny_model_file):
+    from dataclasses import replace
+
+    from itk_gradicon.models import PUBLISHED, PUBLISHED_REFINEMENT
+
+    assert all(published.refinement == PUBLISHED_REFINEMENT for published in PUBLISHED.values())
+    model = replace(load_model(str(tiny_model_file)), name="unigradicon", refinement=PUBLISHED_REFINEMENT)
+    choice = resolve_io(model)
+    assert (choice.iterations, choice.method, choice.similarity, choice.coarse_steps, choice.lncc_sigma,
+            choice.smoothness, choice.recommended) == (30, "field", "lncc", 20, 3.5, 0.2, True)
+    assert choice.multimodal_similarity == "mind"  # the pair's intensities decide, as for the bundled model
+    assert resolve_io(model, io_iterations=0).iterations == 0  # the fast mode stays
+    assert resolve_io(model, io_iterations=50, io_method="network").method == "network"  # the papers' IO, asked for
+    # multiGradICON trained with squared LNCC; one contrast is refined with LNCC, two with MIND
+    multi = replace(model, name="multigradicon", similarity="lncc2")
+    assert resolve_io(multi).similarity == "lncc"
+    two = resolve_io(multi, modalities=("t1w", "t2w"))
+    assert (two.similarity, two.smoothness) == ("mind", 0.15)
+
+
 def test_the_bundled_model_recommends_field_io():
     if not BUNDLED["gradicon-synthbrain-96"].path.is_file():
         pytest.skip("the bundled model file is not in this source tree")

@@ -132,7 +132,7 @@ def test_published_name_downloads_from_mirror_then_loads(monkeypatch, tmp_path, 
     with _Server(served) as server:
         monkeypatch.setenv("ITK_GRADICON_MIRROR", server.url)
         model = load_model("unigradicon")
-    assert model.name == "unigradicon"
+    assert model.name == "unigradicon" and model.refinement == PUBLISHED["unigradicon"].refinement  # field IO
     assert cached_path("unigradicon").stat().st_size == published_random_trch.stat().st_size
     rows = {r["name"]: r for r in list_models()}
     assert rows["unigradicon"]["present"] and rows["unigradicon"]["sha256"] == model.sha256

@@ -74,7 +74,7 @@ _MODALITY = click.Choice(MODALITY_CHOICES)
 @click.option("--io-iterations", type=click.IntRange(min=0), default=None,
               help="Instance-optimisation steps for this pair (see --io-method; the model file is never "
                    "changed); 0 = prediction only (the fast mode).  [default: the model's recommendation: "
-                   f"{FIELD_REFINEMENT.iterations} steps of field IO for gradicon-synthbrain-96, none for the "
+                   f"{FIELD_REFINEMENT.iterations} steps of field IO for gradicon-synthbrain-96 and the "
                    "published models]")
 @click.option("--io-similarity", type=click.Choice(IO_SIMILARITY_CHOICES), default=None,
               help="Similarity for instance optimisation: lncc, lncc2 (squared LNCC, multimodal), mind "
@@ -84,8 +84,7 @@ _MODALITY = click.Choice(MODALITY_CHOICES)
               help="Instance optimisation: network (Adam on a copy of the network's weights, as the papers "
                    "do; slow on a CPU), field (Adam on the two predicted displacement fields, kept smooth "
                    "and inverse-consistent; fast: no network pass, see benchmarks/ACCURACY.md); "
-                   "auto: the model's recommendation (field for the bundled one), else network for the "
-                   "published models.")
+                   "auto: the model's recommendation (field for the bundled and the published models).")
 @click.option("--io-lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help=f"Adam learning rate of instance optimisation.  [default: {format_number(DEFAULT_LR['network'])} "
                    f"network; {format_number(DEFAULT_LR['field'])} field, in network voxels]")

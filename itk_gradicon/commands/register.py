@@ -214,7 +214,7 @@ def _run_register(files: RegisterFiles, outputs: RegisterOutputs, options: Optio
                                  model_obj.architecture.input_shape, io=io.iterations > 0,
                                  inverse=outputs.needs_inverse or (io.iterations > 0 and io.method == "field"),
                                  affine=affine != "none" or initial_transform is not None,
-                                 originals=outputs.needs_originals), torch_device)
+                                 originals=outputs.needs_originals, io_method=io.method), torch_device)
 
     stage.done("checks")
     if background is not None and not (affine in PREALIGNMENT_TRANSFORMS and initial_transform is None
