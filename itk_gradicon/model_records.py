@@ -4,8 +4,8 @@ the images it was trained on (:class:`Domain`), with the records of the publishe
 
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
