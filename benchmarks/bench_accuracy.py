@@ -4,21 +4,21 @@ Every method registers the same moving image to the same fixed image, given as f
 read from them), and the moving labels are warped onto the fixed grid; then, per pair and method:
 
 * **Dice** per label and **HD95** (mm) per label between the warped moving labels and the fixed labels
-  (:func:`itk_gradicon.metrics.label_overlap`; HD95 is the larger of the two directed 95th percentiles
+  (:func:`itk_gradicon.evaluation.metrics.label_overlap`; HD95 is the larger of the two directed 95th percentiles
   of the surface distances; ``n/a`` where a label vanished);
 * **% of negative Jacobian determinants** of the fixed -> moving transform at the voxels of the fixed
-  grid, in physical space (:func:`itk_gradicon.metrics.folding`; 0 for identity and affine);
+  grid, in physical space (:func:`itk_gradicon.evaluation.metrics.folding`; 0 for identity and affine);
 * **wall time** (s) of the registration alone: reading files, warping labels and the metrics are not
   counted; the model is loaded once before (its load time is in the JSON record).
 
 Methods (rows):
 
 * ``identity``: no registration (the images' own physical positions);
-* ``elastix affine``: :func:`itk_gradicon.affine.elastix_affine` (Mattes MI, 4 levels); labels resampled
+* ``elastix affine``: :func:`itk_gradicon.pipeline.affine.elastix_affine` (Mattes MI, 4 levels); labels resampled
   through the matrix (nearest neighbour);
 * ``ANTs SyN``: ``ants.registration(fixed, moving, type_of_transform="SyN")`` with antspyx's defaults;
   labels warped with ``ants.apply_transforms(..., interpolator="genericLabel")``; the Jacobian is that of
-  ``[1Warp, 0GenericAffine]`` composed as ANTs does (:func:`itk_gradicon.transforms.compose_transforms`),
+  ``[1Warp, 0GenericAffine]`` composed as ANTs does (:func:`itk_gradicon.spatial.transforms.compose_transforms`),
   on the fixed grid: ANTs' own ``create_jacobian_determinant_image`` clamps folds to 0;
 * ``ours``: :func:`itk_gradicon.register` with ``--model`` and its defaults (``affine="auto"``: a model
   trained on pre-aligned pairs runs elastix first, and that time is counted; the inverse is computed, as
@@ -31,7 +31,7 @@ Methods (rows):
   modalities differ;
 * ``ours IO N`` for each N of ``--io-budgets`` (e.g. ``0,10,25,50,100``): the default with N steps, for
   Dice against time;
-* ``ours pre-alignment``: :func:`itk_gradicon.affine.prealign` alone (the default's first stage), labels
+* ``ours pre-alignment``: :func:`itk_gradicon.pipeline.affine.prealign` alone (the default's first stage), labels
   resampled through its matrix;
 * ``ANTs Affine``: ``ants.registration(type_of_transform="Affine")`` with antspyx's defaults.
 
@@ -278,7 +278,7 @@ def _warp_nearest(labels, reference, transform):
 
 def _negative_jacobian_pct(transform, fixed) -> dict[str, float]:
     from itk_gradicon.io.itk_bridge import grid_of
-    from itk_gradicon.metrics import folding
+    from itk_gradicon.evaluation.metrics import folding
 
     return folding(transform, grid_of(fixed))
 
@@ -291,8 +291,8 @@ def run_identity(data, ctx):
 
 
 def run_affine(data, ctx):
-    from itk_gradicon.affine import elastix_affine
-    from itk_gradicon.transforms import affine_to_itk
+    from itk_gradicon.pipeline.affine import elastix_affine
+    from itk_gradicon.spatial.transforms import affine_to_itk
 
     t = time.perf_counter()
     matrix = elastix_affine(data["fixed"], data["moving"], threads=ctx["threads"])
@@ -307,8 +307,8 @@ def run_ants_affine(data, ctx):
 
 
 def run_prealignment(data, ctx):
-    from itk_gradicon.affine import prealign
-    from itk_gradicon.transforms import affine_to_itk
+    from itk_gradicon.pipeline.affine import prealign
+    from itk_gradicon.spatial.transforms import affine_to_itk
 
     t = time.perf_counter()
     found = prealign(data["fixed"], data["moving"], transform="affine", threads=ctx["threads"])
@@ -322,7 +322,7 @@ def run_ants(data, ctx, kind: str = "SyN"):
     import ants
     import itk
 
-    from itk_gradicon.transforms import compose_transforms
+    from itk_gradicon.spatial.transforms import compose_transforms
 
     pair: Pair = data["pair"]
     fixed, moving = ants.image_read(str(pair.fixed)), ants.image_read(str(pair.moving))
@@ -382,7 +382,7 @@ def warm_up(ctx, methods: Sequence[str]) -> None:
     torch sets itself up on the first forward pass. A small blob pair goes through each timed method."""
     import itk
 
-    from itk_gradicon.affine import elastix_affine
+    from itk_gradicon.pipeline.affine import elastix_affine
 
     grid = np.mgrid[:32, :32, :32].astype(np.float32)
     blobs = []
@@ -414,7 +414,7 @@ RUNNERS = {"identity": run_identity, "elastix affine": run_affine, "ANTs Affine"
 def _structures(pair: Pair, data) -> list[int]:
     import itk
 
-    from itk_gradicon.metrics import labels_present
+    from itk_gradicon.evaluation.metrics import labels_present
 
     if pair.labels is not None:
         return list(pair.labels)
@@ -427,7 +427,7 @@ def evaluate(pair: Pair, method: str, data, ctx) -> dict[str, object]:
     import itk
     import torch
 
-    from itk_gradicon.metrics import label_overlap
+    from itk_gradicon.evaluation.metrics import label_overlap
 
     warped, folds, seconds, extra = RUNNERS[method](data, ctx)
     overlap = label_overlap(data["fixed_labels"], warped, label_values=data["structures"])

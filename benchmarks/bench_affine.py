@@ -7,7 +7,7 @@ method estimates it. The error is the distance, in mm, between the true and the 
 position of every voxel of the fixed brain (voxels above 10% of the maximum intensity): mean and 95th
 percentile. Methods:
 
-* ``elastix`` with :func:`itk_gradicon.affine.elastix_affine`'s settings given by ``--elastix NAME=...``
+* ``elastix`` with :func:`itk_gradicon.pipeline.affine.elastix_affine`'s settings given by ``--elastix NAME=...``
   (several allowed; ``default`` is the function's current defaults);
 * ``ants``: antspyx ``ants.registration(type_of_transform="Affine")`` (its defaults), if installed.
 
@@ -83,7 +83,7 @@ def resample(image, matrix: np.ndarray, *, reference=None, nearest: bool = False
 
 def estimators(args, fixed, moving) -> dict:
     """``{method: function returning the fixed -> moving matrix}``: each elastix setting, then ANTs."""
-    from itk_gradicon.affine import elastix_affine
+    from itk_gradicon.pipeline.affine import elastix_affine
 
     methods = {s: (lambda s=s: elastix_affine(fixed, moving, threads=args.threads, **SETTINGS[s]))
                for s in args.settings.split(",")}

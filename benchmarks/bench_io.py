@@ -4,7 +4,7 @@ Both programs optimise the same published-architecture random weights on the sam
 (the OASIS pair of ``../shared/data/lapirn_oasis``, normalised and resized to 175^3 as both
 pipelines do), with LNCC, Adam and lr 2e-5, each in a fresh process:
 
-* ours: ``itk_gradicon.instance.optimise_network`` (what ``gradicon register --io-iterations``
+* ours: ``itk_gradicon.pipeline.instance.optimise_network`` (what ``gradicon register --io-iterations``
   runs: a copy of the network, BatchNorm in evaluation mode, the symmetric GradICON objective), in a
   process that keeps freed memory for reuse as the ``gradicon`` command does;
 * reference: ``unigradicon.get_unigradicon`` and the loop of ``icon_registration.itk_wrapper.
@@ -40,7 +40,7 @@ def network_inputs(device: str):
     import torch
     import torch.nn.functional as F
 
-    from itk_gradicon.preprocess import IntensityNormalization
+    from itk_gradicon.pipeline.preprocess import IntensityNormalization
 
     tensors = []
     for name in ("image_B_160x192x144.nii.gz", "image_A_160x192x144.nii.gz"):
@@ -56,9 +56,9 @@ def child_ours(weights: str, steps: int, device: str) -> dict:
     keep_freed_memory()  # as the gradicon command does when it starts
     import torch
 
-    from itk_gradicon import losses
+    from itk_gradicon.pipeline import losses
     from itk_gradicon.models import load_model
-    from itk_gradicon.instance import optimise_network
+    from itk_gradicon.pipeline.instance import optimise_network
 
     image_A, image_B = network_inputs(device)
     net = load_model(weights).network.to(device).eval()

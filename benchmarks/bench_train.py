@@ -48,7 +48,7 @@ def child(case: str, repeats: int, threads: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from itk_gradicon import allocator  # noqa: F401  (as the gradicon command: freed memory kept)
-    from itk_gradicon.losses import gradicon_sample_points
+    from itk_gradicon.pipeline.losses import gradicon_sample_points
     from itk_gradicon.network import Architecture, build_network
     from itk_gradicon.training.objectives import build_objective
 

@@ -54,7 +54,7 @@ def synthetic_pairs(list_file: Path, count: int = 8) -> List[Dict[str, torch.Ten
     """The fixed validation pairs (the same for every model and every call)."""
     from dataclasses import replace
 
-    from itk_gradicon.geometry import canonical_axes
+    from itk_gradicon.spatial.frames import canonical_axes
     from itk_gradicon.training.config import SynthesisConfig
     from itk_gradicon.training.synthesis import Synthesizer
 
@@ -118,7 +118,7 @@ def validate_real(model, cache: Path) -> Dict[str, float]:
     import itk
 
     from itk_gradicon import register
-    from itk_gradicon.affine import elastix_affine
+    from itk_gradicon.pipeline.affine import elastix_affine
 
     images = {k: itk.imread(str(LAPIRN / f"image_{k}_160x192x144.nii.gz"), itk.F) for k in "AB"}
     segs = {"A": itk.imread(str(LAPIRN / "derived" / "image_A_160x192x144_seg_resampled_to_image_grid.nii.gz")),

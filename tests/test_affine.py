@@ -39,7 +39,7 @@ def known_affine(center, rng=None):
 
 
 def world_points(image):
-    from itk_gradicon.geometry import ImageGrid
+    from itk_gradicon.spatial.frames import ImageGrid
 
     return grid_of(image).world_points().reshape(-1, 3)
 
@@ -55,8 +55,8 @@ def pair():
     ``moving(A(x)) = fixed(x)``: elastix should find ``A``)."""
     import itk
 
-    from itk_gradicon.geometry import ImageGrid, apply_affine
-    from itk_gradicon.transforms import affine_to_itk
+    from itk_gradicon.spatial.frames import ImageGrid, apply_affine
+    from itk_gradicon.spatial.transforms import affine_to_itk
 
     rng = np.random.default_rng(RNG_SEED)
     direction = random_rotation(rng, max_angle_deg=25) @ np.diag([-1.0, -1.0, 1.0])
@@ -73,7 +73,7 @@ def pair():
 # ---- the conversion, by hand ----------------------------------------------------------------------
 
 def test_conversion_by_hand_3d():
-    from itk_gradicon.affine import affine_from_elastix_parameters
+    from itk_gradicon.pipeline.affine import affine_from_elastix_parameters
 
     m = np.array([[1.1, 0.2, 0.0], [-0.1, 0.9, 0.3], [0.05, 0.0, 1.2]])
     t = np.array([2.0, -3.0, 0.5])
@@ -89,7 +89,7 @@ def test_conversion_by_hand_3d():
 
 
 def test_conversion_by_hand_2d_and_translation():
-    from itk_gradicon.affine import affine_from_elastix_parameters
+    from itk_gradicon.pipeline.affine import affine_from_elastix_parameters
 
     params = {"Transform": ("AffineTransform",), "TransformParameters": ("2", "0", "0", "0.5", "1", "-1"),
               "CenterOfRotationPoint": ("4", "2")}
@@ -108,7 +108,7 @@ def test_conversion_by_hand_2d_and_translation():
     ({"TransformParameters": ("a",) * 12}, "not numeric"),
 ])
 def test_conversion_refuses_what_it_cannot_convert(change, fragment):
-    from itk_gradicon.affine import affine_from_elastix_parameters
+    from itk_gradicon.pipeline.affine import affine_from_elastix_parameters
 
     params = {"Transform": ("AffineTransform",), "TransformParameters": tuple(["1", "0", "0", "0", "1", "0",
                                                                               "0", "0", "1", "0", "0", "0"]),
@@ -123,7 +123,7 @@ def test_conversion_refuses_what_it_cannot_convert(change, fragment):
                                              ({"iterations": 0}, "iterations"),
                                              ({"threads": 0}, "threads")])
 def test_options_are_checked(pair, kwargs, fragment):
-    from itk_gradicon.affine import elastix_affine
+    from itk_gradicon.pipeline.affine import elastix_affine
 
     with pytest.raises(InputError, match=fragment):
         elastix_affine(pair["fixed"], pair["moving"], **kwargs)
@@ -136,8 +136,8 @@ def test_conversion_agrees_with_elastix_and_transformix(pair):
     it equals transformix's output image."""
     import itk
 
-    from itk_gradicon.affine import affine_from_elastix_parameters, affine_parameter_map
-    from itk_gradicon.transforms import affine_from_itk, affine_to_itk
+    from itk_gradicon.pipeline.affine import affine_from_elastix_parameters, affine_parameter_map
+    from itk_gradicon.spatial.transforms import affine_from_itk, affine_to_itk
 
     fixed, moving = pair["fixed"], pair["moving"]
     parameter_object = itk.ParameterObject.New()
@@ -165,7 +165,7 @@ def test_conversion_agrees_with_elastix_and_transformix(pair):
 
 def test_known_affine_is_recovered(pair):
     """elastix_affine finds ``A`` on an oblique anisotropic grid within 0.15 mm at every voxel."""
-    from itk_gradicon.affine import elastix_affine
+    from itk_gradicon.pipeline.affine import elastix_affine
 
     found = elastix_affine(pair["fixed"], pair["moving"], metric="ncc")
     assert max_error_mm(found, pair["affine"], world_points(pair["fixed"])) < 0.15
@@ -176,7 +176,7 @@ def test_masks_and_failures(pair):
     survives the coarse levels). When elastix fails, its reason comes back as a one-line InputError."""
     import itk
 
-    from itk_gradicon.affine import elastix_affine
+    from itk_gradicon.pipeline.affine import elastix_affine
 
     fixed, moving = pair["fixed"], pair["moving"]
     mask = itk.image_from_array((itk.array_view_from_image(fixed) > 10).astype(np.uint8))
@@ -191,7 +191,7 @@ def test_masks_and_failures(pair):
 
 
 def test_reproducible(pair):
-    from itk_gradicon.affine import elastix_affine
+    from itk_gradicon.pipeline.affine import elastix_affine
 
     a = elastix_affine(pair["fixed"], pair["moving"], iterations=40, resolutions=2)
     b = elastix_affine(pair["fixed"], pair["moving"], iterations=40, resolutions=2)
@@ -215,7 +215,7 @@ def identity_model_file(tmp_path_factory):
 
 def test_affine_with_an_identity_network_is_exactly_the_affine(pair, identity_model_file):
     """Forward = A, inverse = A^-1 (on the moving grid), forward o inverse = identity."""
-    from itk_gradicon.geometry import ImageGrid, apply_affine
+    from itk_gradicon.spatial.frames import ImageGrid, apply_affine
     from itk_gradicon.registration import register
 
     fixed, moving, affine = pair["fixed"], pair["moving"], pair["affine"]
@@ -238,8 +238,8 @@ def test_written_forward_transform_is_affine_after_deformation(tmp_path, pair, t
     from click.testing import CliRunner
 
     from itk_gradicon.cli import main
-    from itk_gradicon.geometry import ImageGrid, apply_affine
-    from itk_gradicon.transforms import DisplacementField, affine_to_itk, read_affine_file
+    from itk_gradicon.spatial.frames import ImageGrid, apply_affine
+    from itk_gradicon.spatial.transforms import DisplacementField, affine_to_itk, read_affine_file
 
     fixed_path, moving_path = tmp_path / "f.nii.gz", tmp_path / "m.nii.gz"
     itk.imwrite(pair["fixed"], str(fixed_path))
@@ -287,9 +287,9 @@ def test_mutual_information_recovers_a_known_affine_on_a_real_brain(shared_data)
     0.5 mm at every voxel (0.35 mm measured)."""
     import itk
 
-    from itk_gradicon.affine import elastix_affine
-    from itk_gradicon.geometry import ImageGrid, apply_affine
-    from itk_gradicon.transforms import affine_to_itk
+    from itk_gradicon.pipeline.affine import elastix_affine
+    from itk_gradicon.spatial.frames import ImageGrid, apply_affine
+    from itk_gradicon.spatial.transforms import affine_to_itk
 
     brain = itk.imread(str(shared_data / "lapirn_oasis" / "image_A_160x192x144.nii.gz"), itk.F)
     brain = itk.bin_shrink_image_filter(brain, shrink_factors=[2, 2, 2])
@@ -307,7 +307,7 @@ def test_elastix_is_stable_on_an_oblique_real_pair(shared_data):
     result, a rigid-like answer (scales within 3% of 1)."""
     import itk
 
-    from itk_gradicon.affine import elastix_affine
+    from itk_gradicon.pipeline.affine import elastix_affine
 
     folder = shared_data / "niivue_demo_images"
     fixed = itk.imread(str(folder / "chris_t1.nii.gz"), itk.F)
@@ -320,7 +320,7 @@ def test_elastix_is_stable_on_an_oblique_real_pair(shared_data):
 
 
 def test_the_parameter_map_shrinks_its_pyramids_and_runs_the_measured_iterations():
-    from itk_gradicon.elastix import HISTOGRAM_BINS, ITERATIONS, affine_parameter_map
+    from itk_gradicon.pipeline.elastix import HISTOGRAM_BINS, ITERATIONS, affine_parameter_map
 
     params = affine_parameter_map()
     assert params["FixedImagePyramid"] == ("FixedRecursiveImagePyramid",)

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 from conftest import blob_volume, make_image, random_rotation
 from itk_gradicon.cli import main
-from itk_gradicon.geometry import ImageGrid
-from itk_gradicon.transforms import DisplacementField, write_affine_file, write_transform
+from itk_gradicon.spatial.frames import ImageGrid
+from itk_gradicon.spatial.transforms import DisplacementField, write_affine_file, write_transform
 from itk_gradicon.io.itk_bridge import grid_of
 
 
@@ -158,7 +158,7 @@ def test_jacobian_command_writes_image_and_summary(files):
 def test_evaluate_labels_landmarks_and_folding(files):
     import itk
 
-    from itk_gradicon.transforms import read_transform
+    from itk_gradicon.spatial.transforms import read_transform
 
     fixed_labels = files["dir"] / "fixed_labels.nii.gz"
     assert run("warp-labels", "-i", files["labels"], "-r", files["fixed"], "-t", files["field"],
@@ -196,8 +196,8 @@ def test_resample_image_keeps_every_pixel_type(dtype, interpolation):
     type's range (a B-spline undershoot below 0 gives 0 in uint8, never a wrapped 255)."""
     import itk
 
-    from itk_gradicon.resample import resample_image
-    from itk_gradicon.transforms import affine_to_itk
+    from itk_gradicon.spatial.resample import resample_image
+    from itk_gradicon.spatial.transforms import affine_to_itk
 
     rng = np.random.default_rng(1)
     top = 250 if dtype == np.uint8 else 3000
@@ -374,7 +374,7 @@ def test_evaluate_matches_overlaps_computed_by_hand(tmp_path):
     force over surface voxels, and Dice 1 once an ANTs affine undoes the shift: none of it from our code."""
     import itk
 
-    from itk_gradicon.transforms import write_affine_file
+    from itk_gradicon.spatial.transforms import write_affine_file
 
     spacing = (1.5, 1.0, 2.0)  # ITK order: x (array axis 2), y, z
     fixed = np.zeros((20, 20, 20), np.uint8)

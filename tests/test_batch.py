@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import blob_volume, make_image
-from itk_gradicon.batch import COLUMNS, BatchingPredictor, read_pairs, register_pairs
+from itk_gradicon.commands.batch import COLUMNS, BatchingPredictor, read_pairs, register_pairs
 from itk_gradicon.cli import main
 from itk_gradicon.errors import InputError
 
@@ -266,7 +266,7 @@ def test_batching_predictor_hands_errors_to_every_waiting_pair():
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
 def test_shards_cover_the_pairs_exactly_once(cohort, n):
-    from itk_gradicon.batch import select_shard
+    from itk_gradicon.commands.batch import select_shard
 
     rows = [("images/a_fixed.nii.gz", "images/a_moving.nii.gz", f"out/{i}.h5", "") for i in range(10)]
     pairs = read_pairs(write_csv(cohort / "pairs.csv", rows, header=("fixed", "moving", "out_transform",
@@ -314,7 +314,7 @@ def test_a_killed_run_resumed_with_skip_existing_finishes_the_rest(cohort, tiny_
     registers pairs 2 and 3 only, and leaves pair 1's files untouched."""
     import os
 
-    from itk_gradicon import registration_io
+    from itk_gradicon.commands import register as registration_io
 
     write_csv(cohort / "pairs.csv", standard_rows())
     real = registration_io.write_register_outputs

@@ -117,7 +117,7 @@ def _prealigned_model_file(tmp_path, tiny_model_file, prealignment):
     ("affine", "auto", 1), ("affine", "none", 0), ("none", "auto", 0), ("none", "elastix", 1)])
 def test_affine_auto_follows_the_model(tmp_path, tiny_model_file, pair_files, monkeypatch, prealignment, choice,
                                        expected_calls):
-    from itk_gradicon import affine as affine_module
+    from itk_gradicon.pipeline import affine as affine_module
 
     calls = []
 
@@ -138,8 +138,8 @@ def test_affine_auto_follows_the_model(tmp_path, tiny_model_file, pair_files, mo
 
 
 def test_an_initial_transform_replaces_the_models_prealignment(tmp_path, tiny_model_file, pair_files, monkeypatch):
-    from itk_gradicon import affine as affine_module
-    from itk_gradicon.transforms import write_affine_file
+    from itk_gradicon.pipeline import affine as affine_module
+    from itk_gradicon.spatial.transforms import write_affine_file
 
     monkeypatch.setattr(affine_module, "prealign", lambda *a, **k: pytest.fail("elastix must not run"))
     model = _prealigned_model_file(tmp_path, tiny_model_file, "affine")
@@ -156,7 +156,7 @@ def test_register_in_python_follows_the_model_too(tiny_model_file, monkeypatch):
     import itk
 
     from conftest import blob_volume, make_image
-    from itk_gradicon import affine as affine_module
+    from itk_gradicon.pipeline import affine as affine_module
     from itk_gradicon.registration import register
 
     calls = []

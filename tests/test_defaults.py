@@ -10,13 +10,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from itk_gradicon import affine as affine_module
-from itk_gradicon.affine import (Prealignment, euler_matrix, implausibility, prealign, pyramid_levels,
+from itk_gradicon.pipeline import affine as affine_module
+from itk_gradicon.pipeline.affine import (Prealignment, euler_matrix, implausibility, prealign, pyramid_levels,
                                  affine_from_elastix_parameters)
 from itk_gradicon.cli import main
 from itk_gradicon.errors import InputError, ModelError
 from itk_gradicon.models import BUNDLED, NO_REFINEMENT, Refinement, load_model, save_model_file
-from itk_gradicon.preprocess import modalities_differ
+from itk_gradicon.pipeline.preprocess import modalities_differ
 from itk_gradicon.registration import resolve_io
 
 REPO = Path(__file__).resolve().parents[1]
@@ -285,7 +285,7 @@ def test_rigid_on_the_example_pair_is_not_worse_than_the_headers():
     keeps or improves the cord masks' overlap (elastix's default 4 levels moved it 12 mm off)."""
     import SimpleITK as sitk
 
-    from itk_gradicon.imageio import read_image
+    from itk_gradicon.io.images import read_image
 
     fixed = read_image(EXAMPLES / "t1w.nii.gz", what="fixed", backend="simpleitk")
     moving = read_image(EXAMPLES / "t2.nii.gz", what="moving", backend="simpleitk")
@@ -367,7 +367,7 @@ def test_the_bundled_model_recommends_field_io():
 
 
 def test_the_lncc_window_of_field_io_is_the_model_s_and_mind_has_none():
-    from itk_gradicon import losses
+    from itk_gradicon.pipeline import losses
 
     a, b = torch.rand(1, 1, 12, 12, 12, generator=torch.Generator().manual_seed(0)), torch.rand(1, 1, 12, 12, 12)
     assert losses.similarity_function("lncc") is losses.lncc_loss
@@ -482,8 +482,8 @@ def _shifted_blobs(shift: int = 2):
 
 
 def test_coarse_to_fine_field_io_lowers_the_loss_and_reports_every_step():
-    from itk_gradicon import losses
-    from itk_gradicon.instance import FieldSettings, refine_fields
+    from itk_gradicon.pipeline import losses
+    from itk_gradicon.pipeline.instance import FieldSettings, refine_fields
 
     image_A, image_B = _shifted_blobs()
     zero = torch.zeros(1, 3, 24, 24, 24)
@@ -502,8 +502,8 @@ def test_coarse_to_fine_field_io_lowers_the_loss_and_reports_every_step():
 
 
 def test_patience_ends_a_level_that_no_longer_improves():
-    from itk_gradicon import losses
-    from itk_gradicon.instance import FieldSettings, refine_fields
+    from itk_gradicon.pipeline import losses
+    from itk_gradicon.pipeline.instance import FieldSettings, refine_fields
 
     image, _ = _shifted_blobs(0)
     zero = torch.zeros(1, 3, 24, 24, 24)
@@ -538,8 +538,8 @@ def test_refinement_coarse_fraction_and_patience_are_checked(tmp_path, tiny_mode
 def test_the_coarse_learning_rate_factor_scales_the_half_resolution_steps_only():
     """``coarse_lr_factor`` f: the half-resolution level runs at f times ``lr`` (the same as asking that rate there),
     the full grid at ``lr``; without coarse steps it changes nothing."""
-    from itk_gradicon import losses
-    from itk_gradicon.instance import FieldSettings, refine_fields
+    from itk_gradicon.pipeline import losses
+    from itk_gradicon.pipeline.instance import FieldSettings, refine_fields
 
     image_A, image_B = _shifted_blobs()
     zero = torch.zeros(1, 3, 24, 24, 24)
@@ -776,7 +776,7 @@ def test_a_real_slab_is_prealigned_with_the_roles_swapped(shared_data):
 
 
 def test_the_start_rotations_are_distinct_proper_rotations():
-    from itk_gradicon.affine import start_rotations
+    from itk_gradicon.pipeline.affine import start_rotations
 
     for dimension, count in ((3, 30), (2, 6)):
         turns = start_rotations(dimension)
@@ -791,7 +791,7 @@ def test_the_start_rotations_are_distinct_proper_rotations():
 def _turned(image, degrees: float, axis: int = 2):
     """``image`` (SimpleITK) with its content turned about its centre: only the header changes. Returns the
     copy and the map from the copy's space to ``image``'s (the header change)."""
-    from itk_gradicon.affine import _placed_through, _turn
+    from itk_gradicon.pipeline.affine import _placed_through, _turn
 
     centre = np.asarray(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
     turn = np.eye(4)
@@ -818,7 +818,7 @@ def test_a_copy_placed_through_a_start_changes_its_header_only():
 def test_the_search_finds_a_phantom_turned_far_and_leaves_an_aligned_one(monkeypatch):
     import SimpleITK as sitk
 
-    from itk_gradicon.affine import rotation_search
+    from itk_gradicon.pipeline.affine import rotation_search
     from test_affine import textured_phantom
 
     fixed = sitk.GetImageFromArray(textured_phantom((40, 44, 48), np.random.default_rng(4)))
@@ -838,7 +838,7 @@ def test_no_turned_start_wins_where_nothing_is_shared():
     turn): the small differences between turns stay under the margin."""
     import SimpleITK as sitk
 
-    from itk_gradicon.affine import rotation_search
+    from itk_gradicon.pipeline.affine import rotation_search
 
     rng = np.random.default_rng(7)
     fixed, moving = (sitk.GetImageFromArray(rng.random((40, 44, 48)).astype(np.float32)) for _ in range(2))
@@ -873,7 +873,7 @@ def test_a_real_brain_turned_135_degrees_is_found_again(shared_data):
     ends in a wrong basin (Dice 0.51); the turned start finds the pair's alignment (0.65, as unturned)."""
     import SimpleITK as sitk
 
-    from itk_gradicon.metrics import label_overlap
+    from itk_gradicon.evaluation.metrics import label_overlap
 
     oasis = shared_data / "lapirn_oasis"
     fixed = sitk.ReadImage(str(oasis / "image_A_160x192x144.nii.gz"), sitk.sitkFloat32)
@@ -892,7 +892,7 @@ def test_a_real_brain_turned_135_degrees_is_found_again(shared_data):
 def test_a_turned_2d_phantom_is_found_again():
     import SimpleITK as sitk
 
-    from itk_gradicon.affine import _placed_through, _turn
+    from itk_gradicon.pipeline.affine import _placed_through, _turn
     from test_affine import textured_phantom
 
     fixed = sitk.GetImageFromArray(textured_phantom((3, 64, 72), np.random.default_rng(6))[1])

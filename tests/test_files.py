@@ -1,9 +1,9 @@
 """The file functions (SimpleITK) give what the ITK Python functions give, to the bit: every interpolation,
 pixel type and transform kind of ``apply-transform``, ``warp-labels``, ``jacobian`` and ``evaluate``.
 
-The ITK Python side (:mod:`itk_gradicon.resample`, :mod:`itk_gradicon.jacobian`, :mod:`itk_gradicon.metrics`
-on ``itk.Image``) is what these commands ran before they moved to SimpleITK; equality here is the
-promise that the move changed no output.
+The ITK Python side (:mod:`itk_gradicon.spatial.resample`, :mod:`itk_gradicon.spatial.jacobian`,
+:mod:`itk_gradicon.evaluation.metrics` on ``itk.Image``) is what these commands ran before they moved to
+SimpleITK; equality here is the promise that the move changed no output.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import json
 import numpy as np
 import pytest
 
-from itk_gradicon import files
+from itk_gradicon.commands import files
 from itk_gradicon.errors import InputError
-from itk_gradicon.jacobian import jacobian_determinant, jacobian_summary
-from itk_gradicon.metrics import label_overlap
-from itk_gradicon.resample import resample_image, resample_labels
-from itk_gradicon.transforms import compose_transforms, write_elastix
+from itk_gradicon.spatial.jacobian import jacobian_determinant, jacobian_summary
+from itk_gradicon.evaluation.metrics import label_overlap
+from itk_gradicon.spatial.resample import resample_image, resample_labels
+from itk_gradicon.spatial.transforms import compose_transforms, write_elastix
 from test_apply_cli import files as files_fixture  # noqa: F401  (the same fixture as the CLI tests)
 from itk_gradicon.io.itk_bridge import grid_of, to_simpleitk
 
@@ -158,7 +158,7 @@ def test_jacobian_equals_itk_python(files_, tmp_path, kind):
 
 
 def test_jacobian_grid_from_the_field(files_):
-    from itk_gradicon.transforms import DisplacementField, read_transform
+    from itk_gradicon.spatial.transforms import DisplacementField, read_transform
 
     field = DisplacementField.from_transform(read_transform(files_["h5"]))  # the grid of the field itself
     expected = jacobian_summary(jacobian_determinant(compose_transforms([files_["h5"]]), field.grid))
@@ -181,8 +181,8 @@ def test_evaluate_equals_itk_python(files_):
 
 
 def test_elastix_folder_reads_as_its_field(files_, tmp_path):
-    from itk_gradicon.imageio import OutputTransaction
-    from itk_gradicon.transforms import DisplacementField, read_transform
+    from itk_gradicon.io.images import OutputTransaction
+    from itk_gradicon.spatial.transforms import DisplacementField, read_transform
 
     field = DisplacementField.from_transform(read_transform(files_["h5"]))
     with OutputTransaction() as out:
@@ -216,7 +216,7 @@ def test_register_warped_output_equals_itk_python(files_, tmp_path):
     with the result's ``forward_transform``."""
     import itk
 
-    from itk_gradicon.transforms import DisplacementField, read_transform
+    from itk_gradicon.spatial.transforms import DisplacementField, read_transform
 
     field = DisplacementField.from_transform(read_transform(files_["h5"]))
     moving, fixed = itk.imread(str(files_["moving"])), itk.imread(str(files_["fixed"]))
@@ -233,8 +233,8 @@ def test_a_text_file_listing_several_transforms_is_read_whole(tmp_path):
     for apply-transform (files.read_transform) and for --initial-transform (read_affine_file)."""
     import itk
 
-    from itk_gradicon.files import read_transform
-    from itk_gradicon.transforms import affine_from_itk, affine_to_itk, compose_affines, read_affine_file
+    from itk_gradicon.commands.files import read_transform
+    from itk_gradicon.spatial.transforms import affine_from_itk, affine_to_itk, compose_affines, read_affine_file
 
     rng = np.random.default_rng(8)
     matrices = []
@@ -259,8 +259,8 @@ def test_transform_files_are_written_one_at_a_time(tmp_path, monkeypatch):
     every transform file is written while TRANSFORM_WRITE_LOCK is held."""
     import SimpleITK as sitk
 
-    from itk_gradicon import transforms
-    from itk_gradicon.grid import ImageGrid
+    from itk_gradicon.spatial import transforms
+    from itk_gradicon.io.grid import ImageGrid
 
     held = []
     real = sitk.WriteTransform

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import blob_volume, make_image, random_rotation
-from itk_gradicon.geometry import ImageGrid, NetworkFrame, apply_affine, displacement_on_grid
+from itk_gradicon.spatial.frames import ImageGrid, NetworkFrame, apply_affine, displacement_on_grid
 from itk_gradicon.io.itk_bridge import grid_of
 
 

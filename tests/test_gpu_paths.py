@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import randomize, tiny_architecture
-from itk_gradicon.batch import BatchingPredictor
+from itk_gradicon.commands.batch import BatchingPredictor
 from itk_gradicon.network.builders import build_network
 from itk_gradicon.network.inference import autocast_context, predict_displacements
 

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import blob_volume, make_image
 from itk_gradicon.errors import InputError
-from itk_gradicon.imageio import (OutputTransaction, atomic_output, check_header, check_nifti_complete,
+from itk_gradicon.io.images import (OutputTransaction, atomic_output, check_header, check_nifti_complete,
                                   check_output_dir, check_output_path, compound_suffix, read_image,
                                   image_array, read_image_header, read_label_image, read_mask_on_grid, same_grid)
 from itk_gradicon.io.itk_bridge import grid_of, to_simpleitk
@@ -254,7 +254,7 @@ def test_transaction_replaces_existing_files(tmp_path):
 def test_a_failed_commit_restores_every_destination(tmp_path, monkeypatch, failing):
     """If moving the n-th file into place fails, the files already moved are removed and the files
     they replaced come back: the destinations are exactly as before, and no staging folder is left."""
-    from itk_gradicon import imageio
+    from itk_gradicon.io import images as imageio
 
     (tmp_path / "a.txt").write_text("old a")
     (tmp_path / "c.txt").write_text("old c")
@@ -288,7 +288,7 @@ def test_a_commit_replaces_every_destination_and_cleans_up(tmp_path):
 
 _STAGE_AND_HANG = """
 import sys, time
-from itk_gradicon.imageio import OutputTransaction
+from itk_gradicon.io.images import OutputTransaction
 out = OutputTransaction().__enter__()
 out.path(sys.argv[1]).write_bytes(b"partial")
 print("staged", flush=True)
@@ -339,7 +339,7 @@ def test_one_header_reader_names_components_as_itk_does(tmp_path):
     name the stored component type as ITK's ImageIO does."""
     import SimpleITK as sitk
 
-    from itk_gradicon import files
+    from itk_gradicon.commands import files
 
     short = sitk.Image([5, 4, 3], sitk.sitkInt16)
     short.SetDirection([0, 1, 0, -1, 0, 0, 0, 0, 1])

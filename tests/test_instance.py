@@ -98,7 +98,7 @@ def test_field_io_is_deterministic_and_leaves_the_model_alone(shifted_pair, iden
 
 
 def test_field_io_runs_the_network_once_and_never_its_objective(shifted_pair, identity_model, monkeypatch):
-    import itk_gradicon.losses as losses
+    import itk_gradicon.pipeline.losses as losses
 
     fixed, moving, _, _ = shifted_pair
     passes = []
@@ -166,7 +166,7 @@ def test_bad_io_options_are_refused(shifted_pair, identity_model, kwargs, messag
 
 
 def test_penalties_are_zero_for_the_identity_and_grow_with_roughness():
-    from itk_gradicon.instance import diffusion_penalty, inverse_consistency_penalty
+    from itk_gradicon.pipeline.instance import diffusion_penalty, inverse_consistency_penalty
     from itk_gradicon.network.sampling import cube_identity
 
     zero = torch.zeros(1, 3, 8, 9, 10)
@@ -190,7 +190,7 @@ def test_penalties_are_zero_for_the_identity_and_grow_with_roughness():
 def test_diffusion_gradient_written_out_equals_autograds(shape):
     """The diffusion penalty's hand-written backward: autograd's gradient of the plain expression, and
     finite differences (2-D, 3-D, an axis of one voxel)."""
-    from itk_gradicon.instance import diffusion_penalty, voxel_scale
+    from itk_gradicon.pipeline.instance import diffusion_penalty, voxel_scale
 
     generator = torch.Generator().manual_seed(2)
     u = torch.rand(2, len(shape), *shape, dtype=torch.float64, generator=generator)
@@ -254,7 +254,7 @@ def test_a_similarity_against_a_fixed_target_is_the_similarity(name, sigma, mask
 
 
 def test_the_alternating_inverse_consistency_adds_up_to_the_penalty_over_two_steps():
-    from itk_gradicon.instance import alternating_inverse_consistency, inverse_consistency_penalty, voxel_scale
+    from itk_gradicon.pipeline.instance import alternating_inverse_consistency, inverse_consistency_penalty, voxel_scale
     from itk_gradicon.network.sampling import cube_identity, sample_cube_field
 
     generator = torch.Generator().manual_seed(3)
@@ -275,7 +275,7 @@ def test_the_alternating_inverse_consistency_adds_up_to_the_penalty_over_two_ste
 
 @pytest.mark.parametrize("lr", [0.3, 1e-3])
 def test_field_adam_leaves_the_bits_torch_adam_leaves(lr):
-    from itk_gradicon.instance import FieldAdam
+    from itk_gradicon.pipeline.instance import FieldAdam
 
     generator = torch.Generator().manual_seed(5)
     start = [torch.randn(1, 3, 6, 7, 8, generator=generator), torch.randn(2, 5, generator=generator)]

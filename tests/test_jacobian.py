@@ -9,10 +9,10 @@ import pytest
 
 from conftest import make_image, random_rotation
 from itk_gradicon.errors import InputError
-from itk_gradicon.geometry import ImageGrid
-from itk_gradicon.jacobian import (LOG_FLOOR, determinant_of_displacement, jacobian_determinant,
+from itk_gradicon.spatial.frames import ImageGrid
+from itk_gradicon.spatial.jacobian import (LOG_FLOOR, determinant_of_displacement, jacobian_determinant,
                                    jacobian_image, jacobian_summary, log_jacobian)
-from itk_gradicon.transforms import DisplacementField, affine_to_itk, write_field_image
+from itk_gradicon.spatial.transforms import DisplacementField, affine_to_itk, write_field_image
 from itk_gradicon.io.itk_bridge import grid_of
 
 # Largest |ours - ANTs| allowed at voxels two or more voxels from the grid's faces. ANTs uses
@@ -155,7 +155,7 @@ def test_summary_by_hand():
 
 
 def test_chunked_equals_whole(monkeypatch):
-    import itk_gradicon.jacobian as jacobian
+    import itk_gradicon.spatial.jacobian as jacobian
 
     grid = grid_with(random_rotation(np.random.default_rng(5)), size=(9, 8, 13))
     field = smooth_random_field(grid, np.random.default_rng(6))

@@ -7,8 +7,8 @@ import pytest
 
 from conftest import make_image, random_rotation
 from itk_gradicon.errors import InputError
-from itk_gradicon.geometry import ImageGrid
-from itk_gradicon.metrics import (dice, folding, hausdorff95, label_overlap, read_landmarks, surface,
+from itk_gradicon.spatial.frames import ImageGrid
+from itk_gradicon.evaluation.metrics import (dice, folding, hausdorff95, label_overlap, read_landmarks, surface,
                                   surface_distances, target_registration_error)
 
 
@@ -156,7 +156,7 @@ def test_csv_landmark_files(tmp_path):
 
 
 def test_folding_of_a_mirror_is_total():
-    from itk_gradicon.transforms import affine_to_itk
+    from itk_gradicon.spatial.transforms import affine_to_itk
 
     grid = ImageGrid((5, 5, 5), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), ((1.0, 0, 0), (0, 1.0, 0), (0, 0, 1.0)))
     mirror = np.diag([-1.0, 1.0, 1.0, 1.0])

@@ -1,7 +1,7 @@
 """The compiled sampling kernel (``itk_gradicon._linear``) returns ``grid_sample``'s values bit for bit.
 
 Every case compares :func:`itk_gradicon.network.sampling.sample_cube_field` (which uses the kernel
-for float32 3-D tensors without autograd) with :func:`itk_gradicon.geometry.sample_cube_field`
+for float32 3-D tensors without autograd) with :func:`itk_gradicon.spatial.frames.sample_cube_field`
 (``grid_sample`` itself) by ``torch.equal``: points inside, outside and exactly on the border,
 non-contiguous and channels-last fields, batches, one-voxel axes, several threads.
 """
@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from itk_gradicon import geometry
+from itk_gradicon.spatial import frames as geometry
 from itk_gradicon.network import sampling
 from itk_gradicon.network.performance import fast_paths
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import randomize
-from itk_gradicon import losses as L
+from itk_gradicon.pipeline import losses as L
 from itk_gradicon.models import load_model
 from itk_gradicon.network import PUBLISHED_3D, Architecture, build_network, count_parameters
 from itk_gradicon.network.operators import identity_on

@@ -42,7 +42,7 @@ def test_a_workflow_registers_then_warps_labels(tmp_path, tiny_model_file, quiet
 
     from itk_gradicon.cli import main
     from itk_gradicon.interfaces.nipype import Register, WarpLabels
-    from itk_gradicon.transforms import write_affine_file
+    from itk_gradicon.spatial.transforms import write_affine_file
 
     fixed, moving, labels = _pair(tmp_path)
     shift = np.eye(4)

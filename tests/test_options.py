@@ -1,4 +1,4 @@
-"""The typed options of a registration (itk_gradicon.options): one object for register(), the command line,
+"""The typed options of a registration (itk_gradicon.pipeline.options): one object for register(), the command line,
 register-batch and run_register, every default and every choice written once."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from itk_gradicon.errors import InputError
-from itk_gradicon.options import (AFFINE_CHOICES, IO_METHOD_CHOICES, IO_SIMILARITY_CHOICES, IO_STARTS, KEYWORDS,
-                                  MASK_MODES, MODALITY_CHOICES, NETWORK_REGIONS, ORIENTATIONS, IntensityOptions,
-                                  PrealignmentOptions, RefinementOptions, RegistrationOptions, check_options)
+from itk_gradicon.pipeline.options import (AFFINE_CHOICES, IO_METHOD_CHOICES, IO_SIMILARITY_CHOICES, IO_STARTS,
+                                           KEYWORDS, MASK_MODES, MODALITY_CHOICES, NETWORK_REGIONS, ORIENTATIONS,
+                                           IntensityOptions, PrealignmentOptions, RefinementOptions,
+                                           RegistrationOptions, check_options)
 
 
 def test_flat_keywords_and_groups_are_the_same_options():
@@ -66,7 +67,7 @@ def test_check_options_names_what_was_received(keywords, inputs, message):
 
 
 def test_the_choices_are_the_library_s_and_the_command_line_s():
-    from itk_gradicon import losses
+    from itk_gradicon.pipeline import losses
     from itk_gradicon.cli.register_cmd import register
 
     assert IO_SIMILARITY_CHOICES == tuple(losses.SIMILARITIES)
@@ -78,7 +79,7 @@ def test_the_choices_are_the_library_s_and_the_command_line_s():
 
 
 def test_the_options_load_without_torch_or_itk():
-    code = ("import sys, itk_gradicon.options; "
+    code = ("import sys, itk_gradicon.pipeline.options; "
             "print(sorted(m for m in ('torch', 'itk', 'SimpleITK') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import randomize
-from itk_gradicon import geometry
+from itk_gradicon.spatial import frames as geometry
 from itk_gradicon.network import Architecture, UNetStep, build_network
 from itk_gradicon.network import sampling
 from itk_gradicon.network.performance import FastPaths, current, fast_paths

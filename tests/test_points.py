@@ -10,14 +10,14 @@ import pytest
 from click.testing import CliRunner
 
 from itk_gradicon.cli import main
-from itk_gradicon.points import read_points, write_points
+from itk_gradicon.commands.points import read_points, write_points
 
 FIXED_POINTS = np.array([[1.25, -3.5, 2.0], [-4.0, 2.75, -1.5], [0.5, 0.25, 3.75], [6.0, -6.0, 0.0]])
 
 
 def _affine_file(tmp_path: Path) -> Path:
-    from itk_gradicon.affine import euler_matrix
-    from itk_gradicon.transforms import write_affine_file
+    from itk_gradicon.pipeline.affine import euler_matrix
+    from itk_gradicon.spatial.transforms import write_affine_file
 
     matrix = np.eye(4)
     matrix[:3, :3] = euler_matrix([0.1, -0.05, 0.2]) * 1.05
@@ -114,7 +114,7 @@ def test_elastix_point_sets_agree_with_transformix_on_our_elastix_output(tmp_pat
 
 @pytest.mark.parametrize("system", ["RAS", "LPS"])
 def test_slicer_markups_round_trip_exactly(tmp_path, system):
-    from itk_gradicon.transforms import write_affine_file
+    from itk_gradicon.spatial.transforms import write_affine_file
 
     write_affine_file(np.eye(4), tmp_path / "identity.tfm")
     document = {"@schema": "https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/Schema/markups-schema-v1.0.3.json#",
@@ -142,7 +142,7 @@ def test_slicer_markups_round_trip_exactly(tmp_path, system):
 
 
 def test_moving_a_slicer_file_keeps_its_coordinate_system(tmp_path):
-    from itk_gradicon.transforms import write_affine_file
+    from itk_gradicon.spatial.transforms import write_affine_file
 
     shift = np.eye(4)
     shift[:3, 3] = [1.0, 2.0, 3.0]  # LPS millimetres
@@ -158,7 +158,7 @@ def test_index_point_sets_need_their_image(tmp_path):
     import itk
 
     from conftest import make_image
-    from itk_gradicon.transforms import write_affine_file
+    from itk_gradicon.spatial.transforms import write_affine_file
 
     write_affine_file(np.eye(4), tmp_path / "identity.tfm")
     image = make_image(np.zeros((8, 8, 8), np.float32), spacing=(2.0, 2.0, 2.0), origin=(10.0, 0.0, -5.0))
@@ -186,7 +186,7 @@ def test_index_point_sets_need_their_image(tmp_path):
     ("a.vtk", "x", "unknown format; allowed endings: .mrk.json, .fcsv, .csv, .txt, .pts"),
 ])
 def test_bad_point_files_are_one_line_errors_and_leave_nothing(tmp_path, name, text, message):
-    from itk_gradicon.transforms import write_affine_file
+    from itk_gradicon.spatial.transforms import write_affine_file
 
     write_affine_file(np.eye(4), tmp_path / "identity.tfm")
     (tmp_path / name).write_text(text)
@@ -200,7 +200,7 @@ def test_bad_point_files_are_one_line_errors_and_leave_nothing(tmp_path, name, t
 
 
 def test_the_output_keeps_the_input_format(tmp_path):
-    from itk_gradicon.transforms import write_affine_file
+    from itk_gradicon.spatial.transforms import write_affine_file
 
     write_affine_file(np.eye(4), tmp_path / "identity.tfm")
     source = _ants_csv(tmp_path / "p.csv", FIXED_POINTS)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from itk_gradicon.errors import InputError
-from itk_gradicon.preprocess import (IntensityNormalization, apply_input_mask, guess_modality, quantile,
+from itk_gradicon.pipeline.preprocess import (IntensityNormalization, apply_input_mask, guess_modality, quantile,
                                      resolve_modality)
 
 

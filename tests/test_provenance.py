@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from itk_gradicon.cli import main
 from itk_gradicon.models import Refinement, load_model, save_model_file
-from itk_gradicon.provenance import SCHEMA_PATH, load_schema
+from itk_gradicon.evaluation.provenance import SCHEMA_PATH, load_schema
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def pair(tmp_path):
 
 def _register(model: Path, pair, out: Path, *extra: str):
     out.mkdir()
-    from itk_gradicon.transforms import write_affine_file
+    from itk_gradicon.spatial.transforms import write_affine_file
 
     shift = np.eye(4)
     shift[:3, 3] = [0.5, -0.25, 0.0]

@@ -61,9 +61,9 @@ def fixed_panels(fixed):
 
     import SimpleITK as sitk
 
-    from itk_gradicon.geometry import ImageGrid
-    from itk_gradicon.imageio import to_simpleitk
-    from itk_gradicon.qc import _plane, _slab, slice_views
+    from itk_gradicon.spatial.frames import ImageGrid
+    from itk_gradicon.io.images import to_simpleitk
+    from itk_gradicon.evaluation.qc import _plane, _slab, slice_views
 
     out = []
     for view in slice_views(grid_of(fixed)):
@@ -95,8 +95,8 @@ def test_display_does_not_depend_on_storage(perm, flips):
 @pytest.mark.parametrize("perm,flips", [((0, 1, 2), (False, False, False)), ((0, 1, 2), (True, False, False)),
                                         ((2, 0, 1), (True, False, True))])
 def test_the_sagittal_slice_is_off_the_midline_towards_the_patient_s_left(perm, flips):
-    from itk_gradicon.geometry import ImageGrid
-    from itk_gradicon.qc import SAGITTAL_OFFSET, slice_views
+    from itk_gradicon.spatial.frames import ImageGrid
+    from itk_gradicon.evaluation.qc import SAGITTAL_OFFSET, slice_views
 
     image = restored(marker_volume(), perm, flips)
     grid = grid_of(image)
@@ -114,7 +114,7 @@ def test_the_sagittal_slice_is_off_the_midline_towards_the_patient_s_left(perm, 
 
 
 def test_text_bitmap():
-    from itk_gradicon.qc import _GLYPHS, text_bitmap
+    from itk_gradicon.evaluation.qc import _GLYPHS, text_bitmap
 
     assert all(len(rows) == 7 and all(len(r) == 5 for r in rows) for rows in _GLYPHS.values())
     bitmap = text_bitmap("LOG 1.5", scale=2)
@@ -123,7 +123,7 @@ def test_text_bitmap():
 
 
 def test_log_jacobian_colours():
-    from itk_gradicon.qc import _log_jacobian_colors
+    from itk_gradicon.evaluation.qc import _log_jacobian_colors
 
     log_det = np.array([[-2.0, -0.5, 0.0, 0.5, 2.0, np.nan]])
     folded = np.array([[True, False, False, False, False, False]])
@@ -151,7 +151,7 @@ def identity_model(tmp_path_factory):
 def test_panels_show_the_transform(identity_model):
     """With an identity network and a 1.2x scaling as pre-alignment: 'after' differs from 'before',
     and the log-Jacobian panel shows log(1.2^3) = 0.547 (red side) everywhere."""
-    from itk_gradicon.qc import COLUMNS, PANEL_PIXELS, qc_picture
+    from itk_gradicon.evaluation.qc import COLUMNS, PANEL_PIXELS, qc_picture
     from itk_gradicon.registration import register
 
     image = marker_volume()
@@ -178,8 +178,8 @@ def test_float64_fixed_image_gives_the_float32_picture(identity_model):
     Its planes were once numpy views of slab images that ITK reallocated when the slab served again as a
     reference image: the picture then showed freed memory (NaN, garbage) in some panels.
     """
-    from itk_gradicon.qc import _slab, qc_picture, slice_views
-    from itk_gradicon.geometry import ImageGrid
+    from itk_gradicon.evaluation.qc import _slab, qc_picture, slice_views
+    from itk_gradicon.spatial.frames import ImageGrid
     from itk_gradicon.registration import register
 
     import itk
@@ -193,7 +193,7 @@ def test_float64_fixed_image_gives_the_float32_picture(identity_model):
         pictures = [qc_picture(image, as32, result) for image in (as64, as32, as64)]
     np.testing.assert_array_equal(pictures[0], pictures[1])
     np.testing.assert_array_equal(pictures[2], pictures[1])
-    from itk_gradicon.imageio import to_simpleitk
+    from itk_gradicon.io.images import to_simpleitk
 
     view = slice_views(grid_of(as64))[0]
     assert _slab(to_simpleitk(as64), view, view.index, view.index + 1).GetSize()[view.axis] == 1
@@ -206,11 +206,11 @@ def test_after_panel_is_the_warped_moving_image(tiny_model_file, rng):
 
     import itk
 
-    from itk_gradicon.geometry import ImageGrid
-    from itk_gradicon.imageio import to_simpleitk
-    from itk_gradicon.qc import _plane, _sample, _slab, slice_views
+    from itk_gradicon.spatial.frames import ImageGrid
+    from itk_gradicon.io.images import to_simpleitk
+    from itk_gradicon.evaluation.qc import _plane, _sample, _slab, slice_views
     from itk_gradicon.registration import register
-    from itk_gradicon.simpleitk_transforms import field_transform
+    from itk_gradicon.io.transform_files import field_transform
 
     fixed = make_image(blob_volume(SHAPE, rng) * 100, spacing=(1.0, 1.5, 2.0), direction=LPS_FROM_RAS)
     moving = make_image(blob_volume(SHAPE, rng) * 100, spacing=(1.0, 1.5, 2.0), direction=LPS_FROM_RAS)
@@ -228,8 +228,8 @@ def test_after_panel_is_the_warped_moving_image(tiny_model_file, rng):
 def test_2d_picture_and_atomic_writing(tmp_path, tiny_model_file_2d, rng):
     import itk
 
-    from itk_gradicon.imageio import OutputTransaction
-    from itk_gradicon.qc import write_qc
+    from itk_gradicon.io.images import OutputTransaction
+    from itk_gradicon.evaluation.qc import write_qc
     from itk_gradicon.registration import register
 
     fixed = make_image(blob_volume((40, 50), rng) * 100, spacing=(0.5, 0.8))
@@ -248,7 +248,7 @@ def test_2d_picture_and_atomic_writing(tmp_path, tiny_model_file_2d, rng):
 
 def test_picture_needs_the_registered_fixed_image(identity_model):
     from itk_gradicon.errors import InputError
-    from itk_gradicon.qc import qc_picture
+    from itk_gradicon.evaluation.qc import qc_picture
     from itk_gradicon.registration import register
 
     image = marker_volume()
@@ -264,7 +264,7 @@ def test_qc_on_a_real_oblique_pair(tmp_path, shared_data, tiny_model_file):
     tilted (the part of the fixed slice outside the PD's field of view stays magenta)."""
     import itk
 
-    from itk_gradicon.qc import write_qc
+    from itk_gradicon.evaluation.qc import write_qc
     from itk_gradicon.registration import register
 
     folder = shared_data / "niivue_demo_images"

@@ -180,7 +180,7 @@ class LinearPairNetwork(torch.nn.Module):
 
     def __init__(self, shape, moving_tensor, matrix, offset):
         super().__init__()
-        from itk_gradicon.geometry import cube_identity
+        from itk_gradicon.spatial.frames import cube_identity
 
         self.moving = moving_tensor
         ident = cube_identity(shape, dtype=torch.float64)[0].reshape(len(shape), -1)
@@ -206,9 +206,9 @@ def test_forward_after_inverse_is_the_identity_for_an_inverse_consistent_network
     no inverse inconsistency of its own."""
     import itk
 
-    from itk_gradicon.geometry import ImageGrid, NetworkFrame, apply_affine
+    from itk_gradicon.spatial.frames import ImageGrid, NetworkFrame, apply_affine
     from itk_gradicon.models import Model
-    from itk_gradicon.preprocess import IntensityNormalization
+    from itk_gradicon.pipeline.preprocess import IntensityNormalization
 
     fixed, moving = pair
     shape = model.architecture.input_shape
@@ -293,7 +293,7 @@ def test_io_is_reproducible_with_a_generator(pair, model):
 
 
 def _spy_objective(monkeypatch):
-    import itk_gradicon.losses as losses
+    import itk_gradicon.pipeline.losses as losses
 
     calls = []
     real = losses.gradicon_objective
@@ -324,7 +324,7 @@ def test_loss_masks_reach_the_objective(pair, model, monkeypatch):
     the masks laid out like the images); 'input': no loss masks, but the images are zeroed outside."""
     import itk
 
-    from itk_gradicon.geometry import ImageGrid, NetworkFrame
+    from itk_gradicon.spatial.frames import ImageGrid, NetworkFrame
 
     fixed, moving = pair
     fixed_mask, moving_mask = _masks(fixed, moving)
@@ -424,8 +424,8 @@ def _reference_transform(fixed, moving, model):
     import torch.nn.functional as F
 
     itk_wrapper = pytest.importorskip("icon_registration.itk_wrapper")
-    from itk_gradicon.geometry import cube_identity
-    from itk_gradicon.preprocess import IntensityNormalization
+    from itk_gradicon.spatial.frames import cube_identity
+    from itk_gradicon.pipeline.preprocess import IntensityNormalization
 
     shape = model.architecture.input_shape
     norm = IntensityNormalization("mri")
@@ -440,7 +440,7 @@ def _reference_transform(fixed, moving, model):
 
 
 def _transform_at_fixed_voxels(transform, fixed):
-    from itk_gradicon.geometry import ImageGrid
+    from itk_gradicon.spatial.frames import ImageGrid
 
     points = grid_of(fixed).world_points().reshape(-1, 3)
     return np.array([transform.TransformPoint([float(v) for v in p]) for p in points])
@@ -549,10 +549,10 @@ def test_inputs_are_checked_once(pair, model, tmp_path, monkeypatch):
     same transform."""
     import itk
 
-    import itk_gradicon.imageio as imageio
+    import itk_gradicon.io.images as imageio
     import itk_gradicon.registration as registration
-    from itk_gradicon.options import RegistrationOptions
-    from itk_gradicon.registration_io import RegisterFiles, RegisterOutputs, run_register
+    from itk_gradicon.pipeline.options import RegistrationOptions
+    from itk_gradicon.commands.register import RegisterFiles, RegisterOutputs, run_register
 
     counts = {"scan": 0, "memory": 0}
     real_check, real_memory = imageio.check_image, registration.check_memory

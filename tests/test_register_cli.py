@@ -306,7 +306,7 @@ def test_cuda_without_a_gpu(files, tiny_model_file, monkeypatch):
 
 
 def test_affine_and_initial_transform_together(files, tiny_model_file, tmp_path):
-    from itk_gradicon.transforms import write_affine_file
+    from itk_gradicon.spatial.transforms import write_affine_file
 
     write_affine_file(np.eye(4), tmp_path / "a.mat")
     args = base_args(files, tiny_model_file) + ["--affine", "elastix", "--initial-transform", str(tmp_path / "a.mat")]
@@ -316,8 +316,8 @@ def test_affine_and_initial_transform_together(files, tiny_model_file, tmp_path)
 def test_initial_transform_that_is_not_affine(files, tiny_model_file, tmp_path):
     import itk
 
-    from itk_gradicon.geometry import ImageGrid
-    from itk_gradicon.transforms import DisplacementField
+    from itk_gradicon.spatial.frames import ImageGrid
+    from itk_gradicon.spatial.transforms import DisplacementField
 
     grid = grid_of(itk.imread(str(files["fixed"])))
     field = DisplacementField(grid, np.zeros(grid.array_shape + (3,)))
@@ -409,7 +409,7 @@ def test_memory_check_with_little_memory(files, tiny_model_file, monkeypatch):
 
 def test_failure_of_the_last_writer_leaves_nothing(files, tiny_model_file, monkeypatch):
     """The QC picture is written last; when it fails, the files staged before it are removed."""
-    import itk_gradicon.qc as qc
+    import itk_gradicon.evaluation.qc as qc
     import itk_gradicon.resources as resources
 
     # one writer thread, so that the outputs are written in their order and QC really is the last
@@ -430,7 +430,7 @@ def test_failure_of_the_last_writer_leaves_nothing(files, tiny_model_file, monke
 
 
 def test_interrupt_while_writing_leaves_nothing(files, tiny_model_file, monkeypatch):
-    import itk_gradicon.qc as qc
+    import itk_gradicon.evaluation.qc as qc
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -443,7 +443,7 @@ def test_interrupt_while_writing_leaves_nothing(files, tiny_model_file, monkeypa
 
 
 def test_failure_in_a_new_elastix_folder_removes_it(files, tiny_model_file, monkeypatch):
-    import itk_gradicon.qc as qc
+    import itk_gradicon.evaluation.qc as qc
 
     monkeypatch.setattr(qc, "write_qc", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("ITK: cannot write")))
     args = base_args(files, tiny_model_file)
@@ -542,7 +542,7 @@ def test_register_reads_and_writes_without_loading_itk_python(files, tiny_model_
     import subprocess
     import sys
 
-    from itk_gradicon.transforms import write_affine_file
+    from itk_gradicon.spatial.transforms import write_affine_file
 
     out = files["out"]
     shift = np.eye(4)

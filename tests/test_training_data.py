@@ -63,7 +63,7 @@ def dataset(folder, datasets, **overrides):
 def test_header_grid_equals_the_grid_of_the_read_image(name):
     import itk
 
-    from itk_gradicon.geometry import ImageGrid
+    from itk_gradicon.spatial.frames import ImageGrid
     from itk_gradicon.training.data import read_grid
 
     grid, components = read_grid(EXAMPLE_DATA / name)

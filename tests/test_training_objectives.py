@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from itk_gradicon import losses
+from itk_gradicon.pipeline import losses
 from itk_gradicon.network.operators import CubeMap, identity_on
 from itk_gradicon.training.objectives import GradICONObjective, M2MObjective, dice_term
 

@@ -266,7 +266,7 @@ def test_moment_box_of_an_ellipsoid_is_its_extent():
 
 def test_label_map_layout_does_not_depend_on_storage(label_maps, tmp_path):
     """A label map stored LIA and the same one stored as RAS reach the synthesiser identically."""
-    from itk_gradicon.geometry import canonical_axes
+    from itk_gradicon.spatial.frames import canonical_axes
     from itk_gradicon.training.synthesis import LabelMapEntry, check_label_map, prepare_label_map
 
     array = head_labels((20, 22, 18), np.random.default_rng(3))
@@ -428,7 +428,7 @@ def test_instance_normalisation_survives_a_model_file(tmp_path):
 
 
 def test_canonical_layout_puts_differently_stored_images_alike_on_the_network():
-    from itk_gradicon.geometry import ImageGrid, NetworkFrame
+    from itk_gradicon.spatial.frames import ImageGrid, NetworkFrame
 
     ras = ImageGrid(size=(8, 7, 6), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
                     direction=((-1.0, 0.0, 0.0), (0.0, -1.0, 0.0), (0.0, 0.0, 1.0)))

@@ -24,9 +24,9 @@ from click.testing import CliRunner
 from conftest import blob_volume, make_image, random_rotation
 from itk_gradicon.cli import main
 from itk_gradicon.errors import InputError
-from itk_gradicon.geometry import ImageGrid, apply_affine
-from itk_gradicon.imageio import OutputTransaction
-from itk_gradicon.transforms import (DisplacementField, TransformSpec, ants_file_names, compose_transforms,
+from itk_gradicon.spatial.frames import ImageGrid, apply_affine
+from itk_gradicon.io.images import OutputTransaction
+from itk_gradicon.spatial.transforms import (DisplacementField, TransformSpec, ants_file_names, compose_transforms,
                                      read_transform, sample_transform, write_affine_file, write_elastix,
                                      write_field_image, write_transform)
 from itk_gradicon.io.itk_bridge import grid_of
@@ -224,7 +224,7 @@ def test_ants_order_first_listed_acts_on_points_first(case):
     compose_transforms([WARP, AFFINE]) and our CLI; the other order is measurably different."""
     import itk
 
-    from itk_gradicon.transforms import affine_to_itk
+    from itk_gradicon.spatial.transforms import affine_to_itk
 
     fixed, moving, field, files, tmp = case["fixed"], case["moving"], case["field"], case["files"], case["tmp"]
     affine = random_affine(case["rng"])
@@ -279,8 +279,8 @@ def test_ants_prefix_outputs_compose_like_the_forward_field(case):
     import itk
 
     from itk_gradicon.registration import RegistrationResult
-    from itk_gradicon.registration_io import RegisterOutputs, write_register_outputs
-    from itk_gradicon.transforms import affine_to_itk
+    from itk_gradicon.commands.register import RegisterOutputs, write_register_outputs
+    from itk_gradicon.spatial.transforms import affine_to_itk
 
     fixed, moving, files, tmp = case["fixed"], case["moving"], case["files"], case["tmp"]
     grid = case["field"].grid
@@ -339,7 +339,7 @@ def test_h5_writer_equals_itks_public_writer(small_field, tmp_path):
     """The direct wrapping-module path (fast imports) writes what ``itk.transformwrite`` writes."""
     import itk
 
-    from itk_gradicon.transforms import displacement_field_transform_type, write_transform_file
+    from itk_gradicon.spatial.transforms import displacement_field_transform_type, write_transform_file
 
     field, _ = small_field
     assert displacement_field_transform_type(3) is itk.DisplacementFieldTransform[itk.D, 3]
@@ -376,7 +376,7 @@ def test_composite_file_and_transform_list_file(small_field, tmp_path):
     listing two affines composes them as ITK does (the last listed acts on points first)."""
     import itk
 
-    from itk_gradicon.transforms import affine_to_itk, read_affine_file
+    from itk_gradicon.spatial.transforms import affine_to_itk, read_affine_file
 
     field, rng = small_field
     affine = random_affine(rng)
@@ -467,7 +467,7 @@ def test_bad_transforms_are_input_errors(tmp_path, small_field):
 def test_sample_transform_matches_transform_point(small_field):
     import itk
 
-    from itk_gradicon.transforms import affine_to_itk
+    from itk_gradicon.spatial.transforms import affine_to_itk
 
     field, rng = small_field
     composite = itk.CompositeTransform[itk.D, 3].New()
@@ -490,3 +490,4 @@ def test_itk_field_has_no_effect_beyond_its_grid():
     for point, moved in (([3.4, 1.0, 1.0], [1.5, -0.5, 2.0]), ([3.6, 1.0, 1.0], [0, 0, 0]),
                          ([-0.6, 1.0, 1.0], [0, 0, 0])):
         np.testing.assert_allclose(np.asarray(transform.TransformPoint(point)) - point, moved, atol=1e-12)
+
