@@ -418,7 +418,7 @@ def test_failure_of_the_last_writer_leaves_nothing(files, tiny_model_file, monke
 
     staged = []
 
-    def failing_qc(fixed, moving, result, path, *, transaction=None):
+    def failing_qc(fixed, moving, result, path, *, transaction=None, transform_of=None):
         staged.extend(p for p in files["out"].rglob("*") if p.is_file())
         raise OSError(28, "No space left on device")
 

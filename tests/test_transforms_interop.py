@@ -491,3 +491,24 @@ def test_itk_field_has_no_effect_beyond_its_grid():
                          ([-0.6, 1.0, 1.0], [0, 0, 0])):
         np.testing.assert_allclose(np.asarray(transform.TransformPoint(point)) - point, moved, atol=1e-12)
 
+
+def test_shared_field_transforms_build_each_field_once(monkeypatch):
+    """The writers of one registration's outputs, in parallel threads, share one float64 transform per field; it
+    maps points as the transform each built for itself."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from itk_gradicon.io import transform_files
+
+    rng = np.random.default_rng(21)
+    grid = grid_of(make_image(np.zeros((12, 14, 10), np.float32), spacing=(1.5, 1.0, 2.0)))
+    first, second = smooth_field(grid, rng), smooth_field(grid, rng)
+    build, built = transform_files.field_transform, []
+    monkeypatch.setattr(transform_files, "field_transform", lambda field: built.append(field) or build(field))
+    shared = transform_files.SharedFieldTransforms()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(shared, [first, first, second, first, second, second]))
+    assert len(built) == 2 and {id(f) for f in built} == {id(first), id(second)}
+    assert got[0] is got[1] is got[3] and got[2] is got[4] is got[5] and got[0] is not got[2]
+    alone = build(first)
+    for point in ([3.0, 4.5, 6.0], [10.2, 1.0, 12.5]):
+        assert got[0].TransformPoint(point) == alone.TransformPoint(point)

@@ -68,10 +68,11 @@ def read_header(path: PathLike, *, what: str = "image") -> ImageHeader:
 # Sampling and resampling
 # --------------------------------------------------------------------------------------------
 
-def write_warped(moving, fixed, field, path: Path) -> None:
+def write_warped(moving, fixed, field, path: Path, *, transform_of=field_transform) -> None:
     """``moving`` resampled onto ``fixed``'s grid through a forward field, linear, written at ``path``:
-    the ``--out-warped`` image of ``gradicon register`` (``SimpleITK.Image`` inputs)."""
-    _write(resample_simpleitk(moving, fixed, field_transform(field), interpolation="linear"), path)
+    the ``--out-warped`` image of ``gradicon register`` (``SimpleITK.Image`` inputs). ``transform_of`` builds
+    the field's transform (:class:`~itk_gradicon.io.transform_files.SharedFieldTransforms` to share it)."""
+    _write(resample_simpleitk(moving, fixed, transform_of(field), interpolation="linear"), path)
 
 
 def _write(image, path: Path) -> None:

@@ -454,16 +454,19 @@ _Job = Tuple[str, List[Path], Callable[[OutputTransaction], None]]
 
 def _output_jobs(result, outputs: RegisterOutputs, fixed_original, moving_original,
                  record: Optional[dict] = None) -> List[_Job]:
+    from ..io.transform_files import SharedFieldTransforms
     from ..spatial.transforms import (ants_file_names, write_affine_file, write_elastix, write_field_image,
                                       write_transform)
 
+    shared = SharedFieldTransforms()  # the .h5, the warped image and the QC picture: one float64 copy of the field
     jobs: List[_Job] = []
     if outputs.transform:
         jobs.append((str(outputs.transform), [Path(outputs.transform)],
-                     lambda out: write_transform(result.forward_field, outputs.transform, out)))
+                     lambda out: write_transform(result.forward_field, outputs.transform, out, transform_of=shared)))
     if outputs.inverse_transform:
         jobs.append((str(outputs.inverse_transform), [Path(outputs.inverse_transform)],
-                     lambda out: write_transform(result.inverse_field, outputs.inverse_transform, out)))
+                     lambda out: write_transform(result.inverse_field, outputs.inverse_transform, out,
+                                                 transform_of=shared)))
     if outputs.ants_prefix:
         names = {key: Path(name).expanduser().absolute()
                  for key, name in ants_file_names(str(outputs.ants_prefix)).items()}
@@ -486,12 +489,13 @@ def _output_jobs(result, outputs: RegisterOutputs, fixed_original, moving_origin
 
         jobs.append((str(outputs.warped), [Path(outputs.warped)],
                      lambda out: write_warped(moving_original, fixed_original, result.forward_field,
-                                              out.path(outputs.warped))))
+                                              out.path(outputs.warped), transform_of=shared)))
     if outputs.qc:
         from ..evaluation.qc import write_qc
 
         jobs.append((str(outputs.qc), [Path(outputs.qc)],
-                     lambda out: write_qc(fixed_original, moving_original, result, outputs.qc, transaction=out)))
+                     lambda out: write_qc(fixed_original, moving_original, result, outputs.qc, transaction=out,
+                                          transform_of=shared)))
     if outputs.record:
         from ..evaluation.provenance import record_text
 

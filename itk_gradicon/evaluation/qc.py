@@ -356,7 +356,7 @@ def _log_jacobian_slice(field, fixed, view: SliceView, d: int) -> Tuple[np.ndarr
     return log_jacobian(det), det <= 0
 
 
-def qc_picture(fixed, moving, result) -> np.ndarray:
+def qc_picture(fixed, moving, result, *, transform_of=field_transform) -> np.ndarray:
     """The QC picture as an RGB ``uint8`` array ``(height, width, 3)``.
 
     Args:
@@ -364,6 +364,8 @@ def qc_picture(fixed, moving, result) -> np.ndarray:
             forward field lives on.
         moving: the moving image, of either library.
         result: a :class:`~itk_gradicon.registration.RegistrationResult` of this pair.
+        transform_of: builds the forward field's SimpleITK transform
+            (:class:`~itk_gradicon.io.transform_files.SharedFieldTransforms` shares it with other writers).
 
     Returns:
         The picture described in the module docstring.
@@ -378,7 +380,7 @@ def qc_picture(fixed, moving, result) -> np.ndarray:
                          "(its grid differs from the forward field's)")
     fixed_array = sitk.GetArrayViewFromImage(fixed)
     moving_array = sitk.GetArrayViewFromImage(moving)
-    forward = field_transform(result.forward_field)
+    forward = transform_of(result.forward_field)
     fixed_window, moving_window = _window(fixed_array), _window(moving_array)
     views = slice_views(grid)
 
@@ -447,7 +449,7 @@ def _compose(rows: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
     return canvas
 
 
-def write_qc(fixed, moving, result, path: PathLike, *, transaction=None) -> Path:
+def write_qc(fixed, moving, result, path: PathLike, *, transaction=None, transform_of=field_transform) -> Path:
     """Write the QC picture of a registration as a PNG.
 
     Args:
@@ -456,13 +458,14 @@ def write_qc(fixed, moving, result, path: PathLike, *, transaction=None) -> Path
         path: destination ``.png``.
         transaction: an :class:`~itk_gradicon.io.images.OutputTransaction` to stage the file in;
             without one the file is written atomically at once.
+        transform_of: builds the forward field's transform (as :func:`qc_picture`'s).
 
     Returns:
         The final path.
     """
     import SimpleITK as sitk
 
-    picture = qc_picture(fixed, moving, result)
+    picture = qc_picture(fixed, moving, result, transform_of=transform_of)
     image = sitk.GetImageFromArray(np.ascontiguousarray(picture), isVector=True)  # 8-bit RGB
     path = Path(path).expanduser().absolute()
     if transaction is None:

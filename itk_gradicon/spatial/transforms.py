@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -129,7 +129,8 @@ def write_field_image(field: DisplacementField, path: Path) -> None:
     sitk.WriteImage(field.to_simpleitk_image(np.float32), str(path), useCompression=True)
 
 
-def write_transform_file(field: DisplacementField, path: Path, *, compression: bool = False) -> None:
+def write_transform_file(field: DisplacementField, path: Path, *, compression: bool = False,
+                         transform_of: Callable[[DisplacementField], object] = field_transform) -> None:
     """Write a field as an ITK ``DisplacementFieldTransform`` in an HDF5 transform file.
 
     Uncompressed by default, as ``itk.transformwrite`` and antsRegistration write ``.h5`` files:
@@ -138,26 +139,29 @@ def write_transform_file(field: DisplacementField, path: Path, *, compression: b
 
     Written through SimpleITK (ITK's own HDF5 transform writer, the same values as ``itk.transformwrite``;
     SimpleITK loads in a fraction of a second) unless ``compression`` is asked for, which only ITK
-    Python's writer offers.
+    Python's writer offers. ``transform_of`` builds the SimpleITK transform (a
+    :class:`~itk_gradicon.io.transform_files.SharedFieldTransforms` shares it with other writers).
     """
     with TRANSFORM_WRITE_LOCK:
-        _write_field_transform(field, path, compression)
+        _write_field_transform(field, path, compression, transform_of)
 
 
-def _write_field_transform(field: DisplacementField, path: Path, compression: bool) -> None:
+def _write_field_transform(field: DisplacementField, path: Path, compression: bool,
+                           transform_of: Callable[[DisplacementField], object]) -> None:
     if not compression:
         import SimpleITK as sitk
 
-        sitk.WriteTransform(field_transform(field), str(path))
+        sitk.WriteTransform(transform_of(field), str(path))
         return
     write_compressed_transform(field.to_transform(), path)
 
 
-def write_transform(field: DisplacementField, path: PathLike,
-                    transaction: Optional[OutputTransaction] = None) -> None:
+def write_transform(field: DisplacementField, path: PathLike, transaction: Optional[OutputTransaction] = None, *,
+                    transform_of: Callable[[DisplacementField], object] = field_transform) -> None:
     """Write ``field`` to ``path``: an ITK transform file (``.h5``) or a field image (``.nii.gz`` ...).
 
     Within ``transaction`` the file is only staged; otherwise it is written atomically at once.
+    ``transform_of``: as :func:`write_transform_file`'s.
     """
     suffix = compound_suffix(path)
     if suffix not in TRANSFORM_OUTPUT_SUFFIXES:
@@ -165,11 +169,11 @@ def write_transform(field: DisplacementField, path: PathLike,
                          f"{', '.join(TRANSFORM_OUTPUT_SUFFIXES)}")
     if transaction is None:
         with OutputTransaction() as out:
-            write_transform(field, path, out)
+            write_transform(field, path, out, transform_of=transform_of)
         return
     staged = transaction.path(path)
     if suffix in TRANSFORM_FILE_SUFFIXES:
-        write_transform_file(field, staged)
+        write_transform_file(field, staged, transform_of=transform_of)
     else:
         write_field_image(field, staged)
 
