@@ -305,6 +305,50 @@ def test_rigid_on_the_example_pair_is_not_worse_than_the_headers():
     assert dice(found.matrix) >= dice(np.eye(4)) - 0.01
 
 
+def test_elastix_registers_copies_of_fine_images_at_about_1mm(monkeypatch):
+    """An axis finer than half a millimetre reaches elastix shrunk by the whole factor that keeps it at most 1 mm
+    (blocks averaged, physical positions kept, a mask's block inside where any of it is); coarser images, and
+    axes that would fall below 16 voxels, as they are. The affine found maps the original images."""
+    import SimpleITK as sitk
+
+    from conftest import blob_volume, make_image
+
+    volume = blob_volume((40, 70, 80), np.random.default_rng(31), blobs=12) * 100  # ARRAY order: z, y, x
+    fine = affine_module._sitk(make_image(volume, spacing=(0.4, 0.5, 1.0), origin=(3.0, -2.0, 7.0)))
+    mask_array = np.zeros(volume.shape, np.uint8)
+    mask_array[5, 7, 9] = 1  # one voxel: its block (x 8-9, y 6-7) is inside the copy's mask
+    mask = sitk.GetImageFromArray(mask_array)
+    mask.CopyInformation(fine)
+    copy, copy_mask = affine_module._at_most_finest(fine, mask)
+    assert copy.GetSize() == (40, 35, 40) and copy.GetSpacing() == pytest.approx((0.8, 1.0, 1.0))
+    def centre(image):
+        return image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
+
+    assert centre(copy) == pytest.approx(centre(fine))
+    assert sitk.GetArrayViewFromImage(copy)[0, 0, 0] == pytest.approx(volume[0, :2, :2].mean(), rel=1e-5)
+    assert np.argwhere(sitk.GetArrayViewFromImage(copy_mask)).tolist() == [[5, 3, 4]]
+    assert affine_module._at_most_finest(affine_module._sitk(make_image(volume, spacing=(1.0, 0.6, 0.9))))[0] \
+        .GetSize() == (80, 70, 40)  # nothing finer than 0.5 mm: as stored
+    thin = affine_module._sitk(make_image(volume[:, :, :20], spacing=(0.4, 0.4, 0.4)))
+    assert affine_module._at_most_finest(thin)[0].GetSize() == (20, 35, 20)  # 20 voxels stay: 10 would be too few
+
+    seen = []
+    original = affine_module.ElastixInputs.of
+
+    def recording(fixed, moving, *masks):
+        seen.append(tuple(fixed.GetSize()))
+        return original(fixed, moving, *masks)
+
+    monkeypatch.setattr(affine_module.ElastixInputs, "of", staticmethod(recording))
+    shift = np.array([1.5, -1.0, 2.0])  # mm: the moving copy's header moves the phantom by this much
+    found = prealign(fine, affine_module._sitk(make_image(volume, spacing=(0.4, 0.5, 1.0),
+                                                          origin=tuple(np.array([3.0, -2.0, 7.0]) + shift))),
+                     transform="rigid", threads=2)
+    assert seen and all(size[0] <= 40 for size in seen)
+    np.testing.assert_allclose(found.matrix[:3, 3], shift, atol=0.3)
+    np.testing.assert_allclose(found.matrix[:3, :3], np.eye(3), atol=0.02)
+
+
 # --- the model's recommended refinement ---------------------------------------------------------
 
 def test_refinement_records_round_trip_and_bad_ones_are_refused(tmp_path, tiny_model_file):

@@ -181,6 +181,29 @@ def _cut_to_foreground(image, mask=None):
     return cut(image), cut(mask)
 
 
+#: elastix registers copies of images finer than this (mm) along an axis, that axis shrunk by the whole factor that
+#: keeps it at most this fine: the resolution at which its pre-alignment was measured against antspyx ``Affine``
+#: (1-mm brains), where a finer last pyramid level only costs time (``benchmarks/ACCURACY.md``, run 30).
+ELASTIX_FINEST_MM = 1.0
+
+
+def _at_most_finest(image, mask=None):
+    """elastix's copy of ``image`` (and of its mask) with every axis finer than half of :data:`ELASTIX_FINEST_MM`
+    shrunk by ``floor(ELASTIX_FINEST_MM / spacing)`` (blocks averaged, their centres kept, so physical positions
+    are those of the image; a mask keeps a block that holds any of it); images not that fine are returned as
+    they are."""
+    import SimpleITK as sitk
+
+    factors = [max(1, int(np.floor(ELASTIX_FINEST_MM / sp + 1e-6))) for sp in image.GetSpacing()]
+    factors = [f if n // f >= 16 else 1 for f, n in zip(factors, image.GetSize())]  # never below 16 voxels
+    if all(f == 1 for f in factors):
+        return image, mask
+    shrunk = sitk.BinShrink(image, factors)
+    if mask is not None:
+        mask = sitk.Cast(sitk.BinShrink(sitk.Cast(mask > 0, sitk.sitkFloat32), factors) > 0, sitk.sitkUInt8)
+    return shrunk, mask
+
+
 def _centre_of_mass(image) -> np.ndarray:
     import SimpleITK as sitk
 
@@ -225,8 +248,8 @@ def prealign(fixed, moving, fixed_mask=None, moving_mask=None, *, transform: str
         raise InputError(f"unknown pre-alignment transform {transform!r}; allowed: {', '.join(TRANSFORMS)}")
     fixed_s, moving_s = _sitk(fixed), _sitk(moving)
     fixed_mask, moving_mask = to_simpleitk(fixed_mask), to_simpleitk(moving_mask)
-    fixed_e, fixed_mask_e = _cut_to_foreground(fixed_s, fixed_mask)  # what elastix registers
-    moving_e, moving_mask_e = _cut_to_foreground(moving_s, moving_mask)
+    fixed_e, fixed_mask_e = _at_most_finest(*_cut_to_foreground(fixed_s, fixed_mask))  # what elastix registers
+    moving_e, moving_mask_e = _at_most_finest(*_cut_to_foreground(moving_s, moving_mask))
     elastix_inputs = ElastixInputs.of(fixed_e, moving_e, fixed_mask_e, moving_mask_e)  # checked and converted once
     levels = pyramid_levels(fixed_e, moving_e)
     starts = ["header"]
