@@ -258,6 +258,6 @@ def sample_displacement(transform, grid: ImageGrid) -> np.ndarray:
     return np.array(sitk.GetArrayViewFromImage(sampled), dtype=np.float64)
 
 
-__all__ = ["FIELD_COVERAGE_WARNING", "TransformName", "compose_transforms", "describe_coverage", "field_coverage",
-           "field_transform", "first_field_grid", "read_field_transform",
-           "read_transform", "read_transform_file", "sample_displacement", "SharedFieldTransforms", "transform_parts"]
+__all__ = ["FIELD_COVERAGE_WARNING", "SharedFieldTransforms", "TransformName", "compose_transforms",
+           "describe_coverage", "field_coverage", "field_transform", "first_field_grid", "read_field_transform",
+           "read_transform", "read_transform_file", "sample_displacement", "transform_parts"]

@@ -181,9 +181,10 @@ def _cut_to_foreground(image, mask=None):
     return cut(image), cut(mask)
 
 
-#: elastix registers copies of images finer than this (mm) along an axis, that axis shrunk by the whole factor that
-#: keeps it at most this fine: the resolution at which its pre-alignment was measured against antspyx ``Affine``
-#: (1-mm brains), where a finer last pyramid level only costs time (``benchmarks/ACCURACY.md``, run 30).
+#: elastix registers copies of images with an axis finer than this (mm), that axis shrunk by the largest whole factor
+#: that keeps it at most this fine (so only axes of at most half of it change): the resolution at which the
+#: pre-alignment was measured against antspyx ``Affine`` (1-mm brains), where a finer last pyramid level only costs
+#: time (``benchmarks/ACCURACY.md``, run 30).
 ELASTIX_FINEST_MM = 1.0
 
 
@@ -543,4 +544,4 @@ __all__ = ["AFFINE_CHOICES", "PREALIGNMENT_TRANSFORMS", "expects_prealignment", 
            "INITIALIZATIONS", "METRICS", "affine_parameter_map", "affine_from_elastix_parameters",
            "elastix_affine", "available_threads", "implausibility", "prealign", "Prealignment",
            "pyramid_levels", "normalized_mutual_information", "euler_matrix", "rotation_search",
-           "start_rotations"]
+           "start_rotations", "ELASTIX_FINEST_MM"]
