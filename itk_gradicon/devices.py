@@ -17,10 +17,11 @@ from .resources import available_host_memory
 
 # Measured peaks of the published network per voxel of the network grid (175^3 on CPU, float32):
 # prediction of one direction about 1.8 GB, one network-IO step (both directions + backward) about 9.6 GB;
-# field IO after the prediction of both directions, whole process: 3.3 GB with LNCC (lapirn_oasis), 6.7 GB with
-# MIND-SSC (BraTS FLAIR -> T1c), the figure used whatever the similarity (chosen later, from the pair).
+# field IO after the prediction of both directions, whole process, BraTS FLAIR -> T1c: on the compiled CPU kernels
+# 3.3 GB with LNCC, 6.7 GB with MIND-SSC; through PyTorch alone (a GPU, or an install without a C compiler)
+# 4.3 GB and 9.8 GB. MIND's figure is used whatever the similarity (chosen later, from the pair).
 _BYTES_PER_NETWORK_VOXEL_PREDICT = 360
-_BYTES_PER_NETWORK_VOXEL_IO = {"network": 1900, "field": 1250}
+_BYTES_PER_NETWORK_VOXEL_IO = {"network": 1900, "field": 1250, "field without the compiled kernels": 1800}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -51,7 +52,7 @@ def available_memory_bytes(device: torch.device) -> Tuple[Optional[int], str]:
 
 def estimate_memory(fixed_voxels: int, moving_voxels: int, dimension: int, network_shape: Sequence[int], *,
                     io: bool, inverse: bool, affine: bool = False, originals: bool = False,
-                    io_method: str = "network") -> Dict[str, int]:
+                    io_method: str = "network", compiled: bool = True) -> Dict[str, int]:
     """Peak bytes a registration needs, from the images' sizes alone (before any pixel is read).
 
     Args:
@@ -61,6 +62,8 @@ def estimate_memory(fixed_voxels: int, moving_voxels: int, dimension: int, netwo
         io: instance optimisation is run.
         io_method: which (``"network"``: the network tuned, forwards and backwards; ``"field"``: the two
             predicted fields refined, far less).
+        compiled: field IO runs on the compiled CPU kernels (else through PyTorch alone: a GPU, or an
+            install without a C compiler, about 1.5 times the memory).
         inverse: the inverse transform is computed.
         affine: an affine pre-alignment is composed in (the moving image is resampled onto the fixed
             grid and the deformable parts are kept as well).
@@ -71,7 +74,8 @@ def estimate_memory(fixed_voxels: int, moving_voxels: int, dimension: int, netwo
         in host memory}``.
     """
     net_voxels = int(np.prod(network_shape, dtype=np.int64))
-    network = net_voxels * (_BYTES_PER_NETWORK_VOXEL_IO[io_method] if io else _BYTES_PER_NETWORK_VOXEL_PREDICT)
+    kind = io_method if io_method != "field" or compiled else "field without the compiled kernels"
+    network = net_voxels * (_BYTES_PER_NETWORK_VOXEL_IO[kind] if io else _BYTES_PER_NETWORK_VOXEL_PREDICT)
     f, m, d = int(fixed_voxels), int(moving_voxels), int(dimension)
     # per image: float32 copy, float64 normalisation temporaries (clip + quantile partition), float32 result
     images = 28 * (f + m)

@@ -43,6 +43,7 @@ from .io.images import check_image, describe_grid, image_array, image_like, same
 from .io.itk_bridge import affine_from_itk, is_itk_image, to_simpleitk
 from .models import DEFAULT_MODEL, Model, load_model
 from .network.inference import predict_displacements
+from .network.sampling import compiled_kernels_on
 from .pipeline import losses
 from .pipeline import affine as affine_stage  # prealign called through the module (tests replace it there)
 from .pipeline.coverage import prealigned_coverage_warning
@@ -270,7 +271,8 @@ def register(fixed, moving, *, model: Union[str, Model] = DEFAULT_MODEL,
                                  d, model.architecture.input_shape, io=request.io_iterations > 0,
                                  inverse=options.compute_inverse or (request.io_iterations > 0
                                                                      and request.io_method == "field"),
-                                 affine=request.affine is not None, io_method=request.io_method), device)
+                                 affine=request.affine is not None, io_method=request.io_method,
+                                 compiled=compiled_kernels_on(device)), device)
     return run_request(request, device=device, progress=progress, generator=generator, predictor=predictor,
                        timings=timings, messages=messages, started=started)
 

@@ -174,6 +174,7 @@ def _run_register(files: RegisterFiles, outputs: RegisterOutputs, options: Optio
     import torch
 
     from ..models import load_model
+    from ..network.sampling import compiled_kernels_on
     from ..registration import (RegistrationRequest, check_memory, estimate_memory, resolve_device, resolve_io,
                                 run_request)
 
@@ -214,7 +215,8 @@ def _run_register(files: RegisterFiles, outputs: RegisterOutputs, options: Optio
                                  model_obj.architecture.input_shape, io=io.iterations > 0,
                                  inverse=outputs.needs_inverse or (io.iterations > 0 and io.method == "field"),
                                  affine=affine != "none" or initial_transform is not None,
-                                 originals=outputs.needs_originals, io_method=io.method), torch_device)
+                                 originals=outputs.needs_originals, io_method=io.method,
+                                 compiled=compiled_kernels_on(torch_device)), torch_device)
 
     stage.done("checks")
     if background is not None and not (affine in PREALIGNMENT_TRANSFORMS and initial_transform is None

@@ -128,6 +128,12 @@ def native_sampling_on() -> bool:
     return NATIVE is not None and settings.enabled and settings.native_sampling
 
 
+def compiled_kernels_on(device: torch.device) -> bool:
+    """Whether work on ``device`` runs on the compiled CPU loops (for the memory it needs: PyTorch's own
+    operators, on a GPU or without the build, keep more intermediate tensors)."""
+    return device.type == "cpu" and native_sampling_on()
+
+
 def _use_native(field: torch.Tensor, points: torch.Tensor) -> bool:
     return (native_sampling_on()
             and field.dim() == 5 and points.dim() == 5 and points.shape[1] == 3
