@@ -415,15 +415,14 @@ def run_request(request: RegistrationRequest, *, device: torch.device,
         warning = prealigned_coverage_warning(image_A, image_B, fixed_frame, moving_grid, r.affine)
         if warning:
             messages.append(warning)
-    similarity, contrast_check = r.io_similarity, None
-    if r.io_iterations > 0 and r.io_multimodal_similarity and r.io_multimodal_similarity != similarity:
-        contrast_check = functools.partial(_contrast_check, messages=messages)
-        # the images are compared where they lie on one another: pre-aligned on the fixed grid, or (each image in
-        # its own frame, e.g. a published model's, which sizes each image's array to its grid) as the network's
-        # prediction aligns them, which field IO starts from
-        if r.affine is not None or r.io_method != "field" or from_prealignment:
-            similarity, r = contrast_check(image_A, image_B, r, aligned_by="pre-aligned")
-            contrast_check = None
+    similarity = r.io_similarity
+    check = bool(r.io_iterations > 0 and r.io_multimodal_similarity and r.io_multimodal_similarity != similarity)
+    # the images are compared where they lie on one another: pre-aligned on the fixed grid, or (each image in its
+    # own frame, e.g. a published model's, which sizes each image's array to its grid) as the network's prediction
+    # aligns them, which field IO starts from
+    after_prediction = check and r.affine is None and r.io_method == "field" and not from_prealignment
+    if check and not after_prediction:
+        similarity, r = _contrast_check(image_A, image_B, r, aligned_by="pre-aligned", messages=messages)
 
     net = model.network.to(device)
     was_training = net.training
@@ -433,7 +432,7 @@ def run_request(request: RegistrationRequest, *, device: torch.device,
             net, image_A, image_B, r, similarity=similarity, moving_net=moving_net,
             frames=(fixed_frame, moving_frame), progress=progress, generator=generator, device=device,
             timings=timings, predictor=_no_prediction if from_prealignment else predictor,
-            contrast_check=contrast_check)
+            contrast_check=functools.partial(_contrast_check, messages=messages) if after_prediction else None)
     finally:
         net.train(was_training)
 
