@@ -155,7 +155,7 @@ def register(fixed: Path, moving: Path, out_transform: Optional[Path], out_inver
     \b
     Example:
       gradicon register --fixed t1.nii.gz --moving t2.nii.gz --out-transform t2_to_t1.h5 \\
-          --out-warped t2_on_t1.nii.gz --io-iterations 50
+          --out-warped t2_on_t1.nii.gz --out-qc t2_to_t1.png --fixed-modality t1w --moving-modality t2w
     """
     from ..pipeline.options import RegistrationOptions
     from ..commands.register import RegisterFiles, RegisterOutputs, run_register
