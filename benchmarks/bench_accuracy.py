@@ -1,7 +1,10 @@
 """Registration accuracy: ours (with and without instance optimisation) vs identity, elastix affine, ANTs SyN.
 
 Every method registers the same moving image to the same fixed image, given as files (or ITK images
-read from them), and the moving labels are warped onto the fixed grid; then, per pair and method:
+read from them), and returns its fixed -> moving transform; the moving labels are warped onto the fixed grid
+through it, the same way for every method (``--label-interpolation``: ``nearest``, nearest neighbour, by
+default; ``label``, ANTs' GenericLabel, :func:`itk_gradicon.spatial.resample.resample_labels`; the JSON holds
+both); then, per pair and method:
 
 * **Dice** per label and **HD95** (mm) per label between the warped moving labels and the fixed labels
   (:func:`itk_gradicon.evaluation.metrics.label_overlap`; HD95 is the larger of the two directed 95th percentiles
@@ -14,16 +17,17 @@ read from them), and the moving labels are warped onto the fixed grid; then, per
 Methods (rows):
 
 * ``identity``: no registration (the images' own physical positions);
-* ``elastix affine``: :func:`itk_gradicon.pipeline.affine.elastix_affine` (Mattes MI, 4 levels); labels resampled
-  through the matrix (nearest neighbour);
-* ``ANTs SyN``: ``ants.registration(fixed, moving, type_of_transform="SyN")`` with antspyx's defaults;
-  labels warped with ``ants.apply_transforms(..., interpolator="genericLabel")``; the Jacobian is that of
-  ``[1Warp, 0GenericAffine]`` composed as ANTs does (:func:`itk_gradicon.spatial.transforms.compose_transforms`),
-  on the fixed grid: ANTs' own ``create_jacobian_determinant_image`` clamps folds to 0;
+* ``elastix affine``: :func:`itk_gradicon.pipeline.affine.elastix_affine` (Mattes MI, 4 levels);
+* ``ANTs SyN``: ``ants.registration(fixed, moving, type_of_transform="SyN")`` with antspyx's defaults; its
+  transform is ``[1Warp, 0GenericAffine]`` composed as antsApplyTransforms does
+  (:func:`itk_gradicon.spatial.transforms.compose_transforms`), which also gives the Jacobian on the fixed grid
+  (ANTs' own ``create_jacobian_determinant_image`` clamps folds to 0). The record also holds the mean Dice of
+  the labels warped by ``ants.apply_transforms(..., interpolator="genericLabel")`` itself
+  (``mean_dice_ants_generic_label``), which the ``label`` figure should equal. Before 2026-12-06 the ANTs rows
+  were scored that way (GenericLabel) and ours by nearest neighbour: ACCURACY.md run 31 gives both;
 * ``ours``: :func:`itk_gradicon.register` with ``--model`` and its defaults (``affine="auto"``: a model
   trained on pre-aligned pairs runs elastix first, and that time is counted; the inverse is computed, as
-  by default), no instance optimisation; labels warped through ``result.forward_transform`` (nearest
-  neighbour, reference = the fixed labels' grid);
+  by default), no instance optimisation; its transform is ``result.forward_transform``;
 * ``ours + IO``: the same with ``--io-iterations`` steps of instance optimisation (the model's loss).
 * ``ours default``: :func:`itk_gradicon.register` with nothing but the pair's modalities, as ``gradicon
   register`` runs without flags: the model's pre-alignment and its recommended refinement (for the bundled
@@ -57,6 +61,8 @@ Pairs (``--pairs``, groups):
 * ``conformed``: lapirn_oasis B -> A with A (and its labels) resampled onto FreeSurfer's conformed grid
   (256^3, 1 mm, LIA storage, centred on the image): a brain in a field of view three times its volume,
   stored in another orientation, as many pipelines hand their images over;
+* ``readme``: the README's first pair as shipped in ``examples/data/brain`` (Colin27 moved in its header ->
+  MNI152, both resampled to 1.5 mm, AAL labels nearest-neighbour; the same caveat as Colin27 above);
 * ``synthetic``: the held-out synthetic pairs of ``validate_training.synthetic_pairs()`` (8 pairs at
   96^3, from label maps training never saw), written to temporary NIfTI files with 1 mm voxels and a
   RAS storage order (direction diag(-1, -1, 1): the ``canonical`` layout then gives the network the
@@ -97,6 +103,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402, RUF100
     LAPIRN,
+    REPO,
     SHARED_DATA,
     busy_cores,
     loaded_warning,
@@ -106,7 +113,7 @@ from common import (  # noqa: E402, RUF100
 )
 
 SCT = SHARED_DATA / "sct_testing_data"
-GROUPS = ("oasis", "sct", "unaligned", "crosscontrast", "conformed", "synthetic")
+GROUPS = ("oasis", "sct", "unaligned", "crosscontrast", "conformed", "readme", "synthetic")
 METHODS = ("identity", "elastix affine", "ANTs Affine", "ANTs SyN", "ours pre-alignment", "ours", "ours + IO",
            "ours default")
 DEFAULT_MODEL = "gradicon-synthbrain-96"
@@ -204,6 +211,15 @@ def unaligned_pairs(work: Path) -> list[Pair]:
             Pair("unaligned", "Colin27->MNI152", mni, moved["colin27"], mni_labels, moved["colin27_aal"], None)]
 
 
+def readme_pairs() -> list[Pair]:
+    """The README's first pair as shipped (``examples/data/brain``): Colin27 -> MNI152 at 1.5 mm, AAL labels."""
+    brain = REPO / "examples" / "data" / "brain"
+    files = [brain / "mni152.nii.gz", brain / "colin27.nii.gz", brain / "mni152_aal.nii.gz",
+             brain / "colin27_aal.nii.gz"]
+    _require(files)
+    return [Pair("readme", "README Colin27->MNI152", *files, None)]
+
+
 def crosscontrast_pairs() -> list[Pair]:
     """FLAIR of one BraTS patient -> T1c of another, brain masks."""
     root = SHARED_DATA / "deepmedic_brats2013"
@@ -268,9 +284,20 @@ def synthetic_files(work: Path, count: int, maps: Path) -> list[Pair]:
 # methods: each returns the warped moving labels on the fixed grid, % negative Jacobian, seconds
 # ------------------------------------------------------------------------------------------------
 
-def _warp_nearest(labels, reference, transform):
+#: How the moving labels are warped for scoring: the same for every method.
+LABEL_INTERPOLATIONS = ("nearest", "label")
+
+
+def warp_labels(labels, reference, transform, interpolation: str):
+    """``labels`` on ``reference``'s grid through ``transform`` (fixed -> moving points): ``nearest``
+    (ITK's nearest-neighbour interpolator) or ``label`` (ANTs' GenericLabel,
+    :func:`itk_gradicon.spatial.resample.resample_labels`)."""
     import itk
 
+    if interpolation == "label":
+        from itk_gradicon.spatial.resample import resample_labels
+
+        return resample_labels(labels, reference, transform)
     return itk.resample_image_filter(
         labels, transform=transform, use_reference_image=True, reference_image=reference,
         interpolator=itk.NearestNeighborInterpolateImageFunction.New(labels), default_pixel_value=0)
@@ -286,8 +313,7 @@ def _negative_jacobian_pct(transform, fixed) -> dict[str, float]:
 def run_identity(data, ctx):
     import itk
 
-    transform = itk.IdentityTransform[itk.D, 3].New()
-    return _warp_nearest(data["moving_labels"], data["fixed_labels"], transform), {"percent_negative": 0.0}, 0.0, {}
+    return itk.IdentityTransform[itk.D, 3].New(), {"percent_negative": 0.0}, 0.0, {}
 
 
 def run_affine(data, ctx):
@@ -298,8 +324,7 @@ def run_affine(data, ctx):
     matrix = elastix_affine(data["fixed"], data["moving"], threads=ctx["threads"])
     seconds = time.perf_counter() - t
     folds = {"percent_negative": 0.0 if np.linalg.det(matrix[:3, :3]) > 0 else 100.0}
-    warped = _warp_nearest(data["moving_labels"], data["fixed_labels"], affine_to_itk(matrix))
-    return warped, folds, seconds, {"matrix": matrix.tolist()}
+    return affine_to_itk(matrix), folds, seconds, {"matrix": matrix.tolist()}
 
 
 def run_ants_affine(data, ctx):
@@ -313,9 +338,9 @@ def run_prealignment(data, ctx):
     t = time.perf_counter()
     found = prealign(data["fixed"], data["moving"], transform="affine", threads=ctx["threads"])
     seconds = time.perf_counter() - t
-    warped = _warp_nearest(data["moving_labels"], data["fixed_labels"], affine_to_itk(found.matrix))
-    return warped, {"percent_negative": 0.0}, seconds, {"matrix": found.matrix.tolist(), "kind": found.transform,
-                                                        "start": found.start, "rejected": list(found.rejected)}
+    return affine_to_itk(found.matrix), {"percent_negative": 0.0}, seconds, {
+        "matrix": found.matrix.tolist(), "kind": found.transform, "start": found.start,
+        "rejected": list(found.rejected)}
 
 
 def run_ants(data, ctx, kind: str = "SyN"):
@@ -330,15 +355,19 @@ def run_ants(data, ctx, kind: str = "SyN"):
     t = time.perf_counter()
     reg = ants.registration(fixed, moving, type_of_transform=kind, outprefix=str(prefix))
     seconds = time.perf_counter() - t
+    transform = compose_transforms(list(reg["fwdtransforms"]), dimension=3)
+    folds = _negative_jacobian_pct(transform, data["fixed"])
+    # ANTs' own label warp, for the record: the "label" interpolation of the composed transform should equal it
     warped = ants.apply_transforms(fixed=fixed, moving=ants.image_read(str(pair.moving_labels)),
                                    transformlist=reg["fwdtransforms"], interpolator="genericLabel")
     # ANTsPy's numpy() is in index order (i, j, k); ITK's arrays are (k, j, i)
-    array = np.ascontiguousarray(np.rint(warped.numpy().T)).astype(np.int16)
-    image = itk.image_from_array(array)
+    image = itk.image_from_array(np.ascontiguousarray(np.rint(warped.numpy().T)).astype(np.int16))
     image.CopyInformation(data["fixed_labels"])
-    transform = compose_transforms(list(reg["fwdtransforms"]), dimension=3)
-    folds = _negative_jacobian_pct(transform, data["fixed"])
-    return image, folds, seconds, {"fwdtransforms": [Path(p).name for p in reg["fwdtransforms"]]}
+    from itk_gradicon.evaluation.metrics import label_overlap
+
+    own = label_overlap(data["fixed_labels"], image, label_values=data["structures"], with_hd95=False)["mean_dice"]
+    return transform, folds, seconds, {"fwdtransforms": [Path(p).name for p in reg["fwdtransforms"]],
+                                       "mean_dice_ants_generic_label": own}
 
 
 def _run_ours(data, ctx, io_iterations: int | None):
@@ -352,12 +381,11 @@ def _run_ours(data, ctx, io_iterations: int | None):
                       compute_inverse=True)
     seconds = time.perf_counter() - t
     transform = result.forward_transform
-    warped = _warp_nearest(data["moving_labels"], data["fixed_labels"], transform)
     folds = _negative_jacobian_pct(transform, data["fixed"])
     extra = {"timings": {k: round(v, 3) for k, v in result.timings.items()}, "messages": list(result.messages)}
     if result.io_history:
         extra["io_last_losses"] = result.io_history[-1]
-    return warped, folds, seconds, extra
+    return transform, folds, seconds, extra
 
 
 def run_ours(data, ctx):
@@ -429,11 +457,19 @@ def evaluate(pair: Pair, method: str, data, ctx) -> dict[str, object]:
 
     from itk_gradicon.evaluation.metrics import label_overlap
 
-    warped, folds, seconds, extra = RUNNERS[method](data, ctx)
+    transform, folds, seconds, extra = RUNNERS[method](data, ctx)
+    warps = {how: warp_labels(data["moving_labels"], data["fixed_labels"], transform, how)
+             for how in LABEL_INTERPOLATIONS}
+    primary = ctx["label_interpolation"]
+    warped = warps[primary]
     overlap = label_overlap(data["fixed_labels"], warped, label_values=data["structures"])
+    other = {how: label_overlap(data["fixed_labels"], w, label_values=data["structures"],
+                                with_hd95=False)["mean_dice"] for how, w in warps.items()}
     record: dict[str, object] = {
         "seconds": seconds,
+        "label_interpolation": primary,
         "dice": overlap["dice"], "mean_dice": overlap["mean_dice"],
+        "mean_dice_by_interpolation": other,
         "hd95_mm": overlap["hd95_mm"], "mean_hd95_mm": overlap["mean_hd95_mm"],
         "percent_negative_jacobian": folds["percent_negative"],
         "jacobian": {k: v for k, v in folds.items() if k != "percent_negative"},
@@ -545,6 +581,9 @@ def main() -> None:
     parser.add_argument("--maps", type=Path, default=None, help="held-out label maps of the synthetic pairs "
                         "(default: validate_training's, examples/lists/synthseg_validation.txt)")
     parser.add_argument("--methods", default=",".join(METHODS), help="methods, comma-separated")
+    parser.add_argument("--label-interpolation", choices=LABEL_INTERPOLATIONS, default="nearest",
+                        help="how every method's moving labels are warped for the tables (the JSON holds the mean "
+                             "Dice of both): nearest neighbour, or ANTs' GenericLabel (label)")
     parser.add_argument("--io-budgets", default="", help="also run 'ours IO N' for each N of this comma-separated "
                         "list (e.g. 0,10,25,50,100): the default pipeline with N refinement steps")
     parser.add_argument("--skip-ants", action="store_true", help="leave out ANTs SyN (the slowest row)")
@@ -598,7 +637,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_accuracy_") as tmp:
         work = Path(tmp)
         ctx = {"threads": threads, "model": model, "io_iterations": args.io_iterations, "device": args.device,
-               "work": work}
+               "work": work, "label_interpolation": args.label_interpolation}
         pairs: dict[str, list[Pair]] = {}
         if "oasis" in groups:
             pairs["oasis"] = oasis_pairs()
@@ -610,6 +649,8 @@ def main() -> None:
             pairs["crosscontrast"] = crosscontrast_pairs()
         if "conformed" in groups:
             pairs["conformed"] = conformed_pairs(work)
+        if "readme" in groups:
+            pairs["readme"] = readme_pairs()
         if "synthetic" in groups:
             from validate_training import VALIDATION_MAPS
 
@@ -643,6 +684,8 @@ def main() -> None:
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, GPU: {info['gpu'] or 'none'}; "
           f"{threads} threads")
     print(f"cores kept busy by other programs before the run: {busy:.2f}")
+    print(f"labels warped for every method by {args.label_interpolation} interpolation "
+          "(the JSON holds the mean Dice of both, mean_dice_by_interpolation)")
     warning = loaded_warning([busy])
     if warning:
         print(warning)
@@ -656,6 +699,7 @@ def main() -> None:
                            "structures; by time)",
               "crosscontrast": "BraTS FLAIR (patient 1) -> T1c (patient 5), brain masks (by time)",
               "conformed": "lapirn_oasis B -> A, A on FreeSurfer's conformed grid (256^3, LIA), labels 1 and 2",
+              "readme": "the README's first pair (examples/data/brain: Colin27 -> MNI152, 1.5 mm, AAL; by time)",
               "synthetic": "held-out synthetic pairs (96^3, 1 mm), means over pairs; Dice over the structures "
                            "in both maps"}
     for group, members in pairs.items():
@@ -664,7 +708,7 @@ def main() -> None:
         print()
         if group == "synthetic":
             print(synthetic_table(members, results, methods))
-        elif group in ("unaligned", "crosscontrast"):
+        elif group in ("unaligned", "crosscontrast", "readme"):
             print(summary_table(members, results, methods))
         else:
             print(labelled_table(members, results, methods))
@@ -672,6 +716,7 @@ def main() -> None:
             print(summary_table(members, results, methods))
 
     record = {"machine": info, "busy_cores": busy, "threads": threads, "methods": methods,
+              "label_interpolation": args.label_interpolation,
               "io_iterations": args.io_iterations,
               "pairs": {p.name: {"group": p.group, "fixed": str(p.fixed), "moving": str(p.moving),
                                  "structures": list(p.labels) if p.labels else None}
