@@ -408,6 +408,29 @@ def test_evaluate_matches_overlaps_computed_by_hand(tmp_path):
     assert report["jacobian"]["min"] == pytest.approx(1.0) and report["jacobian"]["max"] == pytest.approx(1.0)
 
 
+def test_evaluate_label_interpolation_nearest_or_generic_label(tmp_path):
+    """A one-voxel line moved by 0.4 voxel along x and y: nearest neighbour keeps every voxel (Dice 1), while
+    GenericLabel weighs the line's corner at 0.6 * 0.6 = 0.36 against 0.64 of background and loses it (Dice 0).
+    The report names the interpolation; an unknown one is refused."""
+    import itk
+
+    line = np.zeros((12, 20, 20), np.uint8)
+    line[:, 10, 10] = 1  # along z, at x = y = 10
+    itk.imwrite(itk.image_from_array(line), str(tmp_path / "line.nii.gz"))
+    shift = np.eye(4)
+    shift[:2, 3] = 0.4  # fixed point -> moving point + 0.4 voxel (1 mm spacing) along x and y
+    write_affine_file(shift, tmp_path / "shift_0GenericAffine.mat")
+    common = ("evaluate", "-t", tmp_path / "shift_0GenericAffine.mat", "--fixed-labels", tmp_path / "line.nii.gz",
+              "--moving-labels", tmp_path / "line.nii.gz", "--no-hd95")
+    default, nearest = run(*common), run(*common, "--label-interpolation", "nearest")
+    assert default.exit_code == 0 and nearest.exit_code == 0, default.output + nearest.output
+    by_default, by_nearest = json.loads(default.stdout)["labels"], json.loads(nearest.stdout)["labels"]
+    assert by_default["interpolation"] == "label" and by_default["dice"] == {"1": 0.0}
+    assert by_nearest["interpolation"] == "nearest" and by_nearest["dice"] == {"1": 1.0}
+    refused = run(*common, "--label-interpolation", "cubic")
+    assert refused.exit_code == 2 and "'cubic' is not one of 'label', 'nearest'" in refused.output
+
+
 def test_a_field_that_misses_the_reference_is_said(files):
     """A displacement field is zero outside its domain (ITK, ANTs): a transform given with a reference it
     does not cover moves nothing there, silently in antsApplyTransforms. The file commands say so, and

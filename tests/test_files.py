@@ -175,7 +175,7 @@ def test_evaluate_equals_itk_python(files_):
     report = files.evaluate_files(specs, fixed_labels=files_["labels"], moving_labels=files_["labels"])
     # the fixed labels here lie on the moving grid: warp the labels onto that grid, as evaluate does
     warped = resample_labels(fixed_labels, fixed_labels, compose_transforms(specs))
-    assert report["labels"] == label_overlap(fixed_labels, warped)
+    assert report["labels"] == {**label_overlap(fixed_labels, warped), "interpolation": "label"}
     grid = grid_of(fixed_labels)
     assert report["jacobian"] == jacobian_summary(jacobian_determinant(compose_transforms(specs), grid))
 
