@@ -408,6 +408,63 @@ def test_evaluate_matches_overlaps_computed_by_hand(tmp_path):
     assert report["jacobian"]["min"] == pytest.approx(1.0) and report["jacobian"]["max"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("interpolation", ["linear", "label"])
+def test_a_series_of_volumes_is_resampled_volume_by_volume(files, interpolation):
+    """A 4-D input with a 3-D reference (antsApplyTransforms -e 3): a 4-D output on the reference's grid whose
+    every volume is, to the bit, what the 3-D input of that volume gives; the fourth axis's size, spacing and
+    origin kept; the pixel type kept."""
+    import SimpleITK as sitk
+
+    moving = sitk.ReadImage(str(files["labels" if interpolation == "label" else "moving"]))
+    volumes = [moving, moving * 2, moving + 3] if interpolation == "label" else [moving, moving * 2, moving - 5]
+    series = sitk.JoinSeries(volumes, 7.0, 2.5)
+    series_path = files["dir"] / "series.mha"
+    sitk.WriteImage(series, str(series_path))
+    command = "warp-labels" if interpolation == "label" else "apply-transform"
+    result = run(command, "-i", series_path, "-r", files["fixed"], "-t", files["warp"], "-t", files["affine"],
+                 "-o", files["dir"] / "series_on_fixed.mha")
+    assert result.exit_code == 0, result.output
+    out = sitk.ReadImage(str(files["dir"] / "series_on_fixed.mha"))
+    reference = sitk.ReadImage(str(files["fixed"]))
+    assert out.GetSize() == reference.GetSize() + (3,)
+    assert out.GetSpacing()[3] == 2.5 and out.GetOrigin()[3] == 7.0
+    assert np.allclose(out.GetSpacing()[:3], reference.GetSpacing()) and np.allclose(out.GetOrigin()[:3],
+                                                                                      reference.GetOrigin())
+    direction = np.asarray(out.GetDirection()).reshape(4, 4)
+    assert np.allclose(direction[:3, :3], np.asarray(reference.GetDirection()).reshape(3, 3))
+    assert out.GetPixelID() == moving.GetPixelID()
+    for index, volume in enumerate(volumes):
+        sitk.WriteImage(volume, str(files["dir"] / f"volume{index}.mha"))
+        single = run(command, "-i", files["dir"] / f"volume{index}.mha", "-r", files["fixed"], "-t", files["warp"],
+                     "-t", files["affine"], "-o", files["dir"] / f"volume{index}_on_fixed.mha")
+        assert single.exit_code == 0, single.output
+        expected = sitk.GetArrayFromImage(sitk.ReadImage(str(files["dir"] / f"volume{index}_on_fixed.mha")))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(out)[index], expected)
+
+
+def test_series_that_cannot_be_resampled_are_refused(files):
+    """A 3-D input with a 4-D reference, and a 4-D input whose fourth axis is mixed with space: one-line
+    errors, nothing written."""
+    import SimpleITK as sitk
+
+    moving = sitk.ReadImage(str(files["moving"]))
+    series = sitk.JoinSeries([moving, moving])
+    sitk.WriteImage(series, str(files["dir"] / "series.mha"))
+    flipped = sitk.Image(series)
+    mixed = np.eye(4)
+    mixed[[2, 3]] = mixed[[3, 2]]  # the fourth index axis along z, the third along "time"
+    flipped.SetDirection(mixed.ravel().tolist())
+    sitk.WriteImage(flipped, str(files["dir"] / "mixed.mha"))
+    out = files["dir"] / "out.nii.gz"
+    wrong_way = run("apply-transform", "-i", files["moving"], "-r", files["dir"] / "series.mha", "-t",
+                    files["affine"], "-o", out)
+    assert_one_line_error(wrong_way, "is 3-D", "is 4-D", "a 4-D series of volumes with a 3-D reference")
+    mixing = run("apply-transform", "-i", files["dir"] / "mixed.mha", "-r", files["fixed"], "-t", files["affine"],
+                 "-o", out)
+    assert_one_line_error(mixing, "mixes its fourth axis with space")
+    assert not out.exists() and no_partial_files(files["dir"])
+
+
 def test_evaluate_label_interpolation_nearest_or_generic_label(tmp_path):
     """A one-voxel line moved by 0.4 voxel along x and y: nearest neighbour keeps every voxel (Dice 1), while
     GenericLabel weighs the line's corner at 0.6 * 0.6 = 0.36 against 0.64 of background and loses it (Dice 0).

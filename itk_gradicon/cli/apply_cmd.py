@@ -47,7 +47,9 @@ def _resample_files(input_path: Path, reference_path: Path, transforms: Sequence
 
 @click.command("apply-transform")
 @click.option("--input", "-i", "input_path", required=True, type=click.Path(path_type=Path),
-              help="Image to resample (the moving image); its pixel type is kept.")
+              help="Image to resample (the moving image); its pixel type is kept. A 4-D image with a 3-D "
+                   "--reference (fMRI, DWI, a stack of maps) is resampled volume by volume and keeps its "
+                   "fourth axis, as antsApplyTransforms -e 3.")
 @click.option("--reference", "-r", required=True, type=click.Path(path_type=Path),
               help="Image whose grid (size, origin, spacing, direction) the output gets (the fixed image).")
 @transform_option()
@@ -68,10 +70,13 @@ def apply_transform(input_path: Path, reference: Path, transforms: Sequence[str]
     Output voxel x (a reference point) takes INPUT(T(x)), where T maps reference (fixed) points to input
     (moving) points: pass the forward transform of 'gradicon register' to warp the moving image onto
     the fixed one. Several --transform options compose exactly as antsApplyTransforms' -t options.
+    A 4-D INPUT (a time series) with a 3-D REFERENCE gives a 4-D output: every volume resampled as a 3-D
+    input would be, the fourth axis's size, spacing and origin kept (antsApplyTransforms -e 3).
 
     \b
     Examples:
       gradicon apply-transform -i moving.nii.gz -r fixed.nii.gz -t moving_to_fixed.h5 -o warped.nii.gz
+      gradicon apply-transform -i bold.nii.gz -r t1.nii.gz -t bold_to_t1.h5 -o bold_on_t1.nii.gz
       gradicon apply-transform -i moving.nii.gz -r fixed.nii.gz \\
           -t out/subj_1Warp.nii.gz -t out/subj_0GenericAffine.mat -o warped.nii.gz
       gradicon apply-transform -i fixed.nii.gz -r moving.nii.gz \\
@@ -83,7 +88,8 @@ def apply_transform(input_path: Path, reference: Path, transforms: Sequence[str]
 
 @click.command("warp-labels")
 @click.option("--input", "-i", "input_path", required=True, type=click.Path(path_type=Path),
-              help="Label map to warp (integer voxels, or floats holding integers).")
+              help="Label map to warp (integer voxels, or floats holding integers); a 4-D stack of label maps "
+                   "with a 3-D --reference is warped map by map.")
 @click.option("--reference", "-r", required=True, type=click.Path(path_type=Path),
               help="Image whose grid the output gets (the fixed image).")
 @transform_option()

@@ -34,7 +34,8 @@ import numpy as np
 from ..errors import InputError
 from ..io.grid import ImageGrid
 from ..io.images import (IMAGE_SUFFIXES, ImageHeader, OutputTransaction, check_output_path, check_resample_headers,
-                         image_array, read_float32, read_image_header, read_mask_on_grid, read_simpleitk_image)
+                         image_array, is_time_series, read_float32, read_image_header, read_mask_on_grid,
+                         read_simpleitk_image)
 from ..io.itk_bridge import to_simpleitk as from_itk  # noqa: F401  (its former name here)
 from ..spatial.resample import (  # noqa: F401  (resample_image, resample_labels: the one resampler, re-exported)
     INTERPOLATIONS, check_interpolation, resample_image, resample_labels, resample_labels_on_grid, resample_simpleitk)
@@ -111,6 +112,10 @@ def apply_transform_file(input_path: PathLike, reference_path: PathLike, transfo
         default_value: value of voxels whose sample point falls outside the input.
         labels: warp a label map (``label`` interpolation; values must be integers).
 
+    A 4-D input with a 3-D reference is a series of volumes (fMRI, DWI, a stack of maps): each volume is
+    resampled as a 3-D input would be, and the output keeps the fourth axis (its size, spacing and origin),
+    as ``antsApplyTransforms -e 3``.
+
     Returns:
         A :class:`WarpSummary` (the label sets for ``label`` interpolation).
 
@@ -129,7 +134,9 @@ def apply_transform_file(input_path: PathLike, reference_path: PathLike, transfo
     image = read_simpleitk_image(input_path, "--input")
     reference = read_simpleitk_image(reference_path, "--reference")
     reference_grid = ImageGrid.from_image(reference)
-    if labels:
+    if is_time_series(input_header, reference_header):
+        warped = _resample_series(image, reference, transform, interpolation, default_value)
+    elif interpolation == "label":
         warped = resample_labels_on_grid(image, reference_grid, transform, default_value=default_value)
     else:
         warped = resample_simpleitk(image, reference, transform, interpolation=interpolation,
@@ -141,6 +148,26 @@ def apply_transform_file(input_path: PathLike, reference_path: PathLike, transfo
         return WarpSummary(output, warnings=warnings)
     return WarpSummary(output, np.unique(image_array(image)).tolist(), np.unique(image_array(warped)).tolist(),
                        warnings)
+
+
+def _resample_series(series, reference, transform, interpolation: str, default_value: float):
+    """Each 3-D volume of the 4-D ``series`` resampled onto ``reference`` as a 3-D input would be, joined
+    along the series' fourth axis (its spacing and origin kept)."""
+    sitk = _sitk()
+    size = list(series.GetSize())
+    grid = ImageGrid.from_image(reference)
+    # the label interpolation samples the transform on the grid once for every volume
+    displacement = sample_displacement(transform, grid) if interpolation == "label" else None
+    volumes = []
+    for index in range(size[3]):
+        volume = sitk.Extract(series, size[:3] + [0], [0, 0, 0, index])
+        if interpolation == "label":
+            volumes.append(resample_labels_on_grid(volume, grid, transform, default_value=default_value,
+                                                   displacement=displacement))
+        else:
+            volumes.append(resample_simpleitk(volume, reference, transform, interpolation=interpolation,
+                                              default_value=default_value))
+    return sitk.JoinSeries(volumes, float(series.GetOrigin()[3]), float(series.GetSpacing()[3]))
 
 
 def jacobian_file(transforms: Sequence[TransformName], *, reference: Optional[PathLike] = None,

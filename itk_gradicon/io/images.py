@@ -95,15 +95,29 @@ def unreadable_header_error(path: PathLike, what: str, err: BaseException) -> In
     return InputError(f"{what} '{path}' could not be read as an image: {short_error_message(err)}")
 
 
+def is_time_series(input_header: "ImageHeader", reference_header: "ImageHeader") -> bool:
+    """Whether ``--input`` is a series of volumes on ``--reference``'s spatial axes: a 4-D image (fMRI, DWI,
+    a stack of maps) with a 3-D reference, resampled volume by volume as ``antsApplyTransforms -e 3`` does."""
+    return reference_header.dimension == 3 and input_header.dimension == 4
+
+
 def check_resample_headers(input_header: "ImageHeader", reference_header: "ImageHeader") -> None:
-    """Refuse, from the headers, an ``--input`` that is not scalar or not of ``--reference``'s dimension."""
+    """Refuse, from the headers, an ``--input`` that is not scalar, or not of ``--reference``'s dimension
+    (a 4-D series of 3-D volumes excepted, :func:`is_time_series`), or whose fourth axis mixes with space."""
     if input_header.components != 1:
         raise InputError(f"--input '{input_header.path}' has {input_header.components} components per voxel; "
                          "only scalar images are resampled (split vector images into components first)")
+    if is_time_series(input_header, reference_header):
+        direction = np.asarray(input_header.direction, dtype=float)
+        if np.abs(direction[:3, 3]).max() > 1e-6 or np.abs(direction[3, :3]).max() > 1e-6:
+            raise InputError(f"--input '{input_header.path}' is 4-D with a direction matrix that mixes its fourth "
+                             "axis with space; a series of volumes needs the fourth axis apart (time, or volume "
+                             "number)")
+        return
     if input_header.dimension != reference_header.dimension:
         raise InputError(f"--input '{input_header.path}' is {input_header.dimension}-D and "
                          f"--reference '{reference_header.path}' is {reference_header.dimension}-D; "
-                         "they must match")
+                         "they must match (or a 4-D series of volumes with a 3-D reference)")
 
 
 #: SimpleITK's names of pixel component types -> ITK's (``ImageIOBase::GetComponentTypeAsString``).
