@@ -69,8 +69,13 @@ def test_header_refusals(tmp_path, rng):
         check_header(read_image_header(vectors), what="--moving", dimension=3)
     flat = tmp_path / "flat.nii.gz"
     itk.imwrite(make_image(blob_volume((6, 7), rng)), str(flat))
-    with pytest.raises(InputError, match=r"2-D image of size \(7, 6\); the model 'm' registers 3-D images"):
+    with pytest.raises(InputError, match=r"2-D image of size \(7, 6\); the model 'm' registers 3-D images$"):
         check_header(read_image_header(flat), what="--fixed", dimension=3, needed_by="the model 'm'")
+    series = tmp_path / "series.nii.gz"
+    itk.imwrite(make_image(rng.random((2,) + SHAPE).astype(np.float32)), str(series))
+    with pytest.raises(InputError, match=r"4-D image of size .*; the model 'm' registers 3-D images \(a series of "
+                                         r"volumes: register one volume.*apply-transform\)"):
+        check_header(read_image_header(series), what="--fixed", dimension=3, needed_by="the model 'm'")
 
 
 # ---- pixels ----------------------------------------------------------------------------------------

@@ -186,8 +186,11 @@ def check_header(header: ImageHeader, *, what: str, dimension: Optional[int] = N
     allowed = (dimension,) if dimension is not None else (2, 3)
     if header.dimension not in allowed:
         who = f"{needed_by} registers" if needed_by else "this needs"
+        series = (" (a series of volumes: register one volume, or the series' mean, and apply the transform "
+                  "to the whole series with gradicon apply-transform)"
+                  if header.dimension == 4 and 3 in allowed and needed_by else "")
         raise InputError(f"{what} '{header.path}' is a {header.dimension}-D image of size {header.size}; "
-                         f"{who} {' or '.join(f'{d}-D' for d in allowed)} images")
+                         f"{who} {' or '.join(f'{d}-D' for d in allowed)} images{series}")
 
 
 def read_itk_image(path: PathLike, what: str = "image"):
