@@ -79,6 +79,11 @@ def test_read_pairs_resolves_paths_next_to_the_csv(cohort):
     assert pairs[1].outputs.inverse_transform == cohort / "out" / "b_inv.nii.gz"
     assert pairs[0].inputs == {c: None for c in ("fixed_mask", "moving_mask", "fixed_labels", "moving_labels",
                                                  "initial_transform")}
+    inverse_warped = read_pairs(write_csv(cohort / "pairs2.csv", [("images/a_fixed.nii.gz", "images/a_moving.nii.gz",
+                                                                   "out/a_on_moving.nii.gz")],
+                                          header=("fixed", "moving", "out_inverse_warped")))
+    assert inverse_warped[0].outputs.inverse_warped == cohort / "out" / "a_on_moving.nii.gz"
+    assert inverse_warped[0].outputs.needs_inverse and inverse_warped[0].outputs.needs_originals
 
 
 @pytest.mark.parametrize("header,rows,message", [

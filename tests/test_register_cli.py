@@ -42,8 +42,9 @@ def files(tmp_path, rng):
 
 def all_outputs(out: Path, *, elastix: bool = True):
     return ["--out-transform", str(out / "t.h5"), "--out-inverse-transform", str(out / "ti.nii.gz"),
-            "--out-warped", str(out / "w.nii.gz"), "--out-ants-prefix", str(out / "ants_"),
-            *(["--out-elastix", str(out / "elastix")] if elastix else []), "--out-qc", str(out / "qc.png")]
+            "--out-warped", str(out / "w.nii.gz"), "--out-inverse-warped", str(out / "iw.nii.gz"),
+            "--out-ants-prefix", str(out / "ants_"), *(["--out-elastix", str(out / "elastix")] if elastix else []),
+            "--out-qc", str(out / "qc.png")]
 
 
 def invoke(args):
@@ -79,8 +80,8 @@ def test_register_writes_every_output(files, tiny_model_file):
     result = invoke(base_args(files, tiny_model_file))
     assert result.exit_code == 0, result.output
     out = files["out"]
-    expected = {"t.h5", "ti.nii.gz", "w.nii.gz", "ants_1Warp.nii.gz", "ants_1InverseWarp.nii.gz", "elastix",
-                "qc.png"}
+    expected = {"t.h5", "ti.nii.gz", "w.nii.gz", "iw.nii.gz", "ants_1Warp.nii.gz", "ants_1InverseWarp.nii.gz",
+                "elastix", "qc.png"}
     assert {p.name for p in out.iterdir()} == expected
     assert {p.name for p in (out / "elastix").iterdir()} == {"TransformParameters.0.txt", "deformation_field.nii.gz"}
     assert not [p for p in out.rglob(".gradicon-*")]
@@ -92,6 +93,13 @@ def test_register_writes_every_output(files, tiny_model_file):
     assert transform.GetNameOfClass() == "DisplacementFieldTransform"
     qc = itk.imread(str(out / "qc.png"))
     assert itk.array_view_from_image(qc).shape[-1] == 3
+    # the inverse-warped image is the fixed image resampled onto the moving grid through the inverse transform
+    again = files["out"].parent / "iw_again.nii.gz"
+    applied = CliRunner().invoke(main, ["apply-transform", "-i", str(files["fixed"]), "-r", str(files["moving"]),
+                                        "-t", str(out / "ti.nii.gz"), "-o", str(again)])
+    assert applied.exit_code == 0, applied.output
+    np.testing.assert_array_equal(itk.array_from_image(itk.imread(str(out / "iw.nii.gz"))),
+                                  itk.array_from_image(itk.imread(str(again))))
 
 
 def test_register_2d_end_to_end(tmp_path, rng, tiny_model_file_2d):

@@ -21,7 +21,8 @@ SHARED_OPTIONS = ("fixed_modality", "moving_modality", "ct_window", "quantile_ra
 @click.command("register-batch")
 @click.option("--pairs", required=True, type=click.Path(path_type=Path), metavar="CSV",
               help="CSV file with a header row: fixed, moving and at least one of out_transform, "
-                   "out_inverse_transform, out_warped, out_ants_prefix, out_elastix, out_qc, out_json (provenance record); optional "
+                   "out_inverse_transform, out_warped, out_inverse_warped, out_ants_prefix, out_elastix, out_qc, "
+                   "out_json (provenance record); optional "
                    "fixed_mask, moving_mask, fixed_labels, moving_labels, initial_transform. Relative paths "
                    "are relative to the CSV file's folder.")
 @model_option()

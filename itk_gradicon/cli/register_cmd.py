@@ -32,6 +32,9 @@ _MODALITY = click.Choice(MODALITY_CHOICES)
 @click.option("--out-warped", type=click.Path(path_type=Path),
               help="The moving image warped onto the fixed grid (linear interpolation, moving pixel type; "
                    ".nii.gz, .nii, .mha, .mhd, .nrrd, .nhdr).")
+@click.option("--out-inverse-warped", type=click.Path(path_type=Path),
+              help="The fixed image warped onto the moving grid through the inverse transform "
+                   "(antsRegistration's InverseWarped; linear, fixed pixel type; formats as --out-warped).")
 @click.option("--out-ants-prefix", metavar="PREFIX",
               help="Write PREFIX1Warp.nii.gz and PREFIX1InverseWarp.nii.gz (and PREFIX0GenericAffine.mat "
                    "with --affine/--initial-transform) as antsRegistration names them; use "
@@ -132,7 +135,8 @@ _MODALITY = click.Choice(MODALITY_CHOICES)
 @threads_option()
 @quiet_option()
 def register(fixed: Path, moving: Path, out_transform: Optional[Path], out_inverse_transform: Optional[Path],
-             out_warped: Optional[Path], out_ants_prefix: Optional[str], out_elastix: Optional[Path],
+             out_warped: Optional[Path], out_inverse_warped: Optional[Path], out_ants_prefix: Optional[str],
+             out_elastix: Optional[Path],
              out_qc: Optional[Path], out_json: Optional[Path], model: str, fixed_modality: str, moving_modality: str,
              ct_window: Optional[Tuple[float, float]], quantile_range: Optional[Tuple[float, float]],
              fixed_mask: Optional[Path], moving_mask: Optional[Path], mask_mode: str, io_iterations: Optional[int],
@@ -171,7 +175,8 @@ def register(fixed: Path, moving: Path, out_transform: Optional[Path], out_inver
                     final=p.step == p.total)
 
     outputs = RegisterOutputs(transform=out_transform, inverse_transform=out_inverse_transform,
-                              warped=out_warped, ants_prefix=out_ants_prefix, elastix_dir=out_elastix,
+                              warped=out_warped, inverse_warped=out_inverse_warped, ants_prefix=out_ants_prefix,
+                              elastix_dir=out_elastix,
                               qc=out_qc, record=out_json)
     options = RegistrationOptions.from_keywords(
         fixed_modality=fixed_modality, moving_modality=moving_modality, ct_window=ct_window,

@@ -43,7 +43,7 @@ from .register import RegisterOutputs
 
 PAIR_COLUMNS = ("fixed", "moving")
 INPUT_COLUMNS = ("fixed_mask", "moving_mask", "fixed_labels", "moving_labels", "initial_transform")
-OUTPUT_COLUMNS = ("out_transform", "out_inverse_transform", "out_warped", "out_ants_prefix",
+OUTPUT_COLUMNS = ("out_transform", "out_inverse_transform", "out_warped", "out_inverse_warped", "out_ants_prefix",
                   "out_elastix", "out_qc", "out_json")
 COLUMNS = PAIR_COLUMNS + INPUT_COLUMNS + OUTPUT_COLUMNS
 
@@ -192,7 +192,8 @@ def read_pairs(path: Union[str, Path]) -> List[Pair]:
         ants_prefix = paths["out_ants_prefix"]
         outputs = RegisterOutputs(
             transform=paths["out_transform"], inverse_transform=paths["out_inverse_transform"],
-            warped=paths["out_warped"], ants_prefix=str(ants_prefix) if ants_prefix else None,
+            warped=paths["out_warped"], inverse_warped=paths["out_inverse_warped"],
+            ants_prefix=str(ants_prefix) if ants_prefix else None,
             elastix_dir=paths["out_elastix"], qc=paths["out_qc"], record=paths["out_json"])
         finals = outputs.final_paths()
         for final in finals:

@@ -35,6 +35,7 @@ class RegisterOutputs:
     transform: Optional[Path] = None
     inverse_transform: Optional[Path] = None
     warped: Optional[Path] = None
+    inverse_warped: Optional[Path] = None  # the fixed image on the moving grid (antsRegistration's InverseWarped)
     ants_prefix: Optional[str] = None
     elastix_dir: Optional[Path] = None
     qc: Optional[Path] = None
@@ -47,10 +48,11 @@ class RegisterOutputs:
             InputError: no output requested, a folder missing or not writable, a file name ending
                 that cannot hold the output, or two outputs with the same file name.
         """
-        if not any((self.transform, self.inverse_transform, self.warped, self.ants_prefix,
+        if not any((self.transform, self.inverse_transform, self.warped, self.inverse_warped, self.ants_prefix,
                     self.elastix_dir, self.qc, self.record)):
             raise InputError("no output requested: give at least one of --out-transform, "
-                             "--out-inverse-transform, --out-warped, --out-ants-prefix, --out-elastix, --out-qc")
+                             "--out-inverse-transform, --out-warped, --out-inverse-warped, --out-ants-prefix, "
+                             "--out-elastix, --out-qc")
         # --out-json alone is allowed: a record of a registration whose transforms are not kept is still a record
         if self.transform:
             self.transform = check_output_path(self.transform, what="--out-transform",
@@ -60,6 +62,9 @@ class RegisterOutputs:
                                                        suffixes=TRANSFORM_OUTPUT_SUFFIXES)
         if self.warped:
             self.warped = check_output_path(self.warped, what="--out-warped", suffixes=VOLUME_SUFFIXES)
+        if self.inverse_warped:
+            self.inverse_warped = check_output_path(self.inverse_warped, what="--out-inverse-warped",
+                                                    suffixes=VOLUME_SUFFIXES)
         if self.ants_prefix:
             check_output_path(Path(str(self.ants_prefix) + "1Warp.nii.gz"), what="--out-ants-prefix")
         if self.elastix_dir:
@@ -78,7 +83,8 @@ class RegisterOutputs:
         from ..spatial.transforms import ELASTIX_FIELD_FILE, ELASTIX_PARAMETER_FILE, ants_file_names
 
         paths = [Path(p).expanduser().absolute()
-                 for p in (self.transform, self.inverse_transform, self.warped, self.qc, self.record) if p]
+                 for p in (self.transform, self.inverse_transform, self.warped, self.inverse_warped, self.qc,
+                           self.record) if p]
         if self.ants_prefix:
             names = ants_file_names(str(self.ants_prefix))
             keys = ("affine", "warp", "inverse_warp") if with_affine else ("warp", "inverse_warp")
@@ -90,12 +96,12 @@ class RegisterOutputs:
 
     @property
     def needs_inverse(self) -> bool:
-        return bool(self.inverse_transform or self.ants_prefix)
+        return bool(self.inverse_transform or self.inverse_warped or self.ants_prefix)
 
     @property
     def needs_originals(self) -> bool:
-        """Whether the images are needed in their original pixel types (warped image, QC picture)."""
-        return bool(self.warped or self.qc)
+        """Whether the images are needed in their original pixel types (warped images, QC picture)."""
+        return bool(self.warped or self.inverse_warped or self.qc)
 
 
 def _read_labels_on(path: Path, image, what: str):
@@ -410,13 +416,14 @@ def write_register_outputs(result, outputs: RegisterOutputs, *, fixed_original=N
     from ..io.images import short_error_message
 
     if outputs.needs_originals and (fixed_original is None or moving_original is None):
-        raise InputError("--out-warped and --out-qc need the fixed and moving images")
+        raise InputError("--out-warped, --out-inverse-warped and --out-qc need the fixed and moving images")
     inverse_missing = not result.has_inverse
     if outputs.ants_prefix and result.affine is not None:
         ants_inverse_missing = result.deformable_inverse_field is None
     else:
         ants_inverse_missing = inverse_missing
-    if (outputs.inverse_transform and inverse_missing) or (outputs.ants_prefix and ants_inverse_missing):
+    if ((outputs.inverse_transform or outputs.inverse_warped) and inverse_missing) or \
+            (outputs.ants_prefix and ants_inverse_missing):
         raise InputError("the inverse transform was not computed (compute_inverse=False)")
     if outputs.record and record is None:
         raise InputError("--out-json needs the registration's record")
@@ -486,12 +493,16 @@ def _output_jobs(result, outputs: RegisterOutputs, fixed_original, moving_origin
         folder = Path(outputs.elastix_dir)
         jobs.append((str(folder), [],  # write_elastix returns its parameter file
                      lambda out: write_elastix(result.forward_field, folder, out)))
-    if outputs.warped:
+    if outputs.warped or outputs.inverse_warped:
         from .files import write_warped  # SimpleITK: ITK's resampler without loading ITK Python's
-
+    if outputs.warped:
         jobs.append((str(outputs.warped), [Path(outputs.warped)],
                      lambda out: write_warped(moving_original, fixed_original, result.forward_field,
                                               out.path(outputs.warped), transform_of=shared)))
+    if outputs.inverse_warped:
+        jobs.append((str(outputs.inverse_warped), [Path(outputs.inverse_warped)],
+                     lambda out: write_warped(fixed_original, moving_original, result.inverse_field,
+                                              out.path(outputs.inverse_warped), transform_of=shared)))
     if outputs.qc:
         from ..evaluation.qc import write_qc
 
