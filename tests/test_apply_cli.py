@@ -408,6 +408,50 @@ def test_evaluate_matches_overlaps_computed_by_hand(tmp_path):
     assert report["jacobian"]["min"] == pytest.approx(1.0) and report["jacobian"]["max"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("suffix,tolerance", [(".h5", 1e-9), (".nii.gz", 1e-4)])
+def test_compose_transforms_writes_one_field_equal_to_the_chain(files, suffix, tolerance):
+    """antsRegistration's warp and affine composed into one field on the fixed (oblique, flipped) grid: at every
+    voxel centre p the field is affine(warp(p)) - p as ITK Python computes it from the two files (float64 in
+    .h5; float32 in a field image); resampling with the one file gives the chain's image."""
+    import itk
+
+    composed = files["dir"] / f"composed{suffix}"
+    result = run("compose-transforms", "-t", files["warp"], "-t", files["affine"], "-r", files["fixed"],
+                 "-o", composed)
+    assert result.exit_code == 0, result.output
+    assert "largest displacement" in result.output
+    import SimpleITK as sitk
+
+    warp = sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(str(files["warp"])), sitk.sitkVectorFloat64))
+    affine = sitk.ReadTransform(str(files["affine"]))
+    grid = grid_of(itk.imread(str(files["fixed"])))
+    points = grid.world_points().reshape(-1, 3)
+    expected = np.array([affine.TransformPoint(warp.TransformPoint([float(v) for v in p])) for p in points]) - points
+    if suffix == ".h5":
+        field = sitk.DisplacementFieldTransform(sitk.ReadTransform(str(composed))).GetDisplacementField()
+    else:
+        field = sitk.ReadImage(str(composed))
+    written = sitk.GetArrayFromImage(field)
+    np.testing.assert_allclose(written.reshape(-1, 3), expected, atol=tolerance)
+    one, chain = files["dir"] / "one.nii.gz", files["dir"] / "chain.nii.gz"
+    assert run("apply-transform", "-i", files["moving"], "-r", files["fixed"], "-t", composed, "-o", one).exit_code == 0
+    assert run("apply-transform", "-i", files["moving"], "-r", files["fixed"], "-t", files["warp"], "-t",
+               files["affine"], "-o", chain).exit_code == 0
+    difference = np.abs(itk.array_from_image(itk.imread(str(one))).astype(float)
+                        - itk.array_from_image(itk.imread(str(chain))).astype(float))
+    assert difference.max() <= 1  # int16 output: at most a rounding step apart
+
+
+def test_compose_transforms_refuses_bad_calls(files):
+    """An output ending that holds no transform, a missing transform file: one-line errors, nothing written."""
+    png = run("compose-transforms", "-t", files["affine"], "-r", files["fixed"], "-o", files["dir"] / "c.png")
+    assert_one_line_error(png, "--output", "c.png")
+    missing = run("compose-transforms", "-t", files["dir"] / "nope.mat", "-r", files["fixed"], "-o",
+                  files["dir"] / "c.h5")
+    assert_one_line_error(missing, "nope.mat")
+    assert not (files["dir"] / "c.h5").exists() and no_partial_files(files["dir"])
+
+
 @pytest.mark.parametrize("interpolation", ["linear", "label"])
 def test_a_series_of_volumes_is_resampled_volume_by_volume(files, interpolation):
     """A 4-D input with a 3-D reference (antsApplyTransforms -e 3): a 4-D output on the reference's grid whose

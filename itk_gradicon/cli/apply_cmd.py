@@ -114,6 +114,39 @@ def warp_labels(input_path: Path, reference: Path, transforms: Sequence[str], ou
                     labels=True, quiet=quiet)
 
 
+@click.command("compose-transforms")
+@transform_option()
+@click.option("--reference", "-r", required=True, type=click.Path(path_type=Path),
+              help="Image whose grid the composed field is sampled on (the fixed image).")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path),
+              help="The composed transform: an ITK transform file (.h5) or a displacement-field image "
+                   "(.nii.gz, .nrrd, .mha; LPS mm, as antsRegistration's Warp.nii.gz), written only when complete.")
+@threads_option()
+@quiet_option()
+def compose_transforms_command(transforms: Sequence[str], reference: Path, output: Path, quiet: bool) -> None:
+    """Compose transforms into one displacement field on the REFERENCE grid.
+
+    What antsApplyTransforms -o [field.nii.gz,1] (and ComposeMultiTransform, transformix -def all) do: the
+    written field maps each reference point x to Tn(...T2(T1(x))), the transforms composed as in
+    apply-transform, so that one file replaces the chain (an affine followed by a warp, the pre-alignment
+    of one study followed by another's registration). Sampled in double precision; beyond the REFERENCE
+    grid the field, like every displacement field, does nothing.
+
+    \b
+    Examples:
+      gradicon compose-transforms -t out/subj_1Warp.nii.gz -t out/subj_0GenericAffine.mat \\
+          -r fixed.nii.gz -o subj_composed.nii.gz
+      gradicon compose-transforms -t t1_to_template.h5 -t bold_to_t1.h5 -r template.nii.gz -o bold_to_template.h5
+    """
+    from ..commands.files import compose_transform_file
+
+    done = compose_transform_file(transforms, reference, output)
+    for warning in done.warnings:
+        info(f"warning: {warning}", quiet=quiet)
+    info(f"wrote {done.output} (a displacement field of {' x '.join(map(str, done.size))} voxels, largest "
+         f"displacement {done.max_displacement_mm:.1f} mm)", quiet=quiet)
+
+
 @click.command("apply-transform-to-points")
 @click.option("--input", "-i", "input_path", required=True, type=click.Path(path_type=Path),
               help="Points: ANTs CSV (x,y,z,t in LPS mm; other columns kept), elastix/ITK point set (.txt/.pts: "
@@ -148,4 +181,4 @@ def apply_transform_to_points(input_path: Path, transforms: Sequence[str], outpu
          + (f", {done.system}" if done.kind in ("slicer-json", "fcsv") else "") + ")", quiet=quiet)
 
 
-COMMANDS = [apply_transform, warp_labels, apply_transform_to_points]
+COMMANDS = [apply_transform, warp_labels, compose_transforms_command, apply_transform_to_points]

@@ -170,6 +170,48 @@ def _resample_series(series, reference, transform, interpolation: str, default_v
     return sitk.JoinSeries(volumes, float(series.GetOrigin()[3]), float(series.GetSpacing()[3]))
 
 
+@dataclass(frozen=True)
+class ComposedField:
+    """What :func:`compose_transform_file` wrote: the file, its grid's size and the largest displacement (mm)."""
+
+    output: Path
+    size: Tuple[int, ...]
+    max_displacement_mm: float
+    warnings: Tuple[str, ...] = ()
+
+
+def compose_transform_file(transforms: Sequence[TransformName], reference_path: PathLike,
+                           output: PathLike) -> ComposedField:
+    """Compose transforms into one displacement field on a reference grid and write it (all or nothing):
+    ``antsApplyTransforms -o [field.nii.gz,1]``, ``ComposeMultiTransform``, or ``transformix -def all``.
+
+    Args:
+        transforms: ``FILE`` / ``[FILE,1]`` names (fixed -> moving), composed as ``antsApplyTransforms -t``.
+        reference_path: the image whose grid the field is sampled on (the fixed image).
+        output: an ITK transform file (``.h5``) or a displacement-field image (``.nii.gz``, ``.nrrd``,
+            ``.mha``; LPS mm, as antsRegistration's ``Warp.nii.gz``).
+
+    Returns:
+        A :class:`ComposedField`. Resampling with the written field equals resampling with the transforms
+        (to float32's precision for a field image; the field is sampled in double precision).
+
+    Raises:
+        InputError: for every user mistake, before anything is written.
+    """
+    from ..io.transform_specs import TRANSFORM_OUTPUT_SUFFIXES
+    from ..spatial.transforms import DisplacementField, write_transform
+
+    output = check_output_path(output, what="--output", suffixes=TRANSFORM_OUTPUT_SUFFIXES)
+    reference_header = read_header(reference_path, what="--reference")
+    transform = compose_transforms(list(transforms), dimension=reference_header.dimension)
+    grid = ImageGrid.from_image(read_simpleitk_image(reference_path, "--reference"))
+    field = DisplacementField(grid, sample_displacement(transform, grid, double=True))
+    warnings = tuple(describe_coverage(transform, grid, list(transforms)))
+    with OutputTransaction() as out:
+        write_transform(field, output, out)
+    return ComposedField(output, grid.size, field.max_norm(), warnings)
+
+
 def jacobian_file(transforms: Sequence[TransformName], *, reference: Optional[PathLike] = None,
                   output: Optional[PathLike] = None, summary_json: Optional[PathLike] = None,
                   log: bool = False) -> Dict[str, object]:
@@ -345,6 +387,6 @@ def read_images_and_masks(files: Dict[str, Optional[Path]], dimension: int):
     return fixed, moving, fixed_original, moving_original, masks
 
 
-__all__ = ["INTERPOLATIONS", "LABEL_INTERPOLATIONS", "WarpSummary", "apply_transform_file", "compose_transforms",
-           "evaluate_files", "first_field_grid", "jacobian_file", "read_header", "read_image", "read_images_and_masks",
+__all__ = ["INTERPOLATIONS", "LABEL_INTERPOLATIONS", "ComposedField", "WarpSummary", "apply_transform_file",
+           "compose_transform_file", "compose_transforms", "evaluate_files", "first_field_grid", "jacobian_file", "read_header", "read_image", "read_images_and_masks",
            "read_transform", "resample_image", "resample_labels", "sample_displacement"]

@@ -84,6 +84,8 @@ class RegisterInputSpec(_Threads):
                                               "PREFIX0GenericAffine.mat")
     output_warped_image = traits.Str("warped.nii.gz", usedefault=True, argstr="--out-warped %s",
                                      desc="the moving image on the fixed grid")
+    output_inverse_warped_image = traits.Str(argstr="--out-inverse-warped %s",
+                                             desc="the fixed image on the moving grid (ANTs' InverseWarped)")
     model = traits.Str(argstr="--model %s", desc="model name or file (default: gradicon's)")
     affine = traits.Enum("auto", "none", "affine", "rigid", argstr="--affine %s", desc="pre-alignment")
     io_iterations = traits.Int(argstr="--io-iterations %d", desc="instance optimisation steps "
@@ -104,6 +106,7 @@ class RegisterOutputSpec(TraitedSpec):
     reverse_transforms = OutputMultiObject(File(exists=True), desc="moving -> fixed, antsApplyTransforms order")
     reverse_invert_flags = OutputMultiObject(traits.Bool(), desc="True for the affine")
     warped_image = File(exists=True, desc="the moving image on the fixed grid")
+    inverse_warped_image = File(desc="the fixed image on the moving grid, if asked for")
     provenance_file = File(desc="the provenance record, if asked for")
 
 
@@ -125,6 +128,8 @@ class Register(_Gradicon):
         outputs["reverse_transforms"] = ([affine] if has_affine else []) + [inverse]
         outputs["reverse_invert_flags"] = ([True] if has_affine else []) + [False]
         outputs["warped_image"] = os.path.abspath(self.inputs.output_warped_image)
+        if isdefined(self.inputs.output_inverse_warped_image):
+            outputs["inverse_warped_image"] = os.path.abspath(self.inputs.output_inverse_warped_image)
         if isdefined(self.inputs.provenance_file):
             outputs["provenance_file"] = os.path.abspath(self.inputs.provenance_file)
         return outputs
@@ -190,6 +195,26 @@ class Jacobian(_Gradicon):
     _output_files = {"jacobian_image": "output_image", "summary_file": "summary_file"}
 
 
+class ComposeTransformsInputSpec(_TransformsSpec):
+    reference_image = File(exists=True, mandatory=True, argstr="--reference %s", desc="grid of the composed field")
+    output_transform = traits.Str("composed.nii.gz", usedefault=True, argstr="--output %s",
+                                  desc="the composed field: .h5 or a field image (.nii.gz ...)")
+
+
+class ComposeTransformsOutputSpec(TraitedSpec):
+    output_transform = File(exists=True, desc="one displacement field doing what the transforms do")
+
+
+class ComposeTransforms(_Gradicon):
+    """``gradicon compose-transforms`` (as ``ants.ComposeMultiTransform``): the transforms, in
+    antsApplyTransforms order, as one displacement field on the reference grid."""
+
+    _cmd = _command("compose-transforms")
+    input_spec = ComposeTransformsInputSpec
+    output_spec = ComposeTransformsOutputSpec
+    _output_files = {"output_transform": "output_transform"}
+
+
 class ApplyTransformToPointsInputSpec(_TransformsSpec):
     input_file = File(exists=True, mandatory=True, argstr="--input %s",
                       desc="points: .csv (x,y,z,t LPS), .txt/.pts (elastix), .mrk.json or .fcsv (Slicer)")
@@ -210,4 +235,4 @@ class ApplyTransformToPoints(_Gradicon):
     _output_files = {"output_file": "output_file"}
 
 
-__all__ = ["Register", "ApplyTransform", "WarpLabels", "Jacobian", "ApplyTransformToPoints"]
+__all__ = ["Register", "ApplyTransform", "WarpLabels", "Jacobian", "ComposeTransforms", "ApplyTransformToPoints"]

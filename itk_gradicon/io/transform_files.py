@@ -238,11 +238,11 @@ def _blank(grid: ImageGrid):
     return image
 
 
-def sample_displacement(transform, grid: ImageGrid) -> np.ndarray:
+def sample_displacement(transform, grid: ImageGrid, *, double: bool = False) -> np.ndarray:
     """``T(p) - p`` at every voxel centre of ``grid`` (``grid.array_shape + (d,)``, float64, LPS mm).
 
     A single displacement field already on ``grid`` is returned exactly; anything else is evaluated by
-    ITK's ``TransformToDisplacementFieldFilter`` in float32, as
+    ITK's ``TransformToDisplacementFieldFilter`` in float32 (``double``: in float64), as
     :func:`itk_gradicon.spatial.transforms.sample_transform` does.
     """
     sitk = _sitk()
@@ -252,7 +252,7 @@ def sample_displacement(transform, grid: ImageGrid) -> np.ndarray:
         if ImageGrid.from_image(field).matches(grid, tolerance=1e-6):
             return np.array(sitk.GetArrayViewFromImage(field), dtype=np.float64)
     sampler = sitk.TransformToDisplacementFieldFilter()
-    sampler.SetOutputPixelType(sitk.sitkVectorFloat32)
+    sampler.SetOutputPixelType(sitk.sitkVectorFloat64 if double else sitk.sitkVectorFloat32)
     sampler.SetReferenceImage(_blank(grid))
     sampled = sampler.Execute(transform)
     return np.array(sitk.GetArrayViewFromImage(sampled), dtype=np.float64)
