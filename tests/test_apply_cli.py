@@ -452,6 +452,88 @@ def test_compose_transforms_refuses_bad_calls(files):
     assert not (files["dir"] / "c.h5").exists() and no_partial_files(files["dir"])
 
 
+def test_invert_transform_inverts_a_stretching_field_after_a_large_affine(files, rng):
+    """A field that stretches a region by up to 2.4x (where a plain fixed-point iteration diverges), followed by
+    an affine turning 40 degrees, scaling 1.2 and shifting 20 mm: on the moving grid, ITK evaluating the two
+    files at the inverse's points gives back the grid's points to 1e-3 mm wherever they come from the field's
+    grid; a field image output holds the same to float32's precision."""
+    import SimpleITK as sitk
+
+    fixed = sitk.ReadImage(str(files["fixed"]))
+    grid = grid_of(fixed)
+    points = grid.world_points()
+    centre = points.reshape(-1, 3).mean(0)
+    offset = points - centre
+    bump = np.exp(-(offset ** 2).sum(-1) / (2 * 4.0 ** 2))[..., None]
+    field = DisplacementField(grid, 1.4 * bump * offset)  # d/dx (1.4 x e^(-x^2/32)) reaches 1.4: a 2.4x stretch
+    write_transform(field, files["dir"] / "stretch.nii.gz")
+    affine = np.eye(4)
+    axis = np.array([0.3, 1.0, 0.2]) / np.linalg.norm([0.3, 1.0, 0.2])
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    angle = np.deg2rad(40.0)
+    affine[:3, :3] = 1.2 * (np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k)
+    affine[:3, 3] = centre - affine[:3, :3] @ centre + np.array([20.0, -5.0, 3.0])
+    write_affine_file(affine, files["dir"] / "big_0GenericAffine.mat")
+    chain = [files["dir"] / "stretch.nii.gz", files["dir"] / "big_0GenericAffine.mat"]
+    # the moving grid: where the chain sends the fixed grid
+    moving = sitk.Image([16, 16, 16], sitk.sitkUInt8)
+    moving.SetSpacing([1.2, 1.2, 1.2])
+    moving.SetOrigin((affine[:3, :3] @ centre + affine[:3, 3] - 9.0).tolist())
+    sitk.WriteImage(moving, str(files["dir"] / "moving_grid.nii.gz"))
+    forward = sitk.CompositeTransform(3)
+    forward.AddTransform(sitk.ReadTransform(str(chain[1])))
+    forward.AddTransform(sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(str(chain[0])),
+                                                                   sitk.sitkVectorFloat64)))
+    for suffix, tolerance in ((".h5", 1e-3), (".nii.gz", 2e-3)):
+        out = files["dir"] / f"inverse{suffix}"
+        result = run("invert-transform", "-t", chain[0], "-t", chain[1], "-r", files["dir"] / "moving_grid.nii.gz",
+                     "-o", out)
+        assert result.exit_code == 0, result.output
+        assert "check |T(T^-1(y)) - y| by ITK" in result.output and "stayed more than" not in result.output
+        inverse = (sitk.DisplacementFieldTransform(sitk.ReadTransform(str(out))).GetDisplacementField()
+                   if suffix == ".h5" else sitk.ReadImage(str(out)))
+        v = sitk.GetArrayFromImage(inverse).reshape(-1, 3)
+        ys = grid_of(moving).world_points().reshape(-1, 3)
+        to_index = grid.world_to_index()
+        errors = []
+        for y, x in zip(ys, ys + v):
+            index = to_index[:3, :3] @ x + to_index[:3, 3]
+            if np.all(index >= 0) and np.all(index <= np.asarray(grid.size) - 1):
+                errors.append(np.linalg.norm(np.asarray(forward.TransformPoint(x.tolist())) - y))
+        assert len(errors) > 1000 and max(errors) < tolerance, (len(errors), max(errors))
+
+
+def test_invert_transform_says_where_a_folding_field_has_no_inverse(files):
+    """A field that folds (its derivative reaches -2.4 at the centre): the inverse is still written, and the
+    output says what share of points could not be solved and why."""
+    import SimpleITK as sitk
+
+    grid = grid_of(sitk.ReadImage(str(files["fixed"])))
+    points = grid.world_points()
+    offset = points - points.reshape(-1, 3).mean(0)
+    bump = np.exp(-(offset ** 2).sum(-1) / (2 * 4.0 ** 2))[..., None]
+    write_transform(DisplacementField(grid, -2.4 * bump * offset), files["dir"] / "fold.nii.gz")
+    out = files["dir"] / "fold_inverse.nii.gz"
+    result = run("invert-transform", "-t", files["dir"] / "fold.nii.gz", "-r", files["fixed"], "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "stayed more than 0.01 mm off" in result.output and "folds there" in result.output
+    assert out.exists()
+
+
+def test_invert_transform_of_an_affine_is_its_inverse(files):
+    """A linear chain inverts exactly: the field equals [affine,1] applied to the grid's points."""
+    import SimpleITK as sitk
+
+    out = files["dir"] / "inverse_affine.h5"
+    result = run("invert-transform", "-t", files["affine"], "-r", files["moving"], "-o", out)
+    assert result.exit_code == 0, result.output
+    v = sitk.GetArrayFromImage(sitk.DisplacementFieldTransform(sitk.ReadTransform(str(out))).GetDisplacementField())
+    ys = grid_of(sitk.ReadImage(str(files["moving"]))).world_points()
+    inverse = sitk.ReadTransform(str(files["affine"])).GetInverse()
+    expected = np.array([inverse.TransformPoint(y.tolist()) for y in ys.reshape(-1, 3)]).reshape(ys.shape) - ys
+    np.testing.assert_allclose(v, expected, atol=1e-9)
+
+
 @pytest.mark.parametrize("interpolation", ["linear", "label"])
 def test_a_series_of_volumes_is_resampled_volume_by_volume(files, interpolation):
     """A 4-D input with a 3-D reference (antsApplyTransforms -e 3): a 4-D output on the reference's grid whose

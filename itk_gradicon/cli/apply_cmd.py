@@ -147,6 +147,46 @@ def compose_transforms_command(transforms: Sequence[str], reference: Path, outpu
          f"displacement {done.max_displacement_mm:.1f} mm)", quiet=quiet)
 
 
+@click.command("invert-transform")
+@transform_option()
+@click.option("--reference", "-r", required=True, type=click.Path(path_type=Path),
+              help="Image whose grid the inverse is sampled on (the moving image).")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path),
+              help="The inverse, moving -> fixed points: an ITK transform file (.h5) or a displacement-field "
+                   "image (.nii.gz, .nrrd, .mha; LPS mm), written only when complete.")
+@click.option("--fixed", "fixed_path", type=click.Path(path_type=Path),
+              help="The fixed image: where the forward transform is sampled.  [default: the grid of the first "
+                   "displacement field among the transforms, else the reference grid]")
+@click.option("--iterations", type=click.IntRange(min=1), default=50, show_default=True,
+              help="At most this many Newton steps (it stops once every point is within 0.1 micrometre).")
+@threads_option()
+@quiet_option()
+def invert_transform_command(transforms: Sequence[str], reference: Path, output: Path, fixed_path, iterations: int,
+                             quiet: bool) -> None:
+    """Invert a transform chain (fixed -> moving) into one field on the REFERENCE (moving) grid.
+
+    For transforms that came without their inverse (elastix's, a composed chain, any displacement field):
+    each moving point y gets the fixed point x with T(x) = y, by Newton's method from the inverse of T's
+    best affine fit, which converges wherever T does not fold. The output says how far it got and checks
+    T(T^-1(y)) = y with ITK through the given files.
+
+    \b
+    Examples:
+      gradicon invert-transform -t elastix_out/ -r moving.nii.gz --fixed fixed.nii.gz -o fixed_to_moving.h5
+      gradicon invert-transform -t out/subj_1Warp.nii.gz -t out/subj_0GenericAffine.mat -r moving.nii.gz \\
+          -o subj_inverse.nii.gz
+    """
+    from ..commands.files import invert_transform_file
+
+    done = invert_transform_file(transforms, reference, output, fixed_path=fixed_path, iterations=iterations)
+    for warning in done.warnings:
+        info(f"warning: {warning}", quiet=quiet)
+    info(f"inverted in {done.iterations} Newton steps (at most {done.last_step_mm:.2g} mm off on the sampled "
+         f"transform); check |T(T^-1(y)) - y| by ITK: median {done.check_median_mm:.3g} mm, largest "
+         f"{done.check_max_mm:.3g} mm", quiet=quiet)
+    info(f"wrote {done.output}", quiet=quiet)
+
+
 @click.command("apply-transform-to-points")
 @click.option("--input", "-i", "input_path", required=True, type=click.Path(path_type=Path),
               help="Points: ANTs CSV (x,y,z,t in LPS mm; other columns kept), elastix/ITK point set (.txt/.pts: "
@@ -181,4 +221,5 @@ def apply_transform_to_points(input_path: Path, transforms: Sequence[str], outpu
          + (f", {done.system}" if done.kind in ("slicer-json", "fcsv") else "") + ")", quiet=quiet)
 
 
-COMMANDS = [apply_transform, warp_labels, compose_transforms_command, apply_transform_to_points]
+COMMANDS = [apply_transform, warp_labels, compose_transforms_command, invert_transform_command,
+            apply_transform_to_points]

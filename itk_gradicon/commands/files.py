@@ -212,6 +212,85 @@ def compose_transform_file(transforms: Sequence[TransformName], reference_path: 
     return ComposedField(output, grid.size, field.max_norm(), warnings)
 
 
+@dataclass(frozen=True)
+class InvertedField:
+    """What :func:`invert_transform_file` wrote, and how well the inverse was found.
+
+    Attributes:
+        output: the file written.
+        iterations, last_step_mm, outside_fraction, unsolved_fraction: see
+            :class:`~itk_gradicon.spatial.inverse.InverseField`.
+        check_median_mm, check_max_mm: ``|T(T^-1(y)) - y|`` over up to 2,000 points ``y`` of the reference
+            whose preimage lies in the forward field's grid, ``T`` evaluated by ITK through the given files.
+        warnings: what the caller should say.
+    """
+
+    output: Path
+    iterations: int
+    last_step_mm: float
+    outside_fraction: float
+    unsolved_fraction: float
+    check_median_mm: float
+    check_max_mm: float
+    warnings: Tuple[str, ...] = ()
+
+
+def invert_transform_file(transforms: Sequence[TransformName], reference_path: PathLike, output: PathLike, *,
+                          fixed_path: Optional[PathLike] = None, iterations: int = 50) -> InvertedField:
+    """Invert a transform chain onto the reference (moving) grid and write it (all or nothing).
+
+    Args:
+        transforms: the forward chain (fixed -> moving points), ``FILE`` / ``[FILE,1]`` as ``antsApplyTransforms``.
+        reference_path: the image whose grid the inverse gets (the moving image).
+        output: ``.h5`` or a displacement-field image: moving -> fixed points.
+        fixed_path: the fixed image, where the forward transform is sampled (default: the grid of the chain's
+            first displacement field, else, for linear transforms, the reference grid).
+        iterations: at most this many Newton steps (:func:`itk_gradicon.spatial.inverse.invert_transform`).
+
+    Returns:
+        An :class:`InvertedField`.
+    """
+    from ..io.transform_specs import TRANSFORM_OUTPUT_SUFFIXES
+    from ..spatial.inverse import SOLVED_MM, invert_transform
+    from ..spatial.transforms import DisplacementField, write_transform
+
+    output = check_output_path(output, what="--output", suffixes=TRANSFORM_OUTPUT_SUFFIXES)
+    reference_header = read_header(reference_path, what="--reference")
+    transform = compose_transforms(list(transforms), dimension=reference_header.dimension)
+    grid = ImageGrid.from_image(read_simpleitk_image(reference_path, "--reference"))
+    if fixed_path is not None:
+        domain = ImageGrid.from_image(read_simpleitk_image(fixed_path, "--fixed"))
+    else:
+        domain = first_field_grid(transform) or grid
+    found = invert_transform(transform, domain, grid, iterations=iterations)
+    # the inverse checked by ITK itself: T(T^-1(y)) should be y
+    targets = grid.world_points().reshape(-1, grid.dimension)
+    displacement = found.displacement.reshape(-1, grid.dimension)
+    chosen = np.unique(np.linspace(0, len(targets) - 1, min(2000, len(targets))).astype(int))
+    to_index = domain.world_to_index()
+    errors = []
+    for y, v in zip(targets[chosen], displacement[chosen]):
+        x = y + v
+        index = to_index[:-1, :-1] @ x + to_index[:-1, -1]
+        if np.all(index >= -0.5) and np.all(index <= np.asarray(domain.size) - 0.5):
+            errors.append(np.linalg.norm(np.asarray(transform.TransformPoint([float(c) for c in x])) - y))
+    median = float(np.median(errors)) if errors else float("nan")
+    largest = float(np.max(errors)) if errors else float("nan")
+    warnings = []
+    if found.outside_fraction > 0.01:
+        warnings.append(f"{100 * found.outside_fraction:.1f} % of the reference grid's points map outside the "
+                        "forward transform's grid (where a displacement field does nothing): the inverse there "
+                        "continues the field's edge; give --fixed if the fixed image covers more")
+    if found.unsolved_fraction > 0:
+        warnings.append(f"{100 * found.unsolved_fraction:.3g} % of the points stayed more than {SOLVED_MM} mm off "
+                        f"after {found.iterations} steps (at most {found.last_step_mm:.2f} mm): the forward "
+                        "transform folds there (no point, or several, map there); see gradicon jacobian")
+    with OutputTransaction() as out:
+        write_transform(DisplacementField(grid, found.displacement), output, out)
+    return InvertedField(output, found.iterations, found.last_step_mm, found.outside_fraction,
+                         found.unsolved_fraction, median, largest, tuple(warnings))
+
+
 def jacobian_file(transforms: Sequence[TransformName], *, reference: Optional[PathLike] = None,
                   output: Optional[PathLike] = None, summary_json: Optional[PathLike] = None,
                   log: bool = False) -> Dict[str, object]:
@@ -387,6 +466,7 @@ def read_images_and_masks(files: Dict[str, Optional[Path]], dimension: int):
     return fixed, moving, fixed_original, moving_original, masks
 
 
-__all__ = ["INTERPOLATIONS", "LABEL_INTERPOLATIONS", "ComposedField", "WarpSummary", "apply_transform_file",
-           "compose_transform_file", "compose_transforms", "evaluate_files", "first_field_grid", "jacobian_file", "read_header", "read_image", "read_images_and_masks",
-           "read_transform", "resample_image", "resample_labels", "sample_displacement"]
+__all__ = ["ComposedField", "INTERPOLATIONS", "InvertedField", "LABEL_INTERPOLATIONS", "WarpSummary",
+           "apply_transform_file", "compose_transform_file", "compose_transforms", "evaluate_files",
+           "first_field_grid", "invert_transform_file", "jacobian_file", "read_header", "read_image",
+           "read_images_and_masks", "read_transform", "resample_image", "resample_labels", "sample_displacement"]
