@@ -449,6 +449,11 @@ def test_compose_transforms_refuses_bad_calls(files):
     missing = run("compose-transforms", "-t", files["dir"] / "nope.mat", "-r", files["fixed"], "-o",
                   files["dir"] / "c.h5")
     assert_one_line_error(missing, "nope.mat")
+    for command in ("compose-transforms", "invert-transform"):
+        wrong = run(command, "-t", files["affine"], "-r", files["dir"] / "nope.nii.gz", "-o", files["dir"] / "c.h5")
+        assert_one_line_error(wrong, "--reference", "nope.nii.gz")
+    inverted_png = run("invert-transform", "-t", files["affine"], "-r", files["moving"], "-o", files["dir"] / "i.png")
+    assert_one_line_error(inverted_png, "--output", "i.png")
     assert not (files["dir"] / "c.h5").exists() and no_partial_files(files["dir"])
 
 

@@ -73,8 +73,8 @@ def test_a_workflow_registers_then_warps_labels(tmp_path, tiny_model_file, quiet
 
 
 def test_command_lines_follow_ants_spelling(tmp_path, quiet_nipype):  # noqa: ARG001
-    from itk_gradicon.interfaces.nipype import (ApplyTransform, ApplyTransformToPoints, ComposeTransforms, Jacobian,
-                                                Register)
+    from itk_gradicon.interfaces.nipype import (ApplyTransform, ApplyTransformToPoints, ComposeTransforms,
+                                                InvertTransform, Jacobian, Register)
 
     fixed, moving, labels = _pair(tmp_path)
     (tmp_path / "a.mat").write_text("x")
@@ -98,6 +98,10 @@ def test_command_lines_follow_ants_spelling(tmp_path, quiet_nipype):  # noqa: AR
                                                                         str(tmp_path / "a.mat")])
     assert "compose-transforms" in composed.cmdline and "--output composed.nii.gz" in composed.cmdline
     assert f"-t {tmp_path / 'w.nii.gz'} -t {tmp_path / 'a.mat'}" in composed.cmdline
+    inverted = InvertTransform(reference_image=str(moving), fixed_image=str(fixed),
+                               transforms=[str(tmp_path / "w.nii.gz")])
+    assert "invert-transform" in inverted.cmdline and f"-t {tmp_path / 'w.nii.gz'}" in inverted.cmdline
+    assert "--output inverse.nii.gz" in inverted.cmdline and f"--fixed {fixed}" in inverted.cmdline
     inverse_warped = Register(fixed_image=str(fixed), moving_image=str(moving),
                               output_inverse_warped_image="fixed_on_moving.nii.gz")
     assert "--out-inverse-warped fixed_on_moving.nii.gz" in inverse_warped.cmdline

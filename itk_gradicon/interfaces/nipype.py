@@ -215,6 +215,27 @@ class ComposeTransforms(_Gradicon):
     _output_files = {"output_transform": "output_transform"}
 
 
+class InvertTransformInputSpec(_TransformsSpec):
+    reference_image = File(exists=True, mandatory=True, argstr="--reference %s",
+                           desc="grid of the inverse (the moving image)")
+    fixed_image = File(exists=True, argstr="--fixed %s", desc="where the forward transform is sampled")
+    output_transform = traits.Str("inverse.nii.gz", usedefault=True, argstr="--output %s",
+                                  desc="the inverse: .h5 or a field image (.nii.gz ...)")
+
+
+class InvertTransformOutputSpec(TraitedSpec):
+    output_transform = File(exists=True, desc="moving -> fixed points, on the reference grid")
+
+
+class InvertTransform(_Gradicon):
+    """``gradicon invert-transform``: the inverse of a forward chain (fixed -> moving) on the moving grid."""
+
+    _cmd = _command("invert-transform")
+    input_spec = InvertTransformInputSpec
+    output_spec = InvertTransformOutputSpec
+    _output_files = {"output_transform": "output_transform"}
+
+
 class ApplyTransformToPointsInputSpec(_TransformsSpec):
     input_file = File(exists=True, mandatory=True, argstr="--input %s",
                       desc="points: .csv (x,y,z,t LPS), .txt/.pts (elastix), .mrk.json or .fcsv (Slicer)")
@@ -235,4 +256,5 @@ class ApplyTransformToPoints(_Gradicon):
     _output_files = {"output_file": "output_file"}
 
 
-__all__ = ["Register", "ApplyTransform", "WarpLabels", "Jacobian", "ComposeTransforms", "ApplyTransformToPoints"]
+__all__ = ["Register", "ApplyTransform", "WarpLabels", "Jacobian", "ComposeTransforms", "InvertTransform",
+           "ApplyTransformToPoints"]
