@@ -170,6 +170,11 @@ def _resample_series(series, reference, transform, interpolation: str, default_v
     return sitk.JoinSeries(volumes, float(series.GetOrigin()[3]), float(series.GetSpacing()[3]))
 
 
+def _grid_of_header(header: ImageHeader) -> ImageGrid:
+    """The grid an image file's header describes (no pixel read)."""
+    return ImageGrid.from_geometry(header.size, header.spacing, header.origin, header.direction)
+
+
 @dataclass(frozen=True)
 class ComposedField:
     """What :func:`compose_transform_file` wrote: the file, its grid's size and the largest displacement (mm)."""
@@ -204,7 +209,7 @@ def compose_transform_file(transforms: Sequence[TransformName], reference_path: 
     output = check_output_path(output, what="--output", suffixes=TRANSFORM_OUTPUT_SUFFIXES)
     reference_header = read_header(reference_path, what="--reference")
     transform = compose_transforms(list(transforms), dimension=reference_header.dimension)
-    grid = ImageGrid.from_image(read_simpleitk_image(reference_path, "--reference"))
+    grid = _grid_of_header(reference_header)
     field = DisplacementField(grid, sample_displacement(transform, grid, double=True))
     warnings = tuple(describe_coverage(transform, grid, list(transforms)))
     with OutputTransaction() as out:
@@ -257,9 +262,9 @@ def invert_transform_file(transforms: Sequence[TransformName], reference_path: P
     output = check_output_path(output, what="--output", suffixes=TRANSFORM_OUTPUT_SUFFIXES)
     reference_header = read_header(reference_path, what="--reference")
     transform = compose_transforms(list(transforms), dimension=reference_header.dimension)
-    grid = ImageGrid.from_image(read_simpleitk_image(reference_path, "--reference"))
+    grid = _grid_of_header(reference_header)
     if fixed_path is not None:
-        domain = ImageGrid.from_image(read_simpleitk_image(fixed_path, "--fixed"))
+        domain = _grid_of_header(read_header(fixed_path, what="--fixed"))
     else:
         domain = first_field_grid(transform) or grid
     found = invert_transform(transform, domain, grid, iterations=iterations)

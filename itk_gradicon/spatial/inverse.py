@@ -66,7 +66,7 @@ def _affine_fit(points: np.ndarray, mapped: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def invert_transform(transform, domain: ImageGrid, grid: ImageGrid, *, iterations: int = 50,
-                     tolerance_mm: float = 1e-4, threads: int | None = None) -> InverseField:
+                     tolerance_mm: float = 1e-4) -> InverseField:
     """The inverse of ``transform`` (a SimpleITK transform, e.g. a composed chain) on ``grid``.
 
     Args:
@@ -75,7 +75,6 @@ def invert_transform(transform, domain: ImageGrid, grid: ImageGrid, *, iteration
         grid: where the inverse is wanted (the moving image's grid).
         iterations: at most this many Newton steps.
         tolerance_mm: stop once ``|T(x) - y|`` is below this at every point.
-        threads: torch threads for the iteration (default: torch's).
 
     Returns:
         An :class:`InverseField`.
@@ -84,8 +83,6 @@ def invert_transform(transform, domain: ImageGrid, grid: ImageGrid, *, iteration
 
     if domain.dimension != grid.dimension:
         raise InputError(f"a {domain.dimension}-D transform cannot be inverted on a {grid.dimension}-D grid")
-    if threads is not None:
-        torch.set_num_threads(threads)
     d = domain.dimension
     nodes = domain.world_points()
     forward = nodes + sample_displacement(transform, domain, double=True)
