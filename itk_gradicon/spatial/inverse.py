@@ -92,21 +92,25 @@ def invert_transform(transform, domain: ImageGrid, grid: ImageGrid, *, iteration
     inverse_matrix = np.linalg.inv(matrix)
     residual = forward - (nodes @ matrix.T + offset)
     to_index = domain.world_to_index()
-    # the Jacobian of T at the nodes (by index, ARRAY axes reversed to i, j, k; then by WORLD), inverted
-    by_index = np.stack(np.gradient(forward, axis=tuple(range(d)))[::-1], axis=-1) if min(domain.size) > 1 else None
-    if by_index is None:
+    if min(domain.size) < 2:
         raise InputError(f"the forward transform's grid {domain.size} needs at least 2 voxels along every axis")
-    jacobian = by_index @ to_index[:d, :d]
+    # the Jacobian of T at the nodes, in single precision (it only steers the steps): by index (ARRAY axes
+    # reversed to i, j, k), then by WORLD; inverted
+    single = forward.astype(np.float32)
+    by_world = to_index[:d, :d].astype(np.float32)
+    jacobian = np.stack(np.gradient(single, axis=tuple(range(d)))[::-1], axis=-1) @ by_world
+    del single
     # where T folds or nearly does (a determinant below a twentieth of A's, negative included) A steers instead
     determinant = np.linalg.det(jacobian) * np.sign(np.linalg.det(matrix))
-    steady = determinant > 0.05 * abs(np.linalg.det(matrix))
-    jacobian[~steady] = matrix
+    jacobian[determinant <= 0.05 * abs(np.linalg.det(matrix))] = matrix
+    del determinant
     inverse_jacobian = np.linalg.inv(jacobian).reshape(domain.array_shape + (d * d,))
+    del jacobian
     # as (1, channels, *array_shape) tensors (grid_sample's points are (i, j, k)): the residual in double
-    # precision, which the solution's accuracy rests on; J^-1 in single, which only steers the steps
+    # precision, which the solution's accuracy rests on; J^-1 in single
     field = torch.from_numpy(np.ascontiguousarray(np.moveaxis(residual, -1, 0)))[None]
-    steering = torch.from_numpy(np.ascontiguousarray(np.moveaxis(inverse_jacobian, -1, 0), dtype=np.float32))[None]
-    del inverse_jacobian, jacobian, by_index
+    steering = torch.from_numpy(np.ascontiguousarray(np.moveaxis(inverse_jacobian, -1, 0)))[None]
+    del inverse_jacobian, residual, forward, nodes
     sizes = np.asarray(domain.size, dtype=np.float64)
     a_inv = torch.from_numpy(inverse_matrix)
     b = torch.from_numpy(offset)
