@@ -170,9 +170,15 @@ def _resample_series(series, reference, transform, interpolation: str, default_v
     return sitk.JoinSeries(volumes, float(series.GetOrigin()[3]), float(series.GetSpacing()[3]))
 
 
-def _grid_of_header(header: ImageHeader) -> ImageGrid:
-    """The grid an image file's header describes (no pixel read)."""
-    return ImageGrid.from_geometry(header.size, header.spacing, header.origin, header.direction)
+def _chain_onto(transforms: Sequence[TransformName], reference_path: PathLike, output: PathLike):
+    """``(output, transform, grid)`` of compose-transforms and invert-transform: the output path checked (a
+    transform file or a field image), the chain composed, the reference's grid (from its header)."""
+    from ..io.transform_specs import TRANSFORM_OUTPUT_SUFFIXES
+
+    output = check_output_path(output, what="--output", suffixes=TRANSFORM_OUTPUT_SUFFIXES)
+    reference_header = read_header(reference_path, what="--reference")
+    transform = compose_transforms(list(transforms), dimension=reference_header.dimension)
+    return output, transform, reference_header.grid
 
 
 @dataclass(frozen=True)
@@ -203,13 +209,9 @@ def compose_transform_file(transforms: Sequence[TransformName], reference_path: 
     Raises:
         InputError: for every user mistake, before anything is written.
     """
-    from ..io.transform_specs import TRANSFORM_OUTPUT_SUFFIXES
     from ..spatial.transforms import DisplacementField, write_transform
 
-    output = check_output_path(output, what="--output", suffixes=TRANSFORM_OUTPUT_SUFFIXES)
-    reference_header = read_header(reference_path, what="--reference")
-    transform = compose_transforms(list(transforms), dimension=reference_header.dimension)
-    grid = _grid_of_header(reference_header)
+    output, transform, grid = _chain_onto(transforms, reference_path, output)
     field = DisplacementField(grid, sample_displacement(transform, grid, double=True))
     warnings = tuple(describe_coverage(transform, grid, list(transforms)))
     with OutputTransaction() as out:
@@ -255,16 +257,12 @@ def invert_transform_file(transforms: Sequence[TransformName], reference_path: P
     Returns:
         An :class:`InvertedField`.
     """
-    from ..io.transform_specs import TRANSFORM_OUTPUT_SUFFIXES
     from ..spatial.inverse import SOLVED_MM, invert_transform
     from ..spatial.transforms import DisplacementField, write_transform
 
-    output = check_output_path(output, what="--output", suffixes=TRANSFORM_OUTPUT_SUFFIXES)
-    reference_header = read_header(reference_path, what="--reference")
-    transform = compose_transforms(list(transforms), dimension=reference_header.dimension)
-    grid = _grid_of_header(reference_header)
+    output, transform, grid = _chain_onto(transforms, reference_path, output)
     if fixed_path is not None:
-        domain = _grid_of_header(read_header(fixed_path, what="--fixed"))
+        domain = read_header(fixed_path, what="--fixed").grid
     else:
         domain = first_field_grid(transform) or grid
     found = invert_transform(transform, domain, grid, iterations=iterations)
