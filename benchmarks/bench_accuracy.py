@@ -289,18 +289,12 @@ LABEL_INTERPOLATIONS = ("nearest", "label")
 
 
 def warp_labels(labels, reference, transform, interpolation: str):
-    """``labels`` on ``reference``'s grid through ``transform`` (fixed -> moving points): ``nearest``
-    (ITK's nearest-neighbour interpolator) or ``label`` (ANTs' GenericLabel,
-    :func:`itk_gradicon.spatial.resample.resample_labels`)."""
-    import itk
+    """``labels`` on ``reference``'s grid through ``transform`` (fixed -> moving points) by the package's one
+    resampler, :func:`itk_gradicon.spatial.resample.resample_image`: ``nearest`` (ITK's nearest-neighbour
+    interpolator) or ``label`` (ANTs' GenericLabel)."""
+    from itk_gradicon.spatial.resample import resample_image
 
-    if interpolation == "label":
-        from itk_gradicon.spatial.resample import resample_labels
-
-        return resample_labels(labels, reference, transform)
-    return itk.resample_image_filter(
-        labels, transform=transform, use_reference_image=True, reference_image=reference,
-        interpolator=itk.NearestNeighborInterpolateImageFunction.New(labels), default_pixel_value=0)
+    return resample_image(labels, reference, transform, interpolation=interpolation)
 
 
 def _negative_jacobian_pct(transform, fixed) -> dict[str, float]:
